@@ -1,0 +1,28 @@
+//! The streamrec data contract in code, shared by every component so that no crate parses or
+//! computes a profile on its own: the profile message and its codecs (JSON by default, bincode 1.3
+//! as an option) with the validation rules of semantics §2, the item-feature message of §3, the
+//! history order and window of §1, the interest-vector formula of §5 and the Redis key of §6.
+
+mod history;
+mod item;
+mod message;
+mod vector;
+
+pub use history::{history_order, history_window, keep_last};
+pub use item::{InvalidItemFeatures, ItemFeaturesMessage};
+pub use message::{
+    validate_timestamp, validate_user_id, Encoding, InvalidMessage, ProfileMessage,
+    ProfileMessageRef, MAX_HISTORY_ITEMS, MAX_TIMESTAMP, MAX_USER_ID_BYTES,
+};
+pub use vector::{interest_vector, InterestVector};
+
+/// Default number of history items kept per user (semantics §1, §4).
+pub const DEFAULT_MAX_HISTORY: usize = 50;
+
+/// Default recency decay of the interest vector (semantics §5).
+pub const DEFAULT_DECAY: f64 = 0.9;
+
+/// The Redis key that holds a user's profile (semantics §6).
+pub fn redis_key(user_id: &str) -> String {
+    format!("user_profile:{user_id}")
+}
