@@ -1,0 +1,67 @@
+//! Reads users' profiles from Redis (semantics §6) for GET /user_profile/{user_id}.
+//!
+//! The connection is made on first use and remade after a failure, so the API starts and serves
+//! its other routes while Redis is down, and answers 503 for profiles until it is back.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+
+/// Why a profile could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileReadError {
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A lazily connected Redis reader.
+pub struct ProfileReader {
+    client: redis::Client,
+    connection: OnceCell<ConnectionManager>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ProfileReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProfileReader")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProfileReader {
+    /// A reader for the Redis at `url`; fails only if the URL is malformed.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+        Ok(ProfileReader {
+            client: redis::Client::open(url)?,
+            connection: OnceCell::new(),
+            timeout,
+        })
+    }
+
+    /// The raw JSON value stored under `key`, or `None` when the key is absent.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ProfileReadError> {
+        let read = async {
+            let connection = self
+                .connection
+                .get_or_try_init(|| {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(self.timeout));
+                    self.client.get_connection_manager_with_config(config)
+                })
+                .await?;
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut connection.clone())
+                .await?;
+            Ok::<_, ProfileReadError>(value)
+        };
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| ProfileReadError::Timeout(self.timeout))?
+    }
+}

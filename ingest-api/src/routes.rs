@@ -1,0 +1,284 @@
+//! The HTTP routes: the original service's three endpoints plus health, metrics and API docs.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use futures::future::join_all;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::{AppError, ErrorBody};
+use crate::extract::{JsonBody, UserIdPath, MAX_BODY_BYTES};
+use crate::metrics::track_requests;
+use crate::AppState;
+
+/// A user and the time up to which their history counts.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct InterestRequest {
+    /// The user, as in the behaviour data (an opaque string, 1..=256 bytes).
+    #[schema(example = "A34O9UGRTZNTR8")]
+    pub user_id: String,
+    /// Unix seconds; history items at or before it are sent.
+    #[schema(example = 1456923842, minimum = 0, maximum = 9007199254740992_u64)]
+    pub timestamp: u64,
+}
+
+impl InterestRequest {
+    fn validate(&self) -> Result<(), AppError> {
+        profile::validate_user_id(&self.user_id)
+            .and_then(|()| profile::validate_timestamp(self.timestamp))
+            .map_err(|e| AppError::Unprocessable(e.to_string()))
+    }
+}
+
+/// The answer to a successful /push_interest/.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PushResponse {
+    /// Always `"success"`.
+    #[schema(example = "success")]
+    pub status: String,
+    pub user_id: String,
+    /// Items in the published history (at most MAX_HISTORY).
+    pub history_items_count: usize,
+    /// Partition the broker stored the message in.
+    pub partition: i32,
+    /// Offset the broker gave the message.
+    pub offset: i64,
+}
+
+/// The answer to a successful /send_kafka/.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SendResponse {
+    #[schema(example = "Sent 42 user profiles to Kafka")]
+    pub message: String,
+    /// Profile messages the broker acknowledged.
+    pub sent: usize,
+}
+
+/// The answer to a successful /healthz.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    #[schema(example = "ok")]
+    pub status: String,
+    pub topic: String,
+    /// Brokers in the cluster's metadata.
+    pub brokers: usize,
+    /// Partitions of the profile topic.
+    pub partitions: usize,
+}
+
+/// The OpenAPI description, generated from the handlers below.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "streamrec ingest API",
+        description = "Publishes users' behaviour histories as profile messages to Kafka and reads \
+                       their interest profiles from Redis."
+    ),
+    paths(push_interest, send_kafka, user_profile, healthz, metrics),
+    components(schemas(InterestRequest, PushResponse, SendResponse, HealthResponse, ErrorBody))
+)]
+pub struct ApiDoc;
+
+/// The service's router. Every route is also reachable without its trailing slash, as FastAPI
+/// allowed through a redirect.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/push_interest/", post(push_interest))
+        .route("/push_interest", post(push_interest))
+        .route("/send_kafka/", post(send_kafka))
+        .route("/send_kafka", post(send_kafka))
+        .route("/user_profile/{user_id}", get(user_profile))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            track_requests,
+        ))
+        .with_state(state)
+}
+
+/// Publish one user's history up to a time.
+///
+/// Looks up history(user_id, timestamp) in the behaviour data and publishes it as one profile
+/// message keyed by user_id; answers once the broker acknowledged it.
+#[utoipa::path(
+    post,
+    path = "/push_interest/",
+    request_body = InterestRequest,
+    responses(
+        (status = 200, description = "Published and acknowledged", body = PushResponse),
+        (status = 400, description = "Body is not JSON", body = ErrorBody),
+        (status = 404, description = "Unknown user or no history up to that time", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Missing field, wrong type or value out of range", body = ErrorBody),
+        (status = 503, description = "Broker did not acknowledge in time", body = ErrorBody),
+    )
+)]
+pub async fn push_interest(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<InterestRequest>,
+) -> Result<Json<PushResponse>, AppError> {
+    request.validate()?;
+    let history = state.history(&request.user_id, request.timestamp);
+    if history.is_empty() {
+        return Err(AppError::NotFound("No history found"));
+    }
+    let delivery = state
+        .publish(&request.user_id, &history, request.timestamp)
+        .await?;
+    Ok(Json(PushResponse {
+        status: "success".into(),
+        history_items_count: history.len(),
+        user_id: request.user_id,
+        partition: delivery.partition,
+        offset: delivery.offset,
+    }))
+}
+
+/// Publish a user and a random sample of other users.
+///
+/// Publishes the user's profile and those of RANDOM_USER_MIN..=RANDOM_USER_MAX other distinct
+/// users picked uniformly at random, each with its history up to the same time. Users with no
+/// history then are skipped.
+#[utoipa::path(
+    post,
+    path = "/send_kafka/",
+    request_body = InterestRequest,
+    responses(
+        (status = 200, description = "Published and acknowledged", body = SendResponse),
+        (status = 400, description = "Body is not JSON", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 422, description = "Missing field, wrong type or value out of range", body = ErrorBody),
+        (status = 503, description = "Broker did not acknowledge them all in time", body = ErrorBody),
+    )
+)]
+pub async fn send_kafka(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<InterestRequest>,
+) -> Result<Json<SendResponse>, AppError> {
+    request.validate()?;
+    let (min, max) = (state.config.random_user_min, state.config.random_user_max);
+    let others = {
+        // The thread's generator is not Send: use it up before the first await.
+        let mut rng = rand::rng();
+        let count = rng.random_range(min..=max);
+        state
+            .store
+            .sample_other_users(&mut rng, count, &request.user_id)
+    };
+    let profiles: Vec<(&str, Vec<&str>)> = std::iter::once(request.user_id.as_str())
+        .chain(others)
+        .map(|user| (user, state.history(user, request.timestamp)))
+        .filter(|(_, history)| !history.is_empty())
+        .collect();
+    let results = join_all(
+        profiles
+            .iter()
+            .map(|(user, history)| state.publish(user, history, request.timestamp)),
+    )
+    .await;
+    let sent = results.iter().filter(|r| r.is_ok()).count();
+    if sent < profiles.len() {
+        tracing::warn!(
+            sent,
+            wanted = profiles.len(),
+            "send_kafka: not every profile was acknowledged"
+        );
+        return Err(AppError::BrokerUnavailable);
+    }
+    Ok(Json(SendResponse {
+        message: format!("Sent {sent} user profiles to Kafka"),
+        sent,
+    }))
+}
+
+/// Read a user's interest profile.
+///
+/// The JSON value of `user_profile:{user_id}` in Redis, as the dataflow wrote it.
+#[utoipa::path(
+    get,
+    path = "/user_profile/{user_id}",
+    params(("user_id" = String, Path, description = "The user")),
+    responses(
+        (status = 200, description = "The profile JSON: user_id, timestamp, history_items, interest_vector, known_items, epoch", content_type = "application/json"),
+        (status = 404, description = "No profile for this user", body = ErrorBody),
+        (status = 422, description = "user_id over 256 bytes", body = ErrorBody),
+        (status = 503, description = "Redis did not answer in time", body = ErrorBody),
+    )
+)]
+pub async fn user_profile(
+    State(state): State<AppState>,
+    UserIdPath(user_id): UserIdPath,
+) -> Result<Response, AppError> {
+    let value = state
+        .profiles
+        .get(&profile::redis_key(&user_id))
+        .await
+        .map_err(|error| {
+            state
+                .log_limiter
+                .warn(|| tracing::warn!(%error, "reading a profile from Redis failed"));
+            AppError::RedisUnavailable
+        })?;
+    match value {
+        Some(json) => Ok(([(CONTENT_TYPE, "application/json")], json).into_response()),
+        None => Err(AppError::NotFound("No profile found")),
+    }
+}
+
+/// Health: whether the broker answers and the profile topic exists.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses(
+        (status = 200, description = "Broker reachable and topic present", body = HealthResponse),
+        (status = 503, description = "Broker unreachable or topic missing", body = ErrorBody),
+    )
+)]
+pub async fn healthz(State(state): State<AppState>) -> Result<Json<HealthResponse>, AppError> {
+    match state.producer.check(Duration::from_secs(2)).await {
+        Ok(health) if health.partitions > 0 => Ok(Json(HealthResponse {
+            status: "ok".into(),
+            topic: state.producer.topic().to_owned(),
+            brokers: health.brokers,
+            partitions: health.partitions,
+        })),
+        Ok(_) => {
+            tracing::warn!(
+                topic = state.producer.topic(),
+                "health: the profile topic does not exist"
+            );
+            Err(AppError::BrokerUnavailable)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "health: broker metadata unreachable");
+            Err(AppError::BrokerUnavailable)
+        }
+    }
+}
+
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Metrics in the OpenMetrics text format", content_type = "application/openmetrics-text"))
+)]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,165 @@
+//! Helpers for tests against the real broker and Redis that `scripts/test.sh` starts
+//! (`scripts/services.sh` on the test ports). They fail, never skip, when those are not up.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The test broker: `STREAMREC_TEST_BROKERS`, by default the test port of scripts/test.sh.
+pub fn brokers() -> String {
+    std::env::var("STREAMREC_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// The test Redis: `STREAMREC_TEST_REDIS`, by default the test port of scripts/test.sh.
+pub fn redis_url() -> String {
+    std::env::var("STREAMREC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:16379/0".into())
+}
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// Creates a topic on the test broker and waits until its metadata shows every partition.
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&topic], &options)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot reach the test broker at {}: {e}; run scripts/test.sh",
+                brokers()
+            )
+        });
+    for result in results {
+        result.unwrap_or_else(|(topic, code)| panic!("creating {topic}: {code}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(2))
+            .unwrap();
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map_or(0, |t| t.partitions().len());
+        if found == partitions as usize {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "topic {name} never showed {partitions} partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A message as read back: partition, offset, key and value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Reads every message of `topic` from the beginning of its `partitions` until `count` have
+/// arrived, or panics after `timeout`. Runs on a blocking thread.
+pub async fn read_topic(
+    topic: &str,
+    partitions: i32,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", "streamrec-tests")
+            .set("enable.auto.commit", "false")
+            // tansu holds a fetch until this wait expires; keep it short.
+            .set("fetch.wait.max.ms", "5")
+            .create()
+            .unwrap();
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(&topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::new();
+        while records.len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {count} messages from {topic}",
+                records.len()
+            );
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                let message = message.unwrap();
+                records.push(Record {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().unwrap_or_default().to_vec(),
+                    value: message.payload().unwrap_or_default().to_vec(),
+                });
+            }
+        }
+        // Nothing more than expected may be there.
+        let extra = consumer.poll(Duration::from_millis(300));
+        assert!(extra.is_none(), "more messages than expected in {topic}");
+        records
+    })
+    .await
+    .unwrap()
+}
+
+/// Distinct keys of records, as strings.
+pub fn keys(records: &[Record]) -> HashSet<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone()).unwrap())
+        .collect()
+}
+
+/// One HTTP/1.1 request over a fresh connection; the status and the body.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
