@@ -1,0 +1,16 @@
+//! The streamrec dataflow: reads profile messages from Kafka in epochs, keeps every user's
+//! profile and interest vector up to date incrementally in differential arrangements, and writes
+//! exactly the changed profiles to Redis once each epoch is complete.
+//!
+//! [`interest`] is the dataflow itself; [`upsert`] turns messages into current values; [`output`]
+//! turns complete epochs into final values for a writer. [`memory`] drives the same core from
+//! memory and [`reference`] is the plain sequential contract it is tested against.
+
+pub mod interest;
+pub mod memory;
+pub mod model;
+pub mod output;
+mod pending;
+pub mod reference;
+pub mod stats;
+pub mod upsert;

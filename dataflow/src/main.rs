@@ -1,0 +1,2 @@
+//! The dataflow binary.
+fn main() {}

@@ -1,0 +1,102 @@
+//! Per-epoch statistics: what each worker counted, summed over all workers, printed as one line
+//! per epoch (or a JSON line with `--stats-json`) and as a summary at exit.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What happened in one epoch (on one worker, or summed over all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochCounters {
+    /// Profile and item-feature messages read.
+    pub messages: u64,
+    /// Messages that failed validation and went to the dead-letter topic.
+    pub invalid: u64,
+    /// Valid profile messages older than the user's current profile.
+    pub stale: u64,
+    /// Users whose profile changed (the values written).
+    pub changed: u64,
+    /// Values Redis stored (the rest were older than what it held).
+    pub redis_writes: u64,
+    /// Milliseconds from the epoch's end to Redis' acknowledgement (the worst worker's).
+    pub latency_ms: u64,
+}
+
+impl EpochCounters {
+    /// Adds another worker's counts; latency is the maximum, since the epoch is done when the
+    /// slowest worker is.
+    pub fn add(&mut self, other: &EpochCounters) {
+        self.messages += other.messages;
+        self.invalid += other.invalid;
+        self.stale += other.stale;
+        self.changed += other.changed;
+        self.redis_writes += other.redis_writes;
+        self.latency_ms = self.latency_ms.max(other.latency_ms);
+    }
+
+    /// Whether anything happened.
+    pub fn is_idle(&self) -> bool {
+        self.messages == 0 && self.changed == 0
+    }
+}
+
+/// One worker's counters by epoch, filled by the main loop and the operators of the same worker
+/// thread, drained once an epoch is complete.
+#[derive(Debug, Default)]
+pub struct StatsBoard {
+    epochs: BTreeMap<u64, EpochCounters>,
+}
+
+impl StatsBoard {
+    /// The counters of `epoch`.
+    pub fn epoch(&mut self, epoch: u64) -> &mut EpochCounters {
+        self.epochs.entry(epoch).or_default()
+    }
+
+    /// Removes and returns the counters of every epoch before `frontier`.
+    pub fn drain_before(&mut self, frontier: u64) -> Vec<(u64, EpochCounters)> {
+        let later = self.epochs.split_off(&frontier);
+        std::mem::replace(&mut self.epochs, later)
+            .into_iter()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drains_only_complete_epochs() {
+        let mut board = StatsBoard::default();
+        board.epoch(100).messages = 3;
+        board.epoch(200).stale = 1;
+        board.epoch(300).changed = 2;
+        let done = board.drain_before(300);
+        assert_eq!(
+            done.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+            vec![100, 200]
+        );
+        assert_eq!(board.drain_before(301)[0].1.changed, 2);
+        assert!(board.drain_before(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn sums_counts_and_takes_the_worst_latency() {
+        let mut total = EpochCounters {
+            messages: 1,
+            latency_ms: 5,
+            ..Default::default()
+        };
+        total.add(&EpochCounters {
+            messages: 2,
+            latency_ms: 3,
+            redis_writes: 4,
+            ..Default::default()
+        });
+        assert_eq!(
+            (total.messages, total.latency_ms, total.redis_writes),
+            (3, 5, 4)
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! The dataflow against the plain sequential reference, on seeded random input split into
+//! epochs: stale and tied messages, repeated users, unknown items, feature updates and deletes,
+//! on 1, 2 and 4 workers. Worker counts must also agree with each other bit for bit.
+
+#![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
+
+use std::collections::BTreeMap;
+
+use dataflow::interest::InterestParams;
+use dataflow::memory::{run_in_memory, EpochInput, MemoryRun};
+use dataflow::model::{FeatureEvent, FeatureVector, ProfileEvent, ProfileOutput, ReadPosition};
+use dataflow::reference::Reference;
+use profile::ProfileMessage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const DIM: usize = 4;
+const DECAY: f64 = 0.9;
+const MAX_HISTORY: usize = 5;
+const PARTITIONS: i32 = 4;
+/// The item topic's partition, distinct from the profile partitions so positions never clash.
+const ITEM_PARTITION: i32 = 1000;
+
+type FeatureUpdate = (String, Option<Vec<f32>>, ReadPosition);
+type Message = (ProfileMessage, ReadPosition);
+
+/// One random scenario: initial features, then epochs of messages and feature updates.
+struct Scenario {
+    initial: Vec<FeatureUpdate>,
+    epochs: Vec<(Vec<Message>, Vec<FeatureUpdate>)>,
+}
+
+fn random_features(rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..DIM)
+        .map(|_| rng.random_range(-100..=100) as f32 / 16.0)
+        .collect()
+}
+
+fn scenario(seed: u64, users: usize, items: usize, epochs: usize) -> Scenario {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut user_ids: Vec<String> = (0..users).map(|u| format!("user{u:03}")).collect();
+    // Ids are opaque: these two are different users.
+    user_ids.extend(["196".to_owned(), "0196".to_owned()]);
+    let item_ids: Vec<String> = (0..items).map(|i| format!("item{i:02}")).collect();
+    let mut offsets = vec![0i64; PARTITIONS as usize];
+    let mut item_offset = 0i64;
+    let mut initial = Vec::new();
+    for item in &item_ids {
+        if rng.random_bool(0.7) {
+            item_offset += 1;
+            initial.push((
+                item.clone(),
+                Some(random_features(&mut rng)),
+                (ITEM_PARTITION, item_offset),
+            ));
+        }
+    }
+    let mut base = 1_000u64;
+    let epochs = (0..epochs)
+        .map(|_| {
+            base += rng.random_range(0..3);
+            let messages = (0..rng.random_range(0..25))
+                .map(|_| {
+                    let u = rng.random_range(0..user_ids.len());
+                    // A user's messages stay in one partition, as Kafka keys them.
+                    let partition = (u % PARTITIONS as usize) as i32;
+                    offsets[partition as usize] += 1;
+                    let len = rng.random_range(0..9);
+                    let history_items = (0..len)
+                        .map(|_| {
+                            if rng.random_bool(0.1) {
+                                format!("unknown{}", rng.random_range(0..3))
+                            } else {
+                                item_ids[rng.random_range(0..item_ids.len())].clone()
+                            }
+                        })
+                        .collect();
+                    let message = ProfileMessage {
+                        user_id: user_ids[u].clone(),
+                        history_items,
+                        // Narrow range: many ties and many stale messages.
+                        timestamp: base - rng.random_range(0..4),
+                    };
+                    (message, (partition, offsets[partition as usize]))
+                })
+                .collect();
+            let updates = (0..rng.random_range(0..4))
+                .map(|_| {
+                    item_offset += 1;
+                    let item = if rng.random_bool(0.9) {
+                        item_ids[rng.random_range(0..item_ids.len())].clone()
+                    } else {
+                        "unknown0".to_owned()
+                    };
+                    let features = (!rng.random_bool(0.2)).then(|| random_features(&mut rng));
+                    (item, features, (ITEM_PARTITION, item_offset))
+                })
+                .collect();
+            (messages, updates)
+        })
+        .collect();
+    Scenario { initial, epochs }
+}
+
+fn feature_event((item_id, features, position): &FeatureUpdate) -> FeatureEvent {
+    FeatureEvent {
+        item_id: item_id.clone(),
+        features: features.as_ref().map(|x| FeatureVector::new(x).unwrap()),
+        position: *position,
+    }
+}
+
+fn run(scenario: &Scenario, workers: usize) -> MemoryRun {
+    let params = InterestParams {
+        dim: DIM,
+        decay: DECAY,
+    };
+    let initial = scenario.initial.iter().map(feature_event).collect();
+    let epochs = scenario
+        .epochs
+        .iter()
+        .map(|(messages, updates)| EpochInput {
+            profiles: messages
+                .iter()
+                .map(|(m, position)| ProfileEvent::from_message(m.clone(), *position, MAX_HISTORY))
+                .collect(),
+            features: updates.iter().map(feature_event).collect(),
+        })
+        .collect();
+    run_in_memory(workers, params, initial, epochs).unwrap()
+}
+
+fn non_empty(outputs: &BTreeMap<u64, Vec<ProfileOutput>>) -> BTreeMap<u64, &Vec<ProfileOutput>> {
+    outputs
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(e, v)| (*e, v))
+        .collect()
+}
+
+fn assert_matches_reference(seed: u64, scenario: &Scenario, run: &MemoryRun) {
+    let mut reference = Reference::new(MAX_HISTORY, DECAY, DIM);
+    for (item, features, _) in &scenario.initial {
+        reference.set_features(item, features.clone());
+    }
+    let outputs = non_empty(&run.outputs);
+    for (i, (messages, updates)) in scenario.epochs.iter().enumerate() {
+        let epoch = i as u64 + 1;
+        let expected = reference.apply_epoch(messages, updates);
+        let actual = outputs
+            .get(&epoch)
+            .map(|v| v.as_slice())
+            .unwrap_or_default();
+        let users = |v: &[ProfileOutput]| v.iter().map(|p| p.user_id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            users(actual),
+            users(&expected.changed),
+            "seed {seed} epoch {epoch}: changed users"
+        );
+        for (a, e) in actual.iter().zip(&expected.changed) {
+            let context = format!("seed {seed} epoch {epoch} user {}", a.user_id);
+            assert_eq!(a.timestamp, e.timestamp, "{context}");
+            assert_eq!(a.history_items, e.history_items, "{context}");
+            assert_eq!(a.known_items, e.known_items, "{context}");
+            assert_eq!(a.interest_vector.len(), DIM, "{context}");
+            for (x, y) in a.interest_vector.iter().zip(&e.interest_vector) {
+                assert!(
+                    (x - y).abs() <= 1e-6,
+                    "{context}: {:?} vs {:?}",
+                    a.interest_vector,
+                    e.interest_vector
+                );
+            }
+        }
+        let stale = run.counters.get(&epoch).map_or(0, |c| c.stale);
+        assert_eq!(
+            stale, expected.stale,
+            "seed {seed} epoch {epoch}: stale count"
+        );
+    }
+    assert!(
+        outputs
+            .keys()
+            .all(|&e| e >= 1 && e <= scenario.epochs.len() as u64),
+        "seed {seed}: output outside the epochs"
+    );
+}
+
+#[test]
+fn matches_the_sequential_contract_on_1_2_and_4_workers() {
+    let mut changed_total = 0;
+    for seed in 0..12 {
+        let scenario = scenario(seed, 30, 15, 8);
+        let single = run(&scenario, 1);
+        assert_matches_reference(seed, &scenario, &single);
+        changed_total += single.outputs.values().map(Vec::len).sum::<usize>();
+        for workers in [2, 4] {
+            let multi = run(&scenario, workers);
+            assert_matches_reference(seed, &scenario, &multi);
+            assert_eq!(
+                non_empty(&multi.outputs),
+                non_empty(&single.outputs),
+                "seed {seed}: -w {workers} differs from -w 1"
+            );
+        }
+    }
+    assert!(
+        changed_total > 500,
+        "the scenarios exercised too little: {changed_total}"
+    );
+}
+
+#[test]
+fn a_feature_update_reemits_exactly_its_holders() {
+    let params = InterestParams { dim: 2, decay: 0.5 };
+    let message = |user: &str, items: &[&str], offset| {
+        ProfileEvent::from_message(
+            ProfileMessage {
+                user_id: user.into(),
+                history_items: items.iter().map(|s| s.to_string()).collect(),
+                timestamp: 10,
+            },
+            (0, offset),
+            50,
+        )
+    };
+    let update = |item: &str, x: Option<[f32; 2]>, offset| FeatureEvent {
+        item_id: item.into(),
+        features: x.map(|x| FeatureVector::new(&x).unwrap()),
+        position: (1, offset),
+    };
+    let epochs = vec![
+        EpochInput {
+            profiles: vec![
+                message("a", &["x", "y"], 1),
+                message("b", &["y"], 2),
+                message("c", &["z"], 3),
+            ],
+            features: vec![],
+        },
+        // x changes: only a holds it.
+        EpochInput {
+            profiles: vec![],
+            features: vec![update("x", Some([2.0, 0.0]), 2)],
+        },
+        // y is deleted: a and b hold it.
+        EpochInput {
+            profiles: vec![],
+            features: vec![update("y", None, 3)],
+        },
+        // The same value again changes nothing.
+        EpochInput {
+            profiles: vec![],
+            features: vec![update("x", Some([2.0, 0.0]), 4)],
+        },
+    ];
+    let initial = vec![
+        update("x", Some([1.0, 0.0]), 0),
+        update("y", Some([0.0, 1.0]), 1),
+    ];
+    for workers in [1, 3] {
+        let run = run_in_memory(workers, params, initial.clone(), epochs.clone()).unwrap();
+        let users = |epoch| {
+            run.outputs
+                .get(&epoch)
+                .map(|v| v.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(users(1), vec!["a", "b", "c"]);
+        assert_eq!(users(2), vec!["a"]);
+        assert_eq!(users(3), vec!["a", "b"]);
+        assert!(users(4).is_empty());
+        let a = &run.outputs[&2][0];
+        // a: x (k=1, weight 0.5) = [2, 0], y (k=0, weight 1) = [0, 1].
+        assert_eq!(a.known_items, 2);
+        assert!((a.interest_vector[0] - 2.0 * 0.5 / 1.5).abs() < 1e-6);
+        assert!((a.interest_vector[1] - 1.0 / 1.5).abs() < 1e-6);
+        let b = &run.outputs[&3][1];
+        assert_eq!(
+            (b.user_id.as_str(), b.known_items, b.interest_vector.clone()),
+            ("b", 0, vec![0.0, 0.0])
+        );
+    }
+}
