@@ -1,0 +1,146 @@
+//! Settings of the Redis sink, with the defaults the dataflow uses.
+
+use std::time::Duration;
+
+use crate::SinkError;
+
+/// Default Redis URL (semantics §7, `REDIS_URL`).
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// Settings of a [`RedisSink`](crate::RedisSink).
+///
+/// `SinkConfig::default()` holds the defaults; `SinkConfig::new(url)` the defaults with another
+/// Redis URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// Redis to write to, as a `redis://[user:password@]host:port/db` URL
+    /// (default `redis://127.0.0.1:6379/0`).
+    pub redis_url: String,
+    /// Most records in one batch, i.e. in one execution of the write script (default 512).
+    /// A script execution blocks Redis for its whole duration, so this also bounds the latency
+    /// other clients see while a batch runs.
+    pub max_batch_records: usize,
+    /// Most bytes in one batch (default 1 MiB), counted as the size of the command on the wire:
+    /// keys, values, timestamps and epochs with their RESP framing. A batch closes before a
+    /// record that would pass the limit; a single record larger than the limit goes alone.
+    pub max_batch_bytes: usize,
+    /// Most batches sent to Redis and not yet acknowledged (default 2). With 1 the sink waits for
+    /// each batch's reply before encoding the next; with 2 it encodes batch n+1 while Redis
+    /// executes batch n, which is what pays on a sync connection (see the throughput example).
+    pub pipeline_depth: usize,
+    /// Wait before the first retry of a failed batch (default 50 ms); it doubles on each further
+    /// consecutive failure.
+    pub retry_initial_backoff: Duration,
+    /// Longest wait between two retries (default 5 s).
+    pub retry_max_backoff: Duration,
+    /// Consecutive failed attempts tolerated before a write gives up with
+    /// [`SinkError::RetriesExhausted`]; the count restarts whenever a batch is acknowledged.
+    /// `None` (the default) retries until Redis is back, so nothing is ever dropped.
+    pub max_retries: Option<u32>,
+    /// Timeout of connecting, and of every socket read and write (default 5 s). A timed-out
+    /// connection is dropped and replaced, because replies still in flight on it could no longer
+    /// be matched to their batches.
+    pub io_timeout: Duration,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: DEFAULT_REDIS_URL.to_owned(),
+            max_batch_records: 512,
+            max_batch_bytes: 1024 * 1024,
+            pipeline_depth: 2,
+            retry_initial_backoff: Duration::from_millis(50),
+            retry_max_backoff: Duration::from_secs(5),
+            max_retries: None,
+            io_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SinkConfig {
+    /// The defaults, writing to `redis_url`.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Rejects settings that would make the sink spin or never send anything.
+    pub fn validate(&self) -> Result<(), SinkError> {
+        let fail = |what: &str| Err(SinkError::Config(what.to_owned()));
+        if self.max_batch_records == 0 {
+            return fail("max_batch_records must be at least 1");
+        }
+        if self.max_batch_bytes == 0 {
+            return fail("max_batch_bytes must be at least 1");
+        }
+        if self.pipeline_depth == 0 {
+            return fail("pipeline_depth must be at least 1");
+        }
+        if self.retry_initial_backoff.is_zero() {
+            return fail("retry_initial_backoff must be positive");
+        }
+        if self.retry_max_backoff < self.retry_initial_backoff {
+            return fail("retry_max_backoff must not be shorter than retry_initial_backoff");
+        }
+        // The redis crate rejects a zero socket timeout, and "no timeout" would let a dead
+        // peer block a dataflow worker forever.
+        if self.io_timeout.is_zero() {
+            return fail("io_timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let c = SinkConfig::default();
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.max_batch_records, 512);
+        assert_eq!(c.max_batch_bytes, 1 << 20);
+        assert_eq!(c.retry_initial_backoff, Duration::from_millis(50));
+        assert_eq!(c.retry_max_backoff, Duration::from_secs(5));
+        assert_eq!(c.max_retries, None);
+        assert_eq!(c.io_timeout, Duration::from_secs(5));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_settings_that_cannot_work() {
+        let bad = [
+            SinkConfig {
+                max_batch_records: 0,
+                ..SinkConfig::default()
+            },
+            SinkConfig {
+                max_batch_bytes: 0,
+                ..SinkConfig::default()
+            },
+            SinkConfig {
+                pipeline_depth: 0,
+                ..SinkConfig::default()
+            },
+            SinkConfig {
+                io_timeout: Duration::ZERO,
+                ..SinkConfig::default()
+            },
+            SinkConfig {
+                retry_initial_backoff: Duration::ZERO,
+                ..SinkConfig::default()
+            },
+            SinkConfig {
+                retry_max_backoff: Duration::from_millis(1),
+                ..SinkConfig::default()
+            },
+        ];
+        for c in bad {
+            assert!(matches!(c.validate(), Err(SinkError::Config(_))), "{c:?}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Errors of the sink, and which Redis failures are worth retrying.
+
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+/// Why a [`RedisSink`](crate::RedisSink) could not be created or could not write.
+///
+/// After a failed `write` some of its records may be stored and others not. The caller must
+/// not commit its input offsets and should replay: the script makes a replay harmless.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A setting is unusable (see [`SinkConfig::validate`](crate::SinkConfig::validate)), or
+    /// the Redis URL does not parse.
+    #[error("invalid sink configuration: {0}")]
+    Config(String),
+
+    /// The first connection (or its `SCRIPT LOAD`) failed. `connect` does not retry, so that a
+    /// wrong URL shows up at start instead of as an endless retry loop.
+    #[error("cannot connect to Redis at {addr}: {source}")]
+    Connect {
+        /// Host and port (no password).
+        addr: String,
+        /// What Redis or the network said.
+        #[source]
+        source: RedisError,
+    },
+
+    /// A record violates the contract the Lua comparison relies on (timestamp or epoch above
+    /// 2^53, where a double no longer holds every integer). The dataflow guarantees this never
+    /// happens; the records before it in the same write may be stored.
+    #[error("record of user {user_id:?} cannot be written: {reason}")]
+    InvalidRecord {
+        /// The offending user.
+        user_id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Redis refused a batch for a reason that waiting cannot fix (wrong key type, missing
+    /// permission, authentication, a failing script), so the sink does not retry it.
+    #[error("Redis refused the write permanently: {0}")]
+    Permanent(#[source] RedisError),
+
+    /// Redis answered the script with something other than a skip count.
+    #[error("unexpected reply to the write script: {0}")]
+    UnexpectedReply(String),
+
+    /// `max_retries` consecutive attempts failed.
+    #[error(
+        "gave up after {retries} retries; {pending_batches} batches ({pending_records} records) \
+         not acknowledged; last error: {last_error}"
+    )]
+    RetriesExhausted {
+        /// Retries made after the first failure.
+        retries: u32,
+        /// Batches sent or ready to send that Redis did not acknowledge.
+        pending_batches: usize,
+        /// Records in those batches.
+        pending_records: usize,
+        /// The error of the last attempt.
+        #[source]
+        last_error: RedisError,
+    },
+}
+
+/// Whether a failed attempt is worth repeating.
+///
+/// Connection errors, timeouts and protocol errors retry on a new connection. Error replies
+/// retry too (LOADING, BUSY, OOM, MISCONF, READONLY during a failover, TRYAGAIN, NOSCRIPT after a
+/// restart or `SCRIPT FLUSH`, "max number of clients reached" ...): they describe a state of the
+/// server that passes or that an operator fixes, and with `max_retries: None` nothing is dropped
+/// meanwhile. The exceptions are failures that repeat identically however long we wait.
+pub(crate) fn is_permanent(err: &RedisError) -> bool {
+    match err.kind() {
+        // A bad URL or client-side misuse.
+        ErrorKind::InvalidClientConfig | ErrorKind::Client => true,
+        // Credentials are only read from the URL at start.
+        ErrorKind::AuthenticationFailed => true,
+        ErrorKind::Server(ServerErrorKind::NoPerm) => true,
+        ErrorKind::Server(ServerErrorKind::ResponseError) => {
+            // A Lua runtime error in our own script ("ERR user_script:12: ..." on Redis 7,
+            // "ERR Error running script ..." on 6) is a bug that no retry fixes.
+            err.detail()
+                .is_some_and(|d| d.contains("user_script") || d.starts_with("Error running script"))
+        }
+        _ => matches!(
+            err.code(),
+            // A key under user_profile: that is not a string: someone else's data, not ours to
+            // clobber.
+            Some("WRONGTYPE" | "NOAUTH" | "WRONGPASS")
+        ),
+    }
+}

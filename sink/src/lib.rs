@@ -1,0 +1,150 @@
+//! The Redis writer of the streamrec dataflow. Once the dataflow's frontier passes an epoch, each
+//! timely worker hands its [`RedisSink`] that epoch's final profile of every changed user it
+//! owns; [`RedisSink::write`] stores them as the JSON values of semantics §6 under
+//! `user_profile:{user_id}` and returns only when Redis acknowledged all of them, so that the
+//! worker commits its Kafka offsets only after its output is durable in Redis. The API is
+//! synchronous (workers are plain threads, one sink and one connection each) and pipelined:
+//! records go in batches bounded by count and bytes, each batch one execution of a Lua script
+//! that refuses to move a key back to an older (timestamp, epoch). That check makes retries and
+//! replays after a crash harmless, so any failure is handled by resending unacknowledged batches
+//! on a fresh connection with exponential backoff; by default nothing is ever dropped.
+//!
+//! Layout: `config` (settings), `encode` (the JSON value), `batch` (batching into the wire
+//! format), `service` (connection, script, pipelined send, retry), `metrics` (counters), `error`.
+
+mod batch;
+mod config;
+mod encode;
+mod error;
+mod metrics;
+mod service;
+
+use std::sync::Arc;
+
+pub use config::{SinkConfig, DEFAULT_REDIS_URL};
+pub use encode::{encode_profile, ProfileRecord};
+pub use error::SinkError;
+pub use metrics::{SinkMetrics, SinkMetricsSnapshot};
+
+use batch::Batcher;
+use service::Service;
+
+/// The Lua script every batch runs, for tools and tests that want to inspect or reuse it.
+pub const WRITE_SCRIPT: &str = service::WRITE_SCRIPT;
+
+/// Largest timestamp and epoch the script compares exactly (Lua numbers are doubles).
+pub const MAX_EXACT: u64 = 1 << 53;
+
+/// What one [`RedisSink::write`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Records stored.
+    pub written: usize,
+    /// Records not stored because Redis held a newer profile.
+    pub skipped_stale: usize,
+    /// Batches acknowledged.
+    pub batches: usize,
+    /// Bytes of the acknowledged batches' commands.
+    pub bytes: usize,
+    /// Attempts repeated after a failure.
+    pub retries: usize,
+}
+
+/// Writes profiles to Redis for one dataflow worker. See the crate documentation.
+#[derive(Debug)]
+pub struct RedisSink {
+    service: Service,
+    batcher: Batcher,
+    metrics: Arc<SinkMetrics>,
+}
+
+impl RedisSink {
+    /// Validates the config, connects and loads the write script (`SCRIPT LOAD`).
+    ///
+    /// Unlike [`write`](Self::write) this does not retry: a Redis that is unreachable at start is
+    /// more often a wrong URL than an outage, and the caller is better placed to decide whether
+    /// to wait.
+    pub fn connect(config: SinkConfig) -> Result<Self, SinkError> {
+        let metrics = Arc::new(SinkMetrics::default());
+        let service = Service::connect(&config, Arc::clone(&metrics))?;
+        let batcher = Batcher::new(
+            config.max_batch_records,
+            config.max_batch_bytes,
+            service.script_sha(),
+        );
+        Ok(Self {
+            service,
+            batcher,
+            metrics,
+        })
+    }
+
+    /// Writes every record, in pipelined batches bounded by count and bytes, and returns only
+    /// once Redis acknowledged all of them; retries failed batches with exponential backoff
+    /// (reconnecting and re-loading the script when needed, e.g. after NOSCRIPT or a Redis
+    /// restart).
+    ///
+    /// A record is stored unless Redis already holds the same user with a greater timestamp, or
+    /// the same timestamp and a greater epoch; those count as `skipped_stale`. Records are
+    /// expected to name distinct users (one final value per user and epoch); if a user appears
+    /// twice, the greater (timestamp, epoch) wins whatever the order.
+    ///
+    /// On error, some records may be stored and others not; see [`SinkError`].
+    pub fn write<'r, S: AsRef<str> + 'r>(
+        &mut self,
+        records: impl IntoIterator<Item = ProfileRecord<'r, S>>,
+    ) -> Result<WriteStats, SinkError> {
+        let mut stats = WriteStats::default();
+        let result = self.write_inner(records, &mut stats);
+        if result.is_err() {
+            self.batcher.clear();
+        }
+        result.map(|()| stats)
+    }
+
+    fn write_inner<'r, S: AsRef<str> + 'r>(
+        &mut self,
+        records: impl IntoIterator<Item = ProfileRecord<'r, S>>,
+        stats: &mut WriteStats,
+    ) -> Result<(), SinkError> {
+        for record in records {
+            check(&record)?;
+            let pushed = self.batcher.push(&record);
+            if pushed.non_finite > 0 {
+                SinkMetrics::add(&self.metrics.non_finite_floats, pushed.non_finite);
+            }
+            if let Some(batch) = pushed.sealed {
+                self.service.submit(batch, stats)?;
+            }
+        }
+        if let Some(batch) = self.batcher.seal() {
+            self.service.submit(batch, stats)?;
+        }
+        self.service.flush(stats)
+    }
+
+    /// Cumulative counters of this sink.
+    pub fn metrics(&self) -> &SinkMetrics {
+        &self.metrics
+    }
+
+    /// The same counters, to read from another thread (e.g. a metrics exporter) while the
+    /// worker writes.
+    pub fn shared_metrics(&self) -> Arc<SinkMetrics> {
+        Arc::clone(&self.metrics)
+    }
+}
+
+fn check<S>(record: &ProfileRecord<'_, S>) -> Result<(), SinkError> {
+    let reason = if record.timestamp > MAX_EXACT {
+        format!("timestamp {} is above 2^53", record.timestamp)
+    } else if record.epoch > MAX_EXACT {
+        format!("epoch {} is above 2^53", record.epoch)
+    } else {
+        return Ok(());
+    };
+    Err(SinkError::InvalidRecord {
+        user_id: record.user_id.to_owned(),
+        reason,
+    })
+}

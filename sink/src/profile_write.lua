@@ -1,0 +1,53 @@
+-- Writes one batch of user profiles and never lets a key go back in time (semantics §6).
+--
+-- KEYS[i]       user_profile:{user_id}
+-- ARGV[3i-2]    the new value's timestamp (decimal)
+-- ARGV[3i-1]    the new value's epoch (decimal)
+-- ARGV[3i]      the new value (JSON, as encoded by the sink)
+--
+-- A key is written iff it is absent, or new_ts > old_ts, or new_ts == old_ts and
+-- new_epoch >= old_epoch. A later epoch with the same timestamp must win: an item-feature update
+-- changes the vector without changing the timestamp. Equal (ts, epoch) is a replay after a crash
+-- or a retried batch and carries the same value, so rewriting it is harmless. Everything else is
+-- stale and skipped; the script returns how many keys it skipped.
+--
+-- The stored (timestamp, epoch) is read from the JSON by pattern instead of cjson.decode, which
+-- would build the whole value (history, vector) as Lua tables for two numbers. This is safe
+-- because inside a JSON string every '"' is escaped as '\"': the character before a quote that
+-- belongs to a string's content is always a backslash, so in `p":` the quote is a string
+-- delimiter, and a delimiter followed by a colon closes an object key. No user_id or item id can
+-- therefore contain a match for '"timestamp":' (its text would be stored as `\"timestamp\":`),
+-- and the only key of the value that matches is the top-level "timestamp". The epoch is the
+-- last field of the value, so '"epoch":N}' anchored at the end is the real one.
+-- '%s*' also accepts values written with spaces (Python's json.dumps); a stored value without a
+-- readable timestamp (not written by this sink) is overwritten, and one without an epoch counts
+-- as epoch 0.
+--
+-- Timestamps (<= 2^53, semantics §2) and epochs (unix millis / epoch length) are compared as Lua
+-- numbers, i.e. doubles, which hold every integer up to 2^53 exactly; the sink refuses larger
+-- values before they get here.
+local skipped = 0
+for i = 1, #KEYS do
+    local base = 3 * (i - 1)
+    local ts = tonumber(ARGV[base + 1])
+    local epoch = tonumber(ARGV[base + 2])
+    local write = true
+    local old = redis.call('GET', KEYS[i])
+    if old then
+        local old_ts = tonumber(string.match(old, '"timestamp":%s*(%d+)'))
+        if old_ts then
+            -- Only the tail is searched: an unanchored Lua pattern is tried at every position,
+            -- which over a whole ~1 KB value costs more than the rest of the script.
+            local tail = #old - 63
+            if tail < 1 then tail = 1 end
+            local old_epoch = tonumber(string.match(old, '"epoch":%s*(%d+)%s*}%s*$', tail)) or 0
+            write = ts > old_ts or (ts == old_ts and epoch >= old_epoch)
+        end
+    end
+    if write then
+        redis.call('SET', KEYS[i], ARGV[base + 3])
+    else
+        skipped = skipped + 1
+    end
+end
+return skipped

@@ -1,0 +1,337 @@
+//! The connection to Redis: connecting, loading the script, sending batches through a bounded
+//! pipeline, and retrying unacknowledged batches with exponential backoff.
+//!
+//! The connection is a plain sync `redis::Connection` with socket timeouts: the dataflow's
+//! workers are OS threads without an async runtime, and a worker must block until its epoch is
+//! stored anyway.
+//!
+//! Batches are sent with `send_packed_command` and their replies read with `recv_response`, so
+//! the sink can encode batch n+1 while Redis executes batch n (`pipeline_depth`). Redis answers
+//! in order, so the front of the window is always the batch the next reply belongs to.
+//!
+//! On any failure the connection is dropped and every unacknowledged batch is sent again on a
+//! fresh one. That is simple and always correct: after a timeout or a broken pipe, replies may
+//! still be in flight on the old socket and could be taken for replies to later batches; and
+//! resending a batch that did reach Redis is harmless because the script never goes back in
+//! time. A fresh connection also re-runs `SCRIPT LOAD`, which covers NOSCRIPT after a Redis
+//! restart or `SCRIPT FLUSH`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::{Client, Connection, RedisError, Script, Value};
+
+use crate::batch::Batch;
+use crate::error::is_permanent;
+use crate::metrics::SinkMetrics;
+use crate::{SinkConfig, SinkError, WriteStats};
+
+/// The no-regression write script, executed once per batch.
+pub(crate) const WRITE_SCRIPT: &str = include_str!("profile_write.lua");
+
+pub(crate) struct Service {
+    client: Client,
+    /// `None` after a failure, until the next attempt connects again.
+    conn: Option<Connection>,
+    script: Script,
+    /// Batches not yet acknowledged, oldest first.
+    window: VecDeque<Batch>,
+    /// How many of `window` were sent on the current connection (always a prefix).
+    sent: usize,
+    pipeline_depth: usize,
+    io_timeout: Duration,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    max_retries: Option<u32>,
+    metrics: Arc<SinkMetrics>,
+    warnings: RateLimit,
+}
+
+// redis::Connection is not Debug.
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("addr", &self.addr())
+            .field("connected", &self.conn.is_some())
+            .field("unacknowledged_batches", &self.window.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why one attempt failed.
+enum AttemptError {
+    Redis(RedisError),
+    UnexpectedReply(String),
+}
+
+impl From<RedisError> for AttemptError {
+    fn from(e: RedisError) -> Self {
+        Self::Redis(e)
+    }
+}
+
+impl Service {
+    /// Opens the first connection and loads the script, without retrying.
+    pub(crate) fn connect(
+        config: &SinkConfig,
+        metrics: Arc<SinkMetrics>,
+    ) -> Result<Self, SinkError> {
+        config.validate()?;
+        let client = Client::open(config.redis_url.as_str())
+            .map_err(|e| SinkError::Config(format!("redis_url: {e}")))?;
+        let mut service = Self {
+            client,
+            conn: None,
+            script: Script::new(WRITE_SCRIPT),
+            window: VecDeque::new(),
+            sent: 0,
+            pipeline_depth: config.pipeline_depth,
+            io_timeout: config.io_timeout,
+            initial_backoff: config.retry_initial_backoff,
+            max_backoff: config.retry_max_backoff,
+            max_retries: config.max_retries,
+            metrics,
+            warnings: RateLimit::new(Duration::from_secs(1)),
+        };
+        let conn = service.open().map_err(|source| SinkError::Connect {
+            addr: service.addr(),
+            source,
+        })?;
+        service.conn = Some(conn);
+        Ok(service)
+    }
+
+    /// SHA1 of the script, which every batch names.
+    pub(crate) fn script_sha(&self) -> &str {
+        self.script.get_hash()
+    }
+
+    /// Host and port of the Redis server, for messages (the URL may hold a password).
+    fn addr(&self) -> String {
+        self.client.get_connection_info().addr().to_string()
+    }
+
+    /// A new connection with socket timeouts and the script loaded.
+    fn open(&self) -> Result<Connection, RedisError> {
+        let mut conn = self.client.get_connection_with_timeout(self.io_timeout)?;
+        conn.set_read_timeout(Some(self.io_timeout))?;
+        conn.set_write_timeout(Some(self.io_timeout))?;
+        SinkMetrics::add(&self.metrics.connects, 1);
+        let sha = self.script.load(&mut conn)?;
+        if sha != self.script.get_hash() {
+            // Redis computes the same SHA1 as the redis crate; anything else means the batches
+            // would name a script that does not exist.
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "SCRIPT LOAD returned an unexpected SHA1",
+                sha,
+            )));
+        }
+        Ok(conn)
+    }
+
+    /// Queues a sealed batch and sends it, then waits until fewer than `pipeline_depth` batches
+    /// are unacknowledged.
+    pub(crate) fn submit(&mut self, batch: Batch, stats: &mut WriteStats) -> Result<(), SinkError> {
+        self.window.push_back(batch);
+        self.settle(self.pipeline_depth - 1, stats)
+    }
+
+    /// Returns once Redis acknowledged every queued batch.
+    pub(crate) fn flush(&mut self, stats: &mut WriteStats) -> Result<(), SinkError> {
+        self.settle(0, stats)
+    }
+
+    /// Sends what is unsent and reads replies until at most `max_unacked` batches are
+    /// unacknowledged, retrying failures with backoff.
+    fn settle(&mut self, max_unacked: usize, stats: &mut WriteStats) -> Result<(), SinkError> {
+        // Consecutive failures without any batch acknowledged in between: progress resets the
+        // backoff and the max_retries budget, so a flapping Redis slows the sink down but does
+        // not make it give up while batches still get through.
+        let mut failures: u32 = 0;
+        loop {
+            let acked_before = stats.batches;
+            let err = match self.attempt(max_unacked, stats) {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            redis = %self.addr(),
+                            failed_attempts = failures,
+                            "Redis writes go through again"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(err) => err,
+            };
+            if stats.batches > acked_before {
+                failures = 0;
+            }
+            self.conn = None;
+            self.sent = 0;
+            SinkMetrics::add(&self.metrics.errors, 1);
+            let err = match err {
+                AttemptError::Redis(e) if !is_permanent(&e) => e,
+                AttemptError::Redis(e) => {
+                    self.abandon();
+                    return Err(SinkError::Permanent(e));
+                }
+                AttemptError::UnexpectedReply(reply) => {
+                    self.abandon();
+                    return Err(SinkError::UnexpectedReply(reply));
+                }
+            };
+            if self.max_retries.is_some_and(|max| failures >= max) {
+                let pending_batches = self.window.len();
+                let pending_records = self.window.iter().map(|b| b.records).sum();
+                self.abandon();
+                return Err(SinkError::RetriesExhausted {
+                    retries: failures,
+                    pending_batches,
+                    pending_records,
+                    last_error: err,
+                });
+            }
+            failures += 1;
+            let backoff = self.backoff(failures);
+            stats.retries += 1;
+            SinkMetrics::add(&self.metrics.retries, 1);
+            if let Some(suppressed) = self.warnings.allow() {
+                tracing::warn!(
+                    redis = %self.addr(),
+                    error = %err,
+                    kind = err.code().unwrap_or_else(|| err.category()),
+                    attempt = failures,
+                    backoff_ms = backoff.as_millis() as u64,
+                    unacknowledged_batches = self.window.len(),
+                    suppressed_warnings = suppressed,
+                    "Redis write failed, retrying"
+                );
+            }
+            std::thread::sleep(backoff);
+        }
+    }
+
+    /// One try on the current connection (opening one if there is none).
+    fn attempt(&mut self, max_unacked: usize, stats: &mut WriteStats) -> Result<(), AttemptError> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.open()?,
+        };
+        let conn = self.conn.insert(conn);
+        while let Some(batch) = self.window.get(self.sent) {
+            conn.send_packed_command(&batch.packed)?;
+            self.sent += 1;
+        }
+        while self.window.len() > max_unacked {
+            // An error reply becomes an Err here, and so does the whole attempt.
+            let reply = conn.recv_response()?.extract_error()?;
+            let Some(batch) = self.window.front() else {
+                break;
+            };
+            let skipped = match reply {
+                Value::Int(n) if (0..=batch.records as i64).contains(&n) => n as usize,
+                other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
+            };
+            let written = batch.records - skipped;
+            let bytes = batch.packed.len();
+            stats.written += written;
+            stats.skipped_stale += skipped;
+            stats.batches += 1;
+            stats.bytes += bytes;
+            SinkMetrics::add(&self.metrics.records_written, written);
+            SinkMetrics::add(&self.metrics.records_skipped_stale, skipped);
+            SinkMetrics::add(&self.metrics.batches, 1);
+            SinkMetrics::add(&self.metrics.bytes, bytes);
+            self.window.pop_front();
+            self.sent -= 1;
+        }
+        Ok(())
+    }
+
+    /// Forgets unacknowledged batches after giving up, so that the next write starts clean.
+    fn abandon(&mut self) {
+        self.window.clear();
+        self.sent = 0;
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        backoff(self.initial_backoff, self.max_backoff, failures)
+    }
+}
+
+/// `initial * 2^(failures-1)`, capped at `max`.
+fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1));
+    initial.checked_mul(factor).map_or(max, |d| d.min(max))
+}
+
+/// Lets one event through per `period` and counts the rest, so that a Redis outage with
+/// retries every 50 ms logs about once a second.
+#[derive(Debug)]
+struct RateLimit {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(events suppressed since the last one let through)`, or `None` to stay quiet.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let ms = Duration::from_millis;
+        let got: Vec<Duration> = [1, 2, 3, 4, 8, 40, u32::MAX]
+            .into_iter()
+            .map(|n| backoff(ms(50), ms(5000), n))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ms(50),
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(5000),
+                ms(5000),
+                ms(5000)
+            ]
+        );
+    }
+
+    #[test]
+    fn rate_limit_lets_one_through_per_period_and_counts_the_rest() {
+        let mut limit = RateLimit::new(Duration::from_millis(50));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(limit.allow(), Some(2));
+    }
+}

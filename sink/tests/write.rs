@@ -1,0 +1,335 @@
+#![allow(clippy::unwrap_used)]
+//! Writes against the shared test Redis (`STREAMREC_TEST_REDIS`, default
+//! redis://127.0.0.1:16379/0): stored values, counts, batching and the no-regression rule.
+
+mod common;
+
+use common::{conn, delete, get, sink, test_url, unique, Profiles};
+use sink::{encode_profile, ProfileRecord, SinkConfig, SinkError};
+
+fn rec<'a>(
+    user: &'a str,
+    timestamp: u64,
+    epoch: u64,
+    items: &'a [&'a str],
+    vector: &'a [f32],
+) -> ProfileRecord<'a> {
+    ProfileRecord {
+        user_id: user,
+        timestamp,
+        history_items: items,
+        interest_vector: vector,
+        known_items: items.len() as u32,
+        epoch,
+    }
+}
+
+#[test]
+fn write_then_get_exact_values() {
+    let prefix = unique("exact");
+    let users: Vec<String> = (0..20).map(|i| format!("{prefix}-{i}")).collect();
+    let items = ["i1", "i2", "i3"];
+    let vector = [0.5, 0.25, 0.125];
+    let records: Vec<ProfileRecord> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| rec(u, 1_000 + i as u64, 7, &items, &vector))
+        .collect();
+
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let stats = sink.write(records.iter().copied()).unwrap();
+    assert_eq!(stats.written, 20);
+    assert_eq!(stats.skipped_stale, 0);
+    assert_eq!(stats.batches, 1);
+    assert_eq!(stats.retries, 0);
+    assert!(stats.bytes > 20 * 100, "{stats:?}");
+
+    let mut c = conn(&test_url());
+    for r in &records {
+        let stored = get(&mut c, r.user_id).unwrap();
+        assert_eq!(stored.as_bytes(), encode_profile(r));
+    }
+    assert_eq!(
+        get(&mut c, &users[3]).unwrap(),
+        format!(
+            r#"{{"user_id":"{}","timestamp":1003,"history_items":["i1","i2","i3"],"interest_vector":[0.5,0.25,0.125],"known_items":3,"epoch":7}}"#,
+            users[3]
+        )
+    );
+
+    let m = sink.metrics().snapshot();
+    assert_eq!(m.records_written, 20);
+    assert_eq!(m.batches, 1);
+    assert_eq!(m.bytes, stats.bytes as u64);
+    assert_eq!(m.connects, 1);
+    assert_eq!(m.errors, 0);
+}
+
+#[test]
+fn empty_write_is_a_no_op() {
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let stats = sink.write(std::iter::empty::<ProfileRecord>()).unwrap();
+    assert_eq!(stats, sink::WriteStats::default());
+}
+
+#[test]
+fn no_regression() {
+    let p = unique("noregress");
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut c = conn(&test_url());
+    let user = |s: &str| format!("{p}-{s}");
+    let (older, later_epoch, replay, newer) =
+        (user("older"), user("later"), user("replay"), user("newer"));
+
+    // Start: every user at (ts 100, epoch 10).
+    let start: Vec<_> = [&older, &later_epoch, &replay, &newer]
+        .iter()
+        .map(|u| rec(u, 100, 10, &["start"], &[1.0]))
+        .collect();
+    assert_eq!(sink.write(start.iter().copied()).unwrap().written, 4);
+
+    let updates = [
+        // Older timestamp, even from a later epoch: skipped.
+        rec(&older, 99, 11, &["old"], &[2.0]),
+        // Same timestamp, later epoch (item features changed): wins.
+        rec(&later_epoch, 100, 11, &["start"], &[3.0]),
+        // Same (timestamp, epoch): a replay; the value stays what it was.
+        rec(&replay, 100, 10, &["start"], &[1.0]),
+        // Newer timestamp, even from an older epoch (cannot happen, but the timestamp rules).
+        rec(&newer, 101, 9, &["new"], &[4.0]),
+    ];
+    let stats = sink.write(updates.iter().copied()).unwrap();
+    assert_eq!((stats.written, stats.skipped_stale), (3, 1), "{stats:?}");
+
+    assert_eq!(
+        get(&mut c, &older).unwrap().as_bytes(),
+        encode_profile(&start[0])
+    );
+    assert_eq!(
+        get(&mut c, &later_epoch).unwrap().as_bytes(),
+        encode_profile(&updates[1])
+    );
+    assert_eq!(
+        get(&mut c, &replay).unwrap().as_bytes(),
+        encode_profile(&start[2])
+    );
+    assert_eq!(
+        get(&mut c, &newer).unwrap().as_bytes(),
+        encode_profile(&updates[3])
+    );
+
+    // Same timestamp, older epoch: skipped.
+    let stale = rec(&later_epoch, 100, 10, &["start"], &[9.0]);
+    let stats = sink.write([stale]).unwrap();
+    assert_eq!((stats.written, stats.skipped_stale), (0, 1));
+    assert_eq!(
+        get(&mut c, &later_epoch).unwrap().as_bytes(),
+        encode_profile(&updates[1])
+    );
+    assert_eq!(sink.metrics().records_skipped_stale(), 2);
+}
+
+#[test]
+fn user_and_item_text_cannot_fool_the_script() {
+    let p = unique("fool");
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut c = conn(&test_url());
+    let tricky = [
+        format!(r#"{p}"timestamp":99999999999"#),
+        format!(r#"{p}","timestamp":99999999999,"epoch":99999999999}}"#),
+        format!(r#"{p}\"timestamp\":99999999999"#),
+    ];
+    let poison = [r#"","timestamp":99999999999,"epoch":99999999999}"#];
+    for u in &tricky {
+        let first = rec(u, 100, 10, &poison, &[1.0]);
+        assert_eq!(sink.write([first]).unwrap().written, 1);
+        // Had the script read 99999999999 from the user id or item, this would be skipped.
+        let second = rec(u, 101, 10, &poison, &[2.0]);
+        let stats = sink.write([second]).unwrap();
+        assert_eq!((stats.written, stats.skipped_stale), (1, 0), "user {u}");
+        assert_eq!(get(&mut c, u).unwrap().as_bytes(), encode_profile(&second));
+        // And a genuinely older one is still refused.
+        let stats = sink.write([rec(u, 100, 99, &[], &[])]).unwrap();
+        assert_eq!(stats.skipped_stale, 1, "user {u}");
+    }
+}
+
+#[test]
+fn values_written_by_others_are_read_or_replaced() {
+    let p = unique("foreign");
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut c = conn(&test_url());
+    let (spaced, garbage) = (format!("{p}-spaced"), format!("{p}-garbage"));
+    // Python's json.dumps style (spaces, other field order, no epoch) as the original system
+    // wrote it.
+    let _: () = redis::cmd("SET")
+        .arg(profile::redis_key(&spaced))
+        .arg(r#"{"user_id": "x", "history_items": ["a"], "timestamp": 500}"#)
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(profile::redis_key(&garbage))
+        .arg("not json")
+        .query(&mut c)
+        .unwrap();
+    let stats = sink
+        .write([
+            rec(&spaced, 499, 1, &[], &[]),
+            rec(&garbage, 1, 1, &[], &[]),
+        ])
+        .unwrap();
+    assert_eq!((stats.written, stats.skipped_stale), (1, 1));
+    let stats = sink.write([rec(&spaced, 500, 0, &[], &[])]).unwrap();
+    assert_eq!(stats.written, 1, "same timestamp, epoch 0 >= missing epoch");
+}
+
+#[test]
+fn batching_by_count() {
+    let p = unique("count");
+    let data = Profiles::new(&p, 100, 3, 4);
+    let mut sink = sink(SinkConfig {
+        max_batch_records: 7,
+        ..SinkConfig::new(test_url())
+    });
+    let stats = sink.write(data.records(1, 1)).unwrap();
+    assert_eq!(stats.batches, 15);
+    assert_eq!(stats.written, 100);
+    let mut c = conn(&test_url());
+    for u in &data.users {
+        assert!(get(&mut c, u).is_some(), "{u} missing");
+    }
+}
+
+#[test]
+fn batching_by_bytes() {
+    let p = unique("bytes");
+    let data = Profiles::new(&p, 30, 50, 32);
+    // Wire size of one record: its value, key, timestamp and epoch with RESP framing (the
+    // framing and the numbers take well under 64 bytes).
+    let sizes: Vec<usize> = data
+        .records(1, 1)
+        .map(|r| encode_profile(&r).len() + profile::redis_key(r.user_id).len())
+        .collect();
+    let (min, max) = (
+        sizes.iter().min().unwrap(),
+        sizes.iter().max().unwrap() + 64,
+    );
+    let two = 2 * max;
+    assert!(3 * min > two, "records vary too much in size for this test");
+    for (limit, expect_batches) in [(1, 30), (two, 15), (1 << 20, 1)] {
+        let mut sink = sink(SinkConfig {
+            max_batch_bytes: limit,
+            ..SinkConfig::new(test_url())
+        });
+        let stats = sink.write(data.records(limit as u64, 1)).unwrap();
+        assert_eq!(stats.batches, expect_batches, "limit {limit}");
+        assert_eq!(stats.written, 30);
+        if limit > 1 {
+            // Within the limit plus the fixed EVALSHA header per batch.
+            assert!(stats.bytes <= expect_batches * (limit + 100), "{stats:?}");
+        }
+    }
+}
+
+#[test]
+fn many_records_across_pipelined_batches() {
+    let p = unique("many");
+    let data = Profiles::new(&p, 5_000, 50, 32);
+    for depth in [1, 3] {
+        let mut sink = sink(SinkConfig {
+            pipeline_depth: depth,
+            max_batch_records: 100,
+            ..SinkConfig::new(test_url())
+        });
+        let stats = sink.write(data.records(10 + depth as u64, 1)).unwrap();
+        assert_eq!((stats.written, stats.batches), (5_000, 50));
+    }
+    let mut c = conn(&test_url());
+    let stored = get(&mut c, &data.users[4_321]).unwrap();
+    let expected = data.records(13, 1).nth(4_321).unwrap();
+    assert_eq!(stored.as_bytes(), encode_profile(&expected));
+    delete(&test_url(), &data.users);
+}
+
+#[test]
+fn contract_violations_are_refused() {
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let u = unique("invalid");
+    let err = sink
+        .write([rec(&u, (1 << 53) + 1, 1, &[], &[])])
+        .unwrap_err();
+    assert!(matches!(err, SinkError::InvalidRecord { .. }), "{err}");
+    let err = sink
+        .write([rec(&u, 1, (1 << 53) + 1, &[], &[])])
+        .unwrap_err();
+    assert!(matches!(err, SinkError::InvalidRecord { .. }), "{err}");
+    // The sink is still usable afterwards.
+    assert_eq!(
+        sink.write([rec(&u, 1 << 53, 1, &[], &[])]).unwrap().written,
+        1
+    );
+}
+
+#[test]
+fn non_finite_floats_are_counted() {
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let u = unique("nan");
+    sink.write([rec(&u, 1, 1, &[], &[f32::NAN, 1.0, f32::INFINITY])])
+        .unwrap();
+    assert_eq!(sink.metrics().non_finite_floats(), 2);
+    let stored = get(&mut conn(&test_url()), &u).unwrap();
+    assert!(stored.contains("[0.0,1.0,0.0]"), "{stored}");
+}
+
+#[test]
+fn a_key_of_another_type_is_a_permanent_error() {
+    let u = unique("wrongtype");
+    let mut c = conn(&test_url());
+    let _: () = redis::cmd("HSET")
+        .arg(profile::redis_key(&u))
+        .arg("f")
+        .arg("v")
+        .query(&mut c)
+        .unwrap();
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let started = std::time::Instant::now();
+    let err = sink.write([rec(&u, 1, 1, &[], &[])]).unwrap_err();
+    assert!(matches!(err, SinkError::Permanent(_)), "{err}");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    assert_eq!(sink.metrics().retries(), 0);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // Not clobbered.
+    let kind: String = redis::cmd("TYPE")
+        .arg(profile::redis_key(&u))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(kind, "hash");
+    // And the sink goes on with other users.
+    let other = unique("after-wrongtype");
+    assert_eq!(
+        sink.write([rec(&other, 1, 1, &[], &[])]).unwrap().written,
+        1
+    );
+}
+
+#[test]
+fn bad_config_and_url_are_refused() {
+    let err = RedisSinkExt::connect_err(SinkConfig {
+        max_batch_records: 0,
+        ..SinkConfig::new(test_url())
+    });
+    assert!(matches!(err, SinkError::Config(_)), "{err}");
+    let err = RedisSinkExt::connect_err(SinkConfig::new("not a url"));
+    assert!(matches!(err, SinkError::Config(_)), "{err}");
+}
+
+struct RedisSinkExt;
+
+impl RedisSinkExt {
+    fn connect_err(config: SinkConfig) -> SinkError {
+        match sink::RedisSink::connect(config) {
+            Ok(_) => panic!("connect should have failed"),
+            Err(e) => e,
+        }
+    }
+}
