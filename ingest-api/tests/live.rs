@@ -95,7 +95,7 @@ async fn push_publishes_exactly_the_history_up_to_the_time() {
     assert_eq!(tie.offset, answer["offset"].as_i64().unwrap());
     assert_eq!(
         String::from_utf8(tie.value.clone()).unwrap(),
-        r#"{"user_id":"tie","history_items":["0312000001","0553213113","B000FC1PJI","B00000AAAA","ZZZ"],"timestamp":1456923842}"#
+        r#"{"user_id":"tie","history_items":["0312000001","0553213113","B00000AAAA","B000FC1PJI","ZZZ"],"timestamp":1456923842}"#
     );
     let opaque = records.iter().find(|r| r.key == b"0196").unwrap();
     assert_eq!(
