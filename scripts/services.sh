@@ -1,0 +1,497 @@
+#!/usr/bin/env bash
+# Local Redis + tansu (Kafka-API broker) for development and tests.
+# Run `scripts/services.sh -h` for usage.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/services.sh start|stop|status
+
+Runs Redis and tansu (a Kafka-API-compatible broker) on 127.0.0.1 for
+development and tests. Each instance keeps its pid file and log in a
+per-port directory under .services/ at the repo root, so a dev instance on
+the default ports and a test instance on other ports can run side by side.
+
+Commands:
+  start    install what is missing (Debian redis-server, tansu via cargo),
+           start both services unless already running, wait until they
+           answer, create the topics if absent, and print the client env
+           lines (KAFKA_BROKER=..., REDIS_URL=...) on stdout.
+  stop     stop the instances this script started on these ports (by pid
+           file); stopping something that is not running is not an error.
+  status   print each service's state; exit 0 if both are up, 1 otherwise.
+
+Environment (defaults in brackets):
+  REDIS_PORT          Redis port [6379]
+  KAFKA_PORT          tansu port, also advertised as 127.0.0.1:PORT [9092]
+  TANSU_STORAGE       tansu storage engine URL [sqlite://tansu.db, a file in
+                      the instance's state dir]; tests use memory://tansu/.
+                      sqlite:// paths are relative to the state dir.
+  REDIS_PERSIST       set to 1 to let Redis snapshot (RDB) into its state
+                      dir; default: no persistence (--save '' --appendonly no)
+  KAFKA_TOPIC         [user_behavior], created with KAFKA_PARTITIONS [4]
+  DLQ_TOPIC           [user_behavior.dlq], 1 partition
+  ITEM_TOPIC          [item_features], 1 partition
+  SERVICES_WAIT_SECS  how long to wait for the services to answer [30]
+  TANSU_RUST_LOG      RUST_LOG given to tansu [warn]
+  TANSU_VERSION       version installed when tansu is missing [0.6.0]
+  SERVICES            which services to manage ["redis tansu"]; e.g.
+                      SERVICES=tansu to use a Redis you run yourself
+
+Examples:
+  scripts/services.sh start
+  REDIS_PORT=16379 KAFKA_PORT=19092 TANSU_STORAGE=memory://tansu/ \
+      scripts/services.sh start
+  eval "$(scripts/services.sh start)"   # sets KAFKA_BROKER and REDIS_URL
+EOF
+}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+REDIS_PORT=${REDIS_PORT:-6379}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+TANSU_STORAGE=${TANSU_STORAGE:-sqlite://tansu.db}
+REDIS_PERSIST=${REDIS_PERSIST:-0}
+KAFKA_TOPIC=${KAFKA_TOPIC:-user_behavior}
+KAFKA_PARTITIONS=${KAFKA_PARTITIONS:-4}
+DLQ_TOPIC=${DLQ_TOPIC:-user_behavior.dlq}
+ITEM_TOPIC=${ITEM_TOPIC:-item_features}
+SERVICES_WAIT_SECS=${SERVICES_WAIT_SECS:-30}
+TANSU_RUST_LOG=${TANSU_RUST_LOG:-warn}
+TANSU_VERSION=${TANSU_VERSION:-0.6.0}
+SERVICES=${SERVICES:-redis tansu}
+
+HOST=127.0.0.1
+SERVICES_DIR=$ROOT/.services
+REDIS_DIR=$SERVICES_DIR/redis-$REDIS_PORT
+TANSU_DIR=$SERVICES_DIR/tansu-$KAFKA_PORT
+REDIS_PIDFILE=$REDIS_DIR/redis.pid
+TANSU_PIDFILE=$TANSU_DIR/tansu.pid
+TANSU_BROKER_URL=tcp://$HOST:$KAFKA_PORT
+
+TANSU_BIN=
+APT_UPDATED=0
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() {
+    printf 'services: error: %s\n' "$*" >&2
+    exit 1
+}
+
+check_port_number() {
+    local name=$1 value=$2
+    if ! [[ $value =~ ^[1-9][0-9]{0,4}$ ]] || ((value > 65535)); then
+        die "$name=$value is not a valid port number"
+    fi
+}
+
+as_root() {
+    if [[ $EUID -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "apt-get not found; install these packages by hand: $*"
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+ensure_redis_installed() {
+    if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install redis-server
+}
+
+find_tansu() {
+    if command -v tansu >/dev/null 2>&1; then
+        command -v tansu
+    elif [[ -x ${CARGO_HOME:-$HOME/.cargo}/bin/tansu ]]; then
+        printf '%s\n' "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+    else
+        return 1
+    fi
+}
+
+ensure_tansu_installed() {
+    if TANSU_BIN=$(find_tansu); then
+        return 0
+    fi
+    command -v cargo >/dev/null 2>&1 || die "tansu is not installed and cargo is not on PATH"
+    mkdir -p "$SERVICES_DIR"
+    local install_log=$SERVICES_DIR/tansu-install.log
+    log "installing tansu $TANSU_VERSION with cargo (takes 10-15 minutes; log: $install_log)"
+    # From / with CARGO_TARGET_DIR unset: the repo's cargo config, toolchain
+    # file and target dir must not leak into this unrelated build.
+    if ! (cd / && env -u CARGO_TARGET_DIR cargo install tansu --version "$TANSU_VERSION" \
+        --locked --features dynostore,libsql) >"$install_log" 2>&1; then
+        tail -n 40 "$install_log" >&2
+        die "cargo install tansu failed (full log: $install_log)"
+    fi
+    TANSU_BIN=$(find_tansu) || die "tansu was installed but is neither on PATH nor in ${CARGO_HOME:-$HOME/.cargo}/bin"
+    log "installed $("$TANSU_BIN" --version)"
+}
+
+# Prints the pid from a pid file if that process is alive and its command
+# line contains the expected program name; fails otherwise.
+our_pid() {
+    local pidfile=$1 pattern=$2 pid
+    [[ -s $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -Eq -- "$pattern" || return 1
+    printf '%s\n' "$pid"
+}
+
+redis_pid() { our_pid "$REDIS_PIDFILE" "redis-server [^ ]*:$REDIS_PORT( |\$)"; }
+tansu_pid() { our_pid "$TANSU_PIDFILE" "tansu broker .*--listener-url tcp://$HOST:$KAFKA_PORT( |\$)"; }
+
+port_accepts() {
+    local port=$1
+    (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null
+}
+
+# Describes who listens on a port: "pid 123 (python3 -m http.server)".
+port_owner() {
+    local port=$1 line pid cmd
+    command -v ss >/dev/null 2>&1 || return 0
+    line=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1) || true
+    pid=$(grep -o 'pid=[0-9]*' <<<"$line" | head -n 1 | cut -d= -f2) || true
+    if [[ -n $pid ]]; then
+        cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | tr -s ' ' | cut -c1-120) || true
+        cmd=${cmd% }
+        printf 'pid %s (%s)' "$pid" "$cmd"
+    elif [[ -n $line ]]; then
+        printf 'unknown process'
+    fi
+}
+
+port_taken() {
+    local port=$1
+    if command -v ss >/dev/null 2>&1 && [[ -n $(ss -Hltn "sport = :$port" 2>/dev/null) ]]; then
+        return 0
+    fi
+    port_accepts "$port"
+}
+
+fail_port_taken() {
+    local port=$1 var=$2 owner
+    owner=$(port_owner "$port")
+    die "port $port is in use by another process${owner:+: $owner}; stop it or set $var to a free port"
+}
+
+redis_ping() {
+    [[ $(redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+tansu_cli() {
+    # cd: tansu reads a .env file from its working directory (and parents).
+    (cd "$TANSU_DIR" && RUST_LOG=$TANSU_RUST_LOG "$TANSU_BIN" "$@")
+}
+
+tansu_topics_json() {
+    tansu_cli topic list --broker "$TANSU_BROKER_URL" 2>/dev/null
+}
+
+tansu_answers() {
+    port_accepts "$KAFKA_PORT" && tansu_topics_json >/dev/null
+}
+
+wait_for() {
+    local what=$1 pid_fn=$2 check_fn=$3 logfile=$4 deadline
+    deadline=$((SECONDS + SERVICES_WAIT_SECS))
+    until "$check_fn"; do
+        if ! "$pid_fn" >/dev/null; then
+            tail -n 20 "$logfile" >&2 2>/dev/null || true
+            die "$what exited during startup (log: $logfile)"
+        fi
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$logfile" >&2 2>/dev/null || true
+            die "$what did not answer within ${SERVICES_WAIT_SECS}s (log: $logfile)"
+        fi
+        sleep 0.2
+    done
+}
+
+start_redis() {
+    local pid
+    if pid=$(redis_pid); then
+        if redis_ping; then
+            log "redis: already running on $HOST:$REDIS_PORT (pid $pid)"
+            return 0
+        fi
+        wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
+        log "redis: running on $HOST:$REDIS_PORT (pid $pid)"
+        return 0
+    fi
+    if port_taken "$REDIS_PORT"; then
+        fail_port_taken "$REDIS_PORT" REDIS_PORT
+    fi
+    ensure_redis_installed
+    mkdir -p "$REDIS_DIR"
+    rm -f "$REDIS_PIDFILE"
+    local persistence=(--save '' --appendonly no)
+    if [[ $REDIS_PERSIST == 1 ]]; then
+        persistence=(--save '300 1' --appendonly no)
+    fi
+    log "redis: starting on $HOST:$REDIS_PORT (state: ${REDIS_DIR#"$ROOT"/})"
+    redis-server --bind "$HOST" --port "$REDIS_PORT" --protected-mode yes \
+        --daemonize yes --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_DIR/redis.log" \
+        --dir "$REDIS_DIR" "${persistence[@]}" </dev/null >&2 9>&- ||
+        die "redis-server failed to start (log: $REDIS_DIR/redis.log)"
+    # The daemon writes its pid file shortly after forking.
+    local deadline=$((SECONDS + 5))
+    until redis_pid >/dev/null; do
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$REDIS_DIR/redis.log" >&2 2>/dev/null || true
+            die "redis-server did not start (log: $REDIS_DIR/redis.log)"
+        fi
+        sleep 0.1
+    done
+    wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
+    log "redis: up on $HOST:$REDIS_PORT (pid $(redis_pid))"
+}
+
+start_tansu() {
+    local pid
+    ensure_tansu_installed
+    if pid=$(tansu_pid); then
+        if ! tansu_answers; then
+            wait_for tansu tansu_pid tansu_answers "$TANSU_DIR/tansu.log"
+        fi
+        log "tansu: already running on $HOST:$KAFKA_PORT (pid $pid)"
+        local running_storage
+        running_storage=$(cat "$TANSU_DIR/storage" 2>/dev/null) || true
+        if [[ -n $running_storage && $running_storage != "$TANSU_STORAGE" ]]; then
+            log "tansu: warning: it uses storage $running_storage, not $TANSU_STORAGE; run stop first to switch"
+        fi
+        return 0
+    fi
+    if port_taken "$KAFKA_PORT"; then
+        fail_port_taken "$KAFKA_PORT" KAFKA_PORT
+    fi
+    mkdir -p "$TANSU_DIR"
+    rm -f "$TANSU_PIDFILE"
+    log "tansu: starting on $HOST:$KAFKA_PORT, storage $TANSU_STORAGE (state: ${TANSU_DIR#"$ROOT"/})"
+    local detach=()
+    if command -v setsid >/dev/null 2>&1; then
+        detach=(setsid)
+    fi
+    (
+        cd "$TANSU_DIR"
+        RUST_LOG=$TANSU_RUST_LOG exec "${detach[@]}" "$TANSU_BIN" broker \
+            --cluster-id streamrec \
+            --listener-url "tcp://$HOST:$KAFKA_PORT" \
+            --advertised-listener-url "tcp://$HOST:$KAFKA_PORT" \
+            --storage-engine "$TANSU_STORAGE" \
+            </dev/null >>tansu.log 2>&1 9>&-
+    ) &
+    echo "$!" >"$TANSU_PIDFILE"
+    printf '%s\n' "$TANSU_STORAGE" >"$TANSU_DIR/storage"
+    # Until the subshell has exec'd tansu its command line is still bash's.
+    local deadline=$((SECONDS + 5))
+    until tansu_pid >/dev/null; do
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$TANSU_DIR/tansu.log" >&2 2>/dev/null || true
+            die "tansu did not start (log: $TANSU_DIR/tansu.log)"
+        fi
+        sleep 0.1
+    done
+    wait_for tansu tansu_pid tansu_answers "$TANSU_DIR/tansu.log"
+    log "tansu: up on $HOST:$KAFKA_PORT (pid $(tansu_pid))"
+}
+
+topic_exists() {
+    local json=$1 name=$2
+    grep -qF "\"name\":\"$name\"" <<<"$json"
+}
+
+# Partition count of a topic in `tansu topic list` output (JSON); empty if
+# python3 is missing.
+topic_partitions() {
+    local json=$1 name=$2
+    command -v python3 >/dev/null 2>&1 || return 0
+    python3 -c '
+import json, sys
+for topic in json.loads(sys.argv[1]):
+    if topic.get("name") == sys.argv[2]:
+        print(len(topic.get("partitions") or []))
+' "$json" "$name" 2>/dev/null || true
+}
+
+ensure_topics() {
+    local json spec name partitions
+    json=$(tansu_topics_json) || die "tansu: listing topics failed"
+    for spec in "$KAFKA_TOPIC:$KAFKA_PARTITIONS" "$DLQ_TOPIC:1" "$ITEM_TOPIC:1"; do
+        name=${spec%:*}
+        partitions=${spec##*:}
+        if topic_exists "$json" "$name"; then
+            local have
+            have=$(topic_partitions "$json" "$name")
+            if [[ -n $have && $have != "$partitions" ]]; then
+                log "topic $name: exists with $have partition(s), not $partitions (left as is)"
+            else
+                log "topic $name: exists"
+            fi
+            continue
+        fi
+        if tansu_cli topic create --broker "$TANSU_BROKER_URL" \
+            --partitions "$partitions" "$name" >>"$TANSU_DIR/topics.log" 2>&1; then
+            log "topic $name: created with $partitions partition(s)"
+        else
+            # Lost a race with another client creating it: fine if it exists now.
+            json=$(tansu_topics_json) || true
+            topic_exists "$json" "$name" ||
+                die "tansu: creating topic $name failed (log: $TANSU_DIR/topics.log)"
+            log "topic $name: exists"
+        fi
+    done
+}
+
+print_env() {
+    printf 'KAFKA_BROKER=%s:%s\n' "$HOST" "$KAFKA_PORT"
+    printf 'REDIS_URL=redis://%s:%s/0\n' "$HOST" "$REDIS_PORT"
+    printf 'KAFKA_TOPIC=%s\n' "$KAFKA_TOPIC"
+    printf 'DLQ_TOPIC=%s\n' "$DLQ_TOPIC"
+    printf 'ITEM_TOPIC=%s\n' "$ITEM_TOPIC"
+}
+
+lock() {
+    mkdir -p "$SERVICES_DIR"
+    if command -v flock >/dev/null 2>&1; then
+        exec 9>"$SERVICES_DIR/.lock"
+        if ! flock -n 9; then
+            log "waiting for another scripts/services.sh to finish"
+            flock 9
+        fi
+    fi
+}
+
+wants() { [[ " $SERVICES " == *" $1 "* ]]; }
+
+cmd_start() {
+    lock
+    # Check both ports before starting anything.
+    if wants redis && ! redis_pid >/dev/null && port_taken "$REDIS_PORT"; then
+        fail_port_taken "$REDIS_PORT" REDIS_PORT
+    fi
+    if wants tansu && ! tansu_pid >/dev/null && port_taken "$KAFKA_PORT"; then
+        fail_port_taken "$KAFKA_PORT" KAFKA_PORT
+    fi
+    if wants redis; then start_redis; fi
+    if wants tansu; then
+        start_tansu
+        ensure_topics
+    fi
+    print_env
+}
+
+stop_one() {
+    local what=$1 pid_fn=$2 pidfile=$3 pid i
+    if ! pid=$("$pid_fn"); then
+        rm -f "$pidfile"
+        log "$what: not running"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$what: still running after 10s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+    log "$what: stopped (pid $pid)"
+}
+
+cmd_stop() {
+    lock
+    if wants tansu; then stop_one "tansu ($HOST:$KAFKA_PORT)" tansu_pid "$TANSU_PIDFILE"; fi
+    if wants redis; then stop_one "redis ($HOST:$REDIS_PORT)" redis_pid "$REDIS_PIDFILE"; fi
+}
+
+status_redis() {
+    local pid owner
+    if pid=$(redis_pid); then
+        if redis_ping; then
+            echo "redis: running on $HOST:$REDIS_PORT (pid $pid), answers PING"
+            return 0
+        fi
+        echo "redis: process running (pid $pid) but not answering on $HOST:$REDIS_PORT"
+    elif port_taken "$REDIS_PORT"; then
+        owner=$(port_owner "$REDIS_PORT")
+        echo "redis: not running (ours); port $REDIS_PORT is in use by another process${owner:+: $owner}"
+    else
+        echo "redis: not running"
+    fi
+    return 1
+}
+
+status_tansu() {
+    local pid owner
+    if pid=$(tansu_pid); then
+        if TANSU_BIN=$(find_tansu) && tansu_answers; then
+            echo "tansu: running on $HOST:$KAFKA_PORT (pid $pid, storage $(cat "$TANSU_DIR/storage" 2>/dev/null || echo '?')), answers metadata requests"
+            return 0
+        fi
+        echo "tansu: process running (pid $pid) but not answering on $HOST:$KAFKA_PORT"
+    elif port_taken "$KAFKA_PORT"; then
+        owner=$(port_owner "$KAFKA_PORT")
+        echo "tansu: not running (ours); port $KAFKA_PORT is in use by another process${owner:+: $owner}"
+    else
+        echo "tansu: not running"
+    fi
+    return 1
+}
+
+cmd_status() {
+    local ok=0
+    if wants redis; then status_redis || ok=1; fi
+    if wants tansu; then status_tansu || ok=1; fi
+    return "$ok"
+}
+
+main() {
+    if [[ $# -ne 1 ]]; then
+        usage >&2
+        exit 2
+    fi
+    case $1 in
+    -h | --help | help)
+        usage
+        exit 0
+        ;;
+    start | stop | status) ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+    esac
+    check_port_number REDIS_PORT "$REDIS_PORT"
+    check_port_number KAFKA_PORT "$KAFKA_PORT"
+    [[ $REDIS_PORT != "$KAFKA_PORT" ]] || die "REDIS_PORT and KAFKA_PORT must differ"
+    local service
+    for service in $SERVICES; do
+        [[ $service == redis || $service == tansu ]] ||
+            die "SERVICES=\"$SERVICES\": unknown service $service (known: redis tansu)"
+    done
+    [[ $KAFKA_PARTITIONS =~ ^[1-9][0-9]*$ ]] || die "KAFKA_PARTITIONS=$KAFKA_PARTITIONS is not a positive number"
+    "cmd_$1"
+}
+
+main "$@"
