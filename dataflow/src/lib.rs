@@ -4,13 +4,19 @@
 //!
 //! [`interest`] is the dataflow itself; [`upsert`] turns messages into current values; [`output`]
 //! turns complete epochs into final values for a writer. [`memory`] drives the same core from
-//! memory and [`reference`] is the plain sequential contract it is tested against.
+//! memory and [`reference`] is the plain sequential contract it is tested against. [`source`] reads
+//! Kafka, [`epoch`] maps offsets to epochs, and [`run`] is the worker loop around them all.
 
+pub mod config;
+pub mod epoch;
+pub mod features;
 pub mod interest;
 pub mod memory;
 pub mod model;
 pub mod output;
 mod pending;
 pub mod reference;
+pub mod run;
+pub mod source;
 pub mod stats;
 pub mod upsert;

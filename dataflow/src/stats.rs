@@ -62,9 +62,74 @@ impl StatsBoard {
     }
 }
 
+/// One epoch's line: for people, or a JSON object with `--stats-json`.
+pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: bool) -> String {
+    let rate = counters.messages as f64 * 1000.0 / epoch_ms.max(1) as f64;
+    if json {
+        serde_json::json!({
+            "epoch": epoch,
+            "messages": counters.messages,
+            "invalid": counters.invalid,
+            "stale": counters.stale,
+            "changed": counters.changed,
+            "redis_writes": counters.redis_writes,
+            "latency_ms": counters.latency_ms,
+            "messages_per_second": rate.round(),
+        })
+        .to_string()
+    } else {
+        format!(
+            "epoch {epoch}  messages {:>7}  invalid {:>5}  stale {:>5}  changed {:>7}  \
+             redis_writes {:>7}  latency {:>5} ms  {:>9.0} msg/s",
+            counters.messages,
+            counters.invalid,
+            counters.stale,
+            counters.changed,
+            counters.redis_writes,
+            counters.latency_ms,
+            rate
+        )
+    }
+}
+
+/// The summary printed at exit.
+pub fn format_summary(totals: &EpochCounters, epochs: u64, seconds: f64) -> String {
+    format!(
+        "summary: {epochs} epochs in {seconds:.1} s, {} messages ({:.0}/s), {} invalid, {} stale, \
+         {} profiles changed, {} Redis writes, worst epoch latency {} ms",
+        totals.messages,
+        totals.messages as f64 / seconds.max(1e-9),
+        totals.invalid,
+        totals.stale,
+        totals.changed,
+        totals.redis_writes,
+        totals.latency_ms
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_say_what_happened() {
+        let counters = EpochCounters {
+            messages: 50,
+            changed: 40,
+            redis_writes: 39,
+            latency_ms: 12,
+            ..Default::default()
+        };
+        let line = format_epoch(1_000, &counters, 100, false);
+        assert!(
+            line.contains("messages      50") && line.contains("500 msg/s"),
+            "{line}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&format_epoch(1_000, &counters, 100, true)).unwrap();
+        assert_eq!(json["redis_writes"], 39);
+        assert_eq!(json["messages_per_second"], 500.0);
+    }
 
     #[test]
     fn drains_only_complete_epochs() {

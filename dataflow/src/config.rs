@@ -1,0 +1,286 @@
+//! Configuration: the settings of semantics §7 as flags and environment variables (a `.env` file
+//! is read too; flags win), plus timely's own `-w/-n/-p/-h` for workers, processes and hosts.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use clap::Parser;
+use profile::Encoding;
+
+use crate::model::MAX_HISTORY_LIMIT;
+
+/// streamrec dataflow: keeps every user's interest vector up to date from the profile topic and
+/// writes the changed profiles to Redis, epoch by epoch.
+///
+/// Runs as one timely computation over `-w` worker threads in each of `-n` processes; every
+/// process of a computation is started with the same flags and its own `-p`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dataflow", version, about, long_about = None, disable_help_flag = true)]
+pub struct Config {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long, env = "KAFKA_BROKER", default_value = "localhost:9092")]
+    pub brokers: String,
+
+    /// Topic of profile messages, keyed by user_id.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_behavior")]
+    pub topic: String,
+
+    /// Redis the profiles are written to.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    pub redis: String,
+
+    /// Consumer group whose committed offsets say where to resume.
+    #[arg(long, env = "KAFKA_GROUP", default_value = "streamrec-dataflow")]
+    pub group: String,
+
+    /// Item features CSV (item_id,f0,...,f{D-1}) loaded at start; D is taken from it.
+    #[arg(
+        long,
+        env = "ITEM_FEATURES_PATH",
+        default_value = "data/item_features.csv"
+    )]
+    pub item_features: PathBuf,
+
+    /// Topic of live item-feature updates ({"item_id": .., "features": [..] or null}); read if
+    /// it exists.
+    #[arg(long, env = "ITEM_TOPIC", default_value = "item_features")]
+    pub item_topic: String,
+
+    /// Topic invalid messages are copied to, with the reason in headers.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "user_behavior.dlq")]
+    pub dlq_topic: String,
+
+    /// Length of an epoch of processing time, in milliseconds.
+    #[arg(long, env = "EPOCH_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub epoch_ms: u64,
+
+    /// History items kept per user (the newest ones).
+    #[arg(long, env = "MAX_HISTORY", default_value_t = profile::DEFAULT_MAX_HISTORY, value_parser = parse_max_history)]
+    pub max_history: usize,
+
+    /// Recency decay of the interest vector, in (0, 1].
+    #[arg(long, env = "DECAY", default_value_t = profile::DEFAULT_DECAY, value_parser = parse_decay)]
+    pub decay: f64,
+
+    /// Print per-epoch statistics as JSON lines on stdout instead of human lines on stderr.
+    #[arg(long)]
+    pub stats_json: bool,
+
+    /// Encoding of profile message values: json (the default) or bincode.
+    #[arg(long, env = "MESSAGE_ENCODING", default_value = "json")]
+    pub encoding: Encoding,
+
+    /// Most messages a worker reads before it lets the dataflow run, so frontiers keep moving
+    /// under any backlog.
+    #[arg(long, env = "MAX_POLL_RECORDS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_poll_records: u64,
+
+    /// Profiles per Redis pipeline batch.
+    #[arg(long, env = "REDIS_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_batch: u64,
+
+    /// Worker threads per process (timely).
+    #[arg(short = 'w', long = "workers", visible_alias = "threads", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
+
+    /// Number of processes in the computation (timely).
+    #[arg(short = 'n', long = "processes", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub processes: u64,
+
+    /// Index of this process, 0..processes (timely).
+    #[arg(short = 'p', long = "process", default_value_t = 0)]
+    pub process: u64,
+
+    /// File with one host:port per line, one per process (timely); without it processes use
+    /// localhost:2101, localhost:2102, ...
+    #[arg(short = 'h', long = "hostfile")]
+    pub hostfile: Option<PathBuf>,
+
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+fn parse_max_history(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if (1..=MAX_HISTORY_LIMIT).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be in 1..={MAX_HISTORY_LIMIT}"))
+    }
+}
+
+fn parse_decay(text: &str) -> Result<f64, String> {
+    let decay: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if decay > 0.0 && decay <= 1.0 {
+        Ok(decay)
+    } else {
+        Err("must be in (0, 1]".into())
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads `.env` (if present) into the environment, then parses flags and environment.
+    pub fn from_env_and_args() -> Result<Self, ConfigError> {
+        if let Err(e) = dotenvy::dotenv() {
+            if !e.not_found() {
+                return Err(ConfigError(format!(".env: {e}")));
+            }
+        }
+        let config = Config::parse();
+        config.timely()?;
+        Ok(config)
+    }
+
+    /// The timely configuration for workers, processes and hosts.
+    pub fn timely(&self) -> Result<timely::Config, ConfigError> {
+        let threads = self.workers as usize;
+        let processes = self.processes as usize;
+        let process = self.process as usize;
+        if process >= processes {
+            return Err(ConfigError(format!(
+                "-p {process} is not below -n {processes}"
+            )));
+        }
+        let communication = if processes > 1 {
+            let addresses = match &self.hostfile {
+                Some(path) => read_hostfile(path, processes)?,
+                None => (0..processes)
+                    .map(|i| format!("localhost:{}", 2101 + i))
+                    .collect(),
+            };
+            timely::CommunicationConfig::Cluster {
+                threads,
+                process,
+                addresses,
+                report: false,
+                zerocopy: false,
+            }
+        } else if threads > 1 {
+            timely::CommunicationConfig::Process(threads)
+        } else {
+            timely::CommunicationConfig::Thread
+        };
+        Ok(timely::Config {
+            communication,
+            worker: timely::WorkerConfig::default(),
+        })
+    }
+}
+
+fn read_hostfile(path: &std::path::Path, processes: usize) -> Result<Vec<String>, ConfigError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| ConfigError(format!("hostfile {}: {e}", path.display())))?;
+    let hosts: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .map(|line| line.trim().to_owned())
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .take(processes)
+        .collect();
+    if hosts.len() < processes {
+        return Err(ConfigError(format!(
+            "hostfile {} names {} hosts, -n asks for {processes}",
+            path.display(),
+            hosts.len()
+        )));
+    }
+    Ok(hosts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_flags_and_timelys_share_one_command_line() {
+        let config = Config::try_parse_from([
+            "dataflow",
+            "-w",
+            "4",
+            "--epoch-ms",
+            "250",
+            "-n",
+            "2",
+            "-p",
+            "1",
+            "--decay",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (config.workers, config.processes, config.process),
+            (4, 2, 1)
+        );
+        assert_eq!((config.epoch_ms, config.decay), (250, 0.5));
+        match config.timely().unwrap().communication {
+            timely::CommunicationConfig::Cluster {
+                threads,
+                process,
+                addresses,
+                ..
+            } => {
+                assert_eq!((threads, process), (4, 1));
+                assert_eq!(addresses, vec!["localhost:2101", "localhost:2102"]);
+            }
+            other => panic!("expected a cluster, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            &["dataflow", "--decay", "0"][..],
+            &["dataflow", "--decay", "1.5"],
+            &["dataflow", "--max-history", "0"],
+            &["dataflow", "--max-history", "10001"],
+            &["dataflow", "--epoch-ms", "0"],
+            &["dataflow", "-w", "0"],
+        ] {
+            assert!(Config::try_parse_from(args).is_err(), "{args:?}");
+        }
+        let config = Config::try_parse_from(["dataflow", "-n", "2", "-p", "2"]).unwrap();
+        assert!(config.timely().is_err());
+    }
+
+    #[test]
+    fn hostfile_lines_name_the_processes() {
+        let path = std::env::temp_dir().join(format!("streamrec-hosts-{}", std::process::id()));
+        std::fs::write(&path, "# two hosts\n127.0.0.1:3001\n\n127.0.0.1:3002\n").unwrap();
+        let hosts = read_hostfile(&path, 2).unwrap();
+        assert_eq!(hosts, vec!["127.0.0.1:3001", "127.0.0.1:3002"]);
+        assert!(read_hostfile(&path, 3).is_err());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn help_names_every_setting() {
+        let help = <Config as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for name in [
+            "KAFKA_BROKER",
+            "KAFKA_TOPIC",
+            "REDIS_URL",
+            "KAFKA_GROUP",
+            "ITEM_FEATURES_PATH",
+            "ITEM_TOPIC",
+            "DLQ_TOPIC",
+            "EPOCH_MS",
+            "MAX_HISTORY",
+            "DECAY",
+            "--stats-json",
+            "--workers",
+            "--processes",
+            "--process",
+            "--hostfile",
+        ] {
+            assert!(help.contains(name), "{name} missing from --help");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Epochs of processing time, and which Kafka offsets each epoch holds.
+//!
+//! An epoch is named by the Unix time in milliseconds at which it starts, so epoch numbers keep
+//! increasing across restarts (and across a change of `--epoch-ms`), and the `epoch` stored in
+//! Redis tells when the value was produced.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Maps wall-clock time to epochs of a fixed length, never going backwards.
+#[derive(Debug, Clone)]
+pub struct EpochClock {
+    epoch_ms: u64,
+    last: u64,
+}
+
+impl EpochClock {
+    /// A clock of epochs `epoch_ms` long (at least 1).
+    pub fn new(epoch_ms: u64) -> Self {
+        EpochClock {
+            epoch_ms: epoch_ms.max(1),
+            last: 0,
+        }
+    }
+
+    /// The epoch containing Unix time `now_ms`, or the last one returned if the clock stepped
+    /// back.
+    pub fn epoch_at(&mut self, now_ms: u64) -> u64 {
+        let epoch = now_ms - now_ms % self.epoch_ms;
+        self.last = self.last.max(epoch);
+        self.last
+    }
+
+    /// The current epoch.
+    pub fn now(&mut self) -> u64 {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.epoch_at(now_ms)
+    }
+
+    /// The epoch after `epoch`.
+    pub fn next(&self, epoch: u64) -> u64 {
+        epoch + self.epoch_ms
+    }
+}
+
+/// A partition of one of the source topics: (topic index, partition).
+pub type SourcePartition = (usize, i32);
+
+/// The greatest offset read from each partition in each epoch not yet committed. Once the
+/// dataflow's output frontier passes an epoch, every epoch before it is durable in Redis and
+/// [`OffsetLedger::complete_before`] returns the positions to commit.
+#[derive(Debug, Default)]
+pub struct OffsetLedger {
+    epochs: BTreeMap<u64, BTreeMap<SourcePartition, i64>>,
+}
+
+impl OffsetLedger {
+    /// Records that `offset` of `partition` was read in `epoch`.
+    pub fn observe(&mut self, epoch: u64, partition: SourcePartition, offset: i64) {
+        let greatest = self
+            .epochs
+            .entry(epoch)
+            .or_default()
+            .entry(partition)
+            .or_insert(offset);
+        *greatest = (*greatest).max(offset);
+    }
+
+    /// Forgets every epoch before `frontier` and returns, per partition read in them, the next
+    /// offset to read: the position to commit.
+    pub fn complete_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
+        let later = self.epochs.split_off(&frontier);
+        let done = std::mem::replace(&mut self.epochs, later);
+        let mut positions = BTreeMap::new();
+        for (partition, offset) in done.into_values().flatten() {
+            let next = positions.entry(partition).or_insert(offset + 1);
+            *next = (*next).max(offset + 1);
+        }
+        positions
+    }
+
+    /// Whether any epoch is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.epochs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_are_aligned_and_never_go_back() {
+        let mut clock = EpochClock::new(100);
+        assert_eq!(clock.epoch_at(1_234), 1_200);
+        assert_eq!(clock.epoch_at(1_299), 1_200);
+        assert_eq!(clock.epoch_at(1_300), 1_300);
+        // The wall clock stepped back: stay on the epoch already handed out.
+        assert_eq!(clock.epoch_at(1_000), 1_300);
+        assert_eq!(clock.next(1_300), 1_400);
+        // A restart with another epoch length still continues upwards.
+        let mut longer = EpochClock::new(1_000);
+        assert!(longer.epoch_at(1_350) >= 1_000);
+    }
+
+    #[test]
+    fn commits_only_complete_epochs_at_the_next_offset() {
+        let mut ledger = OffsetLedger::default();
+        ledger.observe(100, (0, 0), 5);
+        ledger.observe(100, (0, 0), 3);
+        ledger.observe(100, (0, 1), 7);
+        ledger.observe(200, (0, 0), 9);
+        ledger.observe(300, (1, 0), 2);
+        assert!(ledger.complete_before(100).is_empty());
+        let done = ledger.complete_before(250);
+        assert_eq!(done, BTreeMap::from([((0, 0), 10), ((0, 1), 8)]));
+        assert!(!ledger.is_empty());
+        assert_eq!(
+            ledger.complete_before(u64::MAX),
+            BTreeMap::from([((1, 0), 3)])
+        );
+        assert!(ledger.is_empty());
+    }
+}

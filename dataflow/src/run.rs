@@ -1,0 +1,301 @@
+//! The worker loop, in one place: read a capped batch from Kafka into the open epoch, advance
+//! the inputs when the clock moves to the next epoch, step the dataflow, and commit the offsets
+//! of every epoch the probe says is durable in Redis.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Operator, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use crate::config::Config;
+use crate::epoch::EpochClock;
+use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
+use crate::interest::{interest_profiles, InterestParams};
+use crate::model::ProfileOutput;
+use crate::output::{write_epochs, EpochWriter};
+use crate::source::{KafkaSource, SourceConfig, SourceError};
+use crate::stats::{EpochCounters, StatsBoard};
+
+/// Why the dataflow stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Features(#[from] FeaturesError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("Redis: {0}")]
+    Sink(#[from] sink::SinkError),
+    #[error("timely: {0}")]
+    Timely(String),
+}
+
+/// Totals over a run, for the summary at exit.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub totals: EpochCounters,
+    pub epochs: u64,
+    pub seconds: f64,
+}
+
+/// Writes each epoch's profiles to Redis through the sink, retrying until Redis takes them.
+struct RedisWriter {
+    sink: sink::RedisSink,
+}
+
+impl EpochWriter for RedisWriter {
+    fn write_epoch(&mut self, epoch: u64, profiles: &[ProfileOutput]) -> u64 {
+        loop {
+            let records = profiles.iter().map(|p| sink::ProfileRecord {
+                user_id: &p.user_id,
+                timestamp: p.timestamp,
+                history_items: &p.history_items,
+                interest_vector: &p.interest_vector,
+                known_items: p.known_items,
+                epoch,
+            });
+            match self.sink.write(records) {
+                Ok(stats) => return stats.written as u64,
+                // The sink retries transient failures itself; anything else is logged and
+                // tried again, because an epoch's output is never dropped.
+                Err(error) => {
+                    tracing::error!(%error, epoch, "writing an epoch to Redis failed; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the dataflow until Ctrl-C or SIGTERM, then finishes the open epoch, writes and commits
+/// it, and returns the totals (complete on the process that hosts worker 0).
+pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunError> {
+    let started = Instant::now();
+    let features = load_item_features(&config.item_features)?;
+    tracing::info!(
+        path = %config.item_features.display(),
+        items = features.items.len(),
+        dim = features.dim,
+        bad_rows = features.bad_rows,
+        "loaded item features"
+    );
+    let timely_config = config
+        .timely()
+        .map_err(|e| RunError::Timely(e.to_string()))?;
+    let summary = Arc::new(Mutex::new(Summary::default()));
+    let shared = Arc::new((config, features));
+    let summary_in = summary.clone();
+    let guards = timely::execute(timely_config, move |worker| {
+        let (config, features) = &*shared;
+        worker_loop(worker, config, features, &shutdown, &summary_in)
+    })
+    .map_err(RunError::Timely)?;
+    for result in guards.join() {
+        result.map_err(RunError::Timely)??;
+    }
+    let mut summary = summary
+        .lock()
+        .map_err(|e| RunError::Timely(e.to_string()))?
+        .clone();
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn worker_loop(
+    worker: &mut timely::worker::Worker,
+    config: &Config,
+    features: &LoadedFeatures,
+    shutdown: &AtomicBool,
+    summary: &Arc<Mutex<Summary>>,
+) -> Result<(), RunError> {
+    let (index, peers) = (worker.index(), worker.peers());
+    let params = InterestParams {
+        dim: features.dim,
+        decay: config.decay,
+    };
+    let mut source = KafkaSource::new(
+        SourceConfig {
+            brokers: config.brokers.clone(),
+            group: config.group.clone(),
+            profile_topic: config.topic.clone(),
+            item_topic: config.item_topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            encoding: config.encoding,
+            max_history: config.max_history,
+            dim: features.dim,
+        },
+        index,
+        peers,
+    )?;
+    let mut sink_config = sink::SinkConfig::new(config.redis.clone());
+    sink_config.max_batch_records = config.redis_batch as usize;
+    let writer = RedisWriter {
+        sink: sink::RedisSink::connect(sink_config)?,
+    };
+
+    // Build inputs, arrange, join, reduce, probe.
+    let board = Rc::new(RefCell::new(StatsBoard::default()));
+    let mut profile_input = InputHandle::new();
+    let mut feature_input = InputHandle::new();
+    let mut stats_input = InputHandle::new();
+    let probe = ProbeHandle::new();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let changes = interest_profiles(
+            profile_input.to_stream(scope),
+            feature_input.to_stream(scope),
+            params,
+            board.clone(),
+        );
+        write_epochs(
+            changes,
+            params.dim,
+            Some(config.epoch_ms),
+            writer,
+            board.clone(),
+        )
+        .probe_with(&probe);
+        report_epochs(stats_input.to_stream(scope), config, summary.clone());
+    });
+
+    let mut clock = EpochClock::new(config.epoch_ms);
+    let mut epoch = clock.now();
+    profile_input.advance_to(epoch);
+    feature_input.advance_to(epoch);
+    stats_input.advance_to(epoch);
+    // The features file enters in the first epoch, each worker sending its share of the rows.
+    for event in features.items.iter().skip(index).step_by(peers) {
+        feature_input.send(event.clone());
+    }
+
+    let mut reported = epoch;
+    loop {
+        let stopping = shutdown.load(Ordering::Relaxed);
+        let now = clock.now();
+        if now > epoch || stopping {
+            // On shutdown the open epoch is closed at once.
+            epoch = if stopping { clock.next(epoch) } else { now };
+            profile_input.advance_to(epoch);
+            feature_input.advance_to(epoch);
+        }
+        if stopping {
+            break;
+        }
+        let polled = source.poll(epoch, config.max_poll_records);
+        let idle = polled.messages == 0;
+        {
+            let mut board = board.borrow_mut();
+            let counters = board.epoch(epoch);
+            counters.messages += polled.messages;
+            counters.invalid += polled.invalid;
+        }
+        for event in polled.profiles {
+            profile_input.send(event);
+        }
+        for event in polled.features {
+            feature_input.send(event);
+        }
+        // Busy: step and poll again at once. Idle: let the worker sleep a little, never long
+        // enough to delay the next epoch's close. (`None` would mean "until woken", which only
+        // timely's own channels do, not Kafka.)
+        let park = if idle {
+            Duration::from_millis(1)
+        } else {
+            Duration::ZERO
+        };
+        worker.step_or_park(Some(park));
+        let done = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
+        if done > reported {
+            finish_epochs(done, &mut source, &board, &mut stats_input);
+            reported = done;
+        }
+    }
+
+    tracing::info!(
+        worker = index,
+        epoch,
+        "shutting down: finishing the open epoch"
+    );
+    worker.step_while(|| probe.less_than(&epoch));
+    finish_epochs(epoch, &mut source, &board, &mut stats_input);
+    if source.dead_letter_failures() > 0 {
+        tracing::error!(
+            failed = source.dead_letter_failures(),
+            "some dead-letter copies were not stored"
+        );
+    }
+    // Dropping the inputs lets timely run the remaining work (the last stats) to completion.
+    Ok(())
+}
+
+/// Every epoch before `done` is durable in Redis on every worker: commit its offsets and send
+/// this worker's counters of it to the reporter.
+fn finish_epochs(
+    done: u64,
+    source: &mut KafkaSource,
+    board: &RefCell<StatsBoard>,
+    stats_input: &mut InputHandle<
+        u64,
+        timely::container::CapacityContainerBuilder<Vec<(u64, EpochCounters)>>,
+    >,
+) {
+    source.commit_before(done);
+    for (epoch, counters) in board.borrow_mut().drain_before(done) {
+        // Counters of an epoch travel at that epoch's time, so the reporter knows when it has
+        // heard from every worker.
+        if epoch >= *stats_input.time() {
+            stats_input.advance_to(epoch);
+        }
+        stats_input.send((epoch, counters));
+    }
+    if done > *stats_input.time() {
+        stats_input.advance_to(done);
+    }
+}
+
+/// Sums every worker's counters on worker 0 and prints one line per non-idle epoch once all
+/// workers have reported it.
+fn report_epochs<'scope>(
+    stats: timely::dataflow::Stream<'scope, u64, Vec<(u64, EpochCounters)>>,
+    config: &Config,
+    summary: Arc<Mutex<Summary>>,
+) {
+    let json = config.stats_json;
+    let epoch_ms = config.epoch_ms;
+    stats.sink(
+        Exchange::new(|_: &(u64, EpochCounters)| 0),
+        "ReportEpochs",
+        {
+            let mut pending: BTreeMap<u64, EpochCounters> = BTreeMap::new();
+            move |(input, frontier)| {
+                input.for_each(|_, data| {
+                    for (epoch, counters) in data.drain(..) {
+                        pending.entry(epoch).or_default().add(&counters);
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (epoch, counters) = entry.remove_entry();
+                    if let Ok(mut summary) = summary.lock() {
+                        let latency = summary.totals.latency_ms.max(counters.latency_ms);
+                        summary.totals.add(&counters);
+                        summary.totals.latency_ms = latency;
+                        summary.epochs += 1;
+                    }
+                    if !counters.is_idle() {
+                        println!(
+                            "{}",
+                            crate::stats::format_epoch(epoch, &counters, epoch_ms, json)
+                        );
+                    }
+                }
+            }
+        },
+    );
+}

@@ -1,0 +1,416 @@
+//! The Kafka source of one worker: reads its share of the profile and item-feature partitions,
+//! validates every message (semantics §2, §3), copies invalid ones to the dead-letter topic, and
+//! commits offsets only for epochs whose output Redis has acknowledged.
+//!
+//! Partitions are assigned, not subscribed: partition `p` of every topic belongs to the worker
+//! with global index `p mod workers`, the same on every run and every process, so no rebalance
+//! can move a partition while an epoch is open.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use profile::{Encoding, ItemFeaturesMessage, ProfileMessage};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::epoch::{OffsetLedger, SourcePartition};
+use crate::model::{FeatureEvent, FeatureVector, ProfileEvent};
+
+/// What the source needs to know.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub brokers: String,
+    pub group: String,
+    pub profile_topic: String,
+    pub item_topic: String,
+    pub dlq_topic: String,
+    pub encoding: Encoding,
+    pub max_history: usize,
+    pub dim: usize,
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic {topic:?} does not exist on {brokers} (scripts/services.sh start creates it)")]
+    MissingTopic { topic: String, brokers: String },
+}
+
+/// The messages of one poll, already validated.
+#[derive(Debug, Default)]
+pub struct Polled {
+    pub profiles: Vec<ProfileEvent>,
+    pub features: Vec<FeatureEvent>,
+    /// Messages read, valid or not.
+    pub messages: u64,
+    /// Messages that went to the dead-letter topic.
+    pub invalid: u64,
+}
+
+/// Counts dead-letter copies the broker did not take, so offsets wait for them.
+#[derive(Debug, Default)]
+struct DlqContext {
+    failed: AtomicU64,
+}
+
+impl ClientContext for DlqContext {}
+
+impl ProducerContext for DlqContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "a dead-letter copy was not stored");
+        }
+    }
+}
+
+const PROFILE_TOPIC: usize = 0;
+const ITEM_TOPIC: usize = 1;
+
+/// One worker's Kafka reader.
+pub struct KafkaSource {
+    config: SourceConfig,
+    consumer: BaseConsumer,
+    dlq: ThreadedProducer<DlqContext>,
+    topics: [String; 2],
+    ledger: OffsetLedger,
+    assigned: Vec<SourcePartition>,
+    warnings: Warnings,
+}
+
+/// Lets through at most one warning a second, counting the rest, so a stream of bad messages
+/// or a broker outage cannot flood the log.
+#[derive(Debug, Default)]
+struct Warnings {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Warnings {
+    fn warn(&mut self, log: impl FnOnce()) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
+        {
+            if self.suppressed > 0 {
+                tracing::warn!(suppressed = self.suppressed, "similar warnings suppressed");
+                self.suppressed = 0;
+            }
+            self.last = Some(now);
+            log();
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("assigned", &self.assigned)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The partitions of a topic with `partitions` partitions that belong to worker `index` of
+/// `peers`: those congruent to it modulo `peers`.
+pub fn assigned_partitions(partitions: usize, index: usize, peers: usize) -> Vec<i32> {
+    (0..partitions)
+        .filter(|p| p % peers.max(1) == index)
+        .map(|p| p as i32)
+        .collect()
+}
+
+impl KafkaSource {
+    /// Connects, finds the partitions, and assigns this worker its share, resuming from the
+    /// group's committed offsets (or the beginning, for a partition never committed).
+    pub fn new(config: SourceConfig, index: usize, peers: usize) -> Result<Self, SourceError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            // Committed offsets of this group say where to resume after a restart.
+            .set("group.id", &config.group)
+            // Offsets are committed by hand, only once an epoch is durable in Redis.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // A partition with no committed offset is read from its start: nothing is skipped.
+            .set("auto.offset.reset", "earliest")
+            // tansu (and any broker) answers a fetch with no new data only after this wait;
+            // a short wait keeps epochs closing on time and throughput up (20x with tansu).
+            .set("fetch.wait.max.ms", "5")
+            // Prefetch enough to keep a worker busy for an epoch, bounded in memory.
+            .set("queued.max.messages.kbytes", "65536")
+            .create()?;
+        let dlq: ThreadedProducer<DlqContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            // A dead-letter copy is kept as long as the broker is down: offsets wait for it.
+            .set("message.timeout.ms", "0")
+            // The copy must survive a broker failure like any message.
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .create_with_context(DlqContext::default())?;
+
+        let topics = [config.profile_topic.clone(), config.item_topic.clone()];
+        let mut assignment = TopicPartitionList::new();
+        let mut assigned = Vec::new();
+        for (topic_index, topic) in topics.iter().enumerate() {
+            let partitions = partition_count(&consumer, topic)?;
+            if partitions == 0 {
+                if topic_index == PROFILE_TOPIC {
+                    return Err(SourceError::MissingTopic {
+                        topic: topic.clone(),
+                        brokers: config.brokers.clone(),
+                    });
+                }
+                if index == 0 {
+                    tracing::warn!(topic, "item topic does not exist: no live feature updates");
+                }
+                continue;
+            }
+            for partition in assigned_partitions(partitions, index, peers) {
+                assignment.add_partition_offset(topic, partition, Offset::Stored)?;
+                assigned.push((topic_index, partition));
+            }
+        }
+        consumer.assign(&assignment)?;
+        tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
+        Ok(KafkaSource {
+            config,
+            consumer,
+            dlq,
+            topics,
+            ledger: OffsetLedger::default(),
+            assigned,
+            warnings: Warnings::default(),
+        })
+    }
+
+    /// The partitions this worker reads, as (topic index, partition).
+    pub fn assigned(&self) -> &[SourcePartition] {
+        &self.assigned
+    }
+
+    /// Reads at most `max` messages that are already here (no waiting), as epoch `epoch`.
+    pub fn poll(&mut self, epoch: u64, max: u64) -> Polled {
+        let mut polled = Polled::default();
+        while polled.messages < max {
+            let message = match self.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    // A broker or network hiccup: librdkafka reconnects by itself.
+                    self.warnings
+                        .warn(|| tracing::warn!(%error, "Kafka consumer error"));
+                    break;
+                }
+            };
+            let topic = if message.topic() == self.topics[PROFILE_TOPIC] {
+                PROFILE_TOPIC
+            } else {
+                ITEM_TOPIC
+            };
+            let position = (message.partition(), message.offset());
+            self.ledger.observe(epoch, (topic, position.0), position.1);
+            polled.messages += 1;
+            let payload = message.payload().unwrap_or_default();
+            let outcome = if topic == PROFILE_TOPIC {
+                ProfileMessage::decode(payload, self.config.encoding)
+                    .map(|m| {
+                        polled.profiles.push(ProfileEvent::from_message(
+                            m,
+                            position,
+                            self.config.max_history,
+                        ))
+                    })
+                    .map_err(|e| (e.kind(), e.to_string()))
+            } else {
+                self.decode_features(payload, position)
+                    .map(|event| polled.features.push(event))
+            };
+            if let Err((kind, reason)) = outcome {
+                polled.invalid += 1;
+                dead_letter(
+                    &self.dlq,
+                    &self.config.dlq_topic,
+                    &mut self.warnings,
+                    &message,
+                    kind,
+                    &reason,
+                );
+            }
+        }
+        polled
+    }
+
+    fn decode_features(
+        &self,
+        payload: &[u8],
+        position: (i32, i64),
+    ) -> Result<FeatureEvent, (&'static str, String)> {
+        let message = ItemFeaturesMessage::decode(payload, self.config.dim)
+            .map_err(|e| ("bad_item_features", e.to_string()))?;
+        let features = match message.features {
+            None => None,
+            Some(values) => Some(FeatureVector::new(&values).ok_or((
+                "bad_item_features",
+                format!(
+                    "features hold a value beyond ±{}",
+                    crate::model::MAX_FEATURE_MAGNITUDE
+                ),
+            ))?),
+        };
+        Ok(FeatureEvent {
+            item_id: message.item_id,
+            features,
+            position,
+        })
+    }
+
+    /// Commits the offsets of every epoch before `frontier` (all durable in Redis), once every
+    /// dead-letter copy of them is stored. Returns the positions committed.
+    pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
+        if self.ledger.is_empty() {
+            return BTreeMap::new();
+        }
+        if self.dlq.in_flight_count() > 0 {
+            if let Err(error) = self.dlq.flush(Duration::from_secs(5)) {
+                self.warnings
+                    .warn(|| tracing::warn!(%error, "dead-letter topic slow; offsets wait"));
+                return BTreeMap::new();
+            }
+        }
+        let positions = self.ledger.complete_before(frontier);
+        if positions.is_empty() {
+            return positions;
+        }
+        let mut list = TopicPartitionList::new();
+        for (&(topic, partition), &offset) in &positions {
+            if let Err(error) =
+                list.add_partition_offset(&self.topics[topic], partition, Offset::Offset(offset))
+            {
+                tracing::error!(%error, "cannot build the offset commit");
+            }
+        }
+        // Asynchronous: a commit lost to a crash only means re-reading messages whose outputs
+        // Redis already holds, which the no-regression script makes harmless.
+        if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
+            self.warnings
+                .warn(|| tracing::warn!(%error, "offset commit failed; the next one covers it"));
+        }
+        positions
+    }
+
+    /// Dead-letter copies the broker refused, so far.
+    pub fn dead_letter_failures(&self) -> u64 {
+        self.dlq.context().failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Copies an invalid message to the dead-letter topic with why and where it was read.
+fn dead_letter(
+    dlq: &ThreadedProducer<DlqContext>,
+    dlq_topic: &str,
+    warnings: &mut Warnings,
+    message: &BorrowedMessage<'_>,
+    kind: &str,
+    reason: &str,
+) {
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    warnings.warn(|| {
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "invalid message sent to the dead-letter topic"
+        )
+    });
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "streamrec.reason",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "streamrec.reason_kind",
+            value: Some(kind),
+        })
+        .insert(Header {
+            key: "streamrec.source_topic",
+            value: Some(message.topic()),
+        })
+        .insert(Header {
+            key: "streamrec.source_partition",
+            value: Some(&partition),
+        })
+        .insert(Header {
+            key: "streamrec.source_offset",
+            value: Some(&offset),
+        });
+    let mut record = BaseRecord::to(dlq_topic)
+        .payload(message.payload().unwrap_or_default())
+        .headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    // A full local queue drains as the broker acknowledges; wait for room rather than drop.
+    loop {
+        match dlq.send(record) {
+            Ok(()) => break,
+            Err((
+                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                back,
+            )) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((error, _)) => {
+                dlq.context().failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "cannot queue a dead-letter copy");
+                break;
+            }
+        }
+    }
+}
+
+/// Partitions of `topic`, or 0 if it does not exist.
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_partition_has_exactly_one_worker() {
+        for peers in 1..=8 {
+            for partitions in [1, 4, 7, 16] {
+                let mut owners = vec![0; partitions];
+                for index in 0..peers {
+                    for p in assigned_partitions(partitions, index, peers) {
+                        owners[p as usize] += 1;
+                    }
+                }
+                assert!(
+                    owners.iter().all(|&n| n == 1),
+                    "{peers} workers, {partitions} partitions"
+                );
+            }
+        }
+        assert_eq!(assigned_partitions(4, 1, 2), vec![1, 3]);
+    }
+}
