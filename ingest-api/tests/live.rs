@@ -3,14 +3,12 @@
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
-mod common;
-
 use std::time::Duration;
 
-use common::{create_topic, http, keys, read_topic, unique_topic};
 use ingest_api::store::BehaviorStore;
 use ingest_api::{serve, AppState, Config};
 use serde_json::{json, Value};
+use testkit::{create_topic, http, keys, read_topic, unique_topic};
 
 /// `tie` has four items at the same second; the contract orders them by item id bytes.
 const BEHAVIOR: &str = "user_id,item_id,timestamp\n\
@@ -52,8 +50,8 @@ impl Running {
 
 fn config(topic: &str) -> Config {
     let mut config = Config::defaults();
-    config.brokers = common::brokers();
-    config.redis = common::redis_url();
+    config.brokers = testkit::brokers();
+    config.redis = testkit::redis_url();
     config.topic = topic.to_owned();
     config
 }
@@ -214,7 +212,7 @@ async fn user_profile_reads_redis_and_healthz_sees_the_topic() {
     create_topic(&topic, 4).await;
     let server = start(config(&topic), BEHAVIOR).await;
 
-    let client = redis::Client::open(common::redis_url()).unwrap();
+    let client = redis::Client::open(testkit::redis_url()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
     let user = unique_topic("user");
     let value = format!(

@@ -1,7 +1,8 @@
 //! Helpers for tests against the real broker and Redis that `scripts/test.sh` starts
-//! (`scripts/services.sh` on the test ports). They fail, never skip, when those are not up.
+//! (`scripts/services.sh` on the test ports), shared by the crates' integration tests. They
+//! fail, never skip, when those are not up: a panic here is a test failure.
 
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -9,6 +10,8 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -73,13 +76,24 @@ pub async fn create_topic(name: &str, partitions: i32) {
     }
 }
 
-/// A message as read back: partition, offset, key and value.
+/// A message as read back: partition, offset, key, value and headers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
 }
 
 /// Reads every message of `topic` from the beginning of its `partitions` until `count` have
@@ -117,11 +131,25 @@ pub async fn read_topic(
             );
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
                 let message = message.unwrap();
+                let headers = message
+                    .headers()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|h| {
+                                let value =
+                                    h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                                (h.key.to_owned(), value.into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 records.push(Record {
                     partition: message.partition(),
                     offset: message.offset(),
                     key: message.key().unwrap_or_default().to_vec(),
                     value: message.payload().unwrap_or_default().to_vec(),
+                    headers,
                 });
             }
         }
@@ -162,4 +190,37 @@ pub async fn http(
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, body.to_owned())
+}
+
+/// Publishes `value` with `key` to `topic` and waits for the broker's acknowledgement.
+pub async fn produce(topic: &str, key: Option<&str>, value: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    produce_with(&producer, topic, key, value).await;
+}
+
+/// Publishes with a producer the caller keeps, for many messages.
+pub async fn produce_with(producer: &FutureProducer, topic: &str, key: Option<&str>, value: &[u8]) {
+    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(value);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// A producer for [`produce_with`].
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "2")
+        .create()
+        .unwrap()
 }

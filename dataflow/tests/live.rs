@@ -1,0 +1,474 @@
+//! The dataflow binary end to end against the real broker and Redis: profiles pushed through
+//! the ingest API appear in Redis with the contract's values; stale pushes change nothing; an
+//! item-feature update re-emits exactly its holders; poison messages go to the dead-letter topic
+//! without stopping their partition; SIGTERM finishes and exits 0; and two processes of two
+//! workers leave the same Redis contents as one worker.
+
+#![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use testkit::{create_topic, http, produce, read_topic, unique_topic};
+
+/// Features of the test items (D = 2); `unknown` has none.
+const FEATURES: &str = "item_id,f0,f1\napple,1,0\nbanana,0,1\ncherry,0.5,0.5\n";
+
+/// One test's topics, group, Redis database and features file.
+struct Setup {
+    topic: String,
+    item_topic: String,
+    dlq_topic: String,
+    group: String,
+    redis: String,
+    features: PathBuf,
+}
+
+impl Setup {
+    async fn new(name: &str, redis_db: u32) -> Self {
+        let topic = unique_topic(name);
+        let setup = Setup {
+            item_topic: format!("{topic}.items"),
+            dlq_topic: format!("{topic}.dlq"),
+            group: format!("{topic}.group"),
+            redis: redis_url_db(redis_db),
+            features: std::env::temp_dir().join(format!("{topic}.features.csv")),
+            topic,
+        };
+        create_topic(&setup.topic, 4).await;
+        create_topic(&setup.item_topic, 1).await;
+        create_topic(&setup.dlq_topic, 1).await;
+        std::fs::write(&setup.features, FEATURES).unwrap();
+        setup
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "--brokers",
+            &testkit::brokers(),
+            "--topic",
+            &self.topic,
+            "--item-topic",
+            &self.item_topic,
+            "--dlq-topic",
+            &self.dlq_topic,
+            "--group",
+            &self.group,
+            "--redis",
+            &self.redis,
+            "--item-features",
+            self.features.to_str().unwrap(),
+            "--epoch-ms",
+            "50",
+            "--stats-json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// The test Redis URL with another database number, so runs can be compared side by side.
+fn redis_url_db(db: u32) -> String {
+    let url = testkit::redis_url();
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    format!("{base}/{db}")
+}
+
+/// A running dataflow process and the stats lines it printed.
+struct Dataflow {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Dataflow {
+    fn spawn(args: &[String]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dataflow"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(value);
+                }
+            }
+        });
+        Dataflow { child, lines }
+    }
+
+    /// Sum of a stats field over the epochs reported so far.
+    fn total(&self, field: &str) -> u64 {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l[field].as_u64())
+            .sum()
+    }
+
+    /// Waits until the reported `field` reaches `at_least`. Epochs are reported only once their
+    /// output is durable in Redis, so after this every message counted is reflected there.
+    fn wait_for(&self, field: &str, at_least: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.total(field) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{field}: {} of {at_least} after 30 s",
+                self.total(field)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then a clean exit once the open epoch is finished.
+    fn stop(self) {
+        self.terminate();
+        self.wait();
+    }
+
+    /// Sends SIGTERM. The processes of one computation finish together, so all of them are
+    /// signalled before any is waited for.
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for a clean exit.
+    fn wait(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "dataflow exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dataflow did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Dataflow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn redis(url: &str) -> redis::Connection {
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+fn profile_of(connection: &mut redis::Connection, user: &str) -> Option<Value> {
+    let value: Option<String> = redis::cmd("GET")
+        .arg(profile::redis_key(user))
+        .query(connection)
+        .unwrap();
+    value.map(|v| serde_json::from_str(&v).unwrap())
+}
+
+fn expected_vector(items: &[&str]) -> (Vec<f32>, u32) {
+    let features: BTreeMap<&str, [f32; 2]> = BTreeMap::from([
+        ("apple", [1.0, 0.0]),
+        ("banana", [0.0, 1.0]),
+        ("cherry", [0.5, 0.5]),
+    ]);
+    let v = profile::interest_vector(
+        items.iter().map(|i| features.get(i).map(|x| &x[..])),
+        2,
+        0.9,
+    );
+    (v.vector, v.known_items)
+}
+
+fn assert_profile(
+    value: &Value,
+    user: &str,
+    timestamp: u64,
+    items: &[&str],
+    vector: &[f32],
+    known: u32,
+) {
+    assert_eq!(value["user_id"], user);
+    assert_eq!(value["timestamp"], timestamp);
+    assert_eq!(value["history_items"], serde_json::json!(items));
+    assert_eq!(value["known_items"], known);
+    let actual: Vec<f64> = value["interest_vector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(actual.len(), vector.len());
+    for (a, e) in actual.iter().zip(vector) {
+        assert!((a - f64::from(*e)).abs() < 1e-4, "{actual:?} vs {vector:?}");
+    }
+    assert!(
+        value["epoch"].as_u64().unwrap() > 1_600_000_000_000,
+        "epoch is Unix milliseconds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_profiles_stale_pushes_feature_updates_and_poison() {
+    let setup = Setup::new("e2e", 0).await;
+    let id = setup.topic.clone();
+    let (alice, bob, carol) = (
+        format!("{id}-alice"),
+        format!("{id}-bob"),
+        format!("{id}-carol"),
+    );
+    let behavior = format!(
+        "user_id,item_id,timestamp\n\
+         {alice},apple,100\n{alice},unknown,100\n{alice},banana,200\n{alice},cherry,300\n\
+         {bob},banana,100\n{bob},cherry,150\n"
+    );
+    // The real ingest API, in process, publishing to this test's topic.
+    let mut config = ingest_api::Config::defaults();
+    config.brokers = testkit::brokers();
+    config.topic = setup.topic.clone();
+    let store = ingest_api::store::BehaviorStore::from_reader(behavior.as_bytes()).unwrap();
+    let state = ingest_api::AppState::new(config, store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(ingest_api::serve(listener, state, std::future::pending()));
+
+    let dataflow = Dataflow::spawn(&[setup.args(), vec!["-w".into(), "2".into()]].concat());
+    let mut redis = redis(&setup.redis);
+
+    // A push appears in Redis with the contract's values.
+    let push =
+        |user: &str, timestamp: u64| format!(r#"{{"user_id":"{user}","timestamp":{timestamp}}}"#);
+    let (status, body) = http(api, "POST", "/push_interest/", &push(&alice, 250)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http(api, "POST", "/push_interest/", &push(&bob, 999)).await;
+    assert_eq!(status, 200);
+    dataflow.wait_for("redis_writes", 2);
+    let items = ["apple", "unknown", "banana"];
+    let (vector, known) = expected_vector(&items);
+    let first = profile_of(&mut redis, &alice).expect("alice's profile within seconds");
+    assert_profile(&first, &alice, 250, &items, &vector, known);
+    assert_eq!(known, 2);
+
+    // A stale push (older timestamp, other history) changes nothing.
+    let (status, _) = http(api, "POST", "/push_interest/", &push(&alice, 150)).await;
+    assert_eq!(status, 200);
+    dataflow.wait_for("stale", 1);
+    assert_eq!(profile_of(&mut redis, &alice).unwrap(), first);
+
+    // A feature update of banana re-emits exactly its holders: alice and bob, not carol.
+    let (status, _) = http(api, "POST", "/push_interest/", &push(&carol, 999)).await;
+    assert_eq!(status, 404, "carol has no behaviour data");
+    testkit::produce(
+        &setup.topic,
+        Some(&carol),
+        format!(r#"{{"user_id":"{carol}","history_items":["apple"],"timestamp":5}}"#).as_bytes(),
+    )
+    .await;
+    dataflow.wait_for("redis_writes", 3);
+    let carol_before = profile_of(&mut redis, &carol).unwrap();
+    let bob_before = profile_of(&mut redis, &bob).unwrap();
+    let writes = dataflow.total("redis_writes");
+    produce(
+        &setup.item_topic,
+        Some("banana"),
+        br#"{"item_id":"banana","features":[-1,2]}"#,
+    )
+    .await;
+    dataflow.wait_for("redis_writes", writes + 2);
+    let alice_after = profile_of(&mut redis, &alice).unwrap();
+    assert!(alice_after["epoch"].as_u64() > first["epoch"].as_u64());
+    let weights = [0.81f32, 0.9, 1.0]; // apple k=2, unknown k=1, banana k=0
+    let expected = [
+        (1.0 * weights[0] - 1.0 * weights[2]) / (weights[0] + weights[2]),
+        2.0 * weights[2] / (weights[0] + weights[2]),
+    ];
+    assert_profile(&alice_after, &alice, 250, &items, &expected, 2);
+    assert_ne!(
+        profile_of(&mut redis, &bob).unwrap()["interest_vector"],
+        bob_before["interest_vector"]
+    );
+    assert_eq!(
+        profile_of(&mut redis, &carol).unwrap(),
+        carol_before,
+        "carol does not hold banana"
+    );
+
+    // Poison messages go to the dead-letter topic with their reason and origin; the next valid
+    // message of the same partition is processed.
+    let dave = format!("{id}-dave");
+    produce(&setup.topic, Some(&dave), b"{not json").await;
+    produce(
+        &setup.topic,
+        Some(&dave),
+        br#"{"user_id":"","history_items":[],"timestamp":1}"#,
+    )
+    .await;
+    produce(
+        &setup.item_topic,
+        Some("x"),
+        br#"{"item_id":"x","features":[1]}"#,
+    )
+    .await;
+    produce(
+        &setup.topic,
+        Some(&dave),
+        format!(r#"{{"user_id":"{dave}","history_items":["cherry"],"timestamp":7}}"#).as_bytes(),
+    )
+    .await;
+    dataflow.wait_for("invalid", 3);
+    dataflow.wait_for("redis_writes", writes + 3);
+    let (vector, known) = expected_vector(&["cherry"]);
+    assert_profile(
+        &profile_of(&mut redis, &dave).unwrap(),
+        &dave,
+        7,
+        &["cherry"],
+        &vector,
+        known,
+    );
+    let dead = read_topic(&setup.dlq_topic, 1, 3, Duration::from_secs(20)).await;
+    let mut kinds: Vec<&str> = dead
+        .iter()
+        .map(|r| r.header("streamrec.reason_kind").unwrap())
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["bad_item_features", "empty_user_id", "not_json"]);
+    let poison = dead.iter().find(|r| r.value == b"{not json").unwrap();
+    assert_eq!(poison.key, dave.as_bytes());
+    assert_eq!(
+        poison.header("streamrec.source_topic"),
+        Some(setup.topic.as_str())
+    );
+    assert!(poison
+        .header("streamrec.source_partition")
+        .unwrap()
+        .parse::<i32>()
+        .is_ok());
+    assert!(poison
+        .header("streamrec.source_offset")
+        .unwrap()
+        .parse::<i64>()
+        .is_ok());
+    assert!(poison
+        .header("streamrec.reason")
+        .unwrap()
+        .contains("not JSON"));
+
+    dataflow.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_of_two_workers_write_what_one_worker_writes() {
+    let one = Setup::new("one", 5).await;
+    let mut two = Setup::new("two", 6).await;
+    two.topic = one.topic.clone();
+    two.item_topic = one.item_topic.clone();
+    for url in [&one.redis, &two.redis] {
+        let _: () = redis::cmd("FLUSHDB").query(&mut redis(url)).unwrap();
+    }
+    // Random messages: repeated users, stale and tied timestamps, unknown items.
+    let items = ["apple", "banana", "cherry", "unknown"];
+    let producer = testkit::producer();
+    let mut state = 12345u64;
+    let mut next = |n: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    let count = 400;
+    for _ in 0..count {
+        let user = format!("user{}", next(60));
+        let history: Vec<&str> = (0..next(6)).map(|_| items[next(4) as usize]).collect();
+        let value = serde_json::json!({"user_id": user, "history_items": history, "timestamp": 1000 + next(20)});
+        testkit::produce_with(
+            &producer,
+            &one.topic,
+            Some(&user),
+            value.to_string().as_bytes(),
+        )
+        .await;
+    }
+
+    let single = Dataflow::spawn(&one.args());
+    single.wait_for("messages", count);
+    single.stop();
+
+    let hostfile = std::env::temp_dir().join(format!("{}.hosts", two.group));
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    let cluster = |process: &str| {
+        let extra = [
+            "-w",
+            "2",
+            "-n",
+            "2",
+            "-p",
+            process,
+            "-h",
+            hostfile.to_str().unwrap(),
+        ];
+        Dataflow::spawn(&[two.args(), extra.iter().map(|s| s.to_string()).collect()].concat())
+    };
+    let (first, second) = (cluster("0"), cluster("1"));
+    // Process 0 hosts worker 0, which reports the totals of all four workers.
+    first.wait_for("messages", count);
+
+    let contents = |url: &str| {
+        let mut connection = redis(url);
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("user_profile:*")
+            .query(&mut connection)
+            .unwrap();
+        keys.into_iter()
+            .map(|key| {
+                let mut value: Value = serde_json::from_str(
+                    &redis::cmd("GET")
+                        .arg(&key)
+                        .query::<String>(&mut connection)
+                        .unwrap(),
+                )
+                .unwrap();
+                // Epoch numbers are the time of the run; everything else must match exactly.
+                value.as_object_mut().unwrap().remove("epoch");
+                (key, value)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (a, b) = (contents(&one.redis), contents(&two.redis));
+    assert!(a.len() > 40, "only {} users written", a.len());
+    assert_eq!(a, b);
+    first.terminate();
+    second.terminate();
+    first.wait();
+    second.wait();
+}
