@@ -19,7 +19,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-pub use ids::{is_valid_isbn10, isbn10_check_char, ISBN_SHARE, ITEM_ID_LEN, USER_ID_LEN};
+pub use ids::{
+    is_valid_isbn10, isbn10_check_char, item_ids, user_ids, ISBN_SHARE, ITEM_ID_LEN, USER_ID_LEN,
+};
 pub use write::{write_behavior_csv, write_item_features_csv};
 
 /// 1996-01-01T00:00:00Z, the earliest review time generated.
@@ -279,12 +281,7 @@ impl Dataset {
     /// multiples of 1e-4 in [-1, 1]. They depend only on the seed and the index, never on which
     /// other items exist or in which order they are written.
     pub fn features(&self, item: usize) -> Vec<f32> {
-        let mut units = Vec::with_capacity(self.dim);
-        feature_units(self.seed, self.dim, item, &mut units);
-        units
-            .into_iter()
-            .map(|u| u as f32 / FEATURE_UNITS as f32)
-            .collect()
+        item_features(self.seed, self.dim, item)
     }
 
     /// Indices of the items that occur in some row, sorted by item id (the features file order).
@@ -314,6 +311,17 @@ impl Dataset {
         }
         stats
     }
+}
+
+/// The `dim` features of item number `item` under `seed`, as [`Dataset::features`] gives them;
+/// for workloads that need features without generating a whole data set.
+pub fn item_features(seed: u64, dim: usize, item: usize) -> Vec<f32> {
+    let mut units = Vec::with_capacity(dim);
+    feature_units(seed, dim, item, &mut units);
+    units
+        .into_iter()
+        .map(|u| u as f32 / FEATURE_UNITS as f32)
+        .collect()
 }
 
 /// Writes the `dim` feature values of `item`, in units of 1e-4, into `out`.

@@ -1,0 +1,107 @@
+//! The end-to-end measurement: the real `dataflow` binary on the preloaded topic, timed from
+//! the epoch in which it first read to the Redis acknowledgement of the epoch in which it read
+//! the last message, as its own per-epoch statistics report them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// One epoch as the dataflow's `--stats-json` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochStat {
+    pub epoch: u64,
+    pub messages: u64,
+    pub invalid: u64,
+    pub stale: u64,
+    pub changed: u64,
+    pub redis_writes: u64,
+    pub latency_ms: u64,
+}
+
+/// What an end-to-end run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndToEnd {
+    pub epochs: Vec<EpochStat>,
+    pub messages: u64,
+    pub seconds: f64,
+}
+
+impl EndToEnd {
+    /// Messages per second, first read to last acknowledgement.
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// The `dataflow` binary beside this one (both are built into the same target directory).
+pub fn dataflow_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("dataflow");
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it first with `cargo build --release -p streamrec-dataflow`",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Runs the dataflow with `args` until it has reported `expected` messages, then stops it with
+/// SIGTERM. Gives up after `timeout`.
+pub fn run_dataflow(binary: &Path, args: &[String], epoch_ms: u64, expected: u64, timeout: Duration) -> anyhow::Result<EndToEnd> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .arg("--stats-json")
+        .arg("--epoch-ms")
+        .arg(epoch_ms.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(stat) = serde_json::from_str::<EpochStat>(&line) {
+                if sender.send(stat).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    let mut epochs = Vec::new();
+    let mut messages = 0;
+    let outcome = loop {
+        if messages >= expected {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match receiver.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(stat) => {
+                messages += stat.messages;
+                epochs.push(stat);
+            }
+            Err(_) if Instant::now() >= deadline => {
+                break Err(anyhow::anyhow!("dataflow reported {messages} of {expected} messages in {timeout:?}"));
+            }
+            Err(_) => {
+                if let Some(status) = child.try_wait()? {
+                    break Err(anyhow::anyhow!("dataflow exited early: {status}"));
+                }
+            }
+        }
+    };
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    outcome?;
+    let (first, last) = match (epochs.first(), epochs.last()) {
+        (Some(first), Some(last)) => (first, last),
+        _ => anyhow::bail!("no epoch reported"),
+    };
+    // From the start of the first epoch that read (an upper bound on the first read, so the
+    // rate is if anything understated) to the acknowledgement of the last one.
+    let end = last.epoch + epoch_ms + last.latency_ms;
+    let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
+    Ok(EndToEnd { messages, seconds, epochs })
+}

@@ -1,0 +1,104 @@
+//! The benchmark workload: profile messages shaped like the Amazon-Books data (reviewer-like
+//! users, ASIN-like items with Zipf popularity, D-dimensional features), seeded.
+
+use rand::distr::weighted::WeightedIndex;
+use rand::distr::Distribution;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// What to generate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadConfig {
+    /// Profile messages to generate.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: usize,
+    /// Distinct users messages are drawn from (uniformly, so some repeat: 200k messages over
+    /// 100k users touch about 86k of them).
+    #[arg(long, default_value_t = 100_000)]
+    pub users: usize,
+    /// Distinct items, with Zipf popularity.
+    #[arg(long, default_value_t = 200_000)]
+    pub items: usize,
+    /// Feature dimension D.
+    #[arg(long, default_value_t = 32)]
+    pub dim: usize,
+    /// Items per message history.
+    #[arg(long, default_value_t = 50)]
+    pub history: usize,
+    /// Zipf exponent of item popularity.
+    #[arg(long, default_value_t = 0.7)]
+    pub zipf_s: f64,
+    /// Seed of everything generated.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// A generated workload: messages as (key, JSON value) and the items' features.
+#[derive(Debug)]
+pub struct Workload {
+    pub messages: Vec<(String, Vec<u8>)>,
+    pub items: Vec<String>,
+    pub dim: usize,
+    pub seed: u64,
+    pub distinct_users: usize,
+}
+
+impl Workload {
+    /// Generates the workload described by `config`.
+    pub fn generate(config: &WorkloadConfig) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let users = datagen::user_ids(&mut rng, config.users.max(1));
+        let items = datagen::item_ids(&mut rng, config.items.max(1));
+        let popularity = WeightedIndex::new((0..items.len()).map(|r| (r as f64 + 1.0).powf(-config.zipf_s)))
+            .expect("Zipf weights are finite and positive");
+        let mut seen = vec![false; users.len()];
+        let mut history: Vec<&str> = Vec::with_capacity(config.history);
+        let base_timestamp = 1_500_000_000u64;
+        let messages = (0..config.messages)
+            .map(|i| {
+                let user = rng.random_range(0..users.len());
+                seen[user] = true;
+                history.clear();
+                history.extend((0..config.history).map(|_| items[popularity.sample(&mut rng)].as_str()));
+                let value = profile::ProfileMessageRef {
+                    user_id: &users[user],
+                    history_items: &history,
+                    timestamp: base_timestamp + i as u64,
+                }
+                .encode(profile::Encoding::Json);
+                (users[user].clone(), value)
+            })
+            .collect();
+        Workload {
+            messages,
+            distinct_users: seen.iter().filter(|&&s| s).count(),
+            items,
+            dim: config.dim,
+            seed: config.seed,
+        }
+    }
+
+    /// Writes the items' features as the dataflow's CSV (semantics §3).
+    pub fn write_features(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        write!(out, "item_id")?;
+        for j in 0..self.dim {
+            write!(out, ",f{j}")?;
+        }
+        writeln!(out)?;
+        for (index, item) in self.items.iter().enumerate() {
+            write!(out, "{item}")?;
+            for x in datagen::item_features(self.seed, self.dim, index) {
+                write!(out, ",{x}")?;
+            }
+            writeln!(out)?;
+        }
+        out.flush()
+    }
+
+    /// Total bytes of the message values.
+    pub fn value_bytes(&self) -> usize {
+        self.messages.iter().map(|(_, v)| v.len()).sum()
+    }
+}
