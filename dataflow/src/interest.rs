@@ -22,7 +22,7 @@ use differential_dataflow::operators::count::CountTotal;
 use differential_dataflow::VecCollection;
 use timely::dataflow::Stream;
 
-use crate::model::{Contribution, FeatureEvent, Profile, ProfileEvent};
+use crate::model::{id_key, Contribution, FeatureEvent, IdKey, Profile, ProfileEvent};
 use crate::stats::StatsBoard;
 use crate::upsert::upsert;
 
@@ -35,8 +35,9 @@ pub struct InterestParams {
     pub decay: f64,
 }
 
-/// A user's profile with the sums its interest vector is made of (see [`Contribution`]).
-pub type ProfileChange = (String, (Profile, Vec<isize>));
+/// A user's profile with the sums its interest vector is made of (see [`Contribution`]), keyed
+/// by the user's [`IdKey`].
+pub type ProfileChange = (IdKey, (Profile, Vec<isize>));
 
 /// Builds the dataflow from the two event streams; the result changes, at each epoch, exactly
 /// for the users whose profile or interest vector changed in that epoch.
@@ -50,28 +51,37 @@ pub fn interest_profiles<'scope>(
 
     let profiles = upsert(profile_events, "UpsertProfiles", move |epoch, stale| {
         stats.borrow_mut().epoch(epoch).stale += stale as u64;
-    });
-    let features_by_item =
-        upsert(feature_events, "UpsertFeatures", |_, _| {}).arrange_by_key_named("FeaturesByItem");
+    })
+    .map(|(user_id, profile)| (id_key(&user_id), profile));
+    let features_by_item = upsert(feature_events, "UpsertFeatures", |_, _| {})
+        .map(|(item_id, features)| (id_key(&item_id), features))
+        .arrange_by_key_named("FeaturesByItem");
 
     // Every history position, keyed by item: k is the distance from the newest item.
     let holdings_by_item = profiles
         .clone()
         .flat_map(|(user, profile)| {
             let newest = profile.history_items.len().saturating_sub(1);
-            profile
+            let items: Vec<IdKey> = profile
                 .history_items
+                .iter()
+                .map(|item| id_key(item))
+                .collect();
+            items
                 .into_iter()
                 .enumerate()
-                .map(move |(i, item)| (item, (user.clone(), (newest - i) as u32)))
+                .map(move |(i, item)| (item, (user, (newest - i) as u32)))
         })
         .arrange_by_key_named("HoldingsByItem");
 
+    // A message adds up to 50 contributions for one user; summing them within each batch before
+    // they are exchanged and arranged by user leaves about one record per user.
     let contributions = holdings_by_item
         .join_core(features_by_item, move |_item, (user, k), features| {
-            Some((user.clone(), Contribution::item(*k, decay, features)))
+            Some((*user, Contribution::item(*k, decay, features)))
         })
-        .explode(|(user, sums)| Some((user, sums)));
+        .explode(|(user, sums)| Some((user, sums)))
+        .consolidate_stream();
     let presence = profiles
         .clone()
         .explode(move |(user, _profile)| Some((user, Contribution::profile(dim))));

@@ -4,6 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 
+/// An id (user or item) as arrangements key it: the 128-bit xxh3 hash of its bytes. Fixed-size
+/// keys sort and compare in a few instructions where strings would allocate and chase pointers;
+/// the strings themselves live only in each user's [`Profile`]. With 128 bits, a collision
+/// among even a billion ids has odds below 10^-20.
+pub type IdKey = u128;
+
+/// The [`IdKey`] of an id. The seed is fixed, so every worker and process agrees.
+pub fn id_key(id: &str) -> IdKey {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
+
 /// Where a message was read: its partition and offset. Within an epoch, messages are applied in
 /// this order, which for one partition is the order they were read in.
 pub type ReadPosition = (i32, i64);
@@ -66,6 +77,7 @@ impl FeatureVector {
 /// A user's current profile: the kept history and the timestamp of the winning message.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Profile {
+    pub user_id: String,
     pub timestamp: u64,
     pub history_items: Vec<String>,
 }

@@ -57,10 +57,10 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                     let profiles: Vec<ProfileOutput> = updates
                         .into_iter()
                         .filter(|(_, diff)| *diff > 0)
-                        .map(|((user_id, (profile, sums)), _)| {
+                        .map(|((_user, (profile, sums)), _)| {
                             let (interest_vector, known_items) = Contribution::finish(&sums, dim);
                             ProfileOutput {
-                                user_id,
+                                user_id: profile.user_id,
                                 timestamp: profile.timestamp,
                                 history_items: profile.history_items,
                                 interest_vector,

@@ -47,6 +47,7 @@ impl UpsertEvent for ProfileEvent {
     }
     fn into_value(self) -> Option<Profile> {
         Some(Profile {
+            user_id: self.user_id,
             timestamp: self.timestamp,
             history_items: self.history_items,
         })
