@@ -62,7 +62,8 @@ pub struct Config {
     #[arg(long, env = "DECAY", default_value_t = profile::DEFAULT_DECAY, value_parser = parse_decay)]
     pub decay: f64,
 
-    /// Print per-epoch statistics as JSON lines on stdout instead of human lines on stderr.
+    /// Print per-epoch statistics as JSON lines instead of human lines (both on stdout; logs go
+    /// to stderr).
     #[arg(long)]
     pub stats_json: bool,
 

@@ -23,7 +23,7 @@
 -- readable timestamp (not written by this sink) is overwritten, and one without an epoch counts
 -- as epoch 0.
 --
--- Timestamps (<= 2^53, semantics §2) and epochs (unix millis / epoch length) are compared as Lua
+-- Timestamps (<= 2^53, semantics §2) and epochs (Unix ms of the epoch start) are compared as Lua
 -- numbers, i.e. doubles, which hold every integer up to 2^53 exactly; the sink refuses larger
 -- values before they get here.
 local skipped = 0
