@@ -12,7 +12,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Creates `name` with `partitions` partitions.
 pub fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = futures::executor::block_on(admin.create_topics([&topic], &options))?;
@@ -24,7 +26,11 @@ pub fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Resul
 
 /// Publishes every message (keyed, so a user stays in one partition) and waits until the broker
 /// has them all. Returns the time taken.
-pub fn preload(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> anyhow::Result<Duration> {
+pub fn preload(
+    brokers: &str,
+    topic: &str,
+    messages: &[(String, Vec<u8>)],
+) -> anyhow::Result<Duration> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         // Same key hashing as the ingest API, so the partitioning is what production sees.
@@ -37,11 +43,16 @@ pub fn preload(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> an
         .create()?;
     let started = Instant::now();
     for (key, value) in messages {
-        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(value.as_slice());
+        let mut record = BaseRecord::to(topic)
+            .key(key.as_str())
+            .payload(value.as_slice());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
                     record = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -56,7 +67,13 @@ pub fn preload(brokers: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> an
 /// Reads `expected` messages of `topic` back with `consumers` threads (partition p to thread
 /// p mod consumers, as the dataflow assigns them), discarding them. Returns the time from the
 /// first poll to the last message read.
-pub fn consume_all(brokers: &str, topic: &str, partitions: i32, consumers: usize, expected: usize) -> anyhow::Result<Duration> {
+pub fn consume_all(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    consumers: usize,
+    expected: usize,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let counts: Vec<anyhow::Result<(usize, Instant)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..consumers)
@@ -97,7 +114,13 @@ pub fn consume_all(brokers: &str, topic: &str, partitions: i32, consumers: usize
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("consumer panicked")))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("consumer panicked")))
+            })
+            .collect()
     });
     let (mut total, mut last) = (0, started);
     for count in counts {
@@ -105,6 +128,9 @@ pub fn consume_all(brokers: &str, topic: &str, partitions: i32, consumers: usize
         total += count;
         last = last.max(at);
     }
-    anyhow::ensure!(total == expected, "read {total} messages back, expected {expected}");
+    anyhow::ensure!(
+        total == expected,
+        "read {total} messages back, expected {expected}"
+    );
     Ok(last.duration_since(started))
 }

@@ -49,7 +49,13 @@ pub fn dataflow_binary() -> anyhow::Result<PathBuf> {
 
 /// Runs the dataflow with `args` until it has reported `expected` messages, then stops it with
 /// SIGTERM. Gives up after `timeout`.
-pub fn run_dataflow(binary: &Path, args: &[String], epoch_ms: u64, expected: u64, timeout: Duration) -> anyhow::Result<EndToEnd> {
+pub fn run_dataflow(
+    binary: &Path,
+    args: &[String],
+    epoch_ms: u64,
+    expected: u64,
+    timeout: Duration,
+) -> anyhow::Result<EndToEnd> {
     let mut child = Command::new(binary)
         .args(args)
         .arg("--stats-json")
@@ -58,7 +64,10 @@ pub fn run_dataflow(binary: &Path, args: &[String], epoch_ms: u64, expected: u64
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -83,7 +92,9 @@ pub fn run_dataflow(binary: &Path, args: &[String], epoch_ms: u64, expected: u64
                 epochs.push(stat);
             }
             Err(_) if Instant::now() >= deadline => {
-                break Err(anyhow::anyhow!("dataflow reported {messages} of {expected} messages in {timeout:?}"));
+                break Err(anyhow::anyhow!(
+                    "dataflow reported {messages} of {expected} messages in {timeout:?}"
+                ));
             }
             Err(_) => {
                 if let Some(status) = child.try_wait()? {
@@ -92,7 +103,9 @@ pub fn run_dataflow(binary: &Path, args: &[String], epoch_ms: u64, expected: u64
             }
         }
     };
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     outcome?;
     let (first, last) = match (epochs.first(), epochs.last()) {
@@ -103,5 +116,9 @@ pub fn run_dataflow(binary: &Path, args: &[String], epoch_ms: u64, expected: u64
     // rate is if anything understated) to the acknowledgement of the last one.
     let end = last.epoch + epoch_ms + last.latency_ms;
     let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
-    Ok(EndToEnd { messages, seconds, epochs })
+    Ok(EndToEnd {
+        messages,
+        seconds,
+        epochs,
+    })
 }

@@ -19,7 +19,11 @@ struct Args {
     #[arg(long, env = "KAFKA_BROKER", default_value = "localhost:9092")]
     brokers: String,
     /// Redis the dataflow writes to. Use a database of its own: the run writes ~100k keys.
-    #[arg(long, env = "BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379/9")]
+    #[arg(
+        long,
+        env = "BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/9"
+    )]
     redis: String,
     /// Dataflow workers (-w).
     #[arg(short = 'w', long, default_value_t = 2)]
@@ -52,35 +56,60 @@ fn main() -> anyhow::Result<()> {
         workload.value_bytes() / 1_000_000,
         started.elapsed().as_secs_f64()
     );
-    let run_id = format!("bench-{}-{}", std::process::id(), started.elapsed().as_nanos());
+    let run_id = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        started.elapsed().as_nanos()
+    );
     let topic = run_id.clone();
     let dir = std::env::temp_dir().join(&run_id);
     std::fs::create_dir_all(&dir)?;
     let features = dir.join("item_features.csv");
     workload.write_features(&features)?;
 
-    bench::broker::create_topic(&args.brokers, &topic, args.partitions).context("creating the topic")?;
+    bench::broker::create_topic(&args.brokers, &topic, args.partitions)
+        .context("creating the topic")?;
     let preload = bench::broker::preload(&args.brokers, &topic, &workload.messages)?;
     eprintln!("preload: {:.0} msg/s", total as f64 / preload.as_secs_f64());
-    let raw = bench::broker::consume_all(&args.brokers, &topic, args.partitions, args.workers, total)?;
+    let raw =
+        bench::broker::consume_all(&args.brokers, &topic, args.partitions, args.workers, total)?;
     let raw_rate = total as f64 / raw.as_secs_f64();
-    eprintln!("raw consume ({} consumers): {raw_rate:.0} msg/s", args.workers);
+    eprintln!(
+        "raw consume ({} consumers): {raw_rate:.0} msg/s",
+        args.workers
+    );
 
     let dataflow_args: Vec<String> = [
-        "--brokers", &args.brokers,
-        "--topic", &topic,
-        "--group", &format!("{run_id}-group"),
-        "--redis", &args.redis,
-        "--item-features", features.to_str().unwrap_or_default(),
-        "--item-topic", &format!("{run_id}-no-items"),
-        "-w", &args.workers.to_string(),
+        "--brokers",
+        &args.brokers,
+        "--topic",
+        &topic,
+        "--group",
+        &format!("{run_id}-group"),
+        "--redis",
+        &args.redis,
+        "--item-features",
+        features.to_str().unwrap_or_default(),
+        "--item-topic",
+        &format!("{run_id}-no-items"),
+        "-w",
+        &args.workers.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let e2e = run_dataflow(&binary, &dataflow_args, args.epoch_ms, total as u64, Duration::from_secs(args.timeout_secs))?;
+    let e2e = run_dataflow(
+        &binary,
+        &dataflow_args,
+        args.epoch_ms,
+        total as u64,
+        Duration::from_secs(args.timeout_secs),
+    )?;
 
-    println!("{:>8} {:>9} {:>9} {:>11} {:>10}", "epoch+ms", "messages", "changed", "latency_ms", "msg/s");
+    println!(
+        "{:>8} {:>9} {:>9} {:>11} {:>10}",
+        "epoch+ms", "messages", "changed", "latency_ms", "msg/s"
+    );
     let first = e2e.epochs.first().map_or(0, |e| e.epoch);
     for epoch in &e2e.epochs {
         println!(

@@ -49,8 +49,9 @@ impl Workload {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let users = datagen::user_ids(&mut rng, config.users.max(1));
         let items = datagen::item_ids(&mut rng, config.items.max(1));
-        let popularity = WeightedIndex::new((0..items.len()).map(|r| (r as f64 + 1.0).powf(-config.zipf_s)))
-            .expect("Zipf weights are finite and positive");
+        let popularity =
+            WeightedIndex::new((0..items.len()).map(|r| (r as f64 + 1.0).powf(-config.zipf_s)))
+                .expect("Zipf weights are finite and positive");
         let mut seen = vec![false; users.len()];
         let mut history: Vec<&str> = Vec::with_capacity(config.history);
         let base_timestamp = 1_500_000_000u64;
@@ -59,7 +60,9 @@ impl Workload {
                 let user = rng.random_range(0..users.len());
                 seen[user] = true;
                 history.clear();
-                history.extend((0..config.history).map(|_| items[popularity.sample(&mut rng)].as_str()));
+                history.extend(
+                    (0..config.history).map(|_| items[popularity.sample(&mut rng)].as_str()),
+                );
                 let value = profile::ProfileMessageRef {
                     user_id: &users[user],
                     history_items: &history,
