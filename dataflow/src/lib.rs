@@ -1,15 +1,18 @@
 //! The streamrec dataflow: reads profile messages from Kafka in epochs, keeps every user's
-//! profile and interest vector up to date incrementally in differential arrangements, and writes
-//! exactly the changed profiles to Redis once each epoch is complete.
+//! profile and interest vector up to date incrementally, and writes exactly the changed profiles
+//! to Redis once each epoch is complete.
 //!
-//! [`interest`] is the dataflow itself; [`upsert`] turns messages into current values; [`output`]
-//! turns complete epochs into final values for a writer. [`memory`] drives the same core from
-//! memory and [`reference`] is the plain sequential contract it is tested against. [`source`] reads
-//! Kafka, [`epoch`] maps offsets to epochs, and [`run`] is the worker loop around them all.
+//! [`interest`] is the dataflow itself, with its per-worker state in [`holdings`]; [`upsert`]
+//! is the latest-wins rule that turns messages into current values; [`output`] turns complete
+//! epochs into final values for a writer. [`memory`] drives the same core from memory and
+//! [`reference`](mod@reference) is the plain sequential contract it is tested against.
+//! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, and [`run`] is the worker loop
+//! around them all.
 
 pub mod config;
 pub mod epoch;
 pub mod features;
+pub mod holdings;
 pub mod interest;
 pub mod memory;
 pub mod model;

@@ -1,33 +1,32 @@
-//! The upsert operator: turns a stream of keyed events into a differential collection holding
-//! one current value per key, by emitting a retraction of the old value with each new one.
+//! Upserts: events that set the current value of a key, latest wins (semantics §4).
 //!
-//! Without it the profile collection would keep every message ever read; with it, state is one
-//! record per user. Events of an epoch are applied once the epoch is complete, in read order, so
-//! the outcome does not depend on how the epoch's messages were batched or interleaved.
+//! [`resolve_epoch`] is the rule: an epoch's events apply once the epoch is complete, in read
+//! order, so the outcome does not depend on how its messages were batched or interleaved; an
+//! event older than the key's current value is stale. The interest operator applies it to the
+//! profiles of its users and to the feature events every worker receives.
 
 use std::collections::HashMap;
+use std::fmt::Debug;
 use std::hash::Hash;
 
 use differential_dataflow::hashable::Hashable;
-use differential_dataflow::{AsCollection, ExchangeData, VecCollection};
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::Operator;
-use timely::dataflow::Stream;
 
 use crate::model::{FeatureEvent, FeatureVector, Profile, ProfileEvent, ReadPosition};
-use crate::pending::PendingEpochs;
 
 /// An event that sets the value of a key.
-pub trait UpsertEvent: ExchangeData {
-    type Key: ExchangeData + Hashable + Hash + Eq;
-    type Value: ExchangeData;
+pub trait UpsertEvent {
+    type Key: Hashable + Hash + Eq + Clone + Debug;
+    type Value: Debug;
+    /// What orders the events of one key: an event whose version is below that of the key's
+    /// current value is stale (it changes nothing and is counted); among equal versions the
+    /// event read later wins.
+    type Version: Ord + Copy;
     /// The key the event sets.
     fn key(&self) -> &Self::Key;
     /// Where the event was read; events of one epoch apply in this order.
     fn position(&self) -> ReadPosition;
-    /// Whether this event, read after the one that set `current`, replaces it. When it does not,
-    /// the event is stale: it changes nothing and is counted.
-    fn supersedes(&self, current: &Self::Value) -> bool;
+    /// The event's version.
+    fn version(&self) -> Self::Version;
     /// The new value, or `None` to delete the key.
     fn into_value(self) -> Option<Self::Value>;
 }
@@ -35,15 +34,16 @@ pub trait UpsertEvent: ExchangeData {
 impl UpsertEvent for ProfileEvent {
     type Key = String;
     type Value = Profile;
+    /// Latest wins (semantics §4); a tie in timestamp goes to the message read later.
+    type Version = u64;
     fn key(&self) -> &String {
         &self.user_id
     }
     fn position(&self) -> ReadPosition {
         self.position
     }
-    /// Latest wins (semantics §4); a tie in timestamp goes to the message read later.
-    fn supersedes(&self, current: &Profile) -> bool {
-        self.timestamp >= current.timestamp
+    fn version(&self) -> u64 {
+        self.timestamp
     }
     fn into_value(self) -> Option<Profile> {
         Some(Profile {
@@ -57,83 +57,64 @@ impl UpsertEvent for ProfileEvent {
 impl UpsertEvent for FeatureEvent {
     type Key = String;
     type Value = FeatureVector;
+    /// Feature updates carry no time of their own: the one read last wins.
+    type Version = ();
     fn key(&self) -> &String {
         &self.item_id
     }
     fn position(&self) -> ReadPosition {
         self.position
     }
-    /// Feature updates carry no time of their own: the one read last wins.
-    fn supersedes(&self, _current: &FeatureVector) -> bool {
-        true
-    }
+    fn version(&self) {}
     fn into_value(self) -> Option<FeatureVector> {
         self.features
     }
 }
 
-/// Applies `events` as upserts. `on_stale(epoch, count)` hears how many events of each epoch
-/// were stale.
-pub fn upsert<'scope, E: UpsertEvent>(
-    events: Stream<'scope, u64, Vec<E>>,
-    name: &str,
-    mut on_stale: impl FnMut(u64, usize) + 'static,
-) -> VecCollection<'scope, u64, (E::Key, E::Value), isize> {
-    // Route by the same hash differential arranges by, so the arrangements downstream find
-    // their keys already on the right worker.
-    let route = Exchange::new(|event: &E| event.key().hashed().into());
-    events
-        .unary_frontier(route, name, |_capability, _info| {
-            let mut state: HashMap<E::Key, E::Value> = HashMap::new();
-            let mut pending = PendingEpochs::<E>::default();
-            move |(input, frontier), output| {
-                input.for_each(|capability, data| {
-                    // Input events carry no time of their own: they are at their batch's stamp.
-                    let Some(capability) = capability.retain_least(0) else {
-                        return;
-                    };
-                    pending.at(*capability.time(), || capability).append(data);
-                });
-                while let Some((capability, mut events)) =
-                    pending.take_complete(frontier.frontier())
-                {
-                    let epoch = *capability.time();
-                    // Stable sort: the read order within a partition is kept.
-                    events.sort_by_key(UpsertEvent::position);
-                    let mut stale = 0;
-                    let mut changed: HashMap<E::Key, Option<E::Value>> = HashMap::new();
-                    for event in events {
-                        let current = match changed.get(event.key()) {
-                            Some(value) => value.as_ref(),
-                            None => state.get(event.key()),
-                        };
-                        if current.is_some_and(|current| !event.supersedes(current)) {
-                            stale += 1;
-                            continue;
-                        }
-                        changed.insert(event.key().clone(), event.into_value());
-                    }
-                    if stale > 0 {
-                        on_stale(epoch, stale);
-                    }
-                    let mut session = output.session(&capability);
-                    for (key, new) in changed {
-                        let old = match &new {
-                            Some(value) => state.insert(key.clone(), value.clone()),
-                            None => state.remove(&key),
-                        };
-                        if old == new {
-                            continue;
-                        }
-                        if let Some(old) = old {
-                            session.give(((key.clone(), old), epoch, -1));
-                        }
-                        if let Some(new) = new {
-                            session.give(((key, new), epoch, 1));
-                        }
-                    }
-                }
-            }
-        })
-        .as_collection()
+/// The worker an event goes to: the one that holds its key's current value.
+pub fn route<E: UpsertEvent>(event: &E) -> u64 {
+    event.key().hashed().into()
+}
+
+/// A value with the version of the event that set it.
+type Versioned<E> = (<E as UpsertEvent>::Version, <E as UpsertEvent>::Value);
+
+/// What one epoch's events do to the keys they set.
+#[derive(Debug)]
+pub struct EpochUpserts<E: UpsertEvent> {
+    /// For each key set, the value of its last event that was not stale (`None` when that
+    /// event deletes the key).
+    pub latest: HashMap<E::Key, Option<E::Value>>,
+    /// How many events were stale.
+    pub stale: usize,
+}
+
+/// Reduces an epoch's `events` to the last one per key, in read order. `current(key)` is the
+/// version of the key's value before the epoch, if it has one.
+pub fn resolve_epoch<E: UpsertEvent>(
+    mut events: Vec<E>,
+    current: impl Fn(&E::Key) -> Option<E::Version>,
+) -> EpochUpserts<E> {
+    // Stable sort: the read order within a partition is kept.
+    events.sort_by_key(UpsertEvent::position);
+    let mut stale = 0;
+    let mut latest: HashMap<E::Key, Option<Versioned<E>>> = HashMap::new();
+    for event in events {
+        let version = match latest.get(event.key()) {
+            Some(value) => value.as_ref().map(|(version, _)| *version),
+            None => current(event.key()),
+        };
+        if version.is_some_and(|version| event.version() < version) {
+            stale += 1;
+            continue;
+        }
+        let key = event.key().clone();
+        let version = event.version();
+        latest.insert(key, event.into_value().map(|value| (version, value)));
+    }
+    let latest = latest
+        .into_iter()
+        .map(|(key, value)| (key, value.map(|(_, value)| value)))
+        .collect();
+    EpochUpserts { latest, stale }
 }
