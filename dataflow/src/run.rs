@@ -166,9 +166,11 @@ fn worker_loop(
     let mut epoch = clock.now();
     profile_input.advance_to(epoch);
     feature_input.advance_to(epoch);
-    // The stats input stays behind the data inputs: another worker may have started in an
-    // earlier epoch and send this worker data of it, whose counters must still travel at that
-    // epoch's time. It advances only past epochs the probe has seen complete.
+    // The stats input is deliberately not advanced with the data inputs: another worker may
+    // have started in an earlier epoch and send this worker data of it, whose counters must
+    // still travel at that epoch's time. It advances only past epochs the probe has seen
+    // complete (see finish_epochs).
+
     // The features file enters in the first epoch, each worker sending its share of the rows.
     for event in features.items.iter().skip(index).step_by(peers) {
         feature_input.send(event.clone());
