@@ -192,11 +192,6 @@ impl KafkaSource {
         })
     }
 
-    /// The partitions this worker reads, as (topic index, partition).
-    pub fn assigned(&self) -> &[SourcePartition] {
-        &self.assigned
-    }
-
     /// Reads at most `max` messages that are already here (no waiting), as epoch `epoch`.
     pub fn poll(&mut self, epoch: u64, max: u64) -> Polled {
         let mut polled = Polled::default();
