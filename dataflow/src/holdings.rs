@@ -10,19 +10,20 @@
 //! - the item table is a set of columns by item index: features in one dense array, D values
 //!   per item, so a history's features are one load each, found by index without a lookup;
 //!   the ids, needed only to write a profile out, apart from them;
-//! - each item's *holders* are the indices of the local users whose history holds it, so a
-//!   feature change finds the users to recompute in O(holders);
-//! - each user keeps the sums of its current output (see [`Contribution`]), so the output can be
-//!   retracted exactly and a recomputation that changes nothing emits nothing.
+//! - each item's *holders* list the local users whose history took it in, so that a feature
+//!   change finds the users to recompute in O(holders) (see [`Holder`]);
+//! - each user keeps a 64-bit fingerprint of its current output, so that a recomputation that
+//!   changes nothing emits nothing, without keeping the vector itself.
 //!
-//! The sums are recomputed from scratch for each changed user, with [`Contribution`]'s
-//! fixed-point arithmetic: a sum of separately rounded integer terms, so the bits depend neither
-//! on the worker count nor on the order of changes.
+//! A user's interest vector is recomputed from scratch, from its history in history order, by
+//! [`profile::interest_vector`], the contract's own formula: one worker holds the whole of a
+//! user, so the sum runs in one fixed order and the bits are those of the sequential reference
+//! on any number of workers and processes.
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
-use crate::interest::{InterestParams, ProfileChange};
-use crate::model::{id_key, Contribution, FeatureVector, IdKey, Profile};
+use crate::interest::InterestParams;
+use crate::model::{id_key, FeatureVector, IdKey, Profile, ProfileOutput};
 
 /// An item's place in its worker's item table. Four bytes: a table of 2^32 items would take
 /// hundreds of gigabytes, far beyond any worker.
@@ -30,6 +31,28 @@ type ItemIndex = u32;
 
 /// A user's place in its worker's user table, four bytes for the same reason.
 type UserIndex = u32;
+
+/// An entry of an item's holders list: a user, and the version of the user's history that
+/// holds the item.
+///
+/// Lists are append-only. Each time a user's history changes, its version goes up by one and the
+/// user is appended, with the new version, to the list of every item of the new history. An
+/// entry is current while its version is the user's: the user has not changed its history since.
+/// The entries of older versions are left where they are and skipped by readers, until the
+/// list's stale entries outnumber its current ones and it is compacted (amortised O(1) a push).
+/// This costs a push per item where a set of holders would cost a removal and an insertion into
+/// two hashed sets, each a cache miss; telling a current entry from a stale one is one load from
+/// a dense array of versions. Versions are `u32`: a stale entry would only pass for current if
+/// its user changed its history 2^32 times without the item's list being compacted once.
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    user: UserIndex,
+    version: u32,
+}
+
+/// A list is compacted when it grows past twice its current entries plus this many, so that a
+/// small list is not compacted at every push.
+const COMPACTION_SLACK: usize = 16;
 
 /// The items known to a worker, every item with features and every item a local user holds,
 /// as columns indexed by [`ItemIndex`].
@@ -44,8 +67,14 @@ struct ItemTable {
     /// ... which are `features[item * dim..][..dim]`. Every feature vector has D values: the
     /// features file and the topic's decoder both refuse any other length.
     features: Vec<f32>,
-    /// The local users whose history holds each item, each once however many times it does.
-    holders: Vec<FxHashSet<UserIndex>>,
+    /// The local users whose history took each item in, current and stale (see [`Holder`]).
+    holders: Vec<Vec<Holder>>,
+    /// The number of current entries in each item's holders list: the local users whose
+    /// current history holds the item.
+    held_by: Vec<u32>,
+    /// Per item, the last pass of [`ItemTable::distinct`] that saw it.
+    seen: Vec<u32>,
+    pass: u32,
     /// Entries released for reuse, so ids seen once (an unknown item in one history) do not
     /// grow the table forever.
     free: Vec<ItemIndex>,
@@ -61,6 +90,9 @@ impl ItemTable {
             known: Vec::new(),
             features: Vec::new(),
             holders: Vec::new(),
+            held_by: Vec::new(),
+            seen: Vec::new(),
+            pass: 0,
             free: Vec::new(),
         }
     }
@@ -86,7 +118,9 @@ impl ItemTable {
                 self.ids.push(id.into());
                 self.known.push(false);
                 self.features.resize(self.features.len() + self.dim, 0.0);
-                self.holders.push(FxHashSet::default());
+                self.holders.push(Vec::new());
+                self.held_by.push(0);
+                self.seen.push(0);
                 (self.keys.len() - 1) as ItemIndex
             }
         };
@@ -126,27 +160,42 @@ impl ItemTable {
         !same
     }
 
-    fn holders_mut(&mut self, item: ItemIndex) -> &mut FxHashSet<UserIndex> {
-        &mut self.holders[item as usize]
+    /// Calls `each` once for every distinct item of `history`, in no particular order.
+    fn distinct(&mut self, history: &[ItemIndex], mut each: impl FnMut(&mut Self, ItemIndex)) {
+        // A fresh pass number marks the items seen in this pass; when the numbers wrap, the old
+        // marks are cleared so that none can pass for new.
+        self.pass = self.pass.wrapping_add(1);
+        if self.pass == 0 {
+            self.seen.fill(0);
+            self.pass = 1;
+        }
+        for &item in history {
+            let seen = &mut self.seen[item as usize];
+            if *seen != self.pass {
+                *seen = self.pass;
+                each(self, item);
+            }
+        }
     }
 
     /// Releases `item` if nothing needs it any more: it has no features and no holder.
     fn release_if_unused(&mut self, item: ItemIndex) {
         let slot = item as usize;
-        if !self.known[slot] && self.holders[slot].is_empty() {
+        if !self.known[slot] && self.held_by[slot] == 0 {
             self.index.remove(&self.keys[slot]);
             self.ids[slot] = Box::default();
-            // An emptied set keeps its buffer, which a once popular item's makes large.
-            self.holders[slot] = FxHashSet::default();
+            // Every entry left is stale; the buffer goes too, which a once popular item's
+            // makes large.
+            self.holders[slot] = Vec::new();
             self.free.push(item);
         }
     }
 }
 
 /// The users routed to a worker, as columns indexed by [`UserIndex`]. Users are never removed
-/// (a profile is never deleted), so the ids and sums live in flat append-only buffers: no
-/// allocation per user, and nothing for the short-lived buffers of each epoch to fragment.
-#[derive(Debug)]
+/// (a profile is never deleted), so the ids live in one append-only buffer: no allocation per
+/// user, and nothing for the short-lived buffers of each epoch to fragment.
+#[derive(Debug, Default)]
 struct UserTable {
     index: FxHashMap<IdKey, UserIndex>,
     keys: Vec<IdKey>,
@@ -156,30 +205,18 @@ struct UserTable {
     timestamps: Vec<u64>,
     /// The kept history, oldest first, as indices into the item table.
     histories: Vec<Box<[ItemIndex]>>,
-    /// The sums of each user's current output, `stride` values each (see [`Contribution`]).
-    sums: Vec<isize>,
-    stride: usize,
+    /// The version of each history (see [`Holder`]).
+    versions: Vec<u32>,
+    /// A fingerprint of each user's current output: its vector's bits and known items.
+    outputs: Vec<u64>,
 }
 
 impl UserTable {
-    fn new(dim: usize) -> Self {
-        UserTable {
-            index: FxHashMap::default(),
-            keys: Vec::new(),
-            ids: String::new(),
-            id_ends: Vec::new(),
-            timestamps: Vec::new(),
-            histories: Vec::new(),
-            sums: Vec::new(),
-            stride: Contribution::profile(dim).len(),
-        }
-    }
-
     fn find(&self, key: IdKey) -> Option<UserIndex> {
         self.index.get(&key).copied()
     }
 
-    /// Adds the user `id` whose key is `key`, with no history and no sums yet.
+    /// Adds the user `id` whose key is `key`, with an empty history.
     fn add(&mut self, key: IdKey, id: &str) -> UserIndex {
         let user = self.keys.len() as UserIndex;
         self.index.insert(key, user);
@@ -188,7 +225,8 @@ impl UserTable {
         self.id_ends.push(self.ids.len());
         self.timestamps.push(0);
         self.histories.push(Box::default());
-        self.sums.resize(self.sums.len() + self.stride, 0);
+        self.versions.push(0);
+        self.outputs.push(0);
         user
     }
 
@@ -198,12 +236,9 @@ impl UserTable {
         &self.ids[start..self.id_ends[user]]
     }
 
-    fn sums(&self, user: UserIndex) -> &[isize] {
-        &self.sums[user as usize * self.stride..][..self.stride]
-    }
-
-    fn sums_mut(&mut self, user: UserIndex) -> &mut [isize] {
-        &mut self.sums[user as usize * self.stride..][..self.stride]
+    /// Whether `holder` is a current entry: its user has not changed its history since.
+    fn is_current(&self, holder: Holder) -> bool {
+        self.versions[holder.user as usize] == holder.version
     }
 }
 
@@ -221,7 +256,7 @@ impl Holdings {
         Holdings {
             params,
             items: ItemTable::new(params.dim),
-            users: UserTable::new(params.dim),
+            users: UserTable::default(),
         }
     }
 
@@ -233,16 +268,15 @@ impl Holdings {
 
     /// Applies one complete epoch: `features`, the value of each item whose features changed
     /// (`None`: deleted), and `profiles`, the new profiles of local users (at most one each).
-    /// Each output change goes to `emit`: for each user whose output changed, the retraction
-    /// (-1) of the old output, if any, and the insertion (+1) of the new one.
+    /// The new output of each user whose output changed goes to `emit`, once.
     pub fn apply_epoch(
         &mut self,
         features: impl IntoIterator<Item = (String, Option<FeatureVector>)>,
         profiles: impl IntoIterator<Item = Profile>,
-        mut emit: impl FnMut(ProfileChange, isize),
+        mut emit: impl FnMut(ProfileOutput),
     ) {
-        // Users that hold an item whose features changed, and so may have new sums.
-        let mut recompute: FxHashSet<UserIndex> = FxHashSet::default();
+        // Users that hold an item whose features changed, and so may have a new vector.
+        let mut recompute: Vec<UserIndex> = Vec::new();
         for (item_id, features) in features {
             let key = id_key(&item_id);
             let item = match &features {
@@ -253,45 +287,45 @@ impl Holdings {
                 },
             };
             if self.items.set_features(item, features.as_ref()) {
-                recompute.extend(self.items.holders[item as usize].iter().copied());
+                // Reading the list is the time to drop its stale entries.
+                let users = &self.users;
+                let holders = &mut self.items.holders[item as usize];
+                holders.retain(|&holder| users.is_current(holder));
+                recompute.extend(holders.iter().map(|holder| holder.user));
             }
             self.items.release_if_unused(item);
         }
 
-        let mut changed: Vec<(UserIndex, Profile)> = Vec::new();
+        let mut changed: Vec<UserIndex> = Vec::new();
         for profile in profiles {
-            if let Some(user) = self.set_profile(&profile, &mut emit) {
-                changed.push((user, profile));
+            if let Some(user) = self.set_profile(profile) {
+                changed.push(user);
             }
         }
-        // Only now are every history and feature of the epoch in place.
-        for (user, profile) in changed {
-            recompute.remove(&user);
-            let sums = self.compute_sums(user);
-            self.users.sums_mut(user).copy_from_slice(&sums);
-            emit((self.users.keys[user as usize], (profile, sums)), 1);
+        // Only now are every history and feature of the epoch in place. A user whose profile
+        // changed is emitted whatever its vector; one that only holds a changed item, only if
+        // its vector or known items changed.
+        changed.sort_unstable();
+        recompute.sort_unstable();
+        recompute.dedup();
+        for &user in &changed {
+            emit(self.output(user));
         }
         for user in recompute {
-            let sums = self.compute_sums(user);
-            if sums == self.users.sums(user) {
+            if changed.binary_search(&user).is_ok() {
                 continue;
             }
-            let (key, profile) = (self.users.keys[user as usize], self.profile(user));
-            let old = self.users.sums(user).to_vec();
-            self.users.sums_mut(user).copy_from_slice(&sums);
-            emit((key, (profile.clone(), old)), -1);
-            emit((key, (profile, sums)), 1);
+            let before = self.users.outputs[user as usize];
+            let output = self.output(user);
+            if self.users.outputs[user as usize] != before {
+                emit(output);
+            }
         }
     }
 
-    /// Makes `profile` its user's current one, retracting the old output; returns the user's
-    /// index, or `None` if the profile is the current one already. The new output is left to
-    /// the caller, once every change of the epoch is in place.
-    fn set_profile(
-        &mut self,
-        profile: &Profile,
-        emit: &mut impl FnMut(ProfileChange, isize),
-    ) -> Option<UserIndex> {
+    /// Makes `profile` its user's current one; returns the user's index, or `None` if the
+    /// profile is the current one already.
+    fn set_profile(&mut self, profile: Profile) -> Option<UserIndex> {
         let key = id_key(&profile.user_id);
         let history: Box<[ItemIndex]> = profile
             .history_items
@@ -306,68 +340,82 @@ impl Holdings {
                 {
                     return None;
                 }
-                // Retract before the old history's items may leave the table.
-                let old = (self.profile(user), self.users.sums(user).to_vec());
-                emit((key, old), -1);
                 user
             }
             None => self.users.add(key, &profile.user_id),
         };
-        self.users.timestamps[user as usize] = profile.timestamp;
-        let old = std::mem::replace(&mut self.users.histories[user as usize], history);
-        // Only the items gained or lost change holders: when a history grows by its newest
-        // items, as a user's does, that is a few, not all of them.
-        let (new, old) = (
-            distinct(&self.users.histories[user as usize]),
-            distinct(&old),
-        );
-        for &item in &new {
-            if old.binary_search(&item).is_err() {
-                self.items.holders_mut(item).insert(user);
-            }
+        let slot = user as usize;
+        self.users.timestamps[slot] = profile.timestamp;
+        let old = std::mem::replace(&mut self.users.histories[slot], history);
+        let version = self.users.versions[slot].wrapping_add(1);
+        self.users.versions[slot] = version;
+        // Every entry of the old version is stale now; the old history's items lose a holder.
+        self.items.distinct(&old, |items, item| {
+            items.held_by[item as usize] -= 1;
+        });
+        let new = std::mem::take(&mut self.users.histories[slot]);
+        self.items.distinct(&new, |items, item| {
+            items.held_by[item as usize] += 1;
+            items.holders[item as usize].push(Holder { user, version });
+        });
+        for &item in new.iter() {
+            self.compact_if_sparse(item);
         }
-        for &item in &old {
-            if new.binary_search(&item).is_err() {
-                self.items.holders_mut(item).remove(&user);
-                self.items.release_if_unused(item);
-            }
-        }
+        self.users.histories[slot] = new;
+        // Once each: a released entry may be taken again at once.
+        self.items
+            .distinct(&old, |items, item| items.release_if_unused(item));
         Some(user)
     }
 
-    /// The user's current profile, with its strings.
-    fn profile(&self, user: UserIndex) -> Profile {
-        Profile {
-            user_id: self.users.id(user).to_owned(),
-            timestamp: self.users.timestamps[user as usize],
-            history_items: self.users.histories[user as usize]
-                .iter()
-                .map(|&item| self.items.id(item).to_owned())
-                .collect(),
+    /// Drops the stale entries of `item`'s holders list once they outnumber the current ones.
+    fn compact_if_sparse(&mut self, item: ItemIndex) {
+        let slot = item as usize;
+        let current = self.items.held_by[slot] as usize;
+        let holders = &mut self.items.holders[slot];
+        if holders.len() > 2 * current + COMPACTION_SLACK {
+            let users = &self.users;
+            holders.retain(|&holder| users.is_current(holder));
+            debug_assert_eq!(holders.len(), current);
+            if holders.capacity() > 4 * holders.len() + COMPACTION_SLACK {
+                holders.shrink_to(2 * holders.len() + COMPACTION_SLACK);
+            }
         }
     }
 
-    /// The sums of the user's current history and features.
-    fn compute_sums(&self, user: UserIndex) -> Vec<isize> {
+    /// The user's current output (semantics §6 less the epoch), whose fingerprint it records.
+    fn output(&mut self, user: UserIndex) -> ProfileOutput {
         let InterestParams { dim, decay } = self.params;
-        let history = &self.users.histories[user as usize];
-        // k is the distance from the newest item; every position counts, known or not.
-        let newest = history.len().saturating_sub(1);
-        let known: Vec<(u32, &[f32])> = history
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &item)| Some(((newest - i) as u32, self.items.features(item)?)))
-            .collect();
-        Contribution::history(dim, decay, &known)
+        let slot = user as usize;
+        let history = &self.users.histories[slot];
+        let vector = profile::interest_vector(
+            history.iter().map(|&item| self.items.features(item)),
+            dim,
+            decay,
+        );
+        self.users.outputs[slot] = fingerprint(&vector);
+        ProfileOutput {
+            user_id: self.users.id(user).to_owned(),
+            timestamp: self.users.timestamps[slot],
+            history_items: history
+                .iter()
+                .map(|&item| self.items.id(item).to_owned())
+                .collect(),
+            interest_vector: vector.vector,
+            known_items: vector.known_items,
+        }
     }
 }
 
-/// The items of `history`, sorted, each once.
-fn distinct(history: &[ItemIndex]) -> Vec<ItemIndex> {
-    let mut items = history.to_vec();
-    items.sort_unstable();
-    items.dedup();
-    items
+/// A 64-bit hash of an interest vector's bits and known items: two outputs of one history that
+/// fingerprint alike are taken as equal (the odds of a collision are 2^-64).
+fn fingerprint(vector: &profile::InterestVector) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&vector.known_items.to_le_bytes());
+    for x in &vector.vector {
+        hasher.update(&x.to_bits().to_le_bytes());
+    }
+    hasher.digest()
 }
 
 #[cfg(test)]
@@ -388,23 +436,18 @@ mod tests {
         (item.into(), x.and_then(|x| FeatureVector::new(&[x])))
     }
 
-    /// Applies an epoch and returns its changes as (user, timestamp, known items, diff).
+    /// Applies an epoch and returns its outputs as (user, timestamp, known items), sorted.
     fn epoch(
         holdings: &mut Holdings,
         updates: Vec<(String, Option<FeatureVector>)>,
         profiles: Vec<Profile>,
-    ) -> Vec<(String, u64, isize, isize)> {
-        let mut changes = Vec::new();
-        holdings.apply_epoch(updates, profiles, |(_, (profile, sums)), diff| {
-            changes.push((
-                profile.user_id,
-                profile.timestamp,
-                sums[Contribution::KNOWN],
-                diff,
-            ))
+    ) -> Vec<(String, u64, u32)> {
+        let mut outputs = Vec::new();
+        holdings.apply_epoch(updates, profiles, |output| {
+            outputs.push((output.user_id, output.timestamp, output.known_items))
         });
-        changes.sort();
-        changes
+        outputs.sort();
+        outputs
     }
 
     #[test]
@@ -413,12 +456,12 @@ mod tests {
         let a = |t| profile("a", t, &["x"]);
         assert_eq!(
             epoch(&mut holdings, vec![], vec![a(1)]),
-            [("a".into(), 1, 0, 1)]
+            [("a".into(), 1, 0)]
         );
         assert!(epoch(&mut holdings, vec![], vec![a(1)]).is_empty());
         assert_eq!(
             epoch(&mut holdings, vec![], vec![a(2)]),
-            [("a".into(), 1, 0, -1), ("a".into(), 2, 0, 1)]
+            [("a".into(), 2, 0)]
         );
     }
 
@@ -431,6 +474,8 @@ mod tests {
             vec![],
             vec![profile("a", 1, &["u", "x", "u"])],
         );
+        let u = holdings.items.find(id_key("u")).unwrap();
+        assert_eq!(holdings.items.held_by[u as usize], 1);
         epoch(&mut holdings, vec![], vec![profile("a", 2, &["x"])]);
         assert_eq!(holdings.items.find(id_key("u")), None);
         assert_eq!(holdings.items.free.len(), 1);
@@ -439,7 +484,7 @@ mod tests {
         assert!(holdings.items.free.is_empty());
         assert_eq!(
             epoch(&mut holdings, vec![features("v", Some(1.0))], vec![]),
-            [("b".into(), 1, 0, -1), ("b".into(), 1, 1, 1)]
+            [("b".into(), 1, 1)]
         );
         // A deleted item no one holds leaves the table.
         epoch(&mut holdings, vec![features("w", Some(1.0))], vec![]);
@@ -448,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn a_feature_change_that_leaves_the_sums_alone_emits_nothing() {
+    fn a_feature_change_that_leaves_the_vector_alone_emits_nothing() {
         let mut holdings = Holdings::new(PARAMS);
         epoch(
             &mut holdings,
@@ -462,5 +507,40 @@ mod tests {
             vec![]
         )
         .is_empty());
+    }
+
+    #[test]
+    fn holders_lists_stay_bounded_and_reach_only_current_holders() {
+        let mut holdings = Holdings::new(PARAMS);
+        // 40 users take x in and out of their history 30 times; only the even ones end with it.
+        for round in 0..30u64 {
+            let profiles = (0..40)
+                .map(|u| {
+                    let holds = if round == 29 {
+                        u % 2 == 0
+                    } else {
+                        (round + u) % 2 == 0
+                    };
+                    let items: &[&str] = if holds { &["x", "y"] } else { &["y"] };
+                    profile(&format!("user{u}"), round + 1, items)
+                })
+                .collect();
+            epoch(&mut holdings, vec![], profiles);
+        }
+        let x = holdings.items.find(id_key("x")).unwrap() as usize;
+        assert_eq!(holdings.items.held_by[x], 20);
+        assert!(
+            holdings.items.holders[x].len() <= 2 * 20 + COMPACTION_SLACK,
+            "{} entries for 20 holders",
+            holdings.items.holders[x].len()
+        );
+        let touched = epoch(&mut holdings, vec![features("x", Some(3.0))], vec![]);
+        let mut expected: Vec<(String, u64, u32)> = (0..40)
+            .step_by(2)
+            .map(|u| (format!("user{u}"), 30, 1))
+            .collect();
+        expected.sort();
+        assert_eq!(touched, expected);
+        assert_eq!(holdings.items.holders[x].len(), 20);
     }
 }

@@ -72,14 +72,14 @@ pub fn run_in_memory(
         let mut feature_input = InputHandle::new();
         let probe = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
-            let changes = interest_profiles(
+            let outputs = interest_profiles(
                 profile_input.to_stream(scope),
                 feature_input.to_stream(scope),
                 params,
                 board.clone(),
             );
             let writer = CaptureWriter(outputs_in.clone());
-            write_epochs(changes, params.dim, None, writer, board.clone()).probe_with(&probe);
+            write_epochs(outputs, None, writer, board.clone()).probe_with(&probe);
         });
 
         let (initial_features, epochs) = &*inputs;

@@ -145,20 +145,13 @@ fn worker_loop(
     let mut stats_input = InputHandle::new();
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
-        let changes = interest_profiles(
+        let outputs = interest_profiles(
             profile_input.to_stream(scope),
             feature_input.to_stream(scope),
             params,
             board.clone(),
         );
-        write_epochs(
-            changes,
-            params.dim,
-            Some(config.epoch_ms),
-            writer,
-            board.clone(),
-        )
-        .probe_with(&probe);
+        write_epochs(outputs, Some(config.epoch_ms), writer, board.clone()).probe_with(&probe);
         report_epochs(stats_input.to_stream(scope), config, summary.clone());
     });
 

@@ -163,14 +163,16 @@ fn assert_matches_reference(seed: u64, scenario: &Scenario, run: &MemoryRun) {
             assert_eq!(a.history_items, e.history_items, "{context}");
             assert_eq!(a.known_items, e.known_items, "{context}");
             assert_eq!(a.interest_vector.len(), DIM, "{context}");
-            for (x, y) in a.interest_vector.iter().zip(&e.interest_vector) {
-                assert!(
-                    (x - y).abs() <= 1e-6,
-                    "{context}: {:?} vs {:?}",
-                    a.interest_vector,
-                    e.interest_vector
-                );
-            }
+            // One worker computes a user's vector with the contract's formula, in history
+            // order: the very bits of the reference, on any worker count.
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&a.interest_vector),
+                bits(&e.interest_vector),
+                "{context}: {:?} vs {:?}",
+                a.interest_vector,
+                e.interest_vector
+            );
         }
         let stale = run.counters.get(&epoch).map_or(0, |c| c.stale);
         assert_eq!(
