@@ -20,6 +20,8 @@
 //! user, so the sum runs in one fixed order and the bits are those of the sequential reference
 //! on any number of workers and processes.
 
+use std::sync::Arc;
+
 use rustc_hash::FxHashMap;
 
 use crate::interest::InterestParams;
@@ -61,7 +63,8 @@ struct ItemTable {
     dim: usize,
     index: FxHashMap<IdKey, ItemIndex>,
     keys: Vec<IdKey>,
-    ids: Vec<Box<str>>,
+    /// Shared with the outputs that name the item, which take a reference, not a copy.
+    ids: Vec<Arc<str>>,
     /// Whether each item has features, ...
     known: Vec<bool>,
     /// ... which are `features[item * dim..][..dim]`. Every feature vector has D values: the
@@ -128,7 +131,7 @@ impl ItemTable {
         item
     }
 
-    fn id(&self, item: ItemIndex) -> &str {
+    fn id(&self, item: ItemIndex) -> &Arc<str> {
         &self.ids[item as usize]
     }
 
@@ -183,7 +186,7 @@ impl ItemTable {
         let slot = item as usize;
         if !self.known[slot] && self.held_by[slot] == 0 {
             self.index.remove(&self.keys[slot]);
-            self.ids[slot] = Box::default();
+            self.ids[slot] = Arc::from("");
             // Every entry left is stale; the buffer goes too, which a once popular item's
             // makes large.
             self.holders[slot] = Vec::new();
@@ -399,7 +402,7 @@ impl Holdings {
             timestamp: self.users.timestamps[slot],
             history_items: history
                 .iter()
-                .map(|&item| self.items.id(item).to_owned())
+                .map(|&item| Arc::clone(self.items.id(item)))
                 .collect(),
             interest_vector: vector.vector,
             known_items: vector.known_items,
@@ -421,6 +424,7 @@ fn fingerprint(vector: &profile::InterestVector) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::IdList;
 
     const PARAMS: InterestParams = InterestParams { dim: 1, decay: 0.5 };
 
@@ -428,7 +432,7 @@ mod tests {
         Profile {
             user_id: user.into(),
             timestamp,
-            history_items: items.iter().map(|s| s.to_string()).collect(),
+            history_items: IdList::new(items),
         }
     }
 

@@ -2,6 +2,8 @@
 //! carried as bit patterns, so that records can be compared and sorted, and they never appear in
 //! a key.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// An id (user or item) as the dataflow keys it: the 128-bit xxh3 hash of its bytes. Fixed-size
@@ -25,8 +27,52 @@ pub type ReadPosition = (i32, i64);
 pub struct ProfileEvent {
     pub user_id: String,
     pub timestamp: u64,
-    pub history_items: Vec<String>,
+    pub history_items: IdList,
     pub position: ReadPosition,
+}
+
+/// A list of ids in one buffer, in order. A message's 50 item ids as `Vec<String>` are 51
+/// allocations, made when it is decoded and freed once the ids are interned; as an `IdList`
+/// they are two, whatever their number.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct IdList {
+    /// Every id, one after the other: id `i` ends at `ends[i]`.
+    text: String,
+    ends: Vec<u32>,
+}
+
+impl IdList {
+    /// The list of `ids`, in their order.
+    pub fn new<S: AsRef<str>>(ids: &[S]) -> Self {
+        let mut list = IdList {
+            text: String::with_capacity(ids.iter().map(|id| id.as_ref().len()).sum()),
+            ends: Vec::with_capacity(ids.len()),
+        };
+        for id in ids {
+            list.text.push_str(id.as_ref());
+            // A message is at most a few megabytes (bincode's limit is 16 MiB), far below 4 GiB.
+            list.ends.push(list.text.len() as u32);
+        }
+        list
+    }
+
+    /// The ids, in order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + '_ {
+        (0..self.ends.len()).map(|i| {
+            let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
+            &self.text[start as usize..self.ends[i] as usize]
+        })
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
 }
 
 /// An item-feature update as it enters the dataflow: new features, or `None` to delete.
@@ -79,15 +125,18 @@ impl FeatureVector {
 pub struct Profile {
     pub user_id: String,
     pub timestamp: u64,
-    pub history_items: Vec<String>,
+    pub history_items: IdList,
 }
 
 /// A user's profile as the sink writes it: the final value of an epoch (semantics §6).
+///
+/// The item ids are shared with the worker's item table: an output takes a reference to each,
+/// not a copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProfileOutput {
     pub user_id: String,
     pub timestamp: u64,
-    pub history_items: Vec<String>,
+    pub history_items: Vec<Arc<str>>,
     pub interest_vector: Vec<f32>,
     pub known_items: u32,
 }
@@ -100,13 +149,25 @@ impl ProfileEvent {
         position: ReadPosition,
         max_history: usize,
     ) -> Self {
-        let mut history_items = message.history_items;
-        let cut = history_items.len().saturating_sub(max_history);
-        history_items.drain(..cut);
+        let items = profile::keep_last(&message.history_items, max_history);
         ProfileEvent {
+            history_items: IdList::new(items),
             user_id: message.user_id,
             timestamp: message.timestamp,
-            history_items,
+            position,
+        }
+    }
+
+    /// The same from a decoded message that borrows its ids from the Kafka payload.
+    pub fn from_view(
+        message: &profile::ProfileMessageView<'_>,
+        position: ReadPosition,
+        max_history: usize,
+    ) -> Self {
+        ProfileEvent {
+            user_id: message.user_id.clone().into_owned(),
+            timestamp: message.timestamp,
+            history_items: IdList::new(profile::keep_last(&message.history_items, max_history)),
             position,
         }
     }
@@ -115,6 +176,16 @@ impl ProfileEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_list_keeps_its_ids_in_order() {
+        let ids = ["b", "", "0196", "é"];
+        let list = IdList::new(&ids);
+        assert_eq!(list.len(), 4);
+        assert_eq!(list.iter().collect::<Vec<_>>(), ids);
+        assert_eq!(list.iter().rev().next(), Some("é"));
+        assert!(IdList::new::<&str>(&[]).is_empty());
+    }
 
     #[test]
     fn features_out_of_range_are_refused() {

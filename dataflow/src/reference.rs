@@ -3,6 +3,7 @@
 //! the float formula of the `profile` crate. Tests check the dataflow against it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use profile::ProfileMessage;
 
@@ -97,7 +98,7 @@ impl Reference {
                 let output = ProfileOutput {
                     user_id: user.clone(),
                     timestamp: *timestamp,
-                    history_items: items.clone(),
+                    history_items: items.iter().map(|item| Arc::from(item.as_str())).collect(),
                     interest_vector: vector.vector,
                     known_items: vector.known_items,
                 };

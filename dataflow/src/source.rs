@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use profile::{Encoding, ItemFeaturesMessage, ProfileMessage};
+use profile::{Encoding, ItemFeaturesMessage, ProfileMessageView};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
@@ -216,10 +216,10 @@ impl KafkaSource {
             polled.messages += 1;
             let payload = message.payload().unwrap_or_default();
             let outcome = if topic == PROFILE_TOPIC {
-                ProfileMessage::decode(payload, self.config.encoding)
+                ProfileMessageView::decode(payload, self.config.encoding)
                     .map(|m| {
-                        polled.profiles.push(ProfileEvent::from_message(
-                            m,
+                        polled.profiles.push(ProfileEvent::from_view(
+                            &m,
                             position,
                             self.config.max_history,
                         ))

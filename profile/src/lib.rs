@@ -12,7 +12,7 @@ pub use history::{history_order, history_window, keep_last};
 pub use item::{InvalidItemFeatures, ItemFeaturesMessage};
 pub use message::{
     validate_timestamp, validate_user_id, Encoding, InvalidMessage, ProfileMessage,
-    ProfileMessageRef, MAX_HISTORY_ITEMS, MAX_TIMESTAMP, MAX_USER_ID_BYTES,
+    ProfileMessageRef, ProfileMessageView, MAX_HISTORY_ITEMS, MAX_TIMESTAMP, MAX_USER_ID_BYTES,
 };
 pub use vector::{interest_vector, InterestVector};
 

@@ -1,5 +1,6 @@
 //! The profile message of semantics §2 and its two codecs.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -21,6 +22,32 @@ pub struct ProfileMessage {
     pub user_id: String,
     pub history_items: Vec<String>,
     pub timestamp: u64,
+}
+
+/// A decoded message whose ids borrow from the encoded value wherever they can (a JSON string
+/// with an escape is the exception), so that a consumer that only reads the ids, and copies
+/// them into buffers of its own, does not allocate one `String` per id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileMessageView<'a> {
+    pub user_id: Cow<'a, str>,
+    pub history_items: Vec<Cow<'a, str>>,
+    pub timestamp: u64,
+}
+
+/// An id as decoded, borrowed where it can be. Serde borrows a `Cow<str>` only where it is a
+/// field marked `borrow`, not as the element of a `Vec`; this field is one.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct WireId<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// The bincode value as read.
+#[derive(Deserialize)]
+struct BincodeWire<'a> {
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    history_items: Vec<WireId<'a>>,
+    timestamp: u64,
 }
 
 /// A borrowed profile message, so a producer can encode one without copying its ids.
@@ -90,6 +117,16 @@ pub fn validate_timestamp(timestamp: u64) -> Result<(), InvalidMessage> {
     }
 }
 
+/// The rules of semantics §2 that the decoders' types do not already enforce.
+fn validate_fields(user_id: &str, timestamp: u64, items: usize) -> Result<(), InvalidMessage> {
+    validate_user_id(user_id)?;
+    validate_timestamp(timestamp)?;
+    if items > MAX_HISTORY_ITEMS {
+        return Err(InvalidMessage::TooManyItems(items));
+    }
+    Ok(())
+}
+
 /// The wire encoding of profile message values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Encoding {
@@ -131,10 +168,17 @@ impl FromStr for Encoding {
 /// The JSON value as read, before validation: the timestamp is kept as a JSON number so that a
 /// negative, fractional or too large one gets its own reason rather than a generic type error.
 #[derive(Deserialize)]
-struct JsonWire {
-    user_id: String,
-    history_items: Vec<String>,
+struct JsonWire<'a> {
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    history_items: Vec<WireId<'a>>,
     timestamp: serde_json::Number,
+}
+
+/// The ids of a wire struct (the same layout: the vector's buffer is reused).
+fn ids(wire: Vec<WireId<'_>>) -> Vec<Cow<'_, str>> {
+    wire.into_iter().map(|WireId(id)| id).collect()
 }
 
 fn bincode_options() -> impl bincode::Options {
@@ -150,47 +194,21 @@ fn bincode_options() -> impl bincode::Options {
 impl ProfileMessage {
     /// Decodes and validates a message value (semantics §2).
     pub fn decode(value: &[u8], encoding: Encoding) -> Result<Self, InvalidMessage> {
-        let message = match encoding {
-            Encoding::Json => Self::decode_json(value)?,
-            Encoding::Bincode => {
-                use bincode::Options;
-                bincode_options()
-                    .deserialize::<ProfileMessage>(value)
-                    .map_err(|e| InvalidMessage::NotBincode(e.to_string()))?
-            }
-        };
-        message.validate()?;
-        Ok(message)
-    }
-
-    fn decode_json(value: &[u8]) -> Result<Self, InvalidMessage> {
-        let text = std::str::from_utf8(value)?;
-        let wire: JsonWire = serde_json::from_str(text).map_err(|e| {
-            if e.is_data() {
-                InvalidMessage::WrongShape(e.to_string())
-            } else {
-                InvalidMessage::NotJson(e.to_string())
-            }
-        })?;
-        let timestamp = wire
-            .timestamp
-            .as_u64()
-            .ok_or_else(|| InvalidMessage::BadTimestamp(wire.timestamp.to_string()))?;
+        let view = ProfileMessageView::decode(value, encoding)?;
         Ok(ProfileMessage {
-            user_id: wire.user_id,
-            history_items: wire.history_items,
-            timestamp,
+            user_id: view.user_id.into_owned(),
+            history_items: view
+                .history_items
+                .into_iter()
+                .map(Cow::into_owned)
+                .collect(),
+            timestamp: view.timestamp,
         })
     }
 
     /// Checks the rules of semantics §2 that the decoder's types do not already enforce.
     pub fn validate(&self) -> Result<(), InvalidMessage> {
-        validate_user_id(&self.user_id)?;
-        validate_timestamp(self.timestamp)?;
-        if self.history_items.len() > MAX_HISTORY_ITEMS {
-            return Err(InvalidMessage::TooManyItems(self.history_items.len()));
-        }
-        Ok(())
+        validate_fields(&self.user_id, self.timestamp, self.history_items.len())
     }
 
     /// Encodes this message.
@@ -202,6 +220,52 @@ impl ProfileMessage {
             timestamp: self.timestamp,
         }
         .encode(encoding)
+    }
+}
+
+impl<'a> ProfileMessageView<'a> {
+    /// Decodes and validates a message value (semantics §2), borrowing from it.
+    pub fn decode(value: &'a [u8], encoding: Encoding) -> Result<Self, InvalidMessage> {
+        let message = match encoding {
+            Encoding::Json => Self::decode_json(value)?,
+            Encoding::Bincode => {
+                use bincode::Options;
+                let wire: BincodeWire<'a> = bincode_options()
+                    .deserialize(value)
+                    .map_err(|e| InvalidMessage::NotBincode(e.to_string()))?;
+                ProfileMessageView {
+                    user_id: wire.user_id,
+                    history_items: ids(wire.history_items),
+                    timestamp: wire.timestamp,
+                }
+            }
+        };
+        validate_fields(
+            &message.user_id,
+            message.timestamp,
+            message.history_items.len(),
+        )?;
+        Ok(message)
+    }
+
+    fn decode_json(value: &'a [u8]) -> Result<Self, InvalidMessage> {
+        let text = std::str::from_utf8(value)?;
+        let wire: JsonWire<'a> = serde_json::from_str(text).map_err(|e| {
+            if e.is_data() {
+                InvalidMessage::WrongShape(e.to_string())
+            } else {
+                InvalidMessage::NotJson(e.to_string())
+            }
+        })?;
+        let timestamp = wire
+            .timestamp
+            .as_u64()
+            .ok_or_else(|| InvalidMessage::BadTimestamp(wire.timestamp.to_string()))?;
+        Ok(ProfileMessageView {
+            user_id: wire.user_id,
+            history_items: ids(wire.history_items),
+            timestamp,
+        })
     }
 }
 
@@ -248,6 +312,28 @@ mod tests {
             let bytes = sample().encode(encoding);
             assert_eq!(ProfileMessage::decode(&bytes, encoding).unwrap(), sample());
         }
+    }
+
+    #[test]
+    fn a_view_borrows_plain_ids_and_decodes_escaped_ones() {
+        for encoding in [Encoding::Json, Encoding::Bincode] {
+            let bytes = sample().encode(encoding);
+            let view = ProfileMessageView::decode(&bytes, encoding).unwrap();
+            assert!(matches!(view.user_id, Cow::Borrowed("A34O9UGRTZNTR8")));
+            assert!(view
+                .history_items
+                .iter()
+                .all(|item| matches!(item, Cow::Borrowed(_))));
+        }
+        let escaped = br#"{"user_id":"a\"b","history_items":["x\u00e9"],"timestamp":1}"#;
+        let view = ProfileMessageView::decode(escaped, Encoding::Json).unwrap();
+        assert_eq!(view.user_id, "a\"b");
+        assert_eq!(view.history_items, ["x\u{e9}"]);
+        let empty = br#"{"user_id":"","history_items":[],"timestamp":1}"#;
+        assert_eq!(
+            ProfileMessageView::decode(empty, Encoding::Json),
+            Err(InvalidMessage::EmptyUserId)
+        );
     }
 
     #[test]
