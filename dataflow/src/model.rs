@@ -183,7 +183,7 @@ mod tests {
         let list = IdList::new(&ids);
         assert_eq!(list.len(), 4);
         assert_eq!(list.iter().collect::<Vec<_>>(), ids);
-        assert_eq!(list.iter().rev().next(), Some("é"));
+        assert_eq!(list.iter().next_back(), Some("é"));
         assert!(IdList::new::<&str>(&[]).is_empty());
     }
 
