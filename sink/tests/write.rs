@@ -130,6 +130,44 @@ fn no_regression() {
 }
 
 #[test]
+fn a_user_twice_in_one_batch_keeps_the_greater_value_in_either_order() {
+    let p = unique("twice");
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut c = conn(&test_url());
+    let (a, b, c_user) = (format!("{p}-a"), format!("{p}-b"), format!("{p}-c"));
+    // Stored: c at (ts 50, epoch 1), newer than both of its records below.
+    let stored = rec(&c_user, 50, 1, &["kept"], &[9.0]);
+    sink.write([stored]).unwrap();
+    let newer_a = rec(&a, 20, 2, &["new"], &[2.0]);
+    let newer_b = rec(&b, 20, 3, &["new"], &[2.0]);
+    let batch = [
+        // a: newer first, then older; b: older first, then newer (same ts, later epoch).
+        newer_a,
+        rec(&a, 10, 2, &["old"], &[1.0]),
+        rec(&b, 20, 2, &["old"], &[1.0]),
+        newer_b,
+        // c: both older than what Redis holds.
+        rec(&c_user, 40, 5, &["x"], &[0.0]),
+        rec(&c_user, 49, 6, &["y"], &[0.0]),
+    ];
+    let stats = sink.write(batch.iter().copied()).unwrap();
+    // Stored in turn: a's newer value, b's older then its newer one.
+    assert_eq!((stats.written, stats.skipped_stale), (3, 3), "{stats:?}");
+    assert_eq!(
+        get(&mut c, &a).unwrap().as_bytes(),
+        encode_profile(&newer_a)
+    );
+    assert_eq!(
+        get(&mut c, &b).unwrap().as_bytes(),
+        encode_profile(&newer_b)
+    );
+    assert_eq!(
+        get(&mut c, &c_user).unwrap().as_bytes(),
+        encode_profile(&stored)
+    );
+}
+
+#[test]
 fn user_and_item_text_cannot_fool_the_script() {
     let p = unique("fool");
     let mut sink = sink(SinkConfig::new(test_url()));
