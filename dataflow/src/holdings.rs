@@ -34,26 +34,49 @@ type ItemIndex = u32;
 /// A user's place in its worker's user table, four bytes for the same reason.
 type UserIndex = u32;
 
-/// An entry of an item's holders list: a user, and the version of the user's history that
-/// holds the item.
+/// An entry of an item's holders list: a user, and a tag of the version of the user's history
+/// that holds the item, in four bytes.
 ///
 /// Lists are append-only. Each time a user's history changes, its version goes up by one and the
-/// user is appended, with the new version, to the list of every item of the new history. An
-/// entry is current while its version is the user's: the user has not changed its history since.
-/// The entries of older versions are left where they are and skipped by readers, until the
-/// list's stale entries outnumber its current ones and it is compacted (amortised O(1) a push).
-/// This costs a push per item where a set of holders would cost a removal and an insertion into
-/// two hashed sets, each a cache miss; telling a current entry from a stale one is one load from
-/// a dense array of versions. Versions are `u32`: a stale entry would only pass for current if
-/// its user changed its history 2^32 times without the item's list being compacted once.
-#[derive(Debug, Clone, Copy)]
-struct Holder {
-    user: UserIndex,
-    version: u32,
+/// user is appended, tagged with the new version, to the list of every item of the new history.
+/// An entry is current while its tag is the user's version: the user has not changed its
+/// history since. The entries of older versions are left where they are and skipped by readers,
+/// until they are a fifth of the list and it is compacted (amortised O(1) a push). This costs a
+/// push per item where a set of holders costs a removal and an insertion into two hashed sets,
+/// each a cache miss; telling a current entry from a stale one is one load from a dense array
+/// of versions; and an entry takes 4 bytes, about what a hashed set's slot takes.
+///
+/// The tag is the version's low [`TAG_BITS`] bits, so a stale entry passes for current when its
+/// user's version has moved on by a multiple of 256 since. That costs the user one needless
+/// recomputation when the item's features change, which emits nothing (its output fingerprint
+/// is unchanged); it never makes a holder missed, since a current entry always passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder(u32);
+
+/// Bits of a [`Holder`] that tag the version.
+const TAG_BITS: u32 = 8;
+
+/// The most users one worker can hold: a [`Holder`] has the other 24 bits for the user's index.
+/// At about a kilobyte of state per user that is some 16 GB, more than one worker should hold;
+/// add workers or processes instead.
+pub const MAX_USERS_PER_WORKER: usize = 1 << (32 - TAG_BITS);
+
+impl Holder {
+    fn new(user: UserIndex, version: u32) -> Self {
+        Holder(user | version << (32 - TAG_BITS))
+    }
+
+    fn user(self) -> UserIndex {
+        self.0 & (MAX_USERS_PER_WORKER as u32 - 1)
+    }
+
+    fn tag(self) -> u32 {
+        self.0 >> (32 - TAG_BITS)
+    }
 }
 
-/// A list is compacted when it grows past twice its current entries plus this many, so that a
-/// small list is not compacted at every push.
+/// A list is compacted when its entries pass its current ones by a quarter plus this many, so
+/// that a small list is not compacted at every push.
 const COMPACTION_SLACK: usize = 16;
 
 /// The items known to a worker, every item with features and every item a local user holds,
@@ -221,6 +244,11 @@ impl UserTable {
 
     /// Adds the user `id` whose key is `key`, with an empty history.
     fn add(&mut self, key: IdKey, id: &str) -> UserIndex {
+        // A capacity limit, like running out of memory, which at this size would come first.
+        assert!(
+            self.keys.len() < MAX_USERS_PER_WORKER,
+            "a worker holds {MAX_USERS_PER_WORKER} users, its most: run more workers or processes"
+        );
         let user = self.keys.len() as UserIndex;
         self.index.insert(key, user);
         self.keys.push(key);
@@ -239,9 +267,10 @@ impl UserTable {
         &self.ids[start..self.id_ends[user]]
     }
 
-    /// Whether `holder` is a current entry: its user has not changed its history since.
+    /// Whether `holder` is a current entry: its user has not changed its history since (or, one
+    /// time in 256, a stale one that passes for current; see [`Holder`]).
     fn is_current(&self, holder: Holder) -> bool {
-        self.versions[holder.user as usize] == holder.version
+        self.versions[holder.user() as usize] % (1 << TAG_BITS) == holder.tag()
     }
 }
 
@@ -294,7 +323,7 @@ impl Holdings {
                 let users = &self.users;
                 let holders = &mut self.items.holders[item as usize];
                 holders.retain(|&holder| users.is_current(holder));
-                recompute.extend(holders.iter().map(|holder| holder.user));
+                recompute.extend(holders.iter().map(|holder| holder.user()));
             }
             self.items.release_if_unused(item);
         }
@@ -359,7 +388,7 @@ impl Holdings {
         let new = std::mem::take(&mut self.users.histories[slot]);
         self.items.distinct(&new, |items, item| {
             items.held_by[item as usize] += 1;
-            items.holders[item as usize].push(Holder { user, version });
+            items.holders[item as usize].push(Holder::new(user, version));
         });
         for &item in new.iter() {
             self.compact_if_sparse(item);
@@ -371,17 +400,17 @@ impl Holdings {
         Some(user)
     }
 
-    /// Drops the stale entries of `item`'s holders list once they outnumber the current ones.
+    /// Drops the stale entries of `item`'s holders list once they are a fifth of it.
     fn compact_if_sparse(&mut self, item: ItemIndex) {
         let slot = item as usize;
         let current = self.items.held_by[slot] as usize;
         let holders = &mut self.items.holders[slot];
-        if holders.len() > 2 * current + COMPACTION_SLACK {
+        if holders.len() > current + current / 4 + COMPACTION_SLACK {
             let users = &self.users;
             holders.retain(|&holder| users.is_current(holder));
-            debug_assert_eq!(holders.len(), current);
-            if holders.capacity() > 4 * holders.len() + COMPACTION_SLACK {
-                holders.shrink_to(2 * holders.len() + COMPACTION_SLACK);
+            // A list that grew by doubling keeps up to twice what it needs.
+            if holders.capacity() > holders.len() + holders.len() / 2 + COMPACTION_SLACK {
+                holders.shrink_to(holders.len() + holders.len() / 4 + COMPACTION_SLACK);
             }
         }
     }
@@ -534,7 +563,7 @@ mod tests {
         let x = holdings.items.find(id_key("x")).unwrap() as usize;
         assert_eq!(holdings.items.held_by[x], 20);
         assert!(
-            holdings.items.holders[x].len() <= 2 * 20 + COMPACTION_SLACK,
+            holdings.items.holders[x].len() <= 20 + 20 / 4 + COMPACTION_SLACK,
             "{} entries for 20 holders",
             holdings.items.holders[x].len()
         );
@@ -546,5 +575,24 @@ mod tests {
         expected.sort();
         assert_eq!(touched, expected);
         assert_eq!(holdings.items.holders[x].len(), 20);
+    }
+
+    #[test]
+    fn a_stale_entry_that_passes_for_current_emits_nothing() {
+        let mut holdings = Holdings::new(PARAMS);
+        epoch(
+            &mut holdings,
+            vec![features("x", Some(1.0))],
+            vec![profile("a", 1, &["x"])],
+        );
+        // 256 more histories without x: a's version is back to x's entry's tag.
+        for t in 2..=257 {
+            epoch(&mut holdings, vec![], vec![profile("a", t, &["y"])]);
+        }
+        let x = holdings.items.find(id_key("x")).unwrap() as usize;
+        assert_eq!(holdings.items.held_by[x], 0);
+        assert!(holdings.users.is_current(holdings.items.holders[x][0]));
+        // x changes: a is recomputed for nothing, and nothing is emitted.
+        assert!(epoch(&mut holdings, vec![features("x", Some(2.0))], vec![]).is_empty());
     }
 }
