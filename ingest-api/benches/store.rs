@@ -17,9 +17,6 @@
 //! cargo bench -p streamrec-ingest-api --bench store
 //! ```
 
-// A benchmark's setup panics on a broken input rather than measuring an error path.
-#![allow(clippy::expect_used)]
-
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -11,9 +11,6 @@
 //! cargo bench -p streamrec-profile --bench decode
 //! ```
 
-// A benchmark's setup panics on a broken input rather than measuring an error path.
-#![allow(clippy::expect_used)]
-
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
