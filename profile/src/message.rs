@@ -133,7 +133,9 @@ pub enum Encoding {
     /// UTF-8 JSON, the original system's format, readable by any Kafka client.
     #[default]
     Json,
-    /// bincode 1.3 (fixed-width integers, little endian) of [`ProfileMessage`]: smaller and faster.
+    /// bincode 1.3 (fixed-width integers, little endian) of [`ProfileMessage`], for clients that
+    /// already speak it. Not smaller for this message: each id carries an 8-byte length where JSON
+    /// spends two quotes (938 bytes against 719 for 50 ids), and it decodes no faster.
     Bincode,
 }
 
