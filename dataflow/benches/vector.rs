@@ -88,6 +88,20 @@ fn vector(c: &mut Criterion) {
                 profile::interest_vector(black_box(&histories[u]).iter().copied(), dim, decay)
             })
         });
+        // What the dataflow does: touch every row first, so that the cache misses overlap.
+        group.bench_function(BenchmarkId::new("scattered_touched", dim), |b| {
+            let mut u = 0;
+            b.iter(|| {
+                u = (u + 1) % USERS;
+                let history = black_box(&histories[u]);
+                let mut touch = 0f32;
+                for x in history.iter().flatten() {
+                    touch += x.first().unwrap_or(&0.0) + x.last().unwrap_or(&0.0);
+                }
+                black_box(touch);
+                profile::interest_vector(history.iter().copied(), dim, decay)
+            })
+        });
         if dim == 32 {
             group.bench_function(BenchmarkId::new("cached", dim), |b| {
                 b.iter(|| {

@@ -420,6 +420,16 @@ impl Holdings {
         let InterestParams { dim, decay } = self.params;
         let slot = user as usize;
         let history = &self.users.histories[slot];
+        // The features of a history are rows (of two cache lines at D = 32) scattered over a table
+        // larger than the caches.
+        // Touch every row first, in a loop where nothing waits on the loads, so that their
+        // cache misses overlap; the formula then finds them in L1. (1.5x faster at D = 32 in
+        // `cargo bench -p streamrec-dataflow --bench vector`; the touch is the black box.)
+        let mut touch = 0f32;
+        for x in history.iter().filter_map(|&item| self.items.features(item)) {
+            touch += x.first().unwrap_or(&0.0) + x.last().unwrap_or(&0.0);
+        }
+        std::hint::black_box(touch);
         let vector = profile::interest_vector(
             history.iter().map(|&item| self.items.features(item)),
             dim,
