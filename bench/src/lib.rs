@@ -5,4 +5,5 @@
 
 pub mod broker;
 pub mod e2e;
+pub mod memory;
 pub mod workload;
