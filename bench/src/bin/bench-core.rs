@@ -25,7 +25,7 @@ enum Mode {
 /// Measures the dataflow core alone, from memory: no broker, no Redis. Runs each MODE given (all
 /// by default), prints a table per mode and writes every figure as JSON.
 #[derive(Debug, Parser)]
-#[command(name = "bench-core", version, about, long_about = None)]
+#[command(name = "bench-core", version)]
 struct Args {
     /// Modes to run, in this order.
     #[arg(value_enum, default_values_t = [Mode::Scaling, Mode::Incremental, Mode::ItemUpdate])]
