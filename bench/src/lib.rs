@@ -5,5 +5,6 @@
 
 pub mod broker;
 pub mod e2e;
+pub mod memory;
 pub mod paced;
 pub mod workload;

@@ -1,11 +1,13 @@
 //! The dataflow driven from memory, without a broker or Redis: the same [`interest_profiles`]
 //! core and [`write_epochs`] stage, fed with prepared epochs on N worker threads. Tests check it
-//! against the sequential [`crate::reference`]; the benchmark measures the core with it.
+//! against the sequential [`crate::reference`]; the benchmark measures the core with it, through
+//! [`run_in_memory_with`], which can also time each epoch and count outputs without keeping them.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandle, ProbeHandle};
@@ -33,19 +35,55 @@ pub struct MemoryRun {
 
 type Shared<T> = Arc<Mutex<T>>;
 
-/// Collects the values written, as a stand-in for Redis that keeps everything.
-struct CaptureWriter(Shared<BTreeMap<u64, Vec<ProfileOutput>>>);
+/// How [`run_in_memory_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Keep every output, as [`run_in_memory`] does. Without it outputs are only counted (the
+    /// counters' `changed`), so that a run over millions of users does not hold them all.
+    pub keep_outputs: bool,
+    /// Feed each epoch only once the one before it is written on every worker, and time each:
+    /// while epochs overlap, the time of one of them means nothing.
+    pub lockstep: bool,
+}
+
+impl Default for MemoryOptions {
+    /// What [`run_in_memory`] does: keep outputs, epochs overlap.
+    fn default() -> Self {
+        MemoryOptions {
+            keep_outputs: true,
+            lockstep: false,
+        }
+    }
+}
+
+/// A run of [`run_in_memory_with`] and its times, all on worker 0's clock.
+#[derive(Debug, Default)]
+pub struct TimedRun {
+    pub run: MemoryRun,
+    /// From the initial features being in place on every worker (epoch 0 written) to the last
+    /// epoch written on every worker: the time the epochs took, without thread start-up, the
+    /// initial features, splitting the input or dropping the state.
+    pub elapsed: Duration,
+    /// With [`MemoryOptions::lockstep`], each epoch's time from its first event fed to its
+    /// outputs written on every worker (0 is the initial features); empty otherwise.
+    pub epoch_times: BTreeMap<u64, Duration>,
+}
+
+/// Collects the values written, as a stand-in for Redis that keeps everything; or, without a
+/// map, only counts them.
+struct CaptureWriter(Option<Shared<BTreeMap<u64, Vec<ProfileOutput>>>>);
 
 impl EpochWriter for CaptureWriter {
     fn write_epoch(&mut self, epoch: u64, profiles: &[ProfileOutput]) -> u64 {
-        let mut outputs = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        outputs
-            .entry(epoch)
-            .or_default()
-            .extend_from_slice(profiles);
+        if let Some(outputs) = &self.0 {
+            let mut outputs = outputs
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            outputs
+                .entry(epoch)
+                .or_default()
+                .extend_from_slice(profiles);
+        }
         profiles.len() as u64
     }
 }
@@ -59,14 +97,67 @@ pub fn run_in_memory(
     initial_features: Vec<FeatureEvent>,
     epochs: Vec<EpochInput>,
 ) -> Result<MemoryRun, String> {
+    run_in_memory_with(
+        workers,
+        params,
+        initial_features,
+        epochs,
+        MemoryOptions::default(),
+    )
+    .map(|timed| timed.run)
+}
+
+/// One worker's part of the input: the events of the partitions it owns.
+type Share = (Vec<FeatureEvent>, Vec<EpochInput>);
+
+/// Splits the input by owning worker before the run, so that each worker moves its events into
+/// the dataflow instead of cloning them, as a source hands over what it decoded.
+fn split_by_owner(
+    peers: usize,
+    initial_features: Vec<FeatureEvent>,
+    epochs: Vec<EpochInput>,
+) -> Vec<Share> {
+    let owner = |position: &ReadPosition| position.0.unsigned_abs() as usize % peers;
+    let mut shares: Vec<Share> = (0..peers)
+        .map(|_| (Vec::new(), vec![EpochInput::default(); epochs.len()]))
+        .collect();
+    for event in initial_features {
+        shares[owner(&event.position)].0.push(event);
+    }
+    for (i, epoch) in epochs.into_iter().enumerate() {
+        for event in epoch.profiles {
+            shares[owner(&event.position)].1[i].profiles.push(event);
+        }
+        for event in epoch.features {
+            shares[owner(&event.position)].1[i].features.push(event);
+        }
+    }
+    shares
+}
+
+/// [`run_in_memory`] with options: outputs kept or only counted, epochs overlapping or fed one
+/// at a time and timed.
+pub fn run_in_memory_with(
+    workers: usize,
+    params: InterestParams,
+    initial_features: Vec<FeatureEvent>,
+    epochs: Vec<EpochInput>,
+    options: MemoryOptions,
+) -> Result<TimedRun, String> {
+    let workers = workers.max(1);
     let outputs: Shared<BTreeMap<u64, Vec<ProfileOutput>>> = Arc::default();
     let counters: Shared<BTreeMap<u64, EpochCounters>> = Arc::default();
-    let inputs = Arc::new((initial_features, epochs));
-    let (outputs_in, counters_in) = (outputs.clone(), counters.clone());
-    let guards = timely::execute(timely::Config::process(workers.max(1)), move |worker| {
-        let (index, peers) = (worker.index(), worker.peers());
-        let owns =
-            move |position: &ReadPosition| position.0.unsigned_abs() as usize % peers == index;
+    let times: Shared<(Duration, BTreeMap<u64, Duration>)> = Arc::default();
+    let shares: Arc<Vec<Mutex<Option<Share>>>> = Arc::new(
+        split_by_owner(workers, initial_features, epochs)
+            .into_iter()
+            .map(|share| Mutex::new(Some(share)))
+            .collect(),
+    );
+    let keep = options.keep_outputs.then(|| outputs.clone());
+    let (counters_in, times_in) = (counters.clone(), times.clone());
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        let index = worker.index();
         let board = Rc::new(RefCell::new(StatsBoard::default()));
         let mut profile_input = InputHandle::new();
         let mut feature_input = InputHandle::new();
@@ -78,32 +169,68 @@ pub fn run_in_memory(
                 params,
                 board.clone(),
             );
-            let writer = CaptureWriter(outputs_in.clone());
+            let writer = CaptureWriter(keep.clone());
             write_epochs(outputs, None, writer, board.clone()).probe_with(&probe);
         });
 
-        let (initial_features, epochs) = &*inputs;
-        for event in initial_features.iter().filter(|e| owns(&e.position)) {
-            feature_input.send(event.clone());
+        // Each worker's share is taken once: the closure runs once per worker.
+        let (initial_features, epochs) = shares[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .unwrap_or_default();
+        let epoch_count = epochs.len() as u64;
+        let mut epoch_times = BTreeMap::new();
+        let features_started = Instant::now();
+        for event in initial_features {
+            feature_input.send(event);
         }
-        for (i, epoch) in epochs.iter().enumerate() {
+        // The initial features are in place before the clock starts: they stand for the
+        // features file, loaded before any message is read.
+        profile_input.advance_to(1);
+        feature_input.advance_to(1);
+        worker.step_while(|| probe.less_than(&1));
+        let started = Instant::now();
+        epoch_times.insert(0, started - features_started);
+        let mut epoch_started = started;
+        for (i, epoch) in epochs.into_iter().enumerate() {
             let time = i as u64 + 1;
             profile_input.advance_to(time);
             feature_input.advance_to(time);
-            for event in epoch.profiles.iter().filter(|e| owns(&e.position)) {
-                board.borrow_mut().epoch(time).messages += 1;
-                profile_input.send(event.clone());
+            if options.lockstep && time > 1 {
+                // The epoch before must be written everywhere before this one is fed.
+                worker.step_while(|| probe.less_than(&time));
+                let now = Instant::now();
+                epoch_times.insert(time - 1, now - epoch_started);
+                epoch_started = now;
             }
-            for event in epoch.features.iter().filter(|e| owns(&e.position)) {
+            for event in epoch.profiles {
                 board.borrow_mut().epoch(time).messages += 1;
-                feature_input.send(event.clone());
+                profile_input.send(event);
+            }
+            for event in epoch.features {
+                board.borrow_mut().epoch(time).messages += 1;
+                feature_input.send(event);
             }
         }
-        let end = epochs.len() as u64 + 1;
+        let end = epoch_count + 1;
         profile_input.advance_to(end);
         feature_input.advance_to(end);
         worker.step_while(|| probe.less_than(&end));
+        let finished = Instant::now();
+        if epoch_count > 0 {
+            epoch_times.insert(epoch_count, finished - epoch_started);
+        }
 
+        if index == 0 {
+            let mut times = times_in
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            times.0 = finished - started;
+            if options.lockstep {
+                times.1 = epoch_times;
+            }
+        }
         let mut totals = counters_in
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -119,5 +246,71 @@ pub fn run_in_memory(
         profiles.sort_by(|a, b| a.user_id.cmp(&b.user_id));
     }
     let counters = std::mem::take(&mut *counters.lock().map_err(|e| e.to_string())?);
-    Ok(MemoryRun { outputs, counters })
+    let (elapsed, epoch_times) = std::mem::take(&mut *times.lock().map_err(|e| e.to_string())?);
+    Ok(TimedRun {
+        run: MemoryRun { outputs, counters },
+        elapsed,
+        epoch_times,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic in a test is a test failure
+
+    use super::*;
+    use crate::model::FeatureVector;
+
+    fn profile(user: &str, timestamp: u64, items: &[&str], offset: i64) -> ProfileEvent {
+        let message = profile::ProfileMessage {
+            user_id: user.to_owned(),
+            history_items: items.iter().map(|item| item.to_string()).collect(),
+            timestamp,
+        };
+        ProfileEvent::from_message(message, ((offset % 3) as i32, offset), 50)
+    }
+
+    #[test]
+    fn lockstep_times_every_epoch_and_counting_matches_keeping() {
+        let params = InterestParams { dim: 2, decay: 0.9 };
+        let features = vec![FeatureEvent {
+            item_id: "i1".to_owned(),
+            features: FeatureVector::new(&[1.0, 2.0]),
+            position: (100, 0),
+        }];
+        let epochs = vec![
+            EpochInput {
+                profiles: vec![profile("a", 1, &["i1"], 0), profile("b", 1, &["i2"], 1)],
+                features: vec![],
+            },
+            EpochInput::default(),
+            EpochInput {
+                profiles: vec![],
+                features: vec![FeatureEvent {
+                    item_id: "i1".to_owned(),
+                    features: FeatureVector::new(&[3.0, 4.0]),
+                    position: (100, 1),
+                }],
+            },
+        ];
+        let kept = run_in_memory(2, params, features.clone(), epochs.clone()).unwrap();
+        let options = MemoryOptions {
+            keep_outputs: false,
+            lockstep: true,
+        };
+        let counted = run_in_memory_with(2, params, features, epochs, options).unwrap();
+        assert!(counted.run.outputs.is_empty());
+        assert_eq!(
+            counted.epoch_times.keys().copied().collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        let changed = |run: &MemoryRun| {
+            run.counters
+                .iter()
+                .map(|(&epoch, counts)| (epoch, counts.changed))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(changed(&counted.run), changed(&kept));
+        assert_eq!(kept.outputs.get(&3).map(Vec::len), Some(1));
+    }
 }
