@@ -3,9 +3,10 @@
 //! read it and the end-to-end rate of the real `dataflow` binary, from first read to the last
 //! Redis acknowledgement; then how fast Redis alone stores the same profile writes, as plain
 //! pipelined `SET`s and through the sink's no-regression script. It prints a per-epoch table
-//! and the rates, and writes them as JSON.
+//! and a summary with the ratios between those rates, and writes them as JSON.
 
 pub mod broker;
 pub mod e2e;
 pub mod redis_write;
+pub mod summary;
 pub mod workload;

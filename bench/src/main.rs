@@ -5,13 +5,14 @@ use std::time::Duration;
 use anyhow::Context;
 use bench::e2e::{dataflow_binary, run_dataflow};
 use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
+use bench::summary::Summary;
 use bench::workload::{Workload, WorkloadConfig};
 use clap::Parser;
 
 /// Measures streamrec on a generated workload: preload a fresh topic, read it back raw, run the
 /// dataflow on it end to end, then write the same number of profiles to Redis as plain pipelined
-/// SETs and through the sink's Lua script. Prints a per-epoch table and the rates, and writes
-/// them as JSON. Needs a broker and Redis
+/// SETs and through the sink's Lua script. Prints a per-epoch table and a summary with the
+/// ratios, and writes them as JSON. Needs a broker and Redis
 /// (scripts/services.sh start) and the release dataflow binary (cargo build --release -p
 /// streamrec-dataflow).
 #[derive(Debug, Parser)]
@@ -173,21 +174,10 @@ fn main() -> anyhow::Result<()> {
             epoch.messages as f64 * 1000.0 / args.epoch_ms as f64
         );
     }
-    let changed = e2e.profile_writes();
-    println!(
-        "end to end: {} messages in {:.2} s = {:.0} msg/s with -w {} ({changed} profile writes); \
-         raw consume {raw_rate:.0} msg/s; e2e/raw = {:.2}",
-        e2e.messages,
-        e2e.seconds,
-        e2e.rate(),
-        args.workers,
-        e2e.rate() / raw_rate
-    );
-    println!(
-        "the same profile writes to Redis: plain SET {:.0}/s, sink (Lua script) {:.0}/s",
-        set.rate(),
-        lua.rate()
-    );
+    let summary = Summary::new(total as u64, raw_rate, &e2e, &set, &lua);
+    println!();
+    println!("{}", summary.render(args.workers, e2e.seconds, &set));
+
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -201,6 +191,7 @@ fn main() -> anyhow::Result<()> {
         "e2e_over_raw": e2e.rate() / raw_rate,
         "redis_set": set,
         "sink_lua": lua,
+        "summary": summary,
         "e2e": e2e,
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
