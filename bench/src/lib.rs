@@ -3,9 +3,11 @@
 //! read it and the end-to-end rate of the real `dataflow` binary, from first read to the last
 //! Redis acknowledgement; then how fast Redis alone stores the same profile writes, as plain
 //! pipelined `SET`s and through the sink's no-regression script. It prints a per-epoch table
-//! and a summary with the ratios between those rates, and writes them as JSON.
+//! and a summary with the ratios between those rates, and writes them as JSON and as an SVG
+//! chart.
 
 pub mod broker;
+pub mod chart;
 pub mod e2e;
 pub mod redis_write;
 pub mod summary;

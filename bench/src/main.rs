@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use bench::chart::write_chart;
 use bench::e2e::{dataflow_binary, run_dataflow};
 use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
 use bench::summary::Summary;
@@ -12,7 +13,7 @@ use clap::Parser;
 /// Measures streamrec on a generated workload: preload a fresh topic, read it back raw, run the
 /// dataflow on it end to end, then write the same number of profiles to Redis as plain pipelined
 /// SETs and through the sink's Lua script. Prints a per-epoch table and a summary with the
-/// ratios, and writes them as JSON. Needs a broker and Redis
+/// ratios, and writes them as JSON and an SVG chart. Needs a broker and Redis
 /// (scripts/services.sh start) and the release dataflow binary (cargo build --release -p
 /// streamrec-dataflow).
 #[derive(Debug, Parser)]
@@ -46,6 +47,9 @@ struct Args {
     /// per-epoch statistics.
     #[arg(long, default_value = "target/bench/e2e.json")]
     json: std::path::PathBuf,
+    /// Where to write the SVG chart of messages/s and epoch latency per epoch.
+    #[arg(long, default_value = "target/bench/e2e.svg")]
+    chart: std::path::PathBuf,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -178,9 +182,23 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("{}", summary.render(args.workers, e2e.seconds, &set));
 
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
+    let title = format!(
+        "streamrec bench: {total} messages, {} users, {} items, D={}, history {}, -w {}, \
+         {} ms epochs",
+        workload.distinct_users,
+        workload.items.len(),
+        workload.dim,
+        args.workload.history,
+        args.workers,
+        args.epoch_ms
+    );
+    for path in [&args.json, &args.chart] {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
     }
+    write_chart(&args.chart, &title, &e2e.epochs, args.epoch_ms, e2e.rate())
+        .with_context(|| format!("writing {}", args.chart.display()))?;
     let report = serde_json::json!({
         "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": args.workload.history},
         "workers": args.workers,
@@ -192,10 +210,11 @@ fn main() -> anyhow::Result<()> {
         "redis_set": set,
         "sink_lua": lua,
         "summary": summary,
+        "chart": args.chart,
         "e2e": e2e,
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", args.json.display()))?;
-    eprintln!("wrote {}", args.json.display());
+    eprintln!("wrote {} and {}", args.json.display(), args.chart.display());
     Ok(())
 }
