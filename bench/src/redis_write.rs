@@ -309,7 +309,7 @@ fn read_oks(conn: &mut redis::Connection, replies: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Writes every profile through `RedisSink::write` with its default config, one sink per
+/// Writes every profile through `RedisSink::write` with its default batching, one sink per
 /// connection as in the dataflow, each connection's profiles in one call (no epoch barriers:
 /// this is the best rate of the sink's path). The sink encodes the records itself, as it does
 /// in the dataflow.
@@ -318,12 +318,16 @@ pub fn sink_phase(
     profiles: &Profiles,
     connections: usize,
 ) -> anyhow::Result<RedisPhase> {
-    let defaults = SinkConfig::new(url);
-    let (batch, depth) = (defaults.max_batch_records, defaults.pipeline_depth);
+    let config = SinkConfig {
+        // The sink retries until Redis is back by default; a benchmark should fail instead.
+        max_retries: Some(3),
+        ..SinkConfig::new(url)
+    };
+    let (batch, depth) = (config.max_batch_records, config.pipeline_depth);
     let (elapsed, stats) = timed_parallel(
         profiles.shards(connections),
         |shard| {
-            let sink = RedisSink::connect(defaults.clone())?;
+            let sink = RedisSink::connect(config.clone())?;
             let records: Vec<ProfileRecord<'_>> =
                 shard.iter().map(|&i| profiles.record(i)).collect();
             Ok((sink, records))
