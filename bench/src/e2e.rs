@@ -34,6 +34,11 @@ impl EndToEnd {
     pub fn rate(&self) -> f64 {
         self.messages as f64 / self.seconds.max(1e-9)
     }
+
+    /// Profile values handed to Redis: the changed profiles of every epoch.
+    pub fn profile_writes(&self) -> u64 {
+        self.epochs.iter().map(|e| e.changed).sum()
+    }
 }
 
 /// The `dataflow` binary beside this one (both are built into the same target directory).

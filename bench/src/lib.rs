@@ -1,10 +1,16 @@
 //! streamrec's benchmark tool. It generates a seeded, Amazon-shaped profile workload, preloads
 //! it into a fresh topic, and measures on that same topic the raw rate at which Kafka consumers
 //! read it and the end-to-end rate of the real `dataflow` binary, from first read to the last
-//! Redis acknowledgement, with the ratio between them.
+//! Redis acknowledgement; then how fast Redis alone stores the same profile writes, as plain
+//! pipelined `SET`s and through the sink's no-regression script. It prints a per-epoch table
+//! and a summary with the ratios between those rates, and writes them as JSON and as an SVG
+//! chart.
 
 pub mod broker;
+pub mod chart;
 pub mod e2e;
 pub mod memory;
 pub mod paced;
+pub mod redis_write;
+pub mod summary;
 pub mod workload;

@@ -3,22 +3,31 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use bench::chart::write_chart;
 use bench::e2e::{dataflow_binary, run_dataflow};
+use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
+use bench::summary::Summary;
 use bench::workload::{Workload, WorkloadConfig};
 use clap::Parser;
 
-/// Measures streamrec on a generated workload: preload a fresh topic, read it back raw, then run
-/// the dataflow on it end to end. Needs a broker and Redis (scripts/services.sh start) and the
-/// release dataflow binary (cargo build --release -p streamrec-dataflow).
+/// Measures streamrec on a generated workload: preload a fresh topic, read it back raw, run the
+/// dataflow on it end to end, then write the same number of profiles to Redis as plain pipelined
+/// SETs and through the sink's Lua script. Prints a per-epoch table and a summary with the
+/// ratios, and writes them as JSON and an SVG chart. Needs a broker and Redis
+/// (scripts/services.sh start) and the release dataflow binary (cargo build --release -p
+/// streamrec-dataflow).
 #[derive(Debug, Parser)]
-#[command(name = "bench", version, about, long_about = None)]
+#[command(name = "bench", version)]
 struct Args {
     #[command(flatten)]
     workload: WorkloadConfig,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKER", default_value = "localhost:9092")]
     brokers: String,
-    /// Redis the dataflow writes to. Use a database of its own: the run writes ~100k keys.
+    /// Redis the dataflow and the Redis phases write to. Use a database of its own: its
+    /// database (/9 by default) is emptied with FLUSHDB before the end-to-end run and before
+    /// each Redis phase, so that every run starts from the same state, and the run leaves ~100k
+    /// keys in it.
     #[arg(
         long,
         env = "BENCH_REDIS_URL",
@@ -34,9 +43,13 @@ struct Args {
     /// Epoch length given to the dataflow.
     #[arg(long, default_value_t = 100)]
     epoch_ms: u64,
-    /// Where to write the figures as JSON.
+    /// Where to write the figures as JSON: workload, every phase's rate, the ratios and the
+    /// per-epoch statistics.
     #[arg(long, default_value = "target/bench/e2e.json")]
     json: std::path::PathBuf,
+    /// Where to write the SVG chart of messages/s and epoch latency per epoch.
+    #[arg(long, default_value = "target/bench/e2e.svg")]
+    chart: std::path::PathBuf,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -45,6 +58,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let binary = dataflow_binary()?;
+    // Before generating and preloading the workload, so that a wrong URL fails at once.
+    ping(&args.redis)?;
     let started = std::time::Instant::now();
     let workload = Workload::generate(&args.workload);
     let total = workload.messages.len();
@@ -98,6 +113,9 @@ fn main() -> anyhow::Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Every phase that writes to Redis starts from an empty database, so that runs (and the
+    // script's reads of existing keys) are comparable.
+    flush_db(&args.redis)?;
     let e2e = run_dataflow(
         &binary,
         &dataflow_args,
@@ -105,7 +123,46 @@ fn main() -> anyhow::Result<()> {
         total as u64,
         Duration::from_secs(args.timeout_secs),
     )?;
+    std::fs::remove_dir_all(&dir).ok();
+    let writes = e2e.profile_writes();
+    eprintln!(
+        "end to end: {:.0} msg/s, {writes} profile writes",
+        e2e.rate()
+    );
 
+    // The Redis phases write as many profiles as the end-to-end run did: those of the first
+    // `writes` messages, with one write per message (the dataflow writes a user once per epoch
+    // however many of its messages the epoch holds, which is why `writes` can be below the
+    // message count).
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let profiles = Profiles::build(&workload, writes as usize, epoch);
+    flush_db(&args.redis)?;
+    let set = set_phase(&args.redis, &profiles, args.workers).context("raw Redis SET phase")?;
+    eprintln!(
+        "raw Redis SET ({} connections, {} per pipeline, {} in flight, {:.0} B per write): \
+         {:.0} profile writes/s",
+        set.connections,
+        set.batch,
+        set.depth,
+        set.bytes_per_write(),
+        set.rate()
+    );
+    flush_db(&args.redis)?;
+    let lua = sink_phase(&args.redis, &profiles, args.workers).context("sink (Lua) phase")?;
+    eprintln!(
+        "sink, Lua script ({} connections, {:.0} B per write): {:.0} profile writes/s",
+        lua.connections,
+        lua.bytes_per_write(),
+        lua.rate()
+    );
+    drop(profiles);
+
+    println!(
+        "per epoch (epoch+ms: ms since the first epoch; changed: profiles written; latency_ms: \
+         epoch end to Redis ack; msg/s: messages over the epoch length)"
+    );
     println!(
         "{:>8} {:>9} {:>9} {:>11} {:>10}",
         "epoch+ms", "messages", "changed", "latency_ms", "msg/s"
@@ -121,19 +178,27 @@ fn main() -> anyhow::Result<()> {
             epoch.messages as f64 * 1000.0 / args.epoch_ms as f64
         );
     }
-    let changed: u64 = e2e.epochs.iter().map(|e| e.changed).sum();
-    println!(
-        "end to end: {} messages in {:.2} s = {:.0} msg/s with -w {} ({changed} profile writes); \
-         raw consume {raw_rate:.0} msg/s; e2e/raw = {:.2}",
-        e2e.messages,
-        e2e.seconds,
-        e2e.rate(),
+    let summary = Summary::new(total as u64, raw_rate, &e2e, &set, &lua);
+    println!();
+    println!("{}", summary.render(args.workers, e2e.seconds, &set));
+
+    let title = format!(
+        "streamrec bench: {total} messages, {} users, {} items, D={}, history {}, -w {}, \
+         {} ms epochs",
+        workload.distinct_users,
+        workload.items.len(),
+        workload.dim,
+        args.workload.history,
         args.workers,
-        e2e.rate() / raw_rate
+        args.epoch_ms
     );
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
+    for path in [&args.json, &args.chart] {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
     }
+    write_chart(&args.chart, &title, &e2e.epochs, args.epoch_ms, e2e.rate())
+        .with_context(|| format!("writing {}", args.chart.display()))?;
     let report = serde_json::json!({
         "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": args.workload.history},
         "workers": args.workers,
@@ -142,9 +207,14 @@ fn main() -> anyhow::Result<()> {
         "preload_msgs_per_s": total as f64 / preload.as_secs_f64(),
         "e2e_msgs_per_s": e2e.rate(),
         "e2e_over_raw": e2e.rate() / raw_rate,
+        "redis_set": set,
+        "sink_lua": lua,
+        "summary": summary,
+        "chart": args.chart,
         "e2e": e2e,
     });
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    eprintln!("wrote {} and {}", args.json.display(), args.chart.display());
     Ok(())
 }

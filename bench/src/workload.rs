@@ -33,10 +33,21 @@ pub struct WorkloadConfig {
     pub seed: u64,
 }
 
+/// Timestamp of message 0; message i has `BASE_TIMESTAMP + i`, so every message is newer than
+/// the ones before it.
+pub const BASE_TIMESTAMP: u64 = 1_500_000_000;
+
 /// A generated workload: messages as (key, JSON value) and the items' features.
 #[derive(Debug)]
 pub struct Workload {
     pub messages: Vec<(String, Vec<u8>)>,
+    /// Index into `users` of each message's user.
+    pub message_users: Vec<u32>,
+    /// Each message's history as indices into `items`, `history` per message, in message order
+    /// (kept so the Redis phases can rebuild the profiles without parsing the JSON back).
+    pub histories: Vec<u32>,
+    pub history: usize,
+    pub users: Vec<String>,
     pub items: Vec<String>,
     pub dim: usize,
     pub seed: u64,
@@ -54,19 +65,23 @@ impl Workload {
                 .expect("Zipf weights are finite and positive");
         let mut seen = vec![false; users.len()];
         let mut history: Vec<&str> = Vec::with_capacity(config.history);
-        let base_timestamp = 1_500_000_000u64;
+        let mut message_users = Vec::with_capacity(config.messages);
+        let mut histories = Vec::with_capacity(config.messages * config.history);
         let messages = (0..config.messages)
             .map(|i| {
                 let user = rng.random_range(0..users.len());
                 seen[user] = true;
+                message_users.push(user as u32);
                 history.clear();
-                history.extend(
-                    (0..config.history).map(|_| items[popularity.sample(&mut rng)].as_str()),
-                );
+                for _ in 0..config.history {
+                    let item = popularity.sample(&mut rng);
+                    histories.push(item as u32);
+                    history.push(items[item].as_str());
+                }
                 let value = profile::ProfileMessageRef {
                     user_id: &users[user],
                     history_items: &history,
-                    timestamp: base_timestamp + i as u64,
+                    timestamp: BASE_TIMESTAMP + i as u64,
                 }
                 .encode(profile::Encoding::Json);
                 (users[user].clone(), value)
@@ -74,7 +89,11 @@ impl Workload {
             .collect();
         Workload {
             messages,
+            message_users,
+            histories,
+            history: config.history,
             distinct_users: seen.iter().filter(|&&s| s).count(),
+            users,
             items,
             dim: config.dim,
             seed: config.seed,
@@ -98,6 +117,11 @@ impl Workload {
             writeln!(out)?;
         }
         out.flush()
+    }
+
+    /// The item indices of message `i`'s history, in message order.
+    pub fn history_of(&self, i: usize) -> &[u32] {
+        &self.histories[i * self.history..(i + 1) * self.history]
     }
 
     /// Total bytes of the message values.
