@@ -50,6 +50,14 @@ struct Args {
     /// Where to write the SVG chart of messages/s and epoch latency per epoch.
     #[arg(long, default_value = "target/bench/e2e.svg")]
     chart: std::path::PathBuf,
+    /// The latency phase produces at this fraction of the end-to-end rate just measured, while a
+    /// fresh dataflow reads a fresh topic live, and reports the p50/p99 epoch latency (target:
+    /// p99 at most twice --epoch-ms at half the maximum rate). 0 skips the phase.
+    #[arg(long, default_value_t = 0.5)]
+    latency_fraction: f64,
+    /// How long the latency phase produces, in seconds (capped by the workload's size).
+    #[arg(long, default_value_t = 20)]
+    latency_secs: u64,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -94,36 +102,37 @@ fn main() -> anyhow::Result<()> {
         args.workers
     );
 
-    let dataflow_args: Vec<String> = [
-        "--brokers",
-        &args.brokers,
-        "--topic",
-        &topic,
-        "--group",
-        &format!("{run_id}-group"),
-        "--redis",
-        &args.redis,
-        "--item-features",
-        features.to_str().unwrap_or_default(),
-        "--item-topic",
-        &format!("{run_id}-no-items"),
-        "-w",
-        &args.workers.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let dataflow_args = |topic: &str| -> Vec<String> {
+        [
+            "--brokers",
+            &args.brokers,
+            "--topic",
+            topic,
+            "--group",
+            &format!("{topic}-group"),
+            "--redis",
+            &args.redis,
+            "--item-features",
+            features.to_str().unwrap_or_default(),
+            "--item-topic",
+            &format!("{run_id}-no-items"),
+            "-w",
+            &args.workers.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
     // Every phase that writes to Redis starts from an empty database, so that runs (and the
     // script's reads of existing keys) are comparable.
     flush_db(&args.redis)?;
     let e2e = run_dataflow(
         &binary,
-        &dataflow_args,
+        &dataflow_args(&topic),
         args.epoch_ms,
         total as u64,
         Duration::from_secs(args.timeout_secs),
     )?;
-    std::fs::remove_dir_all(&dir).ok();
     let writes = e2e.profile_writes();
     eprintln!(
         "end to end: {:.0} msg/s, {writes} profile writes",
@@ -159,6 +168,67 @@ fn main() -> anyhow::Result<()> {
     );
     drop(profiles);
 
+    // Latency at a fraction of the maximum rate: a fresh dataflow on a fresh topic, fed live.
+    let latency = if args.latency_fraction > 0.0 {
+        let rate = args.latency_fraction * e2e.rate();
+        let count = ((rate * args.latency_secs as f64) as usize).clamp(1, total);
+        let live_topic = format!("{run_id}-live");
+        bench::broker::create_topic(&args.brokers, &live_topic, args.partitions)
+            .context("creating the live topic")?;
+        flush_db(&args.redis)?;
+        let live = &workload.messages[..count];
+        let (brokers, producer_topic) = (args.brokers.clone(), live_topic.clone());
+        let run = std::thread::scope(|scope| {
+            let producer = scope.spawn(move || {
+                // Give the dataflow time to load its features and connect, so the first
+                // epochs measure the pipeline, not its start.
+                std::thread::sleep(Duration::from_secs(2));
+                bench::paced::produce_paced(&brokers, &producer_topic, live, rate)
+            });
+            let run = run_dataflow(
+                &binary,
+                &dataflow_args(&live_topic),
+                args.epoch_ms,
+                count as u64,
+                Duration::from_secs(args.timeout_secs),
+            );
+            let produced = producer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the paced producer panicked"))?;
+            produced?;
+            run
+        })
+        .context("latency phase")?;
+        // The first second of epochs is left out: connections and first fetches.
+        let latencies = bench::paced::latencies(&run.epochs, 1_000)
+            .ok_or_else(|| anyhow::anyhow!("the latency phase reported no epoch"))?;
+        let line = format!(
+            "latency at {:.0}% of the end-to-end rate ({rate:.0} msg/s, {count} messages): \
+             epoch latency p50 {} ms, p99 {} ms, max {} ms over {} epochs (target p99 <= {} ms)",
+            args.latency_fraction * 100.0,
+            latencies.p50_ms,
+            latencies.p99_ms,
+            latencies.max_ms,
+            latencies.epochs,
+            2 * args.epoch_ms
+        );
+        eprintln!("{line}");
+        Some((
+            line,
+            serde_json::json!({
+                "fraction_of_e2e_rate": args.latency_fraction,
+                "rate_msgs_per_s": rate,
+                "messages": count,
+                "latencies": latencies,
+                "p99_target_ms": 2 * args.epoch_ms,
+                "epochs": run.epochs,
+            }),
+        ))
+    } else {
+        None
+    };
+    std::fs::remove_dir_all(&dir).ok();
+
     println!(
         "per epoch (epoch+ms: ms since the first epoch; changed: profiles written; latency_ms: \
          epoch end to Redis ack; msg/s: messages over the epoch length)"
@@ -181,6 +251,9 @@ fn main() -> anyhow::Result<()> {
     let summary = Summary::new(total as u64, raw_rate, &e2e, &set, &lua);
     println!();
     println!("{}", summary.render(args.workers, e2e.seconds, &set));
+    if let Some((line, _)) = &latency {
+        println!("{line}");
+    }
 
     let title = format!(
         "streamrec bench: {total} messages, {} users, {} items, D={}, history {}, -w {}, \
@@ -211,6 +284,7 @@ fn main() -> anyhow::Result<()> {
         "sink_lua": lua,
         "summary": summary,
         "chart": args.chart,
+        "latency": latency.map(|(_, json)| json),
         "e2e": e2e,
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
