@@ -55,6 +55,10 @@ struct Args {
     /// p99 at most twice --epoch-ms at half the maximum rate). 0 skips the phase.
     #[arg(long, default_value_t = 0.5)]
     latency_fraction: f64,
+    /// Produce the latency phase at this many messages per second instead of a fraction of
+    /// the end-to-end rate, to compare runs at one rate.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// How long the latency phase produces, in seconds (capped by the workload's size).
     #[arg(long, default_value_t = 20)]
     latency_secs: u64,
@@ -169,8 +173,10 @@ fn main() -> anyhow::Result<()> {
     drop(profiles);
 
     // Latency at a fraction of the maximum rate: a fresh dataflow on a fresh topic, fed live.
-    let latency = if args.latency_fraction > 0.0 {
-        let rate = args.latency_fraction * e2e.rate();
+    let latency = if args.latency_fraction > 0.0 || args.latency_rate.is_some() {
+        let rate = args
+            .latency_rate
+            .unwrap_or(args.latency_fraction * e2e.rate());
         let count = ((rate * args.latency_secs as f64) as usize).clamp(1, total);
         let live_topic = format!("{run_id}-live");
         bench::broker::create_topic(&args.brokers, &live_topic, args.partitions)
@@ -205,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         let line = format!(
             "latency at {:.0}% of the end-to-end rate ({rate:.0} msg/s, {count} messages): \
              epoch latency p50 {} ms, p99 {} ms, max {} ms over {} epochs (target p99 <= {} ms)",
-            args.latency_fraction * 100.0,
+            rate / e2e.rate() * 100.0,
             latencies.p50_ms,
             latencies.p99_ms,
             latencies.max_ms,
@@ -216,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         Some((
             line,
             serde_json::json!({
-                "fraction_of_e2e_rate": args.latency_fraction,
+                "fraction_of_e2e_rate": rate / e2e.rate(),
                 "rate_msgs_per_s": rate,
                 "messages": count,
                 "latencies": latencies,

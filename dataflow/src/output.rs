@@ -53,7 +53,8 @@ pub fn write_epochs<'scope, W: EpochWriter>(
     outputs.unary_frontier(Pipeline, "WriteEpochs", move |_capability, info| {
         // The writer thread wakes the operator up when it has stored an epoch.
         let activator = worker.sync_activator_for(info.address.to_vec());
-        let (to_writer, epochs) = mpsc::sync_channel::<(u64, Vec<ProfileOutput>)>(MAX_EPOCHS_QUEUED);
+        let (to_writer, epochs) =
+            mpsc::sync_channel::<(u64, Vec<ProfileOutput>)>(MAX_EPOCHS_QUEUED);
         let (to_operator, stored) = mpsc::channel::<Stored>();
         let mut writer = writer;
         #[allow(clippy::expect_used)]
