@@ -75,6 +75,33 @@ impl Holder {
     }
 }
 
+/// An item's holders (see [`Holder`]).
+#[derive(Debug, Default)]
+struct ItemSlot {
+    /// The local users whose history took the item in, current and stale.
+    holders: Vec<Holder>,
+    /// The number of current entries in `holders`: the local users whose current history
+    /// holds the item.
+    held_by: u32,
+    /// The last pass of [`ItemTable::distinct`] that saw the item.
+    seen: u32,
+}
+
+impl ItemSlot {
+    /// Drops the stale entries of the holders list once they are a fifth of it.
+    fn compact_if_sparse(&mut self, users: &UserTable) {
+        let current = self.held_by as usize;
+        let holders = &mut self.holders;
+        if holders.len() > current + current / 4 + COMPACTION_SLACK {
+            holders.retain(|&holder| users.is_current(holder));
+            // A list that grew by doubling keeps up to twice what it needs.
+            if holders.capacity() > holders.len() + holders.len() / 2 + COMPACTION_SLACK {
+                holders.shrink_to(holders.len() + holders.len() / 4 + COMPACTION_SLACK);
+            }
+        }
+    }
+}
+
 /// A list is compacted when its entries pass its current ones by a quarter plus this many, so
 /// that a small list is not compacted at every push.
 const COMPACTION_SLACK: usize = 16;
@@ -93,13 +120,9 @@ struct ItemTable {
     /// ... which are `features[item * dim..][..dim]`. Every feature vector has D values: the
     /// features file and the topic's decoder both refuse any other length.
     features: Vec<f32>,
-    /// The local users whose history took each item in, current and stale (see [`Holder`]).
-    holders: Vec<Vec<Holder>>,
-    /// The number of current entries in each item's holders list: the local users whose
-    /// current history holds the item.
-    held_by: Vec<u32>,
-    /// Per item, the last pass of [`ItemTable::distinct`] that saw it.
-    seen: Vec<u32>,
+    /// What a profile change reads and writes of each of its items, side by side in one cache
+    /// line: the tables are larger than the caches, and a history touches 50 random items.
+    slots: Vec<ItemSlot>,
     pass: u32,
     /// Entries released for reuse, so ids seen once (an unknown item in one history) do not
     /// grow the table forever.
@@ -115,9 +138,7 @@ impl ItemTable {
             ids: Vec::new(),
             known: Vec::new(),
             features: Vec::new(),
-            holders: Vec::new(),
-            held_by: Vec::new(),
-            seen: Vec::new(),
+            slots: Vec::new(),
             pass: 0,
             free: Vec::new(),
         }
@@ -144,9 +165,7 @@ impl ItemTable {
                 self.ids.push(id.into());
                 self.known.push(false);
                 self.features.resize(self.features.len() + self.dim, 0.0);
-                self.holders.push(Vec::new());
-                self.held_by.push(0);
-                self.seen.push(0);
+                self.slots.push(ItemSlot::default());
                 (self.keys.len() - 1) as ItemIndex
             }
         };
@@ -192,11 +211,11 @@ impl ItemTable {
         // marks are cleared so that none can pass for new.
         self.pass = self.pass.wrapping_add(1);
         if self.pass == 0 {
-            self.seen.fill(0);
+            self.slots.iter_mut().for_each(|slot| slot.seen = 0);
             self.pass = 1;
         }
         for &item in history {
-            let seen = &mut self.seen[item as usize];
+            let seen = &mut self.slots[item as usize].seen;
             if *seen != self.pass {
                 *seen = self.pass;
                 each(self, item);
@@ -207,12 +226,12 @@ impl ItemTable {
     /// Releases `item` if nothing needs it any more: it has no features and no holder.
     fn release_if_unused(&mut self, item: ItemIndex) {
         let slot = item as usize;
-        if !self.known[slot] && self.held_by[slot] == 0 {
+        if !self.known[slot] && self.slots[slot].held_by == 0 {
             self.index.remove(&self.keys[slot]);
             self.ids[slot] = Arc::from("");
             // Every entry left is stale; the buffer goes too, which a once popular item's
             // makes large.
-            self.holders[slot] = Vec::new();
+            self.slots[slot].holders = Vec::new();
             self.free.push(item);
         }
     }
@@ -321,7 +340,7 @@ impl Holdings {
             if self.items.set_features(item, features.as_ref()) {
                 // Reading the list is the time to drop its stale entries.
                 let users = &self.users;
-                let holders = &mut self.items.holders[item as usize];
+                let holders = &mut self.items.slots[item as usize].holders;
                 holders.retain(|&holder| users.is_current(holder));
                 recompute.extend(holders.iter().map(|holder| holder.user()));
             }
@@ -383,36 +402,21 @@ impl Holdings {
         self.users.versions[slot] = version;
         // Every entry of the old version is stale now; the old history's items lose a holder.
         self.items.distinct(&old, |items, item| {
-            items.held_by[item as usize] -= 1;
+            items.slots[item as usize].held_by -= 1;
         });
         let new = std::mem::take(&mut self.users.histories[slot]);
+        let users = &self.users;
         self.items.distinct(&new, |items, item| {
-            items.held_by[item as usize] += 1;
-            items.holders[item as usize].push(Holder::new(user, version));
+            let slot = &mut items.slots[item as usize];
+            slot.held_by += 1;
+            slot.holders.push(Holder::new(user, version));
+            slot.compact_if_sparse(users);
         });
-        for &item in new.iter() {
-            self.compact_if_sparse(item);
-        }
         self.users.histories[slot] = new;
         // Once each: a released entry may be taken again at once.
         self.items
             .distinct(&old, |items, item| items.release_if_unused(item));
         Some(user)
-    }
-
-    /// Drops the stale entries of `item`'s holders list once they are a fifth of it.
-    fn compact_if_sparse(&mut self, item: ItemIndex) {
-        let slot = item as usize;
-        let current = self.items.held_by[slot] as usize;
-        let holders = &mut self.items.holders[slot];
-        if holders.len() > current + current / 4 + COMPACTION_SLACK {
-            let users = &self.users;
-            holders.retain(|&holder| users.is_current(holder));
-            // A list that grew by doubling keeps up to twice what it needs.
-            if holders.capacity() > holders.len() + holders.len() / 2 + COMPACTION_SLACK {
-                holders.shrink_to(holders.len() + holders.len() / 4 + COMPACTION_SLACK);
-            }
-        }
     }
 
     /// The user's current output (semantics §6 less the epoch), whose fingerprint it records.
@@ -518,7 +522,7 @@ mod tests {
             vec![profile("a", 1, &["u", "x", "u"])],
         );
         let u = holdings.items.find(id_key("u")).unwrap();
-        assert_eq!(holdings.items.held_by[u as usize], 1);
+        assert_eq!(holdings.items.slots[u as usize].held_by, 1);
         epoch(&mut holdings, vec![], vec![profile("a", 2, &["x"])]);
         assert_eq!(holdings.items.find(id_key("u")), None);
         assert_eq!(holdings.items.free.len(), 1);
@@ -571,11 +575,11 @@ mod tests {
             epoch(&mut holdings, vec![], profiles);
         }
         let x = holdings.items.find(id_key("x")).unwrap() as usize;
-        assert_eq!(holdings.items.held_by[x], 20);
+        assert_eq!(holdings.items.slots[x].held_by, 20);
         assert!(
-            holdings.items.holders[x].len() <= 20 + 20 / 4 + COMPACTION_SLACK,
+            holdings.items.slots[x].holders.len() <= 20 + 20 / 4 + COMPACTION_SLACK,
             "{} entries for 20 holders",
-            holdings.items.holders[x].len()
+            holdings.items.slots[x].holders.len()
         );
         let touched = epoch(&mut holdings, vec![features("x", Some(3.0))], vec![]);
         let mut expected: Vec<(String, u64, u32)> = (0..40)
@@ -584,7 +588,7 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(touched, expected);
-        assert_eq!(holdings.items.holders[x].len(), 20);
+        assert_eq!(holdings.items.slots[x].holders.len(), 20);
     }
 
     #[test]
@@ -600,8 +604,10 @@ mod tests {
             epoch(&mut holdings, vec![], vec![profile("a", t, &["y"])]);
         }
         let x = holdings.items.find(id_key("x")).unwrap() as usize;
-        assert_eq!(holdings.items.held_by[x], 0);
-        assert!(holdings.users.is_current(holdings.items.holders[x][0]));
+        assert_eq!(holdings.items.slots[x].held_by, 0);
+        assert!(holdings
+            .users
+            .is_current(holdings.items.slots[x].holders[0]));
         // x changes: a is recomputed for nothing, and nothing is emitted.
         assert!(epoch(&mut holdings, vec![features("x", Some(2.0))], vec![]).is_empty());
     }
