@@ -63,6 +63,9 @@ pub fn write_epochs<'scope, W: EpochWriter>(
             .spawn(move || {
                 for (epoch, profiles) in epochs {
                     let written = writer.write_epoch(epoch, &profiles);
+                    // Freed before the report, so that an epoch's cost includes freeing its
+                    // outputs (a few ms for 100,000), instead of delaying the next epoch.
+                    drop(profiles);
                     let report = Stored {
                         epoch,
                         written,
