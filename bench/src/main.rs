@@ -10,6 +10,11 @@ use bench::summary::Summary;
 use bench::workload::{Workload, WorkloadConfig};
 use clap::Parser;
 
+// The allocator the dataflow binary runs with, so that --in-memory measures the core as it runs
+// there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measures streamrec on a generated workload: preload a fresh topic, read it back raw, run the
 /// dataflow on it end to end, then write the same number of profiles to Redis as plain pipelined
 /// SETs and through the sink's Lua script. Prints a per-epoch table and a summary with the
@@ -62,6 +67,11 @@ struct Args {
     /// How long the latency phase produces, in seconds (capped by the workload's size).
     #[arg(long, default_value_t = 20)]
     latency_secs: u64,
+    /// Measure the dataflow core alone instead, from the generated workload in memory (no broker,
+    /// no Redis): its rate with -w 1 and with -w N, and the speedup. `bench-core` has this and
+    /// the incremental-cost and item-update modes, with more flags.
+    #[arg(long)]
+    in_memory: bool,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -69,6 +79,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.in_memory {
+        return in_memory(&args);
+    }
     let binary = dataflow_binary()?;
     // Before generating and preloading the workload, so that a wrong URL fails at once.
     ping(&args.redis)?;
@@ -296,5 +309,31 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", args.json.display()))?;
     eprintln!("wrote {} and {}", args.json.display(), args.chart.display());
+    Ok(())
+}
+
+/// The --in-memory mode: the scaling measurement of `bench-core`, on this run's workload.
+fn in_memory(args: &Args) -> anyhow::Result<()> {
+    let workload = Workload::generate(&args.workload);
+    let mut workers = vec![1];
+    if args.workers > 1 {
+        workers.push(args.workers);
+    }
+    let config = bench::memory::ScalingConfig {
+        epoch_messages: 10_000,
+        workers,
+        runs: 3,
+        max_history: args.workload.history,
+        decay: profile::DEFAULT_DECAY,
+    };
+    let scaling = bench::memory::scaling(&workload, &config).context("in-memory scaling")?;
+    println!("{}", scaling.table());
+    if let Some(parent) = args.json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let report = serde_json::json!({"in_memory": {"scaling": scaling}});
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    eprintln!("wrote {}", args.json.display());
     Ok(())
 }
