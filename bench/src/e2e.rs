@@ -27,6 +27,9 @@ pub struct EndToEnd {
     pub epochs: Vec<EpochStat>,
     pub messages: u64,
     pub seconds: f64,
+    /// The dataflow's peak resident memory (`VmHWM`), in kB, read just before it was stopped;
+    /// `None` where /proc cannot tell.
+    pub peak_rss_kb: Option<u64>,
 }
 
 impl EndToEnd {
@@ -108,6 +111,7 @@ pub fn run_dataflow(
             }
         }
     };
+    let peak_rss_kb = peak_rss_kb(child.id());
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -122,8 +126,33 @@ pub fn run_dataflow(
     let end = last.epoch + epoch_ms + last.latency_ms;
     let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
     Ok(EndToEnd {
+        peak_rss_kb,
         messages,
         seconds,
         epochs,
     })
+}
+
+/// The peak resident memory of process `pid` so far (`VmHWM` in /proc/<pid>/status), in kB.
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_peak_from_proc_status() {
+        let status = "Name:\tdataflow\nVmPeak:\t 2000 kB\nVmHWM:\t  804540 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(804_540));
+        assert_eq!(parse_vm_hwm("Name:\tx\n"), None);
+        assert!(peak_rss_kb(std::process::id()).is_some_and(|kb| kb > 0));
+    }
 }

@@ -270,6 +270,12 @@ fn main() -> anyhow::Result<()> {
     let summary = Summary::new(total as u64, raw_rate, &e2e, &set, &lua);
     println!();
     println!("{}", summary.render(args.workers, e2e.seconds, &set));
+    if let Some(kb) = e2e.peak_rss_kb {
+        println!(
+            "  dataflow peak RSS (VmHWM) {:.2} GB",
+            kb as f64 / 1_000_000.0
+        );
+    }
     if let Some((line, _)) = &latency {
         println!("{line}");
     }

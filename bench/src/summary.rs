@@ -153,6 +153,7 @@ mod tests {
 
     fn e2e(messages: u64, changed: &[u64], seconds: f64) -> EndToEnd {
         EndToEnd {
+            peak_rss_kb: None,
             epochs: changed
                 .iter()
                 .enumerate()
