@@ -51,9 +51,8 @@ impl<'w> Profiles<'w> {
     /// A message's profile is computed from that message alone, as the dataflow computes it:
     /// every message is newer than all before it, so it replaces its user's history with its
     /// own last 50 items, in message order, and every item has features. The vector comes from
-    /// `profile::interest_vector` (f64 sums) where the dataflow sums in fixed point, so a value
-    /// may differ from the dataflow's in the last digits of a float, not in size beyond a few
-    /// bytes.
+    /// `profile::interest_vector`, as the dataflow's does, so the values are the dataflow's but
+    /// for the epoch number.
     pub fn build(workload: &'w Workload, count: usize, epoch: u64) -> Self {
         let count = count.min(workload.messages.len());
         let dim = workload.dim;
