@@ -369,6 +369,7 @@ mod tests {
             items: 1000,
             dim: 8,
             history: 50,
+            repeat_fraction: None,
             zipf_s: 0.7,
             seed: 7,
         })

@@ -25,12 +25,24 @@ pub struct WorkloadConfig {
     /// Items per message history.
     #[arg(long, default_value_t = 50)]
     pub history: usize,
+    /// Fraction of messages whose user already had one, e.g. 0.9: each message's user is then a
+    /// user seen before (uniformly) with this probability, and otherwise the next new one of
+    /// --users (or a seen one once all are used). Unset, users are drawn uniformly from --users.
+    #[arg(long, value_parser = fraction)]
+    pub repeat_fraction: Option<f64>,
     /// Zipf exponent of item popularity.
     #[arg(long, default_value_t = 0.7)]
     pub zipf_s: f64,
     /// Seed of everything generated.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+}
+
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{text:?} is not a fraction in 0..=1")),
+    }
 }
 
 /// Timestamp of message 0; message i has `BASE_TIMESTAMP + i`, so every message is newer than
@@ -64,12 +76,28 @@ impl Workload {
             WeightedIndex::new((0..items.len()).map(|r| (r as f64 + 1.0).powf(-config.zipf_s)))
                 .expect("Zipf weights are finite and positive");
         let mut seen = vec![false; users.len()];
+        // With --repeat-fraction: the users seen so far, and the next new one.
+        let mut seen_users: Vec<usize> = Vec::new();
+        let mut next_new = 0;
         let mut history: Vec<&str> = Vec::with_capacity(config.history);
         let mut message_users = Vec::with_capacity(config.messages);
         let mut histories = Vec::with_capacity(config.messages * config.history);
         let messages = (0..config.messages)
             .map(|i| {
-                let user = rng.random_range(0..users.len());
+                let user = match config.repeat_fraction {
+                    None => rng.random_range(0..users.len()),
+                    Some(repeat) => {
+                        let repeats = next_new == users.len()
+                            || (!seen_users.is_empty() && rng.random_bool(repeat));
+                        if repeats {
+                            seen_users[rng.random_range(0..seen_users.len())]
+                        } else {
+                            next_new += 1;
+                            seen_users.push(next_new - 1);
+                            next_new - 1
+                        }
+                    }
+                };
                 seen[user] = true;
                 message_users.push(user as u32);
                 history.clear();
@@ -127,5 +155,40 @@ impl Workload {
     /// Total bytes of the message values.
     pub fn value_bytes(&self) -> usize {
         self.messages.iter().map(|(_, v)| v.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(messages: usize, users: usize, repeat_fraction: Option<f64>) -> WorkloadConfig {
+        WorkloadConfig {
+            messages,
+            users,
+            items: 100,
+            dim: 2,
+            history: 3,
+            repeat_fraction,
+            zipf_s: 0.7,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn the_repeat_fraction_sets_how_many_messages_have_a_known_user() {
+        let workload = Workload::generate(&config(10_000, 100_000, Some(0.9)));
+        // About 10% of the messages bring a new user.
+        assert!(
+            (800..=1_200).contains(&workload.distinct_users),
+            "{}",
+            workload.distinct_users
+        );
+        // Once every user is used, messages repeat them.
+        let all_used = Workload::generate(&config(1_000, 10, Some(0.0)));
+        assert_eq!(all_used.distinct_users, 10);
+        // Unset, users are uniform: 10k messages over 100k users touch ~9.5k of them.
+        let uniform = Workload::generate(&config(10_000, 100_000, None));
+        assert!(uniform.distinct_users > 9_000, "{}", uniform.distinct_users);
     }
 }

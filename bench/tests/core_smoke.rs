@@ -12,6 +12,7 @@ fn workload() -> WorkloadConfig {
         items: 300,
         dim: 4,
         history: 10,
+        repeat_fraction: None,
         zipf_s: 0.7,
         seed: 7,
     }
