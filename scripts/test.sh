@@ -31,7 +31,13 @@ export STREAMREC_TEST_REDIS=${STREAMREC_TEST_REDIS:-redis://127.0.0.1:$redis_por
 echo "test.sh: STREAMREC_TEST_BROKERS=$STREAMREC_TEST_BROKERS STREAMREC_TEST_REDIS=$STREAMREC_TEST_REDIS" >&2
 
 rc=0
-cargo test --workspace --locked "$@" || rc=$?
+log=$(mktemp)
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || rc=$?
+# One line for the whole workspace: cargo prints a result per test binary, and the last few are
+# doc tests with nothing in them.
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+rm -f "$log"
 
 if [[ -n $services ]]; then
     echo "test.sh: test services (${services# }) left running on 127.0.0.1:$redis_port" \
