@@ -64,7 +64,8 @@ struct Args {
     /// the end-to-end rate, to compare runs at one rate.
     #[arg(long)]
     latency_rate: Option<f64>,
-    /// How long the latency phase produces, in seconds (capped by the workload's size).
+    /// How long the latency phase produces, in seconds (past the workload's end its messages
+    /// come round again, with later timestamps).
     #[arg(long, default_value_t = 20)]
     latency_secs: u64,
     /// Measure the dataflow core alone instead, from the generated workload in memory (no broker,
@@ -72,6 +73,10 @@ struct Args {
     /// the incremental-cost and item-update modes, with more flags.
     #[arg(long)]
     in_memory: bool,
+    /// The latency phase's producer batches messages for up to this many ms (librdkafka's
+    /// linger.ms). Batches of 1 ms cost tansu a request each and made it the bottleneck.
+    #[arg(long, default_value_t = 20)]
+    latency_linger_ms: u64,
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -190,19 +195,27 @@ fn main() -> anyhow::Result<()> {
         let rate = args
             .latency_rate
             .unwrap_or(args.latency_fraction * e2e.rate());
-        let count = ((rate * args.latency_secs as f64) as usize).clamp(1, total);
+        // Past the workload's end the messages come round again with later timestamps.
+        let count = ((rate * args.latency_secs as f64) as usize).max(1);
         let live_topic = format!("{run_id}-live");
         bench::broker::create_topic(&args.brokers, &live_topic, args.partitions)
             .context("creating the live topic")?;
         flush_db(&args.redis)?;
-        let live = &workload.messages[..count];
+        let workload = &workload;
         let (brokers, producer_topic) = (args.brokers.clone(), live_topic.clone());
         let run = std::thread::scope(|scope| {
             let producer = scope.spawn(move || {
                 // Give the dataflow time to load its features and connect, so the first
                 // epochs measure the pipeline, not its start.
                 std::thread::sleep(Duration::from_secs(2));
-                bench::paced::produce_paced(&brokers, &producer_topic, live, rate)
+                bench::paced::produce_paced(
+                    &brokers,
+                    &producer_topic,
+                    count,
+                    |i| workload.message_at(i),
+                    rate,
+                    Duration::from_millis(args.latency_linger_ms),
+                )
             });
             let run = run_dataflow(
                 &binary,

@@ -147,6 +147,30 @@ impl Workload {
         out.flush()
     }
 
+    /// Message `i` of an endless stream: the workload's messages over and over, each pass with
+    /// timestamps after the last one's, so that every message is newer than its user's profile
+    /// and changes it, as the first pass's do. Message `i < len` is `messages[i]` itself.
+    pub fn message_at(&self, i: usize) -> (String, Vec<u8>) {
+        let n = self.messages.len();
+        if i < n {
+            return self.messages[i].clone();
+        }
+        let base = i % n;
+        let user = &self.users[self.message_users[base] as usize];
+        let history: Vec<&str> = self
+            .history_of(base)
+            .iter()
+            .map(|&item| self.items[item as usize].as_str())
+            .collect();
+        let value = profile::ProfileMessageRef {
+            user_id: user,
+            history_items: &history,
+            timestamp: BASE_TIMESTAMP + i as u64,
+        }
+        .encode(profile::Encoding::Json);
+        (user.clone(), value)
+    }
+
     /// The item indices of message `i`'s history, in message order.
     pub fn history_of(&self, i: usize) -> &[u32] {
         &self.histories[i * self.history..(i + 1) * self.history]
@@ -173,6 +197,20 @@ mod tests {
             zipf_s: 0.7,
             seed: 7,
         }
+    }
+
+    #[test]
+    fn the_endless_stream_repeats_the_messages_with_later_timestamps() {
+        let workload = Workload::generate(&config(5, 3, None));
+        assert_eq!(workload.message_at(2), workload.messages[2]);
+        let again =
+            profile::ProfileMessage::decode(&workload.message_at(7).1, Default::default()).unwrap();
+        let first =
+            profile::ProfileMessage::decode(&workload.messages[2].1, Default::default()).unwrap();
+        assert_eq!(again.user_id, first.user_id);
+        assert_eq!(again.history_items, first.history_items);
+        assert_eq!(again.timestamp, BASE_TIMESTAMP + 7);
+        assert_eq!(workload.message_at(7).0, first.user_id);
     }
 
     #[test]
