@@ -52,7 +52,8 @@ struct Args {
     /// per-epoch statistics.
     #[arg(long, default_value = "target/bench/e2e.json")]
     json: std::path::PathBuf,
-    /// Where to write the SVG chart of messages/s and epoch latency per epoch.
+    /// Where to write the SVG chart of messages/s and epoch latency per epoch. The latency
+    /// phase's chart goes beside it, with `-live` added to the name.
     #[arg(long, default_value = "target/bench/e2e.svg")]
     chart: std::path::PathBuf,
     /// The latency phase produces at this fraction of the end-to-end rate just measured, while a
@@ -245,6 +246,29 @@ fn main() -> anyhow::Result<()> {
             2 * args.epoch_ms
         );
         eprintln!("{line}");
+        let live_chart = args.chart.with_file_name(format!(
+            "{}-live.svg",
+            args.chart.file_stem().unwrap_or_default().to_string_lossy()
+        ));
+        if let Some(parent) = live_chart.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let live_title = format!(
+            "streamrec bench, fed live at {rate:.0} msg/s ({:.0}% of the end-to-end rate), -w {}, \
+             {} ms epochs",
+            rate / e2e.rate() * 100.0,
+            args.workers,
+            args.epoch_ms
+        );
+        write_chart(
+            &live_chart,
+            &live_title,
+            &run.epochs,
+            args.epoch_ms,
+            run.rate(),
+        )
+        .with_context(|| format!("writing {}", live_chart.display()))?;
+        eprintln!("wrote {}", live_chart.display());
         Some((
             line,
             serde_json::json!({
