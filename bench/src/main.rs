@@ -26,6 +26,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     #[command(flatten)]
     workload: WorkloadConfig,
+    /// Read the workload from this file instead of generating it: one profile message a line,
+    /// each the JSON value the topic gets (semantics §2), keyed by its user_id. Needs
+    /// --features-file; the generator's flags are then ignored.
+    #[arg(long, requires = "features_file")]
+    messages_file: Option<std::path::PathBuf>,
+    /// The item features of a --messages-file workload, as the dataflow's CSV (semantics §3):
+    /// `item_id,f0,...,f{D-1}`.
+    #[arg(long, requires = "messages_file")]
+    features_file: Option<std::path::PathBuf>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKER", default_value = "localhost:9092")]
     brokers: String,
@@ -92,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     // Before generating and preloading the workload, so that a wrong URL fails at once.
     ping(&args.redis)?;
     let started = std::time::Instant::now();
-    let workload = Workload::generate(&args.workload);
+    let workload = workload(&args)?;
     let total = workload.messages.len();
     eprintln!(
         "workload: {total} messages, {} distinct users, {} items, D={}, {} MB of values ({:.1} s)",
@@ -323,7 +332,7 @@ fn main() -> anyhow::Result<()> {
         workload.distinct_users,
         workload.items.len(),
         workload.dim,
-        args.workload.history,
+        workload.history,
         args.workers,
         args.epoch_ms
     );
@@ -335,7 +344,7 @@ fn main() -> anyhow::Result<()> {
     write_chart(&args.chart, &title, &e2e.epochs, args.epoch_ms, e2e.rate())
         .with_context(|| format!("writing {}", args.chart.display()))?;
     let report = serde_json::json!({
-        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": args.workload.history},
+        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history},
         "workers": args.workers,
         "epoch_ms": args.epoch_ms,
         "raw_consume_msgs_per_s": raw_rate,
@@ -355,9 +364,17 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workload: read from --messages-file and --features-file, or generated.
+fn workload(args: &Args) -> anyhow::Result<Workload> {
+    match (&args.messages_file, &args.features_file) {
+        (Some(messages), Some(features)) => Ok(Workload::load(messages, features)?),
+        _ => Ok(Workload::generate(&args.workload)),
+    }
+}
+
 /// The --in-memory mode: the scaling measurement of `bench-core`, on this run's workload.
 fn in_memory(args: &Args) -> anyhow::Result<()> {
-    let workload = Workload::generate(&args.workload);
+    let workload = workload(args)?;
     let mut workers = vec![1];
     if args.workers > 1 {
         workers.push(args.workers);
@@ -366,7 +383,7 @@ fn in_memory(args: &Args) -> anyhow::Result<()> {
         epoch_messages: 10_000,
         workers,
         runs: 3,
-        max_history: args.workload.history,
+        max_history: profile::DEFAULT_MAX_HISTORY,
         decay: profile::DEFAULT_DECAY,
     };
     let scaling = bench::memory::scaling(&workload, &config).context("in-memory scaling")?;

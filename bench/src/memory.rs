@@ -141,6 +141,19 @@ fn initial_features(items: &[String], seed: u64, dim: usize) -> Vec<FeatureEvent
         .collect()
 }
 
+/// The workload's own item features at epoch 0, as its features file has them.
+fn workload_features(workload: &Workload) -> Vec<FeatureEvent> {
+    (0..workload.items.len())
+        .filter_map(|index| {
+            Some(FeatureEvent {
+                item_id: workload.items[index].clone(),
+                features: FeatureVector::new(workload.features_of(index)?),
+                position: (ITEM_PARTITION, index as i64),
+            })
+        })
+        .collect()
+}
+
 fn profile_event(
     positions: &mut Positions,
     user_id: &str,
@@ -256,7 +269,7 @@ pub fn scaling(workload: &Workload, config: &ScalingConfig) -> Result<ScalingRep
                 })
                 .collect();
             epochs = inputs.len();
-            let initial = initial_features(&workload.items, workload.seed, workload.dim);
+            let initial = workload_features(workload);
             let timed = run(workers, params, initial, inputs, false)?;
             let messages: u64 = timed.run.counters.range(1..).map(|(_, c)| c.messages).sum();
             let seconds = timed.elapsed.as_secs_f64();

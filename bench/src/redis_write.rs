@@ -22,7 +22,7 @@ use redis::Value;
 use serde::{Deserialize, Serialize};
 use sink::{ProfileRecord, RedisSink, SinkConfig};
 
-use crate::workload::{Workload, BASE_TIMESTAMP};
+use crate::workload::Workload;
 
 /// Timeout of connecting and of every socket read and write: a phase that stalls this long has
 /// failed, and waiting forever would hide that.
@@ -33,9 +33,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Profiles<'w> {
     user_ids: Vec<&'w str>,
     timestamps: Vec<u64>,
-    /// The kept history of each profile, `history` items per profile.
+    /// The kept history of each profile: profile `i`'s ends at `item_ends[i]`.
     items: Vec<&'w str>,
-    history: usize,
+    item_ends: Vec<usize>,
     /// The interest vector of each profile, `dim` values per profile.
     vectors: Vec<f32>,
     dim: usize,
@@ -50,21 +50,18 @@ impl<'w> Profiles<'w> {
     ///
     /// A message's profile is computed from that message alone, as the dataflow computes it:
     /// every message is newer than all before it, so it replaces its user's history with its
-    /// own last 50 items, in message order, and every item has features. The vector comes from
+    /// own last 50 items, in message order. The vector comes from
     /// `profile::interest_vector`, as the dataflow's does, so the values are the dataflow's but
     /// for the epoch number.
     pub fn build(workload: &'w Workload, count: usize, epoch: u64) -> Self {
         let count = count.min(workload.messages.len());
         let dim = workload.dim;
-        let features: Vec<f32> = (0..workload.items.len())
-            .flat_map(|item| datagen::item_features(workload.seed, dim, item))
-            .collect();
         let history = workload.history.min(profile::DEFAULT_MAX_HISTORY);
         let mut profiles = Profiles {
             user_ids: Vec::with_capacity(count),
             timestamps: Vec::with_capacity(count),
             items: Vec::with_capacity(count * history),
-            history,
+            item_ends: Vec::with_capacity(count),
             vectors: Vec::with_capacity(count * dim),
             dim,
             known_items: Vec::with_capacity(count),
@@ -73,19 +70,19 @@ impl<'w> Profiles<'w> {
         for i in 0..count {
             let kept = profile::keep_last(workload.history_of(i), profile::DEFAULT_MAX_HISTORY);
             let interest = profile::interest_vector(
-                kept.iter()
-                    .map(|&item| Some(&features[item as usize * dim..(item as usize + 1) * dim])),
+                kept.iter().map(|&item| workload.features_of(item as usize)),
                 dim,
                 profile::DEFAULT_DECAY,
             );
             profiles
                 .user_ids
                 .push(&workload.users[workload.message_users[i] as usize]);
-            profiles.timestamps.push(BASE_TIMESTAMP + i as u64);
+            profiles.timestamps.push(workload.timestamps[i]);
             profiles.items.extend(
                 kept.iter()
                     .map(|&item| workload.items[item as usize].as_str()),
             );
+            profiles.item_ends.push(profiles.items.len());
             profiles.vectors.extend_from_slice(&interest.vector);
             profiles.known_items.push(interest.known_items);
         }
@@ -107,7 +104,8 @@ impl<'w> Profiles<'w> {
         ProfileRecord {
             user_id: self.user_ids[i],
             timestamp: self.timestamps[i],
-            history_items: &self.items[i * self.history..(i + 1) * self.history],
+            history_items: &self.items
+                [i.checked_sub(1).map_or(0, |before| self.item_ends[before])..self.item_ends[i]],
             interest_vector: &self.vectors[i * self.dim..(i + 1) * self.dim],
             known_items: self.known_items[i],
             epoch: self.epoch,
@@ -360,7 +358,7 @@ pub fn sink_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::WorkloadConfig;
+    use crate::workload::{WorkloadConfig, BASE_TIMESTAMP};
 
     fn small() -> Workload {
         Workload::generate(&WorkloadConfig {

@@ -55,15 +55,47 @@ pub struct Workload {
     pub messages: Vec<(String, Vec<u8>)>,
     /// Index into `users` of each message's user.
     pub message_users: Vec<u32>,
-    /// Each message's history as indices into `items`, `history` per message, in message order
-    /// (kept so the Redis phases can rebuild the profiles without parsing the JSON back).
+    /// Each message's history as indices into `items`, in message order (kept so the Redis
+    /// phases can rebuild the profiles without parsing the JSON back): message `i`'s ends at
+    /// `history_ends[i]`.
     pub histories: Vec<u32>,
+    pub history_ends: Vec<usize>,
+    /// The longest history of a message.
     pub history: usize,
+    /// Each message's timestamp, and the greatest.
+    pub timestamps: Vec<u64>,
+    pub max_timestamp: u64,
     pub users: Vec<String>,
     pub items: Vec<String>,
+    /// Every item's features, `dim` each, where `known` says it has any.
+    pub features: Vec<f32>,
+    pub known: Vec<bool>,
     pub dim: usize,
     pub seed: u64,
     pub distinct_users: usize,
+}
+
+/// Why a workload could not be read from files.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: not a valid profile message: {reason}")]
+    BadMessage {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: {source}")]
+    Features {
+        path: String,
+        source: dataflow::features::FeaturesError,
+    },
+    #[error("{path}: no profile message")]
+    Empty { path: String },
 }
 
 impl Workload {
@@ -82,6 +114,8 @@ impl Workload {
         let mut history: Vec<&str> = Vec::with_capacity(config.history);
         let mut message_users = Vec::with_capacity(config.messages);
         let mut histories = Vec::with_capacity(config.messages * config.history);
+        let mut history_ends = Vec::with_capacity(config.messages);
+        let mut timestamps = Vec::with_capacity(config.messages);
         let messages = (0..config.messages)
             .map(|i| {
                 let user = match config.repeat_fraction {
@@ -106,6 +140,8 @@ impl Workload {
                     histories.push(item as u32);
                     history.push(items[item].as_str());
                 }
+                history_ends.push(histories.len());
+                timestamps.push(BASE_TIMESTAMP + i as u64);
                 let value = profile::ProfileMessageRef {
                     user_id: &users[user],
                     history_items: &history,
@@ -115,17 +151,135 @@ impl Workload {
                 (users[user].clone(), value)
             })
             .collect();
+        let features = (0..items.len())
+            .flat_map(|index| datagen::item_features(config.seed, config.dim, index))
+            .collect();
         Workload {
             messages,
             message_users,
             histories,
+            history_ends,
             history: config.history,
+            max_timestamp: timestamps.last().copied().unwrap_or(BASE_TIMESTAMP),
+            timestamps,
             distinct_users: seen.iter().filter(|&&s| s).count(),
+            known: vec![true; items.len()],
+            features,
             users,
             items,
             dim: config.dim,
             seed: config.seed,
         }
+    }
+
+    /// Reads a workload from files: `messages`, one profile message a line, each the value the
+    /// topic gets (semantics §2, JSON), keyed by its user; and `features`, the item features CSV
+    /// the dataflow loads (semantics §3). Items named by messages but not by the CSV are
+    /// unknown. An invalid message line is an error naming the line.
+    pub fn load(
+        messages: &std::path::Path,
+        features: &std::path::Path,
+    ) -> Result<Self, WorkloadError> {
+        use std::collections::HashMap;
+        use std::io::BufRead;
+
+        let features_path = features.display().to_string();
+        let loaded = dataflow::features::load_item_features(features).map_err(|source| {
+            WorkloadError::Features {
+                path: features_path.clone(),
+                source,
+            }
+        })?;
+        let dim = loaded.dim;
+        let mut items: Vec<String> = Vec::new();
+        let mut item_index: HashMap<String, u32> = HashMap::new();
+        let mut table: Vec<f32> = Vec::new();
+        let mut known: Vec<bool> = Vec::new();
+        for event in loaded.items {
+            let index = *item_index.entry(event.item_id.clone()).or_insert_with(|| {
+                items.push(event.item_id.clone());
+                table.resize(table.len() + dim, 0.0);
+                known.push(false);
+                (items.len() - 1) as u32
+            }) as usize;
+            // A later row for the same item wins, as it does in the dataflow.
+            if let Some(values) = &event.features {
+                for (slot, x) in table[index * dim..][..dim].iter_mut().zip(values.values()) {
+                    *slot = x;
+                }
+                known[index] = true;
+            }
+        }
+
+        let path = messages.display().to_string();
+        let read = |source| WorkloadError::Read {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(messages).map_err(read)?;
+        let mut workload = Workload {
+            messages: Vec::new(),
+            message_users: Vec::new(),
+            histories: Vec::new(),
+            history_ends: Vec::new(),
+            history: 0,
+            timestamps: Vec::new(),
+            max_timestamp: 0,
+            users: Vec::new(),
+            items: Vec::new(),
+            features: Vec::new(),
+            known: Vec::new(),
+            dim,
+            seed: 0,
+            distinct_users: 0,
+        };
+        let mut user_index: HashMap<String, u32> = HashMap::new();
+        for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(read)?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let message = profile::ProfileMessage::decode(line.as_bytes(), profile::Encoding::Json)
+                .map_err(|e| WorkloadError::BadMessage {
+                    path: path.clone(),
+                    line: number + 1,
+                    reason: e.to_string(),
+                })?;
+            let user = *user_index
+                .entry(message.user_id.clone())
+                .or_insert_with(|| {
+                    workload.users.push(message.user_id.clone());
+                    (workload.users.len() - 1) as u32
+                });
+            workload.message_users.push(user);
+            for item in &message.history_items {
+                let index = *item_index.entry(item.clone()).or_insert_with(|| {
+                    items.push(item.clone());
+                    table.resize(table.len() + dim, 0.0);
+                    known.push(false);
+                    (items.len() - 1) as u32
+                });
+                workload.histories.push(index);
+            }
+            workload.history_ends.push(workload.histories.len());
+            workload.history = workload.history.max(message.history_items.len());
+            workload.timestamps.push(message.timestamp);
+            workload.messages.push((message.user_id, line.into_bytes()));
+        }
+        if workload.messages.is_empty() {
+            return Err(WorkloadError::Empty { path });
+        }
+        workload.distinct_users = workload.users.len();
+        workload.max_timestamp = workload.timestamps.iter().copied().max().unwrap_or(0);
+        workload.items = items;
+        workload.features = table;
+        workload.known = known;
+        Ok(workload)
+    }
+
+    /// Item `index`'s features, if it has any.
+    pub fn features_of(&self, index: usize) -> Option<&[f32]> {
+        self.known[index].then(|| &self.features[index * self.dim..(index + 1) * self.dim])
     }
 
     /// Writes the items' features as the dataflow's CSV (semantics §3).
@@ -138,8 +292,11 @@ impl Workload {
         }
         writeln!(out)?;
         for (index, item) in self.items.iter().enumerate() {
+            let Some(features) = self.features_of(index) else {
+                continue;
+            };
             write!(out, "{item}")?;
-            for x in datagen::item_features(self.seed, self.dim, index) {
+            for x in features {
                 write!(out, ",{x}")?;
             }
             writeln!(out)?;
@@ -148,8 +305,8 @@ impl Workload {
     }
 
     /// Message `i` of an endless stream: the workload's messages over and over, each pass with
-    /// timestamps after the last one's, so that every message is newer than its user's profile
-    /// and changes it, as the first pass's do. Message `i < len` is `messages[i]` itself.
+    /// timestamps after every one before, so that every message is newer than its user's
+    /// profile and changes it. Message `i < len` is `messages[i]` itself.
     pub fn message_at(&self, i: usize) -> (String, Vec<u8>) {
         let n = self.messages.len();
         if i < n {
@@ -165,7 +322,7 @@ impl Workload {
         let value = profile::ProfileMessageRef {
             user_id: user,
             history_items: &history,
-            timestamp: BASE_TIMESTAMP + i as u64,
+            timestamp: self.max_timestamp + i as u64,
         }
         .encode(profile::Encoding::Json);
         (user.clone(), value)
@@ -173,7 +330,10 @@ impl Workload {
 
     /// The item indices of message `i`'s history, in message order.
     pub fn history_of(&self, i: usize) -> &[u32] {
-        &self.histories[i * self.history..(i + 1) * self.history]
+        let start = i
+            .checked_sub(1)
+            .map_or(0, |before| self.history_ends[before]);
+        &self.histories[start..self.history_ends[i]]
     }
 
     /// Total bytes of the message values.
@@ -209,8 +369,48 @@ mod tests {
             profile::ProfileMessage::decode(&workload.messages[2].1, Default::default()).unwrap();
         assert_eq!(again.user_id, first.user_id);
         assert_eq!(again.history_items, first.history_items);
-        assert_eq!(again.timestamp, BASE_TIMESTAMP + 7);
+        assert_eq!(again.timestamp, BASE_TIMESTAMP + 4 + 7);
         assert_eq!(workload.message_at(7).0, first.user_id);
+    }
+
+    #[test]
+    fn a_workload_reads_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let features = dir.path().join("features.csv");
+        std::fs::write(&features, "item_id,f0,f1\na,1,0\nb,0,1\n").unwrap();
+        let messages = dir.path().join("messages.jsonl");
+        std::fs::write(
+            &messages,
+            concat!(
+                r#"{"user_id":"u1","history_items":["a","x"],"timestamp":10}"#,
+                "\n\n",
+                r#"{"user_id":"u2","history_items":["b"],"timestamp":12}"#,
+                "\n",
+                r#"{"user_id":"u1","history_items":["a","b","x"],"timestamp":11}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let workload = Workload::load(&messages, &features).unwrap();
+        assert_eq!(workload.messages.len(), 3);
+        assert_eq!(workload.messages[1].0, "u2");
+        assert_eq!(workload.distinct_users, 2);
+        assert_eq!(workload.dim, 2);
+        assert_eq!(workload.history, 3);
+        assert_eq!(workload.items, ["a", "b", "x"]);
+        assert_eq!(workload.history_of(0), [0, 2]);
+        assert_eq!(workload.history_of(2), [0, 1, 2]);
+        assert_eq!(workload.features_of(1), Some(&[0.0, 1.0][..]));
+        // "x" is named by a message, not by the CSV: unknown.
+        assert_eq!(workload.features_of(2), None);
+        // The endless stream goes on after the greatest timestamp.
+        let next = profile::ProfileMessage::decode(&workload.message_at(3).1, Default::default())
+            .unwrap();
+        assert_eq!((next.user_id.as_str(), next.timestamp), ("u1", 12 + 3));
+
+        std::fs::write(&messages, "{\"user_id\":\"u1\"}\n").unwrap();
+        let error = Workload::load(&messages, &features).unwrap_err().to_string();
+        assert!(error.contains("line 1"), "{error}");
     }
 
     #[test]
