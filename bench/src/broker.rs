@@ -43,25 +43,33 @@ pub fn preload(
         .create()?;
     let started = Instant::now();
     for (key, value) in messages {
-        let mut record = BaseRecord::to(topic)
-            .key(key.as_str())
-            .payload(value.as_slice());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((error, _)) => return Err(error.into()),
-            }
-        }
+        send(&producer, topic, key, value)?;
     }
     producer.flush(Duration::from_secs(300))?;
     Ok(started.elapsed())
+}
+
+/// Queues one keyed message, waiting while the producer's queue is full.
+pub fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+) -> anyhow::Result<()> {
+    let mut record = BaseRecord::to(topic).key(key).payload(value);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                back,
+            )) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((error, _)) => return Err(error.into()),
+        }
+    }
 }
 
 /// Reads `expected` messages of `topic` back with `consumers` threads (partition p to thread

@@ -173,17 +173,7 @@ pub fn write_chart(
 mod tests {
     use super::*;
 
-    fn epoch(epoch: u64, messages: u64, latency_ms: u64) -> EpochStat {
-        EpochStat {
-            epoch,
-            messages,
-            invalid: 0,
-            stale: 0,
-            changed: messages,
-            redis_writes: messages,
-            latency_ms,
-        }
-    }
+    use crate::e2e::tests::epoch;
 
     fn run() -> Vec<EpochStat> {
         vec![

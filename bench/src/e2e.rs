@@ -145,8 +145,21 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An epoch that read `messages` and wrote each one, for the tests of what reads epochs.
+    pub(crate) fn epoch(epoch: u64, messages: u64, latency_ms: u64) -> EpochStat {
+        EpochStat {
+            epoch,
+            messages,
+            invalid: 0,
+            stale: 0,
+            changed: messages,
+            redis_writes: messages,
+            latency_ms,
+        }
+    }
 
     #[test]
     fn reads_the_peak_from_proc_status() {

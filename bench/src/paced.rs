@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 use crate::e2e::EpochStat;
@@ -41,22 +40,7 @@ pub fn produce_paced(
         if due > now + Duration::from_millis(1) {
             std::thread::sleep(due - now);
         }
-        let mut record = BaseRecord::to(topic)
-            .key(key.as_str())
-            .payload(value.as_slice());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((error, _)) => return Err(error.into()),
-            }
-        }
+        crate::broker::send(&producer, topic, &key, &value)?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(started.elapsed())
@@ -100,17 +84,7 @@ pub fn latencies(epochs: &[EpochStat], warmup_ms: u64) -> Option<Latencies> {
 mod tests {
     use super::*;
 
-    fn epoch(epoch: u64, messages: u64, latency_ms: u64) -> EpochStat {
-        EpochStat {
-            epoch,
-            messages,
-            invalid: 0,
-            stale: 0,
-            changed: messages,
-            redis_writes: messages,
-            latency_ms,
-        }
-    }
+    use crate::e2e::tests::epoch;
 
     #[test]
     fn percentiles_skip_the_warmup_and_idle_epochs() {

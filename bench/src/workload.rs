@@ -404,12 +404,14 @@ mod tests {
         // "x" is named by a message, not by the CSV: unknown.
         assert_eq!(workload.features_of(2), None);
         // The endless stream goes on after the greatest timestamp.
-        let next = profile::ProfileMessage::decode(&workload.message_at(3).1, Default::default())
-            .unwrap();
+        let next =
+            profile::ProfileMessage::decode(&workload.message_at(3).1, Default::default()).unwrap();
         assert_eq!((next.user_id.as_str(), next.timestamp), ("u1", 12 + 3));
 
         std::fs::write(&messages, "{\"user_id\":\"u1\"}\n").unwrap();
-        let error = Workload::load(&messages, &features).unwrap_err().to_string();
+        let error = Workload::load(&messages, &features)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("line 1"), "{error}");
     }
 
