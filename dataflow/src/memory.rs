@@ -189,7 +189,7 @@ pub fn run_in_memory_with(
         // features file, loaded before any message is read.
         profile_input.advance_to(1);
         feature_input.advance_to(1);
-        worker.step_while(|| probe.less_than(&1));
+        wait_for(worker, &probe, 1);
         let started = Instant::now();
         epoch_times.insert(0, started - features_started);
         let mut epoch_started = started;
@@ -199,7 +199,7 @@ pub fn run_in_memory_with(
             feature_input.advance_to(time);
             if options.lockstep && time > 1 {
                 // The epoch before must be written everywhere before this one is fed.
-                worker.step_while(|| probe.less_than(&time));
+                wait_for(worker, &probe, time);
                 let now = Instant::now();
                 epoch_times.insert(time - 1, now - epoch_started);
                 epoch_started = now;
@@ -216,7 +216,7 @@ pub fn run_in_memory_with(
         let end = epoch_count + 1;
         profile_input.advance_to(end);
         feature_input.advance_to(end);
-        worker.step_while(|| probe.less_than(&end));
+        wait_for(worker, &probe, end);
         let finished = Instant::now();
         if epoch_count > 0 {
             epoch_times.insert(epoch_count, finished - epoch_started);
@@ -252,6 +252,15 @@ pub fn run_in_memory_with(
         elapsed,
         epoch_times,
     })
+}
+
+/// Runs the worker until `probe` has passed `time`. A worker with nothing to do parks (timely
+/// wakes it when another worker or the writer thread has news) instead of spinning, which on a
+/// machine with as many cores as workers would take the CPU the others need.
+fn wait_for(worker: &mut timely::worker::Worker, probe: &ProbeHandle<u64>, time: u64) {
+    while probe.less_than(&time) {
+        worker.step_or_park(Some(std::time::Duration::from_millis(1)));
+    }
 }
 
 #[cfg(test)]
