@@ -41,7 +41,7 @@ impl Series {
                     idle += epoch_ms;
                 }
             }
-            slots.push((e.epoch, e.messages));
+            slots.push((e.epoch, e.counters.messages));
         }
         let per_second = |messages: u64, slots: usize| {
             messages as f64 * 1000.0 / (epoch_ms as f64 * slots.max(1) as f64)
@@ -61,7 +61,7 @@ impl Series {
                 .collect(),
             latency_ms: epochs
                 .iter()
-                .map(|e| (x(e.epoch), e.latency_ms as f64))
+                .map(|e| (x(e.epoch), e.counters.latency_ms as f64))
                 .collect(),
         }
     }

@@ -7,18 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use dataflow::stats::EpochCounters;
 use serde::{Deserialize, Serialize};
 
-/// One epoch as the dataflow's `--stats-json` reports it.
+/// One epoch as the dataflow's `--stats-json` reports it: the epoch and the dataflow's own
+/// counters of it, side by side in the JSON line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochStat {
     pub epoch: u64,
-    pub messages: u64,
-    pub invalid: u64,
-    pub stale: u64,
-    pub changed: u64,
-    pub redis_writes: u64,
-    pub latency_ms: u64,
+    #[serde(flatten)]
+    pub counters: EpochCounters,
 }
 
 /// What an end-to-end run measured.
@@ -40,7 +38,7 @@ impl EndToEnd {
 
     /// Profile values handed to Redis: the changed profiles of every epoch.
     pub fn profile_writes(&self) -> u64 {
-        self.epochs.iter().map(|e| e.changed).sum()
+        self.epochs.iter().map(|e| e.counters.changed).sum()
     }
 }
 
@@ -96,7 +94,7 @@ pub fn run_dataflow(
         let left = deadline.saturating_duration_since(Instant::now());
         match receiver.recv_timeout(left.min(Duration::from_millis(200))) {
             Ok(stat) => {
-                messages += stat.messages;
+                messages += stat.counters.messages;
                 epochs.push(stat);
             }
             Err(_) if Instant::now() >= deadline => {
@@ -123,7 +121,7 @@ pub fn run_dataflow(
     };
     // From the start of the first epoch that read (an upper bound on the first read, so the
     // rate is if anything understated) to the acknowledgement of the last one.
-    let end = last.epoch + epoch_ms + last.latency_ms;
+    let end = last.epoch + epoch_ms + last.counters.latency_ms;
     let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
     Ok(EndToEnd {
         peak_rss_kb,
@@ -152,13 +150,30 @@ pub(crate) mod tests {
     pub(crate) fn epoch(epoch: u64, messages: u64, latency_ms: u64) -> EpochStat {
         EpochStat {
             epoch,
-            messages,
-            invalid: 0,
-            stale: 0,
-            changed: messages,
-            redis_writes: messages,
-            latency_ms,
+            counters: EpochCounters {
+                messages,
+                changed: messages,
+                redis_writes: messages,
+                latency_ms,
+                ..EpochCounters::default()
+            },
         }
+    }
+
+    #[test]
+    fn reads_the_dataflows_own_stats_lines() {
+        let counters = EpochCounters {
+            messages: 4096,
+            invalid: 1,
+            stale: 2,
+            changed: 3000,
+            redis_writes: 2999,
+            latency_ms: 87,
+        };
+        let line = dataflow::stats::format_epoch(1_700_000_000_100, &counters, 100, true);
+        let stat: EpochStat = serde_json::from_str(&line).unwrap();
+        assert_eq!(stat.epoch, 1_700_000_000_100);
+        assert_eq!(stat.counters, counters);
     }
 
     #[test]

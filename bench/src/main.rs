@@ -307,10 +307,10 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{:>8} {:>9} {:>9} {:>11} {:>10.0}",
             epoch.epoch - first,
-            epoch.messages,
-            epoch.changed,
-            epoch.latency_ms,
-            epoch.messages as f64 * 1000.0 / args.epoch_ms as f64
+            epoch.counters.messages,
+            epoch.counters.changed,
+            epoch.counters.latency_ms,
+            epoch.counters.messages as f64 * 1000.0 / args.epoch_ms as f64
         );
     }
     let summary = Summary::new(total as u64, raw_rate, &e2e, &set, &lua);

@@ -60,11 +60,11 @@ pub struct Latencies {
 /// `warmup_ms` of the first such epoch (the dataflow's connections and first fetches), or
 /// `None` if no epoch is left. Percentiles are nearest-rank.
 pub fn latencies(epochs: &[EpochStat], warmup_ms: u64) -> Option<Latencies> {
-    let first = epochs.iter().find(|e| e.messages > 0)?.epoch;
+    let first = epochs.iter().find(|e| e.counters.messages > 0)?.epoch;
     let mut values: Vec<u64> = epochs
         .iter()
-        .filter(|e| e.messages > 0 && e.epoch >= first + warmup_ms)
-        .map(|e| e.latency_ms)
+        .filter(|e| e.counters.messages > 0 && e.epoch >= first + warmup_ms)
+        .map(|e| e.counters.latency_ms)
         .collect();
     if values.is_empty() {
         return None;

@@ -159,12 +159,13 @@ mod tests {
                 .enumerate()
                 .map(|(i, &written)| crate::e2e::EpochStat {
                     epoch: 100 * i as u64,
-                    messages: messages / changed.len() as u64,
-                    invalid: 0,
-                    stale: 0,
-                    changed: written,
-                    redis_writes: written,
-                    latency_ms: 5,
+                    counters: dataflow::stats::EpochCounters {
+                        messages: messages / changed.len() as u64,
+                        changed: written,
+                        redis_writes: written,
+                        latency_ms: 5,
+                        ..Default::default()
+                    },
                 })
                 .collect(),
             messages,
