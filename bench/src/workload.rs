@@ -190,27 +190,6 @@ impl Workload {
                 source,
             }
         })?;
-        let dim = loaded.dim;
-        let mut items: Vec<String> = Vec::new();
-        let mut item_index: HashMap<String, u32> = HashMap::new();
-        let mut table: Vec<f32> = Vec::new();
-        let mut known: Vec<bool> = Vec::new();
-        for event in loaded.items {
-            let index = *item_index.entry(event.item_id.clone()).or_insert_with(|| {
-                items.push(event.item_id.clone());
-                table.resize(table.len() + dim, 0.0);
-                known.push(false);
-                (items.len() - 1) as u32
-            }) as usize;
-            // A later row for the same item wins, as it does in the dataflow.
-            if let Some(values) = &event.features {
-                for (slot, x) in table[index * dim..][..dim].iter_mut().zip(values.values()) {
-                    *slot = x;
-                }
-                known[index] = true;
-            }
-        }
-
         let path = messages.display().to_string();
         let read = |source| WorkloadError::Read {
             path: path.clone(),
@@ -229,10 +208,26 @@ impl Workload {
             items: Vec::new(),
             features: Vec::new(),
             known: Vec::new(),
-            dim,
+            dim: loaded.dim,
             seed: 0,
             distinct_users: 0,
         };
+        let mut item_index: HashMap<String, u32> = HashMap::new();
+        for event in loaded.items {
+            let index = workload.intern_item(&mut item_index, &event.item_id) as usize;
+            // A later row for the same item wins, as it does in the dataflow.
+            if let Some(values) = &event.features {
+                let dim = workload.dim;
+                for (slot, x) in workload.features[index * dim..][..dim]
+                    .iter_mut()
+                    .zip(values.values())
+                {
+                    *slot = x;
+                }
+                workload.known[index] = true;
+            }
+        }
+
         let mut user_index: HashMap<String, u32> = HashMap::new();
         for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.map_err(read)?;
@@ -253,12 +248,7 @@ impl Workload {
                 });
             workload.message_users.push(user);
             for item in &message.history_items {
-                let index = *item_index.entry(item.clone()).or_insert_with(|| {
-                    items.push(item.clone());
-                    table.resize(table.len() + dim, 0.0);
-                    known.push(false);
-                    (items.len() - 1) as u32
-                });
+                let index = workload.intern_item(&mut item_index, item);
                 workload.histories.push(index);
             }
             workload.history_ends.push(workload.histories.len());
@@ -271,10 +261,20 @@ impl Workload {
         }
         workload.distinct_users = workload.users.len();
         workload.max_timestamp = workload.timestamps.iter().copied().max().unwrap_or(0);
-        workload.items = items;
-        workload.features = table;
-        workload.known = known;
         Ok(workload)
+    }
+
+    /// The index of item `id`, added without features if new.
+    fn intern_item(&mut self, index: &mut std::collections::HashMap<String, u32>, id: &str) -> u32 {
+        if let Some(&item) = index.get(id) {
+            return item;
+        }
+        self.items.push(id.to_owned());
+        self.features.resize(self.features.len() + self.dim, 0.0);
+        self.known.push(false);
+        let item = (self.items.len() - 1) as u32;
+        index.insert(id.to_owned(), item);
+        item
     }
 
     /// Item `index`'s features, if it has any.
