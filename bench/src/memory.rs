@@ -484,24 +484,47 @@ pub fn incremental(
 impl IncrementalReport {
     /// The report as a plain table.
     pub fn table(&self) -> String {
-        let mut out = format!(
-            "incremental: an epoch of {} changed users, history {}, -w {}\n{:>14} {:>10} {:>14}  epochs (ms)\n",
-            self.changed_users, self.history, self.workers, "users in state", "median ms", "µs/changed user"
+        let title = format!(
+            "incremental: an epoch of {} changed users, history {}, -w {}",
+            self.changed_users, self.history, self.workers
         );
-        for row in &self.rows {
-            out += &format!(
-                "{:>14} {:>10.2} {:>14.2}  {}\n",
-                row.size,
-                row.median_ms,
-                row.median_us_per_unit,
-                join_ms(&row.epoch_ms)
-            );
-        }
+        let mut out = rows_table(
+            &title,
+            ("users in state", 14),
+            ("µs/changed user", 14),
+            2,
+            &self.rows,
+        );
         if let Some(r) = self.big_over_small {
             out += &format!("largest / smallest state: {r:.2}\n");
         }
         out
     }
+}
+
+/// `title`, then one line per row: its size, median ms and median per unit (with `precision`
+/// decimals), and every epoch's ms. A column is as wide as its label asks.
+fn rows_table(
+    title: &str,
+    (size_label, size_width): (&str, usize),
+    (unit_label, unit_width): (&str, usize),
+    precision: usize,
+    rows: &[EpochRow],
+) -> String {
+    let mut out = format!(
+        "{title}\n{size_label:>size_width$} {:>10} {unit_label:>unit_width$}  epochs (ms)\n",
+        "median ms"
+    );
+    for row in rows {
+        out += &format!(
+            "{:>size_width$} {:>10.precision$} {:>unit_width$.precision$}  {}\n",
+            row.size,
+            row.median_ms,
+            row.median_us_per_unit,
+            join_ms(&row.epoch_ms)
+        );
+    }
+    out
 }
 
 fn join_ms(times: &[f64]) -> String {
@@ -632,26 +655,59 @@ pub fn item_update(
 impl ItemUpdateReport {
     /// The report as a plain table.
     pub fn table(&self) -> String {
-        let mut out = format!(
-            "item-update: one feature update of an item held by K of {} users, history {}, -w {}\n{:>8} {:>10} {:>10}  epochs (ms)\n",
-            self.users, self.history, self.workers, "K", "median ms", "µs/holder"
+        let title = format!(
+            "item-update: one feature update of an item held by K of {} users, history {}, -w {}",
+            self.users, self.history, self.workers
         );
-        for row in &self.rows {
-            out += &format!(
-                "{:>8} {:>10.3} {:>10.3}  {}\n",
-                row.size,
-                row.median_ms,
-                row.median_us_per_unit,
-                join_ms(&row.epoch_ms)
-            );
-        }
-        out
+        rows_table(&title, ("K", 8), ("µs/holder", 10), 3, &self.rows)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_line_up_their_columns() {
+        let row = |size, median_ms, per_unit| EpochRow {
+            size,
+            median_ms,
+            median_us_per_unit: per_unit,
+            epoch_ms: vec![1.0, 2.5],
+            changed: vec![10, 10],
+        };
+        let report = ItemUpdateReport {
+            users: 200,
+            history: 20,
+            workers: 1,
+            rows: vec![row(10, 0.1325, 13.25)],
+        };
+        assert_eq!(
+            report.table(),
+            concat!(
+                "item-update: one feature update of an item held by K of 200 users, history 20, -w 1\n",
+                "       K  median ms  µs/holder  epochs (ms)\n",
+                "      10      0.133     13.250  1.00 2.50\n",
+            )
+        );
+        let report = IncrementalReport {
+            changed_users: 1000,
+            history: 20,
+            workers: 1,
+            rows: vec![row(10000, 4.06, 4.06), row(1000000, 6.27, 6.27)],
+            big_over_small: Some(1.544),
+        };
+        assert_eq!(
+            report.table(),
+            concat!(
+                "incremental: an epoch of 1000 changed users, history 20, -w 1\n",
+                "users in state  median ms µs/changed user  epochs (ms)\n",
+                "         10000       4.06           4.06  1.00 2.50\n",
+                "       1000000       6.27           6.27  1.00 2.50\n",
+                "largest / smallest state: 1.54\n",
+            )
+        );
+    }
 
     #[test]
     fn epochs_split_in_order_with_a_short_last() {
