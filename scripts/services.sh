@@ -226,6 +226,19 @@ wait_for() {
     done
 }
 
+# Waits up to 5 s for a just-started service to have a pid ($2 prints it); dies otherwise.
+wait_for_pid() {
+    local what=$1 pid_fn=$2 logfile=$3 deadline
+    deadline=$((SECONDS + 5))
+    until "$pid_fn" >/dev/null; do
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$logfile" >&2 2>/dev/null || true
+            die "$what did not start (log: $logfile)"
+        fi
+        sleep 0.1
+    done
+}
+
 start_redis() {
     local pid
     if pid=$(redis_pid); then
@@ -253,14 +266,7 @@ start_redis() {
         --dir "$REDIS_DIR" "${persistence[@]}" </dev/null >&2 9>&- ||
         die "redis-server failed to start (log: $REDIS_DIR/redis.log)"
     # The daemon writes its pid file shortly after forking.
-    local deadline=$((SECONDS + 5))
-    until redis_pid >/dev/null; do
-        if ((SECONDS >= deadline)); then
-            tail -n 20 "$REDIS_DIR/redis.log" >&2 2>/dev/null || true
-            die "redis-server did not start (log: $REDIS_DIR/redis.log)"
-        fi
-        sleep 0.1
-    done
+    wait_for_pid redis-server redis_pid "$REDIS_DIR/redis.log"
     wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
     log "redis: up on $HOST:$REDIS_PORT (pid $(redis_pid))"
 }
@@ -302,14 +308,7 @@ start_tansu() {
     echo "$!" >"$TANSU_PIDFILE"
     printf '%s\n' "$TANSU_STORAGE" >"$TANSU_DIR/storage"
     # Until the subshell has exec'd tansu its command line is still bash's.
-    local deadline=$((SECONDS + 5))
-    until tansu_pid >/dev/null; do
-        if ((SECONDS >= deadline)); then
-            tail -n 20 "$TANSU_DIR/tansu.log" >&2 2>/dev/null || true
-            die "tansu did not start (log: $TANSU_DIR/tansu.log)"
-        fi
-        sleep 0.1
-    done
+    wait_for_pid tansu tansu_pid "$TANSU_DIR/tansu.log"
     wait_for tansu tansu_pid tansu_answers "$TANSU_DIR/tansu.log"
     log "tansu: up on $HOST:$KAFKA_PORT (pid $(tansu_pid))"
 }
