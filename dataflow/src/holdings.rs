@@ -312,8 +312,8 @@ impl Holdings {
     }
 
     /// The timestamp of the user's current profile, if it has one.
-    pub fn timestamp(&self, user_id: &str) -> Option<u64> {
-        let user = self.users.find(id_key(user_id))?;
+    pub fn timestamp(&self, user_key: IdKey) -> Option<u64> {
+        let user = self.users.find(user_key)?;
         Some(self.users.timestamps[user as usize])
     }
 
@@ -377,7 +377,7 @@ impl Holdings {
     /// Makes `profile` its user's current one; returns the user's index, or `None` if the
     /// profile is the current one already.
     fn set_profile(&mut self, profile: Profile) -> Option<UserIndex> {
-        let key = id_key(&profile.user_id);
+        let key = profile.user_key;
         let history: Box<[ItemIndex]> = profile
             .history_items
             .iter()
@@ -474,6 +474,7 @@ mod tests {
     fn profile(user: &str, timestamp: u64, items: &[&str]) -> Profile {
         Profile {
             user_id: user.into(),
+            user_key: id_key(user),
             timestamp,
             history_items: IdList::new(items),
         }

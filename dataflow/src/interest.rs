@@ -110,7 +110,7 @@ pub fn interest_profiles<'scope>(
                         }
                     }
                     let profiles =
-                        resolve_epoch(profile_events, |user_id| holdings.timestamp(user_id));
+                        resolve_epoch(profile_events, |&user_key| holdings.timestamp(user_key));
                     if profiles.stale > 0 {
                         stats.borrow_mut().epoch(epoch).stale += profiles.stale as u64;
                     }

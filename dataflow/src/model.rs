@@ -26,6 +26,9 @@ pub type ReadPosition = (i32, i64);
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ProfileEvent {
     pub user_id: String,
+    /// `id_key(user_id)`, hashed once where the message is read: the exchange, the epoch's
+    /// upserts and the worker's user table all key by it.
+    pub user_key: IdKey,
     pub timestamp: u64,
     pub history_items: IdList,
     pub position: ReadPosition,
@@ -124,6 +127,8 @@ impl FeatureVector {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Profile {
     pub user_id: String,
+    /// `id_key(user_id)`.
+    pub user_key: IdKey,
     pub timestamp: u64,
     pub history_items: IdList,
 }
@@ -152,6 +157,7 @@ impl ProfileEvent {
         let items = profile::keep_last(&message.history_items, max_history);
         ProfileEvent {
             history_items: IdList::new(items),
+            user_key: id_key(&message.user_id),
             user_id: message.user_id,
             timestamp: message.timestamp,
             position,
@@ -166,6 +172,7 @@ impl ProfileEvent {
     ) -> Self {
         ProfileEvent {
             user_id: message.user_id.clone().into_owned(),
+            user_key: id_key(&message.user_id),
             timestamp: message.timestamp,
             history_items: IdList::new(profile::keep_last(&message.history_items, max_history)),
             position,

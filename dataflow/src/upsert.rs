@@ -11,7 +11,7 @@ use std::hash::Hash;
 
 use differential_dataflow::hashable::Hashable;
 
-use crate::model::{FeatureEvent, FeatureVector, Profile, ProfileEvent, ReadPosition};
+use crate::model::{FeatureEvent, FeatureVector, IdKey, Profile, ProfileEvent, ReadPosition};
 
 /// An event that sets the value of a key.
 pub trait UpsertEvent {
@@ -32,12 +32,12 @@ pub trait UpsertEvent {
 }
 
 impl UpsertEvent for ProfileEvent {
-    type Key = String;
+    type Key = IdKey;
     type Value = Profile;
     /// Latest wins (semantics §4); a tie in timestamp goes to the message read later.
     type Version = u64;
-    fn key(&self) -> &String {
-        &self.user_id
+    fn key(&self) -> &IdKey {
+        &self.user_key
     }
     fn position(&self) -> ReadPosition {
         self.position
@@ -48,6 +48,7 @@ impl UpsertEvent for ProfileEvent {
     fn into_value(self) -> Option<Profile> {
         Some(Profile {
             user_id: self.user_id,
+            user_key: self.user_key,
             timestamp: self.timestamp,
             history_items: self.history_items,
         })
