@@ -22,7 +22,10 @@ pub const DEFAULT_MAX_HISTORY: usize = 50;
 /// Default recency decay of the interest vector (semantics §5).
 pub const DEFAULT_DECAY: f64 = 0.9;
 
+/// What every profile key starts with (semantics §6).
+pub const REDIS_KEY_PREFIX: &str = "user_profile:";
+
 /// The Redis key that holds a user's profile (semantics §6).
 pub fn redis_key(user_id: &str) -> String {
-    format!("user_profile:{user_id}")
+    format!("{REDIS_KEY_PREFIX}{user_id}")
 }

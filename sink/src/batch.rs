@@ -5,7 +5,8 @@
 //! to Redis (and resent unchanged on a retry): no per-argument allocation as with `redis::Cmd`,
 //! and the byte limit measures what actually goes over the wire.
 
-use crate::encode::{encode_profile_into, estimated_len, ProfileRecord};
+use crate::encode::{check, encode_profile_into, estimated_len, EncodedProfile, ProfileRecord};
+use crate::SinkError;
 
 /// A sealed batch: the packed command and what it holds.
 pub(crate) struct Batch {
@@ -73,29 +74,68 @@ impl Batcher {
         }
     }
 
-    /// Adds a record. The open batch is sealed first when it already holds `max_records`
-    /// records or when this record would take it past `max_bytes`; sealing before adding (not
-    /// after) means one push seals at most one batch.
-    pub(crate) fn push<S: AsRef<str>>(&mut self, record: &ProfileRecord<'_, S>) -> Pushed {
-        self.value.clear();
-        self.value.reserve(estimated_len(record));
-        let non_finite = encode_profile_into(record, &mut self.value);
+    /// Encodes and adds a record; refuses one the script could not compare (see
+    /// [`check`]).
+    pub(crate) fn push<S: AsRef<str>>(
+        &mut self,
+        record: &ProfileRecord<'_, S>,
+    ) -> Result<Pushed, SinkError> {
+        check(record)?;
+        let mut value = std::mem::take(&mut self.value);
+        value.clear();
+        value.reserve(estimated_len(record));
+        let non_finite = encode_profile_into(record, &mut value);
+        let sealed = self.push_value(record.user_id, record.timestamp, record.epoch, &value);
+        self.value = value;
+        Ok(Pushed { sealed, non_finite })
+    }
 
-        let key = profile::redis_key(record.user_id);
-        let piece = bulk_len(key.len())
-            + bulk_len(decimal_len(record.timestamp))
-            + bulk_len(decimal_len(record.epoch))
-            + bulk_len(self.value.len());
+    /// Adds a profile encoded beforehand (already checked when it was encoded).
+    pub(crate) fn push_encoded(&mut self, profile: &EncodedProfile) -> Result<Pushed, SinkError> {
+        let sealed = self.push_value(
+            profile.user_id(),
+            profile.timestamp(),
+            profile.epoch(),
+            profile.value().as_bytes(),
+        );
+        Ok(Pushed {
+            sealed,
+            non_finite: profile.non_finite(),
+        })
+    }
+
+    /// Adds one key's arguments. The open batch is sealed first when it already holds
+    /// `max_records` records or when this record would take it past `max_bytes`; sealing before
+    /// adding (not after) means one push seals at most one batch.
+    fn push_value(
+        &mut self,
+        user_id: &str,
+        timestamp: u64,
+        epoch: u64,
+        value: &[u8],
+    ) -> Option<Batch> {
+        let key_len = profile::REDIS_KEY_PREFIX.len() + user_id.len();
+        let piece = bulk_len(key_len)
+            + bulk_len(decimal_len(timestamp))
+            + bulk_len(decimal_len(epoch))
+            + bulk_len(value.len());
         let full = self.records >= self.max_records
             || (self.records > 0 && self.payload_len() + piece > self.max_bytes);
         let sealed = if full { self.seal() } else { None };
 
-        push_bulk(&mut self.keys, key.as_bytes());
-        push_bulk_decimal(&mut self.args, record.timestamp);
-        push_bulk_decimal(&mut self.args, record.epoch);
-        push_bulk(&mut self.args, &self.value);
+        // The key, `user_profile:{user_id}`, framed without building it as a String first.
+        self.keys.push(b'$');
+        push_decimal(&mut self.keys, key_len as u64);
+        self.keys.extend_from_slice(b"\r\n");
+        self.keys
+            .extend_from_slice(profile::REDIS_KEY_PREFIX.as_bytes());
+        self.keys.extend_from_slice(user_id.as_bytes());
+        self.keys.extend_from_slice(b"\r\n");
+        push_bulk_decimal(&mut self.args, timestamp);
+        push_bulk_decimal(&mut self.args, epoch);
+        push_bulk(&mut self.args, value);
         self.records += 1;
-        Pushed { sealed, non_finite }
+        sealed
     }
 
     /// Seals the open batch, if it holds anything. The buffers keep their capacity for the
@@ -208,6 +248,7 @@ mod tests {
         for u in users {
             assert!(b
                 .push(&record(u, &["i1", "i2"], &[0.5, 1.0]))
+                .unwrap()
                 .sealed
                 .is_none());
             expected.arg(profile::redis_key(u));
@@ -229,6 +270,33 @@ mod tests {
     }
 
     #[test]
+    fn encoded_profiles_pack_like_records() {
+        let users = ["a", "bé\"\\", "0196"];
+        let items = ["i1", "i\n2"];
+        let records: Vec<_> = users
+            .iter()
+            .map(|u| record(u, &items, &[0.5, f32::NAN]))
+            .collect();
+        let mut from_records = Batcher::new(2, 1 << 20, "x");
+        let mut from_encoded = Batcher::new(2, 1 << 20, "x");
+        let mut packed = (Vec::new(), Vec::new());
+        for r in &records {
+            let a = from_records.push(r).unwrap();
+            let b = from_encoded
+                .push_encoded(&EncodedProfile::encode(r).unwrap())
+                .unwrap();
+            assert_eq!(a.non_finite, 1);
+            assert_eq!(b.non_finite, 1);
+            packed.0.extend(a.sealed.map(|b| b.packed));
+            packed.1.extend(b.sealed.map(|b| b.packed));
+        }
+        packed.0.extend(from_records.seal().map(|b| b.packed));
+        packed.1.extend(from_encoded.seal().map(|b| b.packed));
+        assert_eq!(packed.0.len(), 2);
+        assert_eq!(packed.0, packed.1);
+    }
+
+    #[test]
     fn decimals() {
         for n in [0u64, 9, 10, 99, 100, 12345, u64::MAX] {
             let mut out = Vec::new();
@@ -242,7 +310,7 @@ mod tests {
     fn count_limit() {
         let mut b = Batcher::new(3, 1 << 20, "x");
         let mut sealed: Vec<usize> = (0..10)
-            .filter_map(|_| b.push(&record("u", &[], &[])).sealed)
+            .filter_map(|_| b.push(&record("u", &[], &[])).unwrap().sealed)
             .map(|b| b.records)
             .collect();
         sealed.extend(b.seal().map(|b| b.records));
@@ -256,7 +324,7 @@ mod tests {
         let mut b = Batcher::new(100, 2000, "x");
         let mut sizes = Vec::new();
         for _ in 0..5 {
-            if let Some(s) = b.push(&record("u", &items, &[0.25; 8])).sealed {
+            if let Some(s) = b.push(&record("u", &items, &[0.25; 8])).unwrap().sealed {
                 sizes.push(s.records);
             }
         }
@@ -269,6 +337,7 @@ mod tests {
         for _ in 0..4 {
             n += b
                 .push(&record("u", &items, &[]))
+                .unwrap()
                 .sealed
                 .map_or(0, |s| s.records);
         }

@@ -22,11 +22,11 @@ mod service;
 use std::sync::Arc;
 
 pub use config::{SinkConfig, DEFAULT_REDIS_URL};
-pub use encode::{encode_profile, ProfileRecord};
+pub use encode::{encode_profile, EncodedProfile, ProfileRecord};
 pub use error::SinkError;
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot};
 
-use batch::Batcher;
+use batch::{Batcher, Pushed};
 use service::Service;
 
 /// The Lua script every batch runs, for tools and tests that want to inspect or reuse it.
@@ -95,21 +95,35 @@ impl RedisSink {
         records: impl IntoIterator<Item = ProfileRecord<'r, S>>,
     ) -> Result<WriteStats, SinkError> {
         let mut stats = WriteStats::default();
-        let result = self.write_inner(records, &mut stats);
+        let result = self.write_inner(records, |batcher, record| batcher.push(&record), &mut stats);
         if result.is_err() {
             self.batcher.clear();
         }
         result.map(|()| stats)
     }
 
-    fn write_inner<'r, S: AsRef<str> + 'r>(
+    /// [`write`](Self::write) for profiles encoded beforehand, e.g. on another thread: the
+    /// same batching, retries and guarantees, without encoding here.
+    pub fn write_encoded<'r>(
         &mut self,
-        records: impl IntoIterator<Item = ProfileRecord<'r, S>>,
+        profiles: impl IntoIterator<Item = &'r EncodedProfile>,
+    ) -> Result<WriteStats, SinkError> {
+        let mut stats = WriteStats::default();
+        let result = self.write_inner(profiles, Batcher::push_encoded, &mut stats);
+        if result.is_err() {
+            self.batcher.clear();
+        }
+        result.map(|()| stats)
+    }
+
+    fn write_inner<T>(
+        &mut self,
+        records: impl IntoIterator<Item = T>,
+        push: impl Fn(&mut Batcher, T) -> Result<Pushed, SinkError>,
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
         for record in records {
-            check(&record)?;
-            let pushed = self.batcher.push(&record);
+            let pushed = push(&mut self.batcher, record)?;
             if pushed.non_finite > 0 {
                 SinkMetrics::add(&self.metrics.non_finite_floats, pushed.non_finite);
             }
@@ -133,18 +147,4 @@ impl RedisSink {
     pub fn shared_metrics(&self) -> Arc<SinkMetrics> {
         Arc::clone(&self.metrics)
     }
-}
-
-fn check<S>(record: &ProfileRecord<'_, S>) -> Result<(), SinkError> {
-    let reason = if record.timestamp > MAX_EXACT {
-        format!("timestamp {} is above 2^53", record.timestamp)
-    } else if record.epoch > MAX_EXACT {
-        format!("epoch {} is above 2^53", record.epoch)
-    } else {
-        return Ok(());
-    };
-    Err(SinkError::InvalidRecord {
-        user_id: record.user_id.to_owned(),
-        reason,
-    })
 }

@@ -1,7 +1,10 @@
 #![allow(clippy::unwrap_used)]
 //! The Redis value (semantics §6): exact bytes, escaping, float round trip.
 
-use sink::{encode_profile, ProfileRecord};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::ser::{Serialize, SerializeStruct, Serializer};
+use sink::{encode_profile, EncodedProfile, ProfileRecord};
 
 fn record<'a>(user: &'a str, items: &'a [&'a str], vector: &'a [f32]) -> ProfileRecord<'a> {
     ProfileRecord {
@@ -139,4 +142,96 @@ fn owned_item_ids_encode_the_same() {
         ..with_borrowed
     };
     assert_eq!(encode_profile(&with_owned), encode_profile(&with_borrowed));
+}
+
+/// The value as serde_json writes it: an independent encoder for the hand-written one.
+struct Oracle<'r, 'a>(&'r ProfileRecord<'a, String>);
+
+impl Serialize for Oracle<'_, '_> {
+    fn serialize<Z: Serializer>(&self, serializer: Z) -> Result<Z::Ok, Z::Error> {
+        let r = self.0;
+        let vector: Vec<f32> = r
+            .interest_vector
+            .iter()
+            .map(|&x| if x.is_finite() { x } else { 0.0 })
+            .collect();
+        let mut s = serializer.serialize_struct("Profile", 6)?;
+        s.serialize_field("user_id", r.user_id)?;
+        s.serialize_field("timestamp", &r.timestamp)?;
+        s.serialize_field("history_items", r.history_items)?;
+        s.serialize_field("interest_vector", &vector)?;
+        s.serialize_field("known_items", &r.known_items)?;
+        s.serialize_field("epoch", &r.epoch)?;
+        s.end()
+    }
+}
+
+fn random_id(rng: &mut ChaCha8Rng) -> String {
+    const ODD: [char; 10] = [
+        '"', '\\', '\n', '\u{0}', '\u{1f}', '\u{7f}', 'é', '✓', '😀', '/',
+    ];
+    (0..rng.random_range(0..16))
+        .map(|_| {
+            if rng.random_bool(0.1) {
+                ODD[rng.random_range(0..ODD.len())]
+            } else {
+                rng.random_range(b' '..=b'~') as char
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn same_bytes_as_serde_json_on_random_records() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for _ in 0..2000 {
+        let user_id = random_id(&mut rng);
+        let items: Vec<String> = (0..rng.random_range(0..8))
+            .map(|_| random_id(&mut rng))
+            .collect();
+        let vector: Vec<f32> = (0..rng.random_range(0..6))
+            .map(|_| match rng.random_range(0..10) {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                2 => 0.0,
+                3 => -0.0,
+                4 => rng.random_range(-1.0..1.0),
+                _ => f32::from_bits(rng.random()),
+            })
+            .collect();
+        let record = ProfileRecord {
+            user_id: &user_id,
+            timestamp: rng.random_range(0..=1u64 << 53),
+            history_items: &items,
+            interest_vector: &vector,
+            known_items: rng.random(),
+            epoch: rng.random_range(0..=1u64 << 53),
+        };
+        let expected = serde_json::to_string(&Oracle(&record)).unwrap();
+        assert_eq!(text(encode_profile(&record)), expected);
+        let encoded = EncodedProfile::encode(&record).unwrap();
+        assert_eq!(encoded.value(), expected);
+        assert_eq!(encoded.user_id(), user_id);
+        assert_eq!(
+            encoded.non_finite(),
+            vector.iter().filter(|x| !x.is_finite()).count()
+        );
+    }
+}
+
+#[test]
+fn encoding_refuses_what_the_script_cannot_compare() {
+    let over = (1u64 << 53) + 1;
+    let too_late = ProfileRecord {
+        epoch: over,
+        ..record("u", &[], &[])
+    };
+    let too_new = ProfileRecord {
+        timestamp: over,
+        ..record("u", &[], &[])
+    };
+    for r in [too_late, too_new] {
+        let err = EncodedProfile::encode(&r).unwrap_err();
+        assert!(err.to_string().contains("above 2^53"), "{err}");
+    }
 }
