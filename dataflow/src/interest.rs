@@ -36,7 +36,7 @@ use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
 use crate::holdings::Holdings;
-use crate::model::{FeatureEvent, ProfileEvent, ProfileOutput};
+use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent};
 use crate::pending::PendingEpochs;
 use crate::stats::StatsBoard;
 use crate::upsert::{resolve_epoch, route};
@@ -64,7 +64,7 @@ pub fn interest_profiles<'scope>(
     feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
     params: InterestParams,
     stats: Rc<RefCell<StatsBoard>>,
-) -> Stream<'scope, u64, Vec<ProfileOutput>> {
+) -> Stream<'scope, u64, Vec<EncodedProfile>> {
     profile_events.binary_frontier(
         // Feature events are few next to profile messages: every worker gets them all, and
         // applies them in the same read order, so each holds the same feature table.
@@ -118,6 +118,7 @@ pub fn interest_profiles<'scope>(
                     let features = resolve_epoch(feature_events, |_| None);
                     let mut session = output.session(&capability);
                     holdings.apply_epoch(
+                        epoch,
                         features.latest,
                         profiles.latest.into_values().flatten(),
                         |output| session.give(output),

@@ -13,7 +13,7 @@ use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::interest::{interest_profiles, InterestParams};
-use crate::model::{FeatureEvent, ProfileEvent, ProfileOutput, ReadPosition};
+use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition};
 
 use crate::output::{write_epochs, EpochWriter};
 use crate::stats::{EpochCounters, StatsBoard};
@@ -29,7 +29,7 @@ pub struct EpochInput {
 /// the counters summed over workers.
 #[derive(Debug, Default)]
 pub struct MemoryRun {
-    pub outputs: BTreeMap<u64, Vec<ProfileOutput>>,
+    pub outputs: BTreeMap<u64, Vec<EncodedProfile>>,
     pub counters: BTreeMap<u64, EpochCounters>,
 }
 
@@ -71,10 +71,10 @@ pub struct TimedRun {
 
 /// Collects the values written, as a stand-in for Redis that keeps everything; or, without a
 /// map, only counts them.
-struct CaptureWriter(Option<Shared<BTreeMap<u64, Vec<ProfileOutput>>>>);
+struct CaptureWriter(Option<Shared<BTreeMap<u64, Vec<EncodedProfile>>>>);
 
 impl EpochWriter for CaptureWriter {
-    fn write_epoch(&mut self, epoch: u64, profiles: &[ProfileOutput]) -> u64 {
+    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64 {
         if let Some(outputs) = &self.0 {
             let mut outputs = outputs
                 .lock()
@@ -145,7 +145,7 @@ pub fn run_in_memory_with(
     options: MemoryOptions,
 ) -> Result<TimedRun, String> {
     let workers = workers.max(1);
-    let outputs: Shared<BTreeMap<u64, Vec<ProfileOutput>>> = Arc::default();
+    let outputs: Shared<BTreeMap<u64, Vec<EncodedProfile>>> = Arc::default();
     let counters: Shared<BTreeMap<u64, EpochCounters>> = Arc::default();
     let times: Shared<(Duration, BTreeMap<u64, Duration>)> = Arc::default();
     let shares: Arc<Vec<Mutex<Option<Share>>>> = Arc::new(
@@ -243,7 +243,7 @@ pub fn run_in_memory_with(
     }
     let mut outputs = std::mem::take(&mut *outputs.lock().map_err(|e| e.to_string())?);
     for profiles in outputs.values_mut() {
-        profiles.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        profiles.sort_by(|a, b| a.user_id().cmp(b.user_id()));
     }
     let counters = std::mem::take(&mut *counters.lock().map_err(|e| e.to_string())?);
     let (elapsed, epoch_times) = std::mem::take(&mut *times.lock().map_err(|e| e.to_string())?);

@@ -2,7 +2,10 @@
 //! carried as bit patterns, so that records can be compared and sorted, and they never appear in
 //! a key.
 
-use std::sync::Arc;
+/// What the dataflow emits for each changed user and epoch: its final value, already encoded as
+/// the Redis value of semantics §6 (user id, JSON, and the timestamp and epoch the write script
+/// compares).
+pub use sink::EncodedProfile;
 
 use serde::{Deserialize, Serialize};
 
@@ -131,19 +134,6 @@ pub struct Profile {
     pub user_key: IdKey,
     pub timestamp: u64,
     pub history_items: IdList,
-}
-
-/// A user's profile as the sink writes it: the final value of an epoch (semantics §6).
-///
-/// The item ids are shared with the worker's item table: an output takes a reference to each,
-/// not a copy.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProfileOutput {
-    pub user_id: String,
-    pub timestamp: u64,
-    pub history_items: Vec<Arc<str>>,
-    pub interest_vector: Vec<f32>,
-    pub known_items: u32,
 }
 
 impl ProfileEvent {

@@ -19,7 +19,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
-use crate::model::ProfileOutput;
+use crate::model::EncodedProfile;
 use crate::pending::PendingEpochs;
 use crate::stats::StatsBoard;
 
@@ -27,7 +27,7 @@ use crate::stats::StatsBoard;
 pub trait EpochWriter: Send + 'static {
     /// Writes `profiles`, the final values of `epoch`, and returns how many were stored, only
     /// once they are durable. It must not give up: retrying is its job.
-    fn write_epoch(&mut self, epoch: u64, profiles: &[ProfileOutput]) -> u64;
+    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64;
 }
 
 /// How many complete epochs a worker may hand its writer before it waits for one to be stored.
@@ -44,7 +44,7 @@ struct Stored {
 /// Writes each complete epoch of `outputs`, the final values of the users that changed in it.
 /// The output carries the number of each epoch written, for a probe.
 pub fn write_epochs<'scope, W: EpochWriter>(
-    outputs: Stream<'scope, u64, Vec<ProfileOutput>>,
+    outputs: Stream<'scope, u64, Vec<EncodedProfile>>,
     epoch_ms: Option<u64>,
     writer: W,
     stats: Rc<RefCell<StatsBoard>>,
@@ -54,7 +54,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
         // The writer thread wakes the operator up when it has stored an epoch.
         let activator = worker.sync_activator_for(info.address.to_vec());
         let (to_writer, epochs) =
-            mpsc::sync_channel::<(u64, Vec<ProfileOutput>)>(MAX_EPOCHS_QUEUED);
+            mpsc::sync_channel::<(u64, Vec<EncodedProfile>)>(MAX_EPOCHS_QUEUED);
         let (to_operator, stored) = mpsc::channel::<Stored>();
         let mut writer = writer;
         #[allow(clippy::expect_used)]
@@ -78,7 +78,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                 }
             })
             .expect("the OS refused a thread for the Redis writer");
-        let mut pending = PendingEpochs::<ProfileOutput>::default();
+        let mut pending = PendingEpochs::<EncodedProfile>::default();
         // Epochs handed to the writer and not yet stored, oldest first, with their capability
         // and their number of changed users.
         let mut writing: VecDeque<(Capability<u64>, u64)> = VecDeque::new();

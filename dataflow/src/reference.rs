@@ -3,11 +3,12 @@
 //! the float formula of the `profile` crate. Tests check the dataflow against it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 use profile::ProfileMessage;
 
-use crate::model::{ProfileOutput, ReadPosition};
+use sink::ProfileRecord;
+
+use crate::model::{EncodedProfile, ReadPosition};
 
 /// The state of the contract after the messages seen so far.
 #[derive(Debug, Clone)]
@@ -22,8 +23,9 @@ pub struct Reference {
 /// What one epoch did to the reference.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReferenceEpoch {
-    /// Final values of the users whose output changed, sorted by user.
-    pub changed: Vec<ProfileOutput>,
+    /// Final values of the users whose output changed, sorted by user, encoded as the sink
+    /// writes them.
+    pub changed: Vec<EncodedProfile>,
     /// Profile messages older than the user's profile when read.
     pub stale: u64,
 }
@@ -48,9 +50,10 @@ impl Reference {
         };
     }
 
-    /// Applies one epoch: profile messages and feature updates each in read order.
+    /// Applies `epoch`: profile messages and feature updates each in read order.
     pub fn apply_epoch(
         &mut self,
+        epoch: u64,
         messages: &[(ProfileMessage, ReadPosition)],
         features: &[(String, Option<Vec<f32>>, ReadPosition)],
     ) -> ReferenceEpoch {
@@ -78,13 +81,26 @@ impl Reference {
             .outputs()
             .into_iter()
             .filter(|(user, output)| before.get(user) != Some(output))
-            .map(|(_, output)| output)
+            .map(|(user, output)| {
+                let (timestamp, items) = &self.profiles[&user];
+                let record = ProfileRecord {
+                    user_id: &user,
+                    timestamp: *timestamp,
+                    history_items: items,
+                    interest_vector: &output.vector,
+                    known_items: output.known_items,
+                    epoch,
+                };
+                #[allow(clippy::expect_used)] // test oracle; the tests use small numbers
+                EncodedProfile::encode(&record).expect("timestamps and epochs below 2^53")
+            })
             .collect();
         ReferenceEpoch { changed, stale }
     }
 
-    /// Every user's output, by user.
-    pub fn outputs(&self) -> BTreeMap<String, ProfileOutput> {
+    /// Every user's output (its vector and known items, and its timestamp and history, which
+    /// `profiles` holds), by user.
+    fn outputs(&self) -> BTreeMap<String, Output> {
         self.profiles
             .iter()
             .map(|(user, (timestamp, items))| {
@@ -95,15 +111,34 @@ impl Reference {
                     self.dim,
                     self.decay,
                 );
-                let output = ProfileOutput {
-                    user_id: user.clone(),
+                let output = Output {
                     timestamp: *timestamp,
-                    history_items: items.iter().map(|item| Arc::from(item.as_str())).collect(),
-                    interest_vector: vector.vector,
+                    items: items.clone(),
+                    vector: vector.vector,
                     known_items: vector.known_items,
                 };
                 (user.clone(), output)
             })
             .collect()
+    }
+}
+
+/// A user's output, less the epoch that writes it.
+#[derive(Debug)]
+struct Output {
+    timestamp: u64,
+    items: Vec<String>,
+    vector: Vec<f32>,
+    known_items: u32,
+}
+
+/// Equal when the written value would be: floats by their bits (`-0.0` is written as such).
+impl PartialEq for Output {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.timestamp == other.timestamp
+            && self.items == other.items
+            && self.known_items == other.known_items
+            && bits(&self.vector) == bits(&other.vector)
     }
 }

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::epoch::EpochClock;
 use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::interest::{interest_profiles, InterestParams};
-use crate::model::ProfileOutput;
+use crate::model::EncodedProfile;
 use crate::output::{write_epochs, EpochWriter};
 use crate::source::{KafkaSource, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard};
@@ -49,17 +49,9 @@ struct RedisWriter {
 }
 
 impl EpochWriter for RedisWriter {
-    fn write_epoch(&mut self, epoch: u64, profiles: &[ProfileOutput]) -> u64 {
+    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64 {
         loop {
-            let records = profiles.iter().map(|p| sink::ProfileRecord {
-                user_id: &p.user_id,
-                timestamp: p.timestamp,
-                history_items: &p.history_items,
-                interest_vector: &p.interest_vector,
-                known_items: p.known_items,
-                epoch,
-            });
-            match self.sink.write(records) {
+            match self.sink.write_encoded(profiles) {
                 Ok(stats) => return stats.written as u64,
                 // The sink retries transient failures itself; anything else is logged and
                 // tried again, because an epoch's output is never dropped.

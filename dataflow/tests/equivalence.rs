@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use dataflow::interest::InterestParams;
 use dataflow::memory::{run_in_memory, EpochInput, MemoryRun};
-use dataflow::model::{FeatureEvent, FeatureVector, ProfileEvent, ProfileOutput, ReadPosition};
+use dataflow::model::{EncodedProfile, FeatureEvent, FeatureVector, ProfileEvent, ReadPosition};
 use dataflow::reference::Reference;
 use profile::ProfileMessage;
 use rand::{Rng, SeedableRng};
@@ -130,7 +130,7 @@ fn run(scenario: &Scenario, workers: usize) -> MemoryRun {
     run_in_memory(workers, params, initial, epochs).unwrap()
 }
 
-fn non_empty(outputs: &BTreeMap<u64, Vec<ProfileOutput>>) -> BTreeMap<u64, &Vec<ProfileOutput>> {
+fn non_empty(outputs: &BTreeMap<u64, Vec<EncodedProfile>>) -> BTreeMap<u64, &Vec<EncodedProfile>> {
     outputs
         .iter()
         .filter(|(_, v)| !v.is_empty())
@@ -146,33 +146,28 @@ fn assert_matches_reference(seed: u64, scenario: &Scenario, run: &MemoryRun) {
     let outputs = non_empty(&run.outputs);
     for (i, (messages, updates)) in scenario.epochs.iter().enumerate() {
         let epoch = i as u64 + 1;
-        let expected = reference.apply_epoch(messages, updates);
+        let expected = reference.apply_epoch(epoch, messages, updates);
         let actual = outputs
             .get(&epoch)
             .map(|v| v.as_slice())
             .unwrap_or_default();
-        let users = |v: &[ProfileOutput]| v.iter().map(|p| p.user_id.clone()).collect::<Vec<_>>();
+        let users =
+            |v: &[EncodedProfile]| v.iter().map(|p| p.user_id().to_owned()).collect::<Vec<_>>();
         assert_eq!(
             users(actual),
             users(&expected.changed),
             "seed {seed} epoch {epoch}: changed users"
         );
+        // The very bytes that go to Redis. One worker computes a user's vector with the
+        // contract's formula, in history order: the bits of the reference, on any worker count.
         for (a, e) in actual.iter().zip(&expected.changed) {
-            let context = format!("seed {seed} epoch {epoch} user {}", a.user_id);
-            assert_eq!(a.timestamp, e.timestamp, "{context}");
-            assert_eq!(a.history_items, e.history_items, "{context}");
-            assert_eq!(a.known_items, e.known_items, "{context}");
-            assert_eq!(a.interest_vector.len(), DIM, "{context}");
-            // One worker computes a user's vector with the contract's formula, in history
-            // order: the very bits of the reference, on any worker count.
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(
-                bits(&a.interest_vector),
-                bits(&e.interest_vector),
-                "{context}: {:?} vs {:?}",
-                a.interest_vector,
-                e.interest_vector
+                a.value(),
+                e.value(),
+                "seed {seed} epoch {epoch} user {}",
+                a.user_id()
             );
+            assert_eq!((a.timestamp(), a.epoch()), (e.timestamp(), e.epoch()));
         }
         let stale = run.counters.get(&epoch).map_or(0, |c| c.stale);
         assert_eq!(
@@ -265,22 +260,30 @@ fn a_feature_update_reemits_exactly_its_holders() {
         let users = |epoch| {
             run.outputs
                 .get(&epoch)
-                .map(|v| v.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>())
+                .map(|v| v.iter().map(|p| p.user_id()).collect::<Vec<_>>())
                 .unwrap_or_default()
         };
         assert_eq!(users(1), vec!["a", "b", "c"]);
         assert_eq!(users(2), vec!["a"]);
         assert_eq!(users(3), vec!["a", "b"]);
         assert!(users(4).is_empty());
-        let a = &run.outputs[&2][0];
+        let value = |epoch, i: usize| -> serde_json::Value {
+            serde_json::from_str(run.outputs[&epoch][i].value()).unwrap()
+        };
+        let a = value(2, 0);
         // a: x (k=1, weight 0.5) = [2, 0], y (k=0, weight 1) = [0, 1].
-        assert_eq!(a.known_items, 2);
-        assert!((a.interest_vector[0] - 2.0 * 0.5 / 1.5).abs() < 1e-6);
-        assert!((a.interest_vector[1] - 1.0 / 1.5).abs() < 1e-6);
-        let b = &run.outputs[&3][1];
+        assert_eq!(a["known_items"], 2);
+        assert_eq!(a["epoch"], 2);
+        assert!((a["interest_vector"][0].as_f64().unwrap() - 2.0 * 0.5 / 1.5).abs() < 1e-6);
+        assert!((a["interest_vector"][1].as_f64().unwrap() - 1.0 / 1.5).abs() < 1e-6);
+        let b = value(3, 1);
         assert_eq!(
-            (b.user_id.as_str(), b.known_items, b.interest_vector.clone()),
-            ("b", 0, vec![0.0, 0.0])
+            (&b["user_id"], &b["known_items"], &b["interest_vector"]),
+            (
+                &serde_json::json!("b"),
+                &serde_json::json!(0),
+                &serde_json::json!([0.0, 0.0])
+            )
         );
     }
 }
