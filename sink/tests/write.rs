@@ -222,6 +222,56 @@ fn values_written_by_others_are_read_or_replaced() {
 }
 
 #[test]
+fn timestamps_past_the_head_of_a_value_are_read_whole() {
+    // The script reads a stored value's first 160 bytes for its timestamp, and all of it when
+    // they hold none: a long user id pushes our own timestamp past them, and a foreign value
+    // may put it after a long history.
+    let p = unique("head");
+    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut c = conn(&test_url());
+    for len in [140, 150, 160, 300] {
+        let long = format!("{p}-{}", "u".repeat(len));
+        assert_eq!(
+            sink.write([rec(&long, 1_000, 10, &["a"], &[1.0])])
+                .unwrap()
+                .written,
+            1
+        );
+        let stats = sink.write([rec(&long, 999, 99, &["b"], &[2.0])]).unwrap();
+        assert_eq!(
+            (stats.written, stats.skipped_stale),
+            (0, 1),
+            "user id of {len}+"
+        );
+        let stats = sink.write([rec(&long, 1_000, 9, &["b"], &[2.0])]).unwrap();
+        assert_eq!(
+            (stats.written, stats.skipped_stale),
+            (0, 1),
+            "user id of {len}+"
+        );
+        let stats = sink.write([rec(&long, 1_000, 11, &["c"], &[3.0])]).unwrap();
+        assert_eq!(
+            (stats.written, stats.skipped_stale),
+            (1, 0),
+            "user id of {len}+"
+        );
+    }
+    let foreign = format!("{p}-foreign");
+    let history: Vec<String> = (0..30).map(|i| format!("item{i:06}")).collect();
+    let value = serde_json::json!({"user_id": "x", "history_items": history, "timestamp": 500});
+    let _: () = redis::cmd("SET")
+        .arg(profile::redis_key(&foreign))
+        .arg(value.to_string())
+        .query(&mut c)
+        .unwrap();
+    assert!(value.to_string().find("timestamp").unwrap() > 160);
+    let stats = sink.write([rec(&foreign, 499, 1, &[], &[])]).unwrap();
+    assert_eq!((stats.written, stats.skipped_stale), (0, 1));
+    let stats = sink.write([rec(&foreign, 500, 0, &[], &[])]).unwrap();
+    assert_eq!(stats.written, 1, "same timestamp, epoch 0 >= missing epoch");
+}
+
+#[test]
 fn batching_by_count() {
     let p = unique("count");
     let data = Profiles::new(&p, 100, 3, 4);
