@@ -5,7 +5,7 @@
 //! event older than the key's current value is stale. The interest operator applies it to the
 //! profiles of its users and to the feature events every worker receives.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 
@@ -85,7 +85,7 @@ type Versioned<E> = (<E as UpsertEvent>::Version, <E as UpsertEvent>::Value);
 pub struct EpochUpserts<E: UpsertEvent> {
     /// For each key set, the value of its last event that was not stale (`None` when that
     /// event deletes the key).
-    pub latest: HashMap<E::Key, Option<E::Value>>,
+    pub latest: FxHashMap<E::Key, Option<E::Value>>,
     /// How many events were stale.
     pub stale: usize,
 }
@@ -99,7 +99,8 @@ pub fn resolve_epoch<E: UpsertEvent>(
     // Stable sort: the read order within a partition is kept.
     events.sort_by_key(UpsertEvent::position);
     let mut stale = 0;
-    let mut latest: HashMap<E::Key, Option<Versioned<E>>> = HashMap::new();
+    // Fx, not SipHash: keys come from our own topics (user keys are xxh3 hashes already).
+    let mut latest: FxHashMap<E::Key, Option<Versioned<E>>> = FxHashMap::default();
     for event in events {
         let version = match latest.get(event.key()) {
             Some(value) => value.as_ref().map(|(version, _)| *version),
