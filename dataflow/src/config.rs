@@ -29,7 +29,8 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
 
-    /// Consumer group whose committed offsets say where to resume.
+    /// Consumer group whose committed offsets say how far to replay on start (to rebuild the
+    /// state) and where to read on.
     #[arg(long, env = "KAFKA_GROUP", default_value = "streamrec-dataflow")]
     pub group: String,
 

@@ -6,8 +6,8 @@
 //! is the latest-wins rule that turns messages into current values; [`output`] turns complete
 //! epochs into final values for a writer. [`memory`] drives the same core from memory and
 //! [`reference`](mod@reference) is the plain sequential contract it is tested against.
-//! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, and [`run`] is the worker loop
-//! around them all.
+//! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
+//! start, and [`run`] is the worker loop around them all.
 
 pub mod config;
 pub mod epoch;
@@ -19,6 +19,7 @@ pub mod model;
 pub mod output;
 mod pending;
 pub mod reference;
+pub mod replay;
 pub mod run;
 pub mod source;
 pub mod stats;

@@ -21,6 +21,7 @@ use timely::dataflow::Stream;
 
 use crate::model::EncodedProfile;
 use crate::pending::PendingEpochs;
+use crate::replay::is_replay_epoch;
 use crate::stats::StatsBoard;
 
 /// Writes the final values of an epoch somewhere durable.
@@ -109,7 +110,8 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                 let counters = board.epoch(report.epoch);
                 counters.changed += changed;
                 counters.redis_writes += report.written;
-                if let Some(epoch_ms) = epoch_ms {
+                // A replay epoch is no epoch of the clock: it has no latency.
+                if let Some(epoch_ms) = epoch_ms.filter(|_| !is_replay_epoch(report.epoch)) {
                     counters.latency_ms = report.at_ms.saturating_sub(report.epoch + epoch_ms);
                 }
                 output.session(&capability).give(report.epoch);

@@ -19,6 +19,7 @@ use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::EncodedProfile;
 use crate::output::{write_epochs, EpochWriter};
+use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
 use crate::source::{KafkaSource, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard};
 
@@ -50,6 +51,10 @@ struct RedisWriter {
 
 impl EpochWriter for RedisWriter {
     fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64 {
+        // Redis holds the values of the replay already.
+        if is_replay_epoch(epoch) {
+            return 0;
+        }
         loop {
             match self.sink.write_encoded(profiles) {
                 Ok(stats) => return stats.written as u64,
@@ -147,35 +152,56 @@ fn worker_loop(
         report_epochs(stats_input.to_stream(scope), config, summary.clone());
     });
 
+    // The inputs start at replay epoch 0: the features file and the replay of every partition
+    // up to its committed offset (see crate::replay), before any live epoch.
     let mut clock = EpochClock::new(config.epoch_ms);
-    let mut epoch = clock.now();
-    profile_input.advance_to(epoch);
-    feature_input.advance_to(epoch);
+    let mut epoch = 0;
+    let mut tick = clock.now();
     // The stats input is deliberately not advanced with the data inputs: another worker may
     // have started in an earlier epoch and send this worker data of it, whose counters must
     // still travel at that epoch's time. It advances only past epochs the probe has seen
     // complete (see finish_epochs).
 
-    // The features file enters in the first epoch, each worker sending its share of the rows.
+    // The features file enters in epoch 0, each worker sending its share of the rows.
     for event in features.items.iter().skip(index).step_by(peers) {
         feature_input.send(event.clone());
     }
 
+    let started = Instant::now();
+    let mut replayed = 0;
     let mut reported = epoch;
     loop {
         let stopping = shutdown.load(Ordering::Relaxed);
         let now = clock.now();
-        if now > epoch || stopping {
-            // On shutdown the open epoch is closed at once.
-            epoch = if stopping { clock.next(epoch) } else { now };
+        if now > tick || stopping {
+            tick = now;
+            epoch = if stopping {
+                // On shutdown the open epoch is closed at once.
+                epoch + 1
+            } else if source.is_replaying() {
+                // Replay epochs count up, one per epoch of the clock.
+                epoch + 1
+            } else {
+                now.max(FIRST_LIVE_EPOCH)
+            };
             profile_input.advance_to(epoch);
             feature_input.advance_to(epoch);
         }
         if stopping {
             break;
         }
+        let was_replaying = source.is_replaying();
         let polled = source.poll(epoch, config.max_poll_records);
-        let idle = polled.messages == 0;
+        let idle = polled.messages == 0 && polled.replayed == 0;
+        replayed += polled.replayed;
+        if was_replaying && !source.is_replaying() {
+            tracing::info!(
+                worker = index,
+                messages = replayed,
+                seconds = started.elapsed().as_secs_f64(),
+                "state rebuilt: replayed up to the committed offsets"
+            );
+        }
         {
             let mut board = board.borrow_mut();
             let counters = board.epoch(epoch);
@@ -271,6 +297,10 @@ fn report_epochs<'scope>(
                         break;
                     }
                     let (epoch, counters) = entry.remove_entry();
+                    // The replay's epochs rebuild the state and write nothing: no stats lines.
+                    if is_replay_epoch(epoch) {
+                        continue;
+                    }
                     if let Ok(mut summary) = summary.lock() {
                         let latency = summary.totals.latency_ms.max(counters.latency_ms);
                         summary.totals.add(&counters);

@@ -5,20 +5,25 @@
 //! Partitions are assigned, not subscribed: partition `p` of every topic belongs to the worker
 //! with global index `p mod workers`, the same on every run and every process, so no rebalance
 //! can move a partition while an epoch is open.
+//!
+//! On start the source first replays its partitions up to the group's committed offsets, to
+//! rebuild the state (see [`crate::replay`]), and only then reads on from those offsets.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use profile::{Encoding, ItemFeaturesMessage, ProfileMessageView};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::epoch::{OffsetLedger, SourcePartition};
 use crate::model::{FeatureEvent, FeatureVector, ProfileEvent};
+use crate::replay::{Read, Replay};
 
 /// What the source needs to know.
 #[derive(Debug, Clone)]
@@ -47,10 +52,12 @@ pub enum SourceError {
 pub struct Polled {
     pub profiles: Vec<ProfileEvent>,
     pub features: Vec<FeatureEvent>,
-    /// Messages read, valid or not.
+    /// Messages read, valid or not, not counting replayed ones.
     pub messages: u64,
     /// Messages that went to the dead-letter topic.
     pub invalid: u64,
+    /// Messages replayed to rebuild the state (valid ones are in `profiles` and `features`).
+    pub replayed: u64,
 }
 
 /// Counts dead-letter copies the broker did not take, so offsets wait for them.
@@ -71,17 +78,39 @@ impl ProducerContext for DlqContext {
     }
 }
 
+/// The consumer's context. librdkafka reports each end of a partition, which the replay asks
+/// for (`enable.partition.eof`), to the error callback as well as to `poll`; those are news,
+/// not errors.
+#[derive(Debug, Default)]
+struct SourceContext;
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) =
+            error
+        {
+            tracing::trace!(reason, "end of partition");
+        } else {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
 const PROFILE_TOPIC: usize = 0;
 const ITEM_TOPIC: usize = 1;
 
 /// One worker's Kafka reader.
 pub struct KafkaSource {
     config: SourceConfig,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<SourceContext>,
     dlq: ThreadedProducer<DlqContext>,
     topics: [String; 2],
     ledger: OffsetLedger,
     assigned: Vec<SourcePartition>,
+    /// While the state is rebuilt: the replay, and the assignment to read live with after it.
+    replay: Option<(Replay, TopicPartitionList)>,
     warnings: Warnings,
 }
 
@@ -130,10 +159,12 @@ pub fn assigned_partitions(partitions: usize, index: usize, peers: usize) -> Vec
 }
 
 impl KafkaSource {
-    /// Connects, finds the partitions, and assigns this worker its share, resuming from the
-    /// group's committed offsets (or the beginning, for a partition never committed).
+    /// Connects, finds the partitions, and assigns this worker its share: first from the
+    /// beginning, to replay each partition up to the group's committed offset, if it has one;
+    /// then (see [`poll`](Self::poll)) from that offset, or from the beginning for a partition
+    /// never committed.
     pub fn new(config: SourceConfig, index: usize, peers: usize) -> Result<Self, SourceError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer<SourceContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             // Committed offsets of this group say where to resume after a restart.
             .set("group.id", &config.group)
@@ -142,6 +173,9 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             // A partition with no committed offset is read from its start: nothing is skipped.
             .set("auto.offset.reset", "earliest")
+            // Tells the replay on start that a partition is read to its end, even if the offsets
+            // just below the committed one are missing (compaction, transaction markers).
+            .set("enable.partition.eof", "true")
             // tansu (and any broker) answers a fetch with no new data only after this wait;
             // a short wait keeps epochs closing on time and throughput up (20x with tansu).
             .set("fetch.wait.max.ms", "5")
@@ -149,7 +183,7 @@ impl KafkaSource {
             // 4 MB of 1 KB profiles by default), bounded in memory: 16 MB per worker. 64 MB
             // read no faster here and cost 96 MB more RSS on two workers.
             .set("queued.max.messages.kbytes", "16384")
-            .create()?;
+            .create_with_context(SourceContext)?;
         let dlq: ThreadedProducer<DlqContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             // A dead-letter copy is kept as long as the broker is down: offsets wait for it.
@@ -160,7 +194,6 @@ impl KafkaSource {
             .create_with_context(DlqContext::default())?;
 
         let topics = [config.profile_topic.clone(), config.item_topic.clone()];
-        let mut assignment = TopicPartitionList::new();
         let mut assigned = Vec::new();
         for (topic_index, topic) in topics.iter().enumerate() {
             let partitions = partition_count(&consumer, topic)?;
@@ -177,12 +210,35 @@ impl KafkaSource {
                 continue;
             }
             for partition in assigned_partitions(partitions, index, peers) {
-                assignment.add_partition_offset(topic, partition, Offset::Stored)?;
                 assigned.push((topic_index, partition));
             }
         }
-        consumer.assign(&assignment)?;
-        tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
+        let replay = plan_replay(&consumer, &topics, &assigned)?;
+        let mut live = TopicPartitionList::new();
+        let mut replaying = TopicPartitionList::new();
+        for &(topic, partition) in &assigned {
+            let start = match replay.end(&(topic, partition)) {
+                Some(end) => {
+                    replaying.add_partition_offset(&topics[topic], partition, Offset::Beginning)?;
+                    Offset::Offset(end)
+                }
+                None => Offset::Stored,
+            };
+            live.add_partition_offset(&topics[topic], partition, start)?;
+        }
+        let replay = if replay.is_done() {
+            consumer.assign(&live)?;
+            tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
+            None
+        } else {
+            consumer.assign(&replaying)?;
+            tracing::info!(
+                worker = index,
+                partitions = ?assigned,
+                "assigned partitions; replaying up to the committed offsets first"
+            );
+            Some((replay, live))
+        };
         Ok(KafkaSource {
             config,
             consumer,
@@ -190,17 +246,37 @@ impl KafkaSource {
             topics,
             ledger: OffsetLedger::default(),
             assigned,
+            replay,
             warnings: Warnings::default(),
         })
     }
 
+    /// Whether the source is still replaying (and so reads in replay epochs, see [`crate::replay`]).
+    pub fn is_replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
     /// Reads at most `max` messages that are already here (no waiting), as epoch `epoch`.
+    ///
+    /// While the source replays, the messages are those below the committed offsets (for a
+    /// replay epoch), without offsets to commit or dead-letter copies, which their first
+    /// reading made; the poll stops where the replay ends, and the next one reads live.
     pub fn poll(&mut self, epoch: u64, max: u64) -> Polled {
         let mut polled = Polled::default();
-        while polled.messages < max {
+        for _ in 0..max {
             let message = match self.consumer.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => message,
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    // Caught up with a partition: news only to a replay.
+                    if let Some((replay, _)) = &mut self.replay {
+                        replay.end_of_partition(partition);
+                        if replay.is_done() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
                 Some(Err(error)) => {
                     // A broker or network hiccup: librdkafka reconnects by itself.
                     self.warnings
@@ -214,8 +290,19 @@ impl KafkaSource {
                 ITEM_TOPIC
             };
             let position = (message.partition(), message.offset());
-            self.ledger.observe(epoch, (topic, position.0), position.1);
-            polled.messages += 1;
+            let replayed = match &mut self.replay {
+                None => false,
+                Some((replay, _)) => match replay.read((topic, position.0), position.1) {
+                    Read::Replay => true,
+                    Read::Later => continue,
+                },
+            };
+            if replayed {
+                polled.replayed += 1;
+            } else {
+                self.ledger.observe(epoch, (topic, position.0), position.1);
+                polled.messages += 1;
+            }
             let payload = message.payload().unwrap_or_default();
             let outcome = if topic == PROFILE_TOPIC {
                 ProfileMessageView::decode(payload, self.config.encoding)
@@ -232,18 +319,61 @@ impl KafkaSource {
                     .map(|event| polled.features.push(event))
             };
             if let Err((kind, reason)) = outcome {
-                polled.invalid += 1;
-                dead_letter(
-                    &self.dlq,
-                    &self.config.dlq_topic,
-                    &mut self.warnings,
-                    &message,
-                    kind,
-                    &reason,
-                );
+                if !replayed {
+                    polled.invalid += 1;
+                    dead_letter(
+                        &self.dlq,
+                        &self.config.dlq_topic,
+                        &mut self.warnings,
+                        &message,
+                        kind,
+                        &reason,
+                    );
+                }
+            }
+            if self
+                .replay
+                .as_ref()
+                .is_some_and(|(replay, _)| replay.is_done())
+            {
+                break;
             }
         }
+        self.after_replay_reads();
         polled
+    }
+
+    /// Stops fetching the partitions whose replay is done; once all are, reads live from the
+    /// committed offsets.
+    fn after_replay_reads(&mut self) {
+        let Some((replay, live)) = &mut self.replay else {
+            return;
+        };
+        let finished = replay.take_finished();
+        if !finished.is_empty() && !replay.is_done() {
+            let mut pause = TopicPartitionList::new();
+            for (topic, partition) in finished {
+                pause.add_partition(&self.topics[topic], partition);
+            }
+            // Only saves fetching what the live assignment reads again anyway.
+            if let Err(error) = self.consumer.pause(&pause) {
+                tracing::debug!(%error, "pausing a replayed partition failed");
+            }
+        }
+        if replay.is_done() {
+            // A fresh assignment drops whatever was prefetched past the replay's end. It does not
+            // lift a pause (librdkafka keeps that per partition), so the resume does.
+            match self
+                .consumer
+                .assign(live)
+                .and_then(|()| self.consumer.resume(live))
+            {
+                Ok(()) => self.replay = None,
+                Err(error) => self.warnings.warn(
+                    || tracing::warn!(%error, "cannot assign the live partitions yet; retrying"),
+                ),
+            }
+        }
     }
 
     fn decode_features(
@@ -361,10 +491,7 @@ fn dead_letter(
     loop {
         match dlq.send(record) {
             Ok(()) => break,
-            Err((
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                back,
-            )) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -377,8 +504,37 @@ fn dead_letter(
     }
 }
 
+/// Where each assigned partition's replay ends: its committed offset, capped at its end.
+fn plan_replay(
+    consumer: &BaseConsumer<SourceContext>,
+    topics: &[String; 2],
+    assigned: &[SourcePartition],
+) -> Result<Replay, KafkaError> {
+    let timeout = Duration::from_secs(10);
+    let mut list = TopicPartitionList::new();
+    for &(topic, partition) in assigned {
+        list.add_partition(&topics[topic], partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    let mut partitions = Vec::new();
+    for &(topic, partition) in assigned {
+        let Some(Offset::Offset(committed)) = committed
+            .find_partition(&topics[topic], partition)
+            .map(|p| p.offset())
+        else {
+            continue;
+        };
+        let (low, high) = consumer.fetch_watermarks(&topics[topic], partition, timeout)?;
+        partitions.push(((topic, partition), low, committed.min(high)));
+    }
+    Ok(Replay::new(partitions))
+}
+
 /// Partitions of `topic`, or 0 if it does not exist.
-fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, KafkaError> {
+fn partition_count(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+) -> Result<usize, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(metadata
         .topics()

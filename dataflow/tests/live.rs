@@ -375,6 +375,90 @@ async fn pushed_profiles_stale_pushes_feature_updates_and_poison() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_rebuilds_the_state_from_the_topics() {
+    let setup = Setup::new("restart", 2).await;
+    let id = setup.topic.clone();
+    let (alice, bob, carol) = (
+        format!("{id}-alice"),
+        format!("{id}-bob"),
+        format!("{id}-carol"),
+    );
+    let message = |user: &str, items: &[&str], timestamp: u64| {
+        serde_json::json!({"user_id": user, "history_items": items, "timestamp": timestamp})
+            .to_string()
+    };
+    let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
+    let mut redis = redis(&setup.redis);
+
+    // First run: alice holds apple, bob cherry; then cherry's features change.
+    let first = Dataflow::spawn(&args);
+    produce(
+        &setup.topic,
+        Some(&alice),
+        message(&alice, &["apple", "banana"], 10).as_bytes(),
+    )
+    .await;
+    produce(
+        &setup.topic,
+        Some(&bob),
+        message(&bob, &["cherry"], 10).as_bytes(),
+    )
+    .await;
+    first.wait_for("redis_writes", 2);
+    produce(
+        &setup.item_topic,
+        Some("cherry"),
+        br#"{"item_id":"cherry","features":[2,2]}"#,
+    )
+    .await;
+    first.wait_for("redis_writes", 3);
+    first.stop();
+    let alice_before = profile_of(&mut redis, &alice).unwrap();
+    let bob_before = profile_of(&mut redis, &bob).unwrap();
+    assert_eq!(bob_before["interest_vector"], serde_json::json!([2.0, 2.0]));
+
+    // Second run, same group: the replay rewrites nothing ...
+    let second = Dataflow::spawn(&args);
+    // ... a new message meets cherry's features from the item topic, not the file's ...
+    produce(
+        &setup.topic,
+        Some(&carol),
+        message(&carol, &["cherry"], 20).as_bytes(),
+    )
+    .await;
+    second.wait_for("redis_writes", 1);
+    let carol_now = profile_of(&mut redis, &carol).unwrap();
+    assert_eq!(carol_now["interest_vector"], serde_json::json!([2.0, 2.0]));
+    assert_eq!(profile_of(&mut redis, &alice).unwrap(), alice_before);
+    assert_eq!(profile_of(&mut redis, &bob).unwrap(), bob_before);
+    // ... and a feature update reaches the holders from before the restart.
+    produce(
+        &setup.item_topic,
+        Some("apple"),
+        br#"{"item_id":"apple","features":[3,0]}"#,
+    )
+    .await;
+    second.wait_for("redis_writes", 2);
+    let alice_after = profile_of(&mut redis, &alice).unwrap();
+    assert!(alice_after["epoch"].as_u64() > alice_before["epoch"].as_u64());
+    // apple (k=1, weight 0.9) = [3, 0], banana (k=0, weight 1) = [0, 1].
+    let expected = [3.0 * 0.9 / 1.9, 1.0 / 1.9];
+    let actual = alice_after["interest_vector"].as_array().unwrap();
+    for (a, e) in actual.iter().zip(expected) {
+        assert!(
+            (a.as_f64().unwrap() - e).abs() < 1e-6,
+            "{actual:?} vs {expected:?}"
+        );
+    }
+    assert_eq!(
+        second.total("redis_writes"),
+        2,
+        "only alice and carol were written"
+    );
+    second.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_of_two_workers_write_what_one_worker_writes() {
     let one = Setup::new("one", 5).await;
     let mut two = Setup::new("two", 6).await;
