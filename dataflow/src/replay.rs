@@ -37,40 +37,49 @@ pub enum Read {
     Later,
 }
 
-/// The partitions a worker is still replaying, and the offset each replay ends at.
+/// The partitions a worker is still replaying, where each replay ends, and where each finished
+/// one is to be read on from.
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// Partitions still replaying, with the offset their replay ends before.
-    ends: BTreeMap<SourcePartition, i64>,
-    /// Partitions whose replay ended since the last [`Replay::take_finished`].
-    finished: Vec<SourcePartition>,
+    /// Partitions still replaying: the offset their replay ends before, and the offset after
+    /// the last message replayed.
+    pending: BTreeMap<SourcePartition, (i64, i64)>,
+    /// Finished partitions, with the offset after their last message replayed: where live
+    /// reading resumes.
+    resume: BTreeMap<SourcePartition, i64>,
     /// Messages replayed so far.
     replayed: u64,
 }
 
 impl Replay {
     /// A replay of each `(partition, low, end)`: its messages from `low`, the first offset the
-    /// broker still has, up to `end`, its committed offset (capped at the partition's end). A
-    /// partition with nothing below `end` is left out.
+    /// broker still has, up to `end`, its committed offset. A partition with nothing below
+    /// `end` is left out.
     pub fn new(partitions: impl IntoIterator<Item = (SourcePartition, i64, i64)>) -> Self {
         Replay {
-            ends: partitions
+            pending: partitions
                 .into_iter()
                 .filter(|&(_, low, end)| end > low.max(0))
-                .map(|(partition, _, end)| (partition, end))
+                .map(|(partition, low, end)| (partition, (end, low.max(0))))
                 .collect(),
             ..Replay::default()
         }
     }
 
-    /// Where the replay of `partition` ends, if it has one to do.
-    pub fn end(&self, partition: &SourcePartition) -> Option<i64> {
-        self.ends.get(partition).copied()
+    /// The partitions to replay, finished or not.
+    pub fn partitions(&self) -> impl Iterator<Item = SourcePartition> + '_ {
+        self.pending.keys().chain(self.resume.keys()).copied()
+    }
+
+    /// Where live reading of a replayed partition resumes once it is finished: after its last
+    /// message replayed. That is its end, unless the broker said the partition ended sooner.
+    pub fn resume_offset(&self, partition: &SourcePartition) -> Option<i64> {
+        self.resume.get(partition).copied()
     }
 
     /// Whether every partition is replayed.
     pub fn is_done(&self) -> bool {
-        self.ends.is_empty()
+        self.pending.is_empty()
     }
 
     /// Messages replayed so far.
@@ -82,39 +91,41 @@ impl Replay {
     /// finishes the partition's replay, and so does any message at or past it (offsets may
     /// have gaps).
     pub fn read(&mut self, partition: SourcePartition, offset: i64) -> Read {
-        let Some(&end) = self.ends.get(&partition) else {
+        let Some((end, next)) = self.pending.get_mut(&partition) else {
             return Read::Later;
         };
-        if offset >= end - 1 {
-            self.finish(partition);
-        }
-        if offset < end {
+        let end = *end;
+        let read = if offset < end {
+            *next = offset + 1;
             self.replayed += 1;
             Read::Replay
         } else {
             Read::Later
+        };
+        if offset >= end - 1 {
+            self.finish(partition);
         }
+        read
     }
 
     /// The broker reported the end of partition number `partition` of one of the topics. Its
-    /// replay is done if only one replaying partition has that number; otherwise the report
-    /// cannot say which (librdkafka's end-of-partition event names no topic), and the replay
-    /// ends with the message before the committed offset instead.
+    /// replay is done if only one partition of the replay has that number, finished or not (a
+    /// finished one is still read, and reports its end again); otherwise the report cannot say
+    /// which (librdkafka's end-of-partition event names no topic), and the replay ends with
+    /// the message before the committed offset instead. A partition that ends before its
+    /// committed offset resumes after its last message replayed, so nothing is skipped even if
+    /// the report came early.
     pub fn end_of_partition(&mut self, partition: i32) {
-        let mut candidates = self.ends.keys().filter(|(_, p)| *p == partition);
-        if let (Some(&only), None) = (candidates.next(), candidates.next()) {
+        let mut candidates = self.partitions().filter(|(_, p)| *p == partition);
+        if let (Some(only), None) = (candidates.next(), candidates.next()) {
+            drop(candidates);
             self.finish(only);
         }
     }
 
-    /// The partitions whose replay ended since the last call, to stop fetching them.
-    pub fn take_finished(&mut self) -> Vec<SourcePartition> {
-        std::mem::take(&mut self.finished)
-    }
-
     fn finish(&mut self, partition: SourcePartition) {
-        if self.ends.remove(&partition).is_some() {
-            self.finished.push(partition);
+        if let Some((_, next)) = self.pending.remove(&partition) {
+            self.resume.insert(partition, next);
         }
     }
 }
@@ -133,8 +144,13 @@ mod tests {
             ((0, 2), 7, 7),
             ((1, 0), 0, 0),
         ]);
-        assert_eq!(replay.ends, BTreeMap::from([((0, 0), 5)]));
+        assert_eq!(replay.partitions().collect::<Vec<_>>(), [(0, 0)]);
         assert!(Replay::new([((0, 0), -1, -1001)]).is_done());
+    }
+
+    /// The finished partitions, in order.
+    fn finished(replay: &Replay) -> Vec<SourcePartition> {
+        replay.resume.keys().copied().collect()
     }
 
     #[test]
@@ -143,17 +159,20 @@ mod tests {
         assert_eq!(replay.read((0, 0), 0), Read::Replay);
         assert_eq!(replay.read((0, 1), 2), Read::Replay);
         assert_eq!(replay.read((0, 0), 1), Read::Replay);
-        assert!(replay.take_finished().is_empty());
+        assert!(finished(&replay).is_empty());
         assert_eq!(replay.read((0, 0), 2), Read::Replay);
-        assert_eq!(replay.take_finished(), [(0, 0)]);
+        assert_eq!(finished(&replay), [(0, 0)]);
         // Prefetched messages past the end wait for the live phase.
         assert_eq!(replay.read((0, 0), 3), Read::Later);
         assert!(!replay.is_done());
         // A gap: offset 3 is missing, 4 is past the end.
         assert_eq!(replay.read((0, 1), 4), Read::Later);
-        assert_eq!(replay.take_finished(), [(0, 1)]);
+        assert_eq!(finished(&replay), [(0, 0), (0, 1)]);
         assert!(replay.is_done());
         assert_eq!(replay.replayed(), 4);
+        // Live reading resumes after the last message replayed.
+        assert_eq!(replay.resume_offset(&(0, 0)), Some(3));
+        assert_eq!(replay.resume_offset(&(0, 1)), Some(3));
     }
 
     #[test]
@@ -161,18 +180,23 @@ mod tests {
         let mut replay = Replay::new([((0, 0), 0, 10), ((1, 0), 0, 10), ((0, 1), 0, 10)]);
         replay.end_of_partition(0);
         assert!(
-            replay.take_finished().is_empty(),
+            finished(&replay).is_empty(),
             "two topics have a partition 0"
         );
         replay.end_of_partition(1);
-        assert_eq!(replay.take_finished(), [(0, 1)]);
+        assert_eq!(finished(&replay), [(0, 1)]);
         replay.end_of_partition(5);
-        assert!(replay.take_finished().is_empty());
-        // Once one of the two partitions 0 is done, the report can only be the other's.
+        assert_eq!(finished(&replay), [(0, 1)]);
+        // Once one of the two partitions 0 is done, it may still report its end: the report
+        // stays ambiguous.
         assert_eq!(replay.read((1, 0), 9), Read::Replay);
-        assert_eq!(replay.take_finished(), [(1, 0)]);
+        assert_eq!(finished(&replay), [(0, 1), (1, 0)]);
         replay.end_of_partition(0);
-        assert_eq!(replay.take_finished(), [(0, 0)]);
+        assert!(!replay.is_done());
+        assert_eq!(replay.read((0, 0), 9), Read::Replay);
         assert!(replay.is_done());
+        // Ended early, before any message: live reading starts where the replay would have.
+        assert_eq!(replay.resume_offset(&(0, 1)), Some(0));
+        assert_eq!(replay.resume_offset(&(1, 0)), Some(10));
     }
 }

@@ -173,7 +173,10 @@ fn worker_loop(
     loop {
         let stopping = shutdown.load(Ordering::Relaxed);
         let now = clock.now();
-        if now > tick || stopping {
+        // The first live epoch starts as soon as the replay is done, so that nothing read live
+        // is taken for a replayed message.
+        let replay_over = is_replay_epoch(epoch) && !source.is_replaying();
+        if now > tick || stopping || replay_over {
             tick = now;
             epoch = if stopping {
                 // On shutdown the open epoch is closed at once.

@@ -109,8 +109,8 @@ pub struct KafkaSource {
     topics: [String; 2],
     ledger: OffsetLedger,
     assigned: Vec<SourcePartition>,
-    /// While the state is rebuilt: the replay, and the assignment to read live with after it.
-    replay: Option<(Replay, TopicPartitionList)>,
+    /// While the state is rebuilt, the replay.
+    replay: Option<Replay>,
     warnings: Warnings,
 }
 
@@ -214,30 +214,22 @@ impl KafkaSource {
             }
         }
         let replay = plan_replay(&consumer, &topics, &assigned)?;
-        let mut live = TopicPartitionList::new();
-        let mut replaying = TopicPartitionList::new();
-        for &(topic, partition) in &assigned {
-            let start = match replay.end(&(topic, partition)) {
-                Some(end) => {
-                    replaying.add_partition_offset(&topics[topic], partition, Offset::Beginning)?;
-                    Offset::Offset(end)
-                }
-                None => Offset::Stored,
-            };
-            live.add_partition_offset(&topics[topic], partition, start)?;
-        }
         let replay = if replay.is_done() {
-            consumer.assign(&live)?;
+            consumer.assign(&live_assignment(&topics, &assigned, None)?)?;
             tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
             None
         } else {
+            let mut replaying = TopicPartitionList::new();
+            for (topic, partition) in replay.partitions() {
+                replaying.add_partition_offset(&topics[topic], partition, Offset::Beginning)?;
+            }
             consumer.assign(&replaying)?;
             tracing::info!(
                 worker = index,
                 partitions = ?assigned,
                 "assigned partitions; replaying up to the committed offsets first"
             );
-            Some((replay, live))
+            Some(replay)
         };
         Ok(KafkaSource {
             config,
@@ -269,7 +261,7 @@ impl KafkaSource {
                 Some(Ok(message)) => message,
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
                     // Caught up with a partition: news only to a replay.
-                    if let Some((replay, _)) = &mut self.replay {
+                    if let Some(replay) = &mut self.replay {
                         replay.end_of_partition(partition);
                         if replay.is_done() {
                             break;
@@ -292,7 +284,7 @@ impl KafkaSource {
             let position = (message.partition(), message.offset());
             let replayed = match &mut self.replay {
                 None => false,
-                Some((replay, _)) => match replay.read((topic, position.0), position.1) {
+                Some(replay) => match replay.read((topic, position.0), position.1) {
                     Read::Replay => true,
                     Read::Later => continue,
                 },
@@ -331,48 +323,32 @@ impl KafkaSource {
                     );
                 }
             }
-            if self
-                .replay
-                .as_ref()
-                .is_some_and(|(replay, _)| replay.is_done())
-            {
+            if self.replay.as_ref().is_some_and(Replay::is_done) {
                 break;
             }
         }
-        self.after_replay_reads();
+        self.go_live_once_replayed();
         polled
     }
 
-    /// Stops fetching the partitions whose replay is done; once all are, reads live from the
-    /// committed offsets.
-    fn after_replay_reads(&mut self) {
-        let Some((replay, live)) = &mut self.replay else {
+    /// Once every partition is replayed, reads live from where each replay ended.
+    fn go_live_once_replayed(&mut self) {
+        let Some(replay) = &self.replay else {
             return;
         };
-        let finished = replay.take_finished();
-        if !finished.is_empty() && !replay.is_done() {
-            let mut pause = TopicPartitionList::new();
-            for (topic, partition) in finished {
-                pause.add_partition(&self.topics[topic], partition);
-            }
-            // Only saves fetching what the live assignment reads again anyway.
-            if let Err(error) = self.consumer.pause(&pause) {
-                tracing::debug!(%error, "pausing a replayed partition failed");
-            }
+        if !replay.is_done() {
+            return;
         }
-        if replay.is_done() {
-            // A fresh assignment drops whatever was prefetched past the replay's end. It does not
-            // lift a pause (librdkafka keeps that per partition), so the resume does.
-            match self
-                .consumer
-                .assign(live)
-                .and_then(|()| self.consumer.resume(live))
-            {
-                Ok(()) => self.replay = None,
-                Err(error) => self.warnings.warn(
-                    || tracing::warn!(%error, "cannot assign the live partitions yet; retrying"),
-                ),
-            }
+        // A fresh assignment drops whatever was prefetched past the replay's ends. (Partitions
+        // that finish early are not paused meanwhile: what they prefetch is bounded by
+        // queued.max.messages.kbytes, and a pause would have to be lifted again.)
+        match live_assignment(&self.topics, &self.assigned, Some(replay))
+            .and_then(|live| self.consumer.assign(&live))
+        {
+            Ok(()) => self.replay = None,
+            Err(error) => self
+                .warnings
+                .warn(|| tracing::warn!(%error, "cannot assign the live partitions yet; retrying")),
         }
     }
 
@@ -504,7 +480,27 @@ fn dead_letter(
     }
 }
 
-/// Where each assigned partition's replay ends: its committed offset, capped at its end.
+/// The assignment to read live with: a replayed partition from where its replay ended, any
+/// other from the group's committed offset (or its beginning, if it has none).
+fn live_assignment(
+    topics: &[String; 2],
+    assigned: &[SourcePartition],
+    replay: Option<&Replay>,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut live = TopicPartitionList::new();
+    for &(topic, partition) in assigned {
+        let start = replay
+            .and_then(|replay| replay.resume_offset(&(topic, partition)))
+            .map_or(Offset::Stored, Offset::Offset);
+        live.add_partition_offset(&topics[topic], partition, start)?;
+    }
+    Ok(live)
+}
+
+/// Where each assigned partition's replay ends: its committed offset. Not capped at the high
+/// watermark: tansu reports one below the last batch it holds (its last batch's first offset,
+/// it seems), which would cut the replay short. A committed offset beyond a partition's end (a
+/// topic recreated under the same group) ends the replay at the end of the partition instead.
 fn plan_replay(
     consumer: &BaseConsumer<SourceContext>,
     topics: &[String; 2],
@@ -525,7 +521,15 @@ fn plan_replay(
             continue;
         };
         let (low, high) = consumer.fetch_watermarks(&topics[topic], partition, timeout)?;
-        partitions.push(((topic, partition), low, committed.min(high)));
+        tracing::debug!(
+            topic = topics[topic],
+            partition,
+            low,
+            committed,
+            high,
+            "replay plan"
+        );
+        partitions.push(((topic, partition), low, committed));
     }
     Ok(Replay::new(partitions))
 }
