@@ -20,7 +20,7 @@ use crate::interest::{interest_profiles, InterestParams};
 use crate::model::EncodedProfile;
 use crate::output::{write_epochs, EpochWriter};
 use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
-use crate::source::{KafkaSource, SourceConfig, SourceError};
+use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard};
 
 /// Why the dataflow stopped with an error.
@@ -194,7 +194,13 @@ fn worker_loop(
             break;
         }
         let was_replaying = source.is_replaying();
-        let polled = source.poll(epoch, config.max_poll_records);
+        // A worker done with its replay reads nothing live until every worker is: the live
+        // epochs could not complete before that anyway, and their input would pile up.
+        let polled = if !was_replaying && is_replay_epoch(reported) {
+            Polled::default()
+        } else {
+            source.poll(epoch, config.max_poll_records)
+        };
         let idle = polled.messages == 0 && polled.replayed == 0;
         replayed += polled.replayed;
         if was_replaying && !source.is_replaying() {
