@@ -47,8 +47,6 @@ pub struct Replay {
     /// Finished partitions, with the offset after their last message replayed: where live
     /// reading resumes.
     resume: BTreeMap<SourcePartition, i64>,
-    /// Messages replayed so far.
-    replayed: u64,
 }
 
 impl Replay {
@@ -82,11 +80,6 @@ impl Replay {
         self.pending.is_empty()
     }
 
-    /// Messages replayed so far.
-    pub fn replayed(&self) -> u64 {
-        self.replayed
-    }
-
     /// Classifies the message at `offset` of `partition`. The message just before the end
     /// finishes the partition's replay, and so does any message at or past it (offsets may
     /// have gaps).
@@ -97,7 +90,6 @@ impl Replay {
         let end = *end;
         let read = if offset < end {
             *next = offset + 1;
-            self.replayed += 1;
             Read::Replay
         } else {
             Read::Later
@@ -169,7 +161,6 @@ mod tests {
         assert_eq!(replay.read((0, 1), 4), Read::Later);
         assert_eq!(finished(&replay), [(0, 0), (0, 1)]);
         assert!(replay.is_done());
-        assert_eq!(replay.replayed(), 4);
         // Live reading resumes after the last message replayed.
         assert_eq!(replay.resume_offset(&(0, 0)), Some(3));
         assert_eq!(replay.resume_offset(&(0, 1)), Some(3));
