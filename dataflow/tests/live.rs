@@ -1,8 +1,9 @@
 //! The dataflow binary end to end against the real broker and Redis: profiles pushed through
 //! the ingest API appear in Redis with the contract's values; stale pushes change nothing; an
 //! item-feature update re-emits exactly its holders; poison messages go to the dead-letter topic
-//! without stopping their partition; SIGTERM finishes and exits 0; and two processes of two
-//! workers leave the same Redis contents as one worker.
+//! without stopping their partition; SIGTERM finishes and exits 0; two processes of two
+//! workers leave the same Redis contents as one worker; and a restart, of one process or two,
+//! rebuilds the state from the topics without writing it again.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -551,6 +552,39 @@ async fn two_processes_of_two_workers_write_what_one_worker_writes() {
     let (a, b) = (contents(&one.redis), contents(&two.redis));
     assert!(a.len() > 40, "only {} users written", a.len());
     assert_eq!(a, b);
+    first.terminate();
+    second.terminate();
+    first.wait();
+    second.wait();
+
+    // Restarted, the two processes rebuild their state from the topic and write nothing of it;
+    // a feature update then reaches every holder of the item, wherever its state was rebuilt.
+    let holders: Vec<&String> = b
+        .iter()
+        .filter(|(_, value)| {
+            value["history_items"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("banana"))
+        })
+        .map(|(key, _)| key)
+        .collect();
+    assert!(holders.len() > 10, "only {} hold banana", holders.len());
+    let (first, second) = (cluster("0"), cluster("1"));
+    produce(
+        &two.item_topic,
+        Some("banana"),
+        br#"{"item_id":"banana","features":[5,5]}"#,
+    )
+    .await;
+    first.wait_for("redis_writes", holders.len() as u64);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(first.total("redis_writes"), holders.len() as u64);
+    let after = contents(&two.redis);
+    for (key, value) in &after {
+        let changed = value != &b[key];
+        assert_eq!(changed, holders.contains(&key), "{key}");
+    }
     first.terminate();
     second.terminate();
     first.wait();
