@@ -28,6 +28,10 @@ pub struct EndToEnd {
     /// The dataflow's peak resident memory (`VmHWM`), in kB, read just before it was stopped;
     /// `None` where /proc cannot tell.
     pub peak_rss_kb: Option<u64>,
+    /// The dataflow's CPU seconds (all threads, start-up included), read just before it was
+    /// stopped; `None` where /proc cannot tell.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
 }
 
 impl EndToEnd {
@@ -110,6 +114,7 @@ pub fn run_dataflow(
         }
     };
     let peak_rss_kb = peak_rss_kb(child.id());
+    let cpu_seconds = crate::cpu::process_seconds(child.id());
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -125,6 +130,7 @@ pub fn run_dataflow(
     let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
     Ok(EndToEnd {
         peak_rss_kb,
+        cpu_seconds,
         messages,
         seconds,
         epochs,

@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod chart;
+pub mod cpu;
 pub mod e2e;
 pub mod memory;
 pub mod paced;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bench::chart::write_chart;
+use bench::cpu::{self, CpuPerMessage};
 use bench::e2e::{dataflow_binary, run_dataflow};
 use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
 use bench::summary::Summary;
@@ -158,6 +159,7 @@ fn main() -> anyhow::Result<()> {
     // Every phase that writes to Redis starts from an empty database, so that runs (and the
     // script's reads of existing keys) are comparable.
     flush_db(&args.redis)?;
+    let before = cpu::Reading::now(&args.redis);
     let e2e = run_dataflow(
         &binary,
         &dataflow_args(&topic),
@@ -165,6 +167,12 @@ fn main() -> anyhow::Result<()> {
         total as u64,
         Duration::from_secs(args.timeout_secs),
     )?;
+    let cpu = CpuPerMessage::new(
+        e2e.messages,
+        e2e.cpu_seconds,
+        before,
+        cpu::Reading::now(&args.redis),
+    );
     let writes = e2e.profile_writes();
     eprintln!(
         "end to end: {:.0} msg/s, {writes} profile writes",
@@ -322,6 +330,7 @@ fn main() -> anyhow::Result<()> {
             kb as f64 / 1_000_000.0
         );
     }
+    println!("{}", cpu.render());
     if let Some((line, _)) = &latency {
         println!("{line}");
     }
@@ -354,6 +363,7 @@ fn main() -> anyhow::Result<()> {
         "redis_set": set,
         "sink_lua": lua,
         "summary": summary,
+        "cpu_per_message": cpu,
         "chart": args.chart,
         "latency": latency.map(|(_, json)| json),
         "e2e": e2e,
