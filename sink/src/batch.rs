@@ -124,13 +124,10 @@ impl Batcher {
         let sealed = if full { self.seal() } else { None };
 
         // The key, `user_profile:{user_id}`, framed without building it as a String first.
-        self.keys.push(b'$');
-        push_decimal(&mut self.keys, key_len as u64);
-        self.keys.extend_from_slice(b"\r\n");
-        self.keys
-            .extend_from_slice(profile::REDIS_KEY_PREFIX.as_bytes());
-        self.keys.extend_from_slice(user_id.as_bytes());
-        self.keys.extend_from_slice(b"\r\n");
+        push_bulk_parts(
+            &mut self.keys,
+            &[profile::REDIS_KEY_PREFIX.as_bytes(), user_id.as_bytes()],
+        );
         push_bulk_decimal(&mut self.args, timestamp);
         push_bulk_decimal(&mut self.args, epoch);
         push_bulk(&mut self.args, value);
@@ -180,10 +177,17 @@ fn push_array_header(out: &mut Vec<u8>, len: u64) {
 }
 
 fn push_bulk(out: &mut Vec<u8>, data: &[u8]) {
+    push_bulk_parts(out, &[data]);
+}
+
+/// One RESP bulk string holding `parts` one after the other.
+fn push_bulk_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
     out.push(b'$');
-    push_decimal(out, data.len() as u64);
+    push_decimal(out, parts.iter().map(|part| part.len() as u64).sum());
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(data);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     out.extend_from_slice(b"\r\n");
 }
 

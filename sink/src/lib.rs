@@ -94,12 +94,7 @@ impl RedisSink {
         &mut self,
         records: impl IntoIterator<Item = ProfileRecord<'r, S>>,
     ) -> Result<WriteStats, SinkError> {
-        let mut stats = WriteStats::default();
-        let result = self.write_inner(records, |batcher, record| batcher.push(&record), &mut stats);
-        if result.is_err() {
-            self.batcher.clear();
-        }
-        result.map(|()| stats)
+        self.write_with(records, |batcher, record| batcher.push(&record))
     }
 
     /// [`write`](Self::write) for profiles encoded beforehand, e.g. on another thread: the
@@ -108,8 +103,18 @@ impl RedisSink {
         &mut self,
         profiles: impl IntoIterator<Item = &'r EncodedProfile>,
     ) -> Result<WriteStats, SinkError> {
+        self.write_with(profiles, Batcher::push_encoded)
+    }
+
+    /// Pushes every record into the batcher with `push`, submitting each sealed batch; on
+    /// error, drops the open batch so that the next write starts clean.
+    fn write_with<T>(
+        &mut self,
+        records: impl IntoIterator<Item = T>,
+        push: impl Fn(&mut Batcher, T) -> Result<Pushed, SinkError>,
+    ) -> Result<WriteStats, SinkError> {
         let mut stats = WriteStats::default();
-        let result = self.write_inner(profiles, Batcher::push_encoded, &mut stats);
+        let result = self.write_inner(records, push, &mut stats);
         if result.is_err() {
             self.batcher.clear();
         }
