@@ -365,7 +365,7 @@ impl Holdings {
         recompute.dedup();
         for &user in &changed {
             let vector = self.interest_vector(user);
-            self.emit(user, &vector, epoch, &mut emit);
+            self.encode_output(user, &vector, epoch, &mut emit);
         }
         for user in recompute {
             if changed.binary_search(&user).is_ok() {
@@ -374,7 +374,7 @@ impl Holdings {
             let before = self.users.outputs[user as usize];
             let vector = self.interest_vector(user);
             if self.users.outputs[user as usize] != before {
-                self.emit(user, &vector, epoch, &mut emit);
+                self.encode_output(user, &vector, epoch, &mut emit);
             }
         }
     }
@@ -455,7 +455,7 @@ impl Holdings {
     /// the history for the writer thread to encode and free: that copy cost an allocation and
     /// a reference per item on this core, and the writer's core then paid a cache miss per
     /// item to read it back.
-    fn emit(
+    fn encode_output(
         &self,
         user: UserIndex,
         vector: &profile::InterestVector,

@@ -3,8 +3,8 @@
 //! The state (profiles, live feature updates, holders) lives in memory, and Redis holds the
 //! outputs of everything up to the committed offsets. On start, each worker therefore first
 //! reads its partitions from their beginning up to those offsets again, in *replay epochs*
-//! numbered from 0 (one per `--epoch-ms` of replaying), which precede every live epoch: those
-//! are Unix milliseconds, far above. A replay epoch's outputs are computed, so that later
+//! counted from 0 in steps of `--epoch-ms` (one per epoch of replaying), which precede every
+//! live epoch: those are Unix milliseconds, far above. A replay epoch's outputs are computed, so that later
 //! changes are compared against them, but not written: Redis holds them already. Only once
 //! every partition of the worker is replayed does it read past the committed offsets, in epochs
 //! from the clock. Timely completes every replay epoch on every worker before any live epoch,
@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use crate::epoch::SourcePartition;
 
 /// The first epoch that is not a replay epoch. Live epochs are Unix milliseconds (2^40 ms is
-/// in 2004), so they are all above it, and a replay would need 2^40 epochs to reach it.
+/// in 2004), so they are all above it; replay epochs, which advance with the clock from 0,
+/// would take 35 years of replaying to reach it.
 pub const FIRST_LIVE_EPOCH: u64 = 1 << 40;
 
 /// Whether `epoch` is one of the replay's, whose outputs Redis holds already.

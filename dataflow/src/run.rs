@@ -178,12 +178,10 @@ fn worker_loop(
         let replay_over = is_replay_epoch(epoch) && !source.is_replaying();
         if now > tick || stopping || replay_over {
             tick = now;
-            epoch = if stopping {
-                // On shutdown the open epoch is closed at once.
-                epoch + 1
-            } else if source.is_replaying() {
-                // Replay epochs count up, one per epoch of the clock.
-                epoch + 1
+            epoch = if stopping || source.is_replaying() {
+                // On shutdown the open epoch is closed at once; a replay epoch lasts one epoch
+                // of the clock, and the next one follows it.
+                clock.next(epoch)
             } else {
                 now.max(FIRST_LIVE_EPOCH)
             };
