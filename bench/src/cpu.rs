@@ -67,7 +67,8 @@ fn parse_redis_cpu(info: &str) -> Option<f64> {
     Some(field("used_cpu_sys")? + field("used_cpu_user")?)
 }
 
-/// A reading of the three clocks, taken before and after the dataflow's run.
+/// Redis's and the machine's CPU time, read before and after the dataflow's run (the
+/// dataflow's own is read from its process just before it is stopped).
 #[derive(Debug, Clone, Copy)]
 pub struct Reading {
     redis: Option<f64>,

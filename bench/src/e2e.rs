@@ -30,7 +30,6 @@ pub struct EndToEnd {
     pub peak_rss_kb: Option<u64>,
     /// The dataflow's CPU seconds (all threads, start-up included), read just before it was
     /// stopped; `None` where /proc cannot tell.
-    #[serde(default)]
     pub cpu_seconds: Option<f64>,
 }
 
