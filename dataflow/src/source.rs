@@ -183,6 +183,11 @@ impl KafkaSource {
             // 4 MB of 1 KB profiles by default), bounded in memory: 16 MB per worker. 64 MB
             // read no faster here and cost 96 MB more RSS on two workers.
             .set("queued.max.messages.kbytes", "16384")
+            // Once that prefetch is full (the worker is busy computing an epoch), librdkafka
+            // postpones the partition's next fetch by this long, 1 s by default: the worker
+            // then drained the queue in a few ms and sat idle for the rest of the second. A
+            // few ms keeps the queue topped up at the cost of a few more queue checks.
+            .set("fetch.queue.backoff.ms", "5")
             .create_with_context(SourceContext)?;
         let dlq: ThreadedProducer<DlqContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
