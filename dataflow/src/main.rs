@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    exit_on_any_panic();
     let config = Config::from_env_and_args()?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -32,10 +33,24 @@ fn main() -> anyhow::Result<()> {
     }
     let summary = dataflow::run::run(config, shutdown).context("dataflow failed")?;
     if summary.epochs > 0 {
-        println!(
-            "{}",
-            dataflow::stats::format_summary(&summary.totals, summary.epochs, summary.seconds)
-        );
+        dataflow::stats::StatsOut::new(std::io::stdout()).line(&dataflow::stats::format_summary(
+            &summary.totals,
+            summary.epochs,
+            summary.seconds,
+        ));
     }
     Ok(())
+}
+
+/// A panic on any thread ends the process (exit code 101, after the usual message). Timely's
+/// workers wait on one another: a worker that died of a panic would leave the others stepping
+/// forever, a process that neither works nor exits. Ended, it is restarted by its supervisor
+/// and rebuilds its state from the topics; no offset was committed past what Redis holds.
+fn exit_on_any_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("a thread panicked: the dataflow exits");
+        std::process::exit(101);
+    }));
 }

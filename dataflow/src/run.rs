@@ -21,7 +21,7 @@ use crate::model::EncodedProfile;
 use crate::output::{write_epochs, EpochWriter};
 use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
 use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
-use crate::stats::{EpochCounters, StatsBoard};
+use crate::stats::{EpochCounters, StatsBoard, StatsOut};
 
 /// Why the dataflow stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +293,7 @@ fn report_epochs<'scope>(
         "ReportEpochs",
         {
             let mut pending: BTreeMap<u64, EpochCounters> = BTreeMap::new();
+            let mut out = StatsOut::new(std::io::stdout());
             move |(input, frontier)| {
                 input.for_each(|_, data| {
                     for (epoch, counters) in data.drain(..) {
@@ -315,10 +316,9 @@ fn report_epochs<'scope>(
                         summary.epochs += 1;
                     }
                     if !counters.is_idle() {
-                        println!(
-                            "{}",
-                            crate::stats::format_epoch(epoch, &counters, epoch_ms, json)
-                        );
+                        out.line(&crate::stats::format_epoch(
+                            epoch, &counters, epoch_ms, json,
+                        ));
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! per epoch (or a JSON line with `--stats-json`) and as a summary at exit.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +93,37 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
     }
 }
 
+/// Where the stats lines go (stdout in the binary). A reader that goes away (`dataflow | head`,
+/// a crashed log shipper) ends the stats, not the dataflow: the first failed write is logged,
+/// and the lines after it are dropped. Stats are a report on the work, not part of it, and
+/// `println!` would panic the worker on a closed pipe, stopping every epoch.
+#[derive(Debug)]
+pub struct StatsOut<W: Write> {
+    out: Option<W>,
+}
+
+impl<W: Write> StatsOut<W> {
+    pub fn new(out: W) -> Self {
+        StatsOut { out: Some(out) }
+    }
+
+    /// Writes `line` and a newline, flushed so that a reader sees each epoch as it ends.
+    pub fn line(&mut self, line: &str) {
+        let Some(out) = &mut self.out else {
+            return;
+        };
+        if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            tracing::error!(%error, "cannot write the stats to stdout: no more stats lines, the dataflow goes on");
+            self.out = None;
+        }
+    }
+
+    /// Whether lines are still written.
+    pub fn is_open(&self) -> bool {
+        self.out.is_some()
+    }
+}
+
 /// The summary printed at exit.
 pub fn format_summary(totals: &EpochCounters, epochs: u64, seconds: f64) -> String {
     format!(
@@ -129,6 +161,40 @@ mod tests {
             serde_json::from_str(&format_epoch(1_000, &counters, 100, true)).unwrap();
         assert_eq!(json["redis_writes"], 39);
         assert_eq!(json["messages_per_second"], 500.0);
+    }
+
+    /// A writer whose reader has gone after `room` bytes, like a closed pipe.
+    struct ClosedAfter {
+        room: usize,
+        taken: Vec<u8>,
+    }
+
+    impl Write for ClosedAfter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.taken.len() + buf.len() > self.room {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.taken.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_output_ends_the_lines_without_a_panic() {
+        let mut out = StatsOut::new(ClosedAfter {
+            room: 12,
+            taken: Vec::new(),
+        });
+        out.line("epoch 1");
+        assert!(out.is_open());
+        out.line("epoch 2");
+        assert!(!out.is_open(), "the failed write closes the output");
+        out.line("epoch 3");
+        assert!(!out.is_open());
     }
 
     #[test]

@@ -1,16 +1,17 @@
 //! The dataflow binary end to end against the real broker and Redis: profiles pushed through
 //! the ingest API appear in Redis with the contract's values; stale pushes change nothing; an
 //! item-feature update re-emits exactly its holders; poison messages go to the dead-letter topic
-//! without stopping their partition; SIGTERM finishes and exits 0; two processes of two
-//! workers leave the same Redis contents as one worker; and a restart, of one process or two,
-//! rebuilds the state from the topics without writing it again.
+//! without stopping their partition; SIGTERM finishes and exits 0; a closed stdout ends the
+//! stats lines, not the dataflow; two processes of two workers leave the same Redis contents as
+//! one worker; and a restart, of one process or two, rebuilds the state from the topics without
+//! writing it again.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -151,11 +152,16 @@ impl Dataflow {
 
     /// Waits for a clean exit.
     fn wait(mut self) {
+        let status = self.exit_status();
+        assert!(status.success(), "dataflow exited with {status}");
+    }
+
+    /// Waits for the process to exit, at most 30 s, and returns how it did.
+    fn exit_status(&mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "dataflow exited with {status}");
-                return;
+                return status;
             }
             assert!(
                 Instant::now() < deadline,
@@ -457,6 +463,61 @@ async fn a_restart_rebuilds_the_state_from_the_topics() {
         "only alice and carol were written"
     );
     second.stop();
+}
+
+/// Waits until Redis holds `user`'s profile with `timestamp`.
+fn wait_for_profile(redis: &mut redis::Connection, user: &str, timestamp: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while profile_of(redis, user).map(|p| p["timestamp"].as_u64()) != Some(Some(timestamp)) {
+        assert!(
+            Instant::now() < deadline,
+            "{user}'s profile at {timestamp} not in Redis after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_the_stats_not_the_dataflow() {
+    let setup = Setup::new("closed-stdout", 3).await;
+    let id = setup.topic.clone();
+    let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
+    // `dataflow --stats-json | head -0`: the reader of the stats is gone from the start.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut dataflow = Dataflow {
+        child,
+        lines: Arc::default(),
+    };
+    let mut redis = redis(&setup.redis);
+    // Users on every partition, in several epochs: each worker goes on after the first stats
+    // line failed.
+    for round in 1..=3u64 {
+        let users: Vec<String> = (0..8).map(|u| format!("{id}-user{u}")).collect();
+        for user in &users {
+            let message = serde_json::json!(
+                {"user_id": user, "history_items": ["apple"], "timestamp": round}
+            );
+            produce(&setup.topic, Some(user), message.to_string().as_bytes()).await;
+        }
+        for user in &users {
+            wait_for_profile(&mut redis, user, round);
+        }
+    }
+    // SIGTERM still finishes the open epoch and exits 0.
+    dataflow.terminate();
+    let status = dataflow.exit_status();
+    let mut log = String::new();
+    let mut stderr = dataflow.child.stderr.take().unwrap();
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+    assert!(status.success(), "dataflow exited with {status}: {log}");
+    assert!(log.contains("cannot write the stats"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
