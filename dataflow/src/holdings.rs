@@ -24,6 +24,7 @@ use rustc_hash::FxHashMap;
 use smol_str::SmolStr;
 
 use crate::interest::InterestParams;
+use crate::key_index::KeyIndex;
 use sink::{EncodedProfile, ProfileRecord};
 
 use crate::model::{id_key, FeatureVector, IdKey, Profile};
@@ -112,7 +113,8 @@ const COMPACTION_SLACK: usize = 16;
 #[derive(Debug)]
 struct ItemTable {
     dim: usize,
-    index: FxHashMap<IdKey, ItemIndex>,
+    /// Looked up 50 times a message: see [`KeyIndex`] for how those lookups overlap.
+    index: KeyIndex,
     keys: Vec<IdKey>,
     /// Read only to encode an output. Inline (see [`SmolStr`]): an output reads the ids of 50
     /// random items, one cache miss each here where a pointer to a heap string costs two.
@@ -135,7 +137,7 @@ impl ItemTable {
     fn new(dim: usize) -> Self {
         ItemTable {
             dim,
-            index: FxHashMap::default(),
+            index: KeyIndex::default(),
             keys: Vec::new(),
             ids: Vec::new(),
             known: Vec::new(),
@@ -148,7 +150,7 @@ impl ItemTable {
 
     /// The index of the item whose key is `key`, if the table has it.
     fn find(&self, key: IdKey) -> Option<ItemIndex> {
-        self.index.get(&key).copied()
+        self.index.get(key)
     }
 
     /// The index of the item `id` whose key is `key`, added if new.
@@ -229,7 +231,7 @@ impl ItemTable {
     fn release_if_unused(&mut self, item: ItemIndex) {
         let slot = item as usize;
         if !self.known[slot] && self.slots[slot].held_by == 0 {
-            self.index.remove(&self.keys[slot]);
+            self.index.remove(self.keys[slot]);
             self.ids[slot] = SmolStr::default();
             // Every entry left is stale; the buffer goes too, which a once popular item's
             // makes large.
@@ -301,6 +303,8 @@ pub struct Holdings {
     params: InterestParams,
     items: ItemTable,
     users: UserTable,
+    /// The keys of the history being set, a buffer kept between profiles.
+    item_keys: Vec<IdKey>,
 }
 
 impl Holdings {
@@ -310,6 +314,7 @@ impl Holdings {
             params,
             items: ItemTable::new(params.dim),
             users: UserTable::default(),
+            item_keys: Vec::new(),
         }
     }
 
@@ -383,11 +388,18 @@ impl Holdings {
     /// profile is the current one already.
     fn set_profile(&mut self, profile: Profile) -> Option<UserIndex> {
         let key = profile.user_key;
-        let history: Box<[ItemIndex]> = profile
-            .history_items
+        // Hash every id first and touch their slots in the index, so that the 50 cache misses
+        // overlap instead of coming one lookup after another (see KeyIndex).
+        let mut item_keys = std::mem::take(&mut self.item_keys);
+        item_keys.clear();
+        item_keys.extend(profile.history_items.iter().map(id_key));
+        self.items.index.touch(item_keys.iter().copied());
+        let history: Box<[ItemIndex]> = item_keys
             .iter()
-            .map(|item| self.items.intern(id_key(item), item))
+            .zip(profile.history_items.iter())
+            .map(|(&item_key, item)| self.items.intern(item_key, item))
             .collect();
+        self.item_keys = item_keys;
         let user = match self.users.find(key) {
             Some(user) => {
                 let slot = user as usize;

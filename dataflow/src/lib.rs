@@ -14,6 +14,7 @@ pub mod epoch;
 pub mod features;
 pub mod holdings;
 pub mod interest;
+mod key_index;
 pub mod memory;
 pub mod model;
 pub mod output;
