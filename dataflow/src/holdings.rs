@@ -297,6 +297,15 @@ impl UserTable {
     }
 }
 
+/// What an epoch being applied has done so far (see [`Holdings::begin_epoch`]).
+#[derive(Debug, Default)]
+pub struct EpochInProgress {
+    /// Users that held an item whose features changed, and so may have a new vector.
+    recompute: Vec<UserIndex>,
+    /// Users whose profile changed, emitted already.
+    changed: Vec<UserIndex>,
+}
+
 /// The state of the interest operator on one worker.
 #[derive(Debug)]
 pub struct Holdings {
@@ -327,7 +336,8 @@ impl Holdings {
     /// Applies one complete epoch: `features`, the value of each item whose features changed
     /// (`None`: deleted), and `profiles`, the new profiles of local users (at most one each).
     /// The new output of each user whose output changed goes to `emit`, once, encoded as its
-    /// Redis value of `epoch`.
+    /// Redis value of `epoch`. The three steps of [`begin_epoch`](Self::begin_epoch),
+    /// [`apply_profiles`](Self::apply_profiles) and [`finish_epoch`](Self::finish_epoch) in one.
     pub fn apply_epoch(
         &mut self,
         epoch: u64,
@@ -335,8 +345,20 @@ impl Holdings {
         profiles: impl IntoIterator<Item = Profile>,
         mut emit: impl FnMut(EncodedProfile),
     ) {
-        // Users that hold an item whose features changed, and so may have a new vector.
-        let mut recompute: Vec<UserIndex> = Vec::new();
+        let mut work = self.begin_epoch(features);
+        self.apply_profiles(&mut work, epoch, profiles, &mut emit);
+        self.finish_epoch(work, epoch, emit);
+    }
+
+    /// Starts applying a complete epoch with its `features`, which therefore come before every
+    /// profile of the epoch. The epoch's profiles follow, in any number of
+    /// [`apply_profiles`](Self::apply_profiles) calls, and then
+    /// [`finish_epoch`](Self::finish_epoch), with nothing of another epoch in between.
+    pub fn begin_epoch(
+        &mut self,
+        features: impl IntoIterator<Item = (String, Option<FeatureVector>)>,
+    ) -> EpochInProgress {
+        let mut work = EpochInProgress::default();
         for (item_id, features) in features {
             let key = id_key(&item_id);
             let item = match &features {
@@ -351,27 +373,49 @@ impl Holdings {
                 let users = &self.users;
                 let holders = &mut self.items.slots[item as usize].holders;
                 holders.retain(|&holder| users.is_current(holder));
-                recompute.extend(holders.iter().map(|holder| holder.user()));
+                work.recompute
+                    .extend(holders.iter().map(|holder| holder.user()));
             }
             self.items.release_if_unused(item);
         }
+        work
+    }
 
-        let mut changed: Vec<UserIndex> = Vec::new();
+    /// Applies some of the epoch's profiles and emits the new output of each user whose profile
+    /// changed, whatever its vector. That output is final at once: the epoch's features are in
+    /// place, and a user has at most one profile in an epoch, so nothing later in the epoch
+    /// changes it.
+    pub fn apply_profiles(
+        &mut self,
+        work: &mut EpochInProgress,
+        epoch: u64,
+        profiles: impl IntoIterator<Item = Profile>,
+        mut emit: impl FnMut(EncodedProfile),
+    ) {
         for profile in profiles {
             if let Some(user) = self.set_profile(profile) {
-                changed.push(user);
+                let vector = self.interest_vector(user);
+                self.encode_output(user, &vector, epoch, &mut emit);
+                work.changed.push(user);
             }
         }
-        // Only now are every history and feature of the epoch in place. A user whose profile
-        // changed is emitted whatever its vector; one that only holds a changed item, only if
-        // its vector or known items changed.
+    }
+
+    /// Ends the epoch: every holder of an item whose features changed, and whose profile did
+    /// not (it was emitted already), is emitted if its vector or known items changed.
+    pub fn finish_epoch(
+        &mut self,
+        work: EpochInProgress,
+        epoch: u64,
+        mut emit: impl FnMut(EncodedProfile),
+    ) {
+        let EpochInProgress {
+            mut changed,
+            mut recompute,
+        } = work;
         changed.sort_unstable();
         recompute.sort_unstable();
         recompute.dedup();
-        for &user in &changed {
-            let vector = self.interest_vector(user);
-            self.encode_output(user, &vector, epoch, &mut emit);
-        }
         for user in recompute {
             if changed.binary_search(&user).is_ok() {
                 continue;

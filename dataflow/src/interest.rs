@@ -31,12 +31,12 @@ use std::rc::Rc;
 
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::Operator;
+use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
-use crate::holdings::Holdings;
-use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent};
+use crate::holdings::{EpochInProgress, Holdings};
+use crate::model::{EncodedProfile, FeatureEvent, Profile, ProfileEvent};
 use crate::pending::PendingEpochs;
 use crate::stats::StatsBoard;
 use crate::upsert::{resolve_epoch, route};
@@ -65,6 +65,7 @@ pub fn interest_profiles<'scope>(
     params: InterestParams,
     stats: Rc<RefCell<StatsBoard>>,
 ) -> Stream<'scope, u64, Vec<EncodedProfile>> {
+    let scope = profile_events.scope();
     profile_events.binary_frontier(
         // Feature events are few next to profile messages: every worker gets them all, and
         // applies them in the same read order, so each holds the same feature table.
@@ -72,9 +73,11 @@ pub fn interest_profiles<'scope>(
         Exchange::new(route::<ProfileEvent>),
         Pipeline,
         "InterestProfiles",
-        move |_capability, _info| {
+        move |_capability, info| {
+            let activator = scope.activator_for(info.address.clone());
             let mut holdings = Holdings::new(params);
             let mut pending = PendingEpochs::<Pending>::default();
+            let mut in_progress: Option<InProgress> = None;
             move |(profiles, profiles_frontier), (features, features_frontier), output| {
                 // Input events carry no time of their own: they are at their batch's stamp.
                 profiles.for_each(|capability, data| {
@@ -100,31 +103,88 @@ pub fn interest_profiles<'scope>(
                 {
                     frontier.insert(*time);
                 }
-                while let Some((capability, inputs)) = pending.take_complete(frontier.borrow()) {
-                    let epoch = *capability.time();
-                    let (mut profile_events, mut feature_events) = (Vec::new(), Vec::new());
-                    for input in inputs {
-                        match input {
-                            Pending::Profile(event) => profile_events.push(event),
-                            Pending::Features(event) => feature_events.push(event),
+                let mut budget = PROFILES_PER_ACTIVATION;
+                loop {
+                    let current = match &mut in_progress {
+                        Some(current) => current,
+                        None => {
+                            let Some((capability, inputs)) =
+                                pending.take_complete(frontier.borrow())
+                            else {
+                                break;
+                            };
+                            in_progress.insert(begin(capability, inputs, &mut holdings, &stats))
                         }
-                    }
-                    let profiles =
-                        resolve_epoch(profile_events, |&user_key| holdings.timestamp(user_key));
-                    if profiles.stale > 0 {
-                        stats.borrow_mut().epoch(epoch).stale += profiles.stale as u64;
-                    }
-                    // Feature events are never stale: the current value's version is moot.
-                    let features = resolve_epoch(feature_events, |_| None);
-                    let mut session = output.session(&capability);
-                    holdings.apply_epoch(
+                    };
+                    let epoch = *current.capability.time();
+                    let mut session = output.session(&current.capability);
+                    let slice = budget.min(current.profiles.len());
+                    holdings.apply_profiles(
+                        &mut current.work,
                         epoch,
-                        features.latest,
-                        profiles.latest.into_values().flatten(),
+                        current.profiles.by_ref().take(slice),
                         |output| session.give(output),
                     );
+                    budget -= slice;
+                    if current.profiles.len() == 0 {
+                        let work = std::mem::take(&mut current.work);
+                        holdings.finish_epoch(work, epoch, |output| session.give(output));
+                        drop(session);
+                        in_progress = None;
+                    }
+                    if budget == 0 {
+                        // The rest next time: meanwhile the writer gets this slice and the
+                        // worker reads Kafka.
+                        activator.activate();
+                        break;
+                    }
                 }
             }
         },
     )
+}
+
+/// How many profiles the operator applies before it yields. An epoch of a catching-up worker
+/// holds tens of thousands: applied in one go, they would reach the Redis writer only at the
+/// end, and the worker would read nothing meanwhile. In slices, the writer stores each slice
+/// while the next one is computed, and the worker polls Kafka between them.
+const PROFILES_PER_ACTIVATION: usize = 1024;
+
+/// A complete epoch being applied, a slice of profiles at a time.
+struct InProgress {
+    capability: Capability<u64>,
+    /// The epoch's profiles still to apply.
+    profiles: std::vec::IntoIter<Profile>,
+    work: EpochInProgress,
+}
+
+/// Resolves a complete epoch's events (latest wins) and applies its features, which come before
+/// its profiles.
+fn begin(
+    capability: Capability<u64>,
+    inputs: Vec<Pending>,
+    holdings: &mut Holdings,
+    stats: &RefCell<StatsBoard>,
+) -> InProgress {
+    let epoch = *capability.time();
+    let (mut profile_events, mut feature_events) = (Vec::new(), Vec::new());
+    for input in inputs {
+        match input {
+            Pending::Profile(event) => profile_events.push(event),
+            Pending::Features(event) => feature_events.push(event),
+        }
+    }
+    let profiles = resolve_epoch(profile_events, |&user_key| holdings.timestamp(user_key));
+    if profiles.stale > 0 {
+        stats.borrow_mut().epoch(epoch).stale += profiles.stale as u64;
+    }
+    // Feature events are never stale: the current value's version is moot.
+    let features = resolve_epoch(feature_events, |_| None);
+    let work = holdings.begin_epoch(features.latest);
+    let profiles: Vec<Profile> = profiles.latest.into_values().flatten().collect();
+    InProgress {
+        capability,
+        profiles: profiles.into_iter(),
+        work,
+    }
 }

@@ -1,13 +1,14 @@
-//! The last stage: once an epoch is complete, the final values of its changed users are handed
-//! to an [`EpochWriter`] (Redis, or a capture in tests). The stage holds the epoch's capability
-//! until the writer has stored it, so a probe after it passes an epoch only once that epoch is
-//! durable on every worker — which is when its offsets may be committed.
+//! The last stage: the final values of each epoch's changed users are handed to an
+//! [`EpochWriter`] (Redis, or a capture in tests) as they come, and the stage holds the epoch's
+//! capability until the frontier has passed it and the writer has stored all of them, so a
+//! probe after it passes an epoch only once that epoch is durable on every worker — which is
+//! when its offsets may be committed.
 //!
-//! The writer runs on a thread of its own, one per worker: while Redis stores epoch n, the
-//! worker goes on reading and computing epoch n+1 instead of waiting for the acknowledgement,
-//! and epochs keep closing on time. Epochs go to the writer in order, at most
-//! [`MAX_EPOCHS_QUEUED`] ahead of it; past that the worker waits, so a slow Redis slows the
-//! reading down instead of filling memory.
+//! The writer runs on a thread of its own, one per worker: while Redis stores a slice of epoch
+//! n, the worker goes on computing the next slice, reading Kafka and computing epoch n+1,
+//! instead of waiting for the acknowledgement, and epochs keep closing on time. Values go to the
+//! writer in order, at most [`MAX_BATCHES_QUEUED`] batches ahead of it; past that the worker
+//! waits, so a slow Redis slows the reading down instead of filling memory.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -20,7 +21,6 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
 use crate::model::EncodedProfile;
-use crate::pending::PendingEpochs;
 use crate::replay::is_replay_epoch;
 use crate::stats::StatsBoard;
 
@@ -31,8 +31,18 @@ pub trait EpochWriter: Send + 'static {
     fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64;
 }
 
-/// How many complete epochs a worker may hand its writer before it waits for one to be stored.
-pub const MAX_EPOCHS_QUEUED: usize = 4;
+/// How many batches of values a worker may hand its writer before it waits for one to be
+/// stored: a few slices of the interest operator (see `PROFILES_PER_ACTIVATION`), a few MB.
+pub const MAX_BATCHES_QUEUED: usize = 16;
+
+/// What the operator hands the writer thread.
+#[derive(Debug)]
+enum ToWriter {
+    /// Some final values of an epoch, to store now.
+    Values(u64, Vec<EncodedProfile>),
+    /// Every value of the epoch was handed over: report it once they are stored.
+    Complete(u64),
+}
 
 /// What the writer thread reports of each epoch, in the order it was handed them.
 #[derive(Debug)]
@@ -44,6 +54,11 @@ struct Stored {
 
 /// Writes each complete epoch of `outputs`, the final values of the users that changed in it.
 /// The output carries the number of each epoch written, for a probe.
+///
+/// Values go to the writer as they arrive, before their epoch is complete: the interest
+/// operator emits an epoch in slices, and Redis stores one slice while the worker computes the
+/// next. An epoch counts as written (its capability is released) only once the frontier has
+/// passed it and the writer has stored every value handed to it before that.
 pub fn write_epochs<'scope, W: EpochWriter>(
     outputs: Stream<'scope, u64, Vec<EncodedProfile>>,
     epoch_ms: Option<u64>,
@@ -54,57 +69,90 @@ pub fn write_epochs<'scope, W: EpochWriter>(
     outputs.unary_frontier(Pipeline, "WriteEpochs", move |_capability, info| {
         // The writer thread wakes the operator up when it has stored an epoch.
         let activator = worker.sync_activator_for(info.address.to_vec());
-        let (to_writer, epochs) =
-            mpsc::sync_channel::<(u64, Vec<EncodedProfile>)>(MAX_EPOCHS_QUEUED);
+        let (to_writer, handed) = mpsc::sync_channel::<ToWriter>(MAX_BATCHES_QUEUED);
         let (to_operator, stored) = mpsc::channel::<Stored>();
         let mut writer = writer;
         #[allow(clippy::expect_used)]
         std::thread::Builder::new()
             .name(format!("writer-{}", worker.index()))
             .spawn(move || {
-                for (epoch, profiles) in epochs {
-                    let written = writer.write_epoch(epoch, &profiles);
-                    // Freed before the report, so that an epoch's cost includes freeing its
-                    // outputs (a few ms for 100,000), instead of delaying the next epoch.
-                    drop(profiles);
-                    let report = Stored {
-                        epoch,
-                        written,
-                        at_ms: unix_millis(),
-                    };
-                    // Both fail only once the dataflow is gone, when nothing waits any more.
-                    if to_operator.send(report).is_err() || activator.activate().is_err() {
-                        break;
+                // Values stored per epoch not yet complete, in epoch order.
+                let mut written: VecDeque<(u64, u64)> = VecDeque::new();
+                for message in handed {
+                    match message {
+                        ToWriter::Values(epoch, profiles) => {
+                            let count = writer.write_epoch(epoch, &profiles);
+                            // Freed here, so that the cost of an epoch includes freeing its
+                            // outputs instead of delaying the next one on the worker.
+                            drop(profiles);
+                            match written.back_mut() {
+                                Some((last, total)) if *last == epoch => *total += count,
+                                _ => written.push_back((epoch, count)),
+                            }
+                        }
+                        ToWriter::Complete(epoch) => {
+                            let written = match written.front() {
+                                Some(&(first, total)) if first == epoch => {
+                                    written.pop_front();
+                                    total
+                                }
+                                _ => 0,
+                            };
+                            let report = Stored {
+                                epoch,
+                                written,
+                                at_ms: unix_millis(),
+                            };
+                            // Both fail only once the dataflow is gone, when nothing waits.
+                            if to_operator.send(report).is_err() || activator.activate().is_err() {
+                                break;
+                            }
+                        }
                     }
                 }
             })
             .expect("the OS refused a thread for the Redis writer");
-        let mut pending = PendingEpochs::<EncodedProfile>::default();
-        // Epochs handed to the writer and not yet stored, oldest first, with their capability
-        // and their number of changed users.
-        let mut writing: VecDeque<(Capability<u64>, u64)> = VecDeque::new();
+        // Epochs with values handed to the writer, oldest first, with their capability and
+        // number of changed users; the first `complete` of them are complete.
+        let mut open: VecDeque<(Capability<u64>, u64)> = VecDeque::new();
+        let mut complete = 0;
+        // Blocks while MAX_BATCHES_QUEUED batches wait: the writer sets the pace.
+        #[allow(clippy::expect_used)]
+        let hand = move |message: ToWriter| {
+            to_writer
+                .send(message)
+                .expect("the Redis writer thread stopped (it only stops by panicking)");
+        };
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
-                // Outputs are at their batch's time, the epoch that produced them.
-                if let Some(capability) = capability.retain_least(0) {
-                    pending.at(*capability.time(), || capability).append(data);
+                // Values are at their batch's time, the epoch that produced them; epochs
+                // arrive in order, since the interest operator completes one before the next.
+                let Some(&epoch) = capability.least() else {
+                    return;
+                };
+                if open.back().is_none_or(|(held, _)| *held.time() != epoch) {
+                    if let Some(capability) = capability.retain_least(0) {
+                        open.push_back((capability, 0));
+                    }
                 }
+                if let Some((_, changed)) = open.back_mut() {
+                    *changed += data.len() as u64;
+                }
+                hand(ToWriter::Values(epoch, std::mem::take(data)));
             });
-            while let Some((capability, profiles)) = pending.take_complete(frontier.frontier()) {
-                let epoch = *capability.time();
-                let changed = profiles.len() as u64;
-                // Blocks while MAX_EPOCHS_QUEUED epochs wait: the writer sets the pace.
-                #[allow(clippy::expect_used)]
-                to_writer
-                    .send((epoch, profiles))
-                    .expect("the Redis writer thread stopped (it only stops by panicking)");
-                writing.push_back((capability, changed));
+            while let Some((capability, _)) = open.get(complete) {
+                if frontier.less_equal(capability.time()) {
+                    break;
+                }
+                hand(ToWriter::Complete(*capability.time()));
+                complete += 1;
             }
             for report in stored.try_iter() {
                 #[allow(clippy::expect_used)]
-                let (capability, changed) = writing
+                let (capability, changed) = open
                     .pop_front()
                     .expect("the writer reports only epochs it was handed");
+                complete -= 1;
                 debug_assert_eq!(*capability.time(), report.epoch);
                 let mut board = stats.borrow_mut();
                 let counters = board.epoch(report.epoch);

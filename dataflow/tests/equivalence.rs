@@ -36,7 +36,8 @@ fn random_features(rng: &mut ChaCha8Rng) -> Vec<f32> {
         .collect()
 }
 
-fn scenario(seed: u64, users: usize, items: usize, epochs: usize) -> Scenario {
+/// `epochs` epochs of up to `messages` messages each, over `users` users and `items` items.
+fn scenario(seed: u64, users: usize, items: usize, epochs: usize, messages: usize) -> Scenario {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut user_ids: Vec<String> = (0..users).map(|u| format!("user{u:03}")).collect();
     // Ids are opaque: these two are different users.
@@ -59,7 +60,7 @@ fn scenario(seed: u64, users: usize, items: usize, epochs: usize) -> Scenario {
     let epochs = (0..epochs)
         .map(|_| {
             base += rng.random_range(0..3);
-            let messages = (0..rng.random_range(0..25))
+            let messages = (0..rng.random_range(0..messages))
                 .map(|_| {
                     let u = rng.random_range(0..user_ids.len());
                     // A user's messages stay in one partition, as Kafka keys them.
@@ -187,7 +188,7 @@ fn assert_matches_reference(seed: u64, scenario: &Scenario, run: &MemoryRun) {
 fn matches_the_sequential_contract_on_1_2_and_4_workers() {
     let mut changed_total = 0;
     for seed in 0..12 {
-        let scenario = scenario(seed, 30, 15, 8);
+        let scenario = scenario(seed, 30, 15, 8, 25);
         let single = run(&scenario, 1);
         assert_matches_reference(seed, &scenario, &single);
         changed_total += single.outputs.values().map(Vec::len).sum::<usize>();
@@ -205,6 +206,21 @@ fn matches_the_sequential_contract_on_1_2_and_4_workers() {
         changed_total > 500,
         "the scenarios exercised too little: {changed_total}"
     );
+}
+
+/// Epochs of thousands of users, which the interest operator applies a slice at a time,
+/// interleaved with the writer storing the slices before.
+#[test]
+fn epochs_larger_than_a_slice_match_the_contract() {
+    for seed in 100..103 {
+        let scenario = scenario(seed, 20_000, 300, 4, 12_000);
+        let largest = scenario.epochs.iter().map(|(m, _)| m.len()).max();
+        assert!(largest > Some(5_000), "seed {seed}: epochs too small");
+        let single = run(&scenario, 1);
+        assert_matches_reference(seed, &scenario, &single);
+        let multi = run(&scenario, 2);
+        assert_matches_reference(seed, &scenario, &multi);
+    }
 }
 
 #[test]
