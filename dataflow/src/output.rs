@@ -32,7 +32,8 @@ pub trait EpochWriter: Send + 'static {
 }
 
 /// How many batches of values a worker may hand its writer before it waits for one to be
-/// stored: a few slices of the interest operator (see `PROFILES_PER_ACTIVATION`), a few MB.
+/// stored: timely's batches of ~150 values, so about two slices of the interest operator
+/// (`PROFILES_PER_ACTIVATION`), ~3 MB.
 pub const MAX_BATCHES_QUEUED: usize = 16;
 
 /// What the operator hands the writer thread.
