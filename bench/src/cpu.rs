@@ -1,10 +1,18 @@
-//! Where the CPU of an end-to-end run goes: the dataflow's own time (from /proc), Redis's
-//! (from its `INFO cpu`) and the whole machine's (from /proc/stat), each over the dataflow's
-//! run, per message. On a machine whose cores the dataflow, Redis and the broker share, this
-//! says which of them a faster run would have to make cheaper.
+//! Where the CPU of an end-to-end run goes: the dataflow's own time and Redis's (from /proc,
+//! Redis's process found through its `INFO server`) and the whole machine's (from /proc/stat),
+//! per message over the end-to-end window, from the first epoch that read to the last
+//! acknowledgement. On a machine whose cores the dataflow, Redis and the broker share, this
+//! says which of them a faster run would have to make cheaper. A [`CpuSampler`] reads them all
+//! every few ms during the run, so that the window leaves out the dataflow's start-up (loading
+//! the features file), which it reports apart.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Clock ticks per second of the times in /proc: Linux's `USER_HZ`, fixed at 100 by its ABI.
 const USER_HZ: f64 = 100.0;
@@ -43,50 +51,87 @@ fn parse_machine_stat(stat: &str) -> Option<f64> {
     Some(busy as f64 / USER_HZ)
 }
 
-/// CPU seconds the Redis server at `url` has used so far (`used_cpu_sys` + `used_cpu_user`).
-pub fn redis_seconds(url: &str) -> anyhow::Result<f64> {
+/// The process of the Redis server at `url`, if it runs on this machine: the `process_id` of
+/// its `INFO server`, if this machine's process of that id is a Redis server.
+pub fn local_redis_pid(url: &str) -> Option<u32> {
+    let pid = redis_pid(url).ok()?;
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    name.starts_with("redis").then_some(pid)
+}
+
+/// The process id of the Redis server at `url` (`process_id` in its `INFO server`).
+fn redis_pid(url: &str) -> anyhow::Result<u32> {
     let mut connection = redis::Client::open(url)
         .context("parsing the Redis URL (--redis)")?
         .get_connection()
         .context("connecting to Redis")?;
     let info: String = redis::cmd("INFO")
-        .arg("cpu")
+        .arg("server")
         .query(&mut connection)
-        .context("INFO cpu")?;
-    parse_redis_cpu(&info).context("INFO cpu has no used_cpu_sys and used_cpu_user")
+        .context("INFO server")?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+        .context("INFO server has no process_id")
 }
 
-fn parse_redis_cpu(info: &str) -> Option<f64> {
-    let field = |name: &str| -> Option<f64> {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some(field("used_cpu_sys")? + field("used_cpu_user")?)
+/// CPU seconds used so far, read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuSample {
+    /// When, in Unix milliseconds (the clock of the dataflow's epochs).
+    pub at_ms: u64,
+    pub dataflow: Option<f64>,
+    /// `None` also when Redis runs on another machine, whose /proc this one cannot read.
+    pub redis: Option<f64>,
+    pub machine: Option<f64>,
 }
 
-/// Redis's and the machine's CPU time, read before and after the dataflow's run (the
-/// dataflow's own is read from its process just before it is stopped).
-#[derive(Debug, Clone, Copy)]
-pub struct Reading {
-    redis: Option<f64>,
-    machine: Option<f64>,
-}
-
-impl Reading {
-    /// Reads Redis's and the machine's CPU time now (`None` for what cannot be read).
-    pub fn now(redis_url: &str) -> Self {
-        Reading {
-            redis: redis_seconds(redis_url).ok(),
+impl CpuSample {
+    fn now(dataflow_pid: u32, redis_pid: Option<u32>) -> Self {
+        CpuSample {
+            at_ms: dataflow::output::unix_millis(),
+            dataflow: process_seconds(dataflow_pid),
+            redis: redis_pid.and_then(process_seconds),
             machine: machine_busy_seconds(),
         }
     }
 }
 
-/// CPU per message over the dataflow's run, start-up included, in µs.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// How often a [`CpuSampler`] reads: a window's ends are off by at most this much.
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// Reads a [`CpuSample`] every [`SAMPLE_EVERY`] on a thread of its own.
+#[derive(Debug)]
+pub struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<CpuSample>>,
+}
+
+impl CpuSampler {
+    pub fn start(dataflow_pid: u32, redis_pid: Option<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                samples.push(CpuSample::now(dataflow_pid, redis_pid));
+                std::thread::sleep(SAMPLE_EVERY);
+            }
+            samples.push(CpuSample::now(dataflow_pid, redis_pid));
+            samples
+        });
+        CpuSampler { stop, thread }
+    }
+
+    /// Stops sampling (while the processes still run) and returns the samples, oldest first.
+    pub fn finish(self) -> Vec<CpuSample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// CPU per message over the end-to-end window, in µs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CpuPerMessage {
     /// The dataflow process, all its threads.
     pub dataflow_us: Option<f64>,
@@ -95,22 +140,46 @@ pub struct CpuPerMessage {
     /// Everything else that ran on the machine meanwhile: the broker (when it runs here), this
     /// tool and the system.
     pub rest_us: Option<f64>,
+    /// The dataflow's CPU seconds before the window: its start-up, mostly loading the features
+    /// file, which the window leaves out.
+    pub dataflow_startup_s: Option<f64>,
 }
 
 impl CpuPerMessage {
-    /// Per message of `messages`, from the dataflow's CPU seconds and the readings around it.
-    pub fn new(messages: u64, dataflow_s: Option<f64>, before: Reading, after: Reading) -> Self {
+    /// Per message of `messages`, over the window from `start_ms` to `end_ms`, from `samples`
+    /// (oldest first): from the last sample at or before the start to the first at or after
+    /// the end, so that the window, if anything, holds a little more CPU than it should.
+    pub fn over_window(messages: u64, samples: &[CpuSample], start_ms: u64, end_ms: u64) -> Self {
+        let first = samples
+            .iter()
+            .rev()
+            .find(|s| s.at_ms <= start_ms)
+            .or(samples.first());
+        let last = samples
+            .iter()
+            .find(|s| s.at_ms >= end_ms)
+            .or(samples.last());
+        let (Some(first), Some(last)) = (first, last) else {
+            return CpuPerMessage {
+                dataflow_us: None,
+                redis_us: None,
+                rest_us: None,
+                dataflow_startup_s: None,
+            };
+        };
         let per = |seconds: f64| seconds * 1e6 / messages.max(1) as f64;
-        let redis = before.redis.zip(after.redis).map(|(b, a)| a - b);
-        let machine = before.machine.zip(after.machine).map(|(b, a)| a - b);
-        let rest = machine
-            .zip(dataflow_s)
+        let spent = |of: fn(&CpuSample) -> Option<f64>| Some(of(last)? - of(first)?);
+        let dataflow = spent(|s| s.dataflow);
+        let redis = spent(|s| s.redis);
+        let rest = spent(|s| s.machine)
+            .zip(dataflow)
             .zip(redis)
             .map(|((machine, dataflow), redis)| (machine - dataflow - redis).max(0.0));
         CpuPerMessage {
-            dataflow_us: dataflow_s.map(per),
+            dataflow_us: dataflow.map(per),
             redis_us: redis.map(per),
             rest_us: rest.map(per),
+            dataflow_startup_s: first.dataflow,
         }
     }
 
@@ -118,11 +187,14 @@ impl CpuPerMessage {
     pub fn render(&self) -> String {
         let us = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.1}"));
         format!(
-            "  CPU per message over the dataflow's run (start-up included): dataflow {} us, \
-             Redis {} us, the rest of the machine {} us (the broker, this tool, the system)",
+            "  CPU per message over the end-to-end window: dataflow {} us, Redis {} us, the rest \
+             of the machine {} us (the broker, this tool, the system); the dataflow's start-up \
+             before it (loading the features file) took {} s of CPU",
             us(self.dataflow_us),
             us(self.redis_us),
-            us(self.rest_us)
+            us(self.rest_us),
+            self.dataflow_startup_s
+                .map_or("?".to_owned(), |v| format!("{v:.2}"))
         )
     }
 }
@@ -148,33 +220,47 @@ mod tests {
     }
 
     #[test]
-    fn redis_cpu_is_system_plus_user() {
-        let info = "# CPU\r\nused_cpu_sys:1.250000\r\nused_cpu_user:3.500000\r\n\
-                    used_cpu_sys_children:0.000000\r\n";
-        assert_eq!(parse_redis_cpu(info), Some(4.75));
-        assert_eq!(parse_redis_cpu("# CPU\r\n"), None);
+    fn the_window_runs_from_the_last_sample_before_to_the_first_after() {
+        let sample = |at_ms, dataflow, redis, machine| CpuSample {
+            at_ms,
+            dataflow: Some(dataflow),
+            redis: Some(redis),
+            machine: Some(machine),
+        };
+        let samples = [
+            sample(1_000, 1.0, 10.0, 100.0),
+            sample(1_010, 1.5, 10.0, 100.5),
+            sample(1_020, 2.0, 10.5, 101.5),
+            sample(3_000, 6.0, 11.5, 108.0),
+            sample(3_010, 6.1, 11.6, 108.3),
+        ];
+        let cpu = CpuPerMessage::over_window(200_000, &samples, 1_015, 2_995);
+        assert_eq!(cpu.dataflow_startup_s, Some(1.5));
+        assert_eq!(cpu.dataflow_us, Some(22.5));
+        assert_eq!(cpu.redis_us, Some(7.5));
+        assert_eq!(cpu.rest_us, Some(7.5));
+        let remote_redis = [
+            CpuSample {
+                redis: None,
+                ..samples[0]
+            },
+            samples[3],
+        ];
+        let partial = CpuPerMessage::over_window(200_000, &remote_redis, 1_000, 3_000);
+        assert_eq!((partial.redis_us, partial.rest_us), (None, None));
+        assert!(partial.render().contains("dataflow 25.0 us, Redis ? us"));
+        assert_eq!(CpuPerMessage::over_window(1, &[], 0, 1).dataflow_us, None);
     }
 
     #[test]
-    fn per_message_figures_and_the_rest() {
-        let before = Reading {
-            redis: Some(10.0),
-            machine: Some(100.0),
-        };
-        let after = Reading {
-            redis: Some(11.0),
-            machine: Some(106.0),
-        };
-        let cpu = CpuPerMessage::new(200_000, Some(4.0), before, after);
-        assert_eq!(cpu.dataflow_us, Some(20.0));
-        assert_eq!(cpu.redis_us, Some(5.0));
-        assert_eq!(cpu.rest_us, Some(5.0));
-        let unknown = Reading {
-            redis: None,
-            machine: None,
-        };
-        let partial = CpuPerMessage::new(200_000, Some(4.0), unknown, after);
-        assert_eq!((partial.redis_us, partial.rest_us), (None, None));
-        assert!(partial.render().contains("dataflow 20.0 us, Redis ? us"));
+    fn samples_this_process() {
+        let sampler = CpuSampler::start(std::process::id(), None);
+        std::thread::sleep(SAMPLE_EVERY * 3);
+        let samples = sampler.finish();
+        assert!(samples.len() >= 2);
+        assert!(samples
+            .iter()
+            .all(|s| s.dataflow.is_some() && s.redis.is_none()));
+        assert!(samples.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
     }
 }

@@ -8,6 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dataflow::stats::EpochCounters;
+
+use crate::cpu::{CpuPerMessage, CpuSampler};
 use serde::{Deserialize, Serialize};
 
 /// One epoch as the dataflow's `--stats-json` reports it: the epoch and the dataflow's own
@@ -28,9 +30,8 @@ pub struct EndToEnd {
     /// The dataflow's peak resident memory (`VmHWM`), in kB, read just before it was stopped;
     /// `None` where /proc cannot tell.
     pub peak_rss_kb: Option<u64>,
-    /// The dataflow's CPU seconds (all threads, start-up included), read just before it was
-    /// stopped; `None` where /proc cannot tell.
-    pub cpu_seconds: Option<f64>,
+    /// CPU per message over the run's window, of the dataflow, Redis and the rest.
+    pub cpu: CpuPerMessage,
 }
 
 impl EndToEnd {
@@ -57,13 +58,14 @@ pub fn dataflow_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs the dataflow with `args` until it has reported `expected` messages, then stops it with
-/// SIGTERM. Gives up after `timeout`.
+/// SIGTERM. Gives up after `timeout`. `redis_pid` is Redis's process, for the CPU it spends.
 pub fn run_dataflow(
     binary: &Path,
     args: &[String],
     epoch_ms: u64,
     expected: u64,
     timeout: Duration,
+    redis_pid: Option<u32>,
 ) -> anyhow::Result<EndToEnd> {
     let mut child = Command::new(binary)
         .args(args)
@@ -73,6 +75,7 @@ pub fn run_dataflow(
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
+    let sampler = CpuSampler::start(child.id(), redis_pid);
     let stdout = child
         .stdout
         .take()
@@ -113,7 +116,7 @@ pub fn run_dataflow(
         }
     };
     let peak_rss_kb = peak_rss_kb(child.id());
-    let cpu_seconds = crate::cpu::process_seconds(child.id());
+    let samples = sampler.finish();
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -129,7 +132,7 @@ pub fn run_dataflow(
     let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
     Ok(EndToEnd {
         peak_rss_kb,
-        cpu_seconds,
+        cpu: CpuPerMessage::over_window(messages, &samples, first.epoch, end),
         messages,
         seconds,
         epochs,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bench::chart::write_chart;
-use bench::cpu::{self, CpuPerMessage};
+use bench::cpu;
 use bench::e2e::{dataflow_binary, run_dataflow};
 use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
 use bench::summary::Summary;
@@ -159,20 +159,17 @@ fn main() -> anyhow::Result<()> {
     // Every phase that writes to Redis starts from an empty database, so that runs (and the
     // script's reads of existing keys) are comparable.
     flush_db(&args.redis)?;
-    let before = cpu::Reading::now(&args.redis);
+    // Redis's CPU is read from /proc where it runs on this machine.
+    let redis_pid = cpu::local_redis_pid(&args.redis);
     let e2e = run_dataflow(
         &binary,
         &dataflow_args(&topic),
         args.epoch_ms,
         total as u64,
         Duration::from_secs(args.timeout_secs),
+        redis_pid,
     )?;
-    let cpu = CpuPerMessage::new(
-        e2e.messages,
-        e2e.cpu_seconds,
-        before,
-        cpu::Reading::now(&args.redis),
-    );
+    let cpu = e2e.cpu.clone();
     let writes = e2e.profile_writes();
     eprintln!(
         "end to end: {:.0} msg/s, {writes} profile writes",
@@ -241,6 +238,7 @@ fn main() -> anyhow::Result<()> {
                 args.epoch_ms,
                 count as u64,
                 Duration::from_secs(args.timeout_secs),
+                redis_pid,
             );
             let produced = producer
                 .join()
