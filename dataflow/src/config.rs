@@ -77,6 +77,12 @@ pub struct Config {
     #[arg(long, env = "MAX_POLL_RECORDS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_poll_records: u64,
 
+    /// Most messages a worker holds read and not yet stored in Redis. Past it the worker reads
+    /// nothing until older epochs are stored, so that a backlog waits in Kafka rather than in
+    /// memory (~2 KB a message while in flight).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 32768, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_in_flight: u64,
+
     /// Profiles per Redis pipeline batch.
     #[arg(long, env = "REDIS_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_batch: u64,

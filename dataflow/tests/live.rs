@@ -2,9 +2,9 @@
 //! the ingest API appear in Redis with the contract's values; stale pushes change nothing; an
 //! item-feature update re-emits exactly its holders; poison messages go to the dead-letter topic
 //! without stopping their partition; SIGTERM finishes and exits 0; a closed stdout ends the
-//! stats lines, not the dataflow; two processes of two workers leave the same Redis contents as
-//! one worker; and a restart, of one process or two, rebuilds the state from the topics without
-//! writing it again.
+//! stats lines, not the dataflow; a backlog is read a bounded amount at a time; two processes of
+//! two workers leave the same Redis contents as one worker; and a restart, of one process or
+//! two, rebuilds the state from the topics without writing it again.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -518,6 +518,58 @@ async fn a_closed_stdout_ends_the_stats_not_the_dataflow() {
     std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
     assert!(status.success(), "dataflow exited with {status}: {log}");
     assert!(log.contains("cannot write the stats"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_read_a_bounded_amount_at_a_time() {
+    let setup = Setup::new("backlog", 4).await;
+    let id = setup.topic.clone();
+    // The backlog is in the topic before the dataflow starts: 60 users, 10 messages each.
+    let producer = testkit::producer();
+    for round in 1..=10u64 {
+        for u in 0..60 {
+            let user = format!("{id}-user{u}");
+            let message = serde_json::json!({"user_id": user, "history_items": ["apple"], "timestamp": round});
+            testkit::produce_with(
+                &producer,
+                &setup.topic,
+                Some(&user),
+                message.to_string().as_bytes(),
+            )
+            .await;
+        }
+    }
+    let max_in_flight = 16;
+    let args = [
+        setup.args(),
+        vec![
+            "-w".into(),
+            "2".into(),
+            "--max-in-flight".into(),
+            max_in_flight.to_string(),
+        ],
+    ]
+    .concat();
+    let dataflow = Dataflow::spawn(&args);
+    dataflow.wait_for("messages", 600);
+    let largest_epoch = dataflow
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|line| line["messages"].as_u64())
+        .max()
+        .unwrap();
+    assert!(
+        largest_epoch <= 2 * max_in_flight,
+        "an epoch read {largest_epoch} messages, more than 2 workers x {max_in_flight}"
+    );
+    // Nothing was lost on the way: every user's last message is in Redis.
+    let mut redis = redis(&setup.redis);
+    for u in 0..60 {
+        wait_for_profile(&mut redis, &format!("{id}-user{u}"), 10);
+    }
+    dataflow.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
