@@ -3,6 +3,7 @@
 //! as an option) with the validation rules of semantics §2, the item-feature message of §3, the
 //! history order and window of §1, the interest-vector formula of §5 and the Redis key of §6.
 
+mod fast_json;
 mod history;
 mod item;
 mod message;

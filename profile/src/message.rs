@@ -252,6 +252,16 @@ impl<'a> ProfileMessageView<'a> {
 
     fn decode_json(value: &'a [u8]) -> Result<Self, InvalidMessage> {
         let text = std::str::from_utf8(value)?;
+        // The plain form producers write, fast; serde_json for everything else, which also
+        // says why a message is invalid.
+        if let Some(message) = crate::fast_json::decode(text) {
+            return Ok(message);
+        }
+        Self::decode_json_with_serde(text)
+    }
+
+    /// The JSON decoding of serde_json, which decides on every input.
+    pub(crate) fn decode_json_with_serde(text: &'a str) -> Result<Self, InvalidMessage> {
         let wire: JsonWire<'a> = serde_json::from_str(text).map_err(|e| {
             if e.is_data() {
                 InvalidMessage::WrongShape(e.to_string())
