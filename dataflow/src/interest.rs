@@ -14,7 +14,9 @@
 //! vector of each user whose profile changed (O(history)) and of each local holder of an item
 //! whose features changed (O(holders), through the holders index), and emits, at the epoch's
 //! time, the new value of each user whose output changed: one per user, already final, so the
-//! writer needs no consolidation.
+//! writer needs no consolidation. It does so a slice of `PROFILES_PER_ACTIVATION` (1,024)
+//! profiles at a time (the epoch's features first, the holders of changed items last) and
+//! yields between slices, so that the writer stores one slice while the next is computed.
 //!
 //! The operator's output is an upsert stream (a key's new value, no retraction) because its
 //! one reader, the Redis writer, wants exactly that; a retraction of the old value would cost
