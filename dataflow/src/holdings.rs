@@ -337,8 +337,10 @@ impl Holdings {
     /// (`None`: deleted), and `profiles`, the new profiles of local users (at most one each).
     /// The new output of each user whose output changed goes to `emit`, once, encoded as its
     /// Redis value of `epoch`. The three steps of [`begin_epoch`](Self::begin_epoch),
-    /// [`apply_profiles`](Self::apply_profiles) and [`finish_epoch`](Self::finish_epoch) in one.
-    pub fn apply_epoch(
+    /// [`apply_profiles`](Self::apply_profiles) and [`finish_epoch`](Self::finish_epoch) in one,
+    /// for the tests; the interest operator runs them a slice at a time.
+    #[cfg(test)]
+    fn apply_epoch(
         &mut self,
         epoch: u64,
         features: impl IntoIterator<Item = (String, Option<FeatureVector>)>,

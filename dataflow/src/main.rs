@@ -11,9 +11,9 @@ use tracing_subscriber::EnvFilter;
 // too, i.e. librdkafka's. glibc's allocator gave the memory of each consumed fetch response back
 // to the kernel and took fresh pages for the next: two thirds of the process's page faults were
 // librdkafka copying responses into fresh pages, and system time, nearly all page faults (the
-// run makes few syscalls), was about a quarter of its CPU time. With mimalloc underneath, faults halve (47,000 -> 20,000 over the 200k-message
-// benchmark) and the dataflow spends ~7% less CPU. mimalloc's thread-local free lists also keep
-// the per-epoch buffers cheap.
+// run makes few syscalls), was about a quarter of its CPU time. With mimalloc underneath,
+// faults halve (47,000 -> 20,000 over the 200k-message benchmark) and the dataflow spends ~7%
+// less CPU. mimalloc's thread-local free lists also keep the per-epoch buffers cheap.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

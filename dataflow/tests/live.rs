@@ -204,6 +204,11 @@ fn expected_vector(items: &[&str]) -> (Vec<f32>, u32) {
     (v.vector, v.known_items)
 }
 
+/// A profile message value (semantics §2).
+fn profile_message(user: &str, items: &[&str], timestamp: u64) -> String {
+    serde_json::json!({"user_id": user, "history_items": items, "timestamp": timestamp}).to_string()
+}
+
 fn assert_profile(
     value: &Value,
     user: &str,
@@ -390,10 +395,6 @@ async fn a_restart_rebuilds_the_state_from_the_topics() {
         format!("{id}-bob"),
         format!("{id}-carol"),
     );
-    let message = |user: &str, items: &[&str], timestamp: u64| {
-        serde_json::json!({"user_id": user, "history_items": items, "timestamp": timestamp})
-            .to_string()
-    };
     let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
     let mut redis = redis(&setup.redis);
 
@@ -402,13 +403,13 @@ async fn a_restart_rebuilds_the_state_from_the_topics() {
     produce(
         &setup.topic,
         Some(&alice),
-        message(&alice, &["apple", "banana"], 10).as_bytes(),
+        profile_message(&alice, &["apple", "banana"], 10).as_bytes(),
     )
     .await;
     produce(
         &setup.topic,
         Some(&bob),
-        message(&bob, &["cherry"], 10).as_bytes(),
+        profile_message(&bob, &["cherry"], 10).as_bytes(),
     )
     .await;
     first.wait_for("redis_writes", 2);
@@ -430,7 +431,7 @@ async fn a_restart_rebuilds_the_state_from_the_topics() {
     produce(
         &setup.topic,
         Some(&carol),
-        message(&carol, &["cherry"], 20).as_bytes(),
+        profile_message(&carol, &["cherry"], 20).as_bytes(),
     )
     .await;
     second.wait_for("redis_writes", 1);
@@ -501,10 +502,8 @@ async fn a_closed_stdout_ends_the_stats_not_the_dataflow() {
     for round in 1..=3u64 {
         let users: Vec<String> = (0..8).map(|u| format!("{id}-user{u}")).collect();
         for user in &users {
-            let message = serde_json::json!(
-                {"user_id": user, "history_items": ["apple"], "timestamp": round}
-            );
-            produce(&setup.topic, Some(user), message.to_string().as_bytes()).await;
+            let message = profile_message(user, &["apple"], round);
+            produce(&setup.topic, Some(user), message.as_bytes()).await;
         }
         for user in &users {
             wait_for_profile(&mut redis, user, round);
@@ -529,14 +528,8 @@ async fn a_backlog_is_read_a_bounded_amount_at_a_time() {
     for round in 1..=10u64 {
         for u in 0..60 {
             let user = format!("{id}-user{u}");
-            let message = serde_json::json!({"user_id": user, "history_items": ["apple"], "timestamp": round});
-            testkit::produce_with(
-                &producer,
-                &setup.topic,
-                Some(&user),
-                message.to_string().as_bytes(),
-            )
-            .await;
+            let message = profile_message(&user, &["apple"], round);
+            testkit::produce_with(&producer, &setup.topic, Some(&user), message.as_bytes()).await;
         }
     }
     let max_in_flight = 16;
@@ -595,14 +588,8 @@ async fn two_processes_of_two_workers_write_what_one_worker_writes() {
     for _ in 0..count {
         let user = format!("user{}", next(60));
         let history: Vec<&str> = (0..next(6)).map(|_| items[next(4) as usize]).collect();
-        let value = serde_json::json!({"user_id": user, "history_items": history, "timestamp": 1000 + next(20)});
-        testkit::produce_with(
-            &producer,
-            &one.topic,
-            Some(&user),
-            value.to_string().as_bytes(),
-        )
-        .await;
+        let value = profile_message(&user, &history, 1000 + next(20));
+        testkit::produce_with(&producer, &one.topic, Some(&user), value.as_bytes()).await;
     }
 
     let single = Dataflow::spawn(&one.args());
