@@ -25,13 +25,18 @@ use sink::{encode_profile, ProfileRecord, RedisSink, SinkConfig};
 const PER_KEY_SCRIPT: &str = r#"
 local ts = tonumber(ARGV[1])
 local epoch = tonumber(ARGV[2])
-local old = redis.call('GET', KEYS[1])
-if old then
-    local old_ts = tonumber(string.match(old, '"timestamp":%s*(%d+)'))
-    if old_ts then
-        local tail = math.max(1, #old - 63)
-        local old_epoch = tonumber(string.match(old, '"epoch":%s*(%d+)%s*}%s*$', tail)) or 0
-        if not (ts > old_ts or (ts == old_ts and epoch >= old_epoch)) then return 0 end
+local head = redis.call('GETRANGE', KEYS[1], 0, 255)
+local old_ts = tonumber(string.match(head, '"timestamp":%s*(%d+)%D'))
+if not old_ts and #head == 256 then
+    old_ts = tonumber(string.match(redis.call('GET', KEYS[1]), '"timestamp":%s*(%d+)'))
+end
+if old_ts then
+    if ts == old_ts then
+        local tail = redis.call('GETRANGE', KEYS[1], -64, -1)
+        local old_epoch = tonumber(string.match(tail, '"epoch":%s*(%d+)%s*}%s*$')) or 0
+        if epoch < old_epoch then return 0 end
+    elseif ts < old_ts then
+        return 0
     end
 end
 redis.call('SET', KEYS[1], ARGV[3])

@@ -224,13 +224,22 @@ fn values_written_by_others_are_read_or_replaced() {
 #[test]
 fn timestamps_far_into_a_value_are_found() {
     // A long user id pushes our own timestamp far from the start of the value, and a foreign
-    // value may put it after a long history. (A script that read only a value's head and tail
-    // was tried, and measured slower than reading it whole.)
+    // value may put it after a long history. The script reads the first 256 bytes and falls
+    // back to the whole value when they do not hold the timestamp: the lengths below put the
+    // timestamp well inside the head, with its digits cut at the head's end in every way
+    // (the digits of 1000 start at 26 + the id's length), and past the head.
     let p = unique("head");
     let mut sink = sink(SinkConfig::new(test_url()));
     let mut c = conn(&test_url());
-    for len in [140, 150, 160, 300] {
+    let id_len = |digits_start: usize| digits_start - 26 - p.len() - 1;
+    let cut = (251..=257).map(id_len);
+    for len in [140, 150, 160, 300].into_iter().chain(cut) {
         let long = format!("{p}-{}", "u".repeat(len));
+        if len < 300 {
+            let value = encode_profile(&rec(&long, 1_000, 10, &["a"], &[1.0]));
+            let key = value.windows(12).position(|w| w == b"\"timestamp\":");
+            assert_eq!(key.unwrap() + 12, 26 + long.len());
+        }
         assert_eq!(
             sink.write([rec(&long, 1_000, 10, &["a"], &[1.0])])
                 .unwrap()
