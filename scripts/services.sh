@@ -214,7 +214,9 @@ wait_for() {
     local what=$1 pid_fn=$2 check_fn=$3 logfile=$4 deadline
     deadline=$((SECONDS + SERVICES_WAIT_SECS))
     until "$check_fn"; do
-        if ! "$pid_fn" >/dev/null; then
+        # Looked at twice: between two execs (the subshell's setsid, then tansu) a process can
+        # show an empty command line for an instant, which once made a healthy start fail.
+        if ! "$pid_fn" >/dev/null && ! { sleep 0.3 && "$pid_fn" >/dev/null; }; then
             tail -n 20 "$logfile" >&2 2>/dev/null || true
             die "$what exited during startup (log: $logfile)"
         fi
