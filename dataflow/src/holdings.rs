@@ -7,9 +7,10 @@
 //! laid out to touch few cache lines:
 //! - an item's id lives once per worker, in the item table; a user's history is a list of
 //!   4-byte indices into it (50 ASIN-like ids as `String`s take ~2 KB, as indices 200 bytes);
-//! - the item table is a set of columns by item index: features in one dense array, D values
-//!   per item, so a history's features are one load each, found by index without a lookup;
-//!   the ids, needed only to write a profile out, apart from them;
+//! - the item table is two columns by item index: features in one dense array, D values per
+//!   item, so a history's features are one load each, found by index without a lookup; and
+//!   one cache line per item with all the rest a profile change and its output touch (the
+//!   holders below, the id, whether it has features);
 //! - each item's *holders* list the local users whose history took it in, so that a feature
 //!   change finds the users to recompute in O(holders) (see [`Holder`]);
 //! - each user keeps a 64-bit fingerprint of its current output, so that a recomputation that
@@ -77,16 +78,26 @@ impl Holder {
     }
 }
 
-/// An item's holders (see [`Holder`]).
+/// What a profile change reads and writes of an item, and what its output then reads: one
+/// cache line. Setting a profile touches the slot of each of its 50 items (to count and list
+/// the new holder), and encoding the output right after reads each item's id and whether it has
+/// features: with all of it in the one line, those reads hit the cache instead of missing
+/// once more per item in a column of their own.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 struct ItemSlot {
-    /// The local users whose history took the item in, current and stale.
+    /// The local users whose history took the item in, current and stale (see [`Holder`]).
     holders: Vec<Holder>,
+    /// The item's id, read only to encode an output. Inline (see [`SmolStr`]) for ids of up to
+    /// 23 bytes, which ASIN-like ids are.
+    id: SmolStr,
     /// The number of current entries in `holders`: the local users whose current history
     /// holds the item.
     held_by: u32,
     /// The last pass of [`ItemTable::distinct`] that saw the item.
     seen: u32,
+    /// Whether the item has features, which are then its row of [`ItemTable::features`].
+    known: bool,
 }
 
 impl ItemSlot {
@@ -116,16 +127,12 @@ struct ItemTable {
     /// Looked up 50 times a message: see [`KeyIndex`] for how those lookups overlap.
     index: KeyIndex,
     keys: Vec<IdKey>,
-    /// Read only to encode an output. Inline (see [`SmolStr`]): an output reads the ids of 50
-    /// random items, one cache miss each here where a pointer to a heap string costs two.
-    ids: Vec<SmolStr>,
-    /// Whether each item has features, ...
-    known: Vec<bool>,
-    /// ... which are `features[item * dim..][..dim]`. Every feature vector has D values: the
-    /// features file and the topic's decoder both refuse any other length.
+    /// The features of each item that has them (see [`ItemSlot::known`]):
+    /// `features[item * dim..][..dim]`. Every feature vector has D values: the features file and
+    /// the topic's decoder both refuse any other length.
     features: Vec<f32>,
-    /// What a profile change reads and writes of each of its items, side by side in one cache
-    /// line: the tables are larger than the caches, and a history touches 50 random items.
+    /// Everything else of each item, one cache line each: the tables are larger than the
+    /// caches, and a history touches 50 random items.
     slots: Vec<ItemSlot>,
     pass: u32,
     /// Entries released for reuse, so ids seen once (an unknown item in one history) do not
@@ -139,8 +146,6 @@ impl ItemTable {
             dim,
             index: KeyIndex::default(),
             keys: Vec::new(),
-            ids: Vec::new(),
-            known: Vec::new(),
             features: Vec::new(),
             slots: Vec::new(),
             pass: 0,
@@ -161,15 +166,16 @@ impl ItemTable {
         let item = match self.free.pop() {
             Some(item) => {
                 self.keys[item as usize] = key;
-                self.ids[item as usize] = id.into();
+                self.slots[item as usize].id = id.into();
                 item
             }
             None => {
                 self.keys.push(key);
-                self.ids.push(id.into());
-                self.known.push(false);
                 self.features.resize(self.features.len() + self.dim, 0.0);
-                self.slots.push(ItemSlot::default());
+                self.slots.push(ItemSlot {
+                    id: id.into(),
+                    ..ItemSlot::default()
+                });
                 (self.keys.len() - 1) as ItemIndex
             }
         };
@@ -178,13 +184,15 @@ impl ItemTable {
     }
 
     fn id(&self, item: ItemIndex) -> &str {
-        &self.ids[item as usize]
+        &self.slots[item as usize].id
     }
 
     /// The item's features, if it has any.
     fn features(&self, item: ItemIndex) -> Option<&[f32]> {
         let item = item as usize;
-        self.known[item].then(|| &self.features[item * self.dim..][..self.dim])
+        self.slots[item]
+            .known
+            .then(|| &self.features[item * self.dim..][..self.dim])
     }
 
     /// Sets the item's features; returns whether they changed.
@@ -197,7 +205,7 @@ impl ItemTable {
             (old, new) => old.is_none() && new.is_none(),
         };
         let item = item as usize;
-        self.known[item] = features.is_some();
+        self.slots[item].known = features.is_some();
         let slot = &mut self.features[item * self.dim..][..self.dim];
         slot.fill(0.0);
         for (x, value) in slot
@@ -230,12 +238,13 @@ impl ItemTable {
     /// Releases `item` if nothing needs it any more: it has no features and no holder.
     fn release_if_unused(&mut self, item: ItemIndex) {
         let slot = item as usize;
-        if !self.known[slot] && self.slots[slot].held_by == 0 {
+        let entry = &mut self.slots[slot];
+        if !entry.known && entry.held_by == 0 {
             self.index.remove(self.keys[slot]);
-            self.ids[slot] = SmolStr::default();
+            entry.id = SmolStr::default();
             // Every entry left is stale; the buffer goes too, which a once popular item's
             // makes large.
-            self.slots[slot].holders = Vec::new();
+            entry.holders = Vec::new();
             self.free.push(item);
         }
     }
