@@ -183,6 +183,27 @@ impl CpuPerMessage {
         }
     }
 
+    /// The share of the machine's CPU that was busy over a window of `seconds` in which
+    /// `messages` went through, on `cores` cores: near 1, everything queues for the CPU.
+    pub fn machine_busy_share(&self, messages: u64, seconds: f64, cores: usize) -> Option<f64> {
+        let per_message = self.dataflow_us? + self.redis_us? + self.rest_us?;
+        Some(per_message * messages as f64 / 1e6 / (seconds * cores.max(1) as f64))
+    }
+
+    /// One line for the latency phase: where the CPU went fed live, and how busy the machine
+    /// was, which is what an epoch's latency waits on.
+    pub fn render_live(&self, busy_share: Option<f64>) -> String {
+        let us = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.1}"));
+        format!(
+            "  CPU per message fed live: dataflow {} us, Redis {} us, the rest of the machine {} \
+             us (the broker, this tool's producer, the system); the machine {} busy",
+            us(self.dataflow_us),
+            us(self.redis_us),
+            us(self.rest_us),
+            busy_share.map_or("?".to_owned(), |share| format!("{:.0}%", share * 100.0))
+        )
+    }
+
     /// One line for the summary.
     pub fn render(&self) -> String {
         let us = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.1}"));
@@ -249,6 +270,13 @@ mod tests {
         let partial = CpuPerMessage::over_window(200_000, &remote_redis, 1_000, 3_000);
         assert_eq!((partial.redis_us, partial.rest_us), (None, None));
         assert!(partial.render().contains("dataflow 25.0 us, Redis ? us"));
+        // 37.5 us a message, 200,000 messages in 2 s on 2 cores: 7.5 of 4 core-seconds.
+        let busy = cpu.machine_busy_share(200_000, 2.0, 2).unwrap();
+        assert!((busy - 1.875).abs() < 1e-9, "{busy}");
+        assert!(cpu
+            .render_live(Some(0.875))
+            .ends_with("the machine 88% busy"));
+        assert_eq!(partial.machine_busy_share(200_000, 2.0, 2), None);
         assert_eq!(CpuPerMessage::over_window(1, &[], 0, 1).dataflow_us, None);
     }
 

@@ -260,6 +260,9 @@ fn main() -> anyhow::Result<()> {
             latencies.epochs,
             2 * args.epoch_ms
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = run.cpu.machine_busy_share(run.messages, run.seconds, cores);
+        let line = format!("{line}\n{}", run.cpu.render_live(busy));
         eprintln!("{line}");
         let live_chart = args.chart.with_file_name(format!(
             "{}-live.svg",
@@ -292,6 +295,8 @@ fn main() -> anyhow::Result<()> {
                 "messages": count,
                 "latencies": latencies,
                 "p99_target_ms": 2 * args.epoch_ms,
+                "cpu_per_message": run.cpu,
+                "machine_busy_share": busy,
                 "epochs": run.epochs,
             }),
         ))
