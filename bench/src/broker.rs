@@ -24,6 +24,63 @@ pub fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Resul
     Ok(())
 }
 
+/// The topics a run created, deleted when it ends however it ends: a broker that keeps topics
+/// in memory (tansu with `memory://`) otherwise holds every run's messages, about 1 GB a run
+/// with the latency phase, until the machine runs out.
+#[derive(Debug)]
+pub struct RunTopics {
+    brokers: String,
+    names: Vec<String>,
+    /// Leave them for inspection instead.
+    pub keep: bool,
+}
+
+impl RunTopics {
+    pub fn new(brokers: &str, keep: bool) -> Self {
+        RunTopics {
+            brokers: brokers.to_owned(),
+            names: Vec::new(),
+            keep,
+        }
+    }
+
+    /// Creates `name` with `partitions` partitions, to be deleted with the others.
+    pub fn create(&mut self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        create_topic(&self.brokers, name, partitions)?;
+        self.names.push(name.to_owned());
+        Ok(())
+    }
+}
+
+impl Drop for RunTopics {
+    fn drop(&mut self) {
+        if self.keep || self.names.is_empty() {
+            return;
+        }
+        match delete_topics(&self.brokers, &self.names) {
+            Ok(()) => eprintln!("deleted the run's topics: {}", self.names.join(", ")),
+            Err(error) => eprintln!(
+                "could not delete the run's topics {}: {error:#}",
+                self.names.join(", ")
+            ),
+        }
+    }
+}
+
+/// Deletes `names`.
+pub fn delete_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let results = futures::executor::block_on(admin.delete_topics(&names, &options))?;
+    for result in results {
+        result.map_err(|(topic, code)| anyhow::anyhow!("deleting {topic}: {code}"))?;
+    }
+    Ok(())
+}
+
 /// Publishes every message (keyed, so a user stays in one partition) and waits until the broker
 /// has them all. Returns the time taken.
 pub fn preload(

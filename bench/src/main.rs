@@ -91,6 +91,10 @@ struct Args {
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Leave the run's topics on the broker. By default they are deleted at the end: a broker
+    /// that keeps topics in memory would otherwise hold about 1 GB more after every run.
+    #[arg(long)]
+    keep_topics: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,7 +127,9 @@ fn main() -> anyhow::Result<()> {
     let features = dir.join("item_features.csv");
     workload.write_features(&features)?;
 
-    bench::broker::create_topic(&args.brokers, &topic, args.partitions)
+    let mut topics = bench::broker::RunTopics::new(&args.brokers, args.keep_topics);
+    topics
+        .create(&topic, args.partitions)
         .context("creating the topic")?;
     let preload = bench::broker::preload(&args.brokers, &topic, &workload.messages)?;
     eprintln!("preload: {:.0} msg/s", total as f64 / preload.as_secs_f64());
@@ -213,7 +219,8 @@ fn main() -> anyhow::Result<()> {
         // Past the workload's end the messages come round again with later timestamps.
         let count = ((rate * args.latency_secs as f64) as usize).max(1);
         let live_topic = format!("{run_id}-live");
-        bench::broker::create_topic(&args.brokers, &live_topic, args.partitions)
+        topics
+            .create(&live_topic, args.partitions)
             .context("creating the live topic")?;
         flush_db(&args.redis)?;
         let workload = &workload;
