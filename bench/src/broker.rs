@@ -72,7 +72,10 @@ pub fn delete_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    // Bounded on our side too: with the broker gone, the run's real error waits behind this.
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let results = futures::executor::block_on(admin.delete_topics(&names, &options))?;
     for result in results {

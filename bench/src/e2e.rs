@@ -57,8 +57,14 @@ pub fn dataflow_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// How long the dataflow may go without reading a message, while messages are still expected,
+/// before the run is given up: long past any pause of a working pipeline (its start-up, a
+/// backlog held back by `--max-in-flight`), and far short of `--timeout-secs`, which a broker
+/// that died mid-run (tansu killed for memory, once) used to run out in full.
+pub const STALL: Duration = Duration::from_secs(60);
+
 /// Runs the dataflow with `args` until it has reported `expected` messages, then stops it with
-/// SIGTERM. Gives up after `timeout`. `redis_pid` is Redis's process, for the CPU it spends.
+/// SIGTERM. Gives up after `timeout`, or once it has read nothing for [`STALL`]. `redis_pid` is Redis's process, for the CPU it spends.
 pub fn run_dataflow(
     binary: &Path,
     args: &[String],
@@ -93,13 +99,24 @@ pub fn run_dataflow(
     let deadline = Instant::now() + timeout;
     let mut epochs = Vec::new();
     let mut messages = 0;
+    let mut last_read = Instant::now();
     let outcome = loop {
         if messages >= expected {
             break Ok(());
         }
+        if last_read.elapsed() >= STALL {
+            break Err(anyhow::anyhow!(
+                "the dataflow read no message for {}s, with {messages} of {expected} read: is \
+                 the broker up? (the dataflow's log is above)",
+                STALL.as_secs()
+            ));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match receiver.recv_timeout(left.min(Duration::from_millis(200))) {
             Ok(stat) => {
+                if stat.counters.messages > 0 {
+                    last_read = Instant::now();
+                }
                 messages += stat.counters.messages;
                 epochs.push(stat);
             }

@@ -1,5 +1,6 @@
 //! The bench binary: `cargo run --release -p streamrec-bench -- --help`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -88,7 +89,8 @@ struct Args {
     /// linger.ms). Batches of 1 ms cost tansu a request each and made it the bottleneck.
     #[arg(long, default_value_t = 20)]
     latency_linger_ms: u64,
-    /// Give up on a phase after this many seconds.
+    /// Give up on a phase after this many seconds. A phase whose dataflow reads nothing for
+    /// 60 s while messages are still expected (a broker gone) is given up on before that.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
     /// Leave the run's topics on the broker. By default they are deleted at the end: a broker
@@ -225,6 +227,10 @@ fn main() -> anyhow::Result<()> {
         flush_db(&args.redis)?;
         let workload = &workload;
         let (brokers, producer_topic) = (args.brokers.clone(), live_topic.clone());
+        // Set once the run has failed: the producer then stops instead of waiting for a
+        // broker that may be gone.
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
         let run = std::thread::scope(|scope| {
             let producer = scope.spawn(move || {
                 // Give the dataflow time to load its features and connect, so the first
@@ -237,6 +243,7 @@ fn main() -> anyhow::Result<()> {
                     |i| workload.message_at(i),
                     rate,
                     Duration::from_millis(args.latency_linger_ms),
+                    stop,
                 )
             });
             let run = run_dataflow(
@@ -247,11 +254,16 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs(args.timeout_secs),
                 redis_pid,
             );
+            if run.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
             let produced = producer
                 .join()
                 .map_err(|_| anyhow::anyhow!("the paced producer panicked"))?;
+            // The run's error first: the producer's would only say it was stopped.
+            let run = run?;
             produced?;
-            run
+            anyhow::Ok(run)
         })
         .context("latency phase")?;
         // The first second of epochs is left out: connections and first fetches.

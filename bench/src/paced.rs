@@ -3,16 +3,21 @@
 //! latency (from its close to the Redis acknowledgement of its output) is what the dataflow's
 //! own stats report; this module paces the producer and summarises the latencies.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use crate::e2e::EpochStat;
 
 /// Publishes `count` messages, message `i` being `message(i)` (a key and a value), to `topic`
 /// at `rate` messages per second, spread evenly, in producer batches of up to `linger`, and
-/// waits until the broker has them all. Returns the time taken.
+/// waits until the broker has them all. Returns the time taken. Gives up as soon as `stop` is
+/// set: the run it feeds has ended, and a producer whose broker is gone would otherwise wait
+/// for room in its queue for good.
 pub fn produce_paced(
     brokers: &str,
     topic: &str,
@@ -20,6 +25,7 @@ pub fn produce_paced(
     message: impl Fn(usize) -> (String, Vec<u8>),
     rate: f64,
     linger: Duration,
+    stop: &AtomicBool,
 ) -> anyhow::Result<Duration> {
     anyhow::ensure!(rate > 0.0, "the rate must be positive");
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
@@ -32,6 +38,7 @@ pub fn produce_paced(
         .set("linger.ms", linger.as_millis().to_string())
         .create()?;
     let started = Instant::now();
+    let stopped = || anyhow::anyhow!("the paced producer stopped: the run it fed has ended");
     for i in 0..count {
         let (key, value) = message(i);
         // Message i is due i / rate seconds after the start.
@@ -40,9 +47,27 @@ pub fn produce_paced(
         if due > now + Duration::from_millis(1) {
             std::thread::sleep(due - now);
         }
-        crate::broker::send(&producer, topic, &key, &value)?;
+        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(stopped());
+            }
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((error, _)) => return Err(error.into()),
+            }
+        }
     }
-    producer.flush(Duration::from_secs(60))?;
+    // Until the broker has them all.
+    while producer.flush(Duration::from_millis(100)).is_err() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(stopped());
+        }
+    }
     Ok(started.elapsed())
 }
 
