@@ -1,6 +1,7 @@
 //! The broker side of a benchmark: a fresh topic, preloaded as fast as the producer goes, and
 //! the raw rate at which consumers can read it back and discard it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -103,21 +104,26 @@ pub fn preload(
         .create()?;
     let started = Instant::now();
     for (key, value) in messages {
-        send(&producer, topic, key, value)?;
+        send(&producer, topic, key, value, None)?;
     }
     producer.flush(Duration::from_secs(300))?;
     Ok(started.elapsed())
 }
 
-/// Queues one keyed message, waiting while the producer's queue is full.
+/// Queues one keyed message, waiting while the producer's queue is full, unless `stop` is set
+/// meanwhile: a producer whose broker is gone would otherwise wait for room for good.
 pub fn send(
     producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     key: &str,
     value: &[u8],
+    stop: Option<&AtomicBool>,
 ) -> anyhow::Result<()> {
     let mut record = BaseRecord::to(topic).key(key).payload(value);
     loop {
+        if stop.is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+            anyhow::bail!("{STOPPED}");
+        }
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((
@@ -131,6 +137,9 @@ pub fn send(
         }
     }
 }
+
+/// Why a producer given a stop flag gave up.
+pub const STOPPED: &str = "the producer stopped: the run it fed has ended";
 
 /// Reads `expected` messages of `topic` back with `consumers` threads (partition p to thread
 /// p mod consumers, as the dataflow assigns them), discarding them. Returns the time from the

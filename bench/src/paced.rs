@@ -6,9 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 use crate::e2e::EpochStat;
@@ -38,7 +36,6 @@ pub fn produce_paced(
         .set("linger.ms", linger.as_millis().to_string())
         .create()?;
     let started = Instant::now();
-    let stopped = || anyhow::anyhow!("the paced producer stopped: the run it fed has ended");
     for i in 0..count {
         let (key, value) = message(i);
         // Message i is due i / rate seconds after the start.
@@ -47,25 +44,12 @@ pub fn produce_paced(
         if due > now + Duration::from_millis(1) {
             std::thread::sleep(due - now);
         }
-        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                return Err(stopped());
-            }
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((error, _)) => return Err(error.into()),
-            }
-        }
+        crate::broker::send(&producer, topic, &key, &value, Some(stop))?;
     }
     // Until the broker has them all.
     while producer.flush(Duration::from_millis(100)).is_err() {
         if stop.load(Ordering::Relaxed) {
-            return Err(stopped());
+            anyhow::bail!("{}", crate::broker::STOPPED);
         }
     }
     Ok(started.elapsed())
