@@ -10,7 +10,7 @@
 //!
 //! - the sink: one EVALSHA per batch (512 keys), at several pipeline depths and batch sizes;
 //! - a plain pipeline of SETs (no regression check), 512 per round trip;
-//! - a pipeline of per-key EVALSHAs of the same check, 512 per round trip.
+//! - a pipeline of per-key EVALSHAs of the sink's own script, one key each, 512 per round trip.
 //!
 //! Each figure is the best of REPEAT runs (env `REPEAT`, default 3), because on a shared machine
 //! the worst runs measure the neighbours. The keys are deleted afterwards.
@@ -20,28 +20,6 @@
 use std::time::{Duration, Instant};
 
 use sink::{encode_profile, ProfileRecord, RedisSink, SinkConfig};
-
-/// The sink's check for one key, as one script call per key.
-const PER_KEY_SCRIPT: &str = r#"
-local ts = tonumber(ARGV[1])
-local epoch = tonumber(ARGV[2])
-local head = redis.call('GETRANGE', KEYS[1], 0, 255)
-local old_ts = tonumber(string.match(head, '"timestamp":%s*(%d+)%D'))
-if not old_ts and #head == 256 then
-    old_ts = tonumber(string.match(redis.call('GET', KEYS[1]), '"timestamp":%s*(%d+)'))
-end
-if old_ts then
-    if ts == old_ts then
-        local tail = redis.call('GETRANGE', KEYS[1], -64, -1)
-        local old_epoch = tonumber(string.match(tail, '"epoch":%s*(%d+)%s*}%s*$')) or 0
-        if epoch < old_epoch then return 0 end
-    elseif ts < old_ts then
-        return 0
-    end
-end
-redis.call('SET', KEYS[1], ARGV[3])
-return 1
-"#;
 
 struct Data {
     users: Vec<String>,
@@ -118,7 +96,8 @@ fn main() {
         .unwrap()
         .get_connection()
         .unwrap();
-    let script = redis::Script::new(PER_KEY_SCRIPT);
+    // The sink's own script, run with one key per call.
+    let script = redis::Script::new(sink::WRITE_SCRIPT);
     script.load(&mut conn).unwrap();
 
     // The sink, in several shapes. Each run writes fresh keys, then overwrites them with a newer
