@@ -64,7 +64,8 @@ pub fn dataflow_binary() -> anyhow::Result<PathBuf> {
 pub const STALL: Duration = Duration::from_secs(60);
 
 /// Runs the dataflow with `args` until it has reported `expected` messages, then stops it with
-/// SIGTERM. Gives up after `timeout`, or once it has read nothing for [`STALL`]. `redis_pid` is Redis's process, for the CPU it spends.
+/// SIGTERM. Gives up after `timeout`, or once it has read nothing for [`STALL`]. `redis_pid` is
+/// Redis's process, for the CPU it spends.
 pub fn run_dataflow(
     binary: &Path,
     args: &[String],

@@ -4,13 +4,13 @@
 //! outputs of everything up to the committed offsets. On start, each worker therefore first
 //! reads its partitions from their beginning up to those offsets again, in *replay epochs*
 //! counted from 0 in steps of `--epoch-ms` (one per epoch of replaying), which precede every
-//! live epoch: those are Unix milliseconds, far above. A replay epoch's outputs are computed, so that later
-//! changes are compared against them, but not written: Redis holds them already. Only once
-//! every partition of the worker is replayed does it read past the committed offsets, in epochs
-//! from the clock. Timely completes every replay epoch on every worker before any live epoch,
-//! so a live message or feature update always meets the whole state: a feature update reaches
-//! the holders of the item from before the restart, and a new message meets every feature
-//! update read before it.
+//! live epoch: those are Unix milliseconds, far above. A replay epoch's outputs are computed,
+//! so that later changes are compared against them, but not written: Redis holds them
+//! already. Only once every partition of the worker is replayed does it read past the committed
+//! offsets, in epochs from the clock. Timely completes every replay epoch on every worker
+//! before any live epoch, so a live message or feature update always meets the whole state: a
+//! feature update reaches the holders of the item from before the restart, and a new message
+//! meets every feature update read before it.
 //!
 //! [`Replay`] is the bookkeeping: where each partition's replay ends, and when it is done.
 
