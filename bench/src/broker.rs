@@ -51,6 +51,18 @@ impl RunTopics {
         self.names.push(name.to_owned());
         Ok(())
     }
+
+    /// Deletes `name` now, unless the run keeps its topics. A topic that cannot be deleted is
+    /// reported, and tried again with the others at the end.
+    pub fn delete(&mut self, name: &str) {
+        if self.keep {
+            return;
+        }
+        match delete_topics(&self.brokers, &[name.to_owned()]) {
+            Ok(()) => self.names.retain(|n| n != name),
+            Err(error) => eprintln!("could not delete the topic {name}: {error:#}"),
+        }
+    }
 }
 
 impl Drop for RunTopics {

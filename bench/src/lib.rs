@@ -14,4 +14,5 @@ pub mod memory;
 pub mod paced;
 pub mod redis_write;
 pub mod summary;
+pub mod sustained;
 pub mod workload;

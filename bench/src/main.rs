@@ -67,15 +67,28 @@ struct Args {
     /// phase's chart goes beside it, with `-live` added to the name.
     #[arg(long, default_value = "target/bench/e2e.svg")]
     chart: std::path::PathBuf,
-    /// The latency phase produces at this fraction of the end-to-end rate just measured, while a
-    /// fresh dataflow reads a fresh topic live, and reports the p50/p99 epoch latency (target:
-    /// p99 at most twice --epoch-ms at half the maximum rate). 0 skips the phase.
+    /// The latency phase produces at this fraction of the maximum sustained rate (see
+    /// --sustained-secs), while a fresh dataflow reads a fresh topic live, and reports the
+    /// p50/p99 epoch latency (target: p99 at most twice --epoch-ms at half the maximum sustained
+    /// rate). 0 skips the phase, and the search for that rate with it.
     #[arg(long, default_value_t = 0.5)]
     latency_fraction: f64,
     /// Produce the latency phase at this many messages per second instead of a fraction of
-    /// the end-to-end rate, to compare runs at one rate.
+    /// the maximum sustained rate, to compare runs at one rate (no search is made).
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// The maximum sustained rate is searched by bisection between 0 and the end-to-end rate,
+    /// with live runs (a fresh dataflow on a fresh topic, fed at a fixed rate) that produce for
+    /// this many seconds each; a run keeps up if it stores at least 97% of the offered rate. 0
+    /// skips the search: the latency phase then takes its fraction of the preloaded end-to-end
+    /// rate, which is more than the machine sustains live (the producer and the broker's intake
+    /// share its cores).
+    #[arg(long, default_value_t = 15)]
+    sustained_secs: u64,
+    /// Live runs of that search. Each halves the interval, so 4 place the rate within 1/16 of
+    /// the end-to-end rate.
+    #[arg(long, default_value_t = 4)]
+    sustained_steps: usize,
     /// How long the latency phase produces, in seconds (past the workload's end its messages
     /// come round again, with later timestamps).
     #[arg(long, default_value_t = 20)]
@@ -143,35 +156,22 @@ fn main() -> anyhow::Result<()> {
         args.workers
     );
 
-    let dataflow_args = |topic: &str| -> Vec<String> {
-        [
-            "--brokers",
-            &args.brokers,
-            "--topic",
-            topic,
-            "--group",
-            &format!("{topic}-group"),
-            "--redis",
-            &args.redis,
-            "--item-features",
-            features.to_str().unwrap_or_default(),
-            "--item-topic",
-            &format!("{run_id}-no-items"),
-            "-w",
-            &args.workers.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
     // Every phase that writes to Redis starts from an empty database, so that runs (and the
     // script's reads of existing keys) are comparable.
     flush_db(&args.redis)?;
     // Redis's CPU is read from /proc where it runs on this machine.
     let redis_pid = cpu::local_redis_pid(&args.redis);
+    let runs = Runs {
+        args: &args,
+        binary: &binary,
+        workload: &workload,
+        run_id: &run_id,
+        features: &features,
+        redis_pid,
+    };
     let e2e = run_dataflow(
         &binary,
-        &dataflow_args(&topic),
+        &runs.dataflow_args(&topic),
         args.epoch_ms,
         total as u64,
         Duration::from_secs(args.timeout_secs),
@@ -213,65 +213,62 @@ fn main() -> anyhow::Result<()> {
     );
     drop(profiles);
 
+    // The maximum sustained rate: the highest rate a fresh dataflow, fed live, keeps up with.
+    let search =
+        args.latency_rate.is_none() && args.latency_fraction > 0.0 && args.sustained_secs > 0;
+    let sustained = if search {
+        eprintln!(
+            "searching the maximum sustained rate: {} live runs of {} s",
+            args.sustained_steps, args.sustained_secs
+        );
+        let mut tried = 0;
+        let found = bench::sustained::search(e2e.rate(), args.sustained_steps, |rate| {
+            tried += 1;
+            let run = runs.live(
+                &mut topics,
+                &format!("{run_id}-sustain-{tried}"),
+                rate,
+                args.sustained_secs,
+            )?;
+            let p99 = bench::paced::latencies(&run.epochs, 1_000).map_or(0, |l| l.p99_ms);
+            let probe = bench::sustained::Probe::new(rate, run.rate(), p99);
+            eprintln!("{}", probe.line());
+            Ok(probe)
+        })
+        .context("searching the maximum sustained rate")?;
+        eprintln!("{}", found.line(e2e.rate()));
+        Some(found)
+    } else {
+        None
+    };
+    // What the latency phase's rate is a fraction of.
+    let (max_rate, basis) = match &sustained {
+        Some(found) => (found.rate, "the maximum sustained rate"),
+        None => (e2e.rate(), "the end-to-end rate"),
+    };
+
     // Latency at a fraction of the maximum rate: a fresh dataflow on a fresh topic, fed live.
     let latency = if args.latency_fraction > 0.0 || args.latency_rate.is_some() {
         let rate = args
             .latency_rate
-            .unwrap_or(args.latency_fraction * e2e.rate());
-        // Past the workload's end the messages come round again with later timestamps.
+            .unwrap_or(args.latency_fraction * max_rate);
         let count = ((rate * args.latency_secs as f64) as usize).max(1);
-        let live_topic = format!("{run_id}-live");
-        topics
-            .create(&live_topic, args.partitions)
-            .context("creating the live topic")?;
-        flush_db(&args.redis)?;
-        let workload = &workload;
-        let (brokers, producer_topic) = (args.brokers.clone(), live_topic.clone());
-        // Set once the run has failed: the producer then stops instead of waiting for a
-        // broker that may be gone.
-        let stop = AtomicBool::new(false);
-        let stop = &stop;
-        let run = std::thread::scope(|scope| {
-            let producer = scope.spawn(move || {
-                // Give the dataflow time to load its features and connect, so the first
-                // epochs measure the pipeline, not its start.
-                std::thread::sleep(Duration::from_secs(2));
-                bench::paced::produce_paced(
-                    &brokers,
-                    &producer_topic,
-                    count,
-                    |i| workload.message_at(i),
-                    rate,
-                    Duration::from_millis(args.latency_linger_ms),
-                    stop,
-                )
-            });
-            let run = run_dataflow(
-                &binary,
-                &dataflow_args(&live_topic),
-                args.epoch_ms,
-                count as u64,
-                Duration::from_secs(args.timeout_secs),
-                redis_pid,
-            );
-            if run.is_err() {
-                stop.store(true, Ordering::Relaxed);
-            }
-            let produced = producer
-                .join()
-                .map_err(|_| anyhow::anyhow!("the paced producer panicked"))?;
-            // The run's error first: the producer's would only say it was stopped.
-            let run = run?;
-            produced?;
-            anyhow::Ok(run)
-        })
-        .context("latency phase")?;
+        let run = runs
+            .live(
+                &mut topics,
+                &format!("{run_id}-live"),
+                rate,
+                args.latency_secs,
+            )
+            .context("latency phase")?;
         // The first second of epochs is left out: connections and first fetches.
         let latencies = bench::paced::latencies(&run.epochs, 1_000)
             .ok_or_else(|| anyhow::anyhow!("the latency phase reported no epoch"))?;
         let line = format!(
-            "latency at {:.0}% of the end-to-end rate ({rate:.0} msg/s, {count} messages): \
-             epoch latency p50 {} ms, p99 {} ms, max {} ms over {} epochs (target p99 <= {} ms)",
+            "latency at {:.0}% of {basis} ({rate:.0} msg/s, {count} messages; {:.0}% of the \
+             end-to-end rate): epoch latency p50 {} ms, p99 {} ms, max {} ms over {} epochs \
+             (target p99 <= {} ms)",
+            rate / max_rate * 100.0,
             rate / e2e.rate() * 100.0,
             latencies.p50_ms,
             latencies.p99_ms,
@@ -291,9 +288,9 @@ fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(parent)?;
         }
         let live_title = format!(
-            "streamrec bench, fed live at {rate:.0} msg/s ({:.0}% of the end-to-end rate), -w {}, \
-             {} ms epochs",
-            rate / e2e.rate() * 100.0,
+            "streamrec bench, fed live at {rate:.0} msg/s ({:.0}% of {basis}), -w {}, {} ms \
+             epochs",
+            rate / max_rate * 100.0,
             args.workers,
             args.epoch_ms
         );
@@ -309,6 +306,8 @@ fn main() -> anyhow::Result<()> {
         Some((
             line,
             serde_json::json!({
+                "fraction_of_max_rate": rate / max_rate,
+                "max_rate_basis": basis,
                 "fraction_of_e2e_rate": rate / e2e.rate(),
                 "rate_msgs_per_s": rate,
                 "messages": count,
@@ -353,6 +352,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("{}", cpu.render());
+    if let Some(found) = &sustained {
+        println!("{}", found.render(e2e.rate()));
+    }
     if let Some((line, _)) = &latency {
         println!("{line}");
     }
@@ -387,6 +389,7 @@ fn main() -> anyhow::Result<()> {
         "summary": summary,
         "cpu_per_message": cpu,
         "chart": args.chart,
+        "sustained": sustained,
         "latency": latency.map(|(_, json)| json),
         "e2e": e2e,
     });
@@ -428,4 +431,100 @@ fn in_memory(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", args.json.display()))?;
     eprintln!("wrote {}", args.json.display());
     Ok(())
+}
+
+/// What every run of the dataflow on the broker shares.
+struct Runs<'a> {
+    args: &'a Args,
+    binary: &'a std::path::Path,
+    workload: &'a Workload,
+    run_id: &'a str,
+    features: &'a std::path::Path,
+    redis_pid: Option<u32>,
+}
+
+impl Runs<'_> {
+    /// The dataflow's flags for a run on `topic`.
+    fn dataflow_args(&self, topic: &str) -> Vec<String> {
+        let args = self.args;
+        [
+            "--brokers",
+            &args.brokers,
+            "--topic",
+            topic,
+            "--group",
+            &format!("{topic}-group"),
+            "--redis",
+            &args.redis,
+            "--item-features",
+            self.features.to_str().unwrap_or_default(),
+            "--item-topic",
+            &format!("{}-no-items", self.run_id),
+            "-w",
+            &args.workers.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// A fresh dataflow on a fresh topic `name`, fed live at `rate` msg/s for `secs` seconds
+    /// (past the workload's end its messages come round again, with later timestamps), from an
+    /// empty database. The topic is deleted afterwards: a broker that keeps it in memory would
+    /// hold a GB more for every run.
+    fn live(
+        &self,
+        topics: &mut bench::broker::RunTopics,
+        name: &str,
+        rate: f64,
+        secs: u64,
+    ) -> anyhow::Result<bench::e2e::EndToEnd> {
+        let args = self.args;
+        let count = ((rate * secs as f64) as usize).max(1);
+        topics
+            .create(name, args.partitions)
+            .with_context(|| format!("creating the topic {name}"))?;
+        flush_db(&args.redis)?;
+        let workload = self.workload;
+        // Set once the run has failed: the producer then stops instead of waiting for a
+        // broker that may be gone.
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
+        let run = std::thread::scope(|scope| {
+            let producer = scope.spawn(move || {
+                // Give the dataflow time to load its features and connect, so the first
+                // epochs measure the pipeline, not its start.
+                std::thread::sleep(Duration::from_secs(2));
+                bench::paced::produce_paced(
+                    &args.brokers,
+                    name,
+                    count,
+                    |i| workload.message_at(i),
+                    rate,
+                    Duration::from_millis(args.latency_linger_ms),
+                    stop,
+                )
+            });
+            let run = run_dataflow(
+                self.binary,
+                &self.dataflow_args(name),
+                args.epoch_ms,
+                count as u64,
+                Duration::from_secs(args.timeout_secs),
+                self.redis_pid,
+            );
+            if run.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            let produced = producer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the paced producer panicked"))?;
+            // The run's error first: the producer's would only say it was stopped.
+            let run = run?;
+            produced?;
+            anyhow::Ok(run)
+        });
+        topics.delete(name);
+        run
+    }
 }

@@ -1,0 +1,183 @@
+//! The maximum sustained rate: the highest rate at which the dataflow, fed live, keeps up with
+//! its producer, found by bisection over short live runs.
+//!
+//! The latency target is stated at half of this rate. The end-to-end rate of a preloaded topic
+//! is no measure of it: fed live, on the same cores, the producer and the broker's intake take
+//! their share, and the dataflow reads small fetches instead of full ones, so a message costs
+//! the machine more (33.6 µs against 19.4 in one run). Half the preloaded rate was 80–95% of
+//! what the machine could take live, and its latency measured the queueing of a machine near
+//! saturation, not the pipeline.
+
+use serde::Serialize;
+
+/// A live run keeps up if it stores the messages at this share of the offered rate or more,
+/// from its first read to its last acknowledgement: over 15 s of production, it ended at most
+/// ~0.45 s behind the producer. A rate the dataflow cannot take leaves it further behind every
+/// second, and the stored rate is then its capacity, below this share.
+pub const KEEP_UP_SHARE: f64 = 0.97;
+
+/// One live run of the search.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Probe {
+    /// Messages per second offered by the producer.
+    pub offered: f64,
+    /// Messages per second the dataflow stored, from its first read to its last acknowledgement.
+    pub stored: f64,
+    /// Whether it kept up: `stored >= KEEP_UP_SHARE * offered`.
+    pub kept_up: bool,
+    /// The run's p99 epoch latency, for the record.
+    pub p99_ms: u64,
+}
+
+impl Probe {
+    /// The outcome of a run offered `offered` msg/s that stored `stored` msg/s.
+    pub fn new(offered: f64, stored: f64, p99_ms: u64) -> Self {
+        Probe {
+            offered,
+            stored,
+            kept_up: stored >= KEEP_UP_SHARE * offered,
+            p99_ms,
+        }
+    }
+}
+
+/// What the search found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sustained {
+    /// The highest offered rate that kept up.
+    pub rate: f64,
+    /// The lowest offered rate that did not, if one was tried: the true maximum lies between.
+    pub failed_at: Option<f64>,
+    /// Every run, in the order made.
+    pub probes: Vec<Probe>,
+}
+
+/// Bisects `(0, upper]` with `steps` live runs, `probe(rate)` making one: each run halves the
+/// interval between the highest rate known to keep up and the lowest known not to (at first 0
+/// and `upper`, the preloaded end-to-end rate, which no live run exceeds). Four steps find the
+/// rate within 1/16 of `upper`.
+pub fn search(
+    upper: f64,
+    steps: usize,
+    mut probe: impl FnMut(f64) -> anyhow::Result<Probe>,
+) -> anyhow::Result<Sustained> {
+    anyhow::ensure!(upper > 0.0, "the upper bound must be positive");
+    let (mut kept_up, mut failed) = (0.0_f64, upper);
+    let mut failed_at = None;
+    let mut probes = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let rate = (kept_up + failed) / 2.0;
+        let run = probe(rate)?;
+        if run.kept_up {
+            kept_up = rate;
+        } else {
+            failed = rate;
+            failed_at = Some(rate);
+        }
+        probes.push(run);
+    }
+    anyhow::ensure!(
+        kept_up > 0.0,
+        "the dataflow kept up with no rate tried, down to {failed:.0} msg/s: see the probes' \
+         stored rates"
+    );
+    Ok(Sustained {
+        rate: kept_up,
+        failed_at,
+        probes,
+    })
+}
+
+impl Sustained {
+    /// The result, in a line.
+    pub fn line(&self, upper: f64) -> String {
+        format!(
+            "maximum sustained rate fed live: {:.0} msg/s ({:.0}% of the preloaded end-to-end \
+             rate){}",
+            self.rate,
+            self.rate / upper * 100.0,
+            self.failed_at
+                .map(|f| format!("; {f:.0} msg/s fell behind"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// One line per probe, then the result.
+    pub fn render(&self, upper: f64) -> String {
+        let mut lines: Vec<String> = self.probes.iter().map(Probe::line).collect();
+        lines.push(self.line(upper));
+        lines.join("\n")
+    }
+}
+
+impl Probe {
+    /// The run, in a line.
+    pub fn line(&self) -> String {
+        format!(
+            "  offered {:>7.0} msg/s: stored {:>7.0} msg/s, p99 {:>5} ms, {}",
+            self.offered,
+            self.stored,
+            self.p99_ms,
+            if self.kept_up {
+                "kept up"
+            } else {
+                "fell behind"
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline whose live capacity is `capacity`: it stores what it is offered up to that.
+    fn pipeline(capacity: f64) -> impl FnMut(f64) -> anyhow::Result<Probe> {
+        move |offered| Ok(Probe::new(offered, offered.min(capacity), 50))
+    }
+
+    #[test]
+    fn keeping_up_allows_the_drain_of_the_last_epochs() {
+        assert!(Probe::new(50_000.0, 49_000.0, 90).kept_up);
+        assert!(!Probe::new(50_000.0, 48_000.0, 90).kept_up);
+    }
+
+    #[test]
+    fn the_search_brackets_the_capacity_within_a_sixteenth() {
+        for capacity in [7_000.0, 30_000.0, 52_345.0, 61_000.0, 99_000.0] {
+            let found = search(100_000.0, 4, pipeline(capacity)).unwrap();
+            assert_eq!(found.probes.len(), 4);
+            assert!(
+                found.rate <= capacity / KEEP_UP_SHARE,
+                "{capacity}: {found:?}"
+            );
+            assert!(
+                found.rate > capacity - 100_000.0 / 16.0,
+                "{capacity}: {found:?}"
+            );
+            if let Some(failed) = found.failed_at {
+                assert!(failed > capacity, "{capacity}: {found:?}");
+                assert!(failed - found.rate <= 100_000.0 / 16.0 + 1e-6);
+            }
+        }
+        // The probes halve the interval: 1/2, then 3/4 or 1/4, and so on.
+        let found = search(100_000.0, 4, pipeline(52_345.0)).unwrap();
+        let offered: Vec<f64> = found.probes.iter().map(|p| p.offered).collect();
+        assert_eq!(offered, [50_000.0, 75_000.0, 62_500.0, 56_250.0]);
+        assert_eq!((found.rate, found.failed_at), (50_000.0, Some(56_250.0)));
+    }
+
+    #[test]
+    fn a_pipeline_that_never_keeps_up_is_an_error() {
+        let error = search(100_000.0, 3, pipeline(1_000.0)).unwrap_err();
+        assert!(error.to_string().contains("12500"), "{error}");
+        // A failing run ends the search with its error.
+        let mut runs = 0;
+        let error = search(100_000.0, 4, |_| {
+            runs += 1;
+            anyhow::bail!("broker gone")
+        })
+        .unwrap_err();
+        assert_eq!((runs, error.to_string().as_str()), (1, "broker gone"));
+    }
+}
