@@ -79,7 +79,8 @@ struct Args {
     latency_rate: Option<f64>,
     /// The maximum sustained rate is searched by bisection between 0 and the end-to-end rate,
     /// with live runs (a fresh dataflow on a fresh topic, fed at a fixed rate) that produce for
-    /// this many seconds each; a run keeps up if it stores at least 97% of the offered rate. 0
+    /// this many seconds each; a run keeps up if it stores the messages within their schedule
+    /// over 0.97, plus two epochs for the last one to close and be written. 0
     /// skips the search: the latency phase then takes its fraction of the preloaded end-to-end
     /// rate, which is more than the machine sustains live (the producer and the broker's intake
     /// share its cores).
@@ -89,6 +90,10 @@ struct Args {
     /// the end-to-end rate.
     #[arg(long, default_value_t = 4)]
     sustained_steps: usize,
+    /// The upper end of that search, in msg/s, instead of the end-to-end rate just measured
+    /// (which no live run exceeds), to search a narrower range.
+    #[arg(long)]
+    sustained_max: Option<f64>,
     /// How long the latency phase produces, in seconds (past the workload's end its messages
     /// come round again, with later timestamps).
     #[arg(long, default_value_t = 20)]
@@ -222,7 +227,8 @@ fn main() -> anyhow::Result<()> {
             args.sustained_steps, args.sustained_secs
         );
         let mut tried = 0;
-        let found = bench::sustained::search(e2e.rate(), args.sustained_steps, |rate| {
+        let upper = args.sustained_max.unwrap_or(e2e.rate());
+        let found = bench::sustained::search(upper, args.sustained_steps, |rate| {
             tried += 1;
             let run = runs.live(
                 &mut topics,
@@ -231,7 +237,8 @@ fn main() -> anyhow::Result<()> {
                 args.sustained_secs,
             )?;
             let p99 = bench::paced::latencies(&run.epochs, 1_000).map_or(0, |l| l.p99_ms);
-            let probe = bench::sustained::Probe::new(rate, run.rate(), p99);
+            let probe =
+                bench::sustained::Probe::new(rate, run.messages, run.seconds, args.epoch_ms, p99);
             eprintln!("{}", probe.line());
             Ok(probe)
         })

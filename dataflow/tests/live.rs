@@ -38,7 +38,7 @@ impl Setup {
             item_topic: format!("{topic}.items"),
             dlq_topic: format!("{topic}.dlq"),
             group: format!("{topic}.group"),
-            redis: redis_url_db(redis_db),
+            redis: testkit::redis_url_db(redis_db),
             features: std::env::temp_dir().join(format!("{topic}.features.csv")),
             topic,
         };
@@ -73,13 +73,6 @@ impl Setup {
         .map(|s| s.to_string())
         .collect()
     }
-}
-
-/// The test Redis URL with another database number, so runs can be compared side by side.
-fn redis_url_db(db: u32) -> String {
-    let url = testkit::redis_url();
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
-    format!("{base}/{db}")
 }
 
 /// A running dataflow process and the stats lines it printed.

@@ -25,6 +25,14 @@ pub fn redis_url() -> String {
     std::env::var("STREAMREC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:16379/0".into())
 }
 
+/// The test Redis URL with database `db` instead, for a test that empties its database or
+/// compares runs side by side.
+pub fn redis_url_db(db: u32) -> String {
+    let url = redis_url();
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    format!("{base}/{db}")
+}
+
 /// A topic name no other test uses.
 pub fn unique_topic(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

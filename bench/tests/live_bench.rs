@@ -1,0 +1,118 @@
+//! The `bench` binary end to end, on a tiny workload against the test broker and Redis: every
+//! phase runs, the sustained-rate search bisects as its runs say, the latency phase runs at
+//! half the rate it found, and the run's topics are gone afterwards.
+
+#![allow(clippy::unwrap_used)] // a panic in a test is a test failure
+
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+
+/// The test's own database: `bench` empties it with FLUSHDB.
+const REDIS_DB: u32 = 12;
+
+#[test]
+fn bench_searches_the_sustained_rate_and_measures_latency_at_half_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("e2e.json");
+    let upper = 1_600.0;
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--messages", "3000", "--users", "800", "--items", "500"])
+        .args([
+            "--dim",
+            "4",
+            "--history",
+            "10",
+            "-w",
+            "2",
+            "--partitions",
+            "2",
+        ])
+        .args(["--brokers", &testkit::brokers()])
+        .args(["--redis", &testkit::redis_url_db(REDIS_DB)])
+        // Two live runs of 3 s, bisecting (0, 1,600] msg/s: a rate this machine keeps up with
+        // even in a debug build, so both runs should keep up.
+        .args(["--sustained-secs", "3", "--sustained-steps", "2"])
+        .args(["--sustained-max", &upper.to_string(), "--latency-secs", "3"])
+        .args(["--timeout-secs", "120"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--chart")
+        .arg(dir.path().join("e2e.svg"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+
+    assert!(report["e2e_msgs_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["e2e"]["messages"], 3000);
+    let sustained = &report["sustained"];
+    let probes = sustained["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 2, "{sustained}");
+    // The first run is at half the upper end, the second halfway to the side it decided.
+    assert_eq!(probes[0]["offered"], upper / 2.0);
+    let first_kept_up = probes[0]["kept_up"].as_bool().unwrap();
+    let second = if first_kept_up { 0.75 } else { 0.25 } * upper;
+    assert_eq!(probes[1]["offered"], second, "{sustained}");
+    // The rate found is the highest one that kept up.
+    let highest_kept_up = probes
+        .iter()
+        .filter(|p| p["kept_up"] == true)
+        .map(|p| p["offered"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        highest_kept_up > 0.0,
+        "no run kept up at 800 msg/s or less:\n{stderr}"
+    );
+    assert_eq!(sustained["rate"], highest_kept_up);
+    for probe in probes {
+        assert!(probe["stored"].as_f64().unwrap() > 0.0, "{probe}");
+    }
+
+    // The latency phase ran at half of it, live, and reported its epochs.
+    let latency = &report["latency"];
+    assert_eq!(latency["max_rate_basis"], "the maximum sustained rate");
+    assert_eq!(latency["rate_msgs_per_s"], highest_kept_up / 2.0);
+    assert_eq!(latency["messages"], (highest_kept_up / 2.0 * 3.0) as u64);
+    assert!(
+        latency["latencies"]["epochs"].as_u64().unwrap() > 0,
+        "{latency}"
+    );
+    assert!(
+        stderr.contains("maximum sustained rate fed live"),
+        "{stderr}"
+    );
+
+    // Every topic of the run was deleted (their names start with bench-<its pid>-).
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::brokers())
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    let deleted = stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("deleted the run's topics: "))
+        .unwrap_or_else(|| panic!("no topic deleted:\n{stderr}"));
+    // Each live run deleted its own topic when it ended: only the preloaded one is left for
+    // the end.
+    let run_topics: Vec<&str> = deleted.split(", ").collect();
+    assert_eq!(run_topics.len(), 1, "{deleted}");
+    let prefix = run_topics[0]
+        .split('-')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("-");
+    let left: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|name| name.starts_with(&format!("{prefix}-")) || *name == prefix)
+        .collect();
+    assert!(left.is_empty(), "topics left on the broker: {left:?}");
+}
