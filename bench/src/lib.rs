@@ -2,9 +2,10 @@
 //! it into a fresh topic, and measures on that same topic the raw rate at which Kafka consumers
 //! read it and the end-to-end rate of the real `dataflow` binary, from first read to the last
 //! Redis acknowledgement; then how fast Redis alone stores the same profile writes, as plain
-//! pipelined `SET`s and through the sink's no-regression script. It prints a per-epoch table
-//! and a summary with the ratios between those rates, and writes them as JSON and as an SVG
-//! chart.
+//! pipelined `SET`s and through the sink's no-regression script; then the highest rate the
+//! dataflow sustains fed live by a paced producer, and its epoch latency at half of that rate.
+//! It prints a per-epoch table and a summary with the ratios between those rates, and writes
+//! them as JSON and as an SVG chart.
 
 pub mod broker;
 pub mod chart;

@@ -19,8 +19,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Measures streamrec on a generated workload: preload a fresh topic, read it back raw, run the
 /// dataflow on it end to end, then write the same number of profiles to Redis as plain pipelined
-/// SETs and through the sink's Lua script. Prints a per-epoch table and a summary with the
-/// ratios, and writes them as JSON and an SVG chart. Needs a broker and Redis
+/// SETs and through the sink's Lua script; then search the maximum rate it sustains fed live, and
+/// measure its epoch latency fed live at half of that. Prints a per-epoch table and a summary
+/// with the ratios, and writes them as JSON and an SVG chart. Needs a broker and Redis
 /// (scripts/services.sh start) and the release dataflow binary (cargo build --release -p
 /// streamrec-dataflow).
 #[derive(Debug, Parser)]

@@ -65,7 +65,11 @@ pub fn search(
     steps: usize,
     mut probe: impl FnMut(f64) -> anyhow::Result<Probe>,
 ) -> anyhow::Result<Sustained> {
-    anyhow::ensure!(upper > 0.0, "the upper bound must be positive");
+    anyhow::ensure!(
+        upper > 0.0,
+        "the search's upper end must be a positive rate"
+    );
+    anyhow::ensure!(steps > 0, "the search needs at least one live run");
     let (mut kept_up, mut failed) = (0.0_f64, upper);
     let mut failed_at = None;
     let mut probes = Vec::with_capacity(steps);
@@ -195,5 +199,16 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!((runs, error.to_string().as_str()), (1, "broker gone"));
+        // Nonsense bounds are refused before any run.
+        let refused = |upper, steps| {
+            search(upper, steps, |_| -> anyhow::Result<Probe> {
+                unreachable!()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(refused(0.0, 4).contains("positive"));
+        assert!(refused(f64::NAN, 4).contains("positive"));
+        assert!(refused(1_000.0, 0).contains("at least one"));
     }
 }
