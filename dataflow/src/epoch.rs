@@ -4,7 +4,7 @@
 //! increasing across restarts (and across a change of `--epoch-ms`), and the `epoch` stored in
 //! Redis tells when the value was produced.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Maps wall-clock time to epochs of a fixed length, never going backwards.
@@ -87,6 +87,49 @@ impl OffsetLedger {
     }
 }
 
+/// A count per epoch for the epochs not yet finished, in epoch order (each added epoch the
+/// latest so far), and their total: what a worker has read and not yet stored, or what its
+/// writer has stored of epochs not yet reported.
+#[derive(Debug, Default)]
+pub struct EpochTally {
+    /// The count of each epoch, oldest first.
+    epochs: VecDeque<(u64, u64)>,
+    total: u64,
+}
+
+impl EpochTally {
+    /// Adds `count` to `epoch`, the latest so far.
+    pub fn add(&mut self, epoch: u64, count: u64) {
+        if count == 0 {
+            return;
+        }
+        match self.epochs.back_mut() {
+            Some((last, counted)) if *last == epoch => *counted += count,
+            _ => self.epochs.push_back((epoch, count)),
+        }
+        self.total += count;
+    }
+
+    /// Forgets every epoch before `end` and returns their sum.
+    pub fn take_before(&mut self, end: u64) -> u64 {
+        let mut taken = 0;
+        while let Some(&(epoch, count)) = self.epochs.front() {
+            if epoch >= end {
+                break;
+            }
+            self.epochs.pop_front();
+            taken += count;
+        }
+        self.total -= taken;
+        taken
+    }
+
+    /// The sum over the epochs not yet forgotten.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +165,21 @@ mod tests {
             BTreeMap::from([((1, 0), 3)])
         );
         assert!(ledger.is_empty());
+    }
+
+    #[test]
+    fn a_tally_forgets_whole_epochs_in_order() {
+        let mut tally = EpochTally::default();
+        tally.add(100, 10);
+        tally.add(100, 5);
+        tally.add(200, 0);
+        tally.add(300, 7);
+        assert_eq!(tally.total(), 22);
+        assert_eq!(tally.take_before(100), 0, "epoch 100 is not finished yet");
+        assert_eq!(tally.total(), 22);
+        assert_eq!(tally.take_before(300), 15);
+        assert_eq!(tally.total(), 7);
+        assert_eq!(tally.take_before(u64::MAX), 7);
+        assert_eq!(tally.total(), 0);
     }
 }

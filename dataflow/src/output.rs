@@ -20,6 +20,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
+use crate::epoch::EpochTally;
 use crate::model::EncodedProfile;
 use crate::replay::is_replay_epoch;
 use crate::stats::StatsBoard;
@@ -78,7 +79,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
             .name(format!("writer-{}", worker.index()))
             .spawn(move || {
                 // Values stored per epoch not yet complete, in epoch order.
-                let mut written: VecDeque<(u64, u64)> = VecDeque::new();
+                let mut written = EpochTally::default();
                 for message in handed {
                     match message {
                         ToWriter::Values(epoch, profiles) => {
@@ -86,22 +87,13 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                             // Freed here, so that the cost of an epoch includes freeing its
                             // outputs instead of delaying the next one on the worker.
                             drop(profiles);
-                            match written.back_mut() {
-                                Some((last, total)) if *last == epoch => *total += count,
-                                _ => written.push_back((epoch, count)),
-                            }
+                            written.add(epoch, count);
                         }
                         ToWriter::Complete(epoch) => {
-                            let written = match written.front() {
-                                Some(&(first, total)) if first == epoch => {
-                                    written.pop_front();
-                                    total
-                                }
-                                _ => 0,
-                            };
+                            // Epochs complete in order: this one is the oldest left.
                             let report = Stored {
                                 epoch,
-                                written,
+                                written: written.take_before(epoch + 1),
                                 at_ms: unix_millis(),
                             };
                             // Both fail only once the dataflow is gone, when nothing waits.

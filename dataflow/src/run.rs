@@ -14,7 +14,7 @@ use timely::dataflow::operators::{Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::config::Config;
-use crate::epoch::EpochClock;
+use crate::epoch::{EpochClock, EpochTally};
 use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::EncodedProfile;
@@ -168,7 +168,10 @@ fn worker_loop(
     }
 
     let started = Instant::now();
-    let mut in_flight = InFlight::default();
+    // The messages read into epochs not yet stored: reading is far cheaper than computing and
+    // storing, so without a bound a backlog in Kafka (a restart, a burst) would be read into
+    // memory at once (2.5 GB for 3,000,000 messages).
+    let mut in_flight = EpochTally::default();
     let mut replayed = 0;
     let mut reported = epoch;
     loop {
@@ -195,13 +198,13 @@ fn worker_loop(
         let was_replaying = source.is_replaying();
         // A worker done with its replay reads nothing live until every worker is: the live
         // epochs could not complete before that anyway, and their input would pile up.
-        let room = config.max_in_flight.saturating_sub(in_flight.messages());
+        let room = config.max_in_flight.saturating_sub(in_flight.total());
         let polled = if (!was_replaying && is_replay_epoch(reported)) || room == 0 {
             Polled::default()
         } else {
             source.poll(epoch, config.max_poll_records.min(room))
         };
-        in_flight.read(epoch, polled.messages + polled.replayed);
+        in_flight.add(epoch, polled.messages + polled.replayed);
         let idle = polled.messages == 0 && polled.replayed == 0;
         replayed += polled.replayed;
         if was_replaying && !source.is_replaying() {
@@ -236,7 +239,7 @@ fn worker_loop(
         let done = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
         if done > reported {
             finish_epochs(done, &mut source, &board, &mut stats_input);
-            in_flight.stored_before(done);
+            in_flight.take_before(done);
             reported = done;
         }
     }
@@ -256,46 +259,6 @@ fn worker_loop(
     }
     // Dropping the inputs lets timely run the remaining work (the last stats) to completion.
     Ok(())
-}
-
-/// The messages a worker has read into epochs that are not yet stored, by epoch: reading is
-/// far cheaper than computing and storing, so without a bound a backlog in Kafka (a restart, a
-/// burst) would be read into memory at once (2.5 GB for 3,000,000 messages).
-#[derive(Debug, Default)]
-struct InFlight {
-    /// Messages read per epoch, oldest first.
-    epochs: std::collections::VecDeque<(u64, u64)>,
-    total: u64,
-}
-
-impl InFlight {
-    /// `count` messages were read into `epoch`, the latest so far.
-    fn read(&mut self, epoch: u64, count: u64) {
-        if count == 0 {
-            return;
-        }
-        match self.epochs.back_mut() {
-            Some((last, messages)) if *last == epoch => *messages += count,
-            _ => self.epochs.push_back((epoch, count)),
-        }
-        self.total += count;
-    }
-
-    /// Every epoch before `done` is stored.
-    fn stored_before(&mut self, done: u64) {
-        while let Some(&(epoch, messages)) = self.epochs.front() {
-            if epoch >= done {
-                break;
-            }
-            self.epochs.pop_front();
-            self.total -= messages;
-        }
-    }
-
-    /// Messages read and not yet stored.
-    fn messages(&self) -> u64 {
-        self.total
-    }
 }
 
 /// Every epoch before `done` is durable in Redis on every worker: commit its offsets and send
@@ -368,25 +331,4 @@ fn report_epochs<'scope>(
             }
         },
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_stay_in_flight_until_their_epoch_is_stored() {
-        let mut in_flight = InFlight::default();
-        in_flight.read(100, 10);
-        in_flight.read(100, 5);
-        in_flight.read(200, 0);
-        in_flight.read(300, 7);
-        assert_eq!(in_flight.messages(), 22);
-        in_flight.stored_before(100);
-        assert_eq!(in_flight.messages(), 22, "epoch 100 is not stored yet");
-        in_flight.stored_before(300);
-        assert_eq!(in_flight.messages(), 7);
-        in_flight.stored_before(u64::MAX);
-        assert_eq!(in_flight.messages(), 0);
-    }
 }
