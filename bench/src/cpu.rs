@@ -130,6 +130,16 @@ impl CpuSampler {
     }
 }
 
+/// `value` formatted, or `?` where it could not be measured.
+fn known(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| "?".to_owned(), format)
+}
+
+/// A figure in µs, to 0.1, or `?`.
+fn us(value: Option<f64>) -> String {
+    known(value, |v| format!("{v:.1}"))
+}
+
 /// CPU per message over the end-to-end window, in µs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CpuPerMessage {
@@ -193,20 +203,18 @@ impl CpuPerMessage {
     /// One line for the latency phase: where the CPU went fed live, and how busy the machine
     /// was, which is what an epoch's latency waits on.
     pub fn render_live(&self, busy_share: Option<f64>) -> String {
-        let us = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.1}"));
         format!(
             "  CPU per message fed live: dataflow {} us, Redis {} us, the rest of the machine {} \
              us (the broker, this tool's producer, the system); the machine {} busy",
             us(self.dataflow_us),
             us(self.redis_us),
             us(self.rest_us),
-            busy_share.map_or("?".to_owned(), |share| format!("{:.0}%", share * 100.0))
+            known(busy_share, |share| format!("{:.0}%", share * 100.0))
         )
     }
 
     /// One line for the summary.
     pub fn render(&self) -> String {
-        let us = |value: Option<f64>| value.map_or("?".to_owned(), |v| format!("{v:.1}"));
         format!(
             "  CPU per message over the end-to-end window: dataflow {} us, Redis {} us, the rest \
              of the machine {} us (the broker, this tool, the system); the dataflow's start-up \
@@ -214,8 +222,7 @@ impl CpuPerMessage {
             us(self.dataflow_us),
             us(self.redis_us),
             us(self.rest_us),
-            self.dataflow_startup_s
-                .map_or("?".to_owned(), |v| format!("{v:.2}"))
+            known(self.dataflow_startup_s, |v| format!("{v:.2}"))
         )
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use bench::chart::write_chart;
 use bench::cpu;
 use bench::e2e::{dataflow_binary, run_dataflow};
+use bench::paced::WARMUP_MS;
 use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
 use bench::summary::Summary;
 use bench::workload::{Workload, WorkloadConfig};
@@ -237,7 +238,7 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 args.sustained_secs,
             )?;
-            let p99 = bench::paced::latencies(&run.epochs, 1_000).map_or(0, |l| l.p99_ms);
+            let p99 = bench::paced::latencies(&run.epochs, WARMUP_MS).map_or(0, |l| l.p99_ms);
             let probe =
                 bench::sustained::Probe::new(rate, run.messages, run.seconds, args.epoch_ms, p99);
             eprintln!("{}", probe.line());
@@ -260,7 +261,6 @@ fn main() -> anyhow::Result<()> {
         let rate = args
             .latency_rate
             .unwrap_or(args.latency_fraction * max_rate);
-        let count = ((rate * args.latency_secs as f64) as usize).max(1);
         let run = runs
             .live(
                 &mut topics,
@@ -269,8 +269,8 @@ fn main() -> anyhow::Result<()> {
                 args.latency_secs,
             )
             .context("latency phase")?;
-        // The first second of epochs is left out: connections and first fetches.
-        let latencies = bench::paced::latencies(&run.epochs, 1_000)
+        let count = run.messages;
+        let latencies = bench::paced::latencies(&run.epochs, WARMUP_MS)
             .ok_or_else(|| anyhow::anyhow!("the latency phase reported no epoch"))?;
         let line = format!(
             "latency at {:.0}% of {basis} ({rate:.0} msg/s, {count} messages; {:.0}% of the \

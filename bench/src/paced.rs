@@ -55,6 +55,10 @@ pub fn produce_paced(
     Ok(started.elapsed())
 }
 
+/// How long after the first epoch that read messages the latency percentiles begin: the
+/// dataflow's connections and first fetches are no measure of the pipeline.
+pub const WARMUP_MS: u64 = 1_000;
+
 /// Latency percentiles of the epochs that read messages.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Latencies {

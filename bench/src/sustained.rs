@@ -71,7 +71,6 @@ pub fn search(
     );
     anyhow::ensure!(steps > 0, "the search needs at least one live run");
     let (mut kept_up, mut failed) = (0.0_f64, upper);
-    let mut failed_at = None;
     let mut probes = Vec::with_capacity(steps);
     for _ in 0..steps {
         let rate = (kept_up + failed) / 2.0;
@@ -80,7 +79,6 @@ pub fn search(
             kept_up = rate;
         } else {
             failed = rate;
-            failed_at = Some(rate);
         }
         probes.push(run);
     }
@@ -91,19 +89,20 @@ pub fn search(
     );
     Ok(Sustained {
         rate: kept_up,
-        failed_at,
+        // `upper` itself is never tried.
+        failed_at: (failed < upper).then_some(failed),
         probes,
     })
 }
 
 impl Sustained {
-    /// The result, in a line.
-    pub fn line(&self, upper: f64) -> String {
+    /// The result, in a line, with the rate as a share of the preloaded `e2e_rate`.
+    pub fn line(&self, e2e_rate: f64) -> String {
         format!(
             "maximum sustained rate fed live: {:.0} msg/s ({:.0}% of the preloaded end-to-end \
              rate){}",
             self.rate,
-            self.rate / upper * 100.0,
+            self.rate / e2e_rate * 100.0,
             self.failed_at
                 .map(|f| format!("; {f:.0} msg/s fell behind"))
                 .unwrap_or_default()
@@ -111,9 +110,9 @@ impl Sustained {
     }
 
     /// One line per probe, then the result.
-    pub fn render(&self, upper: f64) -> String {
+    pub fn render(&self, e2e_rate: f64) -> String {
         let mut lines: Vec<String> = self.probes.iter().map(Probe::line).collect();
-        lines.push(self.line(upper));
+        lines.push(self.line(e2e_rate));
         lines.join("\n")
     }
 }
