@@ -40,8 +40,13 @@ pub enum SinkError {
     #[error("Redis refused the write permanently: {0}")]
     Permanent(#[source] RedisError),
 
-    /// Redis answered the script with something other than a skip count.
-    #[error("unexpected reply to the write script: {0}")]
+    /// Reading or raising the read marks failed (see `ReadMarks`); the caller retries.
+    #[error("Redis read marks: {0}")]
+    ReadMarks(#[source] RedisError),
+
+    /// Redis answered a batch with something other than its expected reply (a skip count for
+    /// the script, OK for a plain batch).
+    #[error("unexpected reply to a write batch: {0}")]
     UnexpectedReply(String),
 
     /// `max_retries` consecutive attempts failed.

@@ -14,6 +14,7 @@ pub struct SinkMetrics {
     pub(crate) records_written: AtomicU64,
     pub(crate) records_skipped_stale: AtomicU64,
     pub(crate) batches: AtomicU64,
+    pub(crate) plain_batches: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) errors: AtomicU64,
@@ -31,6 +32,8 @@ pub struct SinkMetricsSnapshot {
     pub records_skipped_stale: u64,
     /// Batches acknowledged (each counted once, however often it was retried).
     pub batches: u64,
+    /// Of those, batches written plain (`MSET`, no check: see `WriteMode::Plain`).
+    pub plain_batches: u64,
     /// Bytes of the acknowledged batches' commands (each batch counted once).
     pub bytes: u64,
     /// Attempts made again after a failure.
@@ -64,6 +67,7 @@ impl SinkMetrics {
         records_written,
         records_skipped_stale,
         batches,
+        plain_batches,
         bytes,
         retries,
         errors,
@@ -81,6 +85,7 @@ impl std::ops::AddAssign for SinkMetricsSnapshot {
         self.records_written += o.records_written;
         self.records_skipped_stale += o.records_skipped_stale;
         self.batches += o.batches;
+        self.plain_batches += o.plain_batches;
         self.bytes += o.bytes;
         self.retries += o.retries;
         self.errors += o.errors;

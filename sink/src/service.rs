@@ -15,6 +15,13 @@
 //! resending a batch that did reach Redis is harmless because the script never goes back in
 //! time. A fresh connection also re-runs `SCRIPT LOAD`, which covers NOSCRIPT after a Redis
 //! restart or `SCRIPT FLUSH`.
+//!
+//! Plain batches (`MSET`, see [`WriteMode`](crate::WriteMode)) are safe only in order, so a
+//! failure turns every unacknowledged batch into its checked form before it is resent: a batch
+//! that did reach Redis may have been followed by a later one, which a plain resend would undo.
+//! The old connection is a second hazard: Redis may still hold commands it read from it and run
+//! them after the new connection's. So the fresh connection first ends the old one with
+//! `CLIENT KILL ID`, and until that has worked the sink writes nothing plain.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -39,6 +46,13 @@ pub(crate) struct Service {
     window: VecDeque<Batch>,
     /// How many of `window` were sent on the current connection (always a prefix).
     sent: usize,
+    /// Redis's id of the current connection (`CLIENT ID`), if it told.
+    client_id: Option<i64>,
+    /// Whether an earlier connection may still run commands after the current one's: set by a
+    /// failure, cleared once the fresh connection has killed the old one.
+    old_connection_alive: bool,
+    /// The id of the connection dropped by the last failure, to kill from the next one.
+    dropped_client: Option<i64>,
     pipeline_depth: usize,
     io_timeout: Duration,
     initial_backoff: Duration,
@@ -86,6 +100,9 @@ impl Service {
             script: Script::new(WRITE_SCRIPT),
             window: VecDeque::new(),
             sent: 0,
+            client_id: None,
+            old_connection_alive: false,
+            dropped_client: None,
             pipeline_depth: config.pipeline_depth,
             io_timeout: config.io_timeout,
             initial_backoff: config.retry_initial_backoff,
@@ -102,6 +119,12 @@ impl Service {
         Ok(service)
     }
 
+    /// Whether a plain batch sent now would reach Redis after everything sent before it; see
+    /// the module documentation.
+    pub(crate) fn plain_is_safe(&self) -> bool {
+        !self.old_connection_alive
+    }
+
     /// SHA1 of the script, which every batch names.
     pub(crate) fn script_sha(&self) -> &str {
         self.script.get_hash()
@@ -112,8 +135,30 @@ impl Service {
         self.client.get_connection_info().addr().to_string()
     }
 
-    /// A new connection with socket timeouts and the script loaded.
-    fn open(&self) -> Result<Connection, RedisError> {
+    /// A new connection with socket timeouts and the script loaded, which first ends the
+    /// connection a failure dropped, if any.
+    fn open(&mut self) -> Result<Connection, RedisError> {
+        let mut conn = self.open_loaded()?;
+        // CLIENT is an admin command an ACL may refuse; without it, nothing is written plain
+        // again, which costs speed, not correctness.
+        self.client_id = redis::cmd("CLIENT").arg("ID").query(&mut conn).ok();
+        if let Some(old) = self.dropped_client {
+            // The reply counts the clients killed: 0 when Redis had already closed it (or
+            // restarted), which is as good.
+            let killed: Result<i64, _> = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(old)
+                .query(&mut conn);
+            if killed.is_ok() {
+                self.dropped_client = None;
+                self.old_connection_alive = false;
+            }
+        }
+        Ok(conn)
+    }
+
+    fn open_loaded(&self) -> Result<Connection, RedisError> {
         let mut conn = self.client.get_connection_with_timeout(self.io_timeout)?;
         conn.set_read_timeout(Some(self.io_timeout))?;
         conn.set_write_timeout(Some(self.io_timeout))?;
@@ -133,7 +178,14 @@ impl Service {
 
     /// Queues a sealed batch and sends it, then waits until fewer than `pipeline_depth` batches
     /// are unacknowledged.
-    pub(crate) fn submit(&mut self, batch: Batch, stats: &mut WriteStats) -> Result<(), SinkError> {
+    pub(crate) fn submit(
+        &mut self,
+        mut batch: Batch,
+        stats: &mut WriteStats,
+    ) -> Result<(), SinkError> {
+        if !self.plain_is_safe() {
+            batch.make_checked(self.script.get_hash());
+        }
         self.window.push_back(batch);
         self.settle(self.pipeline_depth - 1, stats)
     }
@@ -168,8 +220,7 @@ impl Service {
             if stats.batches > acked_before {
                 failures = 0;
             }
-            self.conn = None;
-            self.sent = 0;
+            self.drop_connection();
             SinkMetrics::add(&self.metrics.errors, 1);
             let err = match err {
                 AttemptError::Redis(e) if !is_permanent(&e) => e,
@@ -213,6 +264,23 @@ impl Service {
         }
     }
 
+    /// Forgets the current connection after a failure. Its batches will be resent checked,
+    /// and nothing goes plain until the connection is known to be gone.
+    fn drop_connection(&mut self) {
+        if self.conn.take().is_some() {
+            self.old_connection_alive = true;
+            // Without an id there is nothing to kill, and plain writes stay off.
+            if let Some(id) = self.client_id.take() {
+                self.dropped_client = Some(id);
+            }
+        }
+        self.sent = 0;
+        let sha = self.script.get_hash().to_owned();
+        for batch in &mut self.window {
+            batch.make_checked(&sha);
+        }
+    }
+
     /// One try on the current connection (opening one if there is none).
     fn attempt(&mut self, max_unacked: usize, stats: &mut WriteStats) -> Result<(), AttemptError> {
         let conn = match self.conn.take() {
@@ -231,7 +299,10 @@ impl Service {
                 break;
             };
             let skipped = match reply {
-                Value::Int(n) if (0..=batch.records as i64).contains(&n) => n as usize,
+                Value::Okay if batch.is_plain() => 0,
+                Value::Int(n) if !batch.is_plain() && (0..=batch.records as i64).contains(&n) => {
+                    n as usize
+                }
                 other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
             };
             let written = batch.records - skipped;
@@ -243,6 +314,10 @@ impl Service {
             SinkMetrics::add(&self.metrics.records_written, written);
             SinkMetrics::add(&self.metrics.records_skipped_stale, skipped);
             SinkMetrics::add(&self.metrics.batches, 1);
+            if batch.is_plain() {
+                stats.written_plain += written;
+                SinkMetrics::add(&self.metrics.plain_batches, 1);
+            }
             SinkMetrics::add(&self.metrics.bytes, bytes);
             self.window.pop_front();
             self.sent -= 1;

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{conn, get, unique, PrivateRedis, Profiles};
-use sink::{encode_profile, RedisSink, SinkConfig, SinkError};
+use sink::{encode_profile, RedisSink, SinkConfig, SinkError, WriteMode};
 
 fn config(server: &PrivateRedis) -> SinkConfig {
     // The sink's retry warnings, visible with --nocapture.
@@ -129,14 +129,7 @@ fn retries_through_busy_replies() {
     // Redis answers BUSY to everyone while a script runs longer than the threshold.
     let server = PrivateRedis::start(&["--busy-reply-threshold", "50"]);
     let mut sink = RedisSink::connect(config(&server)).unwrap();
-    let url = server.url();
-    let blocker = thread::spawn(move || {
-        let _ = redis::cmd("EVAL")
-            .arg("while true do end")
-            .arg(0)
-            .query::<()>(&mut conn(&url));
-    });
-    thread::sleep(Duration::from_millis(200));
+    let blocker = block_redis(&server);
 
     let data = Profiles::new(&unique("busy"), 50, 5, 4);
     let writer = thread::spawn(move || {
@@ -154,6 +147,61 @@ fn retries_through_busy_replies() {
     assert!(stats.retries > 0, "{stats:?}");
     assert_eq!(stats.written, 50);
     assert_all_stored(&server.url(), &data, 1, 1);
+}
+
+/// Runs a script that keeps Redis busy (every other command gets BUSY) until `SCRIPT KILL`.
+fn block_redis(server: &PrivateRedis) -> thread::JoinHandle<()> {
+    let url = server.url();
+    let blocker = thread::spawn(move || {
+        let _ = redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query::<()>(&mut conn(&url));
+    });
+    thread::sleep(Duration::from_millis(200));
+    blocker
+}
+
+#[test]
+fn a_plain_batch_is_resent_through_the_script() {
+    let server = PrivateRedis::start(&["--busy-reply-threshold", "50"]);
+    let url = server.url();
+    let data = Profiles::new(&unique("plainretry"), 300, 5, 4);
+    let mut sink = RedisSink::connect(config(&server)).unwrap();
+    // Newer values are stored; then Redis turns busy and a plain write of older ones fails.
+    sink.write(data.records(100, 1)).unwrap();
+    let blocker = block_redis(&server);
+    sink.set_mode(WriteMode::Plain);
+    let writer = thread::spawn(move || {
+        let stats = sink.write(data.records(50, 2));
+        (sink, data, stats)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query(&mut conn(&url))
+        .unwrap();
+    blocker.join().unwrap();
+    let (mut sink, data, stats) = writer.join().unwrap();
+    let stats = stats.unwrap();
+
+    // Resent checked, so the older values did not replace the newer ones.
+    assert!(stats.retries > 0, "{stats:?}");
+    assert_eq!(
+        (stats.skipped_stale, stats.written_plain),
+        (300, 0),
+        "{stats:?}"
+    );
+    assert_all_stored(&url, &data, 100, 1);
+
+    // The fresh connection killed the old one, so the next write goes plain again.
+    let stats = sink.write(data.records(200, 3)).unwrap();
+    assert_eq!(
+        (stats.written, stats.written_plain),
+        (300, 300),
+        "{stats:?}"
+    );
+    assert_all_stored(&url, &data, 200, 3);
 }
 
 #[test]

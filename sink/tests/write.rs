@@ -5,7 +5,7 @@
 mod common;
 
 use common::{conn, delete, get, sink, test_url, unique, Profiles};
-use sink::{encode_profile, ProfileRecord, SinkConfig, SinkError};
+use sink::{encode_profile, ProfileRecord, SinkConfig, SinkError, WriteMode};
 
 fn rec<'a>(
     user: &'a str,
@@ -429,4 +429,46 @@ impl RedisSinkExt {
             Err(e) => e,
         }
     }
+}
+
+#[test]
+fn plain_writes_store_every_record_unchecked() {
+    let prefix = unique("plain");
+    let users: Vec<String> = (0..40).map(|i| format!("{prefix}-{i}")).collect();
+    let mut sink = sink(SinkConfig {
+        max_batch_records: 16,
+        ..SinkConfig::new(test_url())
+    });
+    let newer: Vec<ProfileRecord> = users
+        .iter()
+        .map(|u| rec(u, 500, 9, &["a"], &[1.0]))
+        .collect();
+    sink.write(newer.iter().copied()).unwrap();
+
+    // Plain skips the check: the caller vouches that nothing newer is stored, so an older
+    // record (which this test writes only to show that nothing was compared) is stored too.
+    sink.set_mode(WriteMode::Plain);
+    let older: Vec<ProfileRecord> = users
+        .iter()
+        .map(|u| rec(u, 400, 3, &["b"], &[2.0]))
+        .collect();
+    let stats = sink.write(older.iter().copied()).unwrap();
+    assert_eq!((stats.written, stats.written_plain), (40, 40), "{stats:?}");
+    assert_eq!((stats.skipped_stale, stats.batches), (0, 3), "{stats:?}");
+    assert_eq!(sink.metrics().plain_batches(), 3);
+    let mut c = conn(&test_url());
+    for r in &older {
+        assert_eq!(
+            get(&mut c, r.user_id).unwrap().as_bytes(),
+            encode_profile(r)
+        );
+    }
+
+    // Back to checked: the script compares again.
+    sink.set_mode(WriteMode::Checked);
+    let stats = sink.write(newer.iter().take(5).copied()).unwrap();
+    assert_eq!((stats.written, stats.written_plain), (5, 0), "{stats:?}");
+    let stats = sink.write(older.iter().take(5).copied()).unwrap();
+    assert_eq!(stats.skipped_stale, 5, "{stats:?}");
+    delete(&test_url(), &users);
 }

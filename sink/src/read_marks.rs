@@ -1,0 +1,205 @@
+//! Read marks: for each partition of the profile topic, an offset that no run of the dataflow
+//! has read past into Redis. They live in Redis beside the values they vouch for, in one hash per
+//! topic, `streamrec:read_marks:{topic}` (field: the partition in decimal; value: the offset).
+//!
+//! Why: plain writes ([`WriteMode::Plain`](crate::WriteMode)) are safe only once no value
+//! newer than the one being written can be in Redis. A previous run of the dataflow may have
+//! written values from messages past its committed offsets before it stopped, and a restarted
+//! run reads those messages again. If every run raises a partition's mark before it hands the
+//! dataflow a message at or past it, then a run that has read every partition up to the mark it
+//! found at start (or up to the end the partition had then, if lower) holds every message any
+//! earlier run wrote from, and from then on its own values are never older than what Redis has.
+//!
+//! The marks vouch only for values the dataflow wrote. The first [`ReadMarks::load`] on a
+//! database therefore records, in the field `origin` and atomically with creating the hash,
+//! whether the database held anything before:
+//! - `fresh`: it was empty, so a partition without a mark has never been read into Redis;
+//! - `unknown`: it held keys, e.g. values of the system streamrec replaces, whose timestamps
+//!   need not come from any message of the topic. No amount of reading proves them older than
+//!   what comes next, so on such a database every write stays checked.
+//!
+//! Emptying the database (FLUSHDB) removes the marks with the values, which is consistent.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::{Client, Connection, RedisError, Script};
+
+use crate::SinkError;
+
+/// Prefix of the read marks' hash; the topic name follows it.
+pub const READ_MARKS_KEY_PREFIX: &str = "streamrec:read_marks:";
+
+/// Creates the hash on first use, recording whether the database held anything before, and
+/// returns all of it. One script, so that workers starting together agree on the origin.
+const LOAD_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    local origin = 'fresh'
+    if redis.call('DBSIZE') > 0 then
+        origin = 'unknown'
+    end
+    redis.call('HSET', KEYS[1], 'origin', origin)
+end
+return redis.call('HGETALL', KEYS[1])
+"#;
+
+/// Raises marks, never lowers them: ARGV holds (partition, offset) pairs.
+const ADVANCE_SCRIPT: &str = r#"
+for i = 1, #ARGV, 2 do
+    local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+    if not old or tonumber(ARGV[i + 1]) > old then
+        redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+end
+return 0
+"#;
+
+/// The marks of one topic as found in Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredMarks {
+    /// Whether the database held other keys when the marks were created: values no mark
+    /// vouches for, so that no write to it may go plain.
+    pub unknown_origin: bool,
+    /// Partition → offset no run has read past into Redis.
+    pub marks: BTreeMap<i32, i64>,
+}
+
+impl StoredMarks {
+    /// How far `partition` must be read, with `end` its end offset (high watermark) now,
+    /// before no value an earlier run wrote can be newer than what was read: its mark (0
+    /// without one), but not past its end, since nothing past it was there to read. Meaningless
+    /// for a database of unknown origin, where nothing goes plain.
+    pub fn catch_up_target(&self, partition: i32, end: i64) -> i64 {
+        self.marks.get(&partition).copied().unwrap_or(0).min(end)
+    }
+}
+
+/// A connection to the read marks of one topic.
+pub struct ReadMarks {
+    client: Client,
+    conn: Option<Connection>,
+    key: String,
+    io_timeout: Duration,
+    load: Script,
+    advance: Script,
+}
+
+impl std::fmt::Debug for ReadMarks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadMarks")
+            .field("key", &self.key)
+            .field("connected", &self.conn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadMarks {
+    /// Connects to the Redis at `redis_url` (the sink's), for the marks of `topic`. Does not
+    /// retry, like [`RedisSink::connect`](crate::RedisSink::connect).
+    pub fn connect(redis_url: &str, topic: &str, io_timeout: Duration) -> Result<Self, SinkError> {
+        let client =
+            Client::open(redis_url).map_err(|e| SinkError::Config(format!("redis_url: {e}")))?;
+        let mut marks = Self {
+            client,
+            conn: None,
+            key: format!("{READ_MARKS_KEY_PREFIX}{topic}"),
+            io_timeout,
+            load: Script::new(LOAD_SCRIPT),
+            advance: Script::new(ADVANCE_SCRIPT),
+        };
+        let conn = marks.open().map_err(|source| SinkError::Connect {
+            addr: marks.client.get_connection_info().addr().to_string(),
+            source,
+        })?;
+        marks.conn = Some(conn);
+        Ok(marks)
+    }
+
+    /// The hash's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn open(&self) -> Result<Connection, RedisError> {
+        let conn = self.client.get_connection_with_timeout(self.io_timeout)?;
+        conn.set_read_timeout(Some(self.io_timeout))?;
+        conn.set_write_timeout(Some(self.io_timeout))?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on the connection, reconnecting first after a failure; a failure drops the
+    /// connection, and the caller decides whether to try again.
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection, &Script, &Script, &str) -> Result<T, RedisError>,
+    ) -> Result<T, SinkError> {
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.open().map_err(SinkError::ReadMarks)?,
+        };
+        let result = f(&mut conn, &self.load, &self.advance, &self.key);
+        if result.is_ok() {
+            self.conn = Some(conn);
+        }
+        result.map_err(SinkError::ReadMarks)
+    }
+
+    /// Reads the marks, creating the hash (and recording its origin) if it does not exist.
+    pub fn load(&mut self) -> Result<StoredMarks, SinkError> {
+        let fields: Vec<(String, String)> =
+            self.with_conn(|conn, load, _, key| load.key(key).invoke(conn))?;
+        // A hash without an origin was recreated by `advance` after the database lost it (a
+        // Redis restart without persistence): nothing says what the database held, so assume
+        // the worst.
+        let mut stored = StoredMarks {
+            unknown_origin: true,
+            ..StoredMarks::default()
+        };
+        for (field, value) in fields {
+            if field == "origin" {
+                stored.unknown_origin = value != "fresh";
+            } else if let (Ok(partition), Ok(offset)) = (field.parse(), value.parse()) {
+                stored.marks.insert(partition, offset);
+            }
+            // Anything else was not written by streamrec and says nothing about offsets.
+        }
+        Ok(stored)
+    }
+
+    /// Raises the marks of these partitions to these offsets (a mark never goes down), and
+    /// returns once Redis has them.
+    pub fn advance(&mut self, marks: &[(i32, i64)]) -> Result<(), SinkError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.with_conn(|conn, _, advance, key| {
+            let mut invocation = advance.key(key);
+            for &(partition, offset) in marks {
+                invocation.arg(partition).arg(offset);
+            }
+            invocation.invoke::<i64>(conn).map(drop)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(unknown_origin: bool, marks: &[(i32, i64)]) -> StoredMarks {
+        StoredMarks {
+            unknown_origin,
+            marks: marks.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn target_is_the_mark_capped_at_the_end() {
+        let s = stored(false, &[(0, 500), (1, 90)]);
+        assert_eq!(s.catch_up_target(0, 1_000), 500);
+        assert_eq!(s.catch_up_target(0, 200), 200);
+        assert_eq!(s.catch_up_target(1, 1_000), 90);
+        // A partition without a mark was never read into Redis.
+        assert_eq!(s.catch_up_target(3, 1_000), 0);
+    }
+}

@@ -1,0 +1,80 @@
+#![allow(clippy::unwrap_used)]
+//! The read marks against private redis-server processes, whose databases start empty.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{conn, PrivateRedis};
+use sink::{ReadMarks, StoredMarks, READ_MARKS_KEY_PREFIX};
+
+fn marks(server: &PrivateRedis, topic: &str) -> ReadMarks {
+    ReadMarks::connect(&server.url(), topic, Duration::from_secs(2)).unwrap()
+}
+
+fn stored(unknown_origin: bool, marks: &[(i32, i64)]) -> StoredMarks {
+    StoredMarks {
+        unknown_origin,
+        marks: marks.iter().copied().collect(),
+    }
+}
+
+#[test]
+fn an_empty_database_is_fresh_and_marks_only_go_up() {
+    let server = PrivateRedis::start(&[]);
+    let mut topic = marks(&server, "profiles");
+    assert_eq!(topic.key(), format!("{READ_MARKS_KEY_PREFIX}profiles"));
+    assert_eq!(topic.load().unwrap(), stored(false, &[]));
+
+    topic.advance(&[(0, 100), (3, 7)]).unwrap();
+    topic.advance(&[(0, 50), (3, 9), (1, 0)]).unwrap();
+    assert_eq!(
+        topic.load().unwrap(),
+        stored(false, &[(0, 100), (1, 0), (3, 9)])
+    );
+
+    // Another connection (another worker) sees the same; another topic has marks of its own,
+    // and finds the database not empty any more.
+    assert_eq!(
+        marks(&server, "profiles").load().unwrap(),
+        stored(false, &[(0, 100), (1, 0), (3, 9)])
+    );
+    assert_eq!(marks(&server, "other").load().unwrap(), stored(true, &[]));
+}
+
+#[test]
+fn a_database_with_values_is_of_unknown_origin_until_flushed() {
+    let server = PrivateRedis::start(&[]);
+    let mut c = conn(&server.url());
+    let _: () = redis::cmd("SET")
+        .arg("user_profile:old")
+        .arg("{}")
+        .query(&mut c)
+        .unwrap();
+    let mut topic = marks(&server, "profiles");
+    assert_eq!(topic.load().unwrap(), stored(true, &[]));
+    topic.advance(&[(2, 40)]).unwrap();
+    // The origin is recorded once: it does not change when values come and go.
+    let _: () = redis::cmd("DEL")
+        .arg("user_profile:old")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(topic.load().unwrap(), stored(true, &[(2, 40)]));
+
+    // FLUSHDB takes the marks with the values.
+    let _: () = redis::cmd("FLUSHDB").query(&mut c).unwrap();
+    assert_eq!(topic.load().unwrap(), stored(false, &[]));
+}
+
+#[test]
+fn a_lost_connection_is_replaced_on_the_next_call() {
+    let mut server = PrivateRedis::start(&[]);
+    let mut topic = marks(&server, "profiles");
+    topic.advance(&[(0, 10)]).unwrap();
+    server.kill();
+    assert!(topic.advance(&[(0, 20)]).is_err());
+    server.restart();
+    // The restarted server is empty (no persistence): fresh again.
+    topic.advance(&[(0, 30)]).unwrap();
+    assert_eq!(topic.load().unwrap().marks, [(0, 30)].into_iter().collect());
+}
