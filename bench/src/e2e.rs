@@ -194,6 +194,7 @@ pub(crate) mod tests {
             stale: 2,
             changed: 3000,
             redis_writes: 2999,
+            plain_writes: 2990,
             latency_ms: 87,
         };
         let line = dataflow::stats::format_epoch(1_700_000_000_100, &counters, 100, true);

@@ -87,6 +87,16 @@ pub struct Config {
     #[arg(long, env = "REDIS_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_batch: u64,
 
+    /// When values go through Redis's no-regression script (semantics §6). `until-caught-up`
+    /// (the default): until every worker has read past the read marks that earlier runs left in
+    /// Redis (`streamrec:read_marks:{topic}`), so that no value older than Redis's can follow;
+    /// from then on values are written with plain MSETs, which cost Redis a third as much, and
+    /// a batch resent after a failure still goes through the script. `always`: every value,
+    /// which also keeps keys from going back when two dataflows write the same Redis at once
+    /// (e.g. two runs of one group overlapping during a deploy).
+    #[arg(long, env = "CHECKED_WRITES", value_enum, default_value_t = CheckedWrites::UntilCaughtUp)]
+    pub checked_writes: CheckedWrites,
+
     /// Worker threads per process (timely).
     #[arg(short = 'w', long = "workers", visible_alias = "threads", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,
@@ -107,6 +117,15 @@ pub struct Config {
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
+}
+
+/// See [`Config::checked_writes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckedWrites {
+    /// Every value goes through the no-regression script.
+    Always,
+    /// Until every worker caught up with the read marks; plain MSETs afterwards.
+    UntilCaughtUp,
 }
 
 fn parse_max_history(text: &str) -> Result<usize, String> {

@@ -7,8 +7,10 @@
 //! epochs into final values for a writer. [`memory`] drives the same core from memory and
 //! [`reference`](mod@reference) is the plain sequential contract it is tested against.
 //! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
-//! start, and [`run`] is the worker loop around them all.
+//! start, [`catch_up`] says when values may be written without the no-regression check, and
+//! [`run`] is the worker loop around them all.
 
+pub mod catch_up;
 pub mod config;
 pub mod epoch;
 pub mod features;

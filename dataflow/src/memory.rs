@@ -15,7 +15,9 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition};
 
-use crate::output::{write_epochs, EpochWriter};
+use crate::output::{write_epochs, EpochWriter, PlainWrites, Written};
+use sink::WriteMode;
+
 use crate::stats::{EpochCounters, StatsBoard};
 
 /// The input of one epoch.
@@ -74,7 +76,7 @@ pub struct TimedRun {
 struct CaptureWriter(Option<Shared<BTreeMap<u64, Vec<EncodedProfile>>>>);
 
 impl EpochWriter for CaptureWriter {
-    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64 {
+    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile], _: WriteMode) -> Written {
         if let Some(outputs) = &self.0 {
             let mut outputs = outputs
                 .lock()
@@ -84,7 +86,10 @@ impl EpochWriter for CaptureWriter {
                 .or_default()
                 .extend_from_slice(profiles);
         }
-        profiles.len() as u64
+        Written {
+            stored: profiles.len() as u64,
+            plain: 0,
+        }
     }
 }
 
@@ -170,7 +175,17 @@ pub fn run_in_memory_with(
                 board.clone(),
             );
             let writer = CaptureWriter(keep.clone());
-            write_epochs(outputs, None, writer, board.clone()).probe_with(&probe);
+            // Nothing to catch up with in memory, and the capture ignores how it would write.
+            let caught_up = timely::dataflow::operators::generic::operator::empty(scope);
+            write_epochs(
+                outputs,
+                caught_up,
+                PlainWrites::Never,
+                None,
+                writer,
+                board.clone(),
+            )
+            .probe_with(&probe);
         });
 
         // Each worker's share is taken once: the closure runs once per worker.

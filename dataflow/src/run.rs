@@ -13,15 +13,16 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use crate::config::Config;
+use crate::config::{CheckedWrites, Config};
 use crate::epoch::{EpochClock, EpochTally};
 use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::EncodedProfile;
-use crate::output::{write_epochs, EpochWriter};
+use crate::output::{write_epochs, EpochWriter, PlainWrites, Written};
 use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
 use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard, StatsOut};
+use sink::WriteMode;
 
 /// Why the dataflow stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +51,20 @@ struct RedisWriter {
 }
 
 impl EpochWriter for RedisWriter {
-    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile]) -> u64 {
+    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile], mode: WriteMode) -> Written {
         // Redis holds the values of the replay already.
         if is_replay_epoch(epoch) {
-            return 0;
+            return Written::default();
         }
+        self.sink.set_mode(mode);
         loop {
             match self.sink.write_encoded(profiles) {
-                Ok(stats) => return stats.written as u64,
+                Ok(stats) => {
+                    return Written {
+                        stored: stats.written as u64,
+                        plain: stats.written_plain as u64,
+                    }
+                }
                 // The sink retries transient failures itself; anything else is logged and
                 // tried again, because an epoch's output is never dropped.
                 Err(error) => {
@@ -125,6 +132,7 @@ fn worker_loop(
             encoding: config.encoding,
             max_history: config.max_history,
             dim: features.dim,
+            redis: config.redis.clone(),
         },
         index,
         peers,
@@ -140,6 +148,12 @@ fn worker_loop(
     let mut profile_input = InputHandle::new();
     let mut feature_input = InputHandle::new();
     let mut stats_input = InputHandle::new();
+    // Each worker's index, once, at the epoch it caught up with the read marks.
+    let mut caught_up_input = InputHandle::new();
+    let plain_writes = match config.checked_writes {
+        CheckedWrites::Always => PlainWrites::Never,
+        CheckedWrites::UntilCaughtUp => PlainWrites::OnceCaughtUp { workers: peers },
+    };
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
         let outputs = interest_profiles(
@@ -148,7 +162,15 @@ fn worker_loop(
             params,
             board.clone(),
         );
-        write_epochs(outputs, Some(config.epoch_ms), writer, board.clone()).probe_with(&probe);
+        write_epochs(
+            outputs,
+            caught_up_input.to_stream(scope),
+            plain_writes,
+            Some(config.epoch_ms),
+            writer,
+            board.clone(),
+        )
+        .probe_with(&probe);
         report_epochs(stats_input.to_stream(scope), config, summary.clone());
     });
 
@@ -174,7 +196,15 @@ fn worker_loop(
     let mut in_flight = EpochTally::default();
     let mut replayed = 0;
     let mut reported = epoch;
+    let mut told_caught_up = false;
     loop {
+        // At the epoch of the read that caught up, or at epoch 0 with nothing to catch up, so
+        // that the first live epoch may go plain.
+        if !told_caught_up && source.is_caught_up() {
+            told_caught_up = true;
+            caught_up_input.send(index as u64);
+            tracing::info!(worker = index, epoch, "caught up with the read marks");
+        }
         let stopping = shutdown.load(Ordering::Relaxed);
         let now = clock.now();
         // The first live epoch starts as soon as the replay is done, so that nothing read live
@@ -191,6 +221,7 @@ fn worker_loop(
             };
             profile_input.advance_to(epoch);
             feature_input.advance_to(epoch);
+            caught_up_input.advance_to(epoch);
         }
         if stopping {
             break;
@@ -227,6 +258,7 @@ fn worker_loop(
         for event in polled.features {
             feature_input.send(event);
         }
+
         // Busy: step and poll again at once. Idle: let the worker sleep a little, never long
         // enough to delay the next epoch's close. (`None` would mean "until woken", which only
         // timely's own channels do, not Kafka.)

@@ -8,6 +8,10 @@
 //!
 //! On start the source first replays its partitions up to the group's committed offsets, to
 //! rebuild the state (see [`crate::replay`]), and only then reads on from those offsets.
+//!
+//! It also keeps the read marks of its profile partitions in Redis ahead of what it hands the
+//! dataflow, and tells when it has caught up with the marks it found at start, after which its
+//! epochs' values may be written plain (see [`crate::catch_up`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +25,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
+use crate::catch_up::{CatchUp, Marks};
 use crate::epoch::{OffsetLedger, SourcePartition};
 use crate::model::{FeatureEvent, FeatureVector, ProfileEvent};
 use crate::replay::{Read, Replay};
@@ -36,6 +41,8 @@ pub struct SourceConfig {
     pub encoding: Encoding,
     pub max_history: usize,
     pub dim: usize,
+    /// The Redis the sink writes to, which holds the read marks.
+    pub redis: String,
 }
 
 /// Why the source could not start.
@@ -45,6 +52,8 @@ pub enum SourceError {
     Kafka(#[from] KafkaError),
     #[error("topic {topic:?} does not exist on {brokers} (scripts/services.sh start creates it)")]
     MissingTopic { topic: String, brokers: String },
+    #[error(transparent)]
+    ReadMarks(#[from] sink::SinkError),
 }
 
 /// The messages of one poll, already validated.
@@ -111,6 +120,11 @@ pub struct KafkaSource {
     assigned: Vec<SourcePartition>,
     /// While the state is rebuilt, the replay.
     replay: Option<Replay>,
+    /// The profile partitions' read marks, in Redis and as last raised.
+    read_marks: sink::ReadMarks,
+    marks: Marks,
+    /// What is left to read before the worker is caught up.
+    catch_up: CatchUp,
     warnings: Warnings,
 }
 
@@ -218,6 +232,38 @@ impl KafkaSource {
                 assigned.push((topic_index, partition));
             }
         }
+        let profile_partitions: Vec<i32> = assigned
+            .iter()
+            .filter(|&&(topic, _)| topic == PROFILE_TOPIC)
+            .map(|&(_, partition)| partition)
+            .collect();
+        let mut read_marks = sink::ReadMarks::connect(
+            &config.redis,
+            &config.profile_topic,
+            Duration::from_secs(10),
+        )?;
+        let (marks, catch_up) = plan_catch_up(
+            &consumer,
+            &config.profile_topic,
+            &profile_partitions,
+            &mut read_marks,
+        )?;
+        if catch_up.is_never() {
+            if index == 0 {
+                tracing::info!(
+                    key = read_marks.key(),
+                    "Redis held values before the read marks were created: every write goes \
+                     through the no-regression script (start on an empty database for plain \
+                     writes)"
+                );
+            }
+        } else if !catch_up.is_done() {
+            tracing::info!(
+                worker = index,
+                targets = ?catch_up.pending(),
+                "reading up to the read marks before writing plain"
+            );
+        }
         let replay = plan_replay(&consumer, &topics, &assigned)?;
         let replay = if replay.is_done() {
             consumer.assign(&live_assignment(&topics, &assigned, None)?)?;
@@ -244,8 +290,18 @@ impl KafkaSource {
             ledger: OffsetLedger::default(),
             assigned,
             replay,
+            read_marks,
+            marks,
+            catch_up,
             warnings: Warnings::default(),
         })
+    }
+
+    /// Whether every profile partition of this worker is read up to the read mark it had at
+    /// start, so that from the epoch of its last read on, no value of this worker's input can
+    /// be older than one an earlier run wrote.
+    pub fn is_caught_up(&self) -> bool {
+        self.catch_up.is_done()
     }
 
     /// Whether the source is still replaying (and so reads in replay epochs, see [`crate::replay`]).
@@ -294,6 +350,20 @@ impl KafkaSource {
                     Read::Later => continue,
                 },
             };
+            if topic == PROFILE_TOPIC {
+                self.catch_up.read(position.0, position.1);
+                if !replayed {
+                    if let Some(mark) = self.marks.raise_for(position.0, position.1) {
+                        raise_mark(
+                            &mut self.read_marks,
+                            &mut self.marks,
+                            &mut self.warnings,
+                            position.0,
+                            mark,
+                        );
+                    }
+                }
+            }
             if replayed {
                 polled.replayed += 1;
             } else {
@@ -506,6 +576,69 @@ fn live_assignment(
 /// watermark: tansu reports one below the last batch it holds (its last batch's first offset,
 /// it seems), which would cut the replay short. A committed offset beyond a partition's end (a
 /// topic recreated under the same group) ends the replay at the end of the partition instead.
+/// Raises a read mark in Redis before the message that reached it is handed on, retrying with
+/// backoff until Redis has it: a value written from past the mark could otherwise be undone by a
+/// later run that trusts the mark.
+fn raise_mark(
+    read_marks: &mut sink::ReadMarks,
+    marks: &mut Marks,
+    warnings: &mut Warnings,
+    partition: i32,
+    mark: i64,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match read_marks.advance(&[(partition, mark)]) {
+            Ok(()) => {
+                marks.raised(partition, mark);
+                return;
+            }
+            Err(error) => {
+                warnings.warn(|| {
+                    tracing::warn!(%error, partition, mark, "cannot raise a read mark; retrying")
+                });
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Reads the marks of the worker's profile partitions, and the offsets each must be read up to
+/// before it is caught up.
+fn plan_catch_up(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+    partitions: &[i32],
+    read_marks: &mut sink::ReadMarks,
+) -> Result<(Marks, CatchUp), SourceError> {
+    let timeout = Duration::from_secs(10);
+    let stored = read_marks.load()?;
+    let mut list = TopicPartitionList::new();
+    for &partition in partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    let marks = Marks::new(stored.marks.clone());
+    if stored.unknown_origin {
+        return Ok((marks, CatchUp::never()));
+    }
+    let mut plan = Vec::new();
+    for &partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        let resume = match committed
+            .find_partition(topic, partition)
+            .map(|p| p.offset())
+        {
+            Some(Offset::Offset(offset)) => offset,
+            // Never committed: read from the beginning.
+            _ => low,
+        };
+        plan.push((partition, resume, stored.catch_up_target(partition, high)));
+    }
+    Ok((marks, CatchUp::new(plan)))
+}
+
 fn plan_replay(
     consumer: &BaseConsumer<SourceContext>,
     topics: &[String; 2],

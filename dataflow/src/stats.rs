@@ -19,6 +19,9 @@ pub struct EpochCounters {
     pub changed: u64,
     /// Values Redis stored (the rest were older than what it held).
     pub redis_writes: u64,
+    /// Of those, values written plain, without the no-regression check (`--checked-writes`).
+    #[serde(default)]
+    pub plain_writes: u64,
     /// Milliseconds from the epoch's end to Redis' acknowledgement (the worst worker's).
     pub latency_ms: u64,
 }
@@ -32,6 +35,7 @@ impl EpochCounters {
         self.stale += other.stale;
         self.changed += other.changed;
         self.redis_writes += other.redis_writes;
+        self.plain_writes += other.plain_writes;
         self.latency_ms = self.latency_ms.max(other.latency_ms);
     }
 
@@ -74,6 +78,7 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
             "stale": counters.stale,
             "changed": counters.changed,
             "redis_writes": counters.redis_writes,
+            "plain_writes": counters.plain_writes,
             "latency_ms": counters.latency_ms,
             "messages_per_second": rate.round(),
         })
@@ -81,12 +86,13 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
     } else {
         format!(
             "epoch {epoch}  messages {:>7}  invalid {:>5}  stale {:>5}  changed {:>7}  \
-             redis_writes {:>7}  latency {:>5} ms  {:>9.0} msg/s",
+             redis_writes {:>7} ({:>7} plain)  latency {:>5} ms  {:>9.0} msg/s",
             counters.messages,
             counters.invalid,
             counters.stale,
             counters.changed,
             counters.redis_writes,
+            counters.plain_writes,
             counters.latency_ms,
             rate
         )
@@ -128,13 +134,14 @@ impl<W: Write> StatsOut<W> {
 pub fn format_summary(totals: &EpochCounters, epochs: u64, seconds: f64) -> String {
     format!(
         "summary: {epochs} epochs in {seconds:.1} s, {} messages ({:.0}/s), {} invalid, {} stale, \
-         {} profiles changed, {} Redis writes, worst epoch latency {} ms",
+         {} profiles changed, {} Redis writes ({} plain), worst epoch latency {} ms",
         totals.messages,
         totals.messages as f64 / seconds.max(1e-9),
         totals.invalid,
         totals.stale,
         totals.changed,
         totals.redis_writes,
+        totals.plain_writes,
         totals.latency_ms
     )
 }
@@ -149,17 +156,21 @@ mod tests {
             messages: 50,
             changed: 40,
             redis_writes: 39,
+            plain_writes: 30,
             latency_ms: 12,
             ..Default::default()
         };
         let line = format_epoch(1_000, &counters, 100, false);
         assert!(
-            line.contains("messages      50") && line.contains("500 msg/s"),
+            line.contains("messages      50")
+                && line.contains("500 msg/s")
+                && line.contains("(     30 plain)"),
             "{line}"
         );
         let json: serde_json::Value =
             serde_json::from_str(&format_epoch(1_000, &counters, 100, true)).unwrap();
         assert_eq!(json["redis_writes"], 39);
+        assert_eq!(json["plain_writes"], 30);
         assert_eq!(json["messages_per_second"], 500.0);
     }
 

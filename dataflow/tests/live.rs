@@ -683,3 +683,161 @@ async fn two_processes_of_two_workers_write_what_one_worker_writes() {
     first.wait();
     second.wait();
 }
+
+/// The Redis database the plain-writes test owns and empties between its phases.
+const PLAIN_WRITES_DB: u32 = 13;
+
+/// Empties the plain-writes test's database and returns a connection to it.
+fn emptied_plain_writes_db() -> redis::Connection {
+    let mut redis = redis(&testkit::redis_url_db(PLAIN_WRITES_DB));
+    let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+    redis
+}
+
+/// A profile stored by someone else (an older system, or an earlier run), as §6 JSON.
+fn store_profile(redis: &mut redis::Connection, user: &str, timestamp: u64) {
+    let value = serde_json::json!({"user_id": user, "timestamp": timestamp, "history_items": [],
+        "interest_vector": [0.0, 0.0], "known_items": 0, "epoch": 1});
+    let _: () = redis::cmd("SET")
+        .arg(profile::redis_key(user))
+        .arg(value.to_string())
+        .query(redis)
+        .unwrap();
+}
+
+fn timestamp_of(redis: &mut redis::Connection, user: &str) -> Option<u64> {
+    profile_of(redis, user).and_then(|p| p["timestamp"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
+    // 1. An empty database: nothing to catch up with, every value goes plain, and the marks
+    //    are raised ahead of what was read.
+    let mut redis = emptied_plain_writes_db();
+    let setup = Setup::new("plain-fresh", PLAIN_WRITES_DB).await;
+    let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
+    let alice = format!("{}-alice", setup.topic);
+    let bob = format!("{}-bob", setup.topic);
+    produce(
+        &setup.topic,
+        Some(&alice),
+        profile_message(&alice, &["apple"], 10).as_bytes(),
+    )
+    .await;
+    let run = Dataflow::spawn(&args);
+    run.wait_for("redis_writes", 1);
+    produce(
+        &setup.topic,
+        Some(&bob),
+        profile_message(&bob, &["banana"], 10).as_bytes(),
+    )
+    .await;
+    run.wait_for("redis_writes", 2);
+    assert_eq!(run.total("plain_writes"), 2);
+    run.stop();
+    let marks: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("{}{}", sink::READ_MARKS_KEY_PREFIX, setup.topic))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(marks["origin"], "fresh", "{marks:?}");
+    let raised: Vec<i64> = marks
+        .iter()
+        .filter(|(field, _)| *field != "origin")
+        .map(|(_, mark)| mark.parse().unwrap())
+        .collect();
+    assert!(
+        raised.iter().filter(|&&mark| mark >= 10_000).count() >= 1,
+        "a mark raised a stride ahead of the messages read: {marks:?}"
+    );
+
+    // 2. A database holding values of unknown origin (an older system's): dave's newer profile
+    //    there outlives the older message in the topic, and erin's, sent later, is written
+    //    checked too, since no reading proves the older system's values older than the topic.
+    let mut redis = emptied_plain_writes_db();
+    let setup = Setup::new("plain-unknown", PLAIN_WRITES_DB).await;
+    let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
+    let dave = format!("{}-dave", setup.topic);
+    let erin = format!("{}-erin", setup.topic);
+    store_profile(&mut redis, &dave, 30);
+    produce(
+        &setup.topic,
+        Some(&dave),
+        profile_message(&dave, &["apple"], 10).as_bytes(),
+    )
+    .await;
+    let run = Dataflow::spawn(&args);
+    run.wait_for("changed", 1);
+    produce(
+        &setup.topic,
+        Some(&erin),
+        profile_message(&erin, &["banana"], 10).as_bytes(),
+    )
+    .await;
+    run.wait_for("redis_writes", 1);
+    assert_eq!(timestamp_of(&mut redis, &dave), Some(30));
+    assert_eq!(timestamp_of(&mut redis, &erin), Some(10));
+    assert_eq!(
+        (run.total("redis_writes"), run.total("plain_writes")),
+        (1, 0)
+    );
+    run.stop();
+
+    // 3. Marks left by an earlier run, which wrote carol's newer profile before it stopped:
+    //    everything up to them is read and written checked (carol's older message does not
+    //    replace it), and frank's, sent later, goes plain.
+    let mut redis = emptied_plain_writes_db();
+    let setup = Setup::new("plain-marks", PLAIN_WRITES_DB).await;
+    let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
+    let carol = format!("{}-carol", setup.topic);
+    let frank = format!("{}-frank", setup.topic);
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}{}", sink::READ_MARKS_KEY_PREFIX, setup.topic))
+        .arg(&[
+            "origin", "fresh", "0", "1000", "1", "1000", "2", "1000", "3", "1000",
+        ])
+        .query(&mut redis)
+        .unwrap();
+    store_profile(&mut redis, &carol, 50);
+    produce(
+        &setup.topic,
+        Some(&carol),
+        profile_message(&carol, &["apple"], 20).as_bytes(),
+    )
+    .await;
+    let run = Dataflow::spawn(&args);
+    run.wait_for("changed", 1);
+    produce(
+        &setup.topic,
+        Some(&frank),
+        profile_message(&frank, &["banana"], 10).as_bytes(),
+    )
+    .await;
+    run.wait_for("redis_writes", 1);
+    assert_eq!(timestamp_of(&mut redis, &carol), Some(50));
+    assert_eq!(timestamp_of(&mut redis, &frank), Some(10));
+    assert_eq!(
+        (run.total("redis_writes"), run.total("plain_writes")),
+        (1, 1)
+    );
+    run.stop();
+
+    // 4. --checked-writes always: nothing plain, even in an empty database.
+    let _redis = emptied_plain_writes_db();
+    let setup = Setup::new("plain-never", PLAIN_WRITES_DB).await;
+    let grace = format!("{}-grace", setup.topic);
+    let args = [
+        setup.args(),
+        vec!["--checked-writes".into(), "always".into()],
+    ]
+    .concat();
+    let run = Dataflow::spawn(&args);
+    produce(
+        &setup.topic,
+        Some(&grace),
+        profile_message(&grace, &["apple"], 10).as_bytes(),
+    )
+    .await;
+    run.wait_for("redis_writes", 1);
+    assert_eq!(run.total("plain_writes"), 0);
+    run.stop();
+}

@@ -1,0 +1,165 @@
+//! When a worker may write plain: catching up with what earlier runs may have written, and
+//! keeping the read marks ahead of what this run reads (see `sink::ReadMarks`).
+//!
+//! The write script keeps a key from going back in time, at about three times the cost of a
+//! plain `MSET` in Redis. It only matters while Redis may hold a value newer than the one being
+//! written, which a run of this process can cause itself only through a resent batch (the sink
+//! resends checked). The other source is an earlier run that wrote values from messages past
+//! its committed offsets before it stopped: this run reads those messages again, with a state
+//! that has not seen them yet. Every run raises a partition's read mark in Redis before it
+//! hands the dataflow a message at or past the mark, so an earlier run wrote only from messages
+//! below the marks this run finds at start. Once every worker has read each of its profile
+//! partitions up to that mark (or up to the partition's end at start, if lower: nothing past it
+//! existed), every user's state holds every message any earlier run wrote from; its values are
+//! then never older than Redis's, and epochs from then on may be written plain.
+//!
+//! Only the profile topic counts: a value's timestamp comes from profile messages, and its
+//! epoch from this run's clock, which is later than any earlier run's.
+//!
+//! A database that held values before the marks were created (`origin` `unknown`: an older
+//! system's values, whose timestamps need not come from this topic) never gets there: every
+//! write to it stays checked.
+//!
+//! The epoch of a worker's last catch-up read is still written checked: only the epochs after
+//! it go plain. The argument above would allow it too, but one epoch costs nothing, and it
+//! keeps a state the argument excludes (a value in Redis newer than every message of the topic
+//! below the mark) from being overwritten by a message read in that epoch.
+
+use std::collections::BTreeMap;
+
+/// How far past the last offset read a worker raises a mark: one Redis round trip per this
+/// many messages of a partition. A restart behind the end of the topic reads up to this many
+/// messages per partition more before it writes plain.
+pub const MARK_STRIDE: i64 = 10_000;
+
+/// The profile partitions a worker must still read up to a target before it is caught up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Partition → the offset it must be read up to (exclusive).
+    pending: BTreeMap<i32, i64>,
+    /// Redis holds values no mark vouches for: never caught up.
+    never: bool,
+}
+
+impl CatchUp {
+    /// From each partition's (resume offset, target): the offset the worker reads from next,
+    /// and the one it must have read up to (`sink::StoredMarks::catch_up_target`).
+    pub fn new(partitions: impl IntoIterator<Item = (i32, i64, i64)>) -> Self {
+        let pending = partitions
+            .into_iter()
+            .filter(|&(_, resume, target)| target > resume)
+            .map(|(partition, _, target)| (partition, target))
+            .collect();
+        Self {
+            pending,
+            never: false,
+        }
+    }
+
+    /// For a database of unknown origin, whose values no reading can be proven newer than.
+    pub fn never() -> Self {
+        Self {
+            pending: BTreeMap::new(),
+            never: true,
+        }
+    }
+
+    /// Notes that the message at `offset` of `partition` was read.
+    pub fn read(&mut self, partition: i32, offset: i64) {
+        if let Some(&target) = self.pending.get(&partition) {
+            if offset + 1 >= target {
+                self.pending.remove(&partition);
+            }
+        }
+    }
+
+    /// Whether every partition is read up to its target.
+    pub fn is_done(&self) -> bool {
+        !self.never && self.pending.is_empty()
+    }
+
+    /// Whether this worker will never be caught up (see [`never`](Self::never)).
+    pub fn is_never(&self) -> bool {
+        self.never
+    }
+
+    /// The partitions still behind, with their targets.
+    pub fn pending(&self) -> &BTreeMap<i32, i64> {
+        &self.pending
+    }
+}
+
+/// The read marks of a worker's profile partitions as Redis has them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Marks {
+    marks: BTreeMap<i32, i64>,
+}
+
+impl Marks {
+    /// The marks Redis holds for these partitions (absent: 0, i.e. none).
+    pub fn new(marks: impl IntoIterator<Item = (i32, i64)>) -> Self {
+        Self {
+            marks: marks.into_iter().collect(),
+        }
+    }
+
+    /// The mark `partition` must be raised to before the message at `offset` may be handed on,
+    /// or `None` if the mark is past it already.
+    pub fn raise_for(&self, partition: i32, offset: i64) -> Option<i64> {
+        let mark = self.marks.get(&partition).copied().unwrap_or(0);
+        (offset >= mark).then_some(offset + MARK_STRIDE)
+    }
+
+    /// Records that Redis now has `mark` for `partition`.
+    pub fn raised(&mut self, partition: i32, mark: i64) {
+        let entry = self.marks.entry(partition).or_default();
+        *entry = (*entry).max(mark);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_already_past_their_target_are_not_pending() {
+        let catch_up = CatchUp::new([(0, 100, 100), (1, 100, 50), (2, 0, 0)]);
+        assert!(catch_up.is_done());
+    }
+
+    #[test]
+    fn done_once_every_partition_reads_the_offset_before_its_target() {
+        let mut catch_up = CatchUp::new([(0, 0, 10), (1, 5, 6), (2, 0, 0)]);
+        assert_eq!(catch_up.pending().len(), 2);
+        catch_up.read(0, 8);
+        catch_up.read(1, 5);
+        catch_up.read(3, 1_000);
+        assert_eq!(catch_up.pending(), &[(0, 10)].into_iter().collect());
+        catch_up.read(0, 9);
+        assert!(catch_up.is_done());
+        // Offsets past the target (gaps, compaction) count too.
+        let mut catch_up = CatchUp::new([(0, 0, 10)]);
+        catch_up.read(0, 15);
+        assert!(catch_up.is_done());
+    }
+
+    #[test]
+    fn never_is_never_done() {
+        let mut catch_up = CatchUp::never();
+        catch_up.read(0, 1_000_000);
+        assert!(!catch_up.is_done() && catch_up.is_never());
+    }
+
+    #[test]
+    fn a_mark_is_raised_a_stride_ahead_only_when_reached() {
+        let mut marks = Marks::new([(0, 100)]);
+        assert_eq!(marks.raise_for(0, 99), None);
+        assert_eq!(marks.raise_for(0, 100), Some(100 + MARK_STRIDE));
+        assert_eq!(marks.raise_for(1, 0), Some(MARK_STRIDE));
+        marks.raised(0, 100 + MARK_STRIDE);
+        assert_eq!(marks.raise_for(0, 100 + MARK_STRIDE - 1), None);
+        // A mark never goes down.
+        marks.raised(0, 5);
+        assert_eq!(marks.raise_for(0, 5_000), None);
+    }
+}
