@@ -105,7 +105,7 @@ impl ItemSlot {
     fn compact_if_sparse(&mut self, users: &UserTable) {
         let current = self.held_by as usize;
         let holders = &mut self.holders;
-        if holders.len() > current + current / 4 + COMPACTION_SLACK {
+        if holders.len() > 2 * current + COMPACTION_SLACK {
             holders.retain(|&holder| users.is_current(holder));
             // A list that grew by doubling keeps up to twice what it needs.
             if holders.capacity() > holders.len() + holders.len() / 2 + COMPACTION_SLACK {
@@ -678,7 +678,7 @@ mod tests {
         let x = holdings.items.find(id_key("x")).unwrap() as usize;
         assert_eq!(holdings.items.slots[x].held_by, 20);
         assert!(
-            holdings.items.slots[x].holders.len() <= 20 + 20 / 4 + COMPACTION_SLACK,
+            holdings.items.slots[x].holders.len() <= 2 * 20 + COMPACTION_SLACK,
             "{} entries for 20 holders",
             holdings.items.slots[x].holders.len()
         );
