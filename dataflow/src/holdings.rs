@@ -44,7 +44,7 @@ type UserIndex = u32;
 /// user is appended, tagged with the new version, to the list of every item of the new history.
 /// An entry is current while its tag is the user's version: the user has not changed its
 /// history since. The entries of older versions are left where they are and skipped by readers,
-/// until they are a fifth of the list and it is compacted (amortised O(1) a push). This costs a
+/// until they are half of the list and it is compacted (amortised O(1) a push). This costs a
 /// push per item where a set of holders costs a removal and an insertion into two hashed sets,
 /// each a cache miss; telling a current entry from a stale one is one load from a dense array
 /// of versions; and an entry takes 4 bytes, about what a hashed set's slot takes.
@@ -101,7 +101,7 @@ struct ItemSlot {
 }
 
 impl ItemSlot {
-    /// Drops the stale entries of the holders list once they are a fifth of it.
+    /// Drops the stale entries of the holders list once they are half of it.
     fn compact_if_sparse(&mut self, users: &UserTable) {
         let current = self.held_by as usize;
         let holders = &mut self.holders;
@@ -115,8 +115,8 @@ impl ItemSlot {
     }
 }
 
-/// A list is compacted when its entries pass its current ones by a quarter plus this many, so
-/// that a small list is not compacted at every push.
+/// A list is compacted when its entries pass twice its current ones plus this many, so that a
+/// small list is not compacted at every push.
 const COMPACTION_SLACK: usize = 16;
 
 /// The items known to a worker, every item with features and every item a local user holds,
