@@ -205,6 +205,49 @@ fn a_plain_batch_is_resent_through_the_script() {
 }
 
 #[test]
+fn without_client_kill_nothing_goes_plain_after_a_failure() {
+    let server = PrivateRedis::start(&["--busy-reply-threshold", "50"]);
+    // A user that may do everything but CLIENT, so the sink cannot end a dropped connection.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "writer", "on", ">secret", "~*", "&*", "+@all", "-client",
+        ])
+        .query(&mut conn(&server.url()))
+        .unwrap();
+    let url = format!("redis://writer:secret@127.0.0.1:{}/0", server.port);
+    let data = Profiles::new(&unique("noclient"), 100, 5, 4);
+    let mut sink = RedisSink::connect(SinkConfig {
+        redis_url: url.clone(),
+        ..config(&server)
+    })
+    .unwrap();
+    sink.set_mode(WriteMode::Plain);
+    // No connection was ever dropped: plain is safe.
+    assert_eq!(sink.write(data.records(1, 1)).unwrap().written_plain, 100);
+
+    let blocker = block_redis(&server);
+    let writer = thread::spawn(move || {
+        let stats = sink.write(data.records(2, 2));
+        (sink, data, stats)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query(&mut conn(&server.url()))
+        .unwrap();
+    blocker.join().unwrap();
+    let (mut sink, data, stats) = writer.join().unwrap();
+    let stats = stats.unwrap();
+    assert!(stats.retries > 0, "{stats:?}");
+    assert_eq!((stats.written, stats.written_plain), (100, 0), "{stats:?}");
+
+    // The dropped connection could not be killed, so writes stay checked.
+    let stats = sink.write(data.records(3, 3)).unwrap();
+    assert_eq!((stats.written, stats.written_plain), (100, 0), "{stats:?}");
+    assert_all_stored(&server.url(), &data, 3, 3);
+}
+
+#[test]
 fn retries_through_oom() {
     let server = PrivateRedis::start(&[]);
     let mut sink = RedisSink::connect(config(&server)).unwrap();
