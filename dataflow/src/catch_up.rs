@@ -9,9 +9,12 @@
 //! that has not seen them yet. Every run raises a partition's read mark in Redis before it
 //! hands the dataflow a message at or past the mark, so an earlier run wrote only from messages
 //! below the marks this run finds at start. Once every worker has read each of its profile
-//! partitions up to that mark (or up to the partition's end at start, if lower: nothing past it
-//! existed), every user's state holds every message any earlier run wrote from; its values are
-//! then never older than Redis's, and epochs from then on may be written plain.
+//! partitions up to that mark, or up to the partition's end as a fetch after start reported it
+//! (nothing past it existed when the earlier run stopped), every user's state holds every
+//! message any earlier run wrote from; its values are then never older than Redis's, and epochs
+//! from then on may be written plain. The end comes from the fetches (librdkafka's
+//! statistics), not from a ListOffsets query, which tansu answers with the first offset of the
+//! partition's last batch, short of its end.
 //!
 //! Only the profile topic counts: a value's timestamp comes from profile messages, and its
 //! epoch from this run's clock, which is later than any earlier run's.
@@ -35,8 +38,8 @@ pub const MARK_STRIDE: i64 = 10_000;
 /// The profile partitions a worker must still read up to a target before it is caught up.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatchUp {
-    /// Partition → the offset it must be read up to (exclusive).
-    pending: BTreeMap<i32, i64>,
+    /// Partition → (the offset it must be read up to, exclusive; the next offset to read).
+    pending: BTreeMap<i32, (i64, i64)>,
     /// Redis holds values no mark vouches for: never caught up.
     never: bool,
 }
@@ -48,7 +51,7 @@ impl CatchUp {
         let pending = partitions
             .into_iter()
             .filter(|&(_, resume, target)| target > resume)
-            .map(|(partition, _, target)| (partition, target))
+            .map(|(partition, resume, target)| (partition, (target, resume)))
             .collect();
         Self {
             pending,
@@ -66,10 +69,23 @@ impl CatchUp {
 
     /// Notes that the message at `offset` of `partition` was read.
     pub fn read(&mut self, partition: i32, offset: i64) {
-        if let Some(&target) = self.pending.get(&partition) {
-            if offset + 1 >= target {
+        if let Some((target, next)) = self.pending.get_mut(&partition) {
+            *next = offset + 1;
+            if *next >= *target {
                 self.pending.remove(&partition);
             }
+        }
+    }
+
+    /// Notes that a fetch after start found `partition` to end at `end` (its high watermark):
+    /// once read up to there, it holds everything an earlier run can have read.
+    pub fn ends_at(&mut self, partition: i32, end: i64) {
+        if self
+            .pending
+            .get(&partition)
+            .is_some_and(|&(_, next)| end >= 0 && next >= end)
+        {
+            self.pending.remove(&partition);
         }
     }
 
@@ -83,8 +99,8 @@ impl CatchUp {
         self.never
     }
 
-    /// The partitions still behind, with their targets.
-    pub fn pending(&self) -> &BTreeMap<i32, i64> {
+    /// The partitions still behind, with their targets and the next offset each reads.
+    pub fn pending(&self) -> &BTreeMap<i32, (i64, i64)> {
         &self.pending
     }
 }
@@ -134,12 +150,27 @@ mod tests {
         catch_up.read(0, 8);
         catch_up.read(1, 5);
         catch_up.read(3, 1_000);
-        assert_eq!(catch_up.pending(), &[(0, 10)].into_iter().collect());
+        assert_eq!(catch_up.pending(), &[(0, (10, 9))].into_iter().collect());
         catch_up.read(0, 9);
         assert!(catch_up.is_done());
         // Offsets past the target (gaps, compaction) count too.
         let mut catch_up = CatchUp::new([(0, 0, 10)]);
         catch_up.read(0, 15);
+        assert!(catch_up.is_done());
+    }
+
+    #[test]
+    fn a_partition_read_to_its_end_is_done_before_its_mark() {
+        let mut catch_up = CatchUp::new([(0, 5, 10_000), (1, 0, 10_000)]);
+        // An end not yet reached, or unknown (-1), changes nothing.
+        catch_up.ends_at(0, 7);
+        catch_up.ends_at(1, -1);
+        assert_eq!(catch_up.pending().len(), 2);
+        catch_up.read(0, 5);
+        catch_up.read(0, 6);
+        catch_up.ends_at(0, 7);
+        // Nothing read of partition 1, and it is empty.
+        catch_up.ends_at(1, 0);
         assert!(catch_up.is_done());
     }
 

@@ -114,7 +114,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
             let mut writer = writer;
             #[allow(clippy::expect_used)]
             std::thread::Builder::new()
-                .name(format!("writer-{}", worker.index()))
+                .name(format!("writer-{index}"))
                 .spawn(move || {
                     // Values stored per epoch not yet complete, in epoch order.
                     let mut written = EpochTally::default();
@@ -179,10 +179,10 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                 if plain && !announced {
                     announced = true;
                     tracing::info!(
-                    worker = index,
-                    from_epoch = plain_from,
-                    "every worker caught up with the read marks: writing plain after this epoch"
-                );
+                        worker = index,
+                        after_epoch = plain_from,
+                        "every worker caught up with the read marks: writing plain"
+                    );
                 }
                 input.for_each(|capability, data| {
                     // Values are at their batch's time, the epoch that produced them; epochs

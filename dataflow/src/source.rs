@@ -89,9 +89,14 @@ impl ProducerContext for DlqContext {
 
 /// The consumer's context. librdkafka reports each end of a partition, which the replay asks
 /// for (`enable.partition.eof`), to the error callback as well as to `poll`; those are news,
-/// not errors.
-#[derive(Debug, Default)]
-struct SourceContext;
+/// not errors. Its statistics tell where each profile partition ends, as the fetches found it,
+/// for the catch-up (see [`crate::catch_up`]).
+#[derive(Debug)]
+struct SourceContext {
+    profile_topic: String,
+    /// Profile partition → its high watermark in the last statistics.
+    ends: std::sync::Mutex<BTreeMap<i32, i64>>,
+}
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -101,6 +106,20 @@ impl ClientContext for SourceContext {
             tracing::trace!(reason, "end of partition");
         } else {
             tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.profile_topic) else {
+            return;
+        };
+        if let Ok(mut ends) = self.ends.lock() {
+            for (&partition, stats) in &topic.partitions {
+                // -1 until a fetch (or offset query) of the partition has answered.
+                if partition >= 0 && stats.hi_offset >= 0 {
+                    ends.insert(partition, stats.hi_offset);
+                }
+            }
         }
     }
 }
@@ -202,7 +221,14 @@ impl KafkaSource {
             // then drained the queue in a few ms and sat idle for the rest of the second. A
             // few ms keeps the queue topped up at the cost of a few more queue checks.
             .set("fetch.queue.backoff.ms", "5")
-            .create_with_context(SourceContext)?;
+            // The statistics carry each partition's end as the fetches report it, which the
+            // catch-up waits for (tansu's answer to an offset query falls short of it). Once a
+            // second: a start-up waits at most that long more, and the parsing costs nothing.
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(SourceContext {
+                profile_topic: config.profile_topic.clone(),
+                ends: std::sync::Mutex::default(),
+            })?;
         let dlq: ThreadedProducer<DlqContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             // A dead-letter copy is kept as long as the broker is down: offsets wait for it.
@@ -403,7 +429,21 @@ impl KafkaSource {
             }
         }
         self.go_live_once_replayed();
+        self.note_partition_ends();
         polled
+    }
+
+    /// While catching up, lets the partitions' ends as the last statistics reported them finish
+    /// the partitions read up to there.
+    fn note_partition_ends(&mut self) {
+        if self.catch_up.is_done() || self.catch_up.is_never() {
+            return;
+        }
+        if let Ok(ends) = self.consumer.context().ends.lock() {
+            for (&partition, &end) in ends.iter() {
+                self.catch_up.ends_at(partition, end);
+            }
+        }
     }
 
     /// Once every partition is replayed, reads live from where each replay ended.
@@ -572,10 +612,6 @@ fn live_assignment(
     Ok(live)
 }
 
-/// Where each assigned partition's replay ends: its committed offset. Not capped at the high
-/// watermark: tansu reports one below the last batch it holds (its last batch's first offset,
-/// it seems), which would cut the replay short. A committed offset beyond a partition's end (a
-/// topic recreated under the same group) ends the replay at the end of the partition instead.
 /// Raises a read mark in Redis before the message that reached it is handed on, retrying with
 /// backoff until Redis has it: a value written from past the mark could otherwise be undone by a
 /// later run that trusts the mark.
@@ -625,20 +661,23 @@ fn plan_catch_up(
     }
     let mut plan = Vec::new();
     for &partition in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
         let resume = match committed
             .find_partition(topic, partition)
             .map(|p| p.offset())
         {
             Some(Offset::Offset(offset)) => offset,
             // Never committed: read from the beginning.
-            _ => low,
+            _ => consumer.fetch_watermarks(topic, partition, timeout)?.0,
         };
-        plan.push((partition, resume, stored.catch_up_target(partition, high)));
+        plan.push((partition, resume, stored.catch_up_target(partition)));
     }
     Ok((marks, CatchUp::new(plan)))
 }
 
+/// Where each assigned partition's replay ends: its committed offset. Not capped at the high
+/// watermark: tansu reports one below the last batch it holds (its last batch's first offset,
+/// it seems), which would cut the replay short. A committed offset beyond a partition's end (a
+/// topic recreated under the same group) ends the replay at the end of the partition instead.
 fn plan_replay(
     consumer: &BaseConsumer<SourceContext>,
     topics: &[String; 2],

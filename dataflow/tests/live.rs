@@ -806,19 +806,27 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     .await;
     let run = Dataflow::spawn(&args);
     run.wait_for("changed", 1);
-    produce(
-        &setup.topic,
-        Some(&frank),
-        profile_message(&frank, &["banana"], 10).as_bytes(),
-    )
-    .await;
-    run.wait_for("redis_writes", 1);
+    // The marks lie past the partitions' ends, so the catch-up ends when librdkafka's
+    // statistics (once a second) report those ends: frank's profiles go checked until then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent = 0;
+    while run.total("plain_writes") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing written plain after 30 s"
+        );
+        produce(
+            &setup.topic,
+            Some(&frank),
+            profile_message(&frank, &["banana"], 10 + sent).as_bytes(),
+        )
+        .await;
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(timestamp_of(&mut redis, &carol), Some(50));
-    assert_eq!(timestamp_of(&mut redis, &frank), Some(10));
-    assert_eq!(
-        (run.total("redis_writes"), run.total("plain_writes")),
-        (1, 1)
-    );
+    assert!(timestamp_of(&mut redis, &frank) >= Some(10));
+    assert!(run.total("plain_writes") <= sent, "only frank's went plain");
     run.stop();
 
     // 4. --checked-writes always: nothing plain, even in an empty database.

@@ -65,12 +65,12 @@ pub struct StoredMarks {
 }
 
 impl StoredMarks {
-    /// How far `partition` must be read, with `end` its end offset (high watermark) now,
-    /// before no value an earlier run wrote can be newer than what was read: its mark (0
-    /// without one), but not past its end, since nothing past it was there to read. Meaningless
-    /// for a database of unknown origin, where nothing goes plain.
-    pub fn catch_up_target(&self, partition: i32, end: i64) -> i64 {
-        self.marks.get(&partition).copied().unwrap_or(0).min(end)
+    /// How far `partition` must be read before no value an earlier run wrote can be newer
+    /// than what was read: its mark (0 without one). The reader may stop earlier at the
+    /// partition's end, since nothing past it was there to read. Meaningless for a database of
+    /// unknown origin, where nothing goes plain.
+    pub fn catch_up_target(&self, partition: i32) -> i64 {
+        self.marks.get(&partition).copied().unwrap_or(0)
     }
 }
 
@@ -194,12 +194,11 @@ mod tests {
     }
 
     #[test]
-    fn target_is_the_mark_capped_at_the_end() {
+    fn target_is_the_mark() {
         let s = stored(false, &[(0, 500), (1, 90)]);
-        assert_eq!(s.catch_up_target(0, 1_000), 500);
-        assert_eq!(s.catch_up_target(0, 200), 200);
-        assert_eq!(s.catch_up_target(1, 1_000), 90);
+        assert_eq!(s.catch_up_target(0), 500);
+        assert_eq!(s.catch_up_target(1), 90);
         // A partition without a mark was never read into Redis.
-        assert_eq!(s.catch_up_target(3, 1_000), 0);
+        assert_eq!(s.catch_up_target(3), 0);
     }
 }
