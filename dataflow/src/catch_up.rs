@@ -19,9 +19,10 @@
 //! Only the profile topic counts: a value's timestamp comes from profile messages, and its
 //! epoch from this run's clock, which is later than any earlier run's.
 //!
-//! A database that held values before the marks were created (`origin` `unknown`: an older
-//! system's values, whose timestamps need not come from this topic) never gets there: every
-//! write to it stays checked.
+//! Two cases never get there, and every write stays checked: a database that held values
+//! before the marks were created (`origin` `unknown`: an older system's values, whose
+//! timestamps need not come from this topic), and a partition that starts past its floor
+//! (messages an earlier run may have read were deleted, so the rebuilt state may lack them).
 //!
 //! The epoch of a worker's last catch-up read is still written checked: only the epochs after
 //! it go plain. The argument above would allow it too, but one epoch costs nothing, and it
@@ -29,6 +30,8 @@
 //! below the mark) from being overwritten by a message read in that epoch.
 
 use std::collections::BTreeMap;
+
+use sink::StoredMarks;
 
 /// How far past the last offset read a worker raises a mark: one Redis round trip per this
 /// many messages of a partition. A restart behind the end of the topic reads up to this many
@@ -40,8 +43,50 @@ pub const MARK_STRIDE: i64 = 10_000;
 pub struct CatchUp {
     /// Partition → (the offset it must be read up to, exclusive; the next offset to read).
     pending: BTreeMap<i32, (i64, i64)>,
-    /// Redis holds values no mark vouches for: never caught up.
-    never: bool,
+    /// Why this worker will never be caught up, if it will not.
+    never: Option<NeverPlain>,
+}
+
+/// Why a worker's writes stay checked for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeverPlain {
+    /// Redis held values before the marks were created.
+    UnknownOrigin,
+    /// This partition starts past its floor: messages were deleted that an earlier run may
+    /// have written from.
+    Deleted { partition: i32 },
+}
+
+/// Where one profile partition of a worker stands at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStart {
+    pub partition: i32,
+    /// Its first offset (low watermark) now.
+    pub first: i64,
+    /// The offset the worker reads on from after its replay: the committed one, or `first`.
+    pub resume: i64,
+}
+
+/// What a worker must read before it is caught up, from the marks found in Redis.
+pub fn plan(stored: &StoredMarks, partitions: &[PartitionStart]) -> CatchUp {
+    if stored.unknown_origin {
+        return CatchUp::never(NeverPlain::UnknownOrigin);
+    }
+    if let Some(start) = partitions
+        .iter()
+        .find(|start| !stored.nothing_deleted(start.partition, start.first))
+    {
+        return CatchUp::never(NeverPlain::Deleted {
+            partition: start.partition,
+        });
+    }
+    CatchUp::new(partitions.iter().map(|start| {
+        (
+            start.partition,
+            start.resume,
+            stored.catch_up_target(start.partition),
+        )
+    }))
 }
 
 impl CatchUp {
@@ -55,15 +100,15 @@ impl CatchUp {
             .collect();
         Self {
             pending,
-            never: false,
+            never: None,
         }
     }
 
-    /// For a database of unknown origin, whose values no reading can be proven newer than.
-    pub fn never() -> Self {
+    /// A worker that will never be caught up, and why.
+    pub fn never(why: NeverPlain) -> Self {
         Self {
             pending: BTreeMap::new(),
-            never: true,
+            never: Some(why),
         }
     }
 
@@ -91,11 +136,11 @@ impl CatchUp {
 
     /// Whether every partition is read up to its target.
     pub fn is_done(&self) -> bool {
-        !self.never && self.pending.is_empty()
+        self.never.is_none() && self.pending.is_empty()
     }
 
-    /// Whether this worker will never be caught up (see [`never`](Self::never)).
-    pub fn is_never(&self) -> bool {
+    /// Why this worker will never be caught up, if it will not.
+    pub fn never_plain(&self) -> Option<NeverPlain> {
         self.never
     }
 
@@ -176,9 +221,47 @@ mod tests {
 
     #[test]
     fn never_is_never_done() {
-        let mut catch_up = CatchUp::never();
+        let mut catch_up = CatchUp::never(NeverPlain::UnknownOrigin);
         catch_up.read(0, 1_000_000);
-        assert!(!catch_up.is_done() && catch_up.is_never());
+        assert!(!catch_up.is_done());
+        assert_eq!(catch_up.never_plain(), Some(NeverPlain::UnknownOrigin));
+    }
+
+    fn start(partition: i32, first: i64, resume: i64) -> PartitionStart {
+        PartitionStart {
+            partition,
+            first,
+            resume,
+        }
+    }
+
+    #[test]
+    fn the_plan_reads_up_to_the_marks_unless_redis_holds_what_no_mark_covers() {
+        let mut stored = StoredMarks {
+            unknown_origin: false,
+            marks: [(0, 500)].into_iter().collect(),
+            floors: [(0, 0), (1, 20)].into_iter().collect(),
+        };
+        let partitions = [start(0, 0, 100), start(1, 20, 20)];
+        assert_eq!(
+            plan(&stored, &partitions).pending(),
+            &[(0, (500, 100))].into_iter().collect()
+        );
+        // Retention moved partition 1 past its floor.
+        assert_eq!(
+            plan(&stored, &[start(0, 0, 100), start(1, 21, 21)]).never_plain(),
+            Some(NeverPlain::Deleted { partition: 1 })
+        );
+        // A partition without a floor.
+        assert_eq!(
+            plan(&stored, &[start(2, 0, 0)]).never_plain(),
+            Some(NeverPlain::Deleted { partition: 2 })
+        );
+        stored.unknown_origin = true;
+        assert_eq!(
+            plan(&stored, &partitions).never_plain(),
+            Some(NeverPlain::UnknownOrigin)
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::catch_up::{CatchUp, Marks};
+use crate::catch_up::{CatchUp, Marks, NeverPlain, PartitionStart};
 use crate::epoch::{OffsetLedger, SourcePartition};
 use crate::model::{FeatureEvent, FeatureVector, ProfileEvent};
 use crate::replay::{Read, Replay};
@@ -274,16 +274,22 @@ impl KafkaSource {
             &profile_partitions,
             &mut read_marks,
         )?;
-        if catch_up.is_never() {
-            if index == 0 {
-                tracing::info!(
-                    key = read_marks.key(),
-                    "Redis held values before the read marks were created: every write goes \
-                     through the no-regression script (start on an empty database for plain \
-                     writes)"
-                );
-            }
-        } else if !catch_up.is_done() {
+        match catch_up.never_plain() {
+            Some(NeverPlain::UnknownOrigin) if index == 0 => tracing::info!(
+                key = read_marks.key(),
+                "Redis held values before the read marks were created: every write goes \
+                 through the no-regression script (start on an empty database for plain writes)"
+            ),
+            Some(NeverPlain::Deleted { partition }) => tracing::info!(
+                worker = index,
+                partition,
+                "messages an earlier run may have written from were deleted (retention or \
+                 compaction), so the rebuilt state may lack them: every write goes through \
+                 the no-regression script"
+            ),
+            _ => {}
+        }
+        if catch_up.never_plain().is_none() && !catch_up.is_done() {
             tracing::info!(
                 worker = index,
                 targets = ?catch_up.pending(),
@@ -436,7 +442,7 @@ impl KafkaSource {
     /// While catching up, lets the partitions' ends as the last statistics reported them finish
     /// the partitions read up to there.
     fn note_partition_ends(&mut self) {
-        if self.catch_up.is_done() || self.catch_up.is_never() {
+        if self.catch_up.is_done() || self.catch_up.never_plain().is_some() {
             return;
         }
         if let Ok(ends) = self.consumer.context().ends.lock() {
@@ -649,29 +655,34 @@ fn plan_catch_up(
     read_marks: &mut sink::ReadMarks,
 ) -> Result<(Marks, CatchUp), SourceError> {
     let timeout = Duration::from_secs(10);
-    let stored = read_marks.load()?;
     let mut list = TopicPartitionList::new();
     for &partition in partitions {
         list.add_partition(topic, partition);
     }
     let committed = consumer.committed_offsets(list, timeout)?;
-    let marks = Marks::new(stored.marks.clone());
-    if stored.unknown_origin {
-        return Ok((marks, CatchUp::never()));
-    }
-    let mut plan = Vec::new();
+    let mut starts = Vec::new();
     for &partition in partitions {
+        let first = consumer.fetch_watermarks(topic, partition, timeout)?.0;
         let resume = match committed
             .find_partition(topic, partition)
             .map(|p| p.offset())
         {
             Some(Offset::Offset(offset)) => offset,
             // Never committed: read from the beginning.
-            _ => consumer.fetch_watermarks(topic, partition, timeout)?.0,
+            _ => first,
         };
-        plan.push((partition, resume, stored.catch_up_target(partition)));
+        starts.push(PartitionStart {
+            partition,
+            first,
+            resume,
+        });
     }
-    Ok((marks, CatchUp::new(plan)))
+    let firsts: Vec<(i32, i64)> = starts.iter().map(|s| (s.partition, s.first)).collect();
+    let stored = read_marks.load(&firsts)?;
+    Ok((
+        Marks::new(stored.marks.clone()),
+        crate::catch_up::plan(&stored, &starts),
+    ))
 }
 
 /// Where each assigned partition's replay ends: its committed offset. Not capped at the high

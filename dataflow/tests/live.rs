@@ -740,9 +740,12 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
         .query(&mut redis)
         .unwrap();
     assert_eq!(marks["origin"], "fresh", "{marks:?}");
+    for partition in 0..4 {
+        assert_eq!(marks[&format!("floor:{partition}")], "0", "{marks:?}");
+    }
     let raised: Vec<i64> = marks
         .iter()
-        .filter(|(field, _)| *field != "origin")
+        .filter(|(field, _)| *field != "origin" && !field.starts_with("floor:"))
         .map(|(_, mark)| mark.parse().unwrap())
         .collect();
     assert!(
@@ -782,9 +785,9 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     );
     run.stop();
 
-    // 3. Marks left by an earlier run, which wrote carol's newer profile before it stopped:
-    //    everything up to them is read and written checked (carol's older message does not
-    //    replace it), and frank's, sent later, goes plain.
+    // 3. Marks (and floors) left by an earlier run, which wrote carol's newer profile before
+    //    it stopped: everything up to them is read and written checked (carol's older
+    //    message does not replace it), and frank's, sent later, goes plain.
     let mut redis = emptied_plain_writes_db();
     let setup = Setup::new("plain-marks", PLAIN_WRITES_DB).await;
     let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
@@ -793,7 +796,8 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     let _: () = redis::cmd("HSET")
         .arg(format!("{}{}", sink::READ_MARKS_KEY_PREFIX, setup.topic))
         .arg(&[
-            "origin", "fresh", "0", "1000", "1", "1000", "2", "1000", "3", "1000",
+            "origin", "fresh", "0", "1000", "1", "1000", "2", "1000", "3", "1000", "floor:0", "0",
+            "floor:1", "0", "floor:2", "0", "floor:3", "0",
         ])
         .query(&mut redis)
         .unwrap();

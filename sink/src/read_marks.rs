@@ -18,6 +18,13 @@
 //!   need not come from any message of the topic. No amount of reading proves them older than
 //!   what comes next, so on such a database every write stays checked.
 //!
+//! A run rebuilds its state by reading the topic from its beginning, so its state holds every
+//! message an earlier run wrote from only if none of them was deleted since (retention,
+//! compaction). The first load of a partition that no run has read into Redis yet records its
+//! *floor*, the first offset it then had (field `floor:{partition}`); a later run whose
+//! partition starts past that floor knows that messages an earlier run may have read are gone,
+//! and writes checked.
+//!
 //! Emptying the database (FLUSHDB) removes the marks with the values, which is consistent.
 
 use std::collections::BTreeMap;
@@ -30,8 +37,10 @@ use crate::SinkError;
 /// Prefix of the read marks' hash; the topic name follows it.
 pub const READ_MARKS_KEY_PREFIX: &str = "streamrec:read_marks:";
 
-/// Creates the hash on first use, recording whether the database held anything before, and
-/// returns all of it. One script, so that workers starting together agree on the origin.
+/// Creates the hash on first use, recording whether the database held anything before;
+/// records the floor of each partition in ARGV, (partition, first offset) pairs, that has
+/// neither a mark nor a floor yet; and returns all of the hash. One script, so that workers
+/// starting together agree on the origin.
 const LOAD_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
     local origin = 'fresh'
@@ -39,6 +48,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
         origin = 'unknown'
     end
     redis.call('HSET', KEYS[1], 'origin', origin)
+end
+for i = 1, #ARGV, 2 do
+    local floor = 'floor:' .. ARGV[i]
+    if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HEXISTS', KEYS[1], floor) == 0 then
+        redis.call('HSET', KEYS[1], floor, ARGV[i + 1])
+    end
 end
 return redis.call('HGETALL', KEYS[1])
 "#;
@@ -62,6 +77,8 @@ pub struct StoredMarks {
     pub unknown_origin: bool,
     /// Partition → offset no run has read past into Redis.
     pub marks: BTreeMap<i32, i64>,
+    /// Partition → its first offset when it was first loaded, before any run read it.
+    pub floors: BTreeMap<i32, i64>,
 }
 
 impl StoredMarks {
@@ -71,6 +88,15 @@ impl StoredMarks {
     /// unknown origin, where nothing goes plain.
     pub fn catch_up_target(&self, partition: i32) -> i64 {
         self.marks.get(&partition).copied().unwrap_or(0)
+    }
+
+    /// Whether every message of `partition` that a run may have read into Redis is still
+    /// there, with `first` the partition's first offset now: its floor is at or past `first`.
+    /// Without a floor (a mark written before floors existed) nothing says, so no.
+    pub fn nothing_deleted(&self, partition: i32, first: i64) -> bool {
+        self.floors
+            .get(&partition)
+            .is_some_and(|&floor| first <= floor)
     }
 }
 
@@ -144,10 +170,17 @@ impl ReadMarks {
         result.map_err(SinkError::ReadMarks)
     }
 
-    /// Reads the marks, creating the hash (and recording its origin) if it does not exist.
-    pub fn load(&mut self) -> Result<StoredMarks, SinkError> {
-        let fields: Vec<(String, String)> =
-            self.with_conn(|conn, load, _, key| load.key(key).invoke(conn))?;
+    /// Reads the marks, creating the hash (and recording its origin) if it does not exist, and
+    /// recording the floor of each partition of `first_offsets` (partition, its first offset
+    /// now) that has neither a mark nor a floor yet.
+    pub fn load(&mut self, first_offsets: &[(i32, i64)]) -> Result<StoredMarks, SinkError> {
+        let fields: Vec<(String, String)> = self.with_conn(|conn, load, _, key| {
+            let mut invocation = load.key(key);
+            for &(partition, first) in first_offsets {
+                invocation.arg(partition).arg(first);
+            }
+            invocation.invoke(conn)
+        })?;
         // A hash without an origin was recreated by `advance` after the database lost it (a
         // Redis restart without persistence): nothing says what the database held, so assume
         // the worst.
@@ -158,6 +191,10 @@ impl ReadMarks {
         for (field, value) in fields {
             if field == "origin" {
                 stored.unknown_origin = value != "fresh";
+            } else if let Some(partition) = field.strip_prefix("floor:") {
+                if let (Ok(partition), Ok(offset)) = (partition.parse(), value.parse()) {
+                    stored.floors.insert(partition, offset);
+                }
             } else if let (Ok(partition), Ok(offset)) = (field.parse(), value.parse()) {
                 stored.marks.insert(partition, offset);
             }
@@ -190,7 +227,19 @@ mod tests {
         StoredMarks {
             unknown_origin,
             marks: marks.iter().copied().collect(),
+            floors: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn nothing_is_deleted_while_the_first_offset_is_at_or_below_the_floor() {
+        let mut s = stored(false, &[(0, 500)]);
+        s.floors.insert(1, 100);
+        assert!(s.nothing_deleted(1, 0));
+        assert!(s.nothing_deleted(1, 100));
+        assert!(!s.nothing_deleted(1, 101));
+        // A partition without a floor: nothing says.
+        assert!(!s.nothing_deleted(0, 0));
     }
 
     #[test]

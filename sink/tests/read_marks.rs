@@ -16,6 +16,7 @@ fn stored(unknown_origin: bool, marks: &[(i32, i64)]) -> StoredMarks {
     StoredMarks {
         unknown_origin,
         marks: marks.iter().copied().collect(),
+        floors: Default::default(),
     }
 }
 
@@ -24,22 +25,25 @@ fn an_empty_database_is_fresh_and_marks_only_go_up() {
     let server = PrivateRedis::start(&[]);
     let mut topic = marks(&server, "profiles");
     assert_eq!(topic.key(), format!("{READ_MARKS_KEY_PREFIX}profiles"));
-    assert_eq!(topic.load().unwrap(), stored(false, &[]));
+    assert_eq!(topic.load(&[]).unwrap(), stored(false, &[]));
 
     topic.advance(&[(0, 100), (3, 7)]).unwrap();
     topic.advance(&[(0, 50), (3, 9), (1, 0)]).unwrap();
     assert_eq!(
-        topic.load().unwrap(),
+        topic.load(&[]).unwrap(),
         stored(false, &[(0, 100), (1, 0), (3, 9)])
     );
 
     // Another connection (another worker) sees the same; another topic has marks of its own,
     // and finds the database not empty any more.
     assert_eq!(
-        marks(&server, "profiles").load().unwrap(),
+        marks(&server, "profiles").load(&[]).unwrap(),
         stored(false, &[(0, 100), (1, 0), (3, 9)])
     );
-    assert_eq!(marks(&server, "other").load().unwrap(), stored(true, &[]));
+    assert_eq!(
+        marks(&server, "other").load(&[]).unwrap(),
+        stored(true, &[])
+    );
 }
 
 #[test]
@@ -52,18 +56,18 @@ fn a_database_with_values_is_of_unknown_origin_until_flushed() {
         .query(&mut c)
         .unwrap();
     let mut topic = marks(&server, "profiles");
-    assert_eq!(topic.load().unwrap(), stored(true, &[]));
+    assert_eq!(topic.load(&[]).unwrap(), stored(true, &[]));
     topic.advance(&[(2, 40)]).unwrap();
     // The origin is recorded once: it does not change when values come and go.
     let _: () = redis::cmd("DEL")
         .arg("user_profile:old")
         .query(&mut c)
         .unwrap();
-    assert_eq!(topic.load().unwrap(), stored(true, &[(2, 40)]));
+    assert_eq!(topic.load(&[]).unwrap(), stored(true, &[(2, 40)]));
 
     // FLUSHDB takes the marks with the values.
     let _: () = redis::cmd("FLUSHDB").query(&mut c).unwrap();
-    assert_eq!(topic.load().unwrap(), stored(false, &[]));
+    assert_eq!(topic.load(&[]).unwrap(), stored(false, &[]));
 }
 
 #[test]
@@ -76,5 +80,23 @@ fn a_lost_connection_is_replaced_on_the_next_call() {
     server.restart();
     // The restarted server is empty (no persistence): fresh again.
     topic.advance(&[(0, 30)]).unwrap();
-    assert_eq!(topic.load().unwrap().marks, [(0, 30)].into_iter().collect());
+    assert_eq!(
+        topic.load(&[]).unwrap().marks,
+        [(0, 30)].into_iter().collect()
+    );
+}
+
+#[test]
+fn a_floor_is_recorded_once_and_only_before_any_mark() {
+    let server = PrivateRedis::start(&[]);
+    let mut topic = marks(&server, "profiles");
+    topic.advance(&[(2, 40)]).unwrap();
+    let loaded = topic.load(&[(0, 5), (1, 0), (2, 10)]).unwrap();
+    // Partition 2 was read into Redis before: its first offset now says nothing.
+    assert_eq!(loaded.floors, [(0, 5), (1, 0)].into_iter().collect());
+    // A later load (retention moved partition 0 on) keeps the first floor.
+    let loaded = topic.load(&[(0, 7), (1, 0)]).unwrap();
+    assert_eq!(loaded.floors, [(0, 5), (1, 0)].into_iter().collect());
+    assert!(loaded.nothing_deleted(0, 5) && !loaded.nothing_deleted(0, 7));
+    assert!(!loaded.nothing_deleted(2, 0));
 }
