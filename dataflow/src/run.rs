@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Operator, Probe};
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Inspect, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::config::{CheckedWrites, Config};
@@ -35,7 +36,13 @@ pub enum RunError {
     Sink(#[from] sink::SinkError),
     #[error("timely: {0}")]
     Timely(String),
+    #[error("worker 0 could not take over the topic's profiles in Redis (see its error)")]
+    TakeOver,
 }
+
+/// The exit code of a dataflow that a newer run of the same topic took over from (see
+/// `sink::ReadMarks::take_over`): it stops writing at once.
+pub const TAKEN_OVER_EXIT_CODE: i32 = 3;
 
 /// Totals over a run, for the summary at exit.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +71,12 @@ impl EpochWriter for RedisWriter {
                         stored: stats.written as u64,
                         plain: stats.written_plain as u64,
                     }
+                }
+                // Another run writes this topic's profiles now; writing on could undo its
+                // newer values, and nothing this run holds can be committed any more.
+                Err(error @ sink::SinkError::Fenced { .. }) => {
+                    tracing::error!(%error, epoch, "stopping: another dataflow run took over");
+                    std::process::exit(TAKEN_OVER_EXIT_CODE);
                 }
                 // The sink retries transient failures itself; anything else is logged and
                 // tried again, because an epoch's output is never dropped.
@@ -118,6 +131,8 @@ fn worker_loop(
     summary: &Arc<Mutex<Summary>>,
 ) -> Result<(), RunError> {
     let (index, peers) = (worker.index(), worker.peers());
+    // Before any worker reads the read marks or opens its sink: older runs must stop writing.
+    let take_over = agree_on_take_over(worker, config)?;
     let params = InterestParams {
         dim: features.dim,
         decay: config.decay,
@@ -139,6 +154,10 @@ fn worker_loop(
     )?;
     let mut sink_config = sink::SinkConfig::new(config.redis.clone());
     sink_config.max_batch_records = config.redis_batch as usize;
+    sink_config.fence = Some(sink::WriterFence {
+        topic: config.topic.clone(),
+        generation: take_over.generation,
+    });
     let writer = RedisWriter {
         sink: sink::RedisSink::connect(sink_config)?,
     };
@@ -151,8 +170,10 @@ fn worker_loop(
     // Each worker's index, once, at the epoch it caught up with the read marks.
     let mut caught_up_input = InputHandle::new();
     let plain_writes = match config.checked_writes {
-        CheckedWrites::Always => PlainWrites::Never,
-        CheckedWrites::UntilCaughtUp => PlainWrites::OnceCaughtUp { workers: peers },
+        CheckedWrites::UntilCaughtUp if take_over.exclusive => {
+            PlainWrites::OnceCaughtUp { workers: peers }
+        }
+        CheckedWrites::Always | CheckedWrites::UntilCaughtUp => PlainWrites::Never,
     };
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
@@ -291,6 +312,67 @@ fn worker_loop(
     }
     // Dropping the inputs lets timely run the remaining work (the last stats) to completion.
     Ok(())
+}
+
+/// Worker 0 takes over the topic's profiles in Redis for this run (see
+/// `sink::ReadMarks::take_over`: older runs' writers are ended) and tells every worker the
+/// outcome; every worker waits for it.
+fn agree_on_take_over(
+    worker: &mut timely::worker::Worker,
+    config: &Config,
+) -> Result<sink::TakeOver, RunError> {
+    let taken = (worker.index() == 0).then(|| {
+        sink::ReadMarks::connect(&config.redis, &config.topic, Duration::from_secs(10))
+            .and_then(|mut marks| marks.take_over())
+    });
+    if let Some(Ok(taken)) = &taken {
+        tracing::info!(
+            generation = taken.generation,
+            older_writers_ended = taken.ended,
+            exclusive = taken.exclusive,
+            "took over the topic's profiles in Redis"
+        );
+        if !taken.exclusive {
+            tracing::warn!(
+                "Redis refused CLIENT LIST or CLIENT KILL, so older runs' writers may live on: \
+                 every write goes through the no-regression script"
+            );
+        }
+    }
+    // (generation, exclusive, ended, ok), from worker 0 to all.
+    type Outcome = (u64, bool, u64, bool);
+    let mut input = InputHandle::new();
+    let probe = ProbeHandle::new();
+    let heard: Rc<RefCell<Option<Outcome>>> = Rc::default();
+    let heard_in = heard.clone();
+    worker.dataflow::<u64, _, _>(|scope| {
+        input
+            .to_stream(scope)
+            .broadcast()
+            .inspect(move |outcome: &Outcome| *heard_in.borrow_mut() = Some(*outcome))
+            .probe_with(&probe);
+    });
+    match &taken {
+        Some(Ok(taken)) => {
+            input.send((taken.generation, taken.exclusive, taken.ended as u64, true))
+        }
+        Some(Err(_)) => input.send((0, false, 0, false)),
+        None => {}
+    }
+    input.close();
+    worker.step_while(|| !probe.done());
+    if let Some(Err(error)) = taken {
+        return Err(RunError::Sink(error));
+    }
+    let outcome = *heard.borrow();
+    match outcome {
+        Some((generation, exclusive, ended, true)) => Ok(sink::TakeOver {
+            generation,
+            exclusive,
+            ended: ended as usize,
+        }),
+        _ => Err(RunError::TakeOver),
+    }
 }
 
 /// Every epoch before `done` is durable in Redis on every worker: commit its offsets and send

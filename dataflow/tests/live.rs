@@ -853,3 +853,64 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     assert_eq!(run.total("plain_writes"), 0);
     run.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_run_takes_over_and_the_older_one_stops_writing() {
+    let mut redis = redis(&testkit::redis_url_db(14));
+    let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+    let setup = Setup::new("takeover", 14).await;
+    let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
+    let alice = format!("{}-alice", setup.topic);
+    let bob = format!("{}-bob", setup.topic);
+    let mut older = Dataflow::spawn(&args);
+    produce(
+        &setup.topic,
+        Some(&alice),
+        profile_message(&alice, &["apple"], 10).as_bytes(),
+    )
+    .await;
+    older.wait_for("redis_writes", 1);
+
+    // A second run of the same topic (a deploy overlapping the old one) takes over: the older
+    // run's writers are ended, and at its next write it finds itself replaced and exits.
+    let newer = Dataflow::spawn(&args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent = 0;
+    let status = loop {
+        if let Some(status) = older.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the older run still runs after 30 s"
+        );
+        produce(
+            &setup.topic,
+            Some(&bob),
+            profile_message(&bob, &["banana"], 10 + sent).as_bytes(),
+        )
+        .await;
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.code(), Some(dataflow::run::TAKEN_OVER_EXIT_CODE));
+
+    // The newer run writes on, plain once caught up with the older run's marks.
+    while newer.total("plain_writes") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing written plain after 30 s"
+        );
+        produce(
+            &setup.topic,
+            Some(&bob),
+            profile_message(&bob, &["banana"], 10 + sent).as_bytes(),
+        )
+        .await;
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for_profile(&mut redis, &bob, 10 + sent - 1);
+    assert_eq!(timestamp_of(&mut redis, &alice), Some(10));
+    newer.stop();
+}

@@ -41,6 +41,31 @@ pub struct SinkConfig {
     /// connection is dropped and replaced, because replies still in flight on it could no longer
     /// be matched to their batches.
     pub io_timeout: Duration,
+    /// Which dataflow run this sink writes for (default none): each connection is named after
+    /// it, so that a newer run can end it, and refuses to write once a newer run has taken
+    /// over (see [`ReadMarks::take_over`](crate::ReadMarks::take_over)).
+    pub fence: Option<WriterFence>,
+}
+
+/// A dataflow run's claim to write the profiles of one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterFence {
+    /// The profile topic.
+    pub topic: String,
+    /// The run's generation, from [`ReadMarks::take_over`](crate::ReadMarks::take_over).
+    pub generation: u64,
+}
+
+impl WriterFence {
+    /// The name of this run's writer connections (`CLIENT SETNAME`).
+    pub fn client_name(&self) -> String {
+        format!(
+            "{}{}:{}",
+            crate::read_marks::WRITER_NAME_PREFIX,
+            self.topic,
+            self.generation
+        )
+    }
 }
 
 impl Default for SinkConfig {
@@ -54,6 +79,7 @@ impl Default for SinkConfig {
             retry_max_backoff: Duration::from_secs(5),
             max_retries: None,
             io_timeout: Duration::from_secs(5),
+            fence: None,
         }
     }
 }

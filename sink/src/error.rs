@@ -40,6 +40,19 @@ pub enum SinkError {
     #[error("Redis refused the write permanently: {0}")]
     Permanent(#[source] RedisError),
 
+    /// A newer run of the dataflow took over this topic's profiles (see
+    /// `ReadMarks::take_over`): this sink must not write any more, and its run should stop.
+    #[error(
+        "a newer dataflow run (generation {current}) took over writing this topic's profiles \
+         from this one (generation {ours})"
+    )]
+    Fenced {
+        /// This sink's generation.
+        ours: u64,
+        /// The generation that took over.
+        current: u64,
+    },
+
     /// Reading or raising the read marks failed (see `ReadMarks`); the caller retries.
     #[error("Redis read marks: {0}")]
     ReadMarks(#[source] RedisError),

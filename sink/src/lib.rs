@@ -29,11 +29,11 @@ mod service;
 
 use std::sync::Arc;
 
-pub use config::{SinkConfig, DEFAULT_REDIS_URL};
+pub use config::{SinkConfig, WriterFence, DEFAULT_REDIS_URL};
 pub use encode::{encode_profile, EncodedProfile, ProfileRecord};
 pub use error::SinkError;
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot};
-pub use read_marks::{ReadMarks, StoredMarks, READ_MARKS_KEY_PREFIX};
+pub use read_marks::{ReadMarks, StoredMarks, TakeOver, READ_MARKS_KEY_PREFIX};
 
 use batch::{Batcher, Pushed};
 use service::Service;

@@ -25,6 +25,15 @@
 //! partition starts past that floor knows that messages an earlier run may have read are gone,
 //! and writes checked.
 //!
+//! One run at a time: plain writes are safe only if no older run still writes, whose values
+//! (from messages this run has not read yet) could be newer than this run's. So every run
+//! takes over at start ([`ReadMarks::take_over`]) before it reads the marks: it raises the
+//! hash's `generation`, and ends every writer connection of an older generation (each is named
+//! `streamrec-writer:{topic}:{generation}`, see [`WriterFence`](crate::WriterFence)). An
+//! older run can then only write on a new connection, which sees the newer generation and
+//! refuses ([`SinkError::Fenced`]): its dataflow stops. A run that cannot end connections (an
+//! ACL without CLIENT) writes nothing plain.
+//!
 //! Emptying the database (FLUSHDB) removes the marks with the values, which is consistent.
 
 use std::collections::BTreeMap;
@@ -36,6 +45,24 @@ use crate::SinkError;
 
 /// Prefix of the read marks' hash; the topic name follows it.
 pub const READ_MARKS_KEY_PREFIX: &str = "streamrec:read_marks:";
+
+/// The hash's field that counts the runs that took over.
+pub(crate) const GENERATION_FIELD: &str = "generation";
+
+/// Prefix of a writer connection's name; `{topic}:{generation}` follows it.
+pub(crate) const WRITER_NAME_PREFIX: &str = "streamrec-writer:";
+
+/// What [`ReadMarks::take_over`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakeOver {
+    /// This run's generation, for its sinks' [`WriterFence`](crate::WriterFence).
+    pub generation: u64,
+    /// Whether every older run's writer connection was ended, so that this run may write
+    /// plain; false when Redis refused CLIENT LIST or CLIENT KILL.
+    pub exclusive: bool,
+    /// How many older writer connections were ended.
+    pub ended: usize,
+}
 
 /// Creates the hash on first use, recording whether the database held anything before;
 /// records the floor of each partition in ARGV, (partition, first offset) pairs, that has
@@ -170,6 +197,54 @@ impl ReadMarks {
         result.map_err(SinkError::ReadMarks)
     }
 
+    /// Takes over the topic's profiles for a new run: raises the generation, and ends the
+    /// writer connections of older generations (see the module documentation). Call it once
+    /// per run, before [`load`](Self::load).
+    pub fn take_over(&mut self) -> Result<TakeOver, SinkError> {
+        let topic_prefix = format!(
+            "{WRITER_NAME_PREFIX}{}:",
+            self.key.trim_start_matches(READ_MARKS_KEY_PREFIX)
+        );
+        self.with_conn(|conn, load, _, key| {
+            // The hash is created (and its origin recorded) first: a hash without an origin
+            // counts as of unknown origin.
+            load.key(key).invoke::<Vec<(String, String)>>(conn)?;
+            let generation: u64 = redis::cmd("HINCRBY")
+                .arg(key)
+                .arg(GENERATION_FIELD)
+                .arg(1)
+                .query(conn)?;
+            let Ok(list) = redis::cmd("CLIENT").arg("LIST").query::<String>(conn) else {
+                return Ok(TakeOver {
+                    generation,
+                    exclusive: false,
+                    ended: 0,
+                });
+            };
+            let mut exclusive = true;
+            let mut ended = 0;
+            for (id, older) in writer_connections(&list, &topic_prefix) {
+                if older >= generation {
+                    continue;
+                }
+                match redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(id)
+                    .query::<i64>(conn)
+                {
+                    Ok(n) => ended += n as usize,
+                    Err(_) => exclusive = false,
+                }
+            }
+            Ok(TakeOver {
+                generation,
+                exclusive,
+                ended,
+            })
+        })
+    }
+
     /// Reads the marks, creating the hash (and recording its origin) if it does not exist, and
     /// recording the floor of each partition of `first_offsets` (partition, its first offset
     /// now) that has neither a mark nor a floor yet.
@@ -219,9 +294,38 @@ impl ReadMarks {
     }
 }
 
+/// The (id, generation) of each connection in `CLIENT LIST` output whose name starts with
+/// `prefix` followed by a generation.
+fn writer_connections(list: &str, prefix: &str) -> Vec<(u64, u64)> {
+    list.lines()
+        .filter_map(|line| {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            };
+            let id = field("id")?.parse().ok()?;
+            let generation = field("name")?.strip_prefix(prefix)?.parse().ok()?;
+            Some((id, generation))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writer_connections_are_found_by_name() {
+        let list = "id=3 addr=127.0.0.1:5000 laddr=127.0.0.1:6379 fd=8 name=streamrec-writer:t:4 age=1\n\
+                    id=5 addr=127.0.0.1:5001 laddr=127.0.0.1:6379 fd=9 name= age=1\n\
+                    id=7 addr=127.0.0.1:5002 laddr=127.0.0.1:6379 fd=10 name=streamrec-writer:t:12 age=0\n\
+                    id=8 addr=127.0.0.1:5003 laddr=127.0.0.1:6379 fd=11 name=streamrec-writer:tt:1 age=0\n\
+                    id=9 addr=127.0.0.1:5004 laddr=127.0.0.1:6379 fd=12 name=streamrec-writer:t:x age=0\n";
+        assert_eq!(
+            writer_connections(list, "streamrec-writer:t:"),
+            [(3, 4), (7, 12)]
+        );
+    }
 
     fn stored(unknown_origin: bool, marks: &[(i32, i64)]) -> StoredMarks {
         StoredMarks {

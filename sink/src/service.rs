@@ -22,6 +22,11 @@
 //! The old connection is a second hazard: Redis may still hold commands it read from it and run
 //! them after the new connection's. So the fresh connection first ends the old one with
 //! `CLIENT KILL ID`, and until that has worked the sink writes nothing plain.
+//!
+//! With a [`WriterFence`](crate::WriterFence), each connection is named after its dataflow
+//! run and checks, before any batch, that no newer run has taken over: a newer run ends the
+//! older run's connections (`ReadMarks::take_over`), so an older run can write again only on a
+//! new connection, and that one refuses with [`SinkError::Fenced`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -53,6 +58,8 @@ pub(crate) struct Service {
     old_connection_alive: bool,
     /// The id of the connection dropped by the last failure, to kill from the next one.
     dropped_client: Option<i64>,
+    /// The run this sink writes for, if any.
+    fence: Option<crate::WriterFence>,
     pipeline_depth: usize,
     io_timeout: Duration,
     initial_backoff: Duration,
@@ -77,6 +84,11 @@ impl std::fmt::Debug for Service {
 enum AttemptError {
     Redis(RedisError),
     UnexpectedReply(String),
+    /// A newer run took over (see the module documentation).
+    Fenced {
+        ours: u64,
+        current: u64,
+    },
 }
 
 impl From<RedisError> for AttemptError {
@@ -103,6 +115,7 @@ impl Service {
             client_id: None,
             old_connection_alive: false,
             dropped_client: None,
+            fence: config.fence.clone(),
             pipeline_depth: config.pipeline_depth,
             io_timeout: config.io_timeout,
             initial_backoff: config.retry_initial_backoff,
@@ -111,9 +124,13 @@ impl Service {
             metrics,
             warnings: RateLimit::new(Duration::from_secs(1)),
         };
-        let conn = service.open().map_err(|source| SinkError::Connect {
-            addr: service.addr(),
-            source,
+        let conn = service.open().map_err(|error| match error {
+            AttemptError::Fenced { ours, current } => SinkError::Fenced { ours, current },
+            AttemptError::Redis(source) => SinkError::Connect {
+                addr: service.addr(),
+                source,
+            },
+            AttemptError::UnexpectedReply(reply) => SinkError::UnexpectedReply(reply),
         })?;
         service.conn = Some(conn);
         Ok(service)
@@ -135,10 +152,29 @@ impl Service {
         self.client.get_connection_info().addr().to_string()
     }
 
-    /// A new connection with socket timeouts and the script loaded, which first ends the
-    /// connection a failure dropped, if any.
-    fn open(&mut self) -> Result<Connection, RedisError> {
+    /// A new connection with socket timeouts and the script loaded, named after its run and
+    /// checked against a newer one (with a fence), which first ends the connection a failure
+    /// dropped, if any.
+    fn open(&mut self) -> Result<Connection, AttemptError> {
         let mut conn = self.open_loaded()?;
+        if let Some(fence) = &self.fence {
+            // Named first, so that a run taking over from now on finds it; a refused name
+            // (an ACL without CLIENT) leaves it unnamed, and that run then writes nothing plain.
+            let _: Result<(), _> = redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(fence.client_name())
+                .query(&mut conn);
+            let current: Option<u64> = redis::cmd("HGET")
+                .arg(format!("{}{}", crate::READ_MARKS_KEY_PREFIX, fence.topic))
+                .arg(crate::read_marks::GENERATION_FIELD)
+                .query(&mut conn)?;
+            if let Some(current) = current.filter(|&current| current > fence.generation) {
+                return Err(AttemptError::Fenced {
+                    ours: fence.generation,
+                    current,
+                });
+            }
+        }
         // CLIENT is an admin command an ACL may refuse; without it, nothing is written plain
         // again, which costs speed, not correctness.
         self.client_id = redis::cmd("CLIENT").arg("ID").query(&mut conn).ok();
@@ -231,6 +267,10 @@ impl Service {
                 AttemptError::UnexpectedReply(reply) => {
                     self.abandon();
                     return Err(SinkError::UnexpectedReply(reply));
+                }
+                AttemptError::Fenced { ours, current } => {
+                    self.abandon();
+                    return Err(SinkError::Fenced { ours, current });
                 }
             };
             if self.max_retries.is_some_and(|max| failures >= max) {

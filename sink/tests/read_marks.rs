@@ -5,8 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{conn, PrivateRedis};
-use sink::{ReadMarks, StoredMarks, READ_MARKS_KEY_PREFIX};
+use common::{conn, unique, PrivateRedis, Profiles};
+use sink::{
+    ReadMarks, RedisSink, SinkConfig, SinkError, StoredMarks, WriterFence, READ_MARKS_KEY_PREFIX,
+};
 
 fn marks(server: &PrivateRedis, topic: &str) -> ReadMarks {
     ReadMarks::connect(&server.url(), topic, Duration::from_secs(2)).unwrap()
@@ -99,4 +101,77 @@ fn a_floor_is_recorded_once_and_only_before_any_mark() {
     assert_eq!(loaded.floors, [(0, 5), (1, 0)].into_iter().collect());
     assert!(loaded.nothing_deleted(0, 5) && !loaded.nothing_deleted(0, 7));
     assert!(!loaded.nothing_deleted(2, 0));
+}
+
+#[test]
+fn a_newer_run_ends_the_older_runs_writers_which_then_refuse_to_write() {
+    let server = PrivateRedis::start(&[]);
+    let mut topic = marks(&server, "profiles");
+    let first = topic.take_over().unwrap();
+    assert_eq!(
+        (first.generation, first.exclusive, first.ended),
+        (1, true, 0)
+    );
+    // Taking over creates the hash as load does: an empty database is still fresh.
+    assert!(!topic.load(&[]).unwrap().unknown_origin);
+
+    let fenced = |generation| SinkConfig {
+        fence: Some(WriterFence {
+            topic: "profiles".into(),
+            generation,
+        }),
+        io_timeout: Duration::from_secs(2),
+        retry_initial_backoff: Duration::from_millis(10),
+        ..SinkConfig::new(server.url())
+    };
+    let data = Profiles::new(&unique("fence"), 20, 3, 2);
+    let mut older = RedisSink::connect(fenced(first.generation)).unwrap();
+    // Another topic's writer is not touched.
+    let mut other = RedisSink::connect(SinkConfig {
+        fence: Some(WriterFence {
+            topic: "other".into(),
+            generation: 1,
+        }),
+        ..fenced(0)
+    })
+    .unwrap();
+    assert_eq!(older.write(data.records(1, 1)).unwrap().written, 20);
+
+    let second = marks(&server, "profiles").take_over().unwrap();
+    assert_eq!(
+        (second.generation, second.exclusive, second.ended),
+        (2, true, 1)
+    );
+    match older.write(data.records(2, 2)) {
+        Err(SinkError::Fenced {
+            ours: 1,
+            current: 2,
+        }) => {}
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(matches!(
+        RedisSink::connect(fenced(1)),
+        Err(SinkError::Fenced {
+            ours: 1,
+            current: 2
+        })
+    ));
+    let mut newer = RedisSink::connect(fenced(2)).unwrap();
+    assert_eq!(newer.write(data.records(3, 3)).unwrap().written, 20);
+    assert_eq!(other.write(data.records(4, 4)).unwrap().written, 20);
+}
+
+#[test]
+fn without_client_a_take_over_is_not_exclusive() {
+    let server = PrivateRedis::start(&[]);
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "writer", "on", ">secret", "~*", "&*", "+@all", "-client",
+        ])
+        .query(&mut conn(&server.url()))
+        .unwrap();
+    let url = format!("redis://writer:secret@127.0.0.1:{}/0", server.port);
+    let mut topic = ReadMarks::connect(&url, "profiles", Duration::from_secs(2)).unwrap();
+    let taken = topic.take_over().unwrap();
+    assert_eq!((taken.generation, taken.exclusive), (1, false));
 }
