@@ -258,22 +258,13 @@ impl KafkaSource {
                 assigned.push((topic_index, partition));
             }
         }
-        let profile_partitions: Vec<i32> = assigned
-            .iter()
-            .filter(|&&(topic, _)| topic == PROFILE_TOPIC)
-            .map(|&(_, partition)| partition)
-            .collect();
+        let offsets = start_offsets(&consumer, &topics, &assigned)?;
         let mut read_marks = sink::ReadMarks::connect(
             &config.redis,
             &config.profile_topic,
             Duration::from_secs(10),
         )?;
-        let (marks, catch_up) = plan_catch_up(
-            &consumer,
-            &config.profile_topic,
-            &profile_partitions,
-            &mut read_marks,
-        )?;
+        let (marks, catch_up) = plan_catch_up(&offsets, &mut read_marks)?;
         match catch_up.never_plain() {
             Some(NeverPlain::UnknownOrigin) if index == 0 => tracing::info!(
                 key = read_marks.key(),
@@ -296,7 +287,7 @@ impl KafkaSource {
                 "reading up to the read marks before writing plain"
             );
         }
-        let replay = plan_replay(&consumer, &topics, &assigned)?;
+        let replay = plan_replay(&offsets);
         let replay = if replay.is_done() {
             consumer.assign(&live_assignment(&topics, &assigned, None)?)?;
             tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
@@ -646,37 +637,67 @@ fn raise_mark(
     }
 }
 
+/// Where an assigned partition stands at start.
+#[derive(Debug, Clone, Copy)]
+struct StartOffsets {
+    /// Its first offset (low watermark).
+    first: i64,
+    /// The group's committed offset, if it has one.
+    committed: Option<i64>,
+}
+
+/// The first and committed offsets of every assigned partition, read once for the replay and
+/// the catch-up.
+fn start_offsets(
+    consumer: &BaseConsumer<SourceContext>,
+    topics: &[String; 2],
+    assigned: &[SourcePartition],
+) -> Result<BTreeMap<SourcePartition, StartOffsets>, KafkaError> {
+    let timeout = Duration::from_secs(10);
+    let mut list = TopicPartitionList::new();
+    for &(topic, partition) in assigned {
+        list.add_partition(&topics[topic], partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    let mut offsets = BTreeMap::new();
+    for &(topic, partition) in assigned {
+        let committed = match committed
+            .find_partition(&topics[topic], partition)
+            .map(|p| p.offset())
+        {
+            Some(Offset::Offset(committed)) => Some(committed),
+            _ => None,
+        };
+        let (first, high) = consumer.fetch_watermarks(&topics[topic], partition, timeout)?;
+        tracing::debug!(
+            topic = topics[topic],
+            partition,
+            first,
+            committed,
+            high,
+            "start offsets"
+        );
+        offsets.insert((topic, partition), StartOffsets { first, committed });
+    }
+    Ok(offsets)
+}
+
 /// Reads the marks of the worker's profile partitions, and the offsets each must be read up to
 /// before it is caught up.
 fn plan_catch_up(
-    consumer: &BaseConsumer<SourceContext>,
-    topic: &str,
-    partitions: &[i32],
+    offsets: &BTreeMap<SourcePartition, StartOffsets>,
     read_marks: &mut sink::ReadMarks,
 ) -> Result<(Marks, CatchUp), SourceError> {
-    let timeout = Duration::from_secs(10);
-    let mut list = TopicPartitionList::new();
-    for &partition in partitions {
-        list.add_partition(topic, partition);
-    }
-    let committed = consumer.committed_offsets(list, timeout)?;
-    let mut starts = Vec::new();
-    for &partition in partitions {
-        let first = consumer.fetch_watermarks(topic, partition, timeout)?.0;
-        let resume = match committed
-            .find_partition(topic, partition)
-            .map(|p| p.offset())
-        {
-            Some(Offset::Offset(offset)) => offset,
-            // Never committed: read from the beginning.
-            _ => first,
-        };
-        starts.push(PartitionStart {
+    let starts: Vec<PartitionStart> = offsets
+        .iter()
+        .filter(|(&(topic, _), _)| topic == PROFILE_TOPIC)
+        .map(|(&(_, partition), start)| PartitionStart {
             partition,
-            first,
-            resume,
-        });
-    }
+            first: start.first,
+            // Never committed: read from the beginning.
+            resume: start.committed.unwrap_or(start.first),
+        })
+        .collect();
     let firsts: Vec<(i32, i64)> = starts.iter().map(|s| (s.partition, s.first)).collect();
     let stored = read_marks.load(&firsts)?;
     Ok((
@@ -689,37 +710,12 @@ fn plan_catch_up(
 /// watermark: tansu reports one below the last batch it holds (its last batch's first offset,
 /// it seems), which would cut the replay short. A committed offset beyond a partition's end (a
 /// topic recreated under the same group) ends the replay at the end of the partition instead.
-fn plan_replay(
-    consumer: &BaseConsumer<SourceContext>,
-    topics: &[String; 2],
-    assigned: &[SourcePartition],
-) -> Result<Replay, KafkaError> {
-    let timeout = Duration::from_secs(10);
-    let mut list = TopicPartitionList::new();
-    for &(topic, partition) in assigned {
-        list.add_partition(&topics[topic], partition);
-    }
-    let committed = consumer.committed_offsets(list, timeout)?;
-    let mut partitions = Vec::new();
-    for &(topic, partition) in assigned {
-        let Some(Offset::Offset(committed)) = committed
-            .find_partition(&topics[topic], partition)
-            .map(|p| p.offset())
-        else {
-            continue;
-        };
-        let (low, high) = consumer.fetch_watermarks(&topics[topic], partition, timeout)?;
-        tracing::debug!(
-            topic = topics[topic],
-            partition,
-            low,
-            committed,
-            high,
-            "replay plan"
-        );
-        partitions.push(((topic, partition), low, committed));
-    }
-    Ok(Replay::new(partitions))
+fn plan_replay(offsets: &BTreeMap<SourcePartition, StartOffsets>) -> Replay {
+    Replay::new(
+        offsets
+            .iter()
+            .filter_map(|(&partition, start)| Some((partition, start.first, start.committed?))),
+    )
 }
 
 /// Partitions of `topic`, or 0 if it does not exist.
