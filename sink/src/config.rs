@@ -60,9 +60,8 @@ impl WriterFence {
     /// The name of this run's writer connections (`CLIENT SETNAME`).
     pub fn client_name(&self) -> String {
         format!(
-            "{}{}:{}",
-            crate::read_marks::WRITER_NAME_PREFIX,
-            self.topic,
+            "{}{}",
+            crate::read_marks::writer_name_prefix(&self.topic),
             self.generation
         )
     }

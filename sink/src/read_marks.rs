@@ -50,7 +50,17 @@ pub const READ_MARKS_KEY_PREFIX: &str = "streamrec:read_marks:";
 pub(crate) const GENERATION_FIELD: &str = "generation";
 
 /// Prefix of a writer connection's name; `{topic}:{generation}` follows it.
-pub(crate) const WRITER_NAME_PREFIX: &str = "streamrec-writer:";
+const WRITER_NAME_PREFIX: &str = "streamrec-writer:";
+
+/// The read marks' hash of `topic`.
+pub(crate) fn read_marks_key(topic: &str) -> String {
+    format!("{READ_MARKS_KEY_PREFIX}{topic}")
+}
+
+/// The start of the name of every writer connection of `topic`; its generation follows.
+pub(crate) fn writer_name_prefix(topic: &str) -> String {
+    format!("{WRITER_NAME_PREFIX}{topic}:")
+}
 
 /// What [`ReadMarks::take_over`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +142,7 @@ pub struct ReadMarks {
     client: Client,
     conn: Option<Connection>,
     key: String,
+    topic: String,
     io_timeout: Duration,
     load: Script,
     advance: Script,
@@ -155,7 +166,8 @@ impl ReadMarks {
         let mut marks = Self {
             client,
             conn: None,
-            key: format!("{READ_MARKS_KEY_PREFIX}{topic}"),
+            key: read_marks_key(topic),
+            topic: topic.to_owned(),
             io_timeout,
             load: Script::new(LOAD_SCRIPT),
             advance: Script::new(ADVANCE_SCRIPT),
@@ -201,10 +213,7 @@ impl ReadMarks {
     /// writer connections of older generations (see the module documentation). Call it once
     /// per run, before [`load`](Self::load).
     pub fn take_over(&mut self) -> Result<TakeOver, SinkError> {
-        let topic_prefix = format!(
-            "{WRITER_NAME_PREFIX}{}:",
-            self.key.trim_start_matches(READ_MARKS_KEY_PREFIX)
-        );
+        let topic_prefix = writer_name_prefix(&self.topic);
         self.with_conn(|conn, load, _, key| {
             // The hash is created (and its origin recorded) first: a hash without an origin
             // counts as of unknown origin.

@@ -165,7 +165,7 @@ impl Service {
                 .arg(fence.client_name())
                 .query(&mut conn);
             let current: Option<u64> = redis::cmd("HGET")
-                .arg(format!("{}{}", crate::READ_MARKS_KEY_PREFIX, fence.topic))
+                .arg(crate::read_marks::read_marks_key(&fence.topic))
                 .arg(crate::read_marks::GENERATION_FIELD)
                 .query(&mut conn)?;
             if let Some(current) = current.filter(|&current| current > fence.generation) {
