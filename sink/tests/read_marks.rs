@@ -164,13 +164,7 @@ fn a_newer_run_ends_the_older_runs_writers_which_then_refuse_to_write() {
 #[test]
 fn without_client_a_take_over_is_not_exclusive() {
     let server = PrivateRedis::start(&[]);
-    let _: () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER", "writer", "on", ">secret", "~*", "&*", "+@all", "-client",
-        ])
-        .query(&mut conn(&server.url()))
-        .unwrap();
-    let url = format!("redis://writer:secret@127.0.0.1:{}/0", server.port);
+    let url = server.url_without_client();
     let mut topic = ReadMarks::connect(&url, "profiles", Duration::from_secs(2)).unwrap();
     let taken = topic.take_over().unwrap();
     assert_eq!((taken.generation, taken.exclusive), (1, false));

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{conn, get, unique, PrivateRedis, Profiles};
-use sink::{encode_profile, RedisSink, SinkConfig, SinkError, WriteMode};
+use sink::{encode_profile, RedisSink, SinkConfig, SinkError, WriteMode, WriteStats};
 
 fn config(server: &PrivateRedis) -> SinkConfig {
     // The sink's retry warnings, visible with --nocapture.
@@ -128,29 +128,25 @@ fn connect_to_a_dead_port_fails_at_once() {
 fn retries_through_busy_replies() {
     // Redis answers BUSY to everyone while a script runs longer than the threshold.
     let server = PrivateRedis::start(&["--busy-reply-threshold", "50"]);
-    let mut sink = RedisSink::connect(config(&server)).unwrap();
-    let blocker = block_redis(&server);
-
+    let sink = RedisSink::connect(config(&server)).unwrap();
     let data = Profiles::new(&unique("busy"), 50, 5, 4);
-    let writer = thread::spawn(move || {
-        let stats = sink.write(data.records(1, 1));
-        (data, stats)
-    });
-    thread::sleep(Duration::from_millis(300));
-    let _: () = redis::cmd("SCRIPT")
-        .arg("KILL")
-        .query(&mut conn(&server.url()))
-        .unwrap();
-    blocker.join().unwrap();
-    let (data, stats) = writer.join().unwrap();
+    let (_, data, stats) = write_while_busy(&server, sink, data, 1, 1);
     let stats = stats.unwrap();
     assert!(stats.retries > 0, "{stats:?}");
     assert_eq!(stats.written, 50);
     assert_all_stored(&server.url(), &data, 1, 1);
 }
 
-/// Runs a script that keeps Redis busy (every other command gets BUSY) until `SCRIPT KILL`.
-fn block_redis(server: &PrivateRedis) -> thread::JoinHandle<()> {
+/// Writes `data`'s records at (`timestamp`, `epoch`) while a script keeps Redis busy (every
+/// other command gets BUSY), and ends the script 300 ms into the write; returns the sink, the
+/// data and what the write did.
+fn write_while_busy(
+    server: &PrivateRedis,
+    mut sink: RedisSink,
+    data: Profiles,
+    timestamp: u64,
+    epoch: u64,
+) -> (RedisSink, Profiles, Result<WriteStats, SinkError>) {
     let url = server.url();
     let blocker = thread::spawn(move || {
         let _ = redis::cmd("EVAL")
@@ -159,7 +155,17 @@ fn block_redis(server: &PrivateRedis) -> thread::JoinHandle<()> {
             .query::<()>(&mut conn(&url));
     });
     thread::sleep(Duration::from_millis(200));
-    blocker
+    let writer = thread::spawn(move || {
+        let stats = sink.write(data.records(timestamp, epoch));
+        (sink, data, stats)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query(&mut conn(&server.url()))
+        .unwrap();
+    blocker.join().unwrap();
+    writer.join().unwrap()
 }
 
 #[test]
@@ -170,19 +176,8 @@ fn a_plain_batch_is_resent_through_the_script() {
     let mut sink = RedisSink::connect(config(&server)).unwrap();
     // Newer values are stored; then Redis turns busy and a plain write of older ones fails.
     sink.write(data.records(100, 1)).unwrap();
-    let blocker = block_redis(&server);
     sink.set_mode(WriteMode::Plain);
-    let writer = thread::spawn(move || {
-        let stats = sink.write(data.records(50, 2));
-        (sink, data, stats)
-    });
-    thread::sleep(Duration::from_millis(300));
-    let _: () = redis::cmd("SCRIPT")
-        .arg("KILL")
-        .query(&mut conn(&url))
-        .unwrap();
-    blocker.join().unwrap();
-    let (mut sink, data, stats) = writer.join().unwrap();
+    let (mut sink, data, stats) = write_while_busy(&server, sink, data, 50, 2);
     let stats = stats.unwrap();
 
     // Resent checked, so the older values did not replace the newer ones.
@@ -208,13 +203,7 @@ fn a_plain_batch_is_resent_through_the_script() {
 fn without_client_kill_nothing_goes_plain_after_a_failure() {
     let server = PrivateRedis::start(&["--busy-reply-threshold", "50"]);
     // A user that may do everything but CLIENT, so the sink cannot end a dropped connection.
-    let _: () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER", "writer", "on", ">secret", "~*", "&*", "+@all", "-client",
-        ])
-        .query(&mut conn(&server.url()))
-        .unwrap();
-    let url = format!("redis://writer:secret@127.0.0.1:{}/0", server.port);
+    let url = server.url_without_client();
     let data = Profiles::new(&unique("noclient"), 100, 5, 4);
     let mut sink = RedisSink::connect(SinkConfig {
         redis_url: url.clone(),
@@ -225,18 +214,7 @@ fn without_client_kill_nothing_goes_plain_after_a_failure() {
     // No connection was ever dropped: plain is safe.
     assert_eq!(sink.write(data.records(1, 1)).unwrap().written_plain, 100);
 
-    let blocker = block_redis(&server);
-    let writer = thread::spawn(move || {
-        let stats = sink.write(data.records(2, 2));
-        (sink, data, stats)
-    });
-    thread::sleep(Duration::from_millis(300));
-    let _: () = redis::cmd("SCRIPT")
-        .arg("KILL")
-        .query(&mut conn(&server.url()))
-        .unwrap();
-    blocker.join().unwrap();
-    let (mut sink, data, stats) = writer.join().unwrap();
+    let (mut sink, data, stats) = write_while_busy(&server, sink, data, 2, 2);
     let stats = stats.unwrap();
     assert!(stats.retries > 0, "{stats:?}");
     assert_eq!((stats.written, stats.written_plain), (100, 0), "{stats:?}");

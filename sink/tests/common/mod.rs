@@ -97,6 +97,17 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Adds a user that may do everything but CLIENT, and returns a URL that logs in as it.
+    pub fn url_without_client(&self) -> String {
+        let _: () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER", "writer", "on", ">secret", "~*", "&*", "+@all", "-client",
+            ])
+            .query(&mut conn(&self.url()))
+            .unwrap();
+        format!("redis://writer:secret@127.0.0.1:{}/0", self.port)
+    }
+
     /// Starts the server (again, on the same port) and waits until it answers PING.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
