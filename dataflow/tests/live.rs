@@ -197,6 +197,37 @@ fn expected_vector(items: &[&str]) -> (Vec<f32>, u32) {
     (v.vector, v.known_items)
 }
 
+/// Produces `user`'s profile message, keyed by the user, to `topic`.
+async fn produce_profile(topic: &str, user: &str, items: &[&str], timestamp: u64) {
+    produce(
+        topic,
+        Some(user),
+        profile_message(user, items, timestamp).as_bytes(),
+    )
+    .await;
+}
+
+/// Produces `user`'s profile (one banana) at the timestamps `*next`, `*next + 1`, ... one every
+/// 200 ms until `done()` holds, which must happen before `deadline`.
+async fn produce_until(
+    topic: &str,
+    user: &str,
+    next: &mut u64,
+    deadline: Instant,
+    waiting_for: &str,
+    mut done: impl FnMut() -> bool,
+) {
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "no {waiting_for} before the deadline"
+        );
+        produce_profile(topic, user, &["banana"], *next).await;
+        *next += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A profile message value (semantics §2).
 fn profile_message(user: &str, items: &[&str], timestamp: u64) -> String {
     serde_json::json!({"user_id": user, "history_items": items, "timestamp": timestamp}).to_string()
@@ -393,18 +424,8 @@ async fn a_restart_rebuilds_the_state_from_the_topics() {
 
     // First run: alice holds apple, bob cherry; then cherry's features change.
     let first = Dataflow::spawn(&args);
-    produce(
-        &setup.topic,
-        Some(&alice),
-        profile_message(&alice, &["apple", "banana"], 10).as_bytes(),
-    )
-    .await;
-    produce(
-        &setup.topic,
-        Some(&bob),
-        profile_message(&bob, &["cherry"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &alice, &["apple", "banana"], 10).await;
+    produce_profile(&setup.topic, &bob, &["cherry"], 10).await;
     first.wait_for("redis_writes", 2);
     produce(
         &setup.item_topic,
@@ -421,12 +442,7 @@ async fn a_restart_rebuilds_the_state_from_the_topics() {
     // Second run, same group: the replay rewrites nothing ...
     let second = Dataflow::spawn(&args);
     // ... a new message meets cherry's features from the item topic, not the file's ...
-    produce(
-        &setup.topic,
-        Some(&carol),
-        profile_message(&carol, &["cherry"], 20).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &carol, &["cherry"], 20).await;
     second.wait_for("redis_writes", 1);
     let carol_now = profile_of(&mut redis, &carol).unwrap();
     assert_eq!(carol_now["interest_vector"], serde_json::json!([2.0, 2.0]));
@@ -718,20 +734,10 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     let args = [setup.args(), vec!["-w".into(), "2".into()]].concat();
     let alice = format!("{}-alice", setup.topic);
     let bob = format!("{}-bob", setup.topic);
-    produce(
-        &setup.topic,
-        Some(&alice),
-        profile_message(&alice, &["apple"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &alice, &["apple"], 10).await;
     let run = Dataflow::spawn(&args);
     run.wait_for("redis_writes", 1);
-    produce(
-        &setup.topic,
-        Some(&bob),
-        profile_message(&bob, &["banana"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &bob, &["banana"], 10).await;
     run.wait_for("redis_writes", 2);
     assert_eq!(run.total("plain_writes"), 2);
     run.stop();
@@ -762,20 +768,10 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     let dave = format!("{}-dave", setup.topic);
     let erin = format!("{}-erin", setup.topic);
     store_profile(&mut redis, &dave, 30);
-    produce(
-        &setup.topic,
-        Some(&dave),
-        profile_message(&dave, &["apple"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &dave, &["apple"], 10).await;
     let run = Dataflow::spawn(&args);
     run.wait_for("changed", 1);
-    produce(
-        &setup.topic,
-        Some(&erin),
-        profile_message(&erin, &["banana"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &erin, &["banana"], 10).await;
     run.wait_for("redis_writes", 1);
     assert_eq!(timestamp_of(&mut redis, &dave), Some(30));
     assert_eq!(timestamp_of(&mut redis, &erin), Some(10));
@@ -802,35 +798,28 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
         .query(&mut redis)
         .unwrap();
     store_profile(&mut redis, &carol, 50);
-    produce(
-        &setup.topic,
-        Some(&carol),
-        profile_message(&carol, &["apple"], 20).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &carol, &["apple"], 20).await;
     let run = Dataflow::spawn(&args);
     run.wait_for("changed", 1);
     // The marks lie past the partitions' ends, so the catch-up ends when librdkafka's
     // statistics (once a second) report those ends: frank's profiles go checked until then.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut sent = 0;
-    while run.total("plain_writes") == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "nothing written plain after 30 s"
-        );
-        produce(
-            &setup.topic,
-            Some(&frank),
-            profile_message(&frank, &["banana"], 10 + sent).as_bytes(),
-        )
-        .await;
-        sent += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut next = 10;
+    produce_until(
+        &setup.topic,
+        &frank,
+        &mut next,
+        deadline,
+        "a plain write",
+        || run.total("plain_writes") > 0,
+    )
+    .await;
     assert_eq!(timestamp_of(&mut redis, &carol), Some(50));
     assert!(timestamp_of(&mut redis, &frank) >= Some(10));
-    assert!(run.total("plain_writes") <= sent, "only frank's went plain");
+    assert!(
+        run.total("plain_writes") <= next - 10,
+        "only frank's went plain"
+    );
     run.stop();
 
     // 4. --checked-writes always: nothing plain, even in an empty database.
@@ -843,12 +832,7 @@ async fn writes_go_plain_only_once_caught_up_with_what_redis_may_hold() {
     ]
     .concat();
     let run = Dataflow::spawn(&args);
-    produce(
-        &setup.topic,
-        Some(&grace),
-        profile_message(&grace, &["apple"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &grace, &["apple"], 10).await;
     run.wait_for("redis_writes", 1);
     assert_eq!(run.total("plain_writes"), 0);
     run.stop();
@@ -863,54 +847,43 @@ async fn a_newer_run_takes_over_and_the_older_one_stops_writing() {
     let alice = format!("{}-alice", setup.topic);
     let bob = format!("{}-bob", setup.topic);
     let mut older = Dataflow::spawn(&args);
-    produce(
-        &setup.topic,
-        Some(&alice),
-        profile_message(&alice, &["apple"], 10).as_bytes(),
-    )
-    .await;
+    produce_profile(&setup.topic, &alice, &["apple"], 10).await;
     older.wait_for("redis_writes", 1);
 
     // A second run of the same topic (a deploy overlapping the old one) takes over: the older
     // run's writers are ended, and at its next write it finds itself replaced and exits.
     let newer = Dataflow::spawn(&args);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut sent = 0;
-    let status = loop {
-        if let Some(status) = older.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the older run still runs after 30 s"
-        );
-        produce(
-            &setup.topic,
-            Some(&bob),
-            profile_message(&bob, &["banana"], 10 + sent).as_bytes(),
-        )
-        .await;
-        sent += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert_eq!(status.code(), Some(dataflow::run::TAKEN_OVER_EXIT_CODE));
+    let mut next = 10;
+    let mut status = None;
+    produce_until(
+        &setup.topic,
+        &bob,
+        &mut next,
+        deadline,
+        "the older run's exit",
+        || {
+            status = older.child.try_wait().unwrap();
+            status.is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        status.and_then(|status| status.code()),
+        Some(dataflow::run::TAKEN_OVER_EXIT_CODE)
+    );
 
     // The newer run writes on, plain once caught up with the older run's marks.
-    while newer.total("plain_writes") == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "nothing written plain after 30 s"
-        );
-        produce(
-            &setup.topic,
-            Some(&bob),
-            profile_message(&bob, &["banana"], 10 + sent).as_bytes(),
-        )
-        .await;
-        sent += 1;
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait_for_profile(&mut redis, &bob, 10 + sent - 1);
+    produce_until(
+        &setup.topic,
+        &bob,
+        &mut next,
+        deadline,
+        "a plain write",
+        || newer.total("plain_writes") > 0,
+    )
+    .await;
+    wait_for_profile(&mut redis, &bob, next - 1);
     assert_eq!(timestamp_of(&mut redis, &alice), Some(10));
     newer.stop();
 }
