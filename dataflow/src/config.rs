@@ -91,9 +91,8 @@ pub struct Config {
     /// (the default): until every worker has read past the read marks that earlier runs left in
     /// Redis (`streamrec:read_marks:{topic}`), so that no value older than Redis's can follow;
     /// from then on values are written with plain MSETs, which cost Redis a third as much, and
-    /// a batch resent after a failure still goes through the script. `always`: every value,
-    /// which also keeps keys from going back when two dataflows write the same Redis at once
-    /// (e.g. two runs of one group overlapping during a deploy).
+    /// a batch resent after a failure still goes through the script. `always`: every value.
+    /// Either way a run takes over the topic at start: an older run still writing it stops.
     #[arg(long, env = "CHECKED_WRITES", value_enum, default_value_t = CheckedWrites::UntilCaughtUp)]
     pub checked_writes: CheckedWrites,
 
