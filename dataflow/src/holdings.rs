@@ -37,8 +37,8 @@ use sink::{EncodedProfile, ProfileRecord};
 
 use crate::model::{id_key, FeatureVector, IdKey, Profile};
 
-/// An item's place in its worker's item table. Four bytes: a table of 2^32 items would take
-/// hundreds of gigabytes, far beyond any worker.
+/// An item's place in its worker's item table. Four bytes, of which a [`HolderChange`] takes
+/// 31: a table of 2^31 items would take hundreds of gigabytes, far beyond any worker.
 type ItemIndex = u32;
 
 /// A user's place in its worker's user table, four bytes for the same reason.
@@ -308,21 +308,52 @@ impl UserTable {
 /// at the end of each epoch, and within one whenever they reach [`HOLDER_CHANGES_BATCH`].
 #[derive(Debug)]
 struct HolderChanges {
-    joins: Vec<(ItemIndex, Holder)>,
-    leaves: Vec<(ItemIndex, Holder)>,
-    /// Joins held back before they are applied within an epoch.
+    changes: Vec<HolderChange>,
+    /// Changes held back before they are applied within an epoch.
     batch: usize,
 }
 
-/// Joins held back before they are applied within an epoch: 8 MB (and as much sort buffer),
+/// Changes held back before they are applied within an epoch: 8 MB (and as much sort buffer),
 /// so that a large epoch does not hold all of its own.
 const HOLDER_CHANGES_BATCH: usize = 1 << 20;
+
+/// One change to an item's holders list: `holder` joins it or leaves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HolderChange {
+    /// The item, shifted left by one, and 1 for a join: sorted by it, an item's changes come
+    /// together, its leaves first (so that its count never goes below zero).
+    key: u32,
+    holder: Holder,
+}
+
+impl HolderChange {
+    fn join(item: ItemIndex, holder: Holder) -> Self {
+        HolderChange {
+            key: item << 1 | 1,
+            holder,
+        }
+    }
+
+    fn leave(item: ItemIndex, holder: Holder) -> Self {
+        HolderChange {
+            key: item << 1,
+            holder,
+        }
+    }
+
+    fn item(self) -> ItemIndex {
+        self.key >> 1
+    }
+
+    fn is_join(self) -> bool {
+        self.key & 1 == 1
+    }
+}
 
 impl Default for HolderChanges {
     fn default() -> Self {
         HolderChanges {
-            joins: Vec::new(),
-            leaves: Vec::new(),
+            changes: Vec::new(),
             batch: HOLDER_CHANGES_BATCH,
         }
     }
@@ -339,46 +370,47 @@ impl HolderChanges {
         new_version: u32,
     ) {
         let leaving = Holder::new(user, old_version);
-        self.leaves.extend(old.iter().map(|&item| (item, leaving)));
         let joining = Holder::new(user, new_version);
-        self.joins.extend(new.iter().map(|&item| (item, joining)));
+        self.changes.extend(
+            old.iter()
+                .map(|&item| HolderChange::leave(item, leaving))
+                .chain(new.iter().map(|&item| HolderChange::join(item, joining))),
+        );
     }
 
     fn is_full(&self) -> bool {
-        self.joins.len() >= self.batch
+        self.changes.len() >= self.batch
     }
 
     /// Applies the changes to the item table, and releases the items nothing needs any more.
     fn apply(&mut self, items: &mut ItemTable, users: &UserTable) {
-        radsort::sort_by_key(&mut self.leaves, |&(item, _)| item);
-        radsort::sort_by_key(&mut self.joins, |&(item, _)| item);
-        // An item twice in one history is one holder: its two changes are equal, and adjacent
-        // once sorted (the sort is stable and each history's changes were recorded together).
-        // Leaves first, so that a count never goes below zero.
-        let mut previous = None;
-        for &change in &self.leaves {
-            if previous.replace(change) != Some(change) {
-                items.slots[change.0 as usize].held_by -= 1;
+        radsort::sort_by_key(&mut self.changes, |change| change.key);
+        for changes in self.changes.chunk_by(|a, b| a.item() == b.item()) {
+            let item = changes[0].item();
+            let slot = &mut items.slots[item as usize];
+            let mut left = false;
+            // An item twice in one history is one holder: its two changes are equal, and
+            // adjacent once sorted (the sort is stable and each history's changes were
+            // recorded together).
+            let mut previous = None;
+            for &change in changes {
+                if previous.replace(change) == Some(change) {
+                    continue;
+                }
+                if change.is_join() {
+                    slot.held_by += 1;
+                    slot.holders.push(change.holder);
+                } else {
+                    slot.held_by -= 1;
+                    left = true;
+                }
             }
-        }
-        let mut previous = None;
-        for &change @ (item, holder) in &self.joins {
-            if previous.replace(change) != Some(change) {
-                let slot = &mut items.slots[item as usize];
-                slot.held_by += 1;
-                slot.holders.push(holder);
-                slot.compact_if_sparse(users);
-            }
-        }
-        // Once each: a released entry may be taken again at once.
-        let mut previous = None;
-        for &(item, _) in &self.leaves {
-            if previous.replace(item) != Some(item) {
+            slot.compact_if_sparse(users);
+            if left {
                 items.release_if_unused(item);
             }
         }
-        self.leaves.clear();
-        self.joins.clear();
+        self.changes.clear();
     }
 }
 
