@@ -520,7 +520,12 @@ impl Holdings {
             if let Some(user) = self.set_profile(&profile) {
                 let vector = self.interest_vector(user);
                 let history: Vec<&str> = profile.history_items.iter().collect();
-                self.encode_output(user, &history, &vector, epoch, &mut emit);
+                let output = Output {
+                    user_id: &profile.user_id,
+                    history: &history,
+                    vector: &vector,
+                };
+                self.encode_output(user, output, epoch, &mut emit);
                 work.changed.push(user);
             }
             if self.holder_changes.is_full() {
@@ -560,7 +565,12 @@ impl Holdings {
                     .iter()
                     .map(|&item| self.items.id(item))
                     .collect();
-                self.encode_output(user, &history, &vector, epoch, &mut emit);
+                let output = Output {
+                    user_id: self.users.id(user),
+                    history: &history,
+                    vector: &vector,
+                };
+                self.encode_output(user, output, epoch, &mut emit);
             }
         }
         self.apply_holder_changes();
@@ -636,8 +646,7 @@ impl Holdings {
         vector
     }
 
-    /// Encodes the user's value of `epoch` (semantics §6) for `emit`; `history` is the ids of
-    /// its current history.
+    /// Encodes the user's value of `epoch` (semantics §6) for `emit`.
     ///
     /// The value is encoded here, where it is computed, rather than as an owned copy of the
     /// history for the writer thread to encode and free: that copy cost an allocation and a
@@ -646,13 +655,17 @@ impl Holdings {
     fn encode_output(
         &self,
         user: UserIndex,
-        history: &[&str],
-        vector: &profile::InterestVector,
+        output: Output<'_>,
         epoch: u64,
         emit: &mut impl FnMut(EncodedProfile),
     ) {
+        let Output {
+            user_id,
+            history,
+            vector,
+        } = output;
         let record = ProfileRecord {
-            user_id: self.users.id(user),
+            user_id,
             timestamp: self.users.timestamps[user as usize],
             history_items: history,
             interest_vector: &vector.vector,
@@ -666,6 +679,16 @@ impl Holdings {
             Err(error) => tracing::error!(%error, epoch, "profile not written"),
         }
     }
+}
+
+/// What a user's output is encoded from besides its timestamp: its id and its current
+/// history's ids, from the message for a changed profile (in cache, where the tables' copies
+/// are a cache miss each), and its vector.
+#[derive(Debug, Clone, Copy)]
+struct Output<'a> {
+    user_id: &'a str,
+    history: &'a [&'a str],
+    vector: &'a profile::InterestVector,
 }
 
 /// A 64-bit hash of an interest vector's bits and known items: two outputs of one history that

@@ -100,7 +100,10 @@ pub fn resolve_epoch<E: UpsertEvent>(
     events.sort_by_key(UpsertEvent::position);
     let mut stale = 0;
     // Fx, not SipHash: keys come from our own topics (user keys are xxh3 hashes already).
-    let mut latest: FxHashMap<E::Key, Option<Versioned<E>>> = FxHashMap::default();
+    // Sized for every event at once: grown from empty, it rehashed every entry several times
+    // an epoch.
+    let mut latest: FxHashMap<E::Key, Option<Versioned<E>>> =
+        FxHashMap::with_capacity_and_hasher(events.len(), Default::default());
     for event in events {
         let version = match latest.get(event.key()) {
             Some(value) => value.as_ref().map(|(version, _)| *version),
