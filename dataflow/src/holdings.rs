@@ -516,7 +516,11 @@ impl Holdings {
         profiles: impl IntoIterator<Item = Profile>,
         mut emit: impl FnMut(EncodedProfile),
     ) {
-        for profile in profiles {
+        let mut profiles = profiles.into_iter().peekable();
+        while let Some(profile) = profiles.next() {
+            if let Some(next) = profiles.peek() {
+                next.history_items.touch();
+            }
             if let Some(user) = self.set_profile(&profile) {
                 let vector = self.interest_vector(user);
                 let history: Vec<&str> = profile.history_items.iter().collect();
