@@ -95,28 +95,40 @@ struct ItemSlot {
     /// The item's id, read to encode the output of a user whose vector a feature change
     /// moved. Inline (see [`SmolStr`]) for ids of up to 23 bytes, which ASIN-like ids are.
     id: SmolStr,
-    /// The number of current entries in `holders`, once the pending holder changes are applied:
-    /// the local users whose current history holds the item.
+    /// While the item has no features, the number of local users whose current history holds
+    /// it (once the pending holder changes are applied), so that it is released when the last
+    /// one lets it go. An item with features is kept whoever holds it, so its count is not
+    /// kept up: that would take a change per item of every old history, half of all changes.
+    /// It is counted afresh when the item loses its features (see
+    /// [`ItemTable::count_holders`]).
     held_by: u32,
+    /// The length of `holders` after it was last compacted.
+    compacted_len: u32,
 }
 
 impl ItemSlot {
-    /// Drops the stale entries of the holders list once they are half of it.
-    fn compact_if_sparse(&mut self, users: &UserTable) {
-        let current = self.held_by as usize;
-        let holders = &mut self.holders;
-        if holders.len() > 2 * current + COMPACTION_SLACK {
-            holders.retain(|&holder| users.is_current(holder));
-            // A list that grew by doubling keeps up to twice what it needs.
-            if holders.capacity() > holders.len() + holders.len() / 2 + COMPACTION_SLACK {
-                holders.shrink_to(holders.len() + holders.len() / 4 + COMPACTION_SLACK);
-            }
+    /// Drops the stale entries of the holders list once it has doubled since it was last
+    /// compacted: amortised O(1) a push, and a list at most about twice its current entries
+    /// when it is pushed to.
+    fn compact_if_grown(&mut self, users: &UserTable) {
+        if self.holders.len() > 2 * self.compacted_len as usize + COMPACTION_SLACK {
+            self.compact(users);
         }
+    }
+
+    fn compact(&mut self, users: &UserTable) {
+        let holders = &mut self.holders;
+        holders.retain(|&holder| users.is_current(holder));
+        // A list that grew by doubling keeps up to twice what it needs.
+        if holders.capacity() > holders.len() + holders.len() / 2 + COMPACTION_SLACK {
+            holders.shrink_to(holders.len() + holders.len() / 4 + COMPACTION_SLACK);
+        }
+        self.compacted_len = holders.len() as u32;
     }
 }
 
-/// A list is compacted when its entries pass twice its current ones plus this many, so that a
-/// small list is not compacted at every push.
+/// A list is compacted when it passes twice its length after the last compaction plus this
+/// many, so that a small list is not compacted at every push.
 const COMPACTION_SLACK: usize = 16;
 
 /// The items known to a worker, every item with features and every item a local user holds,
@@ -229,8 +241,24 @@ impl ItemTable {
             // Every entry left is stale; the buffer goes too, which a once popular item's
             // makes large.
             entry.holders = Vec::new();
+            entry.compacted_len = 0;
             self.free.push(item);
         }
+    }
+
+    /// Counts the item's holders into [`ItemSlot::held_by`], from its list of current entries
+    /// (just compacted). An entry whose tag passes for current though its user has moved on
+    /// (see [`Holder`]) is told apart by the user's history, and one user's two such entries
+    /// are one: O(holders) with the history scans, once per item that loses its features.
+    fn count_holders(&mut self, item: ItemIndex, users: &UserTable) {
+        let slot = &mut self.slots[item as usize];
+        slot.holders.sort_unstable_by_key(|holder| holder.0);
+        slot.holders.dedup();
+        slot.held_by = slot
+            .holders
+            .iter()
+            .filter(|holder| users.histories[holder.user() as usize].contains(&item))
+            .count() as u32;
     }
 }
 
@@ -292,8 +320,8 @@ impl UserTable {
 
 /// The holder changes of the profiles set since they were last applied: the user's entry of
 /// its new version joins the list of each item of its new history, and its entry of the old
-/// version leaves those of the old one (the entry is stale already, by its tag, but the item
-/// still counts it in [`ItemSlot::held_by`]).
+/// version leaves those of the old one's items that have no features (the entry is stale
+/// already, by its tag, but such an item still counts it in [`ItemSlot::held_by`]).
 ///
 /// Applying them one profile at a time touched the line of each of the 50 items, the end of
 /// its list, and the line of each of the old history's 50 items: random lines of tables larger
@@ -303,9 +331,10 @@ impl UserTable {
 /// many of the epoch's histories hold the item. `bench-core scaling` ran 1.4x as fast with no
 /// holders at all; this keeps most of that.
 ///
-/// Nothing reads the lists or the counts between the changes and their application: a feature
-/// change comes first in its epoch (see [`Holdings::begin_epoch`]), and the changes are applied
-/// at the end of each epoch, and within one whenever they reach [`HOLDER_CHANGES_BATCH`].
+/// Nothing reads the lists or the counts between the changes and their application, nor does
+/// any item gain or lose its features: a feature change comes first in its epoch (see
+/// [`Holdings::begin_epoch`]), and the changes are applied at the end of each epoch, and within
+/// one whenever they reach [`HOLDER_CHANGES_BATCH`].
 #[derive(Debug)]
 struct HolderChanges {
     changes: Vec<HolderChange>,
@@ -360,19 +389,20 @@ impl Default for HolderChanges {
 }
 
 impl HolderChanges {
-    /// Records that `user`'s history went from `old` (of version `old_version`) to `new`.
+    /// Records that `user`'s history went from `old` (of version `old_version`) to `new`;
+    /// `known` is [`ItemTable::known`].
     fn record(
         &mut self,
         user: UserIndex,
-        old: &[ItemIndex],
-        old_version: u32,
-        new: &[ItemIndex],
-        new_version: u32,
+        (old, old_version): (&[ItemIndex], u32),
+        (new, new_version): (&[ItemIndex], u32),
+        known: &[bool],
     ) {
         let leaving = Holder::new(user, old_version);
         let joining = Holder::new(user, new_version);
         self.changes.extend(
             old.iter()
+                .filter(|&&item| !known[item as usize])
                 .map(|&item| HolderChange::leave(item, leaving))
                 .chain(new.iter().map(|&item| HolderChange::join(item, joining))),
         );
@@ -387,6 +417,7 @@ impl HolderChanges {
         radsort::sort_by_key(&mut self.changes, |change| change.key);
         for changes in self.changes.chunk_by(|a, b| a.item() == b.item()) {
             let item = changes[0].item();
+            let counted = !items.known[item as usize];
             let slot = &mut items.slots[item as usize];
             let mut left = false;
             // An item twice in one history is one holder: its two changes are equal, and
@@ -398,14 +429,14 @@ impl HolderChanges {
                     continue;
                 }
                 if change.is_join() {
-                    slot.held_by += 1;
+                    slot.held_by += u32::from(counted);
                     slot.holders.push(change.holder);
                 } else {
                     slot.held_by -= 1;
                     left = true;
                 }
             }
-            slot.compact_if_sparse(users);
+            slot.compact_if_grown(users);
             if left {
                 items.release_if_unused(item);
             }
@@ -494,11 +525,13 @@ impl Holdings {
             };
             if self.items.set_features(item, features.as_ref()) {
                 // Reading the list is the time to drop its stale entries.
-                let users = &self.users;
-                let holders = &mut self.items.slots[item as usize].holders;
-                holders.retain(|&holder| users.is_current(holder));
+                let slot = &mut self.items.slots[item as usize];
+                slot.compact(&self.users);
                 work.recompute
-                    .extend(holders.iter().map(|holder| holder.user()));
+                    .extend(slot.holders.iter().map(|holder| holder.user()));
+                if features.is_none() {
+                    self.items.count_holders(item, &self.users);
+                }
             }
             self.items.release_if_unused(item);
         }
@@ -617,10 +650,9 @@ impl Holdings {
         self.users.versions[slot] = version;
         self.holder_changes.record(
             user,
-            &old,
-            old_version,
-            &self.users.histories[slot],
-            version,
+            (&old, old_version),
+            (&self.users.histories[slot], version),
+            &self.items.known,
         );
         Some(user)
     }
@@ -840,8 +872,9 @@ mod tests {
     /// Random epochs (feature changes and deletions, unknown items, items twice in a history)
     /// applied with the holder changes held back to the end of each epoch and with them
     /// applied after every profile: the outputs are the same, and after each epoch every item
-    /// counts exactly the users whose history holds it, lists each of them, and is released
-    /// once it has neither holders nor features.
+    /// lists each user whose history holds it, every item without features counts them
+    /// exactly (also right after it lost its features), and an item is released once it has
+    /// neither holders nor features.
     #[test]
     fn holder_changes_held_back_or_not_keep_the_lists_exact() {
         use rand::{Rng, SeedableRng};
@@ -896,11 +929,13 @@ mod tests {
                         continue;
                     };
                     let slot = &items.slots[index as usize];
-                    assert_eq!(
-                        slot.held_by as usize,
-                        holders.len(),
-                        "round {round}: item{i}"
-                    );
+                    if !items.known[index as usize] {
+                        assert_eq!(
+                            slot.held_by as usize,
+                            holders.len(),
+                            "round {round}: item{i}"
+                        );
+                    }
                     assert!(
                         items.known[index as usize] || !holders.is_empty(),
                         "round {round}: item{i} neither known nor held, yet kept"
@@ -931,11 +966,34 @@ mod tests {
             epoch(&mut holdings, vec![], vec![profile("a", t, &["y"])]);
         }
         let x = holdings.items.find(id_key("x")).unwrap() as usize;
-        assert_eq!(holdings.items.slots[x].held_by, 0);
+        assert!(!holdings.users.histories[0].contains(&(x as ItemIndex)));
         assert!(holdings
             .users
             .is_current(holdings.items.slots[x].holders[0]));
         // x changes: a is recomputed for nothing, and nothing is emitted.
         assert!(epoch(&mut holdings, vec![features("x", Some(2.0))], vec![]).is_empty());
+        // x loses its features: counted afresh, the entry that passes is no holder, and x,
+        // neither held nor known, is released.
+        assert!(epoch(&mut holdings, vec![features("x", None)], vec![]).is_empty());
+        assert_eq!(holdings.items.find(id_key("x")), None);
+    }
+
+    /// An item with features whose holders come and go is counted right when it loses them:
+    /// the holders still in place keep it, and it goes with the last one.
+    #[test]
+    fn an_item_that_loses_its_features_counts_its_holders() {
+        let mut holdings = Holdings::new(PARAMS);
+        let x = Some(1.0);
+        epoch(
+            &mut holdings,
+            vec![features("x", x)],
+            vec![profile("a", 1, &["x", "x"]), profile("b", 1, &["x"])],
+        );
+        epoch(&mut holdings, vec![], vec![profile("a", 2, &["y"])]);
+        epoch(&mut holdings, vec![features("x", None)], vec![]);
+        let item = holdings.items.find(id_key("x")).unwrap() as usize;
+        assert_eq!(holdings.items.slots[item].held_by, 1);
+        epoch(&mut holdings, vec![], vec![profile("b", 2, &["y"])]);
+        assert_eq!(holdings.items.find(id_key("x")), None);
     }
 }
