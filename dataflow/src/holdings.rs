@@ -14,11 +14,12 @@
 //! - each item's *holders* list the local users whose history took it in, so that a feature
 //!   change finds the users to recompute in O(holders) (see [`Holder`]);
 //! - setting a profile does not touch its items' lines: it records its *holder changes* (the
-//!   new history's items gain the user, the old one's lose it), and these are applied a batch
-//!   at a time, at the end of each epoch, sorted by item (see [`HolderChanges`]). Touched
-//!   profile by profile, the 50 lines of the new history, the ends of their 50 lists and the 50
-//!   lines of the old history were three cache misses per item, 30% of the core's time; an
-//!   epoch's changes, sorted, reach each item's line and list once, in address order;
+//!   new history's items gain the user, the old one's that count their holders lose it), and
+//!   these are applied a batch at a time, at the end of each epoch, sorted by item (see
+//!   [`HolderChanges`]). Touched profile by profile, the 50 lines of the new history, the ends
+//!   of their 50 lists and the 50 lines of the old history were three cache misses per item,
+//!   30% of the core's time; an epoch's changes, sorted, reach each item's line and list once,
+//!   in address order;
 //! - a changed profile's output is encoded from the message's own ids, not from the table;
 //! - each user keeps a 64-bit fingerprint of its current output, so that a recomputation that
 //!   changes nothing emits nothing, without keeping the vector itself.
@@ -108,8 +109,7 @@ struct ItemSlot {
 
 impl ItemSlot {
     /// Drops the stale entries of the holders list once it has doubled since it was last
-    /// compacted: amortised O(1) a push, and a list at most about twice its current entries
-    /// when it is pushed to.
+    /// compacted: amortised O(1) a push, and a list at most about twice as long as it was then.
     fn compact_if_grown(&mut self, users: &UserTable) {
         if self.holders.len() > 2 * self.compacted_len as usize + COMPACTION_SLACK {
             self.compact(users);
