@@ -42,6 +42,9 @@ use crate::model::{id_key, FeatureVector, IdKey, Profile};
 /// 31: a table of 2^31 items would take hundreds of gigabytes, far beyond any worker.
 type ItemIndex = u32;
 
+/// The most items one worker's table can hold (see [`ItemIndex`]).
+const MAX_ITEMS_PER_WORKER: usize = 1 << 31;
+
 /// A user's place in its worker's user table, four bytes for the same reason.
 type UserIndex = u32;
 
@@ -185,6 +188,12 @@ impl ItemTable {
                 item
             }
             None => {
+                // A capacity limit, like running out of memory, which at this size would come
+                // first: a HolderChange has 31 bits for the item.
+                assert!(
+                    self.keys.len() < MAX_ITEMS_PER_WORKER,
+                    "a worker holds {MAX_ITEMS_PER_WORKER} items, its most"
+                );
                 self.keys.push(key);
                 self.features.resize(self.features.len() + self.dim, 0.0);
                 self.known.push(false);
