@@ -1,47 +1,48 @@
-//! The dataflow itself, in one place: profile events and feature events meet in one operator
-//! that keeps every user's output current and emits, per epoch, the outputs that changed.
+//! The interest operator: reads the profile and features arrangements' batches and emits, per
+//! epoch, the new output of every local user whose profile or interest vector changed in it
+//! (semantics §5).
 //!
-//! ```text
-//! profile events ──exchange by user──┐
-//!                                     ├─ InterestProfiles ─▶ outputs: each changed user's new value
-//! feature events ──broadcast──────────┘    (per worker: its users, every item's features)
-//! ```
+//! Once both arrangements have passed an epoch, the operator applies the epoch's feature
+//! changes to the dense feature cache and collects the holders of each changed item (through
+//! the holders index); then, for each user in the epoch's profile batch, it computes the new
+//! profile's vector from the cache (O(history)) and emits it; last, it recomputes each holder
+//! of a changed item whose profile did not change, reading its profile as of the epoch from
+//! the profile arrangement's trace, and emits those whose output moved. A user's output is
+//! final when emitted: one per user and epoch, so the writer needs no consolidation.
 //!
-//! Profiles are partitioned by user; feature events go to every worker, which all apply them
-//! in the same read order, so each holds the whole feature table and a history finds its
-//! features locally. Once both inputs have passed an epoch, the operator applies the epoch's
-//! events as upserts (latest wins, see [`resolve_epoch`]) to its [`Holdings`], recomputes the
-//! vector of each user whose profile changed (O(history)) and of each local holder of an item
-//! whose features changed (O(holders), through the holders index), and emits, at the epoch's
-//! time, the new value of each user whose output changed: one per user, already final, so the
-//! writer needs no consolidation. It does so a slice of `PROFILES_PER_ACTIVATION` (1,024)
-//! profiles at a time (the epoch's features first, the holders of changed items last) and
-//! yields between slices, so that the writer stores one slice while the next is computed.
+//! The profiles are applied a slice of [`PROFILES_PER_ACTIVATION`] users at a time, and the
+//! operator yields between slices, so that the writer stores one slice while the next is
+//! computed.
 //!
-//! The operator's output is an upsert stream (a key's new value, no retraction) because its
-//! one reader, the Redis writer, wants exactly that; a retraction of the old value would cost
-//! rebuilding it (50 item ids) only to cancel it out again.
+//! Two structures here are hand-made rather than arrangements, where measurements said so:
+//! - the feature cache (in the item table): the vector reads 50 features a message, ~8 ns each
+//!   by index from a dense array, against ~190 ns a lookup through an arrangement's cursor;
+//! - the holders index (see `state/holders.rs`): an arrangement of (item, user) pairs cost
+//!   +4–5 µs a message.
 //!
-//! This replaces arranging every history position by item and joining it with the features:
-//! about 50 arranged records per message, each turned into a sum record, consolidated and
-//! reduced per user. A differential arrangement of the features, read through its cursor,
-//! was measured as a stand-in for the feature table: ~190 ns a lookup, sorted by key per epoch,
-//! against ~8 ns for the table's by-index load, too slow for 50 lookups a message.
+//! A user's interest vector is recomputed from scratch, from its history in history order, by
+//! [`profile::interest_vector`]: one worker holds the whole of a user, so the sum runs in one
+//! fixed order and the bits are the same on any number of workers and processes.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::vec::Broadcast;
+use differential_dataflow::operators::arrange::Arranged;
+use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
-use crate::holdings::{EpochInProgress, Holdings};
-use crate::model::{EncodedProfile, FeatureEvent, Profile, ProfileEvent};
+use crate::model::EncodedProfile;
 use crate::pending::PendingEpochs;
-use crate::stats::StatsBoard;
-use crate::upsert::{resolve_epoch, route};
+use crate::state::features::{FeatureState, FeatureTrace};
+use crate::state::holders::HoldersIndex;
+use crate::state::items::{ItemIndex, ItemTable};
+use crate::state::profiles::{ProfileState, ProfileTrace};
+use crate::state::users::{UserIndex, UserTable};
+use crate::upsert::{Prior, UpsertBatch};
+use sink::ProfileRecord;
 
 /// The parameters of the interest vector.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,51 +53,90 @@ pub struct InterestParams {
     pub decay: f64,
 }
 
-/// What the interest operator holds back until its epoch is complete.
-#[derive(Debug)]
-enum Pending {
-    Profile(ProfileEvent),
-    Features(FeatureEvent),
+/// How many profiles the operator applies before it yields. An epoch of a catching-up worker
+/// holds tens of thousands: applied in one go, they would reach the Redis writer only at the
+/// end, and the worker would read nothing meanwhile. In slices, the writer stores each slice
+/// while the next one is computed, and the worker polls Kafka between them.
+pub const PROFILES_PER_ACTIVATION: usize = 1024;
+
+/// A batch of an arrangement that reached the operator, held until its epoch is complete.
+enum Arrived {
+    Profiles(UpsertBatch<ProfileState>),
+    Features(UpsertBatch<FeatureState>),
 }
 
-/// Builds the dataflow from the two event streams; at each epoch, the result holds the new output
-/// of exactly the users whose profile or interest vector changed in that epoch, once each.
-pub fn interest_profiles<'scope>(
-    profile_events: Stream<'scope, u64, Vec<ProfileEvent>>,
-    feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
+type ProfileCursor = <UpsertBatch<ProfileState> as Navigable>::Cursor;
+
+/// A complete epoch being applied, a slice of profiles at a time.
+struct InProgress {
+    capability: Capability<u64>,
+    /// The epoch's profile batches still to read, and the cursor into the first.
+    profiles: Vec<UpsertBatch<ProfileState>>,
+    cursor: Option<ProfileCursor>,
+    /// Users that held an item whose features changed, and so may have a new vector.
+    recompute: Vec<UserIndex>,
+    /// Users whose profile changed, emitted already.
+    changed: Vec<UserIndex>,
+    /// Items whose features were deleted: released at the end if nothing holds them.
+    deleted: Vec<ItemIndex>,
+}
+
+/// What the operator keeps on one worker besides the shared item table.
+struct InterestState {
     params: InterestParams,
-    stats: Rc<RefCell<StatsBoard>>,
+    items: Rc<RefCell<ItemTable>>,
+    users: UserTable,
+    holders: HoldersIndex,
+    /// A handle to the profile trace, for the profiles of holders: it holds compaction back to
+    /// the epoch the operator reads.
+    profiles: ProfileTrace,
+}
+
+/// Builds the interest operator on the two arrangements; at each epoch, the result holds the
+/// new output of exactly the users whose profile or interest vector changed in that epoch,
+/// once each, encoded as its Redis value (semantics §6).
+pub fn interest_profiles<'scope>(
+    profiles: &Arranged<'scope, ProfileTrace>,
+    features: &Arranged<'scope, FeatureTrace>,
+    items: Rc<RefCell<ItemTable>>,
+    params: InterestParams,
 ) -> Stream<'scope, u64, Vec<EncodedProfile>> {
-    let scope = profile_events.scope();
-    profile_events.binary_frontier(
-        // Feature events are few next to profile messages: every worker gets them all, and
-        // applies them in the same read order, so each holds the same feature table.
-        feature_events.broadcast(),
-        Exchange::new(route::<ProfileEvent>),
+    let scope = profiles.stream.scope();
+    let trace = profiles.trace.clone();
+    profiles.stream.clone().binary_frontier(
+        features.stream.clone(),
         Pipeline,
-        "InterestProfiles",
+        Pipeline,
+        "Interest",
         move |_capability, info| {
             let activator = scope.activator_for(info.address.clone());
-            let mut holdings = Holdings::new(params);
-            let mut pending = PendingEpochs::<Pending>::default();
+            let mut state = InterestState {
+                params,
+                items,
+                users: UserTable::default(),
+                holders: HoldersIndex::default(),
+                profiles: trace,
+            };
+            let mut pending = PendingEpochs::<Arrived>::default();
             let mut in_progress: Option<InProgress> = None;
             move |(profiles, profiles_frontier), (features, features_frontier), output| {
-                // Input events carry no time of their own: they are at their batch's stamp.
                 profiles.for_each(|capability, data| {
                     if let Some(capability) = capability.retain_least(0) {
+                        let batches = data.drain(..).filter_map(|span| span.inner);
                         pending
                             .at(*capability.time(), || capability)
-                            .extend(data.drain(..).map(Pending::Profile));
+                            .extend(batches.map(Arrived::Profiles));
                     }
                 });
                 features.for_each(|capability, data| {
                     if let Some(capability) = capability.retain_least(0) {
+                        let batches = data.drain(..).filter_map(|span| span.inner);
                         pending
                             .at(*capability.time(), || capability)
-                            .extend(data.drain(..).map(Pending::Features));
+                            .extend(batches.map(Arrived::Features));
                     }
                 });
-                // An epoch is complete once neither input can bring more of it.
+                // An epoch is complete once neither arrangement can bring more of it.
                 let mut frontier = Antichain::new();
                 for time in profiles_frontier
                     .frontier()
@@ -110,30 +150,24 @@ pub fn interest_profiles<'scope>(
                     let current = match &mut in_progress {
                         Some(current) => current,
                         None => {
-                            let Some((capability, inputs)) =
+                            let Some((capability, arrived)) =
                                 pending.take_complete(frontier.borrow())
                             else {
                                 break;
                             };
-                            in_progress.insert(begin(capability, inputs, &mut holdings, &stats))
+                            in_progress.insert(state.begin(capability, arrived))
                         }
                     };
-                    let epoch = *current.capability.time();
-                    let mut session = output.session(&current.capability);
-                    let slice = budget.min(current.profiles.len());
-                    holdings.apply_profiles(
-                        &mut current.work,
-                        epoch,
-                        current.profiles.by_ref().take(slice),
-                        |output| session.give(output),
-                    );
-                    budget -= slice;
-                    if current.profiles.len() == 0 {
-                        let work = std::mem::take(&mut current.work);
-                        holdings.finish_epoch(work, epoch, |output| session.give(output));
-                        drop(session);
-                        in_progress = None;
+                    let capability = current.capability.clone();
+                    let mut session = output.session(&capability);
+                    let done =
+                        state.apply_profiles(current, &mut budget, |output| session.give(output));
+                    if done {
+                        if let Some(finished) = in_progress.take() {
+                            state.finish(finished, |output| session.give(output));
+                        }
                     }
+                    drop(session);
                     if budget == 0 {
                         // The rest next time: meanwhile the writer gets this slice and the
                         // worker reads Kafka.
@@ -146,47 +180,214 @@ pub fn interest_profiles<'scope>(
     )
 }
 
-/// How many profiles the operator applies before it yields. An epoch of a catching-up worker
-/// holds tens of thousands: applied in one go, they would reach the Redis writer only at the
-/// end, and the worker would read nothing meanwhile. In slices, the writer stores each slice
-/// while the next one is computed, and the worker polls Kafka between them.
-const PROFILES_PER_ACTIVATION: usize = 1024;
+impl InterestState {
+    /// Starts applying a complete epoch: its feature changes, which therefore come before every
+    /// profile of the epoch.
+    fn begin(&mut self, capability: Capability<u64>, arrived: Vec<Arrived>) -> InProgress {
+        let mut work = InProgress {
+            capability,
+            profiles: Vec::new(),
+            cursor: None,
+            recompute: Vec::new(),
+            changed: Vec::new(),
+            deleted: Vec::new(),
+        };
+        // Every list complete before it is read (nothing is held back between epochs).
+        self.holders.apply(&self.users);
+        let mut items = self.items.borrow_mut();
+        for arrived in arrived {
+            let batch = match arrived {
+                Arrived::Profiles(batch) => {
+                    work.profiles.push(batch);
+                    continue;
+                }
+                Arrived::Features(batch) => batch,
+            };
+            let mut cursor = batch.cursor();
+            while let Some(&key) = cursor.get_key(&batch) {
+                // The item's value after the epoch: the one inserted, if any; a key with only a
+                // retraction lost its features.
+                let mut features = None;
+                while let Some(value) = cursor.get_val(&batch) {
+                    let mut count = 0;
+                    cursor.map_times(&batch, |_, &diff| count += diff);
+                    if count > 0 {
+                        features = Some(value);
+                    }
+                    cursor.step_val(&batch);
+                }
+                let item = match features {
+                    Some(value) => Some(items.intern(key, &value.item_id)),
+                    None => items.find(key),
+                };
+                if let Some(item) = item {
+                    if items.set_features(item, features.map(|value| &value.features)) {
+                        work.recompute
+                            .extend(self.holders.current_holders(item, &self.users));
+                    }
+                    if features.is_none() {
+                        work.deleted.push(item);
+                    }
+                }
+                cursor.step_key(&batch);
+            }
+        }
+        work
+    }
 
-/// A complete epoch being applied, a slice of profiles at a time.
-struct InProgress {
-    capability: Capability<u64>,
-    /// The epoch's profiles still to apply.
-    profiles: std::vec::IntoIter<Profile>,
-    work: EpochInProgress,
+    /// Applies up to `budget` of the epoch's profiles, emitting each changed user's output, and
+    /// takes what it applied from the budget. Returns whether every profile is applied.
+    fn apply_profiles(
+        &mut self,
+        work: &mut InProgress,
+        budget: &mut usize,
+        mut emit: impl FnMut(EncodedProfile),
+    ) -> bool {
+        let epoch = *work.capability.time();
+        let items = self.items.borrow();
+        while let Some(batch) = work.profiles.last() {
+            let cursor = work.cursor.get_or_insert_with(|| batch.cursor());
+            while let Some(&key) = cursor.get_key(batch) {
+                if *budget == 0 {
+                    return false;
+                }
+                *budget -= 1;
+                let mut profile = None;
+                while let Some(value) = cursor.get_val(batch) {
+                    let mut count = 0;
+                    cursor.map_times(batch, |_, &diff| count += diff);
+                    if count > 0 {
+                        profile = Some(value);
+                    }
+                    cursor.step_val(batch);
+                }
+                // A profile is never deleted: every changed user has a new value.
+                if let Some(profile) = profile {
+                    let user = self.users.find_or_add(key);
+                    let version = self.users.new_version(user);
+                    self.holders.join(user, version, &profile.history);
+                    let vector = interest_vector(&items, &profile.history, self.params);
+                    self.users.set_output(user, fingerprint(&vector));
+                    encode(&items, profile, &vector, epoch, &mut emit);
+                    work.changed.push(user);
+                    if self.holders.is_full() {
+                        self.holders.apply(&self.users);
+                    }
+                }
+                cursor.step_key(batch);
+            }
+            work.profiles.pop();
+            work.cursor = None;
+        }
+        true
+    }
+
+    /// Ends the epoch: every holder of an item whose features changed, and whose profile did
+    /// not (it was emitted already), is emitted if its vector or known items changed. Then the
+    /// holders lists take the epoch's joins, and items nothing needs any more are released.
+    fn finish(&mut self, work: InProgress, mut emit: impl FnMut(EncodedProfile)) {
+        let epoch = *work.capability.time();
+        let InProgress {
+            mut changed,
+            mut recompute,
+            deleted,
+            ..
+        } = work;
+        changed.sort_unstable();
+        recompute.sort_unstable();
+        recompute.dedup();
+        recompute.retain(|user| changed.binary_search(user).is_err());
+        if !recompute.is_empty() {
+            let mut keys: Vec<_> = recompute
+                .iter()
+                .map(|&user| (self.users.key(user), user))
+                .collect();
+            keys.sort_unstable();
+            #[allow(clippy::expect_used)]
+            let batches = self
+                .profiles
+                .batches_through(Antichain::new().borrow())
+                .expect("the interest operator holds compaction back to its epoch");
+            let mut prior = Prior::new(batches);
+            let items = self.items.borrow();
+            for (key, user) in keys {
+                let Some(profile) = prior.get(key, epoch) else {
+                    continue;
+                };
+                let vector = interest_vector(&items, &profile.history, self.params);
+                if self.users.set_output(user, fingerprint(&vector)) {
+                    encode(&items, &profile, &vector, epoch, &mut emit);
+                }
+            }
+        }
+        self.holders.apply(&self.users);
+        let mut items = self.items.borrow_mut();
+        let holders = &mut self.holders;
+        items.release_unused(epoch, |item| holders.release(item));
+        for item in deleted {
+            items.release_if_unused(item, epoch, &mut |item| holders.release(item));
+        }
+        // Nothing reads this epoch's profiles again: the trace may merge them into the next.
+        let next = Antichain::from_elem(epoch + 1);
+        self.profiles.set_logical_compaction(next.borrow());
+        self.profiles.set_physical_compaction(next.borrow());
+    }
 }
 
-/// Resolves a complete epoch's events (latest wins) and applies its features, which come before
-/// its profiles.
-fn begin(
-    capability: Capability<u64>,
-    inputs: Vec<Pending>,
-    holdings: &mut Holdings,
-    stats: &RefCell<StatsBoard>,
-) -> InProgress {
-    let epoch = *capability.time();
-    let (mut profile_events, mut feature_events) = (Vec::new(), Vec::new());
-    for input in inputs {
-        match input {
-            Pending::Profile(event) => profile_events.push(event),
-            Pending::Features(event) => feature_events.push(event),
-        }
+/// The interest vector of `history` with the cached features.
+fn interest_vector(
+    items: &ItemTable,
+    history: &[ItemIndex],
+    params: InterestParams,
+) -> profile::InterestVector {
+    // The features of a history are rows (of two cache lines at D = 32) scattered over a table
+    // larger than the caches. Touch every row first, in a loop where nothing waits on the
+    // loads, so that their cache misses overlap; the formula then finds them in L1 (see
+    // `cargo bench -p streamrec-dataflow --bench vector`; the touch is the black box).
+    let mut touch = 0f32;
+    for x in history.iter().filter_map(|&item| items.features(item)) {
+        touch += x.first().unwrap_or(&0.0) + x.last().unwrap_or(&0.0);
     }
-    let profiles = resolve_epoch(profile_events, |&user_key| holdings.timestamp(user_key));
-    if profiles.stale > 0 {
-        stats.borrow_mut().epoch(epoch).stale += profiles.stale as u64;
+    std::hint::black_box(touch);
+    profile::interest_vector(
+        history.iter().map(|&item| items.features(item)),
+        params.dim,
+        params.decay,
+    )
+}
+
+/// Encodes a user's value of `epoch` (semantics §6) for `emit`.
+fn encode(
+    items: &ItemTable,
+    profile: &ProfileState,
+    vector: &profile::InterestVector,
+    epoch: u64,
+    emit: &mut impl FnMut(EncodedProfile),
+) {
+    let history: Vec<&str> = profile.history.iter().map(|&item| items.id(item)).collect();
+    let record = ProfileRecord {
+        user_id: &profile.user_id,
+        timestamp: profile.timestamp,
+        history_items: &history,
+        interest_vector: &vector.vector,
+        known_items: vector.known_items,
+        epoch,
+    };
+    match EncodedProfile::encode(&record) {
+        Ok(encoded) => emit(encoded),
+        // Unreachable in practice: the source refuses timestamps above 2^53 (semantics §2)
+        // and epochs are Unix milliseconds. Logged rather than a panic, like any bad input.
+        Err(error) => tracing::error!(%error, epoch, "profile not written"),
     }
-    // Feature events are never stale: the current value's version is moot.
-    let features = resolve_epoch(feature_events, |_| None);
-    let work = holdings.begin_epoch(features.latest);
-    let profiles: Vec<Profile> = profiles.latest.into_values().flatten().collect();
-    InProgress {
-        capability,
-        profiles: profiles.into_iter(),
-        work,
+}
+
+/// A 64-bit hash of an interest vector's bits and known items: two outputs of one history that
+/// fingerprint alike are taken as equal (the odds of a collision are 2^-64).
+fn fingerprint(vector: &profile::InterestVector) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&vector.known_items.to_le_bytes());
+    for x in &vector.vector {
+        hasher.update(&x.to_bits().to_le_bytes());
     }
+    hasher.digest()
 }

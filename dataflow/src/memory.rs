@@ -1,5 +1,5 @@
-//! The dataflow driven from memory, without a broker or Redis: the same [`interest_profiles`]
-//! core and [`write_epochs`] stage, fed with prepared epochs on N worker threads. Tests check it
+//! The dataflow driven from memory, without a broker or Redis: the same dataflow
+//! ([`crate::graph::build`]), fed with prepared epochs on N worker threads. Tests check it
 //! against the sequential [`crate::reference`]; the benchmark measures the core with it, through
 //! [`run_in_memory_with`], which can also time each epoch and count outputs without keeping them.
 
@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use crate::interest::{interest_profiles, InterestParams};
+use crate::graph::WriterSetup;
+use crate::interest::InterestParams;
 use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition};
 
-use crate::output::{write_epochs, EpochWriter, PlainWrites, Written};
+use crate::output::{EpochWriter, PlainWrites, Written};
 use sink::WriteMode;
 
 use crate::stats::{EpochCounters, StatsBoard};
@@ -168,21 +169,19 @@ pub fn run_in_memory_with(
         let mut feature_input = InputHandle::new();
         let probe = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
-            let outputs = interest_profiles(
-                profile_input.to_stream(scope),
-                feature_input.to_stream(scope),
-                params,
-                board.clone(),
-            );
             let writer = CaptureWriter(keep.clone());
             // Nothing to catch up with in memory, and the capture ignores how it would write.
             let caught_up = timely::dataflow::operators::generic::operator::empty(scope);
-            write_epochs(
-                outputs,
+            crate::graph::build(
+                profile_input.to_stream(scope),
+                feature_input.to_stream(scope),
                 caught_up,
-                PlainWrites::Never,
-                None,
-                writer,
+                params,
+                WriterSetup {
+                    writer,
+                    plain_writes: PlainWrites::Never,
+                    epoch_ms: None,
+                },
                 board.clone(),
             )
             .probe_with(&probe);

@@ -31,6 +31,11 @@ impl<D> PendingEpochs<D> {
             .1
     }
 
+    /// The oldest epoch held back, if any.
+    pub fn first_epoch(&self) -> Option<u64> {
+        self.epochs.keys().next().copied()
+    }
+
     /// Removes and returns the oldest epoch that `frontier` has passed, if any.
     pub fn take_complete(
         &mut self,

@@ -17,9 +17,10 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use crate::config::{CheckedWrites, Config};
 use crate::epoch::{EpochClock, EpochTally};
 use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
-use crate::interest::{interest_profiles, InterestParams};
+use crate::graph::WriterSetup;
+use crate::interest::InterestParams;
 use crate::model::EncodedProfile;
-use crate::output::{write_epochs, EpochWriter, PlainWrites, Written};
+use crate::output::{EpochWriter, PlainWrites, Written};
 use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
 use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard, StatsOut};
@@ -177,18 +178,16 @@ fn worker_loop(
     };
     let probe = ProbeHandle::new();
     worker.dataflow::<u64, _, _>(|scope| {
-        let outputs = interest_profiles(
+        crate::graph::build(
             profile_input.to_stream(scope),
             feature_input.to_stream(scope),
-            params,
-            board.clone(),
-        );
-        write_epochs(
-            outputs,
             caught_up_input.to_stream(scope),
-            plain_writes,
-            Some(config.epoch_ms),
-            writer,
+            params,
+            WriterSetup {
+                writer,
+                plain_writes,
+                epoch_ms: Some(config.epoch_ms),
+            },
             board.clone(),
         )
         .probe_with(&probe);

@@ -1,125 +1,181 @@
-//! Upserts: events that set the current value of a key, latest wins (semantics §4).
+//! Upserts into differential arrangements: events that set the current value of a key, applied
+//! once their epoch is complete, in read order, with the outcome kept in an arrangement (a
+//! spine of immutable batches, merged in the background) that other operators read through
+//! cursors and can import.
 //!
-//! [`resolve_epoch`] is the rule: an epoch's events apply once the epoch is complete, in read
-//! order, so the outcome does not depend on how its messages were batched or interleaved; an
-//! event older than the key's current value is stale. The interest operator applies it to the
-//! profiles of its users and to the feature events every worker receives.
+//! Differential's own `arrange_from_upsert` orders a key's updates by dataflow time alone and
+//! breaks ties by value. The contract wants more (semantics §4): a profile message older than
+//! the user's current profile is stale, whatever its epoch, and within an epoch the message
+//! read later wins. So [`arrange_upserts`] hands each complete epoch's events, with a cursor to
+//! each key's current value ([`Prior`]), to a rule of the caller's (`settle`), which says what
+//! changes; the operator builds the epoch's batch of retractions and insertions with
+//! differential's builder, inserts it into the trace and sends it downstream.
+//!
+//! One batch per epoch, on every worker, even an empty one: its description moves the trace's
+//! frontier, which is how readers learn that the epoch is complete.
 
-use rustc_hash::FxHashMap;
-use std::fmt::Debug;
-use std::hash::Hash;
+use std::rc::Rc;
 
-use differential_dataflow::hashable::Hashable;
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::cursor::{cursor_list, CursorList};
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+use differential_dataflow::trace::TraceReader;
+use differential_dataflow::trace::{Builder, Cursor, Description, Navigable, Span, Trace};
+use timely::dataflow::channels::pact::ParallelizationContract;
+use timely::dataflow::operators::Operator;
+use timely::dataflow::Stream;
+use timely::progress::Antichain;
 
-use crate::model::{FeatureEvent, FeatureVector, IdKey, Profile, ProfileEvent, ReadPosition};
+use crate::model::IdKey;
+use crate::pending::PendingEpochs;
 
-/// An event that sets the value of a key.
-pub trait UpsertEvent {
-    type Key: Hashable + Hash + Eq + Clone + Debug;
-    type Value: Debug;
-    /// What orders the events of one key: an event whose version is below that of the key's
-    /// current value is stale (it changes nothing and is counted); among equal versions the
-    /// event read later wins.
-    type Version: Ord + Copy;
-    /// The key the event sets.
-    fn key(&self) -> &Self::Key;
-    /// Where the event was read; events of one epoch apply in this order.
-    fn position(&self) -> ReadPosition;
-    /// The event's version.
-    fn version(&self) -> Self::Version;
-    /// The new value, or `None` to delete the key.
-    fn into_value(self) -> Option<Self::Value>;
+/// The spine of an arrangement with one value per key, by epoch.
+pub type UpsertSpine<V> = ValSpine<IdKey, V, u64, isize>;
+/// A handle to such an arrangement's trace: cloned or imported, it holds back compaction until
+/// its reader has moved on.
+pub type UpsertTrace<V> = TraceAgent<UpsertSpine<V>>;
+/// One batch of such an arrangement.
+pub type UpsertBatch<V> = <UpsertSpine<V> as TraceReader>::Batch;
+/// The updates of one epoch: (key, value), epoch, +1 or -1.
+pub type Update<V> = ((IdKey, V), u64, isize);
+
+type UpsertBuilder<V> = ValBuilder<IdKey, V, u64, isize>;
+type BatchCursorOf<V> = <UpsertBatch<V> as Navigable>::Cursor;
+
+/// The current value of each key, for the keys of one epoch asked in increasing order.
+pub struct Prior<V: Ord + Clone + 'static> {
+    cursor: CursorList<BatchCursorOf<V>>,
+    storage: Vec<UpsertBatch<V>>,
 }
 
-impl UpsertEvent for ProfileEvent {
-    type Key = IdKey;
-    type Value = Profile;
-    /// Latest wins (semantics §4); a tie in timestamp goes to the message read later.
-    type Version = u64;
-    fn key(&self) -> &IdKey {
-        &self.user_key
+impl<V: Ord + Clone + 'static> Prior<V> {
+    /// A cursor over `batches`, every batch of the trace.
+    pub fn new(batches: Vec<UpsertBatch<V>>) -> Self {
+        let (cursor, storage) = cursor_list(batches);
+        Prior { cursor, storage }
     }
-    fn position(&self) -> ReadPosition {
-        self.position
-    }
-    fn version(&self) -> u64 {
-        self.timestamp
-    }
-    fn into_value(self) -> Option<Profile> {
-        Some(Profile {
-            user_id: self.user_id,
-            user_key: self.user_key,
-            timestamp: self.timestamp,
-            history_items: self.history_items,
-        })
-    }
-}
 
-impl UpsertEvent for FeatureEvent {
-    type Key = String;
-    type Value = FeatureVector;
-    /// Feature updates carry no time of their own: the one read last wins.
-    type Version = ();
-    fn key(&self) -> &String {
-        &self.item_id
-    }
-    fn position(&self) -> ReadPosition {
-        self.position
-    }
-    fn version(&self) {}
-    fn into_value(self) -> Option<FeatureVector> {
-        self.features
-    }
-}
-
-/// The worker an event goes to: the one that holds its key's current value.
-pub fn route<E: UpsertEvent>(event: &E) -> u64 {
-    event.key().hashed().into()
-}
-
-/// A value with the version of the event that set it.
-type Versioned<E> = (<E as UpsertEvent>::Version, <E as UpsertEvent>::Value);
-
-/// What one epoch's events do to the keys they set.
-#[derive(Debug)]
-pub struct EpochUpserts<E: UpsertEvent> {
-    /// For each key set, the value of its last event that was not stale (`None` when that
-    /// event deletes the key).
-    pub latest: FxHashMap<E::Key, Option<E::Value>>,
-    /// How many events were stale.
-    pub stale: usize,
-}
-
-/// Reduces an epoch's `events` to the last one per key, in read order. `current(key)` is the
-/// version of the key's value before the epoch, if it has one.
-pub fn resolve_epoch<E: UpsertEvent>(
-    mut events: Vec<E>,
-    current: impl Fn(&E::Key) -> Option<E::Version>,
-) -> EpochUpserts<E> {
-    // Stable sort: the read order within a partition is kept.
-    events.sort_by_key(UpsertEvent::position);
-    let mut stale = 0;
-    // Fx, not SipHash: keys come from our own topics (user keys are xxh3 hashes already).
-    // Sized for every event at once: grown from empty, it rehashed every entry several times
-    // an epoch.
-    let mut latest: FxHashMap<E::Key, Option<Versioned<E>>> =
-        FxHashMap::with_capacity_and_hasher(events.len(), Default::default());
-    for event in events {
-        let version = match latest.get(event.key()) {
-            Some(value) => value.as_ref().map(|(version, _)| *version),
-            None => current(event.key()),
-        };
-        if version.is_some_and(|version| event.version() < version) {
-            stale += 1;
-            continue;
+    /// The value of `key` once every update up to `as_of` is counted, if it has one. Keys must
+    /// be asked in increasing order: the cursor only moves forward.
+    pub fn get(&mut self, key: IdKey, as_of: u64) -> Option<V> {
+        let (cursor, storage) = (&mut self.cursor, &self.storage);
+        cursor.seek_key(storage, &key);
+        if cursor.get_key(storage) != Some(&key) {
+            return None;
         }
-        let key = event.key().clone();
-        let version = event.version();
-        latest.insert(key, event.into_value().map(|value| (version, value)));
+        let mut current = None;
+        while let Some(value) = cursor.get_val(storage) {
+            let mut count = 0;
+            cursor.map_times(storage, |&time, &diff| {
+                if time <= as_of {
+                    count += diff;
+                }
+            });
+            // An upsert arrangement holds at most one value per key at any time.
+            debug_assert!(count == 0 || count == 1, "count {count}");
+            if count > 0 {
+                current = Some(value.clone());
+            }
+            cursor.step_val(storage);
+        }
+        current
     }
-    let latest = latest
-        .into_iter()
-        .map(|(key, value)| (key, value.map(|(_, value)| value)))
-        .collect();
-    EpochUpserts { latest, stale }
+}
+
+impl<V: Ord + Clone + 'static> std::fmt::Debug for Prior<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prior")
+            .field("batches", &self.storage.len())
+            .finish()
+    }
+}
+
+/// Arranges `events` by key, one value per key: once an epoch is complete, `settle(epoch,
+/// events, prior, updates)` turns its events into updates of the current values (a retraction
+/// of the old value and the new value, for each key that changed), read from `prior`. The
+/// updates need not be sorted.
+///
+/// `pact` says which worker holds which keys: an exchange by key, or the pipeline after a
+/// broadcast for a collection every worker holds whole.
+pub fn arrange_upserts<'scope, E, V, P, F>(
+    events: Stream<'scope, u64, Vec<E>>,
+    pact: P,
+    name: &str,
+    mut settle: F,
+) -> Arranged<'scope, UpsertTrace<V>>
+where
+    E: Clone + 'static,
+    V: Ord + Clone + 'static,
+    P: ParallelizationContract<u64, Vec<E>>,
+    F: FnMut(u64, Vec<E>, &mut Prior<V>, &mut Vec<Update<V>>) + 'static,
+{
+    let scope = events.scope();
+    let mut reader: Option<UpsertTrace<V>> = None;
+    let stream = {
+        let reader = &mut reader;
+        events.unary_frontier(pact, name, move |_capability, info| {
+            let logger = scope
+                .worker()
+                .logger_for::<differential_dataflow::logging::DifferentialEventBuilder>(
+                    "differential/arrange",
+                )
+                .map(Into::into);
+            let activator = Some(scope.activator_for(Rc::clone(&info.address)));
+            let empty = UpsertSpine::<V>::new(info.clone(), logger.clone(), activator);
+            let (mut trace, mut writer) = TraceAgent::new(empty, info, logger);
+            *reader = Some(trace.clone());
+            let mut pending = PendingEpochs::<E>::default();
+            // Where the next batch starts: the end of the last one.
+            let mut lower = Antichain::from_elem(0u64);
+            let mut updates: Vec<Update<V>> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|capability, data| {
+                    if let Some(capability) = capability.retain_least(0) {
+                        pending.at(*capability.time(), || capability).append(data);
+                    }
+                });
+                while let Some((capability, events)) = pending.take_complete(frontier.frontier()) {
+                    let epoch = *capability.time();
+                    // The batch ends where the next pending epoch or the frontier begins.
+                    let end = pending
+                        .first_epoch()
+                        .into_iter()
+                        .chain(frontier.frontier().iter().copied())
+                        .min();
+                    let upper = end.map_or_else(Antichain::new, Antichain::from_elem);
+                    #[allow(clippy::expect_used)]
+                    let batches = trace
+                        .batches_through(Antichain::new().borrow())
+                        .expect("the operator's own trace is never compacted past its input");
+                    let mut prior = Prior::new(batches);
+                    settle(epoch, events, &mut prior, &mut updates);
+                    drop(prior);
+                    // The builder takes updates in (key, value, time) order.
+                    updates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                    let mut builder = UpsertBuilder::<V>::default();
+                    builder.push(&mut updates);
+                    updates.clear();
+                    let description =
+                        Description::new(lower.clone(), upper.clone(), Antichain::from_elem(0u64));
+                    let span = Span::new(description, builder.done().map(Rc::new));
+                    writer.insert(span.clone(), timely::progress::Stamp::from_elem(epoch));
+                    output.session(&capability).give(span);
+                    lower = upper;
+                }
+                // Progress without data: every epoch before the frontier is complete and empty
+                // (any epoch still pending is at or past the frontier).
+                if lower.borrow() != frontier.frontier() {
+                    lower = frontier.frontier().to_owned();
+                    writer.seal(lower.clone());
+                }
+                // This handle reads only the current values: merges may forget the rest.
+                trace.set_logical_compaction(lower.borrow());
+                trace.set_physical_compaction(lower.borrow());
+                writer.exert();
+            }
+        })
+    };
+    #[allow(clippy::expect_used)]
+    let trace = reader.expect("the operator's constructor ran");
+    Arranged { stream, trace }
 }

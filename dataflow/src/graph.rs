@@ -1,0 +1,67 @@
+//! The dataflow, in one function that every driver (Kafka in `run.rs`, memory in `memory.rs`)
+//! builds:
+//!
+//! ```text
+//! profile events ─exchange by user─▶ upsert ─▶ profile arrangement (user → profile) ──┐
+//!                                                                                       ├─▶ interest ─▶ writer ─▶ probe
+//! feature events ─broadcast────────▶ upsert ─▶ features arrangement (item → features) ┘
+//! ```
+//!
+//! The two arrangements hold the state (see [`crate::state`]); the interest operator reads
+//! their batches, keeps the feature cache and the holders index beside them, and emits each
+//! changed user's final value per epoch; the writer stores each complete epoch and releases
+//! its time only once it is durable, so the probe after it tells the driver which epochs' input
+//! offsets may be committed.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use timely::dataflow::Stream;
+
+use crate::interest::{interest_profiles, InterestParams};
+use crate::model::{FeatureEvent, ProfileEvent};
+use crate::output::{write_epochs, EpochWriter, PlainWrites};
+use crate::state::features::arrange_features;
+use crate::state::items::ItemTable;
+use crate::state::profiles::arrange_profiles;
+use crate::stats::StatsBoard;
+
+/// What the writer stage needs besides the values.
+#[derive(Debug)]
+pub struct WriterSetup<W> {
+    pub writer: W,
+    /// When values may go plain (see [`PlainWrites`]).
+    pub plain_writes: PlainWrites,
+    /// The epoch length, to measure each epoch's latency from its end; `None` in memory.
+    pub epoch_ms: Option<u64>,
+}
+
+/// Builds the dataflow on the three input streams: profile events, feature events, and each
+/// worker's index at the epoch it caught up with the read marks (see [`crate::catch_up`]).
+/// Returns the number of each epoch written, once it is durable on this worker, for a probe.
+pub fn build<'scope, W: EpochWriter>(
+    profile_events: Stream<'scope, u64, Vec<ProfileEvent>>,
+    feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
+    caught_up: Stream<'scope, u64, Vec<u64>>,
+    params: InterestParams,
+    writer: WriterSetup<W>,
+    stats: Rc<RefCell<StatsBoard>>,
+) -> Stream<'scope, u64, Vec<u64>> {
+    // The item table is shared by the profile upsert, which interns each history's items,
+    // and the interest operator, which keeps its feature cache: both run on this worker's
+    // thread.
+    let items = Rc::new(RefCell::new(ItemTable::new(params.dim)));
+    let profiles = arrange_profiles(profile_events, items.clone(), stats.clone());
+    let features = arrange_features(feature_events);
+    let outputs = interest_profiles(&profiles, &features, items, params);
+    // The handles returned with the arrangements are dropped here, so that they hold no
+    // compaction back; an operator that reads a trace keeps a handle of its own.
+    write_epochs(
+        outputs,
+        caught_up,
+        writer.plain_writes,
+        writer.epoch_ms,
+        writer.writer,
+        stats,
+    )
+}

@@ -1,0 +1,129 @@
+//! The profile arrangement: each local user's current profile, keyed by user (semantics §4).
+//!
+//! Profile events are exchanged by user, so each worker arranges its own users. Once an epoch
+//! is complete its events are applied in read order against the current profile read from the
+//! arrangement: a message older than the current one is stale (counted, it changes nothing), a
+//! tie in timestamp goes to the message read later, and a message equal to the current profile
+//! changes nothing. Each change is a retraction of the old profile and the new one, in the
+//! epoch's batch; the trace compacts to one value per user as its frontier moves on.
+//!
+//! A history is kept as indices into the worker's item table (see `items.rs`), interned here:
+//! this is where a profile's items are taken in and the old profile's let go.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use differential_dataflow::operators::arrange::Arranged;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::Stream;
+
+use super::items::{ItemIndex, ItemTable};
+use crate::model::{id_key, IdKey, ProfileEvent};
+use crate::stats::StatsBoard;
+use crate::upsert::{arrange_upserts, Prior, Update, UpsertTrace};
+
+/// A user's current profile as the arrangement holds it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProfileState {
+    /// The timestamp of the winning message.
+    pub timestamp: u64,
+    /// The kept history, oldest first, as indices into the worker's item table.
+    pub history: Vec<ItemIndex>,
+    /// The user's id (the arrangement's key is its hash).
+    pub user_id: String,
+}
+
+/// The profile arrangement's trace, importable by any operator of the same dataflow.
+pub type ProfileTrace = UpsertTrace<ProfileState>;
+
+/// Arranges the profile events by user; stale messages are counted on `stats`.
+pub fn arrange_profiles<'scope>(
+    events: Stream<'scope, u64, Vec<ProfileEvent>>,
+    items: Rc<RefCell<ItemTable>>,
+    stats: Rc<RefCell<StatsBoard>>,
+) -> Arranged<'scope, ProfileTrace> {
+    let mut item_keys = Vec::new();
+    arrange_upserts(
+        events,
+        Exchange::new(|event: &ProfileEvent| event.user_key as u64),
+        "ProfileArrangement",
+        move |epoch, events, prior, updates| {
+            let stale = settle_profiles(
+                epoch,
+                events,
+                prior,
+                updates,
+                &mut items.borrow_mut(),
+                &mut item_keys,
+            );
+            if stale > 0 {
+                stats.borrow_mut().epoch(epoch).stale += stale;
+            }
+        },
+    )
+}
+
+/// Applies one complete epoch's profile events, in read order, to the current profiles in
+/// `prior`; pushes each changed profile's retraction and new value to `updates` and returns the
+/// number of stale events.
+fn settle_profiles(
+    epoch: u64,
+    mut events: Vec<ProfileEvent>,
+    prior: &mut Prior<ProfileState>,
+    updates: &mut Vec<Update<ProfileState>>,
+    items: &mut ItemTable,
+    item_keys: &mut Vec<IdKey>,
+) -> u64 {
+    // A user's events in read order (one user's messages share a partition), users in key
+    // order, which the cursor wants.
+    events.sort_unstable_by_key(|event| (event.user_key, event.position));
+    let mut stale = 0;
+    let mut start = 0;
+    while start < events.len() {
+        let key = events[start].user_key;
+        let end = start + events[start..].partition_point(|event| event.user_key == key);
+        let current = prior.get(key, epoch);
+        let mut timestamp = current.as_ref().map(|profile| profile.timestamp);
+        let mut winner = None;
+        for (i, event) in events[start..end].iter().enumerate() {
+            if timestamp.is_some_and(|timestamp| event.timestamp < timestamp) {
+                stale += 1;
+                continue;
+            }
+            timestamp = Some(event.timestamp);
+            winner = Some(start + i);
+        }
+        start = end;
+        let Some(winner) = winner else { continue };
+        let event = std::mem::take(&mut events[winner].history_items);
+        // Hash every id first and touch their slots in the index, so that the 50 cache misses
+        // overlap instead of coming one lookup after another (see KeyIndex).
+        item_keys.clear();
+        item_keys.extend(event.iter().map(id_key));
+        items.touch(item_keys.iter().copied());
+        let history: Vec<ItemIndex> = item_keys
+            .iter()
+            .zip(event.iter())
+            .map(|(&item_key, item)| items.intern(item_key, item))
+            .collect();
+        let timestamp = events[winner].timestamp;
+        if let Some(current) = &current {
+            if current.timestamp == timestamp && current.history == history {
+                continue;
+            }
+        }
+        items.take(epoch, &history);
+        if let Some(current) = current {
+            items.let_go(epoch, &current.history);
+            updates.push(((key, current), epoch, -1));
+        }
+        let user_id = std::mem::take(&mut events[winner].user_id);
+        let profile = ProfileState {
+            timestamp,
+            history,
+            user_id,
+        };
+        updates.push(((key, profile), epoch, 1));
+    }
+    stale
+}

@@ -1,0 +1,79 @@
+//! What the interest operator keeps of each local user beside the profile arrangement: a
+//! small index for the holders lists, the version of its history, and a fingerprint of its
+//! last output. The profile itself (timestamp, history, id) lives in the arrangement.
+
+use rustc_hash::FxHashMap;
+
+use super::holders::{Holder, MAX_USERS_PER_WORKER, TAG_BITS};
+use crate::model::IdKey;
+
+/// A user's place in its worker's user table, four bytes: a [`Holder`] packs it with a tag.
+pub type UserIndex = u32;
+
+/// The users routed to a worker, as columns indexed by [`UserIndex`]. Users are never removed
+/// (a profile is never deleted).
+#[derive(Debug, Default)]
+pub struct UserTable {
+    index: FxHashMap<IdKey, UserIndex>,
+    keys: Vec<IdKey>,
+    /// The version of each user's history (see [`Holder`]).
+    versions: Vec<u32>,
+    /// A fingerprint of each user's last output: its vector's bits and known items, so that a
+    /// recomputation that changes nothing emits nothing, without keeping the vector itself.
+    outputs: Vec<u64>,
+}
+
+impl UserTable {
+    /// The index of the user whose key is `key`, added if new.
+    pub fn find_or_add(&mut self, key: IdKey) -> UserIndex {
+        if let Some(&user) = self.index.get(&key) {
+            return user;
+        }
+        // A capacity limit, like running out of memory, which at this size would come first.
+        assert!(
+            self.keys.len() < MAX_USERS_PER_WORKER,
+            "a worker holds {MAX_USERS_PER_WORKER} users, its most: run more workers or processes"
+        );
+        let user = self.keys.len() as UserIndex;
+        self.index.insert(key, user);
+        self.keys.push(key);
+        self.versions.push(0);
+        self.outputs.push(0);
+        user
+    }
+
+    /// The number of users.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The user's key in the profile arrangement.
+    pub fn key(&self, user: UserIndex) -> IdKey {
+        self.keys[user as usize]
+    }
+
+    /// Starts a new version of the user's history, which makes its holder entries stale, and
+    /// returns it.
+    pub fn new_version(&mut self, user: UserIndex) -> u32 {
+        let version = &mut self.versions[user as usize];
+        *version = version.wrapping_add(1);
+        *version
+    }
+
+    /// Whether `holder` is a current entry: its user has not changed its history since (or, one
+    /// time in 256, a stale one that passes for current; see [`Holder`]).
+    pub fn is_current(&self, holder: Holder) -> bool {
+        self.versions[holder.user() as usize] % (1 << TAG_BITS) == holder.tag()
+    }
+
+    /// Records the fingerprint of the user's new output; returns whether it differs from the
+    /// last one.
+    pub fn set_output(&mut self, user: UserIndex, fingerprint: u64) -> bool {
+        std::mem::replace(&mut self.outputs[user as usize], fingerprint) != fingerprint
+    }
+}
