@@ -1,14 +1,27 @@
 //! A plain sequential implementation of the contract (semantics §1–§5), with none of the
-//! dataflow's machinery: maps updated message by message, every user's vector recomputed with
-//! the float formula of the `profile` crate. Tests check the dataflow against it.
+//! dataflow's machinery: maps updated message by message, every user's vector recomputed with a
+//! naive formula of its own (not `profile::interest_vector`, which the dataflow uses), so that a
+//! mistake in the dataflow's formula cannot pass for correct. Tests check the dataflow against it.
 
 use std::collections::{BTreeMap, HashMap};
 
 use profile::ProfileMessage;
+use serde::Deserialize;
 
-use sink::ProfileRecord;
+use crate::model::ReadPosition;
 
-use crate::model::{EncodedProfile, ReadPosition};
+/// A user's value as the sink writes it (semantics §6), field for field, so that a test can
+/// read the dataflow's written JSON into it and compare.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceProfile {
+    pub user_id: String,
+    pub timestamp: u64,
+    pub history_items: Vec<String>,
+    pub interest_vector: Vec<f32>,
+    pub known_items: u32,
+    pub epoch: u64,
+}
 
 /// The state of the contract after the messages seen so far.
 #[derive(Debug, Clone)]
@@ -23,9 +36,8 @@ pub struct Reference {
 /// What one epoch did to the reference.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReferenceEpoch {
-    /// Final values of the users whose output changed, sorted by user, encoded as the sink
-    /// writes them.
-    pub changed: Vec<EncodedProfile>,
+    /// Final values of the users whose output changed, sorted by user.
+    pub changed: Vec<ReferenceProfile>,
     /// Profile messages older than the user's profile when read.
     pub stale: u64,
 }
@@ -77,22 +89,21 @@ impl Reference {
         for (item_id, values, _) in features {
             self.set_features(item_id, values.clone());
         }
+        // "Changed" is decided on the vector rounded to f32, as it is reported and as the
+        // dataflow decides it, by bits. The two formulas may round differently, so in principle
+        // a feature change that moves a vector by less than an f32 ulp could count as a change
+        // here and not there (or the reverse); the tests keep feature changes far larger.
         let changed = self
             .outputs()
             .into_iter()
             .filter(|(user, output)| before.get(user) != Some(output))
-            .map(|(user, output)| {
-                let (timestamp, items) = &self.profiles[&user];
-                let record = ProfileRecord {
-                    user_id: &user,
-                    timestamp: *timestamp,
-                    history_items: items,
-                    interest_vector: &output.vector,
-                    known_items: output.known_items,
-                    epoch,
-                };
-                #[allow(clippy::expect_used)] // test oracle; the tests use small numbers
-                EncodedProfile::encode(&record).expect("timestamps and epochs below 2^53")
+            .map(|(user, output)| ReferenceProfile {
+                user_id: user,
+                timestamp: output.timestamp,
+                history_items: output.items,
+                interest_vector: output.vector,
+                known_items: output.known_items,
+                epoch,
             })
             .collect();
         ReferenceEpoch { changed, stale }
@@ -104,18 +115,16 @@ impl Reference {
         self.profiles
             .iter()
             .map(|(user, (timestamp, items))| {
-                let vector = profile::interest_vector(
-                    items
-                        .iter()
-                        .map(|item| self.features.get(item).map(Vec::as_slice)),
-                    self.dim,
-                    self.decay,
-                );
+                let features: Vec<_> = items
+                    .iter()
+                    .map(|item| self.features.get(item).map(Vec::as_slice))
+                    .collect();
+                let (vector, known_items) = naive_interest_vector(&features, self.dim, self.decay);
                 let output = Output {
                     timestamp: *timestamp,
                     items: items.clone(),
-                    vector: vector.vector,
-                    known_items: vector.known_items,
+                    vector,
+                    known_items,
                 };
                 (user.clone(), output)
             })
@@ -141,4 +150,52 @@ impl PartialEq for Output {
             && self.known_items == other.known_items
             && bits(&self.vector) == bits(&other.vector)
     }
+}
+
+/// Semantics §5 as written: the vector (rounded to f32 only at the end) and the number of known
+/// items. Deliberately naive, in f64 with a fresh `decay.powi(k)` per position and no shortcut,
+/// so that it is plainly the contract and shares nothing with `profile::interest_vector` (its
+/// running weight, its order of summation) that a mistake could hide in. Taken this literally,
+/// the formula is 0/0 (NaN) when every known item is so far back that `decay^k` underflows f64.
+fn naive_interest_vector(
+    features_in_history_order: &[Option<&[f32]>],
+    dim: usize,
+    decay: f64,
+) -> (Vec<f32>, u32) {
+    let n = features_in_history_order.len();
+    let mut weighted_sum = vec![0f64; dim];
+    let mut total_weight = 0f64;
+    let mut known_items = 0;
+    for (i, features) in features_in_history_order.iter().enumerate() {
+        // Every position counts towards k, known or not.
+        let k = n - 1 - i;
+        let Some(x) = features else { continue };
+        assert_eq!(x.len(), dim, "features have D values (semantics §3)");
+        // Histories hold at most 10,000 items (semantics §2).
+        let weight = decay.powi(i32::try_from(k).expect("k fits in i32"));
+        for (sum, &value) in weighted_sum.iter_mut().zip(x.iter()) {
+            *sum += weight * f64::from(value);
+        }
+        total_weight += weight;
+        known_items += 1;
+    }
+    if known_items == 0 {
+        return (vec![0.0; dim], 0);
+    }
+    let vector = weighted_sum
+        .iter()
+        .map(|s| (s / total_weight) as f32)
+        .collect();
+    (vector, known_items)
+}
+
+/// Whether the dataflow's vector `actual` agrees with the reference's `expected`: element-wise
+/// within 1e-6, relative to values above 1. The two formulas sum in different orders and weigh
+/// with differently rounded powers of `decay`, so their last bits may differ.
+pub fn vectors_agree(actual: &[f32], expected: &[f32]) -> bool {
+    actual.len() == expected.len()
+        && actual.iter().zip(expected).all(|(&a, &b)| {
+            let (a, b) = (f64::from(a), f64::from(b));
+            (a - b).abs() <= 1e-6 * b.abs().max(1.0)
+        })
 }
