@@ -20,7 +20,7 @@ use timely::dataflow::Stream;
 
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::{FeatureEvent, ProfileEvent};
-use crate::output::{write_epochs, EpochWriter, PlainWrites};
+use crate::output::{write_epochs, EpochWriter, PlainWrites, WriterThread};
 use crate::state::features::arrange_features;
 use crate::state::items::ItemTable;
 use crate::state::profiles::arrange_profiles;
@@ -38,7 +38,8 @@ pub struct WriterSetup<W> {
 
 /// Builds the dataflow on the three input streams: profile events, feature events, and each
 /// worker's index at the epoch it caught up with the read marks (see [`crate::catch_up`]).
-/// Returns the number of each epoch written, once it is durable on this worker, for a probe.
+/// Returns the number of each epoch written, once it is durable on this worker, for a probe,
+/// and the writer's thread, which the driver joins when it stops.
 pub fn build<'scope, W: EpochWriter>(
     profile_events: Stream<'scope, u64, Vec<ProfileEvent>>,
     feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
@@ -46,7 +47,7 @@ pub fn build<'scope, W: EpochWriter>(
     params: InterestParams,
     writer: WriterSetup<W>,
     stats: Rc<RefCell<StatsBoard>>,
-) -> Stream<'scope, u64, Vec<u64>> {
+) -> (Stream<'scope, u64, Vec<u64>>, WriterThread) {
     // The item table is shared by the profile upsert, which interns each history's items,
     // and the interest operator, which keeps its feature cache: both run on this worker's
     // thread.

@@ -1,10 +1,13 @@
-//! The dataflow binary: configuration, logging, signals, and the run until Ctrl-C or SIGTERM.
+//! The dataflow binary: configuration, logging, signals, and the run until Ctrl-C or SIGTERM,
+//! or until a newer run takes over (exit code 3, [`dataflow::run::TAKEN_OVER_EXIT_CODE`]).
 
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
 use dataflow::config::Config;
+use dataflow::run::{RunError, TAKEN_OVER_EXIT_CODE};
 use tracing_subscriber::EnvFilter;
 
 // mimalloc for Rust's allocations and, through the crate's `override` feature, for C's malloc
@@ -17,7 +20,7 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -31,7 +34,17 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(signal, shutdown.clone())
             .context("installing signal handlers")?;
     }
-    let summary = dataflow::run::run(config, shutdown).context("dataflow failed")?;
+    let summary = match dataflow::run::run(config, shutdown) {
+        Ok(summary) => summary,
+        // Not a failure of this run but its planned end: a deploy overlapping it replaced it.
+        // The code tells a supervisor not to restart it.
+        Err(error @ RunError::TakenOver(_)) => {
+            let error = anyhow::Error::from(error);
+            tracing::error!("{error:#}: exiting with code {TAKEN_OVER_EXIT_CODE}");
+            return Ok(ExitCode::from(TAKEN_OVER_EXIT_CODE as u8));
+        }
+        Err(error) => return Err(error).context("dataflow failed"),
+    };
     if summary.epochs > 0 {
         dataflow::stats::StatsOut::new(std::io::stdout()).line(&dataflow::stats::format_summary(
             &summary.totals,
@@ -39,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             summary.seconds,
         ));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A panic on any thread ends the process (exit code 101, after the usual message). Timely's

@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition};
 
-use crate::output::{EpochWriter, PlainWrites, Written};
+use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterThread, Written};
 use sink::WriteMode;
 
 use crate::stats::{EpochCounters, StatsBoard};
@@ -77,7 +78,12 @@ pub struct TimedRun {
 struct CaptureWriter(Option<Shared<BTreeMap<u64, Vec<EncodedProfile>>>>);
 
 impl EpochWriter for CaptureWriter {
-    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile], _: WriteMode) -> Written {
+    fn write_epoch(
+        &mut self,
+        epoch: u64,
+        profiles: &[EncodedProfile],
+        _: WriteMode,
+    ) -> Result<Written, WriteStopped> {
         if let Some(outputs) = &self.0 {
             let mut outputs = outputs
                 .lock()
@@ -87,10 +93,10 @@ impl EpochWriter for CaptureWriter {
                 .or_default()
                 .extend_from_slice(profiles);
         }
-        Written {
+        Ok(Written {
             stored: profiles.len() as u64,
             plain: 0,
-        }
+        })
     }
 }
 
@@ -162,17 +168,20 @@ pub fn run_in_memory_with(
     );
     let keep = options.keep_outputs.then(|| outputs.clone());
     let (counters_in, times_in) = (counters.clone(), times.clone());
+    // Set by a worker whose writer thread ended early, so that the others stop waiting too.
+    let writer_stopped = Arc::new(AtomicBool::new(false));
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
         let index = worker.index();
         let board = Rc::new(RefCell::new(StatsBoard::default()));
         let mut profile_input = InputHandle::new();
         let mut feature_input = InputHandle::new();
         let probe = ProbeHandle::new();
-        worker.dataflow::<u64, _, _>(|scope| {
+        let dataflow = worker.next_dataflow_index();
+        let writer_thread = worker.dataflow::<u64, _, _>(|scope| {
             let writer = CaptureWriter(keep.clone());
             // Nothing to catch up with in memory, and the capture ignores how it would write.
             let caught_up = timely::dataflow::operators::generic::operator::empty(scope);
-            crate::graph::build(
+            let (written, writer_thread) = crate::graph::build(
                 profile_input.to_stream(scope),
                 feature_input.to_stream(scope),
                 caught_up,
@@ -183,9 +192,24 @@ pub fn run_in_memory_with(
                     epoch_ms: None,
                 },
                 board.clone(),
-            )
-            .probe_with(&probe);
+            );
+            written.probe_with(&probe);
+            writer_thread
         });
+        let waiting = Waiting {
+            probe: &probe,
+            writer_thread: &writer_thread,
+            writer_stopped: &writer_stopped,
+        };
+        // Ends the run of this worker once a writer thread ended early (see wait_for).
+        let stopped = |worker: &mut timely::worker::Worker, writer_thread: WriterThread| {
+            writer_stopped.store(true, Ordering::Relaxed);
+            worker.drop_dataflow(dataflow);
+            match writer_thread.finish() {
+                Ok(()) => Err("another worker's writer thread ended early".to_owned()),
+                Err(error) => Err(format!("worker {index}: {error}")),
+            }
+        };
 
         // Each worker's share is taken once: the closure runs once per worker.
         let (initial_features, epochs) = shares[index]
@@ -203,7 +227,9 @@ pub fn run_in_memory_with(
         // features file, loaded before any message is read.
         profile_input.advance_to(1);
         feature_input.advance_to(1);
-        wait_for(worker, &probe, 1);
+        if !waiting.wait_for(worker, 1) {
+            return stopped(worker, writer_thread);
+        }
         let started = Instant::now();
         epoch_times.insert(0, started - features_started);
         let mut epoch_started = started;
@@ -213,7 +239,9 @@ pub fn run_in_memory_with(
             feature_input.advance_to(time);
             if options.lockstep && time > 1 {
                 // The epoch before must be written everywhere before this one is fed.
-                wait_for(worker, &probe, time);
+                if !waiting.wait_for(worker, time) {
+                    return stopped(worker, writer_thread);
+                }
                 let now = Instant::now();
                 epoch_times.insert(time - 1, now - epoch_started);
                 epoch_started = now;
@@ -230,7 +258,9 @@ pub fn run_in_memory_with(
         let end = epoch_count + 1;
         profile_input.advance_to(end);
         feature_input.advance_to(end);
-        wait_for(worker, &probe, end);
+        if !waiting.wait_for(worker, end) {
+            return stopped(worker, writer_thread);
+        }
         let finished = Instant::now();
         if epoch_count > 0 {
             epoch_times.insert(epoch_count, finished - epoch_started);
@@ -251,9 +281,17 @@ pub fn run_in_memory_with(
         for (epoch, counts) in board.borrow_mut().drain_before(u64::MAX) {
             totals.entry(epoch).or_default().add(&counts);
         }
+        writer_thread
+            .finish()
+            .map_err(|error| format!("worker {index}: {error}"))
     })?;
-    for result in guards.join() {
-        result?;
+    let errors: Vec<String> = guards
+        .join()
+        .into_iter()
+        .filter_map(|result| result.and_then(|result| result).err())
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
     }
     let mut outputs = std::mem::take(&mut *outputs.lock().map_err(|e| e.to_string())?);
     for profiles in outputs.values_mut() {
@@ -268,12 +306,28 @@ pub fn run_in_memory_with(
     })
 }
 
-/// Runs the worker until `probe` has passed `time`. A worker with nothing to do parks (timely
-/// wakes it when another worker or the writer thread has news) instead of spinning, which on a
-/// machine with as many cores as workers would take the CPU the others need.
-fn wait_for(worker: &mut timely::worker::Worker, probe: &ProbeHandle<u64>, time: u64) {
-    while probe.less_than(&time) {
-        worker.step_or_park(Some(std::time::Duration::from_millis(1)));
+/// What a worker waits on: its probe, unless a writer thread ended early, its own or another
+/// worker's, after which the probe would never pass the epochs it left unwritten.
+#[derive(Debug, Clone, Copy)]
+struct Waiting<'a> {
+    probe: &'a ProbeHandle<u64>,
+    writer_thread: &'a WriterThread,
+    writer_stopped: &'a AtomicBool,
+}
+
+impl Waiting<'_> {
+    /// Runs the worker until the probe has passed `time`, or returns false once a writer thread
+    /// ended early. A worker with nothing to do parks (timely wakes it when another worker or
+    /// the writer thread has news) instead of spinning, which on a machine with as many cores
+    /// as workers would take the CPU the others need.
+    fn wait_for(&self, worker: &mut timely::worker::Worker, time: u64) -> bool {
+        while self.probe.less_than(&time) {
+            if self.writer_thread.has_stopped() || self.writer_stopped.load(Ordering::Relaxed) {
+                return false;
+            }
+            worker.step_or_park(Some(std::time::Duration::from_millis(1)));
+        }
+        true
     }
 }
 

@@ -20,7 +20,7 @@ use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::model::EncodedProfile;
-use crate::output::{EpochWriter, PlainWrites, Written};
+use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterError, WriterThread, Written};
 use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
 use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard, StatsOut};
@@ -39,10 +39,23 @@ pub enum RunError {
     Timely(String),
     #[error("worker 0 could not take over the topic's profiles in Redis (see its error)")]
     TakeOver,
+    /// A newer run of the same topic took over (see `sink::ReadMarks::take_over`): this run
+    /// stopped writing, committed nothing more, and ended. The binary exits with
+    /// [`TAKEN_OVER_EXIT_CODE`].
+    #[error(
+        "another dataflow run took over the topic's profiles in Redis; this run stopped writing"
+    )]
+    TakenOver(#[source] sink::SinkError),
+    #[error("worker {worker}'s Redis writer thread panicked: {message}")]
+    WriterPanicked { worker: usize, message: String },
+    /// This worker stopped because another worker of the process stopped writing: the
+    /// dataflow cannot go on without it.
+    #[error("another worker of this process stopped writing (see its error)")]
+    PeerStopped,
 }
 
 /// The exit code of a dataflow that a newer run of the same topic took over from (see
-/// `sink::ReadMarks::take_over`): it stops writing at once.
+/// `sink::ReadMarks::take_over`, [`RunError::TakenOver`]).
 pub const TAKEN_OVER_EXIT_CODE: i32 = 3;
 
 /// Totals over a run, for the summary at exit.
@@ -59,25 +72,29 @@ struct RedisWriter {
 }
 
 impl EpochWriter for RedisWriter {
-    fn write_epoch(&mut self, epoch: u64, profiles: &[EncodedProfile], mode: WriteMode) -> Written {
+    fn write_epoch(
+        &mut self,
+        epoch: u64,
+        profiles: &[EncodedProfile],
+        mode: WriteMode,
+    ) -> Result<Written, WriteStopped> {
         // Redis holds the values of the replay already.
         if is_replay_epoch(epoch) {
-            return Written::default();
+            return Ok(Written::default());
         }
         self.sink.set_mode(mode);
         loop {
             match self.sink.write_encoded(profiles) {
                 Ok(stats) => {
-                    return Written {
+                    return Ok(Written {
                         stored: stats.written as u64,
                         plain: stats.written_plain as u64,
-                    }
+                    })
                 }
                 // Another run writes this topic's profiles now; writing on could undo its
                 // newer values, and nothing this run holds can be committed any more.
                 Err(error @ sink::SinkError::Fenced { .. }) => {
-                    tracing::error!(%error, epoch, "stopping: another dataflow run took over");
-                    std::process::exit(TAKEN_OVER_EXIT_CODE);
+                    return Err(WriteStopped::TakenOver(error));
                 }
                 // The sink retries transient failures itself; anything else is logged and
                 // tried again, because an epoch's output is never dropped.
@@ -108,13 +125,31 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
     let summary = Arc::new(Mutex::new(Summary::default()));
     let shared = Arc::new((config, features));
     let summary_in = summary.clone();
+    // Set by the first worker whose writer stops, so that the process's other workers stop too.
+    let writer_stopped = Arc::new(AtomicBool::new(false));
     let guards = timely::execute(timely_config, move |worker| {
         let (config, features) = &*shared;
-        worker_loop(worker, config, features, &shutdown, &summary_in)
+        let stop = Stop {
+            shutdown: &shutdown,
+            writer_stopped: &writer_stopped,
+        };
+        worker_loop(worker, config, features, stop, &summary_in)
     })
     .map_err(RunError::Timely)?;
+    let mut failure: Option<RunError> = None;
     for result in guards.join() {
-        result.map_err(RunError::Timely)??;
+        if let Err(error) = result.map_err(RunError::Timely).and_then(|result| result) {
+            // A worker that stopped because another one did says less than that one's error.
+            if failure
+                .as_ref()
+                .is_none_or(|failure| matches!(failure, RunError::PeerStopped))
+            {
+                failure = Some(error);
+            }
+        }
+    }
+    if let Some(error) = failure {
+        return Err(error);
     }
     let mut summary = summary
         .lock()
@@ -124,11 +159,20 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
     Ok(summary)
 }
 
+/// What ends a worker's loop, shared by the workers of the process.
+#[derive(Debug, Clone, Copy)]
+struct Stop<'a> {
+    /// Ctrl-C or SIGTERM: finish the open epoch, then end.
+    shutdown: &'a AtomicBool,
+    /// A worker's writer stopped for good: end at once, writing and committing nothing more.
+    writer_stopped: &'a AtomicBool,
+}
+
 fn worker_loop(
     worker: &mut timely::worker::Worker,
     config: &Config,
     features: &LoadedFeatures,
-    shutdown: &AtomicBool,
+    stop: Stop<'_>,
     summary: &Arc<Mutex<Summary>>,
 ) -> Result<(), RunError> {
     let (index, peers) = (worker.index(), worker.peers());
@@ -177,8 +221,9 @@ fn worker_loop(
         CheckedWrites::Always | CheckedWrites::UntilCaughtUp => PlainWrites::Never,
     };
     let probe = ProbeHandle::new();
-    worker.dataflow::<u64, _, _>(|scope| {
-        crate::graph::build(
+    let dataflow = worker.next_dataflow_index();
+    let writer_thread = worker.dataflow::<u64, _, _>(|scope| {
+        let (written, writer_thread) = crate::graph::build(
             profile_input.to_stream(scope),
             feature_input.to_stream(scope),
             caught_up_input.to_stream(scope),
@@ -189,10 +234,15 @@ fn worker_loop(
                 epoch_ms: Some(config.epoch_ms),
             },
             board.clone(),
-        )
-        .probe_with(&probe);
+        );
+        written.probe_with(&probe);
         report_epochs(stats_input.to_stream(scope), config, summary.clone());
+        writer_thread
     });
+    // Whether this worker's writer, or another worker's, stopped for good.
+    let writing_stopped = |writer_thread: &WriterThread| {
+        writer_thread.has_stopped() || stop.writer_stopped.load(Ordering::Relaxed)
+    };
 
     // The inputs start at replay epoch 0: the features file and the replay of every partition
     // up to its committed offset (see crate::replay), before any live epoch.
@@ -225,7 +275,7 @@ fn worker_loop(
             caught_up_input.send(index as u64);
             tracing::info!(worker = index, epoch, "caught up with the read marks");
         }
-        let stopping = shutdown.load(Ordering::Relaxed);
+        let stopping = stop.shutdown.load(Ordering::Relaxed);
         let now = clock.now();
         // The first live epoch starts as soon as the replay is done, so that nothing read live
         // is taken for a replayed message.
@@ -288,6 +338,9 @@ fn worker_loop(
             Duration::ZERO
         };
         worker.step_or_park(Some(park));
+        if writing_stopped(&writer_thread) {
+            return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
+        }
         let done = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
         if done > reported {
             finish_epochs(done, &mut source, &board, &mut stats_input);
@@ -301,7 +354,10 @@ fn worker_loop(
         epoch,
         "shutting down: finishing the open epoch"
     );
-    worker.step_while(|| probe.less_than(&epoch));
+    worker.step_while(|| probe.less_than(&epoch) && !writing_stopped(&writer_thread));
+    if writing_stopped(&writer_thread) {
+        return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
+    }
     finish_epochs(epoch, &mut source, &board, &mut stats_input);
     if source.dead_letter_failures() > 0 {
         tracing::error!(
@@ -309,8 +365,62 @@ fn worker_loop(
             "some dead-letter copies were not stored"
         );
     }
-    // Dropping the inputs lets timely run the remaining work (the last stats) to completion.
-    Ok(())
+    // Closing the inputs lets the dataflow run to its end: the last stats, and the values of
+    // later epochs of workers whose clock closed theirs later, which may come to this worker's
+    // writer. Only then is the writer thread done.
+    drop((profile_input, feature_input, caught_up_input, stats_input));
+    while worker.installed_dataflows().contains(&dataflow) {
+        if writing_stopped(&writer_thread) {
+            return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
+        }
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
+    // Everything handed to it is stored: the thread ends at once.
+    writer_thread
+        .finish()
+        .map_err(|error| writer_error(index, error))
+}
+
+/// Ends the run of a worker whose writer stopped for good (see [`WriterThread::has_stopped`]),
+/// or another worker's did, and tells why.
+///
+/// The dataflow is dropped, not run to its end: its write stage holds the capabilities of the
+/// epochs not stored, and releasing them would let a probe, this worker's or another's, pass
+/// epochs whose values are not in Redis, and their offsets be committed.
+fn stop_writing(
+    worker: &mut timely::worker::Worker,
+    dataflow: usize,
+    writer_thread: WriterThread,
+    stop: Stop<'_>,
+    index: usize,
+) -> RunError {
+    // The other workers of the process stop too: none can complete an epoch without this one.
+    stop.writer_stopped.store(true, Ordering::Relaxed);
+    worker.drop_dataflow(dataflow);
+    // Waits for a write in flight (another worker's take-over may have stopped this one's
+    // writer mid-write, which then fails at once).
+    match writer_thread.finish() {
+        Ok(()) => RunError::PeerStopped,
+        Err(error) => writer_error(index, error),
+    }
+}
+
+/// The run's error for a writer thread that ended on its own.
+fn writer_error(index: usize, error: WriterError) -> RunError {
+    match error {
+        WriterError::Stopped(WriteStopped::TakenOver(error)) => {
+            tracing::error!(
+                worker = index,
+                %error,
+                "stopping: another dataflow run took over"
+            );
+            RunError::TakenOver(error)
+        }
+        WriterError::Panicked(message) => RunError::WriterPanicked {
+            worker: index,
+            message,
+        },
+    }
 }
 
 /// Worker 0 takes over the topic's profiles in Redis for this run (see

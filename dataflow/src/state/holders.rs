@@ -208,7 +208,11 @@ mod tests {
         );
         let mut holders: Vec<UserIndex> = index.current_holders(0, &users).collect();
         holders.sort_unstable();
-        let even: Vec<UserIndex> = ids.iter().copied().filter(|u| u.is_multiple_of(2)).collect();
+        let even: Vec<UserIndex> = ids
+            .iter()
+            .copied()
+            .filter(|u| u.is_multiple_of(2))
+            .collect();
         assert_eq!(holders, even);
         assert_eq!(index.entries(0), 20);
     }

@@ -1,0 +1,200 @@
+//! The librdkafka clients of a worker's source, each option with why it is set, and which
+//! partitions the worker reads.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::ThreadedProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use super::decode::DlqContext;
+use super::{SourceConfig, SourceError, PROFILE_TOPIC};
+use crate::epoch::SourcePartition;
+use crate::replay::Replay;
+
+/// The consumer's context. librdkafka reports each end of a partition, which the replay asks
+/// for (`enable.partition.eof`), to the error callback as well as to `poll`; those are news,
+/// not errors. Its statistics tell where each profile partition ends, as the fetches found it,
+/// for the catch-up (see [`crate::catch_up`]).
+#[derive(Debug)]
+pub(super) struct SourceContext {
+    profile_topic: String,
+    /// Profile partition → its high watermark in the last statistics.
+    pub(super) ends: std::sync::Mutex<BTreeMap<i32, i64>>,
+}
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) =
+            error
+        {
+            tracing::trace!(reason, "end of partition");
+        } else {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.profile_topic) else {
+            return;
+        };
+        if let Ok(mut ends) = self.ends.lock() {
+            for (&partition, stats) in &topic.partitions {
+                // -1 until a fetch (or offset query) of the partition has answered.
+                if partition >= 0 && stats.hi_offset >= 0 {
+                    ends.insert(partition, stats.hi_offset);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
+/// The consumer of a worker's profile and item-feature partitions.
+pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceContext>, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        // Committed offsets of this group say where to resume after a restart.
+        .set("group.id", &config.group)
+        // Offsets are committed by hand, only once an epoch is durable in Redis.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A partition with no committed offset is read from its start: nothing is skipped.
+        .set("auto.offset.reset", "earliest")
+        // Tells the replay on start that a partition is read to its end, even if the offsets
+        // just below the committed one are missing (compaction, transaction markers).
+        .set("enable.partition.eof", "true")
+        // tansu (and any broker) answers a fetch with no new data only after this wait;
+        // a short wait keeps epochs closing on time and throughput up (20x with tansu).
+        .set("fetch.wait.max.ms", "5")
+        // Prefetch a few polls ahead (a poll takes at most --max-poll-records messages,
+        // 4 MB of 1 KB profiles by default), bounded in memory: 16 MB per worker. 64 MB
+        // read no faster here and cost 96 MB more RSS on two workers.
+        .set("queued.max.messages.kbytes", "16384")
+        // Once that prefetch is full (the worker is busy computing an epoch), librdkafka
+        // postpones the partition's next fetch by this long, 1 s by default: the worker
+        // then drained the queue in a few ms and sat idle for the rest of the second. A
+        // few ms keeps the queue topped up at the cost of a few more queue checks.
+        .set("fetch.queue.backoff.ms", "5")
+        // The statistics carry each partition's end as the fetches report it, which the
+        // catch-up waits for (tansu's answer to an offset query falls short of it). Once a
+        // second: a start-up waits at most that long more, and the parsing costs nothing.
+        .set("statistics.interval.ms", "1000")
+        .create_with_context(SourceContext {
+            profile_topic: config.profile_topic.clone(),
+            ends: std::sync::Mutex::default(),
+        })
+}
+
+/// The producer of a worker's dead-letter copies (see [`super::decode`]).
+pub(super) fn dead_letter_producer(
+    config: &SourceConfig,
+) -> Result<ThreadedProducer<DlqContext>, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        // A dead-letter copy is kept as long as the broker is down: offsets wait for it.
+        .set("message.timeout.ms", "0")
+        // The copy must survive a broker failure like any message.
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .create_with_context(DlqContext::default())
+}
+
+/// The partitions of a topic with `partitions` partitions that belong to worker `index` of
+/// `peers`: those congruent to it modulo `peers`.
+pub fn assigned_partitions(partitions: usize, index: usize, peers: usize) -> Vec<i32> {
+    (0..partitions)
+        .filter(|p| p % peers.max(1) == index)
+        .map(|p| p as i32)
+        .collect()
+}
+
+/// The partitions of `topics` that belong to worker `index` of `peers`. The profile topic must
+/// exist; a missing item topic only means no live feature updates.
+pub(super) fn assignment(
+    consumer: &BaseConsumer<SourceContext>,
+    topics: &[String; 2],
+    brokers: &str,
+    index: usize,
+    peers: usize,
+) -> Result<Vec<SourcePartition>, SourceError> {
+    let mut assigned = Vec::new();
+    for (topic_index, topic) in topics.iter().enumerate() {
+        let partitions = partition_count(consumer, topic)?;
+        if partitions == 0 {
+            if topic_index == PROFILE_TOPIC {
+                return Err(SourceError::MissingTopic {
+                    topic: topic.clone(),
+                    brokers: brokers.to_owned(),
+                });
+            }
+            if index == 0 {
+                tracing::warn!(topic, "item topic does not exist: no live feature updates");
+            }
+            continue;
+        }
+        for partition in assigned_partitions(partitions, index, peers) {
+            assigned.push((topic_index, partition));
+        }
+    }
+    Ok(assigned)
+}
+
+/// The assignment to read live with: a replayed partition from where its replay ended, any
+/// other from the group's committed offset (or its beginning, if it has none).
+pub(super) fn live_assignment(
+    topics: &[String; 2],
+    assigned: &[SourcePartition],
+    replay: Option<&Replay>,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut live = TopicPartitionList::new();
+    for &(topic, partition) in assigned {
+        let start = replay
+            .and_then(|replay| replay.resume_offset(&(topic, partition)))
+            .map_or(Offset::Stored, Offset::Offset);
+        live.add_partition_offset(&topics[topic], partition, start)?;
+    }
+    Ok(live)
+}
+
+/// Partitions of `topic`, or 0 if it does not exist.
+fn partition_count(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+) -> Result<usize, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_partition_has_exactly_one_worker() {
+        for peers in 1..=8 {
+            for partitions in [1, 4, 7, 16] {
+                let mut owners = vec![0; partitions];
+                for index in 0..peers {
+                    for p in assigned_partitions(partitions, index, peers) {
+                        owners[p as usize] += 1;
+                    }
+                }
+                assert!(
+                    owners.iter().all(|&n| n == 1),
+                    "{peers} workers, {partitions} partitions"
+                );
+            }
+        }
+        assert_eq!(assigned_partitions(4, 1, 2), vec![1, 3]);
+    }
+}

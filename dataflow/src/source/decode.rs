@@ -1,0 +1,187 @@
+//! Turning a Kafka message into an event: decoding and validating it (semantics §2, §3), and
+//! copying an invalid one to the dead-letter topic with why and where it was read. Also the
+//! rate limit on the source's warnings, so a stream of bad messages cannot flood the log.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use profile::{ItemFeaturesMessage, ProfileMessageView};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Message};
+
+use super::{SourceConfig, PROFILE_TOPIC};
+use crate::model::{FeatureEvent, FeatureVector, ProfileEvent, ReadPosition};
+
+/// A valid message, as the dataflow takes it.
+#[derive(Debug)]
+pub(super) enum Event {
+    Profile(ProfileEvent),
+    Features(FeatureEvent),
+}
+
+/// Why a message is invalid, as the dead-letter copy's headers tell it.
+#[derive(Debug)]
+pub(super) struct Invalid {
+    /// A short, fixed name of the kind of fault, to count and filter by.
+    pub(super) kind: &'static str,
+    /// What exactly is wrong, for a person.
+    pub(super) reason: String,
+}
+
+/// Decodes and validates the payload of a message of topic `topic` (an index into the source's
+/// topics) read at `position`.
+pub(super) fn decode(
+    topic: usize,
+    payload: &[u8],
+    position: ReadPosition,
+    config: &SourceConfig,
+) -> Result<Event, Invalid> {
+    if topic == PROFILE_TOPIC {
+        ProfileMessageView::decode(payload, config.encoding)
+            .map(|m| Event::Profile(ProfileEvent::from_view(&m, position, config.max_history)))
+            .map_err(|e| Invalid {
+                kind: e.kind(),
+                reason: e.to_string(),
+            })
+    } else {
+        decode_features(payload, position, config.dim).map(Event::Features)
+    }
+}
+
+fn decode_features(
+    payload: &[u8],
+    position: ReadPosition,
+    dim: usize,
+) -> Result<FeatureEvent, Invalid> {
+    let bad = |reason: String| Invalid {
+        kind: "bad_item_features",
+        reason,
+    };
+    let message = ItemFeaturesMessage::decode(payload, dim).map_err(|e| bad(e.to_string()))?;
+    let features = match message.features {
+        None => None,
+        Some(values) => Some(FeatureVector::new(&values).ok_or_else(|| {
+            bad(format!(
+                "features hold a value beyond ±{}",
+                crate::model::MAX_FEATURE_MAGNITUDE
+            ))
+        })?),
+    };
+    Ok(FeatureEvent {
+        item_id: message.item_id,
+        features,
+        position,
+    })
+}
+
+/// Counts dead-letter copies the broker did not take, so offsets wait for them.
+#[derive(Debug, Default)]
+pub(super) struct DlqContext {
+    pub(super) failed: AtomicU64,
+}
+
+impl ClientContext for DlqContext {}
+
+impl ProducerContext for DlqContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "a dead-letter copy was not stored");
+        }
+    }
+}
+
+/// Copies an invalid message to the dead-letter topic with why and where it was read.
+pub(super) fn dead_letter(
+    dlq: &ThreadedProducer<DlqContext>,
+    dlq_topic: &str,
+    warnings: &mut Warnings,
+    message: &BorrowedMessage<'_>,
+    invalid: &Invalid,
+) {
+    let (kind, reason) = (invalid.kind, invalid.reason.as_str());
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    warnings.warn(|| {
+        tracing::warn!(
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            reason,
+            "invalid message sent to the dead-letter topic"
+        )
+    });
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "streamrec.reason",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "streamrec.reason_kind",
+            value: Some(kind),
+        })
+        .insert(Header {
+            key: "streamrec.source_topic",
+            value: Some(message.topic()),
+        })
+        .insert(Header {
+            key: "streamrec.source_partition",
+            value: Some(&partition),
+        })
+        .insert(Header {
+            key: "streamrec.source_offset",
+            value: Some(&offset),
+        });
+    let mut record = BaseRecord::to(dlq_topic)
+        .payload(message.payload().unwrap_or_default())
+        .headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    // A full local queue drains as the broker acknowledges; wait for room rather than drop.
+    loop {
+        match dlq.send(record) {
+            Ok(()) => break,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((error, _)) => {
+                dlq.context().failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, "cannot queue a dead-letter copy");
+                break;
+            }
+        }
+    }
+}
+
+/// Lets through at most one warning a second, counting the rest, so a stream of bad messages
+/// or a broker outage cannot flood the log.
+#[derive(Debug, Default)]
+pub(super) struct Warnings {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Warnings {
+    pub(super) fn warn(&mut self, log: impl FnOnce()) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
+        {
+            if self.suppressed > 0 {
+                tracing::warn!(suppressed = self.suppressed, "similar warnings suppressed");
+                self.suppressed = 0;
+            }
+            self.last = Some(now);
+            log();
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}

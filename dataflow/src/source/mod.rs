@@ -1,0 +1,368 @@
+//! The Kafka source of one worker: reads its share of the profile and item-feature partitions,
+//! validates every message (semantics §2, §3), copies invalid ones to the dead-letter topic, and
+//! commits offsets only for epochs whose output Redis has acknowledged.
+//!
+//! Partitions are assigned, not subscribed: partition `p` of every topic belongs to the worker
+//! with global index `p mod workers`, the same on every run and every process, so no rebalance
+//! can move a partition while an epoch is open.
+//!
+//! On start the source first replays its partitions up to the group's committed offsets, to
+//! rebuild the state (see [`crate::replay`]), and only then reads on from those offsets.
+//!
+//! It also keeps the read marks of its profile partitions in Redis ahead of what it hands the
+//! dataflow, and tells when it has caught up with the marks it found at start, after which its
+//! epochs' values may be written plain (see [`crate::catch_up`]).
+//!
+//! This module holds [`KafkaSource`] itself: its state, `poll` and `commit_before`. The rest is
+//! in its submodules:
+//! - `consumer`: the librdkafka consumer and dead-letter producer with their options, and which
+//!   partitions a worker reads ([`assigned_partitions`]);
+//! - `decode`: a message to an event, validation, dead-letter copies of invalid messages, and
+//!   the rate limit on the source's warnings;
+//! - `start`: each partition's offsets at start, and the replay and catch-up plans made from
+//!   them.
+
+mod consumer;
+mod decode;
+mod start;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use profile::Encoding;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+pub use self::consumer::assigned_partitions;
+use self::consumer::SourceContext;
+use self::decode::{DlqContext, Event, Warnings};
+use crate::catch_up::{CatchUp, Marks};
+use crate::epoch::{OffsetLedger, SourcePartition};
+use crate::model::{FeatureEvent, ProfileEvent};
+use crate::replay::{Read, Replay};
+
+/// What the source needs to know.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub brokers: String,
+    pub group: String,
+    pub profile_topic: String,
+    pub item_topic: String,
+    pub dlq_topic: String,
+    pub encoding: Encoding,
+    pub max_history: usize,
+    pub dim: usize,
+    /// The Redis the sink writes to, which holds the read marks.
+    pub redis: String,
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic {topic:?} does not exist on {brokers} (scripts/services.sh start creates it)")]
+    MissingTopic { topic: String, brokers: String },
+    #[error(transparent)]
+    ReadMarks(#[from] sink::SinkError),
+}
+
+/// The messages of one poll, already validated.
+#[derive(Debug, Default)]
+pub struct Polled {
+    pub profiles: Vec<ProfileEvent>,
+    pub features: Vec<FeatureEvent>,
+    /// Messages read, valid or not, not counting replayed ones.
+    pub messages: u64,
+    /// Messages that went to the dead-letter topic.
+    pub invalid: u64,
+    /// Messages replayed to rebuild the state (valid ones are in `profiles` and `features`).
+    pub replayed: u64,
+}
+
+/// Indexes of the source's two topics, in `KafkaSource::topics` and in a [`SourcePartition`].
+const PROFILE_TOPIC: usize = 0;
+const ITEM_TOPIC: usize = 1;
+
+/// One worker's Kafka reader.
+pub struct KafkaSource {
+    config: SourceConfig,
+    consumer: BaseConsumer<SourceContext>,
+    dlq: ThreadedProducer<DlqContext>,
+    topics: [String; 2],
+    ledger: OffsetLedger,
+    assigned: Vec<SourcePartition>,
+    /// While the state is rebuilt, the replay.
+    replay: Option<Replay>,
+    /// The profile partitions' read marks, in Redis and as last raised.
+    read_marks: sink::ReadMarks,
+    marks: Marks,
+    /// What is left to read before the worker is caught up.
+    catch_up: CatchUp,
+    warnings: Warnings,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("assigned", &self.assigned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Connects, finds the partitions, and assigns this worker its share: first from the
+    /// beginning, to replay each partition up to the group's committed offset, if it has one;
+    /// then (see [`poll`](Self::poll)) from that offset, or from the beginning for a partition
+    /// never committed.
+    pub fn new(config: SourceConfig, index: usize, peers: usize) -> Result<Self, SourceError> {
+        let consumer = consumer::consumer(&config)?;
+        let dlq = consumer::dead_letter_producer(&config)?;
+
+        let topics = [config.profile_topic.clone(), config.item_topic.clone()];
+        let assigned = consumer::assignment(&consumer, &topics, &config.brokers, index, peers)?;
+        let offsets = start::start_offsets(&consumer, &topics, &assigned)?;
+        let mut read_marks = sink::ReadMarks::connect(
+            &config.redis,
+            &config.profile_topic,
+            Duration::from_secs(10),
+        )?;
+        let (marks, catch_up) = start::plan_catch_up(&offsets, &mut read_marks)?;
+        start::log_catch_up_plan(index, &catch_up, &read_marks);
+        let replay = start::plan_replay(&offsets);
+        let replay = if replay.is_done() {
+            consumer.assign(&consumer::live_assignment(&topics, &assigned, None)?)?;
+            tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
+            None
+        } else {
+            let mut replaying = TopicPartitionList::new();
+            for (topic, partition) in replay.partitions() {
+                replaying.add_partition_offset(&topics[topic], partition, Offset::Beginning)?;
+            }
+            consumer.assign(&replaying)?;
+            tracing::info!(
+                worker = index,
+                partitions = ?assigned,
+                "assigned partitions; replaying up to the committed offsets first"
+            );
+            Some(replay)
+        };
+        Ok(KafkaSource {
+            config,
+            consumer,
+            dlq,
+            topics,
+            ledger: OffsetLedger::default(),
+            assigned,
+            replay,
+            read_marks,
+            marks,
+            catch_up,
+            warnings: Warnings::default(),
+        })
+    }
+
+    /// Whether every profile partition of this worker is read up to the read mark it had at
+    /// start, so that from the epoch of its last read on, no value of this worker's input can
+    /// be older than one an earlier run wrote.
+    pub fn is_caught_up(&self) -> bool {
+        self.catch_up.is_done()
+    }
+
+    /// Whether the source is still replaying (and so reads in replay epochs, see [`crate::replay`]).
+    pub fn is_replaying(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Reads at most `max` messages that are already here (no waiting), as epoch `epoch`.
+    ///
+    /// While the source replays, the messages are those below the committed offsets (for a
+    /// replay epoch), without offsets to commit or dead-letter copies, which their first
+    /// reading made; the poll stops where the replay ends, and the next one reads live.
+    pub fn poll(&mut self, epoch: u64, max: u64) -> Polled {
+        let mut polled = Polled::default();
+        for _ in 0..max {
+            let message = match self.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => message,
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    // Caught up with a partition: news only to a replay.
+                    if let Some(replay) = &mut self.replay {
+                        replay.end_of_partition(partition);
+                        if replay.is_done() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                Some(Err(error)) => {
+                    // A broker or network hiccup: librdkafka reconnects by itself.
+                    self.warnings
+                        .warn(|| tracing::warn!(%error, "Kafka consumer error"));
+                    break;
+                }
+            };
+            let topic = if message.topic() == self.topics[PROFILE_TOPIC] {
+                PROFILE_TOPIC
+            } else {
+                ITEM_TOPIC
+            };
+            let position = (message.partition(), message.offset());
+            let replayed = match &mut self.replay {
+                None => false,
+                Some(replay) => match replay.read((topic, position.0), position.1) {
+                    Read::Replay => true,
+                    Read::Later => continue,
+                },
+            };
+            if topic == PROFILE_TOPIC {
+                self.catch_up.read(position.0, position.1);
+                if !replayed {
+                    if let Some(mark) = self.marks.raise_for(position.0, position.1) {
+                        raise_mark(
+                            &mut self.read_marks,
+                            &mut self.marks,
+                            &mut self.warnings,
+                            position.0,
+                            mark,
+                        );
+                    }
+                }
+            }
+            if replayed {
+                polled.replayed += 1;
+            } else {
+                self.ledger.observe(epoch, (topic, position.0), position.1);
+                polled.messages += 1;
+            }
+            let payload = message.payload().unwrap_or_default();
+            match decode::decode(topic, payload, position, &self.config) {
+                Ok(Event::Profile(event)) => polled.profiles.push(event),
+                Ok(Event::Features(event)) => polled.features.push(event),
+                // Replayed messages were dead-lettered when first read.
+                Err(invalid) => {
+                    if !replayed {
+                        polled.invalid += 1;
+                        decode::dead_letter(
+                            &self.dlq,
+                            &self.config.dlq_topic,
+                            &mut self.warnings,
+                            &message,
+                            &invalid,
+                        );
+                    }
+                }
+            }
+            if self.replay.as_ref().is_some_and(Replay::is_done) {
+                break;
+            }
+        }
+        self.go_live_once_replayed();
+        self.note_partition_ends();
+        polled
+    }
+
+    /// While catching up, lets the partitions' ends as the last statistics reported them finish
+    /// the partitions read up to there.
+    fn note_partition_ends(&mut self) {
+        if self.catch_up.is_done() || self.catch_up.never_plain().is_some() {
+            return;
+        }
+        if let Ok(ends) = self.consumer.context().ends.lock() {
+            for (&partition, &end) in ends.iter() {
+                self.catch_up.ends_at(partition, end);
+            }
+        }
+    }
+
+    /// Once every partition is replayed, reads live from where each replay ended.
+    fn go_live_once_replayed(&mut self) {
+        let Some(replay) = &self.replay else {
+            return;
+        };
+        if !replay.is_done() {
+            return;
+        }
+        // A fresh assignment drops whatever was prefetched past the replay's ends. (Partitions
+        // that finish early are not paused meanwhile: what they prefetch is bounded by
+        // queued.max.messages.kbytes, and a pause would have to be lifted again.)
+        match consumer::live_assignment(&self.topics, &self.assigned, Some(replay))
+            .and_then(|live| self.consumer.assign(&live))
+        {
+            Ok(()) => self.replay = None,
+            Err(error) => self
+                .warnings
+                .warn(|| tracing::warn!(%error, "cannot assign the live partitions yet; retrying")),
+        }
+    }
+
+    /// Commits the offsets of every epoch before `frontier` (all durable in Redis), once every
+    /// dead-letter copy of them is stored. Returns the positions committed.
+    pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
+        if self.ledger.is_empty() {
+            return BTreeMap::new();
+        }
+        if self.dlq.in_flight_count() > 0 {
+            if let Err(error) = self.dlq.flush(Duration::from_secs(5)) {
+                self.warnings
+                    .warn(|| tracing::warn!(%error, "dead-letter topic slow; offsets wait"));
+                return BTreeMap::new();
+            }
+        }
+        let positions = self.ledger.complete_before(frontier);
+        if positions.is_empty() {
+            return positions;
+        }
+        let mut list = TopicPartitionList::new();
+        for (&(topic, partition), &offset) in &positions {
+            if let Err(error) =
+                list.add_partition_offset(&self.topics[topic], partition, Offset::Offset(offset))
+            {
+                tracing::error!(%error, "cannot build the offset commit");
+            }
+        }
+        // Asynchronous: a commit lost to a crash only means re-reading messages whose outputs
+        // Redis already holds, which the no-regression script makes harmless.
+        if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
+            self.warnings
+                .warn(|| tracing::warn!(%error, "offset commit failed; the next one covers it"));
+        }
+        positions
+    }
+
+    /// Dead-letter copies the broker refused, so far.
+    pub fn dead_letter_failures(&self) -> u64 {
+        self.dlq.context().failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Raises a read mark in Redis before the message that reached it is handed on, retrying with
+/// backoff until Redis has it: a value written from past the mark could otherwise be undone by a
+/// later run that trusts the mark.
+fn raise_mark(
+    read_marks: &mut sink::ReadMarks,
+    marks: &mut Marks,
+    warnings: &mut Warnings,
+    partition: i32,
+    mark: i64,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match read_marks.advance(&[(partition, mark)]) {
+            Ok(()) => {
+                marks.raised(partition, mark);
+                return;
+            }
+            Err(error) => {
+                warnings.warn(|| {
+                    tracing::warn!(%error, partition, mark, "cannot raise a read mark; retrying")
+                });
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
