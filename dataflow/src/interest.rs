@@ -341,14 +341,10 @@ fn interest_vector(
     params: InterestParams,
 ) -> profile::InterestVector {
     // The features of a history are rows (of two cache lines at D = 32) scattered over a table
-    // larger than the caches. Touch every row first, in a loop where nothing waits on the
-    // loads, so that their cache misses overlap; the formula then finds them in L1 (see
-    // `cargo bench -p streamrec-dataflow --bench vector`; the touch is the black box).
-    let mut touch = 0f32;
-    for x in history.iter().filter_map(|&item| items.features(item)) {
-        touch += x.first().unwrap_or(&0.0) + x.last().unwrap_or(&0.0);
-    }
-    std::hint::black_box(touch);
+    // larger than the caches: touched first, their misses overlap, and the formula finds them
+    // in L1 (see `cargo bench -p streamrec-dataflow --bench vector`). The ids' lines too, for
+    // the encoding that follows.
+    items.touch_rows(history);
     profile::interest_vector(
         history.iter().map(|&item| items.features(item)),
         params.dim,

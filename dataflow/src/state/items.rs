@@ -26,6 +26,17 @@ pub type ItemIndex = u32;
 /// The most items one worker's table can hold (see [`ItemIndex`]).
 const MAX_ITEMS_PER_WORKER: usize = 1 << 31;
 
+/// How an item is held by the current profiles.
+#[derive(Debug, Clone, Copy, Default)]
+struct Holding {
+    /// How many places in current profiles hold the item (an item twice in one history counts
+    /// twice). Kept by the profile upsert as it replaces histories.
+    places: u32,
+    /// The last epoch in which a history took the item in or let it go: an epoch the interest
+    /// operator reads up to may name it, as a current history's item, until then.
+    last_changed: u64,
+}
+
 /// The items known to a worker, as columns indexed by [`ItemIndex`].
 #[derive(Debug)]
 pub struct ItemTable {
@@ -43,12 +54,10 @@ pub struct ItemTable {
     /// Whether each item has features. A column of its own, read with the features for every
     /// item of a changed history: a byte per item stays in the caches.
     known: Vec<bool>,
-    /// How many places in current profiles hold each item (an item twice in one history counts
-    /// twice). Kept by the profile upsert as it replaces histories.
-    held: Vec<u32>,
-    /// The last epoch in which a history took each item in or let it go: an epoch the interest
-    /// operator reads up to may name it, as a current history's item, until then.
-    last_changed: Vec<u64>,
+    /// How each item is held (see [`Holding`]): one column of both fields, since a history
+    /// taken in or let go updates both, for 50 items scattered over a table larger than the
+    /// caches.
+    holding: Vec<Holding>,
     /// Items let go by their last holder, with the epoch in which that happened, oldest first:
     /// candidates for release once the interest operator has finished that epoch.
     let_go: std::collections::VecDeque<(u64, ItemIndex)>,
@@ -67,8 +76,7 @@ impl ItemTable {
             ids: Vec::new(),
             features: Vec::new(),
             known: Vec::new(),
-            held: Vec::new(),
-            last_changed: Vec::new(),
+            holding: Vec::new(),
             let_go: Default::default(),
             free: Vec::new(),
         }
@@ -126,8 +134,7 @@ impl ItemTable {
                 self.ids.push(id.into());
                 self.features.resize(self.features.len() + self.dim, 0.0);
                 self.known.push(false);
-                self.held.push(0);
-                self.last_changed.push(0);
+                self.holding.push(Holding::default());
                 (self.keys.len() - 1) as ItemIndex
             }
         };
@@ -143,6 +150,22 @@ impl ItemTable {
     /// The item's key.
     pub fn key(&self, item: ItemIndex) -> IdKey {
         self.keys[item as usize]
+    }
+
+    /// Loads the lines of the items' ids and features, so that reading them next finds them in
+    /// cache: the rows of a history are scattered over tables larger than the caches, and in a
+    /// loop where nothing waits on the loads their cache misses overlap. Returns nothing
+    /// useful; it is only about where the lines are afterwards.
+    pub fn touch_rows(&self, history: &[ItemIndex]) {
+        let mut touch = 0usize;
+        for &item in history {
+            touch = touch.wrapping_add(self.ids[item as usize].len());
+            if let Some(x) = self.features(item) {
+                touch = touch
+                    .wrapping_add((x.first().unwrap_or(&0.0) + x.last().unwrap_or(&0.0)) as usize);
+            }
+        }
+        std::hint::black_box(touch);
     }
 
     /// The item's features, if it has any.
@@ -180,14 +203,15 @@ impl ItemTable {
 
     /// How many places in current profiles hold the item.
     pub fn held(&self, item: ItemIndex) -> u32 {
-        self.held[item as usize]
+        self.holding[item as usize].places
     }
 
     /// A history of `epoch` takes the items in: each place counts once.
     pub fn take(&mut self, epoch: u64, history: &[ItemIndex]) {
         for &item in history {
-            self.held[item as usize] += 1;
-            self.last_changed[item as usize] = epoch;
+            let holding = &mut self.holding[item as usize];
+            holding.places += 1;
+            holding.last_changed = epoch;
         }
     }
 
@@ -195,10 +219,10 @@ impl ItemTable {
     /// a candidate for release once the interest operator has finished `epoch`.
     pub fn let_go(&mut self, epoch: u64, history: &[ItemIndex]) {
         for &item in history {
-            self.last_changed[item as usize] = epoch;
-            let held = &mut self.held[item as usize];
-            *held -= 1;
-            if *held == 0 {
+            let holding = &mut self.holding[item as usize];
+            holding.last_changed = epoch;
+            holding.places -= 1;
+            if holding.places == 0 {
                 self.let_go.push_back((epoch, item));
             }
         }
@@ -231,8 +255,8 @@ impl ItemTable {
         let in_use = self.index.get(self.keys[slot]) == Some(item);
         if in_use
             && !self.known[slot]
-            && self.held[slot] == 0
-            && self.last_changed[slot] <= finished
+            && self.holding[slot].places == 0
+            && self.holding[slot].last_changed <= finished
         {
             self.index.remove(self.keys[slot]);
             self.ids[slot] = SmolStr::default();

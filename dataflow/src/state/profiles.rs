@@ -18,7 +18,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::Stream;
 
 use super::items::{ItemIndex, ItemTable};
-use crate::model::{id_key, IdKey, ProfileEvent};
+use crate::model::{id_key, IdKey, ProfileEvent, ReadPosition};
 use crate::stats::StatsBoard;
 use crate::upsert::{arrange_upserts, Prior, Update, UpsertTrace};
 
@@ -75,40 +75,42 @@ fn settle_profiles(
     item_keys: &mut Vec<IdKey>,
 ) -> u64 {
     // A user's events in read order (one user's messages share a partition), users in key
-    // order, which the cursor wants.
-    events.sort_unstable_by_key(|event| (event.user_key, event.position));
+    // order, which the cursor wants. The events are large: sorted by index, not moved.
+    let mut order: Vec<(IdKey, ReadPosition, u32)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| (event.user_key, event.position, i as u32))
+        .collect();
+    order.sort_unstable();
     let mut stale = 0;
-    let mut start = 0;
-    while start < events.len() {
-        let key = events[start].user_key;
-        let end = start + events[start..].partition_point(|event| event.user_key == key);
+    for group in order.chunk_by(|a, b| a.0 == b.0) {
+        let key = group[0].0;
         let current = prior.get(key, epoch);
         let mut timestamp = current.as_ref().map(|profile| profile.timestamp);
         let mut winner = None;
-        for (i, event) in events[start..end].iter().enumerate() {
+        for &(_, _, i) in group {
+            let event = &events[i as usize];
             if timestamp.is_some_and(|timestamp| event.timestamp < timestamp) {
                 stale += 1;
                 continue;
             }
             timestamp = Some(event.timestamp);
-            winner = Some(start + i);
+            winner = Some(i as usize);
         }
-        start = end;
         let Some(winner) = winner else { continue };
-        let event = std::mem::take(&mut events[winner].history_items);
+        let event = &mut events[winner];
         // Hash every id first and touch their slots in the index, so that the 50 cache misses
         // overlap instead of coming one lookup after another (see KeyIndex).
         item_keys.clear();
-        item_keys.extend(event.iter().map(id_key));
+        item_keys.extend(event.history_items.iter().map(id_key));
         items.touch(item_keys.iter().copied());
         let history: Vec<ItemIndex> = item_keys
             .iter()
-            .zip(event.iter())
+            .zip(event.history_items.iter())
             .map(|(&item_key, item)| items.intern(item_key, item))
             .collect();
-        let timestamp = events[winner].timestamp;
         if let Some(current) = &current {
-            if current.timestamp == timestamp && current.history == history {
+            if current.timestamp == event.timestamp && current.history == history {
                 continue;
             }
         }
@@ -117,11 +119,10 @@ fn settle_profiles(
             items.let_go(epoch, &current.history);
             updates.push(((key, current), epoch, -1));
         }
-        let user_id = std::mem::take(&mut events[winner].user_id);
         let profile = ProfileState {
-            timestamp,
+            timestamp: event.timestamp,
             history,
-            user_id,
+            user_id: std::mem::take(&mut event.user_id),
         };
         updates.push(((key, profile), epoch, 1));
     }
