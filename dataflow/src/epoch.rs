@@ -1,11 +1,67 @@
 //! Epochs of processing time, and which Kafka offsets each epoch holds.
 //!
-//! An epoch is named by the Unix time in milliseconds at which it starts, so epoch numbers keep
-//! increasing across restarts (and across a change of `--epoch-ms`), and the `epoch` stored in
-//! Redis tells when the value was produced.
+//! An [`Epoch`] is either one of the replay's, which rebuild the state on start and write
+//! nothing (see [`crate::replay`]), or a live one, named by the Unix time in milliseconds at
+//! which it starts, so live epoch numbers keep increasing across restarts (and across a change
+//! of `--epoch-ms`), and the `epoch` stored in Redis tells when the value was produced. The
+//! dataflow's timestamps are the epochs' [`Epoch::time`], every replay epoch before every live
+//! one; [`Epoch::at`] reads a timestamp back.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Where live epochs begin among the dataflow's timestamps: 2^40 ms is in 2004, so every live
+/// epoch's Unix milliseconds are above it, and replay epochs, which count up from 0 in steps of
+/// `--epoch-ms`, would take 35 years of replaying to reach it.
+const FIRST_LIVE_TIME: u64 = 1 << 40;
+
+/// An epoch of the dataflow. Ordered as their times are: every replay epoch first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Epoch {
+    /// An epoch of rebuilding the state on start, counted from 0 in steps of `--epoch-ms`: its
+    /// outputs are computed, so that later changes are compared against them, but not
+    /// written, since Redis holds them already.
+    Replay(u64),
+    /// An epoch of reading past the committed offsets, named by the Unix milliseconds at which
+    /// it starts.
+    Live(u64),
+}
+
+impl Epoch {
+    /// The first epoch of every run: the features file and the start of the replay.
+    pub const START: Epoch = Epoch::Replay(0);
+
+    /// The epoch whose dataflow timestamp is `time`.
+    pub fn at(time: u64) -> Epoch {
+        if time < FIRST_LIVE_TIME {
+            Epoch::Replay(time)
+        } else {
+            Epoch::Live(time)
+        }
+    }
+
+    /// The epoch's timestamp in the dataflow. A live epoch of a clock set before 2004 is taken
+    /// for the first live time, so that it still follows the replay.
+    pub fn time(self) -> u64 {
+        match self {
+            Epoch::Replay(time) => time.min(FIRST_LIVE_TIME - 1),
+            Epoch::Live(start_ms) => start_ms.max(FIRST_LIVE_TIME),
+        }
+    }
+
+    /// Whether this is one of the replay's epochs, whose outputs Redis holds already.
+    pub fn is_replay(self) -> bool {
+        matches!(self, Epoch::Replay(_))
+    }
+
+    /// When a live epoch started, in Unix milliseconds.
+    pub fn start_ms(self) -> Option<u64> {
+        match self {
+            Epoch::Replay(_) => None,
+            Epoch::Live(start_ms) => Some(start_ms),
+        }
+    }
+}
 
 /// Maps wall-clock time to epochs of a fixed length, never going backwards.
 #[derive(Debug, Clone)]
@@ -31,17 +87,20 @@ impl EpochClock {
         self.last
     }
 
-    /// The current epoch.
-    pub fn now(&mut self) -> u64 {
+    /// The current live epoch.
+    pub fn now(&mut self) -> Epoch {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        self.epoch_at(now_ms)
+        Epoch::Live(self.epoch_at(now_ms))
     }
 
-    /// The epoch after `epoch`.
-    pub fn next(&self, epoch: u64) -> u64 {
-        epoch + self.epoch_ms
+    /// The epoch after `epoch`, of the same kind.
+    pub fn next(&self, epoch: Epoch) -> Epoch {
+        match epoch {
+            Epoch::Replay(time) => Epoch::Replay(time + self.epoch_ms),
+            Epoch::Live(start_ms) => Epoch::Live(start_ms + self.epoch_ms),
+        }
     }
 }
 
@@ -142,10 +201,26 @@ mod tests {
         assert_eq!(clock.epoch_at(1_300), 1_300);
         // The wall clock stepped back: stay on the epoch already handed out.
         assert_eq!(clock.epoch_at(1_000), 1_300);
-        assert_eq!(clock.next(1_300), 1_400);
+        assert_eq!(clock.next(Epoch::Live(1_300)), Epoch::Live(1_400));
+        assert_eq!(clock.next(Epoch::START), Epoch::Replay(100));
         // A restart with another epoch length still continues upwards.
         let mut longer = EpochClock::new(1_000);
         assert!(longer.epoch_at(1_350) >= 1_000);
+    }
+
+    #[test]
+    fn replay_epochs_come_before_live_ones_and_round_trip() {
+        let replay = Epoch::Replay(FIRST_LIVE_TIME - 1);
+        let live = Epoch::Live(1_765_000_000_000);
+        assert!(replay < live && replay.time() < live.time());
+        assert_eq!(Epoch::at(replay.time()), replay);
+        assert_eq!(Epoch::at(live.time()), live);
+        assert!(Epoch::at(Epoch::START.time()).is_replay());
+        assert_eq!(live.start_ms(), Some(1_765_000_000_000));
+        assert_eq!(replay.start_ms(), None);
+        // A clock set before 2004 still names an epoch after the replay.
+        assert!(Epoch::Live(5).time() > replay.time());
+        assert!(!Epoch::at(Epoch::Live(5).time()).is_replay());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandle, ProbeHandle};
 
+use crate::epoch::Epoch;
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition};
@@ -80,7 +81,7 @@ struct CaptureWriter(Option<Shared<BTreeMap<u64, Vec<EncodedProfile>>>>);
 impl EpochWriter for CaptureWriter {
     fn write_epoch(
         &mut self,
-        epoch: u64,
+        epoch: Epoch,
         profiles: &[EncodedProfile],
         _: WriteMode,
     ) -> Result<Written, WriteStopped> {
@@ -89,7 +90,7 @@ impl EpochWriter for CaptureWriter {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             outputs
-                .entry(epoch)
+                .entry(epoch.time())
                 .or_default()
                 .extend_from_slice(profiles);
         }

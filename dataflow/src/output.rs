@@ -33,9 +33,8 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
-use crate::epoch::EpochTally;
+use crate::epoch::{Epoch, EpochTally};
 use crate::model::EncodedProfile;
-use crate::replay::is_replay_epoch;
 use crate::stats::StatsBoard;
 
 /// Writes the final values of an epoch somewhere durable.
@@ -45,7 +44,7 @@ pub trait EpochWriter: Send + 'static {
     /// its job. It returns an error only when it may never write again.
     fn write_epoch(
         &mut self,
-        epoch: u64,
+        epoch: Epoch,
         profiles: &[EncodedProfile],
         mode: WriteMode,
     ) -> Result<Written, WriteStopped>;
@@ -220,7 +219,8 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                             ToWriter::Values(epoch, profiles, mode) => {
                                 // On an error the thread ends, dropping the rest of what it was
                                 // handed: the operator then holds those epochs forever.
-                                let count = writer.write_epoch(epoch, &profiles, mode)?;
+                                let count =
+                                    writer.write_epoch(Epoch::at(epoch), &profiles, mode)?;
                                 // Freed here, so that the cost of an epoch includes freeing its
                                 // outputs instead of delaying the next one on the worker.
                                 drop(profiles);
@@ -326,8 +326,10 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                     counters.redis_writes += report.written.stored;
                     counters.plain_writes += report.written.plain;
                     // A replay epoch is no epoch of the clock: it has no latency.
-                    if let Some(epoch_ms) = epoch_ms.filter(|_| !is_replay_epoch(report.epoch)) {
-                        counters.latency_ms = report.at_ms.saturating_sub(report.epoch + epoch_ms);
+                    if let (Some(epoch_ms), Some(start_ms)) =
+                        (epoch_ms, Epoch::at(report.epoch).start_ms())
+                    {
+                        counters.latency_ms = report.at_ms.saturating_sub(start_ms + epoch_ms);
                     }
                     output.session(&capability).give(report.epoch);
                 }
@@ -380,11 +382,11 @@ mod tests {
     impl EpochWriter for StopsAtTwo {
         fn write_epoch(
             &mut self,
-            epoch: u64,
+            epoch: Epoch,
             profiles: &[EncodedProfile],
             _: WriteMode,
         ) -> Result<Written, WriteStopped> {
-            if epoch < 2 {
+            if epoch.time() < 2 {
                 return Ok(Written {
                     stored: profiles.len() as u64,
                     plain: 0,

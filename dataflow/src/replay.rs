@@ -3,8 +3,8 @@
 //! The state (profiles, live feature updates, holders) lives in memory, and Redis holds the
 //! outputs of everything up to the committed offsets. On start, each worker therefore first
 //! reads its partitions from their beginning up to those offsets again, in *replay epochs*
-//! counted from 0 in steps of `--epoch-ms` (one per epoch of replaying), which precede every
-//! live epoch: those are Unix milliseconds, far above. A replay epoch's outputs are computed,
+//! ([`crate::epoch::Epoch::Replay`], counted from 0 in steps of `--epoch-ms`), which precede
+//! every live epoch. A replay epoch's outputs are computed,
 //! so that later changes are compared against them, but not written: Redis holds them
 //! already. Only once every partition of the worker is replayed does it read past the committed
 //! offsets, in epochs from the clock. Timely completes every replay epoch on every worker
@@ -17,16 +17,6 @@
 use std::collections::BTreeMap;
 
 use crate::epoch::SourcePartition;
-
-/// The first epoch that is not a replay epoch. Live epochs are Unix milliseconds (2^40 ms is
-/// in 2004), so they are all above it; replay epochs, which advance with the clock from 0,
-/// would take 35 years of replaying to reach it.
-pub const FIRST_LIVE_EPOCH: u64 = 1 << 40;
-
-/// Whether `epoch` is one of the replay's, whose outputs Redis holds already.
-pub fn is_replay_epoch(epoch: u64) -> bool {
-    epoch < FIRST_LIVE_EPOCH
-}
 
 /// What to do with a message read while the worker replays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

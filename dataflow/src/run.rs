@@ -15,13 +15,12 @@ use timely::dataflow::operators::{Inspect, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::config::{CheckedWrites, Config};
-use crate::epoch::{EpochClock, EpochTally};
+use crate::epoch::{Epoch, EpochClock, EpochTally};
 use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::model::EncodedProfile;
 use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterError, WriterThread, Written};
-use crate::replay::{is_replay_epoch, FIRST_LIVE_EPOCH};
 use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard, StatsOut};
 use sink::WriteMode;
@@ -74,14 +73,15 @@ struct RedisWriter {
 impl EpochWriter for RedisWriter {
     fn write_epoch(
         &mut self,
-        epoch: u64,
+        epoch: Epoch,
         profiles: &[EncodedProfile],
         mode: WriteMode,
     ) -> Result<Written, WriteStopped> {
         // Redis holds the values of the replay already.
-        if is_replay_epoch(epoch) {
+        if epoch.is_replay() {
             return Ok(Written::default());
         }
+        let epoch = epoch.time();
         self.sink.set_mode(mode);
         loop {
             match self.sink.write_encoded(profiles) {
@@ -247,7 +247,7 @@ fn worker_loop(
     // The inputs start at replay epoch 0: the features file and the replay of every partition
     // up to its committed offset (see crate::replay), before any live epoch.
     let mut clock = EpochClock::new(config.epoch_ms);
-    let mut epoch = 0;
+    let mut epoch = Epoch::START;
     let mut tick = clock.now();
     // The stats input is deliberately not advanced with the data inputs: another worker may
     // have started in an earlier epoch and send this worker data of it, whose counters must
@@ -273,13 +273,17 @@ fn worker_loop(
         if !told_caught_up && source.is_caught_up() {
             told_caught_up = true;
             caught_up_input.send(index as u64);
-            tracing::info!(worker = index, epoch, "caught up with the read marks");
+            tracing::info!(
+                worker = index,
+                epoch = epoch.time(),
+                "caught up with the read marks"
+            );
         }
         let stopping = stop.shutdown.load(Ordering::Relaxed);
         let now = clock.now();
         // The first live epoch starts as soon as the replay is done, so that nothing read live
         // is taken for a replayed message.
-        let replay_over = is_replay_epoch(epoch) && !source.is_replaying();
+        let replay_over = epoch.is_replay() && !source.is_replaying();
         if now > tick || stopping || replay_over {
             tick = now;
             epoch = if stopping || source.is_replaying() {
@@ -287,11 +291,11 @@ fn worker_loop(
                 // of the clock, and the next one follows it.
                 clock.next(epoch)
             } else {
-                now.max(FIRST_LIVE_EPOCH)
+                now
             };
-            profile_input.advance_to(epoch);
-            feature_input.advance_to(epoch);
-            caught_up_input.advance_to(epoch);
+            profile_input.advance_to(epoch.time());
+            feature_input.advance_to(epoch.time());
+            caught_up_input.advance_to(epoch.time());
         }
         if stopping {
             break;
@@ -300,12 +304,12 @@ fn worker_loop(
         // A worker done with its replay reads nothing live until every worker is: the live
         // epochs could not complete before that anyway, and their input would pile up.
         let room = config.max_in_flight.saturating_sub(in_flight.total());
-        let polled = if (!was_replaying && is_replay_epoch(reported)) || room == 0 {
+        let polled = if (!was_replaying && reported.is_replay()) || room == 0 {
             Polled::default()
         } else {
-            source.poll(epoch, config.max_poll_records.min(room))
+            source.poll(epoch.time(), config.max_poll_records.min(room))
         };
-        in_flight.add(epoch, polled.messages + polled.replayed);
+        in_flight.add(epoch.time(), polled.messages + polled.replayed);
         let idle = polled.messages == 0 && polled.replayed == 0;
         replayed += polled.replayed;
         if was_replaying && !source.is_replaying() {
@@ -318,7 +322,7 @@ fn worker_loop(
         }
         {
             let mut board = board.borrow_mut();
-            let counters = board.epoch(epoch);
+            let counters = board.epoch(epoch.time());
             counters.messages += polled.messages;
             counters.invalid += polled.invalid;
         }
@@ -342,23 +346,23 @@ fn worker_loop(
             return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
         }
         let done = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
-        if done > reported {
+        if done > reported.time() {
             finish_epochs(done, &mut source, &board, &mut stats_input);
             in_flight.take_before(done);
-            reported = done;
+            reported = Epoch::at(done);
         }
     }
 
     tracing::info!(
         worker = index,
-        epoch,
+        epoch = epoch.time(),
         "shutting down: finishing the open epoch"
     );
-    worker.step_while(|| probe.less_than(&epoch) && !writing_stopped(&writer_thread));
+    worker.step_while(|| probe.less_than(&epoch.time()) && !writing_stopped(&writer_thread));
     if writing_stopped(&writer_thread) {
         return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
     }
-    finish_epochs(epoch, &mut source, &board, &mut stats_input);
+    finish_epochs(epoch.time(), &mut source, &board, &mut stats_input);
     if source.dead_letter_failures() > 0 {
         tracing::error!(
             failed = source.dead_letter_failures(),
@@ -536,7 +540,7 @@ fn report_epochs<'scope>(
                     }
                     let (epoch, counters) = entry.remove_entry();
                     // The replay's epochs rebuild the state and write nothing: no stats lines.
-                    if is_replay_epoch(epoch) {
+                    if Epoch::at(epoch).is_replay() {
                         continue;
                     }
                     if let Ok(mut summary) = summary.lock() {
