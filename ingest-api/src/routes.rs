@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::error::{AppError, ErrorBody};
+use crate::error::{json_errors, AppError, ErrorBody};
 use crate::extract::{JsonBody, UserIdPath, MAX_BODY_BYTES};
 use crate::metrics::track_requests;
 use crate::AppState;
@@ -98,12 +98,27 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(no_route)
+        // After every route: it applies to the routes registered before it. The router adds the
+        // Allow header to what the handler answers.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             track_requests,
         ))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Any path no route matches.
+async fn no_route() -> AppError {
+    AppError::NoRoute
+}
+
+/// A path that exists, with a method it does not take.
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
 }
 
 /// Publish one user's history up to a time.
