@@ -63,6 +63,18 @@ pub struct Config {
     /// fractions allowed). Lower is lower latency, higher is fewer, larger requests.
     #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 1.0)]
     pub linger_ms: f64,
+
+    /// Log line format on stderr: text (for people; coloured only when stderr is a terminal) or
+    /// json (one object a line, for a log collector).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A setting whose value is allowed alone but not with the others.
@@ -132,6 +144,9 @@ mod tests {
         assert_eq!(config.brokers, "h:1");
         assert!(config.validate().is_err());
         assert!(Config::try_parse_from(["ingest-api", "--encoding", "xml"]).is_err());
+        let json = Config::try_parse_from(["ingest-api", "--log-format", "json"]).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["ingest-api", "--log-format", "xml"]).is_err());
     }
 
     #[test]
@@ -148,6 +163,7 @@ mod tests {
             "RANDOM_USER_MIN",
             "RANDOM_USER_MAX",
             "MAX_HISTORY",
+            "LOG_FORMAT",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

@@ -2,7 +2,10 @@
 //! `{"status":"error","message":...}` with the right status; internal details go to the log,
 //! never to the client.
 
-use axum::http::StatusCode;
+use axum::extract::Request;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -26,6 +29,16 @@ pub enum AppError {
     /// The thing asked for does not exist.
     #[error("{0}")]
     NotFound(&'static str),
+    /// No endpoint has this path.
+    #[error("no endpoint at this path; see /docs")]
+    NoRoute,
+    /// The path exists but not with this method; the router adds the `Allow` header.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// An error response that a layer or a library (not one of our handlers) made, rewritten so
+    /// that its body is JSON like every other error. The message is the status's reason phrase.
+    #[error("{}", .0.canonical_reason().unwrap_or("error"))]
+    Status(StatusCode),
     /// The Kafka broker did not acknowledge in time or refused the message.
     #[error("Kafka broker unavailable, try again later")]
     BrokerUnavailable,
@@ -42,7 +55,9 @@ impl AppError {
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::NotFound(_) | AppError::NoRoute => StatusCode::NOT_FOUND,
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::Status(status) => *status,
             AppError::BrokerUnavailable | AppError::RedisUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -69,4 +84,29 @@ impl IntoResponse for AppError {
         };
         (self.status(), Json(body)).into_response()
     }
+}
+
+/// Middleware that gives an error response made outside our handlers (by a layer, by axum
+/// itself, or by the docs service) the JSON body of [`AppError`], keeping its status and headers
+/// (`Allow`, for instance). Responses that are already JSON pass through untouched.
+pub async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(response.headers()) {
+        return response;
+    }
+    let (mut parts, _body) = response.into_parts();
+    let rewritten = AppError::Status(status).into_response();
+    let (json_parts, body) = rewritten.into_parts();
+    // The new body has its own type and length; every other header of the original stays.
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.extend(json_parts.headers);
+    Response::from_parts(parts, body)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"))
 }

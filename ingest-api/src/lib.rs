@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod logging;
 pub mod metrics;
 pub mod producer;
 pub mod profiles;

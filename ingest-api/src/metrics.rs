@@ -48,6 +48,8 @@ pub struct Metrics {
     pub messages_published: Counter,
     pub publish_failures: Counter,
     pub publish_latency: Histogram,
+    /// Set from the producer when metrics are read: it is the producer's generation number.
+    pub producer_replacements: Gauge,
 }
 
 impl Metrics {
@@ -85,6 +87,12 @@ impl Metrics {
             "Time from handing a profile message to the producer to the broker's acknowledgement",
             publish_latency.clone(),
         );
+        let producer_replacements = Gauge::<i64>::default();
+        registry.register(
+            "producer_replacements",
+            "Times the Kafka producer died (fenced or fatal) and was replaced by a new one",
+            producer_replacements.clone(),
+        );
         for (name, help, value) in [
             ("behavior_users", "Users in the behaviour CSV", load.users),
             (
@@ -121,6 +129,7 @@ impl Metrics {
             messages_published,
             publish_failures,
             publish_latency,
+            producer_replacements,
         }
     }
 

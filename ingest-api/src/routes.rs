@@ -1,7 +1,5 @@
 //! The HTTP routes: the original service's three endpoints plus health, metrics and API docs.
 
-use std::time::Duration;
-
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
@@ -13,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::error::{AppError, ErrorBody};
+use crate::error::{json_errors, AppError, ErrorBody};
 use crate::extract::{JsonBody, UserIdPath, MAX_BODY_BYTES};
 use crate::metrics::track_requests;
 use crate::AppState;
@@ -98,12 +96,27 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(no_route)
+        // After every route: it applies to the routes registered before it. The router adds the
+        // Allow header to what the handler answers.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             track_requests,
         ))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Any path no route matches.
+async fn no_route() -> AppError {
+    AppError::NoRoute
+}
+
+/// A path that exists, with a method it does not take.
+async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
 }
 
 /// Publish one user's history up to a time.
@@ -235,32 +248,30 @@ pub async fn user_profile(
     }
 }
 
-/// Health: whether the broker answers and the profile topic exists.
+/// Health: whether publishing can succeed now.
+///
+/// 200 when the producer is not in a fatal state, a broker answers a metadata request within 2 s
+/// and the profile topic exists. The answer is reused for up to a second.
 #[utoipa::path(
     get,
     path = "/healthz",
     responses(
         (status = 200, description = "Broker reachable and topic present", body = HealthResponse),
-        (status = 503, description = "Broker unreachable or topic missing", body = ErrorBody),
+        (status = 503, description = "Producer in a fatal state (being replaced), broker unreachable or topic missing", body = ErrorBody),
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> Result<Json<HealthResponse>, AppError> {
-    match state.producer.check(Duration::from_secs(2)).await {
-        Ok(health) if health.partitions > 0 => Ok(Json(HealthResponse {
+    match state.producer.health().await {
+        Ok(health) => Ok(Json(HealthResponse {
             status: "ok".into(),
             topic: state.producer.topic().to_owned(),
             brokers: health.brokers,
             partitions: health.partitions,
         })),
-        Ok(_) => {
-            tracing::warn!(
-                topic = state.producer.topic(),
-                "health: the profile topic does not exist"
-            );
-            Err(AppError::BrokerUnavailable)
-        }
         Err(error) => {
-            tracing::warn!(%error, "health: broker metadata unreachable");
+            state.log_limiter.warn(
+                || tracing::warn!(%error, topic = state.producer.topic(), "health check failed"),
+            );
             Err(AppError::BrokerUnavailable)
         }
     }
@@ -273,6 +284,8 @@ pub async fn healthz(State(state): State<AppState>) -> Result<Json<HealthRespons
     responses((status = 200, description = "Metrics in the OpenMetrics text format", content_type = "application/openmetrics-text"))
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    let replacements = i64::try_from(state.producer.generation()).unwrap_or(i64::MAX);
+    state.metrics.producer_replacements.set(replacements);
     (
         [(
             CONTENT_TYPE,

@@ -53,6 +53,96 @@ fn assert_error(status: StatusCode, body: &Value, expected: StatusCode) {
     );
 }
 
+/// Sends `request` and checks that the answer is `expected` with exactly the README's error body,
+/// `{"status":"error","message":"..."}`, declared as JSON. Returns the response's headers and
+/// message.
+async fn assert_json_error(
+    request: Request<Body>,
+    expected: StatusCode,
+) -> (axum::http::HeaderMap, String) {
+    let what = format!("{} {}", request.method(), request.uri());
+    let response = app(state()).oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    assert_eq!(parts.status, expected, "{what}: {text}");
+    assert_eq!(
+        parts.headers["content-type"], "application/json",
+        "{what}: {text}"
+    );
+    let body: serde_json::Map<String, Value> = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{what}: body is not a JSON object ({e}): {text}"));
+    let keys: Vec<&str> = body.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["message", "status"], "{what}: {text}");
+    assert_eq!(body["status"], "error", "{what}: {text}");
+    let message = body["message"].as_str().unwrap_or_default().to_owned();
+    assert!(!message.is_empty(), "{what}: {text}");
+    (parts.headers, message)
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_with_a_json_body() {
+    for path in ["/", "/nope", "/push_interest/extra", "/user_profile/"] {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let (_, message) = assert_json_error(request, StatusCode::NOT_FOUND).await;
+        assert_eq!(message, "no endpoint at this path; see /docs");
+    }
+    let request = post("/nope", r#"{"user_id":"alice","timestamp":20}"#);
+    assert_json_error(request, StatusCode::NOT_FOUND).await;
+}
+
+#[tokio::test]
+async fn wrong_methods_are_405_with_allow_and_a_json_body() {
+    for (method, path, allow) in [
+        ("GET", "/push_interest/", "POST"),
+        ("DELETE", "/push_interest", "POST"),
+        ("PUT", "/send_kafka/", "POST"),
+        ("POST", "/healthz", "GET,HEAD"),
+        ("POST", "/metrics", "GET,HEAD"),
+        ("DELETE", "/user_profile/alice", "GET,HEAD"),
+        ("POST", "/openapi.json", "GET,HEAD"),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let (headers, message) = assert_json_error(request, StatusCode::METHOD_NOT_ALLOWED).await;
+        assert_eq!(headers["allow"], allow, "{method} {path}");
+        assert_eq!(message, "method not allowed on this path");
+    }
+}
+
+#[tokio::test]
+async fn client_faults_have_the_json_error_body() {
+    assert_json_error(
+        post("/push_interest/", r#"{"user_id":"alice","#),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_json_error(
+        post("/send_kafka/", r#"{"user_id":"alice","timestamp":"x"}"#),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    let request = Request::post("/send_kafka/")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from("user_id=alice&timestamp=20"))
+        .unwrap();
+    assert_json_error(request, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    let big = format!(r#"{{"user_id":"{}","timestamp":5}}"#, "u".repeat(70_000));
+    assert_json_error(post("/push_interest/", big), StatusCode::PAYLOAD_TOO_LARGE).await;
+}
+
+#[tokio::test]
+async fn an_error_made_outside_our_handlers_gets_the_json_body_too() {
+    // The docs service answers an unknown file itself, with a plain 404.
+    let request = Request::get("/docs/no-such-file.js")
+        .body(Body::empty())
+        .unwrap();
+    assert_json_error(request, StatusCode::NOT_FOUND).await;
+}
+
 #[tokio::test]
 async fn unknown_user_or_empty_history_is_404() {
     for path in ["/push_interest/", "/push_interest"] {

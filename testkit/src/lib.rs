@@ -44,8 +44,14 @@ pub fn unique_topic(prefix: &str) -> String {
 
 /// Creates a topic on the test broker and waits until its metadata shows every partition.
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_at(&brokers(), name, partitions).await;
+}
+
+/// Creates a topic on the broker at `brokers` (a test that runs its own broker) and waits until
+/// its metadata shows every partition.
+pub async fn create_topic_at(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
@@ -54,10 +60,7 @@ pub async fn create_topic(name: &str, partitions: i32) {
         .create_topics([&topic], &options)
         .await
         .unwrap_or_else(|e| {
-            panic!(
-                "cannot reach the test broker at {}: {e}; run scripts/test.sh",
-                brokers()
-            )
+            panic!("cannot reach the test broker at {brokers}: {e}; run scripts/test.sh")
         });
     for result in results {
         result.unwrap_or_else(|(topic, code)| panic!("creating {topic}: {code}"));
