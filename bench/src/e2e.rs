@@ -26,7 +26,12 @@ pub struct EpochStat {
 pub struct EndToEnd {
     pub epochs: Vec<EpochStat>,
     pub messages: u64,
+    /// From the start of the first epoch that read to the acknowledgement of the last one.
     pub seconds: f64,
+    /// From the dataflow's launch (before it loads the features file) to the acknowledgement
+    /// of the last epoch: what a restart costs before the state is current again.
+    #[serde(default)]
+    pub launch_seconds: f64,
     /// The dataflow's peak resident memory (`VmHWM`), in kB, read just before it was stopped;
     /// `None` where /proc cannot tell.
     pub peak_rss_kb: Option<u64>,
@@ -38,6 +43,11 @@ impl EndToEnd {
     /// Messages per second, first read to last acknowledgement.
     pub fn rate(&self) -> f64 {
         self.messages as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Messages per second, launch to last acknowledgement.
+    pub fn launch_rate(&self) -> f64 {
+        self.messages as f64 / self.launch_seconds.max(1e-9)
     }
 
     /// Profile values handed to Redis: the changed profiles of every epoch.
@@ -74,6 +84,9 @@ pub fn run_dataflow(
     timeout: Duration,
     redis_pid: Option<u32>,
 ) -> anyhow::Result<EndToEnd> {
+    let launched_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
     let mut child = Command::new(binary)
         .args(args)
         .arg("--stats-json")
@@ -148,7 +161,10 @@ pub fn run_dataflow(
     // rate is if anything understated) to the acknowledgement of the last one.
     let end = last.epoch + epoch_ms + last.counters.latency_ms;
     let seconds = end.saturating_sub(first.epoch) as f64 / 1000.0;
+    // Epochs are Unix milliseconds, on this machine's clock.
+    let launch_seconds = end.saturating_sub(launched_ms) as f64 / 1000.0;
     Ok(EndToEnd {
+        launch_seconds,
         peak_rss_kb,
         cpu: CpuPerMessage::over_window(messages, &samples, first.epoch, end),
         messages,

@@ -187,8 +187,11 @@ fn main() -> anyhow::Result<()> {
     let cpu = e2e.cpu.clone();
     let writes = e2e.profile_writes();
     eprintln!(
-        "end to end: {:.0} msg/s, {writes} profile writes",
-        e2e.rate()
+        "end to end: {:.0} msg/s from the first read, {:.0} msg/s from launch ({:.2} s), \
+         {writes} profile writes",
+        e2e.rate(),
+        e2e.launch_rate(),
+        e2e.launch_seconds
     );
 
     // The Redis phases write as many profiles as the end-to-end run did: those of the first

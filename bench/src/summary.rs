@@ -144,6 +144,7 @@ mod tests {
             writes,
             skipped_stale: 0,
             seconds,
+            launch_seconds: seconds,
             command_bytes: writes * 1100,
             connections: 2,
             batch: 512,
@@ -171,6 +172,7 @@ mod tests {
                 .collect(),
             messages,
             seconds,
+            launch_seconds: seconds + 1.0,
         }
     }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! profile events ─exchange by user─▶ upsert ─▶ profile arrangement (user → profile) ──┐
 //!                                                                                       ├─▶ interest ─▶ writer ─▶ probe
-//! feature events ─broadcast────────▶ upsert ─▶ features arrangement (item → features) ┘
+//! feature events ─exchange by item─▶ upsert ─▶ features arrangement (item → features) ─changes, broadcast┘
 //! ```
 //!
 //! The two arrangements hold the state (see [`crate::state`]); the interest operator reads
@@ -21,9 +21,10 @@ use timely::dataflow::Stream;
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::{FeatureEvent, ProfileEvent};
 use crate::output::{write_epochs, EpochWriter, PlainWrites, WriterThread};
-use crate::state::features::arrange_features;
+use crate::state::features::{arrange_features, feature_changes};
 use crate::state::items::ItemTable;
 use crate::state::profiles::arrange_profiles;
+use crate::state::users::UserTable;
 use crate::stats::StatsBoard;
 
 /// What the writer stage needs besides the values.
@@ -52,9 +53,12 @@ pub fn build<'scope, W: EpochWriter>(
     // and the interest operator, which keeps its feature cache: both run on this worker's
     // thread.
     let items = Rc::new(RefCell::new(ItemTable::new(params.dim)));
-    let profiles = arrange_profiles(profile_events, items.clone(), stats.clone());
+    // So is the user table: the upsert adds each new user, with its id.
+    let users = Rc::new(RefCell::new(UserTable::default()));
+    let profiles = arrange_profiles(profile_events, items.clone(), users.clone(), stats.clone());
     let features = arrange_features(feature_events);
-    let outputs = interest_profiles(&profiles, &features, items, params);
+    let changes = feature_changes(&features);
+    let outputs = interest_profiles(&profiles, changes, items, users, params);
     // The handles returned with the arrangements are dropped here, so that they hold no
     // compaction back; an operator that reads a trace keeps a handle of its own.
     write_epochs(

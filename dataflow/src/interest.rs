@@ -36,7 +36,7 @@ use timely::progress::Antichain;
 
 use crate::model::EncodedProfile;
 use crate::pending::PendingEpochs;
-use crate::state::features::{FeatureState, FeatureTrace};
+use crate::state::features::FeatureChange;
 use crate::state::holders::HoldersIndex;
 use crate::state::items::{ItemIndex, ItemTable};
 use crate::state::profiles::{ProfileState, ProfileTrace};
@@ -59,10 +59,10 @@ pub struct InterestParams {
 /// while the next one is computed, and the worker polls Kafka between them.
 pub const PROFILES_PER_ACTIVATION: usize = 1024;
 
-/// A batch of an arrangement that reached the operator, held until its epoch is complete.
+/// What reached the operator, held until its epoch is complete.
 enum Arrived {
     Profiles(UpsertBatch<ProfileState>),
-    Features(UpsertBatch<FeatureState>),
+    Features(FeatureChange),
 }
 
 type ProfileCursor = <UpsertBatch<ProfileState> as Navigable>::Cursor;
@@ -85,7 +85,7 @@ struct InProgress {
 struct InterestState {
     params: InterestParams,
     items: Rc<RefCell<ItemTable>>,
-    users: UserTable,
+    users: Rc<RefCell<UserTable>>,
     holders: HoldersIndex,
     /// A handle to the profile trace, for the profiles of holders: it holds compaction back to
     /// the epoch the operator reads.
@@ -97,14 +97,15 @@ struct InterestState {
 /// once each, encoded as its Redis value (semantics §6).
 pub fn interest_profiles<'scope>(
     profiles: &Arranged<'scope, ProfileTrace>,
-    features: &Arranged<'scope, FeatureTrace>,
+    features: Stream<'scope, u64, Vec<FeatureChange>>,
     items: Rc<RefCell<ItemTable>>,
+    users: Rc<RefCell<UserTable>>,
     params: InterestParams,
 ) -> Stream<'scope, u64, Vec<EncodedProfile>> {
     let scope = profiles.stream.scope();
     let trace = profiles.trace.clone();
     profiles.stream.clone().binary_frontier(
-        features.stream.clone(),
+        features,
         Pipeline,
         Pipeline,
         "Interest",
@@ -113,7 +114,7 @@ pub fn interest_profiles<'scope>(
             let mut state = InterestState {
                 params,
                 items,
-                users: UserTable::default(),
+                users,
                 holders: HoldersIndex::default(),
                 profiles: trace,
             };
@@ -130,13 +131,12 @@ pub fn interest_profiles<'scope>(
                 });
                 features.for_each(|capability, data| {
                     if let Some(capability) = capability.retain_least(0) {
-                        let batches = data.drain(..).filter_map(|span| span.inner);
                         pending
                             .at(*capability.time(), || capability)
-                            .extend(batches.map(Arrived::Features));
+                            .extend(data.drain(..).map(Arrived::Features));
                     }
                 });
-                // An epoch is complete once neither arrangement can bring more of it.
+                // An epoch is complete once neither input can bring more of it.
                 let mut frontier = Antichain::new();
                 for time in profiles_frontier
                     .frontier()
@@ -193,43 +193,29 @@ impl InterestState {
             deleted: Vec::new(),
         };
         // Every list complete before it is read (nothing is held back between epochs).
-        self.holders.apply(&self.users);
+        let users = self.users.borrow();
+        self.holders.apply(&users);
         let mut items = self.items.borrow_mut();
         for arrived in arrived {
-            let batch = match arrived {
+            let (key, features) = match arrived {
                 Arrived::Profiles(batch) => {
                     work.profiles.push(batch);
                     continue;
                 }
-                Arrived::Features(batch) => batch,
+                Arrived::Features(change) => change,
             };
-            let mut cursor = batch.cursor();
-            while let Some(&key) = cursor.get_key(&batch) {
-                // The item's value after the epoch: the one inserted, if any; a key with only a
-                // retraction lost its features.
-                let mut features = None;
-                while let Some(value) = cursor.get_val(&batch) {
-                    let mut count = 0;
-                    cursor.map_times(&batch, |_, &diff| count += diff);
-                    if count > 0 {
-                        features = Some(value);
-                    }
-                    cursor.step_val(&batch);
+            let item = match &features {
+                Some(value) => Some(items.intern(key, &value.item_id)),
+                None => items.find(key),
+            };
+            if let Some(item) = item {
+                if items.set_features(item, features.as_ref().map(|value| &value.features)) {
+                    work.recompute
+                        .extend(self.holders.current_holders(item, &users));
                 }
-                let item = match features {
-                    Some(value) => Some(items.intern(key, &value.item_id)),
-                    None => items.find(key),
-                };
-                if let Some(item) = item {
-                    if items.set_features(item, features.map(|value| &value.features)) {
-                        work.recompute
-                            .extend(self.holders.current_holders(item, &self.users));
-                    }
-                    if features.is_none() {
-                        work.deleted.push(item);
-                    }
+                if features.is_none() {
+                    work.deleted.push(item);
                 }
-                cursor.step_key(&batch);
             }
         }
         work
@@ -245,6 +231,7 @@ impl InterestState {
     ) -> bool {
         let epoch = *work.capability.time();
         let items = self.items.borrow();
+        let mut users = self.users.borrow_mut();
         while let Some(batch) = work.profiles.last() {
             let cursor = work.cursor.get_or_insert_with(|| batch.cursor());
             while let Some(&key) = cursor.get_key(batch) {
@@ -262,16 +249,16 @@ impl InterestState {
                     cursor.step_val(batch);
                 }
                 // A profile is never deleted: every changed user has a new value.
-                if let Some(profile) = profile {
-                    let user = self.users.find_or_add(key);
-                    let version = self.users.new_version(user);
+                // The upsert added the user with its new profile.
+                if let Some((profile, user)) = profile.zip(users.find(key)) {
+                    let version = users.new_version(user);
                     self.holders.join(user, version, &profile.history);
                     let vector = interest_vector(&items, &profile.history, self.params);
-                    self.users.set_output(user, fingerprint(&vector));
-                    encode(&items, profile, &vector, epoch, &mut emit);
+                    users.set_output(user, fingerprint(&vector));
+                    encode(&items, users.id(user), profile, &vector, epoch, &mut emit);
                     work.changed.push(user);
                     if self.holders.is_full() {
-                        self.holders.apply(&self.users);
+                        self.holders.apply(&users);
                     }
                 }
                 cursor.step_key(batch);
@@ -297,10 +284,11 @@ impl InterestState {
         recompute.sort_unstable();
         recompute.dedup();
         recompute.retain(|user| changed.binary_search(user).is_err());
+        let mut users = self.users.borrow_mut();
         if !recompute.is_empty() {
             let mut keys: Vec<_> = recompute
                 .iter()
-                .map(|&user| (self.users.key(user), user))
+                .map(|&user| (users.key(user), user))
                 .collect();
             keys.sort_unstable();
             #[allow(clippy::expect_used)]
@@ -315,12 +303,12 @@ impl InterestState {
                     continue;
                 };
                 let vector = interest_vector(&items, &profile.history, self.params);
-                if self.users.set_output(user, fingerprint(&vector)) {
-                    encode(&items, &profile, &vector, epoch, &mut emit);
+                if users.set_output(user, fingerprint(&vector)) {
+                    encode(&items, users.id(user), &profile, &vector, epoch, &mut emit);
                 }
             }
         }
-        self.holders.apply(&self.users);
+        self.holders.apply(&users);
         let mut items = self.items.borrow_mut();
         let holders = &mut self.holders;
         items.release_unused(epoch, |item| holders.release(item));
@@ -355,6 +343,7 @@ fn interest_vector(
 /// Encodes a user's value of `epoch` (semantics §6) for `emit`.
 fn encode(
     items: &ItemTable,
+    user_id: &str,
     profile: &ProfileState,
     vector: &profile::InterestVector,
     epoch: u64,
@@ -362,7 +351,7 @@ fn encode(
 ) {
     let history: Vec<&str> = profile.history.iter().map(|&item| items.id(item)).collect();
     let record = ProfileRecord {
-        user_id: &profile.user_id,
+        user_id,
         timestamp: profile.timestamp,
         history_items: &history,
         interest_vector: &vector.vector,

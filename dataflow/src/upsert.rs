@@ -20,7 +20,7 @@ use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{cursor_list, CursorList};
 use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::trace::TraceReader;
-use differential_dataflow::trace::{Builder, Cursor, Description, Navigable, Span, Trace};
+use differential_dataflow::trace::{Builder, Cursor, Description, Navigable, Span};
 use timely::dataflow::channels::pact::ParallelizationContract;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
@@ -41,6 +41,12 @@ pub type Update<V> = ((IdKey, V), u64, isize);
 
 type UpsertBuilder<V> = ValBuilder<IdKey, V, u64, isize>;
 type BatchCursorOf<V> = <UpsertBatch<V> as Navigable>::Cursor;
+
+/// How much merge work each batch inserted pays for, as a multiple of its length. Every
+/// change of a value leaves the old value and its retraction in the spine until a merge
+/// consolidates them away; merging faster than differential's default (1) keeps fewer of them
+/// alive (see docs/performance.md for the full-scale memory this was measured on).
+const MERGE_EFFORT: usize = 4;
 
 /// The current value of each key, for the keys of one epoch asked in increasing order.
 pub struct Prior<V: Ord + Clone + 'static> {
@@ -121,7 +127,12 @@ where
                 )
                 .map(Into::into);
             let activator = Some(scope.activator_for(Rc::clone(&info.address)));
-            let empty = UpsertSpine::<V>::new(info.clone(), logger.clone(), activator);
+            let empty = UpsertSpine::<V>::with_effort(
+                MERGE_EFFORT,
+                info.clone(),
+                logger.clone(),
+                activator,
+            );
             let (mut trace, mut writer) = TraceAgent::new(empty, info, logger);
             *reader = Some(trace.clone());
             let mut pending = PendingEpochs::<E>::default();

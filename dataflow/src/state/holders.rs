@@ -185,7 +185,9 @@ mod tests {
     fn lists_stay_bounded_and_reach_only_current_holders() {
         let mut users = UserTable::default();
         let mut index = HoldersIndex::default();
-        let ids: Vec<UserIndex> = (0..40u128).map(|u| users.find_or_add(u)).collect();
+        let ids: Vec<UserIndex> = (0..40u128)
+            .map(|u| users.find_or_add(u, &format!("user{u}")))
+            .collect();
         // 40 users take item 0 in and out of their history 30 times; only the even ones end
         // with it.
         for round in 0..30usize {
@@ -221,7 +223,8 @@ mod tests {
     fn an_item_twice_in_a_history_is_one_entry() {
         let mut users = UserTable::default();
         let mut index = HoldersIndex::default();
-        let user = users.find_or_add(7);
+        let user = users.find_or_add(7, "seven");
+        assert_eq!(users.id(user), "seven");
         let version = users.new_version(user);
         index.join(user, version, &[3, 3, 2]);
         index.apply(&users);

@@ -18,28 +18,33 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::Stream;
 
 use super::items::{ItemIndex, ItemTable};
+use super::users::UserTable;
 use crate::model::{id_key, IdKey, ProfileEvent, ReadPosition};
 use crate::stats::StatsBoard;
 use crate::upsert::{arrange_upserts, Prior, Update, UpsertTrace};
 
 /// A user's current profile as the arrangement holds it.
+///
+/// The history is shared, not owned: the arrangement copies each value into its batch and
+/// again at every merge of batches, and a copy of an `Rc` is a count, where a copy of a `Vec`
+/// was an allocation and 200 bytes. The user's id is kept once, in the worker's user table.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ProfileState {
     /// The timestamp of the winning message.
     pub timestamp: u64,
     /// The kept history, oldest first, as indices into the worker's item table.
-    pub history: Vec<ItemIndex>,
-    /// The user's id (the arrangement's key is its hash).
-    pub user_id: String,
+    pub history: Rc<[ItemIndex]>,
 }
 
 /// The profile arrangement's trace, importable by any operator of the same dataflow.
 pub type ProfileTrace = UpsertTrace<ProfileState>;
 
-/// Arranges the profile events by user; stale messages are counted on `stats`.
+/// Arranges the profile events by user, adding new users to `users`; stale messages are
+/// counted on `stats`.
 pub fn arrange_profiles<'scope>(
     events: Stream<'scope, u64, Vec<ProfileEvent>>,
     items: Rc<RefCell<ItemTable>>,
+    users: Rc<RefCell<UserTable>>,
     stats: Rc<RefCell<StatsBoard>>,
 ) -> Arranged<'scope, ProfileTrace> {
     let mut item_keys = Vec::new();
@@ -54,6 +59,7 @@ pub fn arrange_profiles<'scope>(
                 prior,
                 updates,
                 &mut items.borrow_mut(),
+                &mut users.borrow_mut(),
                 &mut item_keys,
             );
             if stale > 0 {
@@ -68,10 +74,11 @@ pub fn arrange_profiles<'scope>(
 /// number of stale events.
 fn settle_profiles(
     epoch: u64,
-    mut events: Vec<ProfileEvent>,
+    events: Vec<ProfileEvent>,
     prior: &mut Prior<ProfileState>,
     updates: &mut Vec<Update<ProfileState>>,
     items: &mut ItemTable,
+    users: &mut UserTable,
     item_keys: &mut Vec<IdKey>,
 ) -> u64 {
     // A user's events in read order (one user's messages share a partition), users in key
@@ -98,19 +105,19 @@ fn settle_profiles(
             winner = Some(i as usize);
         }
         let Some(winner) = winner else { continue };
-        let event = &mut events[winner];
+        let event = &events[winner];
         // Hash every id first and touch their slots in the index, so that the 50 cache misses
         // overlap instead of coming one lookup after another (see KeyIndex).
         item_keys.clear();
         item_keys.extend(event.history_items.iter().map(id_key));
         items.touch(item_keys.iter().copied());
-        let history: Vec<ItemIndex> = item_keys
+        let history: Rc<[ItemIndex]> = item_keys
             .iter()
             .zip(event.history_items.iter())
             .map(|(&item_key, item)| items.intern(item_key, item))
             .collect();
         if let Some(current) = &current {
-            if current.timestamp == event.timestamp && current.history == history {
+            if current.timestamp == event.timestamp && current.history[..] == history[..] {
                 continue;
             }
         }
@@ -119,10 +126,10 @@ fn settle_profiles(
             items.let_go(epoch, &current.history);
             updates.push(((key, current), epoch, -1));
         }
+        users.find_or_add(key, &event.user_id);
         let profile = ProfileState {
             timestamp: event.timestamp,
             history,
-            user_id: std::mem::take(&mut event.user_id),
         };
         updates.push(((key, profile), epoch, 1));
     }

@@ -1,6 +1,11 @@
-//! What the interest operator keeps of each local user beside the profile arrangement: a
-//! small index for the holders lists, the version of its history, and a fingerprint of its
-//! last output. The profile itself (timestamp, history, id) lives in the arrangement.
+//! What a worker keeps of each local user beside the profile arrangement: a small index for
+//! the holders lists, the user's id, the version of its history, and a fingerprint of its last
+//! output. The profile itself (timestamp, history) lives in the arrangement.
+//!
+//! The profile upsert and the interest operator share the table (they run on the same worker
+//! thread): the upsert adds each new user with its id, the interest operator keeps the rest.
+//! The ids live here, once, in one buffer, rather than in the arrangement's values, which the
+//! arrangement copies into every batch and merge.
 
 use rustc_hash::FxHashMap;
 
@@ -16,6 +21,10 @@ pub type UserIndex = u32;
 pub struct UserTable {
     index: FxHashMap<IdKey, UserIndex>,
     keys: Vec<IdKey>,
+    /// Every user id, one after the other: user `u`'s ends at `id_ends[u]`. Users are never
+    /// removed, so an append-only buffer: no allocation per user.
+    ids: String,
+    id_ends: Vec<usize>,
     /// The version of each user's history (see [`Holder`]).
     versions: Vec<u32>,
     /// A fingerprint of each user's last output: its vector's bits and known items, so that a
@@ -24,8 +33,13 @@ pub struct UserTable {
 }
 
 impl UserTable {
-    /// The index of the user whose key is `key`, added if new.
-    pub fn find_or_add(&mut self, key: IdKey) -> UserIndex {
+    /// The index of the user whose key is `key`, if it has one.
+    pub fn find(&self, key: IdKey) -> Option<UserIndex> {
+        self.index.get(&key).copied()
+    }
+
+    /// The index of the user `id` whose key is `key`, added if new.
+    pub fn find_or_add(&mut self, key: IdKey, id: &str) -> UserIndex {
         if let Some(&user) = self.index.get(&key) {
             return user;
         }
@@ -37,6 +51,8 @@ impl UserTable {
         let user = self.keys.len() as UserIndex;
         self.index.insert(key, user);
         self.keys.push(key);
+        self.ids.push_str(id);
+        self.id_ends.push(self.ids.len());
         self.versions.push(0);
         self.outputs.push(0);
         user
@@ -50,6 +66,13 @@ impl UserTable {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+
+    /// The user's id.
+    pub fn id(&self, user: UserIndex) -> &str {
+        let user = user as usize;
+        let start = user.checked_sub(1).map_or(0, |before| self.id_ends[before]);
+        &self.ids[start..self.id_ends[user]]
     }
 
     /// The user's key in the profile arrangement.
