@@ -144,7 +144,6 @@ mod tests {
             writes,
             skipped_stale: 0,
             seconds,
-            launch_seconds: seconds,
             command_bytes: writes * 1100,
             connections: 2,
             batch: 512,
