@@ -61,17 +61,17 @@ pub const PROFILES_PER_ACTIVATION: usize = 1024;
 
 /// What reached the operator, held until its epoch is complete.
 enum Arrived {
-    Profiles(UpsertBatch<ProfileState>),
+    Profiles(UpsertBatch<UserIndex, ProfileState>),
     Features(FeatureChange),
 }
 
-type ProfileCursor = <UpsertBatch<ProfileState> as Navigable>::Cursor;
+type ProfileCursor = <UpsertBatch<UserIndex, ProfileState> as Navigable>::Cursor;
 
 /// A complete epoch being applied, a slice of profiles at a time.
 struct InProgress {
     capability: Capability<u64>,
     /// The epoch's profile batches still to read, and the cursor into the first.
-    profiles: Vec<UpsertBatch<ProfileState>>,
+    profiles: Vec<UpsertBatch<UserIndex, ProfileState>>,
     cursor: Option<ProfileCursor>,
     /// Users that held an item whose features changed, and so may have a new vector.
     recompute: Vec<UserIndex>,
@@ -234,7 +234,7 @@ impl InterestState {
         let mut users = self.users.borrow_mut();
         while let Some(batch) = work.profiles.last() {
             let cursor = work.cursor.get_or_insert_with(|| batch.cursor());
-            while let Some(&key) = cursor.get_key(batch) {
+            while let Some(&user) = cursor.get_key(batch) {
                 if *budget == 0 {
                     return false;
                 }
@@ -249,8 +249,7 @@ impl InterestState {
                     cursor.step_val(batch);
                 }
                 // A profile is never deleted: every changed user has a new value.
-                // The upsert added the user with its new profile.
-                if let Some((profile, user)) = profile.zip(users.find(key)) {
+                if let Some(profile) = profile {
                     let version = users.new_version(user);
                     self.holders.join(user, version, &profile.history);
                     let vector = interest_vector(&items, &profile.history, self.params);
@@ -286,11 +285,6 @@ impl InterestState {
         recompute.retain(|user| changed.binary_search(user).is_err());
         let mut users = self.users.borrow_mut();
         if !recompute.is_empty() {
-            let mut keys: Vec<_> = recompute
-                .iter()
-                .map(|&user| (users.key(user), user))
-                .collect();
-            keys.sort_unstable();
             #[allow(clippy::expect_used)]
             let batches = self
                 .profiles
@@ -298,8 +292,9 @@ impl InterestState {
                 .expect("the interest operator holds compaction back to its epoch");
             let mut prior = Prior::new(batches);
             let items = self.items.borrow();
-            for (key, user) in keys {
-                let Some(profile) = prior.get(key, epoch) else {
+            // Sorted: the cursor moves forward only.
+            for user in recompute {
+                let Some(profile) = prior.get(user, epoch) else {
                     continue;
                 };
                 let vector = interest_vector(&items, &profile.history, self.params);

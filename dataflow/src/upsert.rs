@@ -26,21 +26,20 @@ use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
-use crate::model::IdKey;
 use crate::pending::PendingEpochs;
 
 /// The spine of an arrangement with one value per key, by epoch.
-pub type UpsertSpine<V> = ValSpine<IdKey, V, u64, isize>;
+pub type UpsertSpine<K, V> = ValSpine<K, V, u64, isize>;
 /// A handle to such an arrangement's trace: cloned or imported, it holds back compaction until
 /// its reader has moved on.
-pub type UpsertTrace<V> = TraceAgent<UpsertSpine<V>>;
+pub type UpsertTrace<K, V> = TraceAgent<UpsertSpine<K, V>>;
 /// One batch of such an arrangement.
-pub type UpsertBatch<V> = <UpsertSpine<V> as TraceReader>::Batch;
+pub type UpsertBatch<K, V> = <UpsertSpine<K, V> as TraceReader>::Batch;
 /// The updates of one epoch: (key, value), epoch, +1 or -1.
-pub type Update<V> = ((IdKey, V), u64, isize);
+pub type Update<K, V> = ((K, V), u64, isize);
 
-type UpsertBuilder<V> = ValBuilder<IdKey, V, u64, isize>;
-type BatchCursorOf<V> = <UpsertBatch<V> as Navigable>::Cursor;
+type UpsertBuilder<K, V> = ValBuilder<K, V, u64, isize>;
+type BatchCursorOf<K, V> = <UpsertBatch<K, V> as Navigable>::Cursor;
 
 /// How much merge work each batch inserted pays for, as a multiple of its length. Every
 /// change of a value leaves the old value and its retraction in the spine until a merge
@@ -49,21 +48,21 @@ type BatchCursorOf<V> = <UpsertBatch<V> as Navigable>::Cursor;
 const MERGE_EFFORT: usize = 4;
 
 /// The current value of each key, for the keys of one epoch asked in increasing order.
-pub struct Prior<V: Ord + Clone + 'static> {
-    cursor: CursorList<BatchCursorOf<V>>,
-    storage: Vec<UpsertBatch<V>>,
+pub struct Prior<K: Ord + Clone + 'static, V: Ord + Clone + 'static> {
+    cursor: CursorList<BatchCursorOf<K, V>>,
+    storage: Vec<UpsertBatch<K, V>>,
 }
 
-impl<V: Ord + Clone + 'static> Prior<V> {
+impl<K: Ord + Clone + 'static, V: Ord + Clone + 'static> Prior<K, V> {
     /// A cursor over `batches`, every batch of the trace.
-    pub fn new(batches: Vec<UpsertBatch<V>>) -> Self {
+    pub fn new(batches: Vec<UpsertBatch<K, V>>) -> Self {
         let (cursor, storage) = cursor_list(batches);
         Prior { cursor, storage }
     }
 
     /// The value of `key` once every update up to `as_of` is counted, if it has one. Keys must
     /// be asked in increasing order: the cursor only moves forward.
-    pub fn get(&mut self, key: IdKey, as_of: u64) -> Option<V> {
+    pub fn get(&mut self, key: K, as_of: u64) -> Option<V> {
         let (cursor, storage) = (&mut self.cursor, &self.storage);
         cursor.seek_key(storage, &key);
         if cursor.get_key(storage) != Some(&key) {
@@ -88,7 +87,7 @@ impl<V: Ord + Clone + 'static> Prior<V> {
     }
 }
 
-impl<V: Ord + Clone + 'static> std::fmt::Debug for Prior<V> {
+impl<K: Ord + Clone + 'static, V: Ord + Clone + 'static> std::fmt::Debug for Prior<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prior")
             .field("batches", &self.storage.len())
@@ -103,20 +102,21 @@ impl<V: Ord + Clone + 'static> std::fmt::Debug for Prior<V> {
 ///
 /// `pact` says which worker holds which keys: an exchange by key, or the pipeline after a
 /// broadcast for a collection every worker holds whole.
-pub fn arrange_upserts<'scope, E, V, P, F>(
+pub fn arrange_upserts<'scope, E, K, V, P, F>(
     events: Stream<'scope, u64, Vec<E>>,
     pact: P,
     name: &str,
     mut settle: F,
-) -> Arranged<'scope, UpsertTrace<V>>
+) -> Arranged<'scope, UpsertTrace<K, V>>
 where
     E: Clone + 'static,
+    K: Ord + Clone + 'static,
     V: Ord + Clone + 'static,
     P: ParallelizationContract<u64, Vec<E>>,
-    F: FnMut(u64, Vec<E>, &mut Prior<V>, &mut Vec<Update<V>>) + 'static,
+    F: FnMut(u64, Vec<E>, &mut Prior<K, V>, &mut Vec<Update<K, V>>) + 'static,
 {
     let scope = events.scope();
-    let mut reader: Option<UpsertTrace<V>> = None;
+    let mut reader: Option<UpsertTrace<K, V>> = None;
     let stream = {
         let reader = &mut reader;
         events.unary_frontier(pact, name, move |_capability, info| {
@@ -127,7 +127,7 @@ where
                 )
                 .map(Into::into);
             let activator = Some(scope.activator_for(Rc::clone(&info.address)));
-            let empty = UpsertSpine::<V>::with_effort(
+            let empty = UpsertSpine::<K, V>::with_effort(
                 MERGE_EFFORT,
                 info.clone(),
                 logger.clone(),
@@ -138,7 +138,7 @@ where
             let mut pending = PendingEpochs::<E>::default();
             // Where the next batch starts: the end of the last one.
             let mut lower = Antichain::from_elem(0u64);
-            let mut updates: Vec<Update<V>> = Vec::new();
+            let mut updates: Vec<Update<K, V>> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     if let Some(capability) = capability.retain_least(0) {
@@ -163,7 +163,7 @@ where
                     drop(prior);
                     // The builder takes updates in (key, value, time) order.
                     updates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                    let mut builder = UpsertBuilder::<V>::default();
+                    let mut builder = UpsertBuilder::<K, V>::default();
                     builder.push(&mut updates);
                     updates.clear();
                     let description =

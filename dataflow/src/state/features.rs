@@ -31,7 +31,7 @@ pub struct FeatureState {
 }
 
 /// The features arrangement's trace.
-pub type FeatureTrace = UpsertTrace<FeatureState>;
+pub type FeatureTrace = UpsertTrace<IdKey, FeatureState>;
 
 /// A change of an item's features: its new features, or `None` once it has none.
 pub type FeatureChange = (IdKey, Option<FeatureState>);
@@ -88,8 +88,8 @@ pub fn feature_changes<'scope>(
 fn settle_features(
     epoch: u64,
     events: Vec<FeatureEvent>,
-    prior: &mut Prior<FeatureState>,
-    updates: &mut Vec<Update<FeatureState>>,
+    prior: &mut Prior<IdKey, FeatureState>,
+    updates: &mut Vec<Update<IdKey, FeatureState>>,
 ) {
     let mut events: Vec<_> = events
         .into_iter()
