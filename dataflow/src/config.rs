@@ -96,6 +96,11 @@ pub struct Config {
     #[arg(long, env = "CHECKED_WRITES", value_enum, default_value_t = CheckedWrites::UntilCaughtUp)]
     pub checked_writes: CheckedWrites,
 
+    /// Log line format on stderr: text (for people; coloured only when stderr is a terminal) or
+    /// json (one object a line, for a log collector). Statistics stay on stdout either way.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Worker threads per process (timely).
     #[arg(short = 'w', long = "workers", visible_alias = "threads", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,
@@ -125,6 +130,13 @@ pub enum CheckedWrites {
     Always,
     /// Until every worker caught up with the read marks; plain MSETs afterwards.
     UntilCaughtUp,
+}
+
+/// How log lines are written (see [`crate::logging`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 fn parse_max_history(text: &str) -> Result<usize, String> {
@@ -272,6 +284,10 @@ mod tests {
         }
         let config = Config::try_parse_from(["dataflow", "-n", "2", "-p", "2"]).unwrap();
         assert!(config.timely().is_err());
+        let json = Config::try_parse_from(["dataflow", "--log-format", "json"]).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        let error = Config::try_parse_from(["dataflow", "--log-format", "xml"]).unwrap_err();
+        assert!(error.to_string().contains("--log-format"), "{error}");
     }
 
     #[test]
@@ -305,6 +321,7 @@ mod tests {
             "--processes",
             "--process",
             "--hostfile",
+            "LOG_FORMAT",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

@@ -17,6 +17,7 @@ pub mod features;
 pub mod graph;
 pub mod interest;
 mod key_index;
+pub mod logging;
 pub mod memory;
 pub mod model;
 pub mod output;

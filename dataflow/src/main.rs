@@ -8,7 +8,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use dataflow::config::Config;
 use dataflow::run::{RunError, TAKEN_OVER_EXIT_CODE};
-use tracing_subscriber::EnvFilter;
 
 // mimalloc for Rust's allocations and, through the crate's `override` feature, for C's malloc
 // too, i.e. librdkafka's. glibc's allocator gave the memory of each consumed fetch response back
@@ -21,14 +20,11 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
-    exit_on_any_panic();
+    // Configuration first: it names the log format, and its .env may set RUST_LOG. Its errors
+    // (clap's, or a bad -p) are printed without the subscriber.
     let config = Config::from_env_and_args()?;
+    dataflow::logging::init(config.log_format);
+    exit_on_any_panic();
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, shutdown.clone())
