@@ -212,6 +212,7 @@ pub(crate) mod tests {
             redis_writes: 2999,
             plain_writes: 2990,
             latency_ms: 87,
+            redis_rejected: 0,
         };
         let line = dataflow::stats::format_epoch(1_700_000_000_100, &counters, 100, true);
         let stat: EpochStat = serde_json::from_str(&line).unwrap();

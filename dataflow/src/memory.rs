@@ -96,7 +96,7 @@ impl EpochWriter for CaptureWriter {
         }
         Ok(Written {
             stored: profiles.len() as u64,
-            plain: 0,
+            ..Written::default()
         })
     }
 }

@@ -76,6 +76,8 @@ pub struct Written {
     pub stored: u64,
     /// Of those, values stored plain.
     pub plain: u64,
+    /// Values Redis refused for good, set aside (see `sink::WriteStats::rejected`).
+    pub rejected: u64,
 }
 
 /// How many batches of values a worker may hand its writer before it waits for one to be
@@ -214,6 +216,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                     // Values stored per epoch not yet complete, in epoch order.
                     let mut written = EpochTally::default();
                     let mut written_plain = EpochTally::default();
+                    let mut rejected = EpochTally::default();
                     for message in handed {
                         match message {
                             ToWriter::Values(epoch, profiles, mode) => {
@@ -226,6 +229,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                                 drop(profiles);
                                 written.add(epoch, count.stored);
                                 written_plain.add(epoch, count.plain);
+                                rejected.add(epoch, count.rejected);
                             }
                             ToWriter::Complete(epoch) => {
                                 // Epochs complete in order: this one is the oldest left.
@@ -234,6 +238,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                                     written: Written {
                                         stored: written.take_before(epoch + 1),
                                         plain: written_plain.take_before(epoch + 1),
+                                        rejected: rejected.take_before(epoch + 1),
                                     },
                                     at_ms: unix_millis(),
                                 };
@@ -325,6 +330,7 @@ pub fn write_epochs<'scope, W: EpochWriter>(
                     counters.changed += changed;
                     counters.redis_writes += report.written.stored;
                     counters.plain_writes += report.written.plain;
+                    counters.redis_rejected += report.written.rejected;
                     // A replay epoch is no epoch of the clock: it has no latency.
                     if let (Some(epoch_ms), Some(start_ms)) =
                         (epoch_ms, Epoch::at(report.epoch).start_ms())
@@ -389,7 +395,7 @@ mod tests {
             if epoch.time() < 2 {
                 return Ok(Written {
                     stored: profiles.len() as u64,
-                    plain: 0,
+                    ..Written::default()
                 });
             }
             assert!(!self.panics, "the writer broke");

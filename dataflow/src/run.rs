@@ -3,7 +3,7 @@
 //! of every epoch the probe says is durable in Redis.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::model::{EncodedProfile, FeatureEvent};
 use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterError, WriterThread, Written};
-use crate::source::{KafkaSource, Polled, SourceConfig, SourceError};
+use crate::source::{KafkaSource, Polled, RejectedProfiles, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard, StatsOut};
 use sink::WriteMode;
 
@@ -65,9 +65,42 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// Writes each epoch's profiles to Redis through the sink, retrying until Redis takes them.
+/// Writes each epoch's profiles to Redis through the sink, retrying until Redis takes them,
+/// except the values Redis refuses for good (a key of another type), which go to the
+/// dead-letter topic so that the stream moves on.
 struct RedisWriter {
     sink: sink::RedisSink,
+    rejected: RejectedProfiles,
+}
+
+impl RedisWriter {
+    /// Copies the values Redis refused to the dead-letter topic and waits until the broker
+    /// holds them: the epoch counts as written, and its offsets commit, only after that.
+    fn set_aside(
+        &mut self,
+        epoch: u64,
+        profiles: &[EncodedProfile],
+        refused: &[sink::RejectedRecord],
+    ) {
+        // Rare (a foreign key type), so a lookup table is built only when needed.
+        let by_user: HashMap<&str, &EncodedProfile> =
+            profiles.iter().map(|p| (p.user_id(), p)).collect();
+        for record in refused {
+            match by_user.get(record.user_id.as_str()) {
+                Some(profile) => self.rejected.send(profile, &record.error, epoch),
+                // The sink reports only users it was handed.
+                None => tracing::error!(user_id = %record.user_id, "Redis refused an unknown user"),
+            }
+        }
+        self.rejected.flush();
+        // The sink logs each refusal (rate-limited); this says where they went.
+        tracing::warn!(
+            epoch,
+            count = refused.len(),
+            dead_letter_failures = self.rejected.failures(),
+            "values Redis refused for good sent to the dead-letter topic"
+        );
+    }
 }
 
 impl EpochWriter for RedisWriter {
@@ -86,10 +119,14 @@ impl EpochWriter for RedisWriter {
         loop {
             match self.sink.write_encoded(profiles) {
                 Ok(stats) => {
+                    if !stats.rejected.is_empty() {
+                        self.set_aside(epoch, profiles, &stats.rejected);
+                    }
                     return Ok(Written {
                         stored: stats.written as u64,
                         plain: stats.written_plain as u64,
-                    })
+                        rejected: stats.rejected.len() as u64,
+                    });
                 }
                 // Another run writes this topic's profiles now; writing on could undo its
                 // newer values, and nothing this run holds can be committed any more.
@@ -230,21 +267,19 @@ fn worker_loop(
         dim: features.dim,
         decay: config.decay,
     };
-    let mut source = KafkaSource::new(
-        SourceConfig {
-            brokers: config.brokers.clone(),
-            group: config.group.clone(),
-            profile_topic: config.topic.clone(),
-            item_topic: config.item_topic.clone(),
-            dlq_topic: config.dlq_topic.clone(),
-            encoding: config.encoding,
-            max_history: config.max_history,
-            dim: features.dim,
-            redis: config.redis.clone(),
-        },
-        index,
-        peers,
-    )?;
+    let source_config = SourceConfig {
+        brokers: config.brokers.clone(),
+        group: config.group.clone(),
+        profile_topic: config.topic.clone(),
+        item_topic: config.item_topic.clone(),
+        dlq_topic: config.dlq_topic.clone(),
+        encoding: config.encoding,
+        max_history: config.max_history,
+        dim: features.dim,
+        redis: config.redis.clone(),
+    };
+    let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
+    let mut source = KafkaSource::new(source_config, index, peers)?;
     let mut sink_config = sink::SinkConfig::new(config.redis.clone());
     sink_config.max_batch_records = config.redis_batch as usize;
     sink_config.fence = Some(sink::WriterFence {
@@ -253,6 +288,7 @@ fn worker_loop(
     });
     let writer = RedisWriter {
         sink: sink::RedisSink::connect(sink_config)?,
+        rejected,
     };
 
     // Build inputs, arrange, join, reduce, probe.

@@ -24,6 +24,10 @@ pub struct EpochCounters {
     pub plain_writes: u64,
     /// Milliseconds from the epoch's end to Redis' acknowledgement (the worst worker's).
     pub latency_ms: u64,
+    /// Values Redis refused for good (their key holds another type, e.g. a hash another
+    /// program put there), sent to the dead-letter topic instead.
+    #[serde(default)]
+    pub redis_rejected: u64,
 }
 
 impl EpochCounters {
@@ -36,6 +40,7 @@ impl EpochCounters {
         self.changed += other.changed;
         self.redis_writes += other.redis_writes;
         self.plain_writes += other.plain_writes;
+        self.redis_rejected += other.redis_rejected;
         self.latency_ms = self.latency_ms.max(other.latency_ms);
     }
 
@@ -79,6 +84,7 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
             "changed": counters.changed,
             "redis_writes": counters.redis_writes,
             "plain_writes": counters.plain_writes,
+            "redis_rejected": counters.redis_rejected,
             "latency_ms": counters.latency_ms,
             "messages_per_second": rate.round(),
         })

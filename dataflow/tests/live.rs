@@ -4,7 +4,8 @@
 //! without stopping their partition; SIGTERM finishes and exits 0; a closed stdout ends the
 //! stats lines, not the dataflow; a backlog is read a bounded amount at a time; two processes of
 //! two workers leave the same Redis contents as one worker; and a restart, of one process or
-//! two, rebuilds the state from the topics without writing it again.
+//! two, rebuilds the state from the topics without writing it again; and a profile Redis refuses
+//! for good (its key holds a hash) goes to the dead-letter topic while the stream moves on.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -886,4 +887,66 @@ async fn a_newer_run_takes_over_and_the_older_one_stops_writing() {
     wait_for_profile(&mut redis, &bob, next - 1);
     assert_eq!(timestamp_of(&mut redis, &alice), Some(10));
     newer.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_redis_refuses_goes_to_the_dead_letter_topic_and_the_stream_moves_on() {
+    let setup = Setup::new("redis-rejected", 7).await;
+    let id = setup.topic.clone();
+    let hashed = format!("{id}-hashed");
+    let others: Vec<String> = (0..6).map(|u| format!("{id}-user{u}")).collect();
+    let mut redis = redis(&setup.redis);
+    // Another program's hash at one user's profile key.
+    let _: () = redis::cmd("HSET")
+        .arg(profile::redis_key(&hashed))
+        .arg("owner")
+        .arg("someone else")
+        .query(&mut redis)
+        .unwrap();
+    // Checked writes throughout: a plain MSET would replace the hash rather than be refused
+    // (see sink::WriteMode::Plain).
+    let args = [
+        setup.args(),
+        vec!["--checked-writes".into(), "always".into()],
+    ]
+    .concat();
+    let run = Dataflow::spawn(&args);
+    for round in 1..=3u64 {
+        produce_profile(&setup.topic, &hashed, &["apple"], round).await;
+        for user in &others {
+            produce_profile(&setup.topic, user, &["banana"], round).await;
+        }
+        // Every other user's latest message is written: nothing stalls behind the refused one.
+        for user in &others {
+            wait_for_profile(&mut redis, user, round);
+        }
+        run.wait_for("redis_rejected", round);
+    }
+    let kind: String = redis::cmd("TYPE")
+        .arg(profile::redis_key(&hashed))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(kind, "hash", "the foreign key is left as it was");
+    let dead = read_topic(&setup.dlq_topic, 1, 3, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 3);
+    for (round, record) in (1..=3u64).zip(&dead) {
+        assert_eq!(
+            record.header("streamrec.reason_kind"),
+            Some("redis_rejected")
+        );
+        assert!(
+            record
+                .header("streamrec.reason")
+                .is_some_and(|r| r.starts_with("WRONGTYPE")),
+            "{:?}",
+            record.headers
+        );
+        assert_eq!(record.key, hashed.as_bytes());
+        let value: Value = serde_json::from_slice(&record.value).unwrap();
+        let (vector, known) = expected_vector(&["apple"]);
+        assert_profile(&value, &hashed, round, &["apple"], &vector, known);
+    }
+    assert_eq!(run.total("redis_rejected"), 3);
+    // Epochs complete, so SIGTERM finishes promptly and cleanly.
+    run.stop();
 }

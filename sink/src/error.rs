@@ -87,6 +87,14 @@ pub enum SinkError {
 /// restart or `SCRIPT FLUSH`, "max number of clients reached" ...): they describe a state of the
 /// server that passes or that an operator fixes, and with `max_retries: None` nothing is dropped
 /// meanwhile. The exceptions are failures that repeat identically however long we wait.
+///
+/// Of those, only WRONGTYPE belongs to one record rather than to the whole write: it says that
+/// one key holds another type, and the write script catches it per key (`redis.pcall`) and
+/// reports the record as rejected (`WriteStats::rejected`) while the rest of its batch is
+/// written, so it normally never reaches this function. The others (no permission, bad
+/// credentials, a bug in the script, a client misconfiguration) would refuse every record alike:
+/// setting all of them aside would silently drop a whole stream, so they fail the write with
+/// [`SinkError::Permanent`] and an operator fixes the cause.
 pub(crate) fn is_permanent(err: &RedisError) -> bool {
     match err.kind() {
         // A bad URL or client-side misuse.

@@ -56,11 +56,15 @@ pub enum WriteMode {
     /// value written before was older (for the dataflow: after it has caught up with what a
     /// previous run may have written). A batch resent after a failure, and every batch while an
     /// older connection may still run commands, still goes through the script.
+    ///
+    /// `MSET` also replaces a key of another type (a hash someone else put there) instead of
+    /// refusing it with WRONGTYPE as the script does: the caller vouches that nobody else
+    /// writes these keys.
     Plain,
 }
 
 /// What one [`RedisSink::write`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteStats {
     /// Records stored.
     pub written: usize,
@@ -74,6 +78,29 @@ pub struct WriteStats {
     pub bytes: usize,
     /// Attempts repeated after a failure.
     pub retries: usize,
+    /// Records Redis refused for good, left unwritten and set aside so that the rest of the
+    /// write goes through: today those whose key holds another type than a string (WRONGTYPE,
+    /// e.g. a hash another program put at `user_profile:{id}`). The key is left as it is.
+    /// Checked writes only: a plain `MSET` replaces a key of any type, so Redis never refuses
+    /// it (see [`WriteMode::Plain`]).
+    pub rejected: Vec<RejectedRecord>,
+}
+
+/// A record Redis refused for good (see [`WriteStats::rejected`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRecord {
+    /// The record's user.
+    pub user_id: String,
+    /// Redis's error, starting with its code (`WRONGTYPE Operation against a key holding the
+    /// wrong kind of value`).
+    pub error: String,
+}
+
+impl RejectedRecord {
+    /// The error's code, its first word (`WRONGTYPE`).
+    pub fn code(&self) -> &str {
+        self.error.split(' ').next().unwrap_or_default()
+    }
 }
 
 /// Writes profiles to Redis for one dataflow worker. See the crate documentation.
@@ -122,6 +149,10 @@ impl RedisSink {
     /// [`WriteMode::Plain`] every record is stored: the caller vouches that none is stale.) Records are
     /// expected to name distinct users (one final value per user and epoch); if a user appears
     /// twice, the greater (timestamp, epoch) wins whatever the order.
+    ///
+    /// A record whose key Redis refuses for good (it holds another type than a string) is not
+    /// retried: it is left out, the rest is written, and it comes back in
+    /// [`WriteStats::rejected`] with Redis's error.
     ///
     /// On error, some records may be stored and others not; see [`SinkError`].
     pub fn write<'r, S: AsRef<str> + 'r>(

@@ -20,6 +20,7 @@ pub struct SinkMetrics {
     pub(crate) errors: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) non_finite_floats: AtomicU64,
+    pub(crate) records_rejected: AtomicU64,
 }
 
 /// The values of [`SinkMetrics`] at one moment.
@@ -44,6 +45,9 @@ pub struct SinkMetricsSnapshot {
     pub connects: u64,
     /// Non-finite interest-vector components written as 0.0.
     pub non_finite_floats: u64,
+    /// Records Redis refused for good and the sink set aside unwritten (their key holds
+    /// another type than a string: see `WriteStats::rejected`).
+    pub records_rejected: u64,
 }
 
 macro_rules! getters {
@@ -72,7 +76,8 @@ impl SinkMetrics {
         retries,
         errors,
         connects,
-        non_finite_floats
+        non_finite_floats,
+        records_rejected
     );
 
     pub(crate) fn add(counter: &AtomicU64, n: usize) {
@@ -91,5 +96,6 @@ impl std::ops::AddAssign for SinkMetricsSnapshot {
         self.errors += o.errors;
         self.connects += o.connects;
         self.non_finite_floats += o.non_finite_floats;
+        self.records_rejected += o.records_rejected;
     }
 }

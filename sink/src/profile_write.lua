@@ -39,30 +39,52 @@ local HEAD_BYTES = 256
 -- sprintf("%.17g"), which `perf` showed at 3% of the script's time when done twice per key.
 local HEAD_FIRST, HEAD_LAST = '0', tostring(HEAD_BYTES - 1)
 local skipped = 0
+-- Keys refused for good, as {key, error} pairs; see below.
+local rejected = {}
 for i = 1, #KEYS do
     local base = 3 * (i - 1)
     local ts = tonumber(ARGV[base + 1])
     local epoch = tonumber(ARGV[base + 2])
     local write = true
+    -- pcall, because a key that holds another type (a hash someone else put there) fails with
+    -- WRONGTYPE, and redis.call would abort the whole batch after some of its keys were written,
+    -- leaving the sink to retry a batch that can never succeed. Such a key is left untouched
+    -- (it is not ours to clobber) and reported; the other keys are written. GETRANGE is the first
+    -- command on every key, so once it succeeded the key is a string (or absent) and the GET and
+    -- SET below cannot fail that way. Any other error is raised as before, failing the batch.
     -- '' for a missing key (and for an empty value, which holds no timestamp either).
-    local head = redis.call('GETRANGE', KEYS[i], HEAD_FIRST, HEAD_LAST)
-    local old_ts = tonumber(string.match(head, '"timestamp":%s*(%d+)%D'))
-    if not old_ts and #head == HEAD_BYTES then
-        old_ts = tonumber(string.match(redis.call('GET', KEYS[i]), '"timestamp":%s*(%d+)'))
-    end
-    if old_ts then
-        if ts == old_ts then
-            local tail = redis.call('GETRANGE', KEYS[i], '-64', '-1')
-            local old_epoch = tonumber(string.match(tail, '"epoch":%s*(%d+)%s*}%s*$')) or 0
-            write = epoch >= old_epoch
+    local head = redis.pcall('GETRANGE', KEYS[i], HEAD_FIRST, HEAD_LAST)
+    if type(head) == 'table' then
+        if string.sub(head.err, 1, 10) ~= 'WRONGTYPE ' then
+            return head
+        end
+        rejected[#rejected + 1] = KEYS[i]
+        rejected[#rejected + 1] = head.err
+    else
+        local old_ts = tonumber(string.match(head, '"timestamp":%s*(%d+)%D'))
+        if not old_ts and #head == HEAD_BYTES then
+            old_ts = tonumber(string.match(redis.call('GET', KEYS[i]), '"timestamp":%s*(%d+)'))
+        end
+        if old_ts then
+            if ts == old_ts then
+                local tail = redis.call('GETRANGE', KEYS[i], '-64', '-1')
+                local old_epoch = tonumber(string.match(tail, '"epoch":%s*(%d+)%s*}%s*$')) or 0
+                write = epoch >= old_epoch
+            else
+                write = ts > old_ts
+            end
+        end
+        if write then
+            redis.call('SET', KEYS[i], ARGV[base + 3])
         else
-            write = ts > old_ts
+            skipped = skipped + 1
         end
     end
-    if write then
-        redis.call('SET', KEYS[i], ARGV[base + 3])
-    else
-        skipped = skipped + 1
-    end
 end
-return skipped
+-- The usual reply stays a bare count; only a batch with refused keys answers
+-- {skipped, key1, error1, key2, error2, ...}.
+if #rejected == 0 then
+    return skipped
+end
+table.insert(rejected, 1, skipped)
+return rejected

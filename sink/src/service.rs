@@ -37,7 +37,7 @@ use redis::{Client, Connection, RedisError, Script, Value};
 use crate::batch::Batch;
 use crate::error::is_permanent;
 use crate::metrics::SinkMetrics;
-use crate::{SinkConfig, SinkError, WriteStats};
+use crate::{RejectedRecord, SinkConfig, SinkError, WriteStats};
 
 /// The no-regression write script, executed once per batch.
 pub(crate) const WRITE_SCRIPT: &str = include_str!("profile_write.lua");
@@ -67,6 +67,9 @@ pub(crate) struct Service {
     max_retries: Option<u32>,
     metrics: Arc<SinkMetrics>,
     warnings: RateLimit,
+    /// Rate limit of the warnings about refused records, apart from `warnings` so that retries
+    /// and refusals each get their line.
+    rejections: RateLimit,
 }
 
 // redis::Connection is not Debug.
@@ -123,6 +126,7 @@ impl Service {
             max_retries: config.max_retries,
             metrics,
             warnings: RateLimit::new(Duration::from_secs(1)),
+            rejections: RateLimit::new(Duration::from_secs(1)),
         };
         let conn = service.open().map_err(|error| match error {
             AttemptError::Fenced { ours, current } => SinkError::Fenced { ours, current },
@@ -338,14 +342,17 @@ impl Service {
             let Some(batch) = self.window.front() else {
                 break;
             };
-            let skipped = match reply {
-                Value::Okay if batch.is_plain() => 0,
+            let (skipped, rejected) = match reply {
+                Value::Okay if batch.is_plain() => (0, Vec::new()),
                 Value::Int(n) if !batch.is_plain() && (0..=batch.records as i64).contains(&n) => {
-                    n as usize
+                    (n as usize, Vec::new())
+                }
+                Value::Array(items) if !batch.is_plain() => {
+                    parse_rejections(items, batch.records).map_err(AttemptError::UnexpectedReply)?
                 }
                 other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
             };
-            let written = batch.records - skipped;
+            let written = batch.records - skipped - rejected.len();
             let bytes = batch.packed.len();
             stats.written += written;
             stats.skipped_stale += skipped;
@@ -359,6 +366,22 @@ impl Service {
                 SinkMetrics::add(&self.metrics.plain_batches, 1);
             }
             SinkMetrics::add(&self.metrics.bytes, bytes);
+            if !rejected.is_empty() {
+                SinkMetrics::add(&self.metrics.records_rejected, rejected.len());
+                for record in &rejected {
+                    // One line a second at most, whatever the number of refused keys: a
+                    // foreign program's keys can make every epoch refuse some.
+                    if let Some(suppressed) = self.rejections.allow() {
+                        tracing::warn!(
+                            user_id = %record.user_id,
+                            error = %record.error,
+                            rejected_since_last_warning = suppressed,
+                            "Redis refused a profile for good; set aside"
+                        );
+                    }
+                }
+                stats.rejected.extend(rejected);
+            }
             self.window.pop_front();
             self.sent -= 1;
         }
@@ -373,6 +396,40 @@ impl Service {
 
     fn backoff(&self, failures: u32) -> Duration {
         backoff(self.initial_backoff, self.max_backoff, failures)
+    }
+}
+
+/// The script's reply to a batch with refused keys, `[skipped, key1, error1, key2, error2,
+/// ...]` (see `profile_write.lua`): the skip count and the refused records, or a description of
+/// a reply that does not fit a batch of `records` records.
+fn parse_rejections(
+    items: Vec<Value>,
+    records: usize,
+) -> Result<(usize, Vec<RejectedRecord>), String> {
+    let describe = |items: &[Value]| format!("{items:?}");
+    let (Some(Value::Int(skipped)), true) = (items.first(), items.len() % 2 == 1) else {
+        return Err(describe(&items));
+    };
+    let skipped = *skipped;
+    let mut rejected = Vec::with_capacity(items.len() / 2);
+    for pair in items[1..].chunks_exact(2) {
+        let [Value::BulkString(key), Value::BulkString(error)] = pair else {
+            return Err(describe(&items));
+        };
+        let key = String::from_utf8_lossy(key);
+        let Some(user_id) = key.strip_prefix(profile::REDIS_KEY_PREFIX) else {
+            return Err(describe(&items));
+        };
+        rejected.push(RejectedRecord {
+            user_id: user_id.to_owned(),
+            error: String::from_utf8_lossy(error).into_owned(),
+        });
+    }
+    match usize::try_from(skipped) {
+        Ok(skipped) if !rejected.is_empty() && skipped + rejected.len() <= records => {
+            Ok((skipped, rejected))
+        }
+        _ => Err(describe(&items)),
     }
 }
 
@@ -438,6 +495,27 @@ mod tests {
                 ms(5000)
             ]
         );
+    }
+
+    #[test]
+    fn rejections_reply_is_checked_against_the_batch() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = vec![
+            Value::Int(1),
+            bulk("user_profile:u1"),
+            bulk("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        ];
+        let (skipped, rejected) = parse_rejections(reply.clone(), 2).unwrap();
+        assert_eq!(skipped, 1);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].user_id, "u1");
+        assert_eq!(rejected[0].code(), "WRONGTYPE");
+        // More skipped and refused records than the batch holds, a missing error, a key
+        // outside the profile prefix, no refused record at all.
+        assert!(parse_rejections(reply.clone(), 1).is_err());
+        assert!(parse_rejections(reply[..2].to_vec(), 2).is_err());
+        assert!(parse_rejections(vec![Value::Int(0), bulk("other:u1"), bulk("E")], 2).is_err());
+        assert!(parse_rejections(vec![Value::Int(0)], 2).is_err());
     }
 
     #[test]

@@ -142,6 +142,35 @@ pub(super) fn dead_letter(
     if let Some(key) = message.key() {
         record = record.key(key);
     }
+    send_waiting(dlq, record);
+}
+
+/// Copies a value the dataflow could not store to the dead-letter topic, with `headers` saying
+/// why.
+pub(super) fn dead_letter_value(
+    dlq: &ThreadedProducer<DlqContext>,
+    dlq_topic: &str,
+    headers: &[(&str, &str)],
+    key: &[u8],
+    payload: &[u8],
+) {
+    let headers = headers
+        .iter()
+        .fold(OwnedHeaders::new(), |all, &(key, value)| {
+            all.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+    let record = BaseRecord::to(dlq_topic)
+        .payload(payload)
+        .key(key)
+        .headers(headers);
+    send_waiting(dlq, record);
+}
+
+/// Queues `record`, waiting for room in a full local queue rather than dropping it.
+fn send_waiting(dlq: &ThreadedProducer<DlqContext>, mut record: BaseRecord<'_, [u8], [u8]>) {
     // A full local queue drains as the broker acknowledges; wait for room rather than drop.
     loop {
         match dlq.send(record) {

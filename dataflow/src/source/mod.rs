@@ -366,3 +366,66 @@ fn raise_mark(
         }
     }
 }
+
+/// Dead-letter copies of profiles Redis refused for good (see `sink::WriteStats::rejected`),
+/// sent by a worker's Redis writer on its own thread. It has a producer of its own, made like
+/// the source's: the source's lives on the worker thread, and sharing it would tie the writer
+/// thread to the worker loop. The copies go to the same topic, in the same shape as those of
+/// invalid messages (payload and key as they would have been stored, why in the headers), so
+/// that one tool reads both.
+pub struct RejectedProfiles {
+    producer: ThreadedProducer<DlqContext>,
+    topic: String,
+    source_topic: String,
+}
+
+impl std::fmt::Debug for RejectedProfiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RejectedProfiles")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RejectedProfiles {
+    /// A producer to `config.dlq_topic`, with the source's delivery settings.
+    pub fn new(config: &SourceConfig) -> Result<Self, KafkaError> {
+        Ok(Self {
+            producer: consumer::dead_letter_producer(config)?,
+            topic: config.dlq_topic.clone(),
+            source_topic: config.profile_topic.clone(),
+        })
+    }
+
+    /// Queues a copy of `profile`, the value Redis refused with `error`, computed in `epoch`.
+    pub fn send(&self, profile: &crate::model::EncodedProfile, error: &str, epoch: u64) {
+        decode::dead_letter_value(
+            &self.producer,
+            &self.topic,
+            &[
+                ("streamrec.reason", error),
+                ("streamrec.reason_kind", "redis_rejected"),
+                ("streamrec.source_topic", &self.source_topic),
+                ("streamrec.epoch", &epoch.to_string()),
+            ],
+            profile.user_id().as_bytes(),
+            profile.value().as_bytes(),
+        );
+    }
+
+    /// Waits until the broker holds every copy queued, so that the epoch they belong to (and
+    /// its offsets) completes only after them; retries as long as the broker is slow, like the
+    /// source's offsets, which wait for their copies.
+    pub fn flush(&self) {
+        while self.producer.in_flight_count() > 0 {
+            if let Err(error) = self.producer.flush(Duration::from_secs(5)) {
+                tracing::warn!(%error, "dead-letter topic slow; the epoch waits");
+            }
+        }
+    }
+
+    /// Copies the broker refused, so far.
+    pub fn failures(&self) -> u64 {
+        self.producer.context().failed.load(Ordering::Relaxed)
+    }
+}
