@@ -43,9 +43,10 @@ type BatchCursorOf<K, V> = <UpsertBatch<K, V> as Navigable>::Cursor;
 
 /// How much merge work each batch inserted pays for, as a multiple of its length. Every
 /// change of a value leaves the old value and its retraction in the spine until a merge
-/// consolidates them away; merging faster than differential's default (1) keeps fewer of them
-/// alive (see docs/performance.md for the full-scale memory this was measured on).
-const MERGE_EFFORT: usize = 4;
+/// consolidates them away, and every batch not yet merged is one more seek for each key looked
+/// up; merging faster than differential's default (1) keeps fewer of both (see
+/// docs/performance.md: the incremental cost with a large state and the full-scale memory).
+const MERGE_EFFORT: usize = 16;
 
 /// The current value of each key, for the keys of one epoch asked in increasing order.
 pub struct Prior<K: Ord + Clone + 'static, V: Ord + Clone + 'static> {
