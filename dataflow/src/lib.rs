@@ -2,9 +2,11 @@
 //! profile and interest vector up to date incrementally, and writes exactly the changed profiles
 //! to Redis once each epoch is complete.
 //!
-//! [`interest`] is the dataflow itself, with its per-worker state in [`holdings`]; [`upsert`]
-//! is the latest-wins rule that turns messages into current values; [`output`] turns complete
-//! epochs into final values for a writer. [`memory`] drives the same core from memory and
+//! [`graph`] builds the whole dataflow in one function: [`upsert`] turns messages into the
+//! current values of differential arrangements (latest wins), [`state`] holds the profile and
+//! features arrangements and the hand-made tables beside them, [`interest`] reads the
+//! arrangements and emits each changed user's value, and [`output`] turns complete epochs into
+//! final values for a writer. [`memory`] drives the same core from memory and
 //! [`reference`](mod@reference) is the plain sequential contract it is tested against.
 //! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
 //! start, [`catch_up`] says when values may be written without the no-regression check, and

@@ -10,8 +10,8 @@
 //! appends the user, tagged with its new version, to the list of each of its items, and leaves
 //! the old entries to go stale. Nothing needs to leave a list: the item table counts holders
 //! itself (see `items.rs`). Appending profile by profile touched a random list end per item;
-//! the joins are held back and applied sorted by item once per epoch (see [`HolderChanges`]),
-//! so each list is reached once per batch, in address order.
+//! the joins are held back and applied sorted by item once per epoch
+//! (see [`HoldersIndex::apply`]), so each list is reached once per batch, in address order.
 
 use super::items::ItemIndex;
 use super::users::{UserIndex, UserTable};
