@@ -41,7 +41,7 @@ use crate::state::holders::HoldersIndex;
 use crate::state::items::{ItemIndex, ItemTable};
 use crate::state::profiles::{ProfileState, ProfileTrace};
 use crate::state::users::{UserIndex, UserTable};
-use crate::upsert::{Prior, UpsertBatch};
+use crate::upsert::{value_as_of, Prior, UpsertBatch};
 use sink::ProfileRecord;
 
 /// The parameters of the interest vector.
@@ -239,17 +239,8 @@ impl InterestState {
                     return false;
                 }
                 *budget -= 1;
-                let mut profile = None;
-                while let Some(value) = cursor.get_val(batch) {
-                    let mut count = 0;
-                    cursor.map_times(batch, |_, &diff| count += diff);
-                    if count > 0 {
-                        profile = Some(value);
-                    }
-                    cursor.step_val(batch);
-                }
                 // A profile is never deleted: every changed user has a new value.
-                if let Some(profile) = profile {
+                if let Some(profile) = value_as_of(cursor, batch, epoch) {
                     let version = users.new_version(user);
                     self.holders.join(user, version, &profile.history);
                     let vector = interest_vector(&items, &profile.history, self.params);

@@ -69,23 +69,38 @@ impl<K: Ord + Clone + 'static, V: Ord + Clone + 'static> Prior<K, V> {
         if cursor.get_key(storage) != Some(&key) {
             return None;
         }
-        let mut current = None;
-        while let Some(value) = cursor.get_val(storage) {
-            let mut count = 0;
-            cursor.map_times(storage, |&time, &diff| {
-                if time <= as_of {
-                    count += diff;
-                }
-            });
-            // An upsert arrangement holds at most one value per key at any time.
-            debug_assert!(count == 0 || count == 1, "count {count}");
-            if count > 0 {
-                current = Some(value.clone());
-            }
-            cursor.step_val(storage);
-        }
-        current
+        value_as_of(cursor, storage, as_of).cloned()
     }
+}
+
+/// The value at the cursor's key once its updates up to `as_of` are counted, if it has one,
+/// with the cursor left past the key's values. Over a whole trace that is the key's value then;
+/// over one batch of an upsert arrangement (`as_of` its epoch or later), the value it inserts,
+/// `None` for a key it only retracts.
+pub fn value_as_of<'a, C, V: 'a>(
+    cursor: &mut C,
+    storage: &'a C::Storage,
+    as_of: u64,
+) -> Option<&'a V>
+where
+    C: for<'b> Cursor<Val<'b> = &'b V, TimeGat<'b> = &'b u64, DiffGat<'b> = &'b isize>,
+{
+    let mut current = None;
+    while let Some(value) = cursor.get_val(storage) {
+        let mut count = 0;
+        cursor.map_times(storage, |&time, &diff| {
+            if time <= as_of {
+                count += diff;
+            }
+        });
+        // An upsert arrangement holds at most one value per key at any time.
+        debug_assert!(count <= 1, "count {count}");
+        if count > 0 {
+            current = Some(value);
+        }
+        cursor.step_val(storage);
+    }
+    current
 }
 
 impl<K: Ord + Clone + 'static, V: Ord + Clone + 'static> std::fmt::Debug for Prior<K, V> {

@@ -20,7 +20,7 @@ use timely::dataflow::Stream;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{id_key, FeatureEvent, FeatureVector, IdKey};
-use crate::upsert::{arrange_upserts, Prior, Update, UpsertTrace};
+use crate::upsert::{arrange_upserts, value_as_of, Prior, Update, UpsertTrace};
 
 /// An item's current features as the arrangement holds them.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -62,17 +62,9 @@ pub fn feature_changes<'scope>(
                     for batch in spans.drain(..).filter_map(|span| span.inner) {
                         let mut cursor = batch.cursor();
                         while let Some(&key) = cursor.get_key(&batch) {
-                            // The value inserted, if any; a key with only a retraction lost
-                            // its features.
-                            let mut features = None;
-                            while let Some(value) = cursor.get_val(&batch) {
-                                let mut count = 0;
-                                cursor.map_times(&batch, |_, &diff| count += diff);
-                                if count > 0 {
-                                    features = Some(value.clone());
-                                }
-                                cursor.step_val(&batch);
-                            }
+                            // Every update of the batch counts (it holds one epoch); a key
+                            // with only a retraction lost its features.
+                            let features = value_as_of(&mut cursor, &batch, u64::MAX).cloned();
                             session.give((key, features));
                             cursor.step_key(&batch);
                         }
