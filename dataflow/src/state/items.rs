@@ -82,26 +82,6 @@ impl ItemTable {
         }
     }
 
-    /// The feature dimension D.
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
-    /// The number of entries, released ones included: one past the greatest index.
-    pub fn capacity(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// The number of items held now.
-    pub fn len(&self) -> usize {
-        self.keys.len() - self.free.len()
-    }
-
-    /// Whether no item is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The index of the item whose key is `key`, if the table has it.
     pub fn find(&self, key: IdKey) -> Option<ItemIndex> {
         self.index.get(key)
@@ -147,11 +127,6 @@ impl ItemTable {
         &self.ids[item as usize]
     }
 
-    /// The item's key.
-    pub fn key(&self, item: ItemIndex) -> IdKey {
-        self.keys[item as usize]
-    }
-
     /// Loads the lines of the items' ids and features, so that reading them next finds them in
     /// cache: the rows of a history are scattered over tables larger than the caches, and in a
     /// loop where nothing waits on the loads their cache misses overlap. Returns nothing
@@ -174,11 +149,6 @@ impl ItemTable {
         self.known[item].then(|| &self.features[item * self.dim..][..self.dim])
     }
 
-    /// Whether the item has features.
-    pub fn is_known(&self, item: ItemIndex) -> bool {
-        self.known[item as usize]
-    }
-
     /// Sets the item's features in the cache; returns whether they changed.
     pub fn set_features(&mut self, item: ItemIndex, features: Option<&FeatureVector>) -> bool {
         let same = match (self.features(item), features) {
@@ -199,11 +169,6 @@ impl ItemTable {
             *x = value;
         }
         !same
-    }
-
-    /// How many places in current profiles hold the item.
-    pub fn held(&self, item: ItemIndex) -> u32 {
-        self.holding[item as usize].places
     }
 
     /// A history of `epoch` takes the items in: each place counts once.

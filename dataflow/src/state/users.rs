@@ -1,5 +1,5 @@
-//! What a worker keeps of each local user beside the profile arrangement: a small index for
-//! the holders lists, the user's id, the version of its history, and a fingerprint of its last
+//! What a worker keeps of each local user beside the profile arrangement: a dense 4-byte index
+//! (the profile arrangement's key and the holders lists' entries), the user's id, the version of its history, and a fingerprint of its last
 //! output. The profile itself (timestamp, history) lives in the arrangement.
 //!
 //! The profile upsert and the interest operator share the table (they run on the same worker
@@ -20,7 +20,6 @@ pub type UserIndex = u32;
 #[derive(Debug, Default)]
 pub struct UserTable {
     index: FxHashMap<IdKey, UserIndex>,
-    keys: Vec<IdKey>,
     /// Every user id, one after the other: user `u`'s ends at `id_ends[u]`. Users are never
     /// removed, so an append-only buffer: no allocation per user.
     ids: String,
@@ -33,11 +32,6 @@ pub struct UserTable {
 }
 
 impl UserTable {
-    /// The index of the user whose key is `key`, if it has one.
-    pub fn find(&self, key: IdKey) -> Option<UserIndex> {
-        self.index.get(&key).copied()
-    }
-
     /// The index of the user `id` whose key is `key`, added if new.
     pub fn find_or_add(&mut self, key: IdKey, id: &str) -> UserIndex {
         if let Some(&user) = self.index.get(&key) {
@@ -45,12 +39,11 @@ impl UserTable {
         }
         // A capacity limit, like running out of memory, which at this size would come first.
         assert!(
-            self.keys.len() < MAX_USERS_PER_WORKER,
+            self.id_ends.len() < MAX_USERS_PER_WORKER,
             "a worker holds {MAX_USERS_PER_WORKER} users, its most: run more workers or processes"
         );
-        let user = self.keys.len() as UserIndex;
+        let user = self.id_ends.len() as UserIndex;
         self.index.insert(key, user);
-        self.keys.push(key);
         self.ids.push_str(id);
         self.id_ends.push(self.ids.len());
         self.versions.push(0);
@@ -58,26 +51,11 @@ impl UserTable {
         user
     }
 
-    /// The number of users.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
     /// The user's id.
     pub fn id(&self, user: UserIndex) -> &str {
         let user = user as usize;
         let start = user.checked_sub(1).map_or(0, |before| self.id_ends[before]);
         &self.ids[start..self.id_ends[user]]
-    }
-
-    /// The user's key in the profile arrangement.
-    pub fn key(&self, user: UserIndex) -> IdKey {
-        self.keys[user as usize]
     }
 
     /// Starts a new version of the user's history, which makes its holder entries stale, and
