@@ -3,24 +3,26 @@
 //!
 //! ```text
 //! profile events ─exchange by user─▶ upsert ─▶ profile arrangement (user → profile) ──┐
-//!                                                                                       ├─▶ interest ─▶ writer ─▶ probe
+//!                                                                                       ├─▶ interest collection ─▶ encode ─▶ writer ─▶ probe
 //! feature events ─exchange by item─▶ upsert ─▶ features arrangement (item → features) ─changes, broadcast┘
 //! ```
 //!
 //! The two arrangements hold the state (see [`crate::state`]); the interest operator reads
-//! their batches, keeps the feature cache and the holders index beside them, and emits each
-//! changed user's final value per epoch; the writer stores each complete epoch and releases
-//! its time only once it is durable, so the probe after it tells the driver which epochs' input
-//! offsets may be committed.
+//! their batches, keeps the feature cache and the holders index beside them, and maintains the
+//! interest collection, each user's output as a domain value, updated per epoch for the users
+//! whose output changed; the sink's stages encode its new values and store each complete epoch,
+//! releasing its time only once it is durable, so the probe after it tells the driver which
+//! epochs' input offsets may be committed.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use differential_dataflow::VecCollection;
 use timely::dataflow::Stream;
 
 use crate::interest::{interest_profiles, InterestParams};
-use crate::model::{FeatureEvent, ProfileEvent};
-use crate::output::{write_epochs, EpochWriter, PlainWrites, WriterThread};
+use crate::model::{FeatureEvent, ProfileEvent, UserInterest};
+use crate::output::{encode_outputs, write_epochs, EpochWriter, PlainWrites, WriterThread};
 use crate::state::features::{arrange_features, feature_changes};
 use crate::state::items::ItemTable;
 use crate::state::profiles::arrange_profiles;
@@ -37,10 +39,27 @@ pub struct WriterSetup<W> {
     pub epoch_ms: Option<u64>,
 }
 
+/// What [`build`] returns to its driver.
+pub struct Built<'scope> {
+    /// The interest collection: every local user's current output, as (user's value, epoch,
+    /// ±1) updates. Other operators of the dataflow may read it; the sink's stages do.
+    pub interests: VecCollection<'scope, u64, UserInterest, isize>,
+    /// The number of each epoch written, once it is durable on this worker, for a probe.
+    pub written: Stream<'scope, u64, Vec<u64>>,
+    /// The writer's thread, which the driver joins when it stops.
+    pub writer_thread: WriterThread,
+}
+
+impl std::fmt::Debug for Built<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("writer_thread", &self.writer_thread)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Builds the dataflow on the three input streams: profile events, feature events, and each
 /// worker's index at the epoch it caught up with the read marks (see [`crate::catch_up`]).
-/// Returns the number of each epoch written, once it is durable on this worker, for a probe,
-/// and the writer's thread, which the driver joins when it stops.
 pub fn build<'scope, W: EpochWriter>(
     profile_events: Stream<'scope, u64, Vec<ProfileEvent>>,
     feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
@@ -48,7 +67,7 @@ pub fn build<'scope, W: EpochWriter>(
     params: InterestParams,
     writer: WriterSetup<W>,
     stats: Rc<RefCell<StatsBoard>>,
-) -> (Stream<'scope, u64, Vec<u64>>, WriterThread) {
+) -> Built<'scope> {
     // The item table is shared by the profile upsert, which interns each history's items,
     // and the interest operator, which keeps its feature cache: both run on this worker's
     // thread.
@@ -58,15 +77,20 @@ pub fn build<'scope, W: EpochWriter>(
     let profiles = arrange_profiles(profile_events, items.clone(), users.clone(), stats.clone());
     let features = arrange_features(feature_events);
     let changes = feature_changes(&features);
-    let outputs = interest_profiles(&profiles, changes, items, users, params);
+    let interests = interest_profiles(&profiles, changes, items, users, params);
     // The handles returned with the arrangements are dropped here, so that they hold no
     // compaction back; an operator that reads a trace keeps a handle of its own.
-    write_epochs(
-        outputs,
+    let (written, writer_thread) = write_epochs(
+        encode_outputs(interests.clone()),
         caught_up,
         writer.plain_writes,
         writer.epoch_ms,
         writer.writer,
         stats,
-    )
+    );
+    Built {
+        interests,
+        written,
+        writer_thread,
+    }
 }

@@ -1,14 +1,20 @@
-//! The interest operator: reads the profile and features arrangements' batches and emits, per
-//! epoch, the new output of every local user whose profile or interest vector changed in it
-//! (semantics §5).
+//! The interest operator: reads the profile and features arrangements' batches and maintains
+//! the interest collection, each local user's output (semantics §5, §6) as a differential
+//! collection of [`UserInterest`] values: at each epoch, for every user whose profile or
+//! interest vector changed in it, a retraction of the user's old value and the new value.
 //!
 //! Once both arrangements have passed an epoch, the operator applies the epoch's feature
-//! changes to the dense feature cache and collects the holders of each changed item (through
-//! the holders index); then, for each user in the epoch's profile batch, it computes the new
-//! profile's vector from the cache (O(history)) and emits it; last, it recomputes each holder
-//! of a changed item whose profile did not change, reading its profile as of the epoch from
-//! the profile arrangement's trace, and emits those whose output moved. A user's output is
-//! final when emitted: one per user and epoch, so the writer needs no consolidation.
+//! changes to the dense feature cache and collects the holders of each changed item (through the holders index); then, for each user
+//! in the epoch's profile batch, it retracts the old profile's value and inserts the new
+//! profile's, each vector computed from the cache (O(history)); last, it recomputes each holder
+//! of a changed item whose profile did not change, reading its profile as of the epoch from the
+//! profile arrangement's trace, and updates those whose output moved. The collection is
+//! consolidated per epoch: one retraction and one insertion per changed user, none for a user
+//! whose output did not change.
+//!
+//! The old value's vector comes from the output table (`state/outputs.rs`), which keeps each
+//! user's last vector: 128 bytes a user at D = 32, 47 MB at full scale, against recomputing it
+//! (the old history's 50 feature rows, as they were before the epoch) for every changed user.
 //!
 //! The profiles are applied a slice of [`PROFILES_PER_ACTIVATION`] users at a time, and the
 //! operator yields between slices, so that the writer stores one slice while the next is
@@ -29,20 +35,22 @@ use std::rc::Rc;
 
 use differential_dataflow::operators::arrange::Arranged;
 use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
+use differential_dataflow::{AsCollection, VecCollection};
+use smol_str::SmolStr;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
-use crate::model::EncodedProfile;
+use crate::model::{IdList, UserInterest};
 use crate::pending::PendingEpochs;
 use crate::state::features::FeatureChange;
 use crate::state::holders::HoldersIndex;
 use crate::state::items::{ItemIndex, ItemTable};
+use crate::state::outputs::OutputTable;
 use crate::state::profiles::{ProfileState, ProfileTrace};
 use crate::state::users::{UserIndex, UserTable};
-use crate::upsert::{value_as_of, Prior, UpsertBatch};
-use sink::ProfileRecord;
+use crate::upsert::{retracted_and_inserted, Prior, UpsertBatch};
 
 /// The parameters of the interest vector.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,103 +89,113 @@ struct InProgress {
     deleted: Vec<ItemIndex>,
 }
 
+/// One update of the interest collection: a user's value, the epoch, +1 or -1.
+type InterestUpdate = (UserInterest, u64, isize);
+
 /// What the operator keeps on one worker besides the shared item table.
 struct InterestState {
     params: InterestParams,
     items: Rc<RefCell<ItemTable>>,
     users: Rc<RefCell<UserTable>>,
+    /// Each user's last vector, for the retraction of its value.
+    outputs: OutputTable,
     holders: HoldersIndex,
     /// A handle to the profile trace, for the profiles of holders: it holds compaction back to
     /// the epoch the operator reads.
     profiles: ProfileTrace,
 }
 
-/// Builds the interest operator on the two arrangements; at each epoch, the result holds the
-/// new output of exactly the users whose profile or interest vector changed in that epoch,
-/// once each, encoded as its Redis value (semantics §6).
+/// Builds the interest operator on the two arrangements: the interest collection, each local
+/// user's current output, updated at each epoch for exactly the users whose profile or interest
+/// vector changed in it.
 pub fn interest_profiles<'scope>(
     profiles: &Arranged<'scope, ProfileTrace>,
     features: Stream<'scope, u64, Vec<FeatureChange>>,
     items: Rc<RefCell<ItemTable>>,
     users: Rc<RefCell<UserTable>>,
     params: InterestParams,
-) -> Stream<'scope, u64, Vec<EncodedProfile>> {
+) -> VecCollection<'scope, u64, UserInterest, isize> {
     let scope = profiles.stream.scope();
     let trace = profiles.trace.clone();
-    profiles.stream.clone().binary_frontier(
-        features,
-        Pipeline,
-        Pipeline,
-        "Interest",
-        move |_capability, info| {
-            let activator = scope.activator_for(info.address.clone());
-            let mut state = InterestState {
-                params,
-                items,
-                users,
-                holders: HoldersIndex::default(),
-                profiles: trace,
-            };
-            let mut pending = PendingEpochs::<Arrived>::default();
-            let mut in_progress: Option<InProgress> = None;
-            move |(profiles, profiles_frontier), (features, features_frontier), output| {
-                profiles.for_each(|capability, data| {
-                    if let Some(capability) = capability.retain_least(0) {
-                        let batches = data.drain(..).filter_map(|span| span.inner);
-                        pending
-                            .at(*capability.time(), || capability)
-                            .extend(batches.map(Arrived::Profiles));
-                    }
-                });
-                features.for_each(|capability, data| {
-                    if let Some(capability) = capability.retain_least(0) {
-                        pending
-                            .at(*capability.time(), || capability)
-                            .extend(data.drain(..).map(Arrived::Features));
-                    }
-                });
-                // An epoch is complete once neither input can bring more of it.
-                let mut frontier = Antichain::new();
-                for time in profiles_frontier
-                    .frontier()
-                    .iter()
-                    .chain(features_frontier.frontier().iter())
-                {
-                    frontier.insert(*time);
-                }
-                let mut budget = PROFILES_PER_ACTIVATION;
-                loop {
-                    let current = match &mut in_progress {
-                        Some(current) => current,
-                        None => {
-                            let Some((capability, arrived)) =
-                                pending.take_complete(frontier.borrow())
-                            else {
-                                break;
-                            };
-                            in_progress.insert(state.begin(capability, arrived))
+    profiles
+        .stream
+        .clone()
+        .binary_frontier(
+            features,
+            Pipeline,
+            Pipeline,
+            "Interest",
+            move |_capability, info| {
+                let activator = scope.activator_for(info.address.clone());
+                let mut state = InterestState {
+                    params,
+                    items,
+                    users,
+                    outputs: OutputTable::new(params.dim),
+                    holders: HoldersIndex::default(),
+                    profiles: trace,
+                };
+                let mut pending = PendingEpochs::<Arrived>::default();
+                let mut in_progress: Option<InProgress> = None;
+                move |(profiles, profiles_frontier), (features, features_frontier), output| {
+                    profiles.for_each(|capability, data| {
+                        if let Some(capability) = capability.retain_least(0) {
+                            let batches = data.drain(..).filter_map(|span| span.inner);
+                            pending
+                                .at(*capability.time(), || capability)
+                                .extend(batches.map(Arrived::Profiles));
                         }
-                    };
-                    let capability = current.capability.clone();
-                    let mut session = output.session(&capability);
-                    let done =
-                        state.apply_profiles(current, &mut budget, |output| session.give(output));
-                    if done {
-                        if let Some(finished) = in_progress.take() {
-                            state.finish(finished, |output| session.give(output));
+                    });
+                    features.for_each(|capability, data| {
+                        if let Some(capability) = capability.retain_least(0) {
+                            pending
+                                .at(*capability.time(), || capability)
+                                .extend(data.drain(..).map(Arrived::Features));
+                        }
+                    });
+                    // An epoch is complete once neither input can bring more of it.
+                    let mut frontier = Antichain::new();
+                    for time in profiles_frontier
+                        .frontier()
+                        .iter()
+                        .chain(features_frontier.frontier().iter())
+                    {
+                        frontier.insert(*time);
+                    }
+                    let mut budget = PROFILES_PER_ACTIVATION;
+                    loop {
+                        let current = match &mut in_progress {
+                            Some(current) => current,
+                            None => {
+                                let Some((capability, arrived)) =
+                                    pending.take_complete(frontier.borrow())
+                                else {
+                                    break;
+                                };
+                                in_progress.insert(state.begin(capability, arrived))
+                            }
+                        };
+                        let capability = current.capability.clone();
+                        let mut session = output.session(&capability);
+                        let done = state
+                            .apply_profiles(current, &mut budget, |update| session.give(update));
+                        if done {
+                            if let Some(finished) = in_progress.take() {
+                                state.finish(finished, |update| session.give(update));
+                            }
+                        }
+                        drop(session);
+                        if budget == 0 {
+                            // The rest next time: meanwhile the writer gets this slice and the
+                            // worker reads Kafka.
+                            activator.activate();
+                            break;
                         }
                     }
-                    drop(session);
-                    if budget == 0 {
-                        // The rest next time: meanwhile the writer gets this slice and the
-                        // worker reads Kafka.
-                        activator.activate();
-                        break;
-                    }
                 }
-            }
-        },
-    )
+            },
+        )
+        .as_collection()
 }
 
 impl InterestState {
@@ -221,13 +239,13 @@ impl InterestState {
         work
     }
 
-    /// Applies up to `budget` of the epoch's profiles, emitting each changed user's output, and
+    /// Applies up to `budget` of the epoch's profiles, updating each changed user's output, and
     /// takes what it applied from the budget. Returns whether every profile is applied.
     fn apply_profiles(
         &mut self,
         work: &mut InProgress,
         budget: &mut usize,
-        mut emit: impl FnMut(EncodedProfile),
+        mut emit: impl FnMut(InterestUpdate),
     ) -> bool {
         let epoch = *work.capability.time();
         let items = self.items.borrow();
@@ -240,12 +258,18 @@ impl InterestState {
                 }
                 *budget -= 1;
                 // A profile is never deleted: every changed user has a new value.
-                if let Some(profile) = value_as_of(cursor, batch, epoch) {
+                if let (old, Some(profile)) = retracted_and_inserted(cursor, batch) {
                     let version = users.new_version(user);
                     self.holders.join(user, version, &profile.history);
-                    let vector = interest_vector(&items, &profile.history, self.params);
-                    users.set_output(user, fingerprint(&vector));
-                    encode(&items, users.id(user), profile, &vector, epoch, &mut emit);
+                    let user_id = SmolStr::new(users.id(user));
+                    // The old profile's value was recorded when it was inserted.
+                    if let Some((old, vector)) = old.zip(self.outputs.get(user)) {
+                        emit((user_interest(&items, &user_id, old, vector), epoch, -1));
+                    }
+                    let new = interest_vector(&items, &profile.history, self.params);
+                    self.outputs.set(user, &new.vector, new.known_items);
+                    let vector = (&new.vector[..], new.known_items);
+                    emit((user_interest(&items, &user_id, profile, vector), epoch, 1));
                     work.changed.push(user);
                     if self.holders.is_full() {
                         self.holders.apply(&users);
@@ -260,9 +284,9 @@ impl InterestState {
     }
 
     /// Ends the epoch: every holder of an item whose features changed, and whose profile did
-    /// not (it was emitted already), is emitted if its vector or known items changed. Then the
+    /// not (it was updated already), is updated if its vector or known items changed. Then the
     /// holders lists take the epoch's joins, and items nothing needs any more are released.
-    fn finish(&mut self, work: InProgress, mut emit: impl FnMut(EncodedProfile)) {
+    fn finish(&mut self, work: InProgress, mut emit: impl FnMut(InterestUpdate)) {
         let epoch = *work.capability.time();
         let InProgress {
             mut changed,
@@ -274,7 +298,7 @@ impl InterestState {
         recompute.sort_unstable();
         recompute.dedup();
         recompute.retain(|user| changed.binary_search(user).is_err());
-        let mut users = self.users.borrow_mut();
+        let users = self.users.borrow();
         if !recompute.is_empty() {
             #[allow(clippy::expect_used)]
             let batches = self
@@ -288,10 +312,18 @@ impl InterestState {
                 let Some(profile) = prior.get(user, epoch) else {
                     continue;
                 };
-                let vector = interest_vector(&items, &profile.history, self.params);
-                if users.set_output(user, fingerprint(&vector)) {
-                    encode(&items, users.id(user), &profile, &vector, epoch, &mut emit);
+                let new = interest_vector(&items, &profile.history, self.params);
+                let old = self.outputs.get(user);
+                if old.is_some_and(|old| same_output(old, &new)) {
+                    continue;
                 }
+                let user_id = SmolStr::new(users.id(user));
+                if let Some(old) = old {
+                    emit((user_interest(&items, &user_id, &profile, old), epoch, -1));
+                }
+                self.outputs.set(user, &new.vector, new.known_items);
+                let vector = (&new.vector[..], new.known_items);
+                emit((user_interest(&items, &user_id, &profile, vector), epoch, 1));
             }
         }
         self.holders.apply(&users);
@@ -326,39 +358,28 @@ fn interest_vector(
     )
 }
 
-/// Encodes a user's value of `epoch` (semantics §6) for `emit`.
-fn encode(
-    items: &ItemTable,
-    user_id: &str,
-    profile: &ProfileState,
-    vector: &profile::InterestVector,
-    epoch: u64,
-    emit: &mut impl FnMut(EncodedProfile),
-) {
-    let history: Vec<&str> = profile.history.iter().map(|&item| items.id(item)).collect();
-    let record = ProfileRecord {
-        user_id,
-        timestamp: profile.timestamp,
-        history_items: &history,
-        interest_vector: &vector.vector,
-        known_items: vector.known_items,
-        epoch,
-    };
-    match EncodedProfile::encode(&record) {
-        Ok(encoded) => emit(encoded),
-        // Unreachable in practice: the source refuses timestamps above 2^53 (semantics §2)
-        // and epochs are Unix milliseconds. Logged rather than a panic, like any bad input.
-        Err(error) => tracing::error!(%error, epoch, "profile not written"),
-    }
+/// Whether a new vector of a history makes the same output as the recorded one: the same bits
+/// and known items.
+fn same_output((vector, known_items): (&[f32], u32), new: &profile::InterestVector) -> bool {
+    known_items == new.known_items
+        && vector
+            .iter()
+            .map(|x| x.to_bits())
+            .eq(new.vector.iter().map(|x| x.to_bits()))
 }
 
-/// A 64-bit hash of an interest vector's bits and known items: two outputs of one history that
-/// fingerprint alike are taken as equal (the odds of a collision are 2^-64).
-fn fingerprint(vector: &profile::InterestVector) -> u64 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(&vector.known_items.to_le_bytes());
-    for x in &vector.vector {
-        hasher.update(&x.to_bits().to_le_bytes());
+/// The user's output for `profile` and its vector and known items.
+fn user_interest(
+    items: &ItemTable,
+    user_id: &SmolStr,
+    profile: &ProfileState,
+    (vector, known_items): (&[f32], u32),
+) -> UserInterest {
+    UserInterest {
+        user_id: user_id.clone(),
+        timestamp: profile.timestamp,
+        history_items: IdList::from_ids(profile.history.iter().map(|&item| items.id(item))),
+        interest_vector: vector.to_vec(),
+        known_items,
     }
-    hasher.digest()
 }

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::epoch::Epoch;
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
-use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition};
+use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent, ReadPosition, UserInterest};
 
 use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterThread, Written};
 use sink::WriteMode;
@@ -30,11 +30,12 @@ pub struct EpochInput {
     pub features: Vec<FeatureEvent>,
 }
 
-/// What a run produced: per epoch, the final values of the changed users (sorted by user) and
-/// the counters summed over workers.
+/// What a run produced: per epoch, the final values of the changed users (sorted by user), the
+/// interest collection's updates (sorted), and the counters summed over workers.
 #[derive(Debug, Default)]
 pub struct MemoryRun {
     pub outputs: BTreeMap<u64, Vec<EncodedProfile>>,
+    pub interests: BTreeMap<u64, Vec<(UserInterest, isize)>>,
     pub counters: BTreeMap<u64, EpochCounters>,
 }
 
@@ -159,6 +160,7 @@ pub fn run_in_memory_with(
 ) -> Result<TimedRun, String> {
     let workers = workers.max(1);
     let outputs: Shared<BTreeMap<u64, Vec<EncodedProfile>>> = Arc::default();
+    let interests: Shared<BTreeMap<u64, Vec<(UserInterest, isize)>>> = Arc::default();
     let counters: Shared<BTreeMap<u64, EpochCounters>> = Arc::default();
     let times: Shared<(Duration, BTreeMap<u64, Duration>)> = Arc::default();
     let shares: Arc<Vec<Mutex<Option<Share>>>> = Arc::new(
@@ -168,6 +170,7 @@ pub fn run_in_memory_with(
             .collect(),
     );
     let keep = options.keep_outputs.then(|| outputs.clone());
+    let keep_interests = options.keep_outputs.then(|| interests.clone());
     let (counters_in, times_in) = (counters.clone(), times.clone());
     // Set by a worker whose writer thread ended early, so that the others stop waiting too.
     let writer_stopped = Arc::new(AtomicBool::new(false));
@@ -182,7 +185,7 @@ pub fn run_in_memory_with(
             let writer = CaptureWriter(keep.clone());
             // Nothing to catch up with in memory, and the capture ignores how it would write.
             let caught_up = timely::dataflow::operators::generic::operator::empty(scope);
-            let (written, writer_thread) = crate::graph::build(
+            let built = crate::graph::build(
                 profile_input.to_stream(scope),
                 feature_input.to_stream(scope),
                 caught_up,
@@ -194,8 +197,23 @@ pub fn run_in_memory_with(
                 },
                 board.clone(),
             );
-            written.probe_with(&probe);
-            writer_thread
+            if let Some(interests) = keep_interests.clone() {
+                built.interests.inner.inspect_core(move |event| {
+                    if let Ok((_, updates)) = event {
+                        let mut interests = interests
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                        for (value, epoch, diff) in updates {
+                            interests
+                                .entry(*epoch)
+                                .or_default()
+                                .push((value.clone(), *diff));
+                        }
+                    }
+                });
+            }
+            built.written.probe_with(&probe);
+            built.writer_thread
         });
         let waiting = Waiting {
             probe: &probe,
@@ -298,10 +316,18 @@ pub fn run_in_memory_with(
     for profiles in outputs.values_mut() {
         profiles.sort_by(|a, b| a.user_id().cmp(b.user_id()));
     }
+    let mut interests = std::mem::take(&mut *interests.lock().map_err(|e| e.to_string())?);
+    for updates in interests.values_mut() {
+        updates.sort();
+    }
     let counters = std::mem::take(&mut *counters.lock().map_err(|e| e.to_string())?);
     let (elapsed, epoch_times) = std::mem::take(&mut *times.lock().map_err(|e| e.to_string())?);
     Ok(TimedRun {
-        run: MemoryRun { outputs, counters },
+        run: MemoryRun {
+            outputs,
+            interests,
+            counters,
+        },
         elapsed,
         epoch_times,
     })

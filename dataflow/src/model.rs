@@ -1,13 +1,15 @@
 //! The records that flow through the dataflow. Everything here is plain ordered data: floats are
-//! carried as bit patterns, so that records can be compared and sorted, and they never appear in
-//! a key.
+//! compared by their bit patterns, so that records can be compared and sorted, and they never
+//! appear in a key.
 
-/// What the dataflow emits for each changed user and epoch: its final value, already encoded as
-/// the Redis value of semantics §6 (user id, JSON, and the timestamp and epoch the write script
-/// compares).
+/// A user's value as the sink stores it: a [`UserInterest`] encoded as the Redis value of
+/// semantics §6 (user id, JSON, and the timestamp and epoch the write script compares).
 pub use sink::EncodedProfile;
 
+use std::cmp::Ordering;
+
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 /// An id (user or item) as the dataflow keys it: the 128-bit xxh3 hash of its bytes. Fixed-size
 /// keys hash and compare in a few instructions where strings would chase pointers; each string
@@ -62,6 +64,20 @@ impl IdList {
         list
     }
 
+    /// The list of the ids `ids` yields, in their order: [`IdList::new`] without a slice to
+    /// hold them first. The ids are gone over twice, once to size the buffer.
+    pub fn from_ids<'a>(ids: impl ExactSizeIterator<Item = &'a str> + Clone) -> Self {
+        let mut list = IdList {
+            text: String::with_capacity(ids.clone().map(str::len).sum()),
+            ends: Vec::with_capacity(ids.len()),
+        };
+        for id in ids {
+            list.text.push_str(id);
+            list.ends.push(list.text.len() as u32);
+        }
+        list
+    }
+
     /// The ids, in order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + '_ {
         (0..self.ends.len()).map(|i| {
@@ -86,6 +102,61 @@ impl IdList {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
+    }
+}
+
+/// A user's output (semantics §6) as the dataflow computes it: the data of the interest
+/// collection, in which each epoch retracts the old value of every user whose output changed and
+/// inserts the new one. The epoch is the update's time, not part of the value; encoding it for
+/// Redis is the sink's stage.
+#[derive(Clone, Debug)]
+pub struct UserInterest {
+    pub user_id: SmolStr,
+    /// The timestamp of the message that set the profile.
+    pub timestamp: u64,
+    /// The kept history, oldest first.
+    pub history_items: IdList,
+    /// Compared by bit pattern (see the `Ord` below): the dataflow's outputs are the same bits
+    /// on any number of workers, so equality means the same bits.
+    pub interest_vector: Vec<f32>,
+    /// How many history items had features.
+    pub known_items: u32,
+}
+
+impl UserInterest {
+    /// Everything but the vector, then the vector's bits: a total order, so that the values are
+    /// differential data that can be consolidated.
+    fn ordered(&self) -> (&str, u64, &IdList, u32, impl Iterator<Item = u32> + '_) {
+        (
+            &self.user_id,
+            self.timestamp,
+            &self.history_items,
+            self.known_items,
+            self.interest_vector.iter().map(|x| x.to_bits()),
+        )
+    }
+}
+
+impl PartialEq for UserInterest {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for UserInterest {}
+
+impl PartialOrd for UserInterest {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for UserInterest {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (a, b) = (self.ordered(), other.ordered());
+        (a.0, a.1, a.2, a.3)
+            .cmp(&(b.0, b.1, b.2, b.3))
+            .then_with(|| a.4.cmp(b.4))
     }
 }
 

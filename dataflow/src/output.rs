@@ -27,14 +27,15 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sink::WriteMode;
+use differential_dataflow::VecCollection;
+use sink::{ProfileRecord, WriteMode};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
 use crate::epoch::{Epoch, EpochTally};
-use crate::model::EncodedProfile;
+use crate::model::{EncodedProfile, UserInterest};
 use crate::stats::StatsBoard;
 
 /// Writes the final values of an epoch somewhere durable.
@@ -169,6 +170,55 @@ pub enum PlainWrites {
     /// For epochs after the one at which the last of `workers` workers caught up (each sends
     /// its index once on the caught-up stream, at that epoch).
     OnceCaughtUp { workers: usize },
+}
+
+/// The sink's first stage: encodes the interest collection's new values as their Redis values
+/// (semantics §6), at their epoch. Retractions are dropped: Redis holds one value per user, and
+/// the epoch that retracts a user's value inserts its new one, which replaces it.
+///
+/// Encoding runs here, on the worker, rather than on the writer thread: the one writer thread
+/// of a worker is its bottleneck already (see docs/performance.md).
+pub fn encode_outputs<'scope>(
+    interests: VecCollection<'scope, u64, UserInterest, isize>,
+) -> Stream<'scope, u64, Vec<EncodedProfile>> {
+    interests
+        .inner
+        .unary(Pipeline, "EncodeOutputs", |_capability, _info| {
+            move |input, output| {
+                input.for_each(|capability, updates| {
+                    let Some(capability) = capability.retain_least(0) else {
+                        return;
+                    };
+                    let mut encoded = Vec::with_capacity(updates.len() / 2 + 1);
+                    let mut history: Vec<&str> = Vec::new();
+                    for (value, epoch, diff) in updates.iter() {
+                        if *diff <= 0 {
+                            continue;
+                        }
+                        history.clear();
+                        history.extend(value.history_items.iter());
+                        let record = ProfileRecord {
+                            user_id: &value.user_id,
+                            timestamp: value.timestamp,
+                            history_items: &history,
+                            interest_vector: &value.interest_vector,
+                            known_items: value.known_items,
+                            epoch: *epoch,
+                        };
+                        match EncodedProfile::encode(&record) {
+                            Ok(value) => encoded.push(value),
+                            // Unreachable in practice: the source refuses timestamps above 2^53
+                            // (semantics §2) and epochs are Unix milliseconds. Logged rather
+                            // than a panic, like any bad input.
+                            Err(error) => {
+                                tracing::error!(%error, epoch, user_id = %value.user_id, "profile not written")
+                            }
+                        }
+                    }
+                    output.session(&capability).give_container(&mut encoded);
+                });
+            }
+        })
 }
 
 /// Writes each complete epoch of `outputs`, the final values of the users that changed in it.
@@ -362,7 +412,7 @@ mod tests {
 
     use std::time::{Duration, Instant};
 
-    use sink::{ProfileRecord, SinkError};
+    use sink::SinkError;
     use timely::dataflow::operators::Probe;
     use timely::dataflow::{InputHandle, ProbeHandle};
 

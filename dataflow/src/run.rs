@@ -307,7 +307,7 @@ fn worker_loop(
     let probe = ProbeHandle::new();
     let dataflow = worker.next_dataflow_index();
     let writer_thread = worker.dataflow::<u64, _, _>(|scope| {
-        let (written, writer_thread) = crate::graph::build(
+        let built = crate::graph::build(
             profile_input.to_stream(scope),
             feature_input.to_stream(scope),
             caught_up_input.to_stream(scope),
@@ -319,9 +319,9 @@ fn worker_loop(
             },
             board.clone(),
         );
-        written.probe_with(&probe);
+        built.written.probe_with(&probe);
         report_epochs(stats_input.to_stream(scope), config, summary.clone());
-        writer_thread
+        built.writer_thread
     });
     // Whether this worker's writer, or another worker's, stopped for good.
     let writing_stopped = |writer_thread: &WriterThread| {

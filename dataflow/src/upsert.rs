@@ -103,6 +103,31 @@ where
     current
 }
 
+/// What one batch of an upsert arrangement does to the cursor's key: the value it retracts and
+/// the value it inserts (each `None` if it has none: a new key, a deleted key), with the cursor
+/// left past the key's values. Every update of a batch counts, whatever its time.
+pub fn retracted_and_inserted<'a, C, V: 'a>(
+    cursor: &mut C,
+    storage: &'a C::Storage,
+) -> (Option<&'a V>, Option<&'a V>)
+where
+    C: for<'b> Cursor<Val<'b> = &'b V, TimeGat<'b> = &'b u64, DiffGat<'b> = &'b isize>,
+{
+    let (mut retracted, mut inserted) = (None, None);
+    while let Some(value) = cursor.get_val(storage) {
+        let mut count = 0;
+        cursor.map_times(storage, |_, &diff| count += diff);
+        debug_assert!((-1..=1).contains(&count), "count {count}");
+        match count {
+            ..0 => retracted = Some(value),
+            1.. => inserted = Some(value),
+            0 => {}
+        }
+        cursor.step_val(storage);
+    }
+    (retracted, inserted)
+}
+
 impl<K: Ord + Clone + 'static, V: Ord + Clone + 'static> std::fmt::Debug for Prior<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Prior")

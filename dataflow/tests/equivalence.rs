@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use dataflow::interest::InterestParams;
 use dataflow::memory::{run_in_memory, EpochInput, MemoryRun};
-use dataflow::model::{EncodedProfile, FeatureEvent, FeatureVector, ProfileEvent, ReadPosition};
+use dataflow::model::{
+    EncodedProfile, FeatureEvent, FeatureVector, ProfileEvent, ReadPosition, UserInterest,
+};
 use dataflow::reference::{vectors_agree, Reference, ReferenceProfile};
 use profile::ProfileMessage;
 use rand::{Rng, SeedableRng};
@@ -215,6 +217,65 @@ fn assert_matches_reference(seed: u64, scenario: &Scenario, run: &MemoryRun) {
     );
 }
 
+/// The interest collection, accumulated epoch by epoch, holds after each epoch exactly one
+/// value per user with an output, the reference's current one; each epoch's updates are
+/// consolidated (a value once, with +1 or -1). A retraction that is not bit for bit the value
+/// inserted before would be left over here.
+fn assert_collection_matches_reference(seed: u64, scenario: &Scenario, run: &MemoryRun) {
+    let mut reference = Reference::new(MAX_HISTORY, DECAY, DIM);
+    for (item, features, _) in &scenario.initial {
+        reference.set_features(item, features.clone());
+    }
+    let mut expected: BTreeMap<String, ReferenceProfile> = BTreeMap::new();
+    let mut accumulated: BTreeMap<UserInterest, isize> = BTreeMap::new();
+    for (i, (messages, updates)) in scenario.epochs.iter().enumerate() {
+        let epoch = i as u64 + 1;
+        for profile in reference.apply_epoch(epoch, messages, updates).changed {
+            expected.insert(profile.user_id.clone(), profile);
+        }
+        let changes = run
+            .interests
+            .get(&epoch)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        assert!(
+            changes.windows(2).all(|pair| pair[0].0 != pair[1].0)
+                && changes.iter().all(|(_, diff)| diff.abs() == 1),
+            "seed {seed} epoch {epoch}: updates not consolidated"
+        );
+        for (value, diff) in changes {
+            *accumulated.entry(value.clone()).or_default() += diff;
+        }
+        accumulated.retain(|_, count| *count != 0);
+        assert!(
+            accumulated.values().all(|&count| count == 1),
+            "seed {seed} epoch {epoch}: a value retracted that was never inserted, or twice"
+        );
+        let users: Vec<&str> = accumulated.keys().map(|v| v.user_id.as_str()).collect();
+        let expected_users: Vec<&str> = expected.keys().map(String::as_str).collect();
+        assert_eq!(users, expected_users, "seed {seed} epoch {epoch}: users");
+        for (value, want) in accumulated.keys().zip(expected.values()) {
+            let context = format!("seed {seed} epoch {epoch} user {}", value.user_id);
+            let history: Vec<&str> = value.history_items.iter().collect();
+            assert_eq!(
+                (value.timestamp, history, value.known_items),
+                (
+                    want.timestamp,
+                    want.history_items.iter().map(String::as_str).collect(),
+                    want.known_items
+                ),
+                "{context}"
+            );
+            assert!(
+                vectors_agree(&value.interest_vector, &want.interest_vector),
+                "{context}: vector {:?} against {:?}",
+                value.interest_vector,
+                want.interest_vector
+            );
+        }
+    }
+}
+
 #[test]
 fn matches_the_sequential_contract_on_1_2_and_4_workers() {
     let mut changed_total = 0;
@@ -222,6 +283,7 @@ fn matches_the_sequential_contract_on_1_2_and_4_workers() {
         let scenario = scenario(seed, 30, 15, 8, 25);
         let single = run(&scenario, 1);
         assert_matches_reference(seed, &scenario, &single);
+        assert_collection_matches_reference(seed, &scenario, &single);
         changed_total += single.outputs.values().map(Vec::len).sum::<usize>();
         for workers in [2, 4] {
             let multi = run(&scenario, workers);
@@ -230,6 +292,11 @@ fn matches_the_sequential_contract_on_1_2_and_4_workers() {
                 non_empty(&multi.outputs),
                 non_empty(&single.outputs),
                 "seed {seed}: -w {workers} differs from -w 1"
+            );
+            // Bit for bit: `UserInterest` compares vectors by their bits.
+            assert_eq!(
+                multi.interests, single.interests,
+                "seed {seed}: -w {workers}'s interest collection differs from -w 1's"
             );
         }
     }
@@ -249,8 +316,10 @@ fn epochs_larger_than_a_slice_match_the_contract() {
         assert!(largest > Some(5_000), "seed {seed}: epochs too small");
         let single = run(&scenario, 1);
         assert_matches_reference(seed, &scenario, &single);
+        assert_collection_matches_reference(seed, &scenario, &single);
         let multi = run(&scenario, 2);
         assert_matches_reference(seed, &scenario, &multi);
+        assert_collection_matches_reference(seed, &scenario, &multi);
     }
 }
 

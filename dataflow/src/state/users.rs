@@ -1,6 +1,6 @@
 //! What a worker keeps of each local user beside the profile arrangement: a dense 4-byte index
-//! (the profile arrangement's key and the holders lists' entries), the user's id, the version of its history, and a fingerprint of its last
-//! output. The profile itself (timestamp, history) lives in the arrangement.
+//! (the profile arrangement's key and the holders lists' entries), the user's id and the
+//! version of its history. The profile itself (timestamp, history) lives in the arrangement.
 //!
 //! The profile upsert and the interest operator share the table (they run on the same worker
 //! thread): the upsert adds each new user with its id, the interest operator keeps the rest.
@@ -26,9 +26,6 @@ pub struct UserTable {
     id_ends: Vec<usize>,
     /// The version of each user's history (see [`Holder`]).
     versions: Vec<u32>,
-    /// A fingerprint of each user's last output: its vector's bits and known items, so that a
-    /// recomputation that changes nothing emits nothing, without keeping the vector itself.
-    outputs: Vec<u64>,
 }
 
 impl UserTable {
@@ -47,7 +44,6 @@ impl UserTable {
         self.ids.push_str(id);
         self.id_ends.push(self.ids.len());
         self.versions.push(0);
-        self.outputs.push(0);
         user
     }
 
@@ -70,11 +66,5 @@ impl UserTable {
     /// time in 256, a stale one that passes for current; see [`Holder`]).
     pub fn is_current(&self, holder: Holder) -> bool {
         self.versions[holder.user() as usize] % (1 << TAG_BITS) == holder.tag()
-    }
-
-    /// Records the fingerprint of the user's new output; returns whether it differs from the
-    /// last one.
-    pub fn set_output(&mut self, user: UserIndex, fingerprint: u64) -> bool {
-        std::mem::replace(&mut self.outputs[user as usize], fingerprint) != fingerprint
     }
 }
