@@ -420,6 +420,11 @@ fn worker_loop(
             profile_input.advance_to(epoch.time());
             feature_input.advance_to(epoch.time());
             caught_up_input.advance_to(epoch.time());
+            // Also on the clock, not only when an epoch completes: while none does (Redis
+            // down, a long epoch), the lag and the messages read are what an operator needs.
+            if let Some(metrics) = &mut worker_metrics {
+                record_metrics(metrics, &mut source, &mut board.borrow_mut());
+            }
         }
         if stopping {
             break;
@@ -643,8 +648,9 @@ fn finish_epochs(
     }
 }
 
-/// Adds what this worker counted since the last completed epoch to the metrics: messages read,
-/// invalid and stale by partition, its partitions' lag, and its tables' sizes.
+/// Adds what this worker counted since the last call to the metrics: messages read, invalid and
+/// stale by partition, its partitions' lag, and its tables' sizes. Called once per epoch of the
+/// clock and once per completed epoch, between steps, so that no operator holds the tables.
 fn record_metrics(metrics: &mut WorkerMetrics, source: &mut KafkaSource, board: &mut StatsBoard) {
     source.take_read_counts(|partition, counts| metrics.add_counts(partition, counts));
     board

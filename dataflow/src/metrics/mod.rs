@@ -5,8 +5,8 @@
 //!
 //! Nothing here is touched per message. The source and the profile upsert count per partition
 //! in plain integers of their own thread (see [`PartitionTally`]), and each worker adds those
-//! counts, its partitions' lag and its tables' sizes to the shared atomics once per completed
-//! epoch ([`WorkerMetrics`]); the Redis writer thread adds once per write call, a slice of an
+//! counts, its partitions' lag and its tables' sizes to the shared atomics once per epoch of
+//! its clock and once per completed epoch ([`WorkerMetrics`]); the Redis writer thread adds once per write call, a slice of an
 //! epoch ([`WriterMetrics`]); worker 0's stats reporter counts each epoch and its latency once
 //! every worker has reported it ([`Metrics::epoch_done`]), so with several processes only
 //! process 0 counts epochs.
