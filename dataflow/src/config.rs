@@ -101,6 +101,11 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Serve Prometheus metrics at GET /metrics on this address, e.g. 127.0.0.1:9101 (port 0
+    /// picks a free one, logged as `metrics_addr`). Off by default.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Worker threads per process (timely).
     #[arg(short = 'w', long = "workers", visible_alias = "threads", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,

@@ -10,7 +10,7 @@
 //! [`reference`](mod@reference) is the plain sequential contract it is tested against.
 //! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
 //! start, [`catch_up`] says when values may be written without the no-regression check, and
-//! [`run`] is the worker loop around them all.
+//! [`run`] is the worker loop around them all; [`metrics`] serves what it counts to Prometheus.
 
 pub mod catch_up;
 pub mod config;
@@ -21,6 +21,7 @@ pub mod interest;
 mod key_index;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod output;
 mod pending;

@@ -19,6 +19,7 @@ use crate::epoch::{Epoch, EpochClock, EpochTally};
 use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
+use crate::metrics::{Metrics, MetricsError, MetricsServer, WorkerMetrics, WriterMetrics};
 use crate::model::{EncodedProfile, FeatureEvent};
 use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterError, WriterThread, Written};
 use crate::source::{KafkaSource, Polled, RejectedProfiles, SourceConfig, SourceError};
@@ -36,6 +37,8 @@ pub enum RunError {
     Sink(#[from] sink::SinkError),
     #[error("timely: {0}")]
     Timely(String),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("worker 0 could not take over the topic's profiles in Redis (see its error)")]
     TakeOver,
     /// A newer run of the same topic took over (see `sink::ReadMarks::take_over`): this run
@@ -71,6 +74,8 @@ pub struct Summary {
 struct RedisWriter {
     sink: sink::RedisSink,
     rejected: RejectedProfiles,
+    /// With `--metrics-addr`: writes, retries and their latency.
+    metrics: Option<WriterMetrics>,
 }
 
 impl RedisWriter {
@@ -116,11 +121,19 @@ impl EpochWriter for RedisWriter {
         }
         let epoch = epoch.time();
         self.sink.set_mode(mode);
+        let started = Instant::now();
         loop {
             match self.sink.write_encoded(profiles) {
                 Ok(stats) => {
                     if !stats.rejected.is_empty() {
                         self.set_aside(epoch, profiles, &stats.rejected);
+                    }
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.wrote(
+                            stats.written as u64,
+                            started.elapsed(),
+                            self.sink.metrics().retries(),
+                        );
                     }
                     return Ok(Written {
                         stored: stats.written as u64,
@@ -137,6 +150,9 @@ impl EpochWriter for RedisWriter {
                 // tried again, because an epoch's output is never dropped.
                 Err(error) => {
                     tracing::error!(%error, epoch, "writing an epoch to Redis failed; retrying");
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.retrying();
+                    }
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
@@ -195,6 +211,13 @@ impl InitialFeatures {
 /// it, and returns the totals (complete on the process that hosts worker 0).
 pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunError> {
     let started = Instant::now();
+    // First, so that a port in use fails the run at once, and scrapes work during the load.
+    // The server stops when this returns.
+    let metrics = config.metrics_addr.map(|_| Arc::new(Metrics::new()));
+    let _server = match (config.metrics_addr, &metrics) {
+        (Some(addr), Some(metrics)) => Some(MetricsServer::start(addr, metrics.clone())?),
+        _ => None,
+    };
     let features = load_item_features(&config.item_features)?;
     tracing::info!(
         path = %config.item_features.display(),
@@ -218,7 +241,14 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
             shutdown: &shutdown,
             writer_stopped: &writer_stopped,
         };
-        worker_loop(worker, config, features, stop, &summary_in)
+        worker_loop(
+            worker,
+            config,
+            features,
+            stop,
+            &summary_in,
+            metrics.as_ref(),
+        )
     })
     .map_err(RunError::Timely)?;
     let mut failure: Option<RunError> = None;
@@ -259,6 +289,7 @@ fn worker_loop(
     features: &InitialFeatures,
     stop: Stop<'_>,
     summary: &Arc<Mutex<Summary>>,
+    metrics: Option<&Arc<Metrics>>,
 ) -> Result<(), RunError> {
     let (index, peers) = (worker.index(), worker.peers());
     // Before any worker reads the read marks or opens its sink: older runs must stop writing.
@@ -280,6 +311,9 @@ fn worker_loop(
     };
     let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
     let mut source = KafkaSource::new(source_config, index, peers)?;
+    let mut worker_metrics = metrics.map(|metrics| {
+        WorkerMetrics::new(metrics.clone(), source.topics().clone(), source.assigned())
+    });
     let mut sink_config = sink::SinkConfig::new(config.redis.clone());
     sink_config.max_batch_records = config.redis_batch as usize;
     sink_config.fence = Some(sink::WriterFence {
@@ -289,6 +323,7 @@ fn worker_loop(
     let writer = RedisWriter {
         sink: sink::RedisSink::connect(sink_config)?,
         rejected,
+        metrics: metrics.map(|metrics| metrics.writer()),
     };
 
     // Build inputs, arrange, join, reduce, probe.
@@ -320,7 +355,12 @@ fn worker_loop(
             board.clone(),
         );
         built.written.probe_with(&probe);
-        report_epochs(stats_input.to_stream(scope), config, summary.clone());
+        report_epochs(
+            stats_input.to_stream(scope),
+            config,
+            summary.clone(),
+            metrics.cloned(),
+        );
         built.writer_thread
     });
     // Whether this worker's writer, or another worker's, stopped for good.
@@ -380,6 +420,11 @@ fn worker_loop(
             profile_input.advance_to(epoch.time());
             feature_input.advance_to(epoch.time());
             caught_up_input.advance_to(epoch.time());
+            // Also on the clock, not only when an epoch completes: while none does (Redis
+            // down, a long epoch), the lag and the messages read are what an operator needs.
+            if let Some(metrics) = &mut worker_metrics {
+                record_metrics(metrics, &mut source, &mut board.borrow_mut());
+            }
         }
         if stopping {
             break;
@@ -432,6 +477,9 @@ fn worker_loop(
         let done = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
         if done > reported.time() {
             finish_epochs(done, &mut source, &board, &mut stats_input);
+            if let Some(metrics) = &mut worker_metrics {
+                record_metrics(metrics, &mut source, &mut board.borrow_mut());
+            }
             in_flight.take_before(done);
             reported = Epoch::at(done);
         }
@@ -447,6 +495,9 @@ fn worker_loop(
         return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
     }
     finish_epochs(epoch.time(), &mut source, &board, &mut stats_input);
+    if let Some(metrics) = &mut worker_metrics {
+        record_metrics(metrics, &mut source, &mut board.borrow_mut());
+    }
     if source.dead_letter_failures() > 0 {
         tracing::error!(
             failed = source.dead_letter_failures(),
@@ -597,12 +648,27 @@ fn finish_epochs(
     }
 }
 
+/// Adds what this worker counted since the last call to the metrics: messages read, invalid and
+/// stale by partition, its partitions' lag, and its tables' sizes. Called once per epoch of the
+/// clock and once per completed epoch, between steps, so that no operator holds the tables.
+fn record_metrics(metrics: &mut WorkerMetrics, source: &mut KafkaSource, board: &mut StatsBoard) {
+    source.take_read_counts(|partition, counts| metrics.add_counts(partition, counts));
+    board
+        .stale
+        .drain(|partition, counts| metrics.add_counts(partition, counts));
+    source.lags(|partition, lag| metrics.set_lag(partition, lag));
+    if let Some((users, items)) = board.held() {
+        metrics.set_held(users, items);
+    }
+}
+
 /// Sums every worker's counters on worker 0 and prints one line per non-idle epoch once all
-/// workers have reported it.
+/// workers have reported it; with `metrics`, counts each epoch and its latency there too.
 fn report_epochs<'scope>(
     stats: timely::dataflow::Stream<'scope, u64, Vec<(u64, EpochCounters)>>,
     config: &Config,
     summary: Arc<Mutex<Summary>>,
+    metrics: Option<Arc<Metrics>>,
 ) {
     let json = config.stats_json;
     let epoch_ms = config.epoch_ms;
@@ -632,6 +698,9 @@ fn report_epochs<'scope>(
                         summary.totals.add(&counters);
                         summary.totals.latency_ms = latency;
                         summary.epochs += 1;
+                    }
+                    if let Some(metrics) = &metrics {
+                        metrics.epoch_done(&counters);
                     }
                     if !counters.is_idle() {
                         out.line(&crate::stats::format_epoch(

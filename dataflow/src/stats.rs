@@ -1,10 +1,16 @@
 //! Per-epoch statistics: what each worker counted, summed over all workers, printed as one line
 //! per epoch (or a JSON line with `--stats-json`) and as a summary at exit.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::metrics::PartitionTally;
+use crate::state::items::ItemTable;
+use crate::state::users::UserTable;
 
 /// What happened in one epoch (on one worker, or summed over all).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -51,13 +57,36 @@ impl EpochCounters {
 }
 
 /// One worker's counters by epoch, filled by the main loop and the operators of the same worker
-/// thread, drained once an epoch is complete.
+/// thread, drained once an epoch is complete; and, for the metrics, its stale messages by
+/// partition and the tables whose sizes are reported.
 #[derive(Debug, Default)]
 pub struct StatsBoard {
     epochs: BTreeMap<u64, EpochCounters>,
+    /// Stale messages of live epochs by partition, since last taken (see [`crate::metrics`]).
+    pub stale: PartitionTally,
+    /// The worker's user and item tables, once the dataflow that holds them is built.
+    tables: Option<WorkerTables>,
 }
 
+/// A worker's user and item tables, shared with its operators.
+type WorkerTables = (Rc<RefCell<UserTable>>, Rc<RefCell<ItemTable>>);
+
 impl StatsBoard {
+    /// Lets [`held`](Self::held) report the sizes of the worker's tables.
+    pub fn watch_tables(&mut self, users: Rc<RefCell<UserTable>>, items: Rc<RefCell<ItemTable>>) {
+        self.tables = Some((users, items));
+    }
+
+    /// The users and items the worker's tables hold, if they are known and not borrowed (they
+    /// are only while an operator runs, and the worker loop asks between steps).
+    pub fn held(&self) -> Option<(usize, usize)> {
+        let (users, items) = self.tables.as_ref()?;
+        Some((
+            users.try_borrow().ok()?.len(),
+            items.try_borrow().ok()?.len(),
+        ))
+    }
+
     /// The counters of `epoch`.
     pub fn epoch(&mut self, epoch: u64) -> &mut EpochCounters {
         self.epochs.entry(epoch).or_default()

@@ -4,8 +4,9 @@
 //! without stopping their partition; SIGTERM finishes and exits 0; a closed stdout ends the
 //! stats lines, not the dataflow; a backlog is read a bounded amount at a time; two processes of
 //! two workers leave the same Redis contents as one worker; and a restart, of one process or
-//! two, rebuilds the state from the topics without writing it again; and a profile Redis refuses
-//! for good (its key holds a hash) goes to the dead-letter topic while the stream moves on.
+//! two, rebuilds the state from the topics without writing it again; a profile Redis refuses
+//! for good (its key holds a hash) goes to the dead-letter topic while the stream moves on; and
+//! `--metrics-addr` serves Prometheus text whose counters match what was sent.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -84,12 +85,18 @@ struct Dataflow {
 
 impl Dataflow {
     fn spawn(args: &[String]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        Self::spawn_with(args, |_| {})
+    }
+
+    /// Like [`spawn`](Self::spawn), with the command changed by `configure` first.
+    fn spawn_with(args: &[String], configure: impl FnOnce(&mut Command)) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dataflow"));
+        command
             .args(args)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -949,4 +956,232 @@ async fn a_profile_redis_refuses_goes_to_the_dead_letter_topic_and_the_stream_mo
     assert_eq!(run.total("redis_rejected"), 3);
     // Epochs complete, so SIGTERM finishes promptly and cleanly.
     run.stop();
+}
+
+/// Starts the dataflow with `--metrics-addr 127.0.0.1:0` and returns it with the address it
+/// logged (JSON logs on stderr; every line is passed on to the test's stderr).
+fn spawn_with_metrics(args: &[String]) -> (Dataflow, std::net::SocketAddr) {
+    let args = [
+        args,
+        &[
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
+    ]
+    .concat();
+    let mut dataflow = Dataflow::spawn_with(&args, |command| {
+        command
+            .env("RUST_LOG", "warn,dataflow::metrics=info")
+            .stderr(Stdio::piped());
+    });
+    let stderr = dataflow.child.stderr.take().unwrap();
+    let (found, addr) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let logged = serde_json::from_str::<Value>(&line).ok();
+            if let Some(addr) = logged.as_ref().and_then(|l| l["metrics_addr"].as_str()) {
+                let _ = found.send(addr.parse().unwrap());
+            }
+        }
+    });
+    let addr = addr
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no metrics_addr logged within 30 s");
+    (dataflow, addr)
+}
+
+/// The samples of a Prometheus text exposition, by name with labels as written (e.g.
+/// `x_total{topic="t",partition="0"}`). Fails unless every sample belongs to a family declared
+/// by a `# TYPE` line before it, with a suffix its type allows, and has a numeric value; and the
+/// text ends with `# EOF` (OpenMetrics).
+fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
+    let mut families: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = declared.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                families.insert(name, kind).is_none(),
+                "declared twice: {line}"
+            );
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().unwrap();
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "{line}"
+            );
+        }
+        let typed = families.iter().any(|(family, kind)| {
+            let suffixes: &[&str] = match *kind {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_sum", "_count", "_created"],
+                _ => &[""],
+            };
+            suffixes
+                .iter()
+                .any(|suffix| name.strip_suffix(suffix) == Some(family))
+        });
+        assert!(typed, "no # TYPE family before {line}");
+        assert!(
+            samples.insert(series.to_owned(), value).is_none(),
+            "twice: {line}"
+        );
+    }
+    assert_eq!(text.lines().last(), Some("# EOF"), "{text}");
+    samples
+}
+
+/// GET /metrics, parsed.
+async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
+    let (status, body) = http(addr, "GET", "/metrics", "").await;
+    assert_eq!(status, 200, "{body}");
+    parse_exposition(&body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_what_was_sent() {
+    use rdkafka::producer::FutureRecord;
+
+    const WORKERS: usize = 2;
+    let setup = Setup::new("metrics", 10).await;
+    let id = setup.topic.clone();
+    let args = [setup.args(), vec!["-w".into(), WORKERS.to_string()]].concat();
+    let (dataflow, addr) = spawn_with_metrics(&args);
+
+    // Partition p gets 2 + p users with one valid message each, then an older message of the
+    // first p of them (stale whether or not it lands in the same epoch: a user's messages are
+    // read in order), then p % 3 invalid messages: different counts everywhere, so that a count
+    // under the wrong label shows.
+    let producer = testkit::producer();
+    let mut expected: BTreeMap<i32, (u64, u64, u64)> = BTreeMap::new();
+    let mut users = Vec::new();
+    for partition in 0..4i32 {
+        let send = |key: String, value: String| {
+            let producer = &producer;
+            let topic = &setup.topic;
+            async move {
+                let record = FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&value)
+                    .partition(partition);
+                producer
+                    .send(record, Duration::from_secs(10))
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+        };
+        let here: Vec<String> = (0..2 + partition)
+            .map(|u| format!("{id}-p{partition}-u{u}"))
+            .collect();
+        for user in &here {
+            send(
+                user.clone(),
+                profile_message(user, &["apple", "banana"], 100),
+            )
+            .await;
+        }
+        for user in &here[..partition as usize] {
+            send(user.clone(), profile_message(user, &["cherry"], 50)).await;
+        }
+        for n in 0..partition % 3 {
+            send(format!("{id}-poison{n}"), "{not json".to_owned()).await;
+        }
+        let (valid, stale, invalid) = (here.len() as u64, partition as u64, (partition % 3) as u64);
+        expected.insert(partition, (valid + stale + invalid, invalid, stale));
+        users.extend(here);
+    }
+
+    // Every user's profile is in Redis, from its valid message.
+    let mut redis = redis(&setup.redis);
+    for user in &users {
+        wait_for_profile(&mut redis, user, 100);
+    }
+
+    // The counters reach exactly what was sent once the epochs that read it are complete, and
+    // the lag drops to 0 once their offsets are committed and the statistics (once a second)
+    // have seen the ends.
+    let label = |partition: i32| format!(r#"{{topic="{}",partition="{partition}"}}"#, setup.topic);
+    let item_label = format!(r#"{{topic="{}",partition="0"}}"#, setup.item_topic);
+    let mut wanted: BTreeMap<String, f64> = BTreeMap::new();
+    for (&partition, &(read, invalid, stale)) in &expected {
+        let l = label(partition);
+        wanted.insert(
+            format!("streamrec_dataflow_messages_read_total{l}"),
+            read as f64,
+        );
+        wanted.insert(
+            format!("streamrec_dataflow_messages_invalid_total{l}"),
+            invalid as f64,
+        );
+        wanted.insert(
+            format!("streamrec_dataflow_messages_stale_total{l}"),
+            stale as f64,
+        );
+        wanted.insert(format!("streamrec_dataflow_consumer_lag{l}"), 0.0);
+    }
+    wanted.insert(
+        format!("streamrec_dataflow_messages_read_total{item_label}"),
+        0.0,
+    );
+    wanted.insert(format!("streamrec_dataflow_consumer_lag{item_label}"), 0.0);
+    wanted.insert("streamrec_dataflow_users_held".into(), users.len() as f64);
+    // Every history holds only items with features, which every worker's table holds.
+    wanted.insert("streamrec_dataflow_items_held".into(), (3 * WORKERS) as f64);
+    wanted.insert(
+        "streamrec_dataflow_redis_writes_total".into(),
+        users.len() as f64,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let samples = loop {
+        let samples = scrape(addr).await;
+        let differing: Vec<_> = wanted
+            .iter()
+            .filter(|(name, value)| samples.get(*name) != Some(value))
+            .map(|(name, value)| (name, value, samples.get(name)))
+            .collect();
+        if differing.is_empty() {
+            break samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 30 s, (series, wanted, scraped): {differing:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The totals of the stats lines agree (they are counted apart from the metrics).
+    assert_eq!(
+        dataflow.total("messages"),
+        expected.values().map(|e| e.0).sum::<u64>()
+    );
+    assert_eq!(
+        samples
+            .keys()
+            .filter(|k| k.starts_with("streamrec_dataflow_messages_read_total"))
+            .count(),
+        5,
+        "4 profile partitions and 1 item partition, over both workers: {samples:#?}"
+    );
+    assert!(samples["streamrec_dataflow_epochs_completed_total"] > 0.0);
+    assert!(samples["streamrec_dataflow_epoch_latency_seconds_count"] > 0.0);
+    assert!(
+        samples["streamrec_dataflow_epoch_latency_seconds_count"]
+            <= samples["streamrec_dataflow_epochs_completed_total"]
+    );
+    assert!(samples["streamrec_dataflow_redis_write_latency_seconds_count"] > 0.0);
+    assert!(samples.contains_key("streamrec_dataflow_redis_retries_total"));
+    dataflow.stop();
 }

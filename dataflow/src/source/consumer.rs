@@ -17,13 +17,14 @@ use crate::replay::Replay;
 
 /// The consumer's context. librdkafka reports each end of a partition, which the replay asks
 /// for (`enable.partition.eof`), to the error callback as well as to `poll`; those are news,
-/// not errors. Its statistics tell where each profile partition ends, as the fetches found it,
-/// for the catch-up (see [`crate::catch_up`]).
+/// not errors. Its statistics tell where each partition ends, as the fetches found it, for the
+/// catch-up (see [`crate::catch_up`]) and the lag metrics.
 #[derive(Debug)]
 pub(super) struct SourceContext {
-    profile_topic: String,
-    /// Profile partition → its high watermark in the last statistics.
-    pub(super) ends: std::sync::Mutex<BTreeMap<i32, i64>>,
+    /// The source's topics, by their index in a [`SourcePartition`].
+    topics: [String; 2],
+    /// Partition → its high watermark in the last statistics.
+    pub(super) ends: std::sync::Mutex<BTreeMap<SourcePartition, i64>>,
 }
 
 impl ClientContext for SourceContext {
@@ -38,14 +39,17 @@ impl ClientContext for SourceContext {
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let Some(topic) = statistics.topics.get(&self.profile_topic) else {
+        let Ok(mut ends) = self.ends.lock() else {
             return;
         };
-        if let Ok(mut ends) = self.ends.lock() {
+        for (index, name) in self.topics.iter().enumerate() {
+            let Some(topic) = statistics.topics.get(name) else {
+                continue;
+            };
             for (&partition, stats) in &topic.partitions {
                 // -1 until a fetch (or offset query) of the partition has answered.
                 if partition >= 0 && stats.hi_offset >= 0 {
-                    ends.insert(partition, stats.hi_offset);
+                    ends.insert((index, partition), stats.hi_offset);
                 }
             }
         }
@@ -85,7 +89,7 @@ pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceConte
         // second: a start-up waits at most that long more, and the parsing costs nothing.
         .set("statistics.interval.ms", "1000")
         .create_with_context(SourceContext {
-            profile_topic: config.profile_topic.clone(),
+            topics: [config.profile_topic.clone(), config.item_topic.clone()],
             ends: std::sync::Mutex::default(),
         })
 }

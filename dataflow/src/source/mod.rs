@@ -41,6 +41,7 @@ use self::consumer::SourceContext;
 use self::decode::{DlqContext, Event, Warnings};
 use crate::catch_up::{CatchUp, Marks};
 use crate::epoch::{OffsetLedger, SourcePartition};
+use crate::metrics::{PartitionCounts, PartitionTally};
 use crate::model::{FeatureEvent, ProfileEvent};
 use crate::replay::{Read, Replay};
 
@@ -84,7 +85,7 @@ pub struct Polled {
 }
 
 /// Indexes of the source's two topics, in `KafkaSource::topics` and in a [`SourcePartition`].
-const PROFILE_TOPIC: usize = 0;
+pub const PROFILE_TOPIC: usize = 0;
 const ITEM_TOPIC: usize = 1;
 
 /// One worker's Kafka reader.
@@ -103,6 +104,12 @@ pub struct KafkaSource {
     /// What is left to read before the worker is caught up.
     catch_up: CatchUp,
     warnings: Warnings,
+    /// Messages read and invalid per partition, for the metrics (see
+    /// [`take_read_counts`](Self::take_read_counts)).
+    read_counts: PartitionTally,
+    /// Each assigned partition's offset committed last (or where reading started), for its
+    /// lag.
+    committed: BTreeMap<SourcePartition, i64>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -133,6 +140,10 @@ impl KafkaSource {
         let (marks, catch_up) = start::plan_catch_up(&offsets, &mut read_marks)?;
         start::log_catch_up_plan(index, &catch_up, &read_marks);
         let replay = start::plan_replay(&offsets);
+        let committed = offsets
+            .iter()
+            .map(|(&partition, start)| (partition, start.resume()))
+            .collect();
         let replay = if replay.is_done() {
             consumer.assign(&consumer::live_assignment(&topics, &assigned, None)?)?;
             tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
@@ -162,6 +173,8 @@ impl KafkaSource {
             marks,
             catch_up,
             warnings: Warnings::default(),
+            read_counts: PartitionTally::default(),
+            committed,
         })
     }
 
@@ -237,6 +250,7 @@ impl KafkaSource {
             } else {
                 self.ledger.observe(epoch, (topic, position.0), position.1);
                 polled.messages += 1;
+                self.read_counts.entry((topic, position.0)).messages += 1;
             }
             let payload = message.payload().unwrap_or_default();
             match decode::decode(topic, payload, position, &self.config) {
@@ -246,6 +260,7 @@ impl KafkaSource {
                 Err(invalid) => {
                     if !replayed {
                         polled.invalid += 1;
+                        self.read_counts.entry((topic, position.0)).invalid += 1;
                         decode::dead_letter(
                             &self.dlq,
                             &self.config.dlq_topic,
@@ -272,8 +287,10 @@ impl KafkaSource {
             return;
         }
         if let Ok(ends) = self.consumer.context().ends.lock() {
-            for (&partition, &end) in ends.iter() {
-                self.catch_up.ends_at(partition, end);
+            for (&(topic, partition), &end) in ends.iter() {
+                if topic == PROFILE_TOPIC {
+                    self.catch_up.ends_at(partition, end);
+                }
             }
         }
     }
@@ -326,11 +343,42 @@ impl KafkaSource {
         }
         // Asynchronous: a commit lost to a crash only means re-reading messages whose outputs
         // Redis already holds, which the no-regression script makes harmless.
-        if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
-            self.warnings
-                .warn(|| tracing::warn!(%error, "offset commit failed; the next one covers it"));
+        match self.consumer.commit(&list, CommitMode::Async) {
+            Ok(()) => self.committed.extend(&positions),
+            Err(error) => self
+                .warnings
+                .warn(|| tracing::warn!(%error, "offset commit failed; the next one covers it")),
         }
         positions
+    }
+
+    /// The source's topics, by their index in a [`SourcePartition`].
+    pub fn topics(&self) -> &[String; 2] {
+        &self.topics
+    }
+
+    /// The partitions this worker reads.
+    pub fn assigned(&self) -> &[SourcePartition] {
+        &self.assigned
+    }
+
+    /// Hands `each` every partition's messages read and invalid since the last call.
+    pub fn take_read_counts(&mut self, each: impl FnMut(SourcePartition, PartitionCounts)) {
+        self.read_counts.drain(each);
+    }
+
+    /// Hands `each` every assigned partition's lag: the messages past the offset this run
+    /// committed last (or where it started reading), up to the partition's end as librdkafka's
+    /// statistics last reported it, once a second. None before the first statistics.
+    pub fn lags(&self, mut each: impl FnMut(SourcePartition, i64)) {
+        let Ok(ends) = self.consumer.context().ends.lock() else {
+            return;
+        };
+        for (partition, &committed) in &self.committed {
+            if let Some(&end) = ends.get(partition) {
+                each(*partition, (end - committed).max(0));
+            }
+        }
     }
 
     /// Dead-letter copies the broker refused, so far.

@@ -25,6 +25,13 @@ pub(super) struct StartOffsets {
     committed: Option<i64>,
 }
 
+impl StartOffsets {
+    /// Where reading on resumes: the committed offset, or the first one if none was committed.
+    pub(super) fn resume(&self) -> i64 {
+        self.committed.unwrap_or(self.first)
+    }
+}
+
 /// The first and committed offsets of every assigned partition, read once for the replay and
 /// the catch-up.
 pub(super) fn start_offsets(

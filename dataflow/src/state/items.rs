@@ -82,6 +82,16 @@ impl ItemTable {
         }
     }
 
+    /// The number of items held now (released entries are not).
+    pub fn len(&self) -> usize {
+        self.keys.len() - self.free.len()
+    }
+
+    /// Whether no item is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The index of the item whose key is `key`, if the table has it.
     pub fn find(&self, key: IdKey) -> Option<ItemIndex> {
         self.index.get(key)

@@ -19,7 +19,10 @@ use timely::dataflow::Stream;
 
 use super::items::{ItemIndex, ItemTable};
 use super::users::{UserIndex, UserTable};
+use crate::epoch::Epoch;
+use crate::metrics::PartitionTally;
 use crate::model::{id_key, IdKey, ProfileEvent, ReadPosition};
+use crate::source::PROFILE_TOPIC;
 use crate::stats::StatsBoard;
 use crate::upsert::{arrange_upserts, Prior, Update, UpsertTrace};
 
@@ -43,7 +46,7 @@ pub struct ProfileState {
 pub type ProfileTrace = UpsertTrace<UserIndex, ProfileState>;
 
 /// Arranges the profile events by user, adding new users to `users`; stale messages are
-/// counted on `stats`.
+/// counted on `stats`, which is also where the worker loop finds the tables' sizes.
 pub fn arrange_profiles<'scope>(
     events: Stream<'scope, u64, Vec<ProfileEvent>>,
     items: Rc<RefCell<ItemTable>>,
@@ -51,6 +54,10 @@ pub fn arrange_profiles<'scope>(
     stats: Rc<RefCell<StatsBoard>>,
 ) -> Arranged<'scope, ProfileTrace> {
     let mut item_keys = Vec::new();
+    let mut stale_by_partition = PartitionTally::default();
+    stats
+        .borrow_mut()
+        .watch_tables(users.clone(), items.clone());
     arrange_upserts(
         events,
         Exchange::new(|event: &ProfileEvent| event.user_key as u64),
@@ -64,9 +71,16 @@ pub fn arrange_profiles<'scope>(
                 &mut items.borrow_mut(),
                 &mut users.borrow_mut(),
                 &mut item_keys,
+                &mut stale_by_partition,
             );
             if stale > 0 {
-                stats.borrow_mut().epoch(epoch).stale += stale;
+                let mut stats = stats.borrow_mut();
+                stats.epoch(epoch).stale += stale;
+                // The replay's messages are not counted as read either.
+                if !Epoch::at(epoch).is_replay() {
+                    stats.stale.add(&stale_by_partition);
+                }
+                stale_by_partition.clear();
             }
         },
     )
@@ -74,7 +88,9 @@ pub fn arrange_profiles<'scope>(
 
 /// Applies one complete epoch's profile events, in read order, to the current profiles in
 /// `prior`; pushes each changed profile's retraction and new value to `updates` and returns the
-/// number of stale events.
+/// number of stale events, which it also counts by partition on `stale_by_partition`.
+// The epoch, its events and the state they apply to, plus the caller's two reused buffers.
+#[allow(clippy::too_many_arguments)]
 fn settle_profiles(
     epoch: u64,
     events: Vec<ProfileEvent>,
@@ -83,6 +99,7 @@ fn settle_profiles(
     items: &mut ItemTable,
     users: &mut UserTable,
     item_keys: &mut Vec<IdKey>,
+    stale_by_partition: &mut PartitionTally,
 ) -> u64 {
     // A user's events in read order (one user's messages share a partition), users in key
     // order, which the cursor wants. The events are large: sorted by index, not moved. A new
@@ -107,6 +124,9 @@ fn settle_profiles(
             let event = &events[i as usize];
             if timestamp.is_some_and(|timestamp| event.timestamp < timestamp) {
                 stale += 1;
+                stale_by_partition
+                    .entry((PROFILE_TOPIC, event.position.0))
+                    .stale += 1;
                 continue;
             }
             timestamp = Some(event.timestamp);

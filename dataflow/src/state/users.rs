@@ -47,6 +47,16 @@ impl UserTable {
         user
     }
 
+    /// The number of users held.
+    pub fn len(&self) -> usize {
+        self.id_ends.len()
+    }
+
+    /// Whether no user is held.
+    pub fn is_empty(&self) -> bool {
+        self.id_ends.is_empty()
+    }
+
     /// The user's id.
     pub fn id(&self, user: UserIndex) -> &str {
         let user = user as usize;
