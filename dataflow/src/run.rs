@@ -204,7 +204,13 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
         "loaded item features"
     );
     // Before any worker takes over Redis (which ends an older run's writers): a run that cannot
-    // read its topic must change nothing.
+    // reach Redis with these credentials, or cannot read its topic, must change nothing.
+    // Connecting reads and writes nothing; Redis first, as it answers at once either way.
+    drop(sink::ReadMarks::connect(
+        &config.shared.redis,
+        &config.shared.topic,
+        Duration::from_secs(10),
+    )?);
     crate::source::check_profile_topic(
         &config.shared.brokers,
         config.shared.kafka(),
