@@ -1,13 +1,15 @@
 //! Configuration: the settings of semantics §7 as flags and environment variables (a `.env` file
 //! is read too; flags win), plus timely's own `-w/-n/-p/-h` for workers, processes and hosts.
+//! The settings the ingest API takes too (brokers, topic, Redis, history, encoding, log format,
+//! `-X` and `KAFKA_CONFIG_FILE`) are the `settings` crate's [`SharedArgs`], flattened in.
 
 use std::io::BufRead;
 use std::path::PathBuf;
 
 use clap::Parser;
-use profile::Encoding;
+use settings::SharedArgs;
 
-use crate::model::MAX_HISTORY_LIMIT;
+pub use settings::{LogFormat, SettingsError as ConfigError};
 
 /// streamrec dataflow: keeps every user's interest vector up to date from the profile topic and
 /// writes the changed profiles to Redis, epoch by epoch.
@@ -17,17 +19,8 @@ use crate::model::MAX_HISTORY_LIMIT;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "dataflow", version, about, long_about = None, disable_help_flag = true)]
 pub struct Config {
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKER", default_value = "localhost:9092")]
-    pub brokers: String,
-
-    /// Topic of profile messages, keyed by user_id.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_behavior")]
-    pub topic: String,
-
-    /// Redis the profiles are written to.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
-    pub redis: String,
+    #[command(flatten)]
+    pub shared: SharedArgs,
 
     /// Consumer group whose committed offsets say how far to replay on start (to rebuild the
     /// state) and where to read on.
@@ -55,10 +48,6 @@ pub struct Config {
     #[arg(long, env = "EPOCH_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub epoch_ms: u64,
 
-    /// History items kept per user (the newest ones).
-    #[arg(long, env = "MAX_HISTORY", default_value_t = profile::DEFAULT_MAX_HISTORY, value_parser = parse_max_history)]
-    pub max_history: usize,
-
     /// Recency decay of the interest vector, in (0, 1].
     #[arg(long, env = "DECAY", default_value_t = profile::DEFAULT_DECAY, value_parser = parse_decay)]
     pub decay: f64,
@@ -67,10 +56,6 @@ pub struct Config {
     /// to stderr).
     #[arg(long)]
     pub stats_json: bool,
-
-    /// Encoding of profile message values: json (the default) or bincode.
-    #[arg(long, env = "MESSAGE_ENCODING", default_value = "json")]
-    pub encoding: Encoding,
 
     /// Most messages a worker reads before it lets the dataflow run, so frontiers keep moving
     /// under any backlog.
@@ -95,11 +80,6 @@ pub struct Config {
     /// Either way a run takes over the topic at start: an older run still writing it stops.
     #[arg(long, env = "CHECKED_WRITES", value_enum, default_value_t = CheckedWrites::UntilCaughtUp)]
     pub checked_writes: CheckedWrites,
-
-    /// Log line format on stderr: text (for people; coloured only when stderr is a terminal) or
-    /// json (one object a line, for a log collector). Statistics stay on stdout either way.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 
     /// Serve Prometheus metrics at GET /metrics on this address, e.g. 127.0.0.1:9101 (port 0
     /// picks a free one, logged as `metrics_addr`). Off by default.
@@ -137,22 +117,6 @@ pub enum CheckedWrites {
     UntilCaughtUp,
 }
 
-/// How log lines are written (see [`crate::logging`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-fn parse_max_history(text: &str) -> Result<usize, String> {
-    let n: usize = text.parse().map_err(|e| format!("{e}"))?;
-    if (1..=MAX_HISTORY_LIMIT).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("must be in 1..={MAX_HISTORY_LIMIT}"))
-    }
-}
-
 fn parse_decay(text: &str) -> Result<f64, String> {
     let decay: f64 = text.parse().map_err(|e| format!("{e}"))?;
     if decay > 0.0 && decay <= 1.0 {
@@ -162,20 +126,13 @@ fn parse_decay(text: &str) -> Result<f64, String> {
     }
 }
 
-/// A configuration that cannot work.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(pub String);
-
 impl Config {
-    /// Reads `.env` (if present) into the environment, then parses flags and environment.
+    /// Reads `.env` (if present) into the environment, then parses flags and environment and
+    /// checks every setting (clap exits with its own message on a value it refuses).
     pub fn from_env_and_args() -> Result<Self, ConfigError> {
-        if let Err(e) = dotenvy::dotenv() {
-            if !e.not_found() {
-                return Err(ConfigError(format!(".env: {e}")));
-            }
-        }
-        let config = Config::parse();
+        settings::load_dotenv()?;
+        let mut config = Config::parse();
+        config.shared.resolve()?;
         config.timely()?;
         Ok(config)
     }
@@ -186,9 +143,10 @@ impl Config {
         let processes = self.processes as usize;
         let process = self.process as usize;
         if process >= processes {
-            return Err(ConfigError(format!(
-                "-p {process} is not below -n {processes}"
-            )));
+            return Err(ConfigError::invalid(
+                "-p/--process",
+                format!("{process} is not below -n/--processes {processes}"),
+            ));
         }
         let communication = if processes > 1 {
             let addresses = match &self.hostfile {
@@ -218,7 +176,7 @@ impl Config {
 
 fn read_hostfile(path: &std::path::Path, processes: usize) -> Result<Vec<String>, ConfigError> {
     let file = std::fs::File::open(path)
-        .map_err(|e| ConfigError(format!("hostfile {}: {e}", path.display())))?;
+        .map_err(|e| ConfigError::invalid("-h/--hostfile", format!("{}: {e}", path.display())))?;
     let hosts: Vec<String> = std::io::BufReader::new(file)
         .lines()
         .map_while(Result::ok)
@@ -227,11 +185,14 @@ fn read_hostfile(path: &std::path::Path, processes: usize) -> Result<Vec<String>
         .take(processes)
         .collect();
     if hosts.len() < processes {
-        return Err(ConfigError(format!(
-            "hostfile {} names {} hosts, -n asks for {processes}",
-            path.display(),
-            hosts.len()
-        )));
+        return Err(ConfigError::invalid(
+            "-h/--hostfile",
+            format!(
+                "{} names {} hosts, -n asks for {processes}",
+                path.display(),
+                hosts.len()
+            ),
+        ));
     }
     Ok(hosts)
 }
@@ -290,7 +251,7 @@ mod tests {
         let config = Config::try_parse_from(["dataflow", "-n", "2", "-p", "2"]).unwrap();
         assert!(config.timely().is_err());
         let json = Config::try_parse_from(["dataflow", "--log-format", "json"]).unwrap();
-        assert_eq!(json.log_format, LogFormat::Json);
+        assert_eq!(json.shared.log_format, LogFormat::Json);
         let error = Config::try_parse_from(["dataflow", "--log-format", "xml"]).unwrap_err();
         assert!(error.to_string().contains("--log-format"), "{error}");
     }
@@ -327,6 +288,9 @@ mod tests {
             "--process",
             "--hostfile",
             "LOG_FORMAT",
+            "MESSAGE_ENCODING",
+            "KAFKA_CONFIG_FILE",
+            "-X, --kafka-property",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

@@ -19,7 +19,6 @@ pub mod features;
 pub mod graph;
 pub mod interest;
 mod key_index;
-pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod model;

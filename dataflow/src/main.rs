@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<ExitCode> {
     // Configuration first: it names the log format, and its .env may set RUST_LOG. Its errors
     // (clap's, or a bad -p) are printed without the subscriber.
     let config = Config::from_env_and_args()?;
-    dataflow::logging::init(config.log_format);
+    settings::logging::init(config.shared.log_format);
+    // Secrets (the Redis URL's password, secret -X properties) are shown as *** by Debug.
+    tracing::info!(config = ?config, "configuration");
     exit_on_any_panic();
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

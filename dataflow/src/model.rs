@@ -173,19 +173,11 @@ pub struct FeatureEvent {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FeatureVector(Vec<u32>);
 
-/// The largest feature magnitude accepted: larger values are taken for a corrupt row or message
-/// (no embedding has them) and refused with the rest of it.
-pub const MAX_FEATURE_MAGNITUDE: f32 = 1.0e5;
-
-/// The longest history the dataflow may be configured to keep.
-pub const MAX_HISTORY_LIMIT: usize = profile::MAX_HISTORY_ITEMS;
-
 impl FeatureVector {
-    /// Wraps feature values; `None` if one is not finite or exceeds [`MAX_FEATURE_MAGNITUDE`].
+    /// Wraps feature values; `None` if one is not finite or exceeds
+    /// [`profile::MAX_FEATURE_MAGNITUDE`].
     pub fn new(values: &[f32]) -> Option<Self> {
-        values
-            .iter()
-            .all(|x| x.is_finite() && x.abs() <= MAX_FEATURE_MAGNITUDE)
+        profile::features_in_bounds(values)
             .then(|| FeatureVector(values.iter().map(|x| x.to_bits()).collect()))
     }
 

@@ -226,6 +226,19 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
         bad_rows = features.bad_rows,
         "loaded item features"
     );
+    // Before any worker takes over Redis (which ends an older run's writers): a run that cannot
+    // reach Redis with these credentials, or cannot read its topic, must change nothing.
+    // Connecting reads and writes nothing; Redis first, as it answers at once either way.
+    drop(sink::ReadMarks::connect(
+        &config.shared.redis,
+        &config.shared.topic,
+        Duration::from_secs(10),
+    )?);
+    crate::source::check_profile_topic(
+        &config.shared.brokers,
+        config.shared.kafka(),
+        &config.shared.topic,
+    )?;
     let timely_config = config
         .timely()
         .map_err(|e| RunError::Timely(e.to_string()))?;
@@ -299,25 +312,26 @@ fn worker_loop(
         decay: config.decay,
     };
     let source_config = SourceConfig {
-        brokers: config.brokers.clone(),
+        brokers: config.shared.brokers.clone(),
         group: config.group.clone(),
-        profile_topic: config.topic.clone(),
+        profile_topic: config.shared.topic.clone(),
         item_topic: config.item_topic.clone(),
         dlq_topic: config.dlq_topic.clone(),
-        encoding: config.encoding,
-        max_history: config.max_history,
+        encoding: config.shared.encoding,
+        max_history: config.shared.max_history,
         dim: features.dim,
-        redis: config.redis.clone(),
+        redis: config.shared.redis.clone(),
+        kafka: config.shared.kafka().clone(),
     };
     let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
     let mut source = KafkaSource::new(source_config, index, peers)?;
     let mut worker_metrics = metrics.map(|metrics| {
         WorkerMetrics::new(metrics.clone(), source.topics().clone(), source.assigned())
     });
-    let mut sink_config = sink::SinkConfig::new(config.redis.clone());
+    let mut sink_config = sink::SinkConfig::new(config.shared.redis.clone());
     sink_config.max_batch_records = config.redis_batch as usize;
     sink_config.fence = Some(sink::WriterFence {
-        topic: config.topic.clone(),
+        topic: config.shared.topic.clone(),
         generation: take_over.generation,
     });
     let writer = RedisWriter {
@@ -570,8 +584,12 @@ fn agree_on_take_over(
     config: &Config,
 ) -> Result<sink::TakeOver, RunError> {
     let taken = (worker.index() == 0).then(|| {
-        sink::ReadMarks::connect(&config.redis, &config.topic, Duration::from_secs(10))
-            .and_then(|mut marks| marks.take_over())
+        sink::ReadMarks::connect(
+            &config.shared.redis,
+            &config.shared.topic,
+            Duration::from_secs(10),
+        )
+        .and_then(|mut marks| marks.take_over())
     });
     if let Some(Ok(taken)) = &taken {
         tracing::info!(

@@ -285,8 +285,8 @@ async fn pushed_profiles_stale_pushes_feature_updates_and_poison() {
     );
     // The real ingest API, in process, publishing to this test's topic.
     let mut config = ingest_api::Config::defaults();
-    config.brokers = testkit::brokers();
-    config.topic = setup.topic.clone();
+    config.shared.brokers = testkit::brokers();
+    config.shared.topic = setup.topic.clone();
     let store = ingest_api::store::BehaviorStore::from_reader(behavior.as_bytes()).unwrap();
     let state = ingest_api::AppState::new(config, store).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,11 +1,15 @@
 //! Configuration: every setting is a flag and an environment variable (semantics §7); a `.env`
-//! file in the working directory is read too, and flags win.
+//! file in the working directory is read too, and flags win. The settings the dataflow takes too
+//! (brokers, topic, Redis, history, encoding, log format, `-X` and `KAFKA_CONFIG_FILE`) are the
+//! `settings` crate's [`SharedArgs`], flattened in.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use profile::Encoding;
+use settings::SharedArgs;
+
+pub use settings::{LogFormat, SettingsError as ConfigError};
 
 /// streamrec ingest API: turns a user's behaviour history into a profile message on Kafka.
 ///
@@ -14,17 +18,8 @@ use profile::Encoding;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ingest-api", version, about, long_about = None)]
 pub struct Config {
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKER", default_value = "localhost:9092")]
-    pub brokers: String,
-
-    /// Topic the profile messages are published to, keyed by user_id.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "user_behavior")]
-    pub topic: String,
-
-    /// Redis that GET /user_profile/{user_id} reads.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
-    pub redis: String,
+    #[command(flatten)]
+    pub shared: SharedArgs,
 
     /// Address to listen on (host:port).
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8000")]
@@ -46,15 +41,6 @@ pub struct Config {
     #[arg(long, env = "RANDOM_USER_MAX", default_value_t = 60)]
     pub random_user_max: usize,
 
-    /// History items kept per message (the newest ones).
-    #[arg(long, env = "MAX_HISTORY", default_value_t = profile::DEFAULT_MAX_HISTORY)]
-    pub max_history: usize,
-
-    /// Encoding of published values: json (the contract's default, any client reads it) or
-    /// bincode (compact; the dataflow must be told the same).
-    #[arg(long, env = "MESSAGE_ENCODING", default_value = "json")]
-    pub encoding: Encoding,
-
     /// Longest a request waits for the broker to acknowledge its messages before it answers 503.
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub publish_timeout_ms: u64,
@@ -63,35 +49,15 @@ pub struct Config {
     /// fractions allowed). Lower is lower latency, higher is fewer, larger requests.
     #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 1.0)]
     pub linger_ms: f64,
-
-    /// Log line format on stderr: text (for people; coloured only when stderr is a terminal) or
-    /// json (one object a line, for a log collector).
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// A setting whose value is allowed alone but not with the others.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(pub String);
 
 impl Config {
-    /// Reads `.env` (if present) into the environment, then parses flags and environment.
+    /// Reads `.env` (if present) into the environment, then parses flags and environment and
+    /// checks every setting (clap exits with its own message on a value it refuses).
     pub fn from_env_and_args() -> Result<Self, ConfigError> {
-        // A missing .env is the normal case; a malformed one is worth knowing about.
-        if let Err(e) = dotenvy::dotenv() {
-            if !e.not_found() {
-                return Err(ConfigError(format!(".env: {e}")));
-            }
-        }
-        let config = Config::parse();
+        settings::load_dotenv()?;
+        let mut config = Config::parse();
+        config.shared.resolve()?;
         config.validate()?;
         Ok(config)
     }
@@ -99,16 +65,19 @@ impl Config {
     /// Checks the settings against each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.random_user_min > self.random_user_max {
-            return Err(ConfigError(format!(
-                "RANDOM_USER_MIN ({}) is greater than RANDOM_USER_MAX ({})",
-                self.random_user_min, self.random_user_max
-            )));
-        }
-        if self.max_history == 0 {
-            return Err(ConfigError("MAX_HISTORY must be at least 1".into()));
+            return Err(ConfigError::invalid(
+                "RANDOM_USER_MIN",
+                format!(
+                    "{} is greater than RANDOM_USER_MAX ({})",
+                    self.random_user_min, self.random_user_max
+                ),
+            ));
         }
         if !(0.0..=60_000.0).contains(&self.linger_ms) {
-            return Err(ConfigError("KAFKA_LINGER_MS must be in 0..=60000".into()));
+            return Err(ConfigError::invalid(
+                "KAFKA_LINGER_MS",
+                "must be in 0..=60000",
+            ));
         }
         Ok(())
     }
@@ -141,12 +110,16 @@ mod tests {
             "4",
         ])
         .unwrap();
-        assert_eq!(config.brokers, "h:1");
+        assert_eq!(config.shared.brokers, "h:1");
         assert!(config.validate().is_err());
         assert!(Config::try_parse_from(["ingest-api", "--encoding", "xml"]).is_err());
         let json = Config::try_parse_from(["ingest-api", "--log-format", "json"]).unwrap();
-        assert_eq!(json.log_format, LogFormat::Json);
+        assert_eq!(json.shared.log_format, LogFormat::Json);
         assert!(Config::try_parse_from(["ingest-api", "--log-format", "xml"]).is_err());
+        // The dataflow's bound, so that the API never publishes a history §2 makes invalid.
+        for bad in ["0", "10001"] {
+            assert!(Config::try_parse_from(["ingest-api", "--max-history", bad]).is_err());
+        }
     }
 
     #[test]
@@ -164,6 +137,9 @@ mod tests {
             "RANDOM_USER_MAX",
             "MAX_HISTORY",
             "LOG_FORMAT",
+            "MESSAGE_ENCODING",
+            "KAFKA_CONFIG_FILE",
+            "-X, --kafka-property",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

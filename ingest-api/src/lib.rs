@@ -10,7 +10,6 @@
 pub mod config;
 pub mod error;
 pub mod extract;
-pub mod logging;
 pub mod metrics;
 pub mod producer;
 pub mod profiles;
@@ -51,6 +50,17 @@ pub enum ServeError {
     },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "topic {topic:?} (--topic / KAFKA_TOPIC) does not exist on {brokers} \
+         (scripts/services.sh start creates it)"
+    )]
+    TopicMissing { topic: String, brokers: String },
+    #[error("Redis {url} (--redis / REDIS_URL) refuses this client: {reason}")]
+    RedisRefused {
+        /// The URL with its password shown as `***`.
+        url: String,
+        reason: String,
+    },
 }
 
 /// Everything a request handler needs, cheap to clone.
@@ -68,7 +78,7 @@ impl AppState {
     /// Builds the state from a configuration and an already loaded store.
     pub fn new(config: Config, store: BehaviorStore) -> Result<Self, ServeError> {
         let producer = ProfileProducer::new(&config)?;
-        let profiles = ProfileReader::new(&config.redis, Duration::from_secs(2))?;
+        let profiles = ProfileReader::new(&config.shared.redis, Duration::from_secs(2))?;
         let metrics = Metrics::new(store.stats());
         Ok(AppState {
             config: Arc::new(config),
@@ -108,7 +118,8 @@ impl AppState {
 
     /// `history(user, at)` with the configured history length.
     pub fn history(&self, user_id: &str, at: u64) -> Vec<&str> {
-        self.store.history(user_id, at, self.config.max_history)
+        self.store
+            .history(user_id, at, self.config.shared.max_history)
     }
 
     /// Encodes and publishes one profile message, recording metrics.
@@ -123,7 +134,7 @@ impl AppState {
             history_items: history,
             timestamp,
         }
-        .encode(self.config.encoding);
+        .encode(self.config.shared.encoding);
         match self.producer.publish(user_id, &payload).await {
             Ok((delivery, latency)) => {
                 self.metrics.messages_published.inc();
@@ -166,10 +177,54 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let addr = config.bind.clone();
     let state = AppState::load(config).await?;
+    check_at_start(&state).await?;
     let listener = TcpListener::bind(&addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
     serve(listener, state, shutdown).await
+}
+
+/// Checks the broker and Redis before listening. A broker that answers that the topic does not
+/// exist, or a Redis that refuses these credentials, is a configuration that will never work:
+/// the service does not start. One that does not answer may be starting too (the API is meant
+/// to start and serve its other routes while they are down): a warning, and /healthz answers 503
+/// until the broker is back.
+async fn check_at_start(state: &AppState) -> Result<(), ServeError> {
+    let (kafka, redis) = tokio::join!(state.producer.health(), state.profiles.ping());
+    match kafka {
+        Ok(_) => {}
+        Err(producer::HealthError::TopicMissing) => {
+            return Err(ServeError::TopicMissing {
+                topic: state.producer.topic().to_owned(),
+                brokers: state.config.shared.brokers.clone(),
+            })
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            brokers = %state.config.shared.brokers,
+            "no Kafka broker answered at start; starting anyway, /healthz answers 503 until one does"
+        ),
+    }
+    match redis {
+        Ok(()) => {}
+        Err(profiles::ProfileReadError::Redis(error))
+            if !(error.is_io_error()
+                || error.is_timeout()
+                || error.is_connection_refusal()
+                || error.is_connection_dropped()) =>
+        {
+            return Err(ServeError::RedisRefused {
+                url: state.config.shared.redis_redacted(),
+                reason: error.to_string(),
+            })
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            redis = %state.config.shared.redis_redacted(),
+            "Redis did not answer at start; starting anyway, profiles answer 503 until it does"
+        ),
+    }
+    Ok(())
 }
 
 /// Serves on `listener` until `shutdown` completes: then it stops accepting, lets in-flight

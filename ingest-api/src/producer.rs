@@ -169,7 +169,7 @@ impl ProfileProducer {
             .max(Duration::from_millis(50));
         let mut client_config = ClientConfig::new();
         client_config
-            .set("bootstrap.servers", &config.brokers)
+            .set("bootstrap.servers", &config.shared.brokers)
             // A retried send is stored once: the broker deduplicates by producer id and sequence.
             .set("enable.idempotence", "true")
             // A request answers 200 only once every in-sync replica holds the message.
@@ -187,11 +187,14 @@ impl ProfileProducer {
             .set("partitioner", "murmur2_random")
             // Fail fast and visibly on a missing topic instead of creating one with defaults.
             .set("allow.auto.create.topics", "false");
+        // The user's -X / KAFKA_CONFIG_FILE properties (security, client id, tuning), last so
+        // that they win; the ones set above for correctness are refused at start.
+        config.shared.kafka().apply(&mut client_config);
         let producer: FutureProducer = client_config.create()?;
         Ok(ProfileProducer {
             inner: Arc::new(Inner {
                 client_config,
-                topic: config.topic.clone(),
+                topic: config.shared.topic.clone(),
                 timeout,
                 current: Mutex::new(Arc::new(Generation::new(0, producer))),
                 health: tokio::sync::Mutex::new(None),

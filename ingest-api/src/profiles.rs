@@ -44,6 +44,30 @@ impl ProfileReader {
 
     /// The raw JSON value stored under `key`, or `None` when the key is absent.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ProfileReadError> {
+        let mut command = redis::cmd("GET");
+        command.arg(key);
+        self.query(command).await
+    }
+
+    /// Connects once, on a connection of its own, and asks for a PONG: the start-up check,
+    /// which tells a Redis that refuses these credentials from one that is not reachable. (The
+    /// reader's connection manager retries a refused AUTH until its timeout, which would hide
+    /// the refusal.)
+    pub async fn ping(&self) -> Result<(), ProfileReadError> {
+        let ping = async {
+            let mut connection = self.client.get_multiplexed_async_connection().await?;
+            let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+            Ok::<_, ProfileReadError>(())
+        };
+        tokio::time::timeout(self.timeout, ping)
+            .await
+            .map_err(|_| ProfileReadError::Timeout(self.timeout))?
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        command: redis::Cmd,
+    ) -> Result<T, ProfileReadError> {
         let read = async {
             let connection = self
                 .connection
@@ -54,10 +78,7 @@ impl ProfileReader {
                     self.client.get_connection_manager_with_config(config)
                 })
                 .await?;
-            let value: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut connection.clone())
-                .await?;
+            let value: T = command.query_async(&mut connection.clone()).await?;
             Ok::<_, ProfileReadError>(value)
         };
         tokio::time::timeout(self.timeout, read)

@@ -21,8 +21,8 @@ const BEHAVIOR: &str = "user_id,item_id,timestamp\n\
 fn state() -> AppState {
     let mut config = Config::defaults();
     // Nothing listens on port 1: a real producer and Redis client that can never connect.
-    config.brokers = "127.0.0.1:1".into();
-    config.redis = "redis://127.0.0.1:1/0".into();
+    config.shared.brokers = "127.0.0.1:1".into();
+    config.shared.redis = "redis://127.0.0.1:1/0".into();
     config.publish_timeout_ms = 1500;
     let store = BehaviorStore::from_reader(BEHAVIOR.as_bytes()).unwrap();
     AppState::new(config, store).unwrap()

@@ -50,9 +50,9 @@ impl Running {
 
 fn config(topic: &str) -> Config {
     let mut config = Config::defaults();
-    config.brokers = testkit::brokers();
-    config.redis = testkit::redis_url();
-    config.topic = topic.to_owned();
+    config.shared.brokers = testkit::brokers();
+    config.shared.redis = testkit::redis_url();
+    config.shared.topic = topic.to_owned();
     config
 }
 
@@ -108,7 +108,7 @@ async fn history_is_cut_to_max_history_newest_last() {
     let topic = unique_topic("maxhist");
     create_topic(&topic, 1).await;
     let mut config = config(&topic);
-    config.max_history = 2;
+    config.shared.max_history = 2;
     let server = start(config, BEHAVIOR).await;
     let (status, body) = http(
         server.addr,

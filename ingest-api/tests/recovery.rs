@@ -241,9 +241,9 @@ async fn pushes_are_acknowledged_again_after_the_broker_stalls() {
 
     let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut config = ingest_api::Config::defaults();
-    config.brokers = brokers.clone();
-    config.topic = topic.clone();
-    config.redis = testkit::redis_url();
+    config.shared.brokers = brokers.clone();
+    config.shared.topic = topic.clone();
+    config.shared.redis = testkit::redis_url();
     config.bind = api.to_string();
     config.behavior_csv = behavior.path().to_owned();
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();

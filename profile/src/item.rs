@@ -2,6 +2,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The largest feature magnitude accepted (semantics §3): larger values are taken for a corrupt
+/// row or message (no embedding has them) and refused with the rest of it.
+pub const MAX_FEATURE_MAGNITUDE: f32 = 1.0e5;
+
+/// Whether every value is a feature value §3 allows: finite, at most
+/// [`MAX_FEATURE_MAGNITUDE`] either way. The dataflow checks both its features CSV and the
+/// decoded [`ItemFeaturesMessage`]s with it.
+pub fn features_in_bounds(values: &[f32]) -> bool {
+    values
+        .iter()
+        .all(|x| x.is_finite() && x.abs() <= MAX_FEATURE_MAGNITUDE)
+}
+
 /// An update of one item's features on the item topic; `features: None` (JSON `null`) deletes
 /// the item, which makes it unknown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

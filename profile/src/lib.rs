@@ -10,7 +10,9 @@ mod message;
 mod vector;
 
 pub use history::{history_order, history_window, keep_last};
-pub use item::{InvalidItemFeatures, ItemFeaturesMessage};
+pub use item::{
+    features_in_bounds, InvalidItemFeatures, ItemFeaturesMessage, MAX_FEATURE_MAGNITUDE,
+};
 pub use message::{
     validate_timestamp, validate_user_id, Encoding, InvalidMessage, ProfileMessage,
     ProfileMessageRef, ProfileMessageView, MAX_HISTORY_ITEMS, MAX_TIMESTAMP, MAX_USER_ID_BYTES,

@@ -60,7 +60,8 @@ impl ConsumerContext for SourceContext {}
 
 /// The consumer of a worker's profile and item-feature partitions.
 pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceContext>, KafkaError> {
-    ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &config.brokers)
         // Committed offsets of this group say where to resume after a restart.
         .set("group.id", &config.group)
@@ -87,26 +88,90 @@ pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceConte
         // The statistics carry each partition's end as the fetches report it, which the
         // catch-up waits for (tansu's answer to an offset query falls short of it). Once a
         // second: a start-up waits at most that long more, and the parsing costs nothing.
-        .set("statistics.interval.ms", "1000")
-        .create_with_context(SourceContext {
-            topics: [config.profile_topic.clone(), config.item_topic.clone()],
-            ends: std::sync::Mutex::default(),
-        })
+        .set("statistics.interval.ms", "1000");
+    // The user's -X / KAFKA_CONFIG_FILE properties (security, client id, tuning), last so that
+    // they win over the tuning above; the ones set above for correctness are refused earlier.
+    config.kafka.apply(&mut client);
+    client.create_with_context(SourceContext {
+        topics: [config.profile_topic.clone(), config.item_topic.clone()],
+        ends: std::sync::Mutex::default(),
+    })
 }
 
 /// The producer of a worker's dead-letter copies (see [`super::decode`]).
 pub(super) fn dead_letter_producer(
     config: &SourceConfig,
 ) -> Result<ThreadedProducer<DlqContext>, KafkaError> {
-    ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &config.brokers)
         // A dead-letter copy is kept as long as the broker is down: offsets wait for it.
         .set("message.timeout.ms", "0")
         // The copy must survive a broker failure like any message.
         .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .create_with_context(DlqContext::default())
+        .set("enable.idempotence", "true");
+    // The user's -X / KAFKA_CONFIG_FILE properties, as for the consumer.
+    config.kafka.apply(&mut client);
+    client.create_with_context(DlqContext::default())
 }
+
+/// The context of the start-up check: librdkafka's complaints about a broker it cannot reach
+/// are the check's error, said once, rather than a line every few ms while it waits.
+struct QuietContext;
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(?level, fac, log_message, "librdkafka");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka error");
+    }
+}
+
+impl ConsumerContext for QuietContext {}
+
+/// Checks, before anything is written anywhere (the take-over of Redis comes next), that a
+/// broker answers with the user's properties and that the profile topic exists.
+pub fn check_profile_topic(
+    brokers: &str,
+    kafka: &settings::KafkaProperties,
+    topic: &str,
+) -> Result<(), SourceError> {
+    let mut client = ClientConfig::new();
+    // Only a metadata request: no group, nothing consumed or committed.
+    client.set("bootstrap.servers", brokers);
+    kafka.apply(&mut client);
+    let redact = |error: KafkaError| kafka.redact_text(&error.to_string());
+    let consumer: BaseConsumer<QuietContext> =
+        client
+            .create_with_context(QuietContext)
+            .map_err(|error| SourceError::KafkaClient {
+                reason: redact(error),
+            })?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), START_CHECK_TIMEOUT)
+        .map_err(|error| SourceError::Unreachable {
+            brokers: brokers.to_owned(),
+            seconds: START_CHECK_TIMEOUT.as_secs(),
+            reason: redact(error),
+        })?;
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if exists {
+        Ok(())
+    } else {
+        Err(SourceError::MissingTopic {
+            topic: topic.to_owned(),
+            brokers: brokers.to_owned(),
+        })
+    }
+}
+
+/// How long the start-up check waits for a broker's metadata.
+const START_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The partitions of a topic with `partitions` partitions that belong to worker `index` of
 /// `peers`: those congruent to it modulo `peers`.

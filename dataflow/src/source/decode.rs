@@ -66,7 +66,7 @@ fn decode_features(
         Some(values) => Some(FeatureVector::new(&values).ok_or_else(|| {
             bad(format!(
                 "features hold a value beyond ±{}",
-                crate::model::MAX_FEATURE_MAGNITUDE
+                profile::MAX_FEATURE_MAGNITUDE
             ))
         })?),
     };

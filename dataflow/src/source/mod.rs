@@ -36,8 +36,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-pub use self::consumer::assigned_partitions;
 use self::consumer::SourceContext;
+pub use self::consumer::{assigned_partitions, check_profile_topic};
 use self::decode::{DlqContext, Event, Warnings};
 use crate::catch_up::{CatchUp, Marks};
 use crate::epoch::{OffsetLedger, SourcePartition};
@@ -58,6 +58,8 @@ pub struct SourceConfig {
     pub dim: usize,
     /// The Redis the sink writes to, which holds the read marks.
     pub redis: String,
+    /// The user's librdkafka properties (`-X`, `KAFKA_CONFIG_FILE`), for every client.
+    pub kafka: settings::KafkaProperties,
 }
 
 /// Why the source could not start.
@@ -65,8 +67,24 @@ pub struct SourceConfig {
 pub enum SourceError {
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("topic {topic:?} does not exist on {brokers} (scripts/services.sh start creates it)")]
+    #[error(
+        "topic {topic:?} (--topic / KAFKA_TOPIC) does not exist on {brokers} \
+         (scripts/services.sh start creates it)"
+    )]
     MissingTopic { topic: String, brokers: String },
+    #[error(
+        "no Kafka broker of {brokers} (--brokers / KAFKA_BROKER) answered within {seconds} s; \
+         check the address and any -X security settings: {reason}"
+    )]
+    Unreachable {
+        brokers: String,
+        seconds: u64,
+        reason: String,
+    },
+    #[error(
+        "cannot create a Kafka client with these properties (-X / KAFKA_CONFIG_FILE): {reason}"
+    )]
+    KafkaClient { reason: String },
     #[error(transparent)]
     ReadMarks(#[from] sink::SinkError),
 }

@@ -1,15 +1,18 @@
-//! Log output of the binary: to stderr, filtered by `RUST_LOG` (default `info`), as text or as
-//! JSON lines. Per-epoch statistics are not logs: they go to stdout (see [`crate::stats`]).
-//!
-//! The same as the ingest API's `logging` module, kept as a copy: the only crate both binaries
-//! depend on is `profile`, the data contract, which would have to take clap and
-//! tracing-subscriber (with its env-filter and json features) for these few lines.
+//! Log output of both binaries: to stderr, filtered by `RUST_LOG` (default `info`), as text or
+//! as JSON lines. The dataflow's per-epoch statistics are not logs: they go to stdout.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How log lines are written (`--log-format`, `LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object a line, for a log collector.
+    Json,
+}
 
 /// Installs the global subscriber. Text is coloured only when stderr is a terminal, so that a
 /// log file or a collector never gets escape codes.
