@@ -29,6 +29,11 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
 
+    /// PEM file of the CA certificates a rediss:// Redis's certificate must chain to, trusted
+    /// instead of the system's store (default: the system store). Needs a rediss:// URL.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Consumer group whose committed offsets say how far to replay on start (to rebuild the
     /// state) and where to read on.
     #[arg(long, env = "KAFKA_GROUP", default_value = "streamrec-dataflow")]
@@ -309,6 +314,7 @@ mod tests {
             "KAFKA_BROKER",
             "KAFKA_TOPIC",
             "REDIS_URL",
+            "REDIS_CA_FILE",
             "KAFKA_GROUP",
             "ITEM_FEATURES_PATH",
             "ITEM_TOPIC",

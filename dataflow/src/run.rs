@@ -277,10 +277,12 @@ fn worker_loop(
         max_history: config.max_history,
         dim: features.dim,
         redis: config.redis.clone(),
+        redis_ca_file: config.redis_ca_file.clone(),
     };
     let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
     let mut source = KafkaSource::new(source_config, index, peers)?;
     let mut sink_config = sink::SinkConfig::new(config.redis.clone());
+    sink_config.redis_ca_file = config.redis_ca_file.clone();
     sink_config.max_batch_records = config.redis_batch as usize;
     sink_config.fence = Some(sink::WriterFence {
         topic: config.topic.clone(),
@@ -519,8 +521,13 @@ fn agree_on_take_over(
     config: &Config,
 ) -> Result<sink::TakeOver, RunError> {
     let taken = (worker.index() == 0).then(|| {
-        sink::ReadMarks::connect(&config.redis, &config.topic, Duration::from_secs(10))
-            .and_then(|mut marks| marks.take_over())
+        sink::ReadMarks::connect_with_ca_file(
+            &config.redis,
+            config.redis_ca_file.as_deref(),
+            &config.topic,
+            Duration::from_secs(10),
+        )
+        .and_then(|mut marks| marks.take_over())
     });
     if let Some(Ok(taken)) = &taken {
         tracing::info!(

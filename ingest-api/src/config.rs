@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
 
+    /// PEM file of the CA certificates a rediss:// Redis's certificate must chain to, trusted
+    /// instead of the system's store (default: the system store). Needs a rediss:// URL.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Address to listen on (host:port).
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8000")]
     pub bind: String,
@@ -164,6 +169,7 @@ mod tests {
             "RANDOM_USER_MAX",
             "MAX_HISTORY",
             "LOG_FORMAT",
+            "REDIS_CA_FILE",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

@@ -45,6 +45,10 @@ pub enum AppError {
     /// Redis did not answer in time.
     #[error("Redis unavailable, try again later")]
     RedisUnavailable,
+    /// Redis refused the read for a reason waiting does not fix (no permission, bad
+    /// credentials): the service's configuration is wrong. The log says what Redis said.
+    #[error("Redis refused the read; the service's Redis configuration needs fixing")]
+    RedisRefused,
 }
 
 impl AppError {
@@ -61,6 +65,7 @@ impl AppError {
             AppError::BrokerUnavailable | AppError::RedisUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            AppError::RedisRefused => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -42,8 +42,13 @@ pub enum ServeError {
     Load(#[from] store::LoadError),
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
-    #[error("bad Redis URL: {0}")]
+    #[error("bad Redis URL or TLS settings: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("cannot read the Redis CA file {path}: {source}")]
+    RedisCaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -67,8 +72,18 @@ pub struct AppState {
 impl AppState {
     /// Builds the state from a configuration and an already loaded store.
     pub fn new(config: Config, store: BehaviorStore) -> Result<Self, ServeError> {
+        let ca_pem = config
+            .redis_ca_file
+            .as_deref()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| ServeError::RedisCaFile {
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
         let producer = ProfileProducer::new(&config)?;
-        let profiles = ProfileReader::new(&config.redis, Duration::from_secs(2))?;
+        let profiles = ProfileReader::new(&config.redis, ca_pem, Duration::from_secs(2))?;
         let metrics = Metrics::new(store.stats());
         Ok(AppState {
             config: Arc::new(config),

@@ -225,6 +225,7 @@ pub async fn send_kafka(
         (status = 200, description = "The profile JSON: user_id, timestamp, history_items, interest_vector, known_items, epoch", content_type = "application/json"),
         (status = 404, description = "No profile for this user", body = ErrorBody),
         (status = 422, description = "user_id over 256 bytes", body = ErrorBody),
+        (status = 500, description = "Redis refused the read (the service's ACL user or password is wrong)", body = ErrorBody),
         (status = 503, description = "Redis did not answer in time", body = ErrorBody),
     )
 )]
@@ -237,6 +238,14 @@ pub async fn user_profile(
         .get(&profile::redis_key(&user_id))
         .await
         .map_err(|error| {
+            if error.is_refusal() {
+                // A configuration fault (e.g. the ACL user lacks GET on user_profile:*): an
+                // error, and a 500, since no retry by the client helps.
+                state.log_limiter.warn(
+                    || tracing::error!(%error, "Redis refused reading a profile; check the Redis user's ACL and password"),
+                );
+                return AppError::RedisRefused;
+            }
             state
                 .log_limiter
                 .warn(|| tracing::warn!(%error, "reading a profile from Redis failed"));

@@ -57,6 +57,8 @@ pub struct SourceConfig {
     pub dim: usize,
     /// The Redis the sink writes to, which holds the read marks.
     pub redis: String,
+    /// The CA file trusted for a `rediss://` Redis (`--redis-ca-file`), if any.
+    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why the source could not start.
@@ -125,8 +127,9 @@ impl KafkaSource {
         let topics = [config.profile_topic.clone(), config.item_topic.clone()];
         let assigned = consumer::assignment(&consumer, &topics, &config.brokers, index, peers)?;
         let offsets = start::start_offsets(&consumer, &topics, &assigned)?;
-        let mut read_marks = sink::ReadMarks::connect(
+        let mut read_marks = sink::ReadMarks::connect_with_ca_file(
             &config.redis,
+            config.redis_ca_file.as_deref(),
             &config.profile_topic,
             Duration::from_secs(10),
         )?;
