@@ -31,6 +31,17 @@ pub struct Config {
     #[arg(long, env = "REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
 
+    /// File of API bearer tokens, one a line (blank lines and lines starting with # are
+    /// ignored), read at start. When set, POST /push_interest/ and /send_kafka/ require
+    /// `Authorization: Bearer <token>` with one of them.
+    #[arg(long, env = "API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+
+    /// Require a bearer token for GET /user_profile/{user_id} too (needs API_TOKENS_FILE).
+    /// /healthz, /metrics and the docs stay open either way.
+    #[arg(long, env = "API_TOKENS_FOR_READS")]
+    pub api_tokens_for_reads: bool,
+
     /// Address to listen on (host:port).
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8000")]
     pub bind: String,
@@ -112,6 +123,11 @@ impl Config {
         if self.max_history == 0 {
             return Err(ConfigError("MAX_HISTORY must be at least 1".into()));
         }
+        if self.api_tokens_for_reads && self.api_tokens_file.is_none() {
+            return Err(ConfigError(
+                "API_TOKENS_FOR_READS needs API_TOKENS_FILE (the tokens to require)".into(),
+            ));
+        }
         if !(0.0..=60_000.0).contains(&self.linger_ms) {
             return Err(ConfigError("KAFKA_LINGER_MS must be in 0..=60000".into()));
         }
@@ -155,6 +171,26 @@ mod tests {
     }
 
     #[test]
+    fn token_settings_parse_and_reads_need_a_tokens_file() {
+        let config = Config::try_parse_from([
+            "ingest-api",
+            "--api-tokens-file",
+            "tokens.txt",
+            "--api-tokens-for-reads",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.api_tokens_file.as_deref(),
+            Some(std::path::Path::new("tokens.txt"))
+        );
+        assert!(config.api_tokens_for_reads);
+        config.validate().unwrap();
+        let reads_alone = Config::try_parse_from(["ingest-api", "--api-tokens-for-reads"]).unwrap();
+        assert!(reads_alone.validate().is_err());
+        assert!(!Config::defaults().api_tokens_for_reads);
+    }
+
+    #[test]
     fn help_names_every_setting() {
         let help = <Config as clap::CommandFactory>::command()
             .render_long_help()
@@ -170,6 +206,8 @@ mod tests {
             "MAX_HISTORY",
             "LOG_FORMAT",
             "REDIS_CA_FILE",
+            "API_TOKENS_FILE",
+            "API_TOKENS_FOR_READS",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

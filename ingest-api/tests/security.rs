@@ -1,8 +1,12 @@
-//! Security of the API: profile reads as the README's Redis ACL user (`docs/redis-acl.txt`) and
-//! as that user short of GET; and over TLS with a CA file, where another CA is refused.
+//! Security of the API: bearer tokens on the write routes (and on reads when configured), with
+//! the project's JSON error body and a WWW-Authenticate challenge, in the OpenAPI description
+//! too; profile reads as the README's Redis ACL user (`docs/redis-acl.txt`) and as that user
+//! short of GET; and over TLS with a CA file, where another CA is refused.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -16,6 +20,8 @@ use testkit::security::{AclUser, Role, TlsRedis};
 use tower::ServiceExt;
 
 const BEHAVIOR: &str = "user_id,item_id,timestamp\nalice,a,20\n";
+const TOKEN: &str = "tok-3f9c2a7e51d84b06";
+const OTHER_TOKEN: &str = "second-token_with.more~chars";
 
 /// A database no other test of the workspace uses; the keys are unique anyway.
 const DB: u32 = 10;
@@ -29,11 +35,28 @@ fn offline_config() -> Config {
     config
 }
 
+fn tokens_file(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn new_state(config: Config) -> Result<AppState, ServeError> {
     AppState::new(
         config,
         BehaviorStore::from_reader(BEHAVIOR.as_bytes()).unwrap(),
     )
+}
+
+/// A state requiring [`TOKEN`] or [`OTHER_TOKEN`], for reads too if `reads`.
+fn protected(dir: &tempfile::TempDir, reads: bool) -> AppState {
+    let mut config = offline_config();
+    config.api_tokens_file = Some(tokens_file(
+        dir,
+        &format!("# the ops team's tokens\n\n{TOKEN}\n  {OTHER_TOKEN}  \n"),
+    ));
+    config.api_tokens_for_reads = reads;
+    new_state(config).unwrap()
 }
 
 async fn call(state: &AppState, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
@@ -60,6 +83,263 @@ fn request(method: &str, path: &str, authorization: Option<&str>) -> Request<Bod
         ""
     };
     builder.body(Body::from(body)).unwrap()
+}
+
+/// Checks a 401 with exactly the project's error body and a Bearer challenge; returns the
+/// message and the challenge.
+fn assert_unauthorized(status: StatusCode, headers: &HeaderMap, body: &Value) -> (String, String) {
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    let object = body.as_object().unwrap();
+    let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["message", "status"], "{body}");
+    assert_eq!(body["status"], "error");
+    let challenge = headers["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    (body["message"].as_str().unwrap().to_owned(), challenge)
+}
+
+#[tokio::test]
+async fn write_routes_need_an_accepted_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = protected(&dir, false);
+    for path in [
+        "/push_interest/",
+        "/push_interest",
+        "/send_kafka/",
+        "/send_kafka",
+    ] {
+        let (status, headers, body) = call(&state, request("POST", path, None)).await;
+        let (message, challenge) = assert_unauthorized(status, &headers, &body);
+        assert!(
+            message.contains("missing bearer token"),
+            "{path}: {message}"
+        );
+        assert!(!challenge.contains("invalid_token"), "{challenge}");
+
+        let basic = request("POST", path, Some(&format!("Basic {TOKEN}")));
+        let (status, headers, body) = call(&state, basic).await;
+        let (message, _) = assert_unauthorized(status, &headers, &body);
+        assert!(message.contains("Bearer scheme"), "{path}: {message}");
+
+        let bare = request("POST", path, Some(TOKEN));
+        let (status, headers, body) = call(&state, bare).await;
+        assert_unauthorized(status, &headers, &body);
+
+        for wrong in ["Bearer nope", &format!("Bearer {TOKEN}x"), "Bearer "] {
+            let (status, headers, body) = call(&state, request("POST", path, Some(wrong))).await;
+            let (message, challenge) = assert_unauthorized(status, &headers, &body);
+            assert_eq!(message, "invalid bearer token", "{path}");
+            assert!(
+                challenge.contains(r#"error="invalid_token""#),
+                "{challenge}"
+            );
+        }
+    }
+
+    // The right token (either of the file's, scheme in any case) gets to the handler.
+    for header in [format!("Bearer {TOKEN}"), format!("bearer {OTHER_TOKEN}")] {
+        let push = request("POST", "/push_interest/", Some(&header));
+        let (status, _, body) = call(&state, push).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["message"], "No history found");
+    }
+    let bad_body = Request::post("/send_kafka/")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Body::from("{"))
+        .unwrap();
+    let (status, _, _) = call(&state, bad_body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Paths and methods that do not exist answer as before, token or not.
+    let (status, _, _) = call(&state, request("GET", "/send_kafka/", None)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _, _) = call(&state, request("POST", "/nope", None)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn reads_are_open_unless_configured_and_health_metrics_docs_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_reads = protected(&dir, false);
+    // Past the check: Redis on port 1 is unavailable, so 503 and not 401.
+    let (status, _, body) = call(&open_reads, request("GET", "/user_profile/alice", None)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    let closed_reads = protected(&dir, true);
+    let (status, headers, body) =
+        call(&closed_reads, request("GET", "/user_profile/alice", None)).await;
+    assert_unauthorized(status, &headers, &body);
+    let wrong = request("GET", "/user_profile/alice", Some("Bearer nope"));
+    let (status, headers, body) = call(&closed_reads, wrong).await;
+    assert_unauthorized(status, &headers, &body);
+    let right = request(
+        "GET",
+        "/user_profile/alice",
+        Some(&format!("Bearer {TOKEN}")),
+    );
+    let (status, _, body) = call(&closed_reads, right).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    for path in ["/metrics", "/openapi.json", "/healthz"] {
+        let (status, _, body) = call(&closed_reads, request("GET", path, None)).await;
+        assert_ne!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_description_declares_the_bearer_scheme_where_it_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = |state: AppState| async move {
+        let (status, _, body) = call(&state, request("GET", "/openapi.json", None)).await;
+        assert_eq!(status, StatusCode::OK);
+        body
+    };
+    let bearer = serde_json::json!([{"bearer": []}]);
+
+    let writes_only = doc(protected(&dir, false)).await;
+    let scheme = &writes_only["components"]["securitySchemes"]["bearer"];
+    assert_eq!(scheme["type"], "http", "{scheme}");
+    assert_eq!(scheme["scheme"], "bearer", "{scheme}");
+    for path in ["/push_interest/", "/send_kafka/"] {
+        let operation = &writes_only["paths"][path]["post"];
+        assert_eq!(operation["security"], bearer, "{path}");
+        assert_eq!(
+            operation["responses"]["401"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ErrorBody",
+            "{path}"
+        );
+    }
+    let read = &writes_only["paths"]["/user_profile/{user_id}"]["get"];
+    assert!(read.get("security").is_none(), "{read}");
+    assert!(writes_only["paths"]["/healthz"]["get"]
+        .get("security")
+        .is_none());
+
+    let reads_too = doc(protected(&dir, true)).await;
+    assert_eq!(
+        reads_too["paths"]["/user_profile/{user_id}"]["get"]["security"],
+        bearer
+    );
+
+    let open = doc(new_state(offline_config()).unwrap()).await;
+    assert!(open["components"].get("securitySchemes").is_none());
+    assert!(open["paths"]["/send_kafka/"]["post"]
+        .get("security")
+        .is_none());
+}
+
+#[tokio::test]
+async fn an_empty_or_unreadable_tokens_file_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config();
+    config.api_tokens_file = Some(tokens_file(&dir, "# nobody yet\n\n   \n"));
+    let err = new_state(config).unwrap_err();
+    assert!(matches!(err, ServeError::Tokens(_)), "{err}");
+    assert!(err.to_string().contains("holds no token"), "{err}");
+
+    let mut config = offline_config();
+    config.api_tokens_file = Some(dir.path().join("missing"));
+    let err = new_state(config).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read the API tokens file"),
+        "{err}"
+    );
+
+    let mut config = offline_config();
+    config.api_tokens_file = Some(tokens_file(&dir, "good\nsecret-value # ops\n"));
+    let err = new_state(config).unwrap_err();
+    assert!(err.to_string().contains("line 2"), "{err}");
+    assert!(!err.to_string().contains("secret-value"), "{err}");
+}
+
+/// The binary with a tokens file at debug level: requests with wrong and right tokens leave
+/// no token in its log.
+#[tokio::test]
+async fn tokens_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("behavior.csv");
+    std::fs::write(&csv, BEHAVIOR).unwrap();
+    let tokens = tokens_file(&dir, &format!("{TOKEN}\n"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest-api"))
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .args([
+            "--brokers",
+            "127.0.0.1:1",
+            "--redis",
+            "redis://127.0.0.1:1/0",
+        ])
+        .arg("--behavior-csv")
+        .arg(&csv)
+        .arg("--api-tokens-file")
+        .arg(&tokens)
+        .env("RUST_LOG", "debug")
+        .env_remove("LOG_FORMAT")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log.iter().any(|l: &String| l.contains("listening")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        log.push(receiver.recv_timeout(left).expect("the API did not start"));
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let body = r#"{"user_id":"nobody","timestamp":20}"#;
+    for authorization in [format!("Bearer {TOKEN}"), format!("Bearer {TOKEN}-typo")] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST /push_interest/ HTTP/1.1\r\nhost: {addr}\r\nauthorization: {authorization}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response)
+            .await
+            .unwrap();
+        let response = String::from_utf8(response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 404") || response.starts_with("HTTP/1.1 401"),
+            "{response}"
+        );
+    }
+    // Let the last lines arrive, then stop it.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    log.extend(receiver.try_iter());
+    assert!(
+        log.iter().any(|l| l.contains("API bearer tokens loaded")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("request refused")),
+        "{log:#?}"
+    );
+    for line in &log {
+        assert!(!line.contains(TOKEN), "a token in the log: {line}");
+    }
 }
 
 fn api_user(without: &[&str]) -> AclUser {
