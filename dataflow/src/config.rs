@@ -22,6 +22,11 @@ pub struct Config {
     #[command(flatten)]
     pub shared: SharedArgs,
 
+    /// PEM file of the CA certificates a rediss:// Redis's certificate must chain to, trusted
+    /// instead of the system's store (default: the system store). Needs a rediss:// URL.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
     /// Consumer group whose committed offsets say how far to replay on start (to rebuild the
     /// state) and where to read on.
     #[arg(long, env = "KAFKA_GROUP", default_value = "streamrec-dataflow")]
@@ -275,6 +280,7 @@ mod tests {
             "KAFKA_BROKER",
             "KAFKA_TOPIC",
             "REDIS_URL",
+            "REDIS_CA_FILE",
             "KAFKA_GROUP",
             "ITEM_FEATURES_PATH",
             "ITEM_TOPIC",

@@ -322,6 +322,7 @@ fn worker_loop(
         dim: features.dim,
         redis: config.shared.redis.clone(),
         kafka: config.shared.kafka().clone(),
+        redis_ca_file: config.redis_ca_file.clone(),
     };
     let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
     let mut source = KafkaSource::new(source_config, index, peers)?;
@@ -329,6 +330,7 @@ fn worker_loop(
         WorkerMetrics::new(metrics.clone(), source.topics().clone(), source.assigned())
     });
     let mut sink_config = sink::SinkConfig::new(config.shared.redis.clone());
+    sink_config.redis_ca_file = config.redis_ca_file.clone();
     sink_config.max_batch_records = config.redis_batch as usize;
     sink_config.fence = Some(sink::WriterFence {
         topic: config.shared.topic.clone(),
@@ -584,8 +586,9 @@ fn agree_on_take_over(
     config: &Config,
 ) -> Result<sink::TakeOver, RunError> {
     let taken = (worker.index() == 0).then(|| {
-        sink::ReadMarks::connect(
+        sink::ReadMarks::connect_with_ca_file(
             &config.shared.redis,
+            config.redis_ca_file.as_deref(),
             &config.shared.topic,
             Duration::from_secs(10),
         )

@@ -21,6 +21,22 @@ pub struct Config {
     #[command(flatten)]
     pub shared: SharedArgs,
 
+    /// PEM file of the CA certificates a rediss:// Redis's certificate must chain to, trusted
+    /// instead of the system's store (default: the system store). Needs a rediss:// URL.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// File of API bearer tokens, one a line (blank lines and lines starting with # are
+    /// ignored), read at start. When set, POST /push_interest/ and /send_kafka/ require
+    /// `Authorization: Bearer <token>` with one of them.
+    #[arg(long, env = "API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+
+    /// Require a bearer token for GET /user_profile/{user_id} too (needs API_TOKENS_FILE).
+    /// /healthz, /metrics and the docs stay open either way.
+    #[arg(long, env = "API_TOKENS_FOR_READS")]
+    pub api_tokens_for_reads: bool,
+
     /// Address to listen on (host:port).
     #[arg(long, env = "BIND", default_value = "127.0.0.1:8000")]
     pub bind: String,
@@ -73,6 +89,12 @@ impl Config {
                 ),
             ));
         }
+        if self.api_tokens_for_reads && self.api_tokens_file.is_none() {
+            return Err(ConfigError::invalid(
+                "API_TOKENS_FOR_READS",
+                "needs API_TOKENS_FILE (the tokens to require)",
+            ));
+        }
         if !(0.0..=60_000.0).contains(&self.linger_ms) {
             return Err(ConfigError::invalid(
                 "KAFKA_LINGER_MS",
@@ -123,6 +145,26 @@ mod tests {
     }
 
     #[test]
+    fn token_settings_parse_and_reads_need_a_tokens_file() {
+        let config = Config::try_parse_from([
+            "ingest-api",
+            "--api-tokens-file",
+            "tokens.txt",
+            "--api-tokens-for-reads",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.api_tokens_file.as_deref(),
+            Some(std::path::Path::new("tokens.txt"))
+        );
+        assert!(config.api_tokens_for_reads);
+        config.validate().unwrap();
+        let reads_alone = Config::try_parse_from(["ingest-api", "--api-tokens-for-reads"]).unwrap();
+        assert!(reads_alone.validate().is_err());
+        assert!(!Config::defaults().api_tokens_for_reads);
+    }
+
+    #[test]
     fn help_names_every_setting() {
         let help = <Config as clap::CommandFactory>::command()
             .render_long_help()
@@ -140,6 +182,9 @@ mod tests {
             "MESSAGE_ENCODING",
             "KAFKA_CONFIG_FILE",
             "-X, --kafka-property",
+            "REDIS_CA_FILE",
+            "API_TOKENS_FILE",
+            "API_TOKENS_FOR_READS",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

@@ -3,13 +3,15 @@
 //! never to the client.
 
 use axum::extract::Request;
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::auth::AuthFailure;
 
 /// An error a handler returns.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,13 @@ pub enum AppError {
     /// Redis did not answer in time.
     #[error("Redis unavailable, try again later")]
     RedisUnavailable,
+    /// Redis refused the read for a reason waiting does not fix (no permission, bad
+    /// credentials): the service's configuration is wrong. The log says what Redis said.
+    #[error("Redis refused the read; the service's Redis configuration needs fixing")]
+    RedisRefused,
+    /// The route needs a bearer token and the request has no accepted one.
+    #[error("{0}")]
+    Unauthorized(AuthFailure),
 }
 
 impl AppError {
@@ -61,6 +70,8 @@ impl AppError {
             AppError::BrokerUnavailable | AppError::RedisUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            AppError::RedisRefused => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 }
@@ -82,7 +93,23 @@ impl IntoResponse for AppError {
             status: "error",
             message: self.to_string(),
         };
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let AppError::Unauthorized(failure) = self {
+            // RFC 6750 §3: the challenge, with error="invalid_token" when a token was sent
+            // and is not accepted.
+            let challenge = match failure {
+                AuthFailure::InvalidToken => {
+                    r#"Bearer realm="streamrec-ingest-api", error="invalid_token""#
+                }
+                AuthFailure::Missing | AuthFailure::WrongScheme => {
+                    r#"Bearer realm="streamrec-ingest-api""#
+                }
+            };
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        response
     }
 }
 

@@ -7,6 +7,7 @@
 //! `main` only parses configuration and calls [`run`]; tests build an [`AppState`] and drive
 //! [`app`] with `oneshot`, or [`serve`] a listener and stop it through the shutdown future.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -29,6 +30,7 @@ pub use error::AppError;
 pub use producer::Delivery;
 pub use routes::app;
 
+use auth::ApiTokens;
 use metrics::Metrics;
 use producer::ProfileProducer;
 use profiles::ProfileReader;
@@ -41,8 +43,15 @@ pub enum ServeError {
     Load(#[from] store::LoadError),
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
-    #[error("bad Redis URL: {0}")]
+    #[error("bad Redis URL or TLS settings: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("cannot read the Redis CA file {path}: {source}")]
+    RedisCaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tokens(#[from] auth::TokenFileError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -71,14 +80,40 @@ pub struct AppState {
     pub producer: ProfileProducer,
     pub profiles: Arc<ProfileReader>,
     pub metrics: Arc<Metrics>,
+    /// The accepted bearer tokens, when `API_TOKENS_FILE` is set.
+    pub tokens: Option<Arc<ApiTokens>>,
     log_limiter: Arc<LogLimiter>,
 }
 
 impl AppState {
     /// Builds the state from a configuration and an already loaded store.
     pub fn new(config: Config, store: BehaviorStore) -> Result<Self, ServeError> {
+        // The tokens first: a bad tokens file should stop the start before anything connects.
+        let tokens = config
+            .api_tokens_file
+            .as_deref()
+            .map(|path| ApiTokens::load(path, config.api_tokens_for_reads))
+            .transpose()?
+            .map(Arc::new);
+        if let Some(tokens) = &tokens {
+            tracing::info!(
+                tokens = tokens.len(),
+                reads_protected = tokens.protects_reads(),
+                "API bearer tokens loaded; the write endpoints require one"
+            );
+        }
+        let ca_pem = config
+            .redis_ca_file
+            .as_deref()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| ServeError::RedisCaFile {
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
         let producer = ProfileProducer::new(&config)?;
-        let profiles = ProfileReader::new(&config.shared.redis, Duration::from_secs(2))?;
+        let profiles = ProfileReader::new(&config.shared.redis, ca_pem, Duration::from_secs(2))?;
         let metrics = Metrics::new(store.stats());
         Ok(AppState {
             config: Arc::new(config),
@@ -86,6 +121,7 @@ impl AppState {
             producer,
             profiles: Arc::new(profiles),
             metrics: Arc::new(metrics),
+            tokens,
             log_limiter: Arc::new(LogLimiter::default()),
         })
     }

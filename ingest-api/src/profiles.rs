@@ -17,6 +17,21 @@ pub enum ProfileReadError {
     Redis(#[from] redis::RedisError),
 }
 
+impl ProfileReadError {
+    /// Whether Redis refused the read for good (a missing ACL permission, bad credentials):
+    /// retrying cannot help, the configuration must change.
+    pub fn is_refusal(&self) -> bool {
+        let Self::Redis(error) = self else {
+            return false;
+        };
+        matches!(
+            error.kind(),
+            redis::ErrorKind::AuthenticationFailed
+                | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+        ) || matches!(error.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    }
+}
+
 /// A lazily connected Redis reader.
 pub struct ProfileReader {
     client: redis::Client,
@@ -33,10 +48,26 @@ impl std::fmt::Debug for ProfileReader {
 }
 
 impl ProfileReader {
-    /// A reader for the Redis at `url`; fails only if the URL is malformed.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
+    /// A reader for the Redis at `url` (`redis://` or `rediss://`); with `ca_pem` (PEM CA
+    /// certificates, for a `rediss://` URL only) a TLS connection trusts those instead of the
+    /// system's store. Fails only if the URL or the certificates are malformed.
+    pub fn new(
+        url: &str,
+        ca_pem: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Self, redis::RedisError> {
+        let client = match ca_pem {
+            None => redis::Client::open(url)?,
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )?,
+        };
         Ok(ProfileReader {
-            client: redis::Client::open(url)?,
+            client,
             connection: OnceCell::new(),
             timeout,
         })
@@ -72,9 +103,13 @@ impl ProfileReader {
             let connection = self
                 .connection
                 .get_or_try_init(|| {
+                    // One retry: the manager's default (6, with backoff) outlasts the request's
+                    // timeout, which then hides the reason (a refused certificate, a wrong
+                    // password) behind "did not answer". The next request tries again anyway.
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(self.timeout))
-                        .set_response_timeout(Some(self.timeout));
+                        .set_response_timeout(Some(self.timeout))
+                        .set_number_of_retries(1);
                     self.client.get_connection_manager_with_config(config)
                 })
                 .await?;

@@ -1,5 +1,7 @@
 //! The HTTP routes: the original service's three endpoints plus health, metrics and API docs.
 
+use std::sync::Arc;
+
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::auth::{require_token, ApiTokens};
 use crate::error::{json_errors, AppError, ErrorBody};
 use crate::extract::{JsonBody, UserIdPath, MAX_BODY_BYTES};
 use crate::metrics::track_requests;
@@ -86,16 +89,33 @@ pub struct ApiDoc;
 
 /// The service's router. Every route is also reachable without its trailing slash, as FastAPI
 /// allowed through a redirect.
+///
+/// With bearer tokens configured, the write routes (and the profile reads, if so configured)
+/// check the `Authorization` header before anything else; health, metrics and the docs stay
+/// open so that probes, scrapers and people reading the docs need no token.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let mut writes = Router::new()
         .route("/push_interest/", post(push_interest))
         .route("/push_interest", post(push_interest))
         .route("/send_kafka/", post(send_kafka))
-        .route("/send_kafka", post(send_kafka))
-        .route("/user_profile/{user_id}", get(user_profile))
+        .route("/send_kafka", post(send_kafka));
+    let mut reads = Router::new().route("/user_profile/{user_id}", get(user_profile));
+    if let Some(tokens) = &state.tokens {
+        // route_layer: only requests that match a route are checked, so an unknown path is
+        // still 404 and a wrong method still 405.
+        let check = || middleware::from_fn_with_state(Arc::clone(tokens), require_token);
+        writes = writes.route_layer(check());
+        if tokens.protects_reads() {
+            reads = reads.route_layer(check());
+        }
+    }
+    let docs = openapi(state.tokens.as_deref());
+    Router::new()
+        .merge(writes)
+        .merge(reads)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", docs))
         .fallback(no_route)
         // After every route: it applies to the routes registered before it. The router adds the
         // Allow header to what the handler answers.
@@ -107,6 +127,65 @@ pub fn app(state: AppState) -> Router {
         ))
         .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// The name of the bearer security scheme in the OpenAPI description.
+const BEARER_SCHEME: &str = "bearer";
+
+/// The OpenAPI description: [`ApiDoc`], plus, when tokens are configured, the bearer security
+/// scheme and a 401 answer on the routes that need a token.
+pub fn openapi(tokens: Option<&ApiTokens>) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::SecurityScheme;
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement};
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+
+    let mut doc = ApiDoc::openapi();
+    let Some(tokens) = tokens else {
+        return doc;
+    };
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            BEARER_SCHEME,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("One of the tokens in the service's API_TOKENS_FILE"))
+                    .build(),
+            ),
+        );
+    let unauthorized = ResponseBuilder::new()
+        .description("Missing or invalid bearer token; the WWW-Authenticate header says which")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    let mut protected = vec!["/push_interest/", "/send_kafka/"];
+    if tokens.protects_reads() {
+        protected.push("/user_profile/{user_id}");
+    }
+    for path in protected {
+        let Some(item) = doc.paths.paths.get_mut(path) else {
+            continue;
+        };
+        for operation in [item.get.as_mut(), item.post.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            operation.security = Some(vec![SecurityRequirement::new(
+                BEARER_SCHEME,
+                Vec::<String>::new(),
+            )]);
+            operation
+                .responses
+                .responses
+                .insert("401".into(), unauthorized.clone().into());
+        }
+    }
+    doc
 }
 
 /// Any path no route matches.
@@ -225,6 +304,7 @@ pub async fn send_kafka(
         (status = 200, description = "The profile JSON: user_id, timestamp, history_items, interest_vector, known_items, epoch", content_type = "application/json"),
         (status = 404, description = "No profile for this user", body = ErrorBody),
         (status = 422, description = "user_id over 256 bytes", body = ErrorBody),
+        (status = 500, description = "Redis refused the read (the service's ACL user or password is wrong)", body = ErrorBody),
         (status = 503, description = "Redis did not answer in time", body = ErrorBody),
     )
 )]
@@ -237,6 +317,14 @@ pub async fn user_profile(
         .get(&profile::redis_key(&user_id))
         .await
         .map_err(|error| {
+            if error.is_refusal() {
+                // A configuration fault (e.g. the ACL user lacks GET on user_profile:*): an
+                // error, and a 500, since no retry by the client helps.
+                state.log_limiter.warn(
+                    || tracing::error!(%error, "Redis refused reading a profile; check the Redis user's ACL and password"),
+                );
+                return AppError::RedisRefused;
+            }
             state
                 .log_limiter
                 .warn(|| tracing::warn!(%error, "reading a profile from Redis failed"));

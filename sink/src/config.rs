@@ -1,6 +1,9 @@
 //! Settings of the Redis sink, with the defaults the dataflow uses.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use redis::{Client, TlsCertificates};
 
 use crate::SinkError;
 
@@ -13,9 +16,13 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 /// Redis URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkConfig {
-    /// Redis to write to, as a `redis://[user:password@]host:port/db` URL
-    /// (default `redis://127.0.0.1:6379/0`).
+    /// Redis to write to, as a `redis://[user:password@]host:port/db` URL, or `rediss://...`
+    /// for TLS (default `redis://127.0.0.1:6379/0`).
     pub redis_url: String,
+    /// PEM file of the CA certificates that a `rediss://` server's certificate must chain to,
+    /// trusted instead of the system's store (default none: the system store). Read when the
+    /// sink connects.
+    pub redis_ca_file: Option<PathBuf>,
     /// Most records in one batch, i.e. in one execution of the write script (default 512).
     /// A script execution blocks Redis for its whole duration, so this also bounds the latency
     /// other clients see while a batch runs.
@@ -71,6 +78,7 @@ impl Default for SinkConfig {
     fn default() -> Self {
         Self {
             redis_url: DEFAULT_REDIS_URL.to_owned(),
+            redis_ca_file: None,
             max_batch_records: 512,
             max_batch_bytes: 1024 * 1024,
             pipeline_depth: 2,
@@ -119,6 +127,27 @@ impl SinkConfig {
     }
 }
 
+/// A Redis client for `url` (`redis://` or `rediss://`). With `ca_file`, a TLS connection trusts
+/// the CA certificates in that PEM file instead of the system's store; `ca_file` needs a
+/// `rediss://` URL.
+///
+/// Only builds the client: nothing is sent until a connection is made.
+pub fn redis_client(url: &str, ca_file: Option<&Path>) -> Result<Client, SinkError> {
+    // The redis crate's URL errors do not repeat the URL, which may hold a password.
+    let Some(ca_file) = ca_file else {
+        return Client::open(url).map_err(|e| SinkError::Config(format!("redis_url: {e}")));
+    };
+    let ca = std::fs::read(ca_file)
+        .map_err(|e| SinkError::Config(format!("Redis CA file {}: {e}", ca_file.display())))?;
+    let certificates = TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca),
+    };
+    Client::build_with_tls(url, certificates).map_err(|e| {
+        SinkError::Config(format!("Redis with the CA file {}: {e}", ca_file.display()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,7 +162,38 @@ mod tests {
         assert_eq!(c.retry_max_backoff, Duration::from_secs(5));
         assert_eq!(c.max_retries, None);
         assert_eq!(c.io_timeout, Duration::from_secs(5));
+        assert_eq!(c.redis_ca_file, None);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_ca_file_must_exist_parse_and_go_with_rediss() {
+        let missing = Path::new("/nonexistent/streamrec-ca.pem");
+        let err = redis_client("rediss://127.0.0.1:6380/0", Some(missing)).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/streamrec-ca.pem"),
+            "{err}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("sink-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = redis_client("rediss://127.0.0.1:6380/0", Some(&garbage)).unwrap_err();
+        assert!(matches!(err, SinkError::Config(_)), "{err}");
+
+        // A CA file says TLS; a plain URL with one is a mistake, not something to ignore.
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = redis_client("redis://127.0.0.1:6379/0", Some(&empty)).unwrap_err();
+        assert!(err.to_string().contains("rediss://"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        redis_client("rediss://127.0.0.1:6380/0", None).unwrap();
     }
 
     #[test]

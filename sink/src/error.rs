@@ -15,7 +15,7 @@ pub enum SinkError {
 
     /// The first connection (or its `SCRIPT LOAD`) failed. `connect` does not retry, so that a
     /// wrong URL shows up at start instead of as an endless retry loop.
-    #[error("cannot connect to Redis at {addr}: {source}")]
+    #[error("cannot connect to Redis at {addr}: {source}{hint}", hint = hint(source))]
     Connect {
         /// Host and port (no password).
         addr: String,
@@ -37,7 +37,7 @@ pub enum SinkError {
 
     /// Redis refused a batch for a reason that waiting cannot fix (wrong key type, missing
     /// permission, authentication, a failing script), so the sink does not retry it.
-    #[error("Redis refused the write permanently: {0}")]
+    #[error("Redis refused the write permanently: {0}{hint}", hint = hint(.0))]
     Permanent(#[source] RedisError),
 
     /// A newer run of the dataflow took over this topic's profiles (see
@@ -54,7 +54,7 @@ pub enum SinkError {
     },
 
     /// Reading or raising the read marks failed (see `ReadMarks`); the caller retries.
-    #[error("Redis read marks: {0}")]
+    #[error("Redis read marks: {0}{hint}", hint = hint(.0))]
     ReadMarks(#[source] RedisError),
 
     /// Redis answered a batch with something other than its expected reply (a skip count for
@@ -78,6 +78,26 @@ pub enum SinkError {
         #[source]
         last_error: RedisError,
     },
+}
+
+/// What to look at, for the two failures whose fix is a setting: a missing ACL permission and
+/// a server certificate no trusted CA signed.
+fn hint(err: &RedisError) -> &'static str {
+    // Inside a script Redis reports a refused command as a script error, and the redis crate
+    // wraps a refused SELECT in a connection error: both only say so in words.
+    let message = err.to_string();
+    if err.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+        || message.contains("can't run this command")
+        || message.contains("no permissions to run")
+    {
+        " (the Redis user lacks an ACL permission: the README's Redis ACL section lists what \
+         the dataflow needs)"
+    } else if message.contains("invalid peer certificate") {
+        " (the server's TLS certificate does not chain to a trusted CA: name its CA with \
+         --redis-ca-file or REDIS_CA_FILE)"
+    } else {
+        ""
+    }
 }
 
 /// Whether a failed attempt is worth repeating.

@@ -29,7 +29,7 @@ mod service;
 
 use std::sync::Arc;
 
-pub use config::{SinkConfig, WriterFence, DEFAULT_REDIS_URL};
+pub use config::{redis_client, SinkConfig, WriterFence, DEFAULT_REDIS_URL};
 pub use encode::{encode_profile, EncodedProfile, ProfileRecord};
 pub use error::SinkError;
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot};

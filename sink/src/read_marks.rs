@@ -37,6 +37,7 @@
 //! Emptying the database (FLUSHDB) removes the marks with the values, which is consistent.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use redis::{Client, Connection, RedisError, Script};
@@ -161,8 +162,18 @@ impl ReadMarks {
     /// Connects to the Redis at `redis_url` (the sink's), for the marks of `topic`. Does not
     /// retry, like [`RedisSink::connect`](crate::RedisSink::connect).
     pub fn connect(redis_url: &str, topic: &str, io_timeout: Duration) -> Result<Self, SinkError> {
-        let client =
-            Client::open(redis_url).map_err(|e| SinkError::Config(format!("redis_url: {e}")))?;
+        Self::connect_with_ca_file(redis_url, None, topic, io_timeout)
+    }
+
+    /// [`connect`](Self::connect) trusting the CA certificates in `ca_file` for a `rediss://`
+    /// URL, as [`SinkConfig::redis_ca_file`](crate::SinkConfig::redis_ca_file) does.
+    pub fn connect_with_ca_file(
+        redis_url: &str,
+        ca_file: Option<&Path>,
+        topic: &str,
+        io_timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let client = crate::config::redis_client(redis_url, ca_file)?;
         let mut marks = Self {
             client,
             conn: None,

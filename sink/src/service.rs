@@ -107,8 +107,8 @@ impl Service {
         metrics: Arc<SinkMetrics>,
     ) -> Result<Self, SinkError> {
         config.validate()?;
-        let client = Client::open(config.redis_url.as_str())
-            .map_err(|e| SinkError::Config(format!("redis_url: {e}")))?;
+        let client =
+            crate::config::redis_client(&config.redis_url, config.redis_ca_file.as_deref())?;
         let mut service = Self {
             client,
             conn: None,

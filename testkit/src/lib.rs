@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod security;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 

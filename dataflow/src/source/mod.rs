@@ -60,6 +60,8 @@ pub struct SourceConfig {
     pub redis: String,
     /// The user's librdkafka properties (`-X`, `KAFKA_CONFIG_FILE`), for every client.
     pub kafka: settings::KafkaProperties,
+    /// The CA file trusted for a `rediss://` Redis (`--redis-ca-file`), if any.
+    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why the source could not start.
@@ -150,8 +152,9 @@ impl KafkaSource {
         let topics = [config.profile_topic.clone(), config.item_topic.clone()];
         let assigned = consumer::assignment(&consumer, &topics, &config.brokers, index, peers)?;
         let offsets = start::start_offsets(&consumer, &topics, &assigned)?;
-        let mut read_marks = sink::ReadMarks::connect(
+        let mut read_marks = sink::ReadMarks::connect_with_ca_file(
             &config.redis,
+            config.redis_ca_file.as_deref(),
             &config.profile_topic,
             Duration::from_secs(10),
         )?;
