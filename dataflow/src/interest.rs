@@ -262,11 +262,16 @@ impl InterestState {
                     let version = users.new_version(user);
                     self.holders.join(user, version, &profile.history);
                     let user_id = SmolStr::new(users.id(user));
+                    // The old history's ids, for its retraction, are as scattered as the new
+                    // one's rows: touched first, their misses overlap with the vector's.
+                    if let Some(old) = old {
+                        items.touch_ids(&old.history);
+                    }
+                    let new = interest_vector(&items, &profile.history, self.params);
                     // The old profile's value was recorded when it was inserted.
                     if let Some((old, vector)) = old.zip(self.outputs.get(user)) {
                         emit((user_interest(&items, &user_id, old, vector), epoch, -1));
                     }
-                    let new = interest_vector(&items, &profile.history, self.params);
                     self.outputs.set(user, &new.vector, new.known_items);
                     let vector = (&new.vector[..], new.known_items);
                     emit((user_interest(&items, &user_id, profile, vector), epoch, 1));

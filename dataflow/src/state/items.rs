@@ -153,6 +153,15 @@ impl ItemTable {
         std::hint::black_box(touch);
     }
 
+    /// Loads the lines of the items' ids, as [`touch_rows`](Self::touch_rows) does with their
+    /// features too.
+    pub fn touch_ids(&self, history: &[ItemIndex]) {
+        let touch = history.iter().fold(0usize, |touch, &item| {
+            touch.wrapping_add(self.ids[item as usize].len())
+        });
+        std::hint::black_box(touch);
+    }
+
     /// The item's features, if it has any.
     pub fn features(&self, item: ItemIndex) -> Option<&[f32]> {
         let item = item as usize;
