@@ -28,6 +28,8 @@
 //! it go plain. The argument above would allow it too, but one epoch costs nothing, and it
 //! keeps a state the argument excludes (a value in Redis newer than every message of the topic
 //! below the mark) from being overwritten by a message read in that epoch.
+//!
+//! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
 use std::collections::BTreeMap;
 

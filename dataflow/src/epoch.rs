@@ -6,6 +6,8 @@
 //! of `--epoch-ms`), and the `epoch` stored in Redis tells when the value was produced. The
 //! dataflow's timestamps are the epochs' [`Epoch::time`], every replay epoch before every live
 //! one; [`Epoch::at`] reads a timestamp back.
+//!
+//! Epochs and the offset ledger in the whole: docs/architecture.md#epochs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -19,6 +19,8 @@
 //! Each value goes with how to write it: checked (through the no-regression script) until every
 //! worker has said it caught up with the read marks (see [`crate::catch_up`]), plain for epochs
 //! after the last of those.
+//!
+//! The sink's stages and write modes: docs/architecture.md#the-sink and #write-safety.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

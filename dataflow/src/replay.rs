@@ -13,6 +13,8 @@
 //! meets every feature update read before it.
 //!
 //! [`Replay`] is the bookkeeping: where each partition's replay ends, and when it is done.
+//!
+//! The replay in the whole: docs/architecture.md#replay-on-restart.
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,8 @@
 //! The worker loop, in one place: read a capped batch from Kafka into the open epoch, advance
 //! the inputs when the clock moves to the next epoch, step the dataflow, and commit the offsets
 //! of every epoch the probe says is durable in Redis.
+//!
+//! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};

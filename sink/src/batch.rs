@@ -8,6 +8,8 @@
 //! measures what actually goes over the wire. A plain batch keeps where each record lies in it,
 //! so that a retry can resend it as a checked batch ([`Batch::make_checked`]) without encoding
 //! anything again.
+//!
+//! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
 use crate::encode::{check, encode_profile_into, estimated_len, EncodedProfile, ProfileRecord};
 use crate::{SinkError, WriteMode};

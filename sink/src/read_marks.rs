@@ -35,6 +35,8 @@
 //! ACL without CLIENT) writes nothing plain.
 //!
 //! Emptying the database (FLUSHDB) removes the marks with the values, which is consistent.
+//!
+//! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
 use std::collections::BTreeMap;
 use std::path::Path;

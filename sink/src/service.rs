@@ -27,6 +27,8 @@
 //! run and checks, before any batch, that no newer run has taken over: a newer run ends the
 //! older run's connections (`ReadMarks::take_over`), so an older run can write again only on a
 //! new connection, and that one refuses with [`SinkError::Fenced`].
+//!
+//! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
