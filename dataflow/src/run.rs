@@ -231,8 +231,9 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
     // Before any worker takes over Redis (which ends an older run's writers): a run that cannot
     // reach Redis with these credentials, or cannot read its topic, must change nothing.
     // Connecting reads and writes nothing; Redis first, as it answers at once either way.
-    drop(sink::ReadMarks::connect(
+    drop(sink::ReadMarks::connect_with_ca_file(
         &config.shared.redis,
+        config.redis_ca_file.as_deref(),
         &config.shared.topic,
         Duration::from_secs(10),
     )?);
