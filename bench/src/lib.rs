@@ -10,8 +10,8 @@
 pub mod broker;
 pub mod chart;
 pub mod cpu;
+pub mod dataflow_core;
 pub mod e2e;
-pub mod memory;
 pub mod paced;
 pub mod redis_write;
 pub mod summary;

@@ -425,14 +425,14 @@ fn in_memory(args: &Args) -> anyhow::Result<()> {
     if args.workers > 1 {
         workers.push(args.workers);
     }
-    let config = bench::memory::ScalingConfig {
+    let config = bench::dataflow_core::ScalingConfig {
         epoch_messages: 10_000,
         workers,
         runs: 3,
         max_history: profile::DEFAULT_MAX_HISTORY,
         decay: profile::DEFAULT_DECAY,
     };
-    let scaling = bench::memory::scaling(&workload, &config).context("in-memory scaling")?;
+    let scaling = bench::dataflow_core::scaling(&workload, &config).context("in-memory scaling")?;
     println!("{}", scaling.table());
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // a panic in a test is a test failure
 
-use bench::memory::{incremental, item_update, scaling, EpochConfig, ScalingConfig};
+use bench::dataflow_core::{incremental, item_update, scaling, EpochConfig, ScalingConfig};
 use bench::workload::{Workload, WorkloadConfig};
 
 fn workload() -> WorkloadConfig {

@@ -1,4 +1,4 @@
-//! The dataflow, in one function that every driver (Kafka in `run.rs`, memory in `memory.rs`)
+//! The dataflow, in one function that every driver (Kafka in `run.rs`, in memory in `in_memory.rs`)
 //! builds:
 //!
 //! ```text

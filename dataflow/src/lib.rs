@@ -6,7 +6,7 @@
 //! current values of differential arrangements (latest wins), [`state`] holds the profile and
 //! features arrangements and the hand-made tables beside them, [`interest`] reads the
 //! arrangements and emits each changed user's value, and [`output`] turns complete epochs into
-//! final values for a writer. [`memory`] drives the same core from memory and
+//! final values for a writer. [`in_memory`] drives the same core from memory and
 //! [`reference`](mod@reference) is the plain sequential contract it is tested against.
 //! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
 //! start, [`catch_up`] says when values may be written without the no-regression check, and
@@ -17,9 +17,9 @@ pub mod config;
 pub mod epoch;
 pub mod features;
 pub mod graph;
+pub mod in_memory;
 pub mod interest;
 mod key_index;
-pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod output;

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use dataflow::in_memory::{run_in_memory, EpochInput, MemoryRun};
 use dataflow::interest::InterestParams;
-use dataflow::memory::{run_in_memory, EpochInput, MemoryRun};
 use dataflow::model::{
     EncodedProfile, FeatureEvent, FeatureVector, ProfileEvent, ReadPosition, UserInterest,
 };

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use bench::memory::{EpochConfig, ScalingConfig};
+use bench::dataflow_core::{EpochConfig, ScalingConfig};
 use bench::workload::{Workload, WorkloadConfig};
 use clap::{Parser, ValueEnum};
 
@@ -100,12 +100,13 @@ fn main() -> anyhow::Result<()> {
                     max_history: args.max_history,
                     decay: args.decay,
                 };
-                let scaling = bench::memory::scaling(&workload, &config).context("scaling")?;
+                let scaling =
+                    bench::dataflow_core::scaling(&workload, &config).context("scaling")?;
                 println!("{}", scaling.table());
                 report.insert("scaling".into(), serde_json::to_value(scaling)?);
             }
             Mode::Incremental => {
-                let incremental = bench::memory::incremental(
+                let incremental = bench::dataflow_core::incremental(
                     &args.workload,
                     &args.states,
                     args.changed_users,
@@ -116,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                 report.insert("incremental".into(), serde_json::to_value(incremental)?);
             }
             Mode::ItemUpdate => {
-                let item_update = bench::memory::item_update(
+                let item_update = bench::dataflow_core::item_update(
                     &args.workload,
                     args.item_users,
                     &args.holders,

@@ -1,4 +1,4 @@
-//! The dataflow core alone, driven from memory through [`dataflow::memory::run_in_memory_with`]:
+//! The dataflow core alone, driven from memory through [`dataflow::in_memory::run_in_memory_with`]:
 //! no broker, no Redis, so what is measured is the interest operator and its state. Three
 //! measurements:
 //! - [`scaling`]: the benchmark workload's throughput on each worker count;
@@ -12,8 +12,8 @@
 
 use std::time::Duration;
 
+use dataflow::in_memory::{run_in_memory_with, EpochInput, MemoryOptions, TimedRun};
 use dataflow::interest::InterestParams;
-use dataflow::memory::{run_in_memory_with, EpochInput, MemoryOptions, TimedRun};
 use dataflow::model::{id_key, FeatureEvent, FeatureVector, ProfileEvent, ReadPosition};
 use rand::distr::weighted::WeightedIndex;
 use rand::distr::Distribution;
