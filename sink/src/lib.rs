@@ -44,6 +44,31 @@ pub const WRITE_SCRIPT: &str = service::WRITE_SCRIPT;
 /// Largest timestamp and epoch the script compares exactly (Lua numbers are doubles).
 pub const MAX_EXACT: u64 = 1 << 53;
 
+/// Frames `profiles` into the commands [`RedisSink::write_encoded`] would send, with the
+/// default batch limits, and returns their total size in bytes: the writer thread's share of
+/// the work before the socket, for `benches/framing.rs`. Not part of the API.
+#[doc(hidden)]
+pub fn frame_for_bench(profiles: &[EncodedProfile], mode: WriteMode) -> usize {
+    let config = SinkConfig::default();
+    let mut batcher = Batcher::new(
+        config.max_batch_records,
+        config.max_batch_bytes,
+        "0123456789012345678901234567890123456789",
+    );
+    batcher.set_mode(mode);
+    let mut bytes = 0;
+    for profile in profiles {
+        if let Ok(Pushed {
+            sealed: Some(batch),
+            ..
+        }) = batcher.push_encoded(profile)
+        {
+            bytes += batch.packed.len();
+        }
+    }
+    bytes + batcher.seal().map_or(0, |batch| batch.packed.len())
+}
+
 /// How a write guards a key against going back in time (semantics §6).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WriteMode {
