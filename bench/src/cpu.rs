@@ -12,51 +12,40 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
+use procfs::process::{Process, Stat};
+use procfs::{CpuTime, CurrentSI, KernelStats};
 use serde::{Deserialize, Serialize};
-
-/// Clock ticks per second of the times in /proc: Linux's `USER_HZ`, fixed at 100 by its ABI.
-const USER_HZ: f64 = 100.0;
 
 /// CPU seconds (user and system) process `pid` has used so far, all its threads included.
 pub fn process_seconds(pid: u32) -> Option<f64> {
-    parse_process_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    let stat = Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok()?;
+    Some(process_busy_ticks(&stat) as f64 / procfs::ticks_per_second() as f64)
 }
 
-/// `utime` + `stime` of a /proc/<pid>/stat line, in seconds.
-fn parse_process_stat(stat: &str) -> Option<f64> {
-    // The command name, in parentheses, may hold spaces: the fields are counted after it.
-    // utime and stime are fields 14 and 15 of the line, so 12 and 13 after the name.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
+/// `utime` + `stime` of a process, in clock ticks.
+fn process_busy_ticks(stat: &Stat) -> u64 {
+    stat.utime + stat.stime
 }
 
 /// CPU seconds the whole machine has been busy so far (every core, anything but idle and
 /// waiting for I/O).
 pub fn machine_busy_seconds() -> Option<f64> {
-    parse_machine_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+    let stats = KernelStats::current().ok()?;
+    Some(machine_busy_ticks(&stats.total) as f64 / procfs::ticks_per_second() as f64)
 }
 
-fn parse_machine_stat(stat: &str) -> Option<f64> {
-    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|field| field.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
-    let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks.get(3)? - ticks.get(4)?;
-    Some(busy as f64 / USER_HZ)
+/// The busy ticks of the machine's total line: guest time is already counted in user and nice.
+fn machine_busy_ticks(total: &CpuTime) -> u64 {
+    let optional = [total.irq, total.softirq, total.steal];
+    total.user + total.nice + total.system + optional.iter().flatten().sum::<u64>()
 }
 
 /// The process of the Redis server at `url`, if it runs on this machine: the `process_id` of
 /// its `INFO server`, if this machine's process of that id is a Redis server.
 pub fn local_redis_pid(url: &str) -> Option<u32> {
     let pid = redis_pid(url).ok()?;
-    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    name.starts_with("redis").then_some(pid)
+    let stat = Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok()?;
+    stat.comm.starts_with("redis").then_some(pid)
 }
 
 /// The process id of the Redis server at `url` (`process_id` in its `INFO server`).
@@ -229,21 +218,28 @@ impl CpuPerMessage {
 
 #[cfg(test)]
 mod tests {
+    use procfs::{FromRead, FromReadSI};
+
     use super::*;
 
     #[test]
-    fn parses_a_process_stat_line_whose_name_holds_spaces_and_parens() {
+    fn reads_a_process_stat_line_whose_name_holds_spaces_and_parens() {
         let line = "4242 (timely work) 1) S 1 4242 4242 0 -1 4194304 100 0 0 0 \
-                    350 42 0 0 20 0 6 0 123 456 789";
-        assert_eq!(parse_process_stat(line), Some(3.92));
-        assert_eq!(parse_process_stat("4242 (x) S 1 2"), None);
+                    350 42 0 0 20 0 6 0 123 456 789 18446744073709551615 1 1 0 0 0 0 0 \
+                    0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
+        let stat = Stat::from_read(line.as_bytes()).unwrap();
+        assert_eq!(stat.comm, "timely work) 1");
+        assert_eq!(process_busy_ticks(&stat), 392);
+        assert!(Stat::from_read("4242 (x) S 1 2".as_bytes()).is_err());
         assert!(process_seconds(std::process::id()).is_some());
     }
 
     #[test]
     fn machine_busy_time_leaves_out_idle_and_iowait() {
-        let stat = "cpu  100 5 50 1000 30 2 3 10 0 0\ncpu0 50 2 25 500 15 1 1 5 0 0\n";
-        assert_eq!(parse_machine_stat(stat), Some(1.7));
+        let stat = "cpu  100 5 50 1000 30 2 3 10 0 0\ncpu0 50 2 25 500 15 1 1 5 0 0\n\
+                    ctxt 1\nbtime 1\nprocesses 1\n";
+        let stats = KernelStats::from_read(stat.as_bytes(), procfs::current_system_info()).unwrap();
+        assert_eq!(machine_busy_ticks(&stats.total), 170);
         assert!(machine_busy_seconds().is_some());
     }
 
