@@ -18,11 +18,10 @@ pub mod routes;
 pub mod store;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use profile::ProfileMessageRef;
+use profile::{ProfileMessageRef, RateLimit};
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -82,7 +81,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The accepted bearer tokens, when `API_TOKENS_FILE` is set.
     pub tokens: Option<Arc<ApiTokens>>,
-    log_limiter: Arc<LogLimiter>,
+    /// The warnings of failed requests (publish, profile read, health check), at most one a
+    /// second: a broker or Redis outage under load fails every request.
+    warnings: Arc<RateLimit>,
 }
 
 impl AppState {
@@ -122,7 +123,7 @@ impl AppState {
             profiles: Arc::new(profiles),
             metrics: Arc::new(metrics),
             tokens,
-            log_limiter: Arc::new(LogLimiter::default()),
+            warnings: Arc::new(RateLimit::per_second()),
         })
     }
 
@@ -179,29 +180,11 @@ impl AppState {
             }
             Err(error) => {
                 self.metrics.publish_failures.inc();
-                self.log_limiter.warn(
-                    || tracing::warn!(%error, topic = self.producer.topic(), "publish failed"),
-                );
+                if let Some(suppressed) = self.warnings.allow() {
+                    tracing::warn!(%error, topic = self.producer.topic(), suppressed, "publish failed");
+                }
                 Err(AppError::BrokerUnavailable)
             }
-        }
-    }
-}
-
-/// Lets through at most one log line a second, so that a broker outage under load does not
-/// flood the log.
-#[derive(Debug, Default)]
-struct LogLimiter {
-    last_second: AtomicU64,
-}
-
-impl LogLimiter {
-    fn warn(&self, log: impl FnOnce()) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if self.last_second.swap(now, Ordering::Relaxed) != now {
-            log();
         }
     }
 }

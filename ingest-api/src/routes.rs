@@ -320,14 +320,18 @@ pub async fn user_profile(
             if error.is_refusal() {
                 // A configuration fault (e.g. the ACL user lacks GET on user_profile:*): an
                 // error, and a 500, since no retry by the client helps.
-                state.log_limiter.warn(
-                    || tracing::error!(%error, "Redis refused reading a profile; check the Redis user's ACL and password"),
-                );
+                if let Some(suppressed) = state.warnings.allow() {
+                    tracing::error!(
+                        %error,
+                        suppressed,
+                        "Redis refused reading a profile; check the Redis user's ACL and password"
+                    );
+                }
                 return AppError::RedisRefused;
             }
-            state
-                .log_limiter
-                .warn(|| tracing::warn!(%error, "reading a profile from Redis failed"));
+            if let Some(suppressed) = state.warnings.allow() {
+                tracing::warn!(%error, suppressed, "reading a profile from Redis failed");
+            }
             AppError::RedisUnavailable
         })?;
     match value {
@@ -357,9 +361,9 @@ pub async fn healthz(State(state): State<AppState>) -> Result<Json<HealthRespons
             partitions: health.partitions,
         })),
         Err(error) => {
-            state.log_limiter.warn(
-                || tracing::warn!(%error, topic = state.producer.topic(), "health check failed"),
-            );
+            if let Some(suppressed) = state.warnings.allow() {
+                tracing::warn!(%error, topic = state.producer.topic(), suppressed, "health check failed");
+            }
             Err(AppError::BrokerUnavailable)
         }
     }

@@ -1,12 +1,14 @@
 //! The streamrec data contract in code, shared by every component so that no crate parses or
 //! computes a profile on its own: the profile message and its codecs (JSON by default, bincode 1.3
 //! as an option) with the validation rules of semantics §2, the item-feature message of §3, the
-//! history order and window of §1, the interest-vector formula of §5 and the Redis key of §6.
+//! history order and window of §1, the interest-vector formula of §5 and the Redis key of §6; and
+//! the rate limit every component's warnings go through.
 
 mod fast_json;
 mod history;
 mod item;
 mod message;
+mod rate_limit;
 mod vector;
 
 pub use history::{history_order, history_window, keep_last};
@@ -17,6 +19,7 @@ pub use message::{
     validate_timestamp, validate_user_id, Encoding, InvalidMessage, ProfileMessage,
     ProfileMessageRef, ProfileMessageView, MAX_HISTORY_ITEMS, MAX_TIMESTAMP, MAX_USER_ID_BYTES,
 };
+pub use rate_limit::RateLimit;
 pub use vector::{interest_vector, InterestVector};
 
 /// Default number of history items kept per user (semantics §1, §4).

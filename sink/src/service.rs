@@ -32,8 +32,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use profile::RateLimit;
 use redis::{Client, Connection, RedisError, Script, Value};
 
 use crate::batch::Batch;
@@ -127,8 +128,8 @@ impl Service {
             max_backoff: config.retry_max_backoff,
             max_retries: config.max_retries,
             metrics,
-            warnings: RateLimit::new(Duration::from_secs(1)),
-            rejections: RateLimit::new(Duration::from_secs(1)),
+            warnings: RateLimit::per_second(),
+            rejections: RateLimit::per_second(),
         };
         let conn = service.open().map_err(|error| match error {
             AttemptError::Fenced { ours, current } => SinkError::Fenced { ours, current },
@@ -441,39 +442,6 @@ fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
     initial.checked_mul(factor).map_or(max, |d| d.min(max))
 }
 
-/// Lets one event through per `period` and counts the rest, so that a Redis outage with
-/// retries every 50 ms logs about once a second.
-#[derive(Debug)]
-struct RateLimit {
-    period: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn new(period: Duration) -> Self {
-        Self {
-            period,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(events suppressed since the last one let through)`, or `None` to stay quiet.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,15 +486,5 @@ mod tests {
         assert!(parse_rejections(reply[..2].to_vec(), 2).is_err());
         assert!(parse_rejections(vec![Value::Int(0), bulk("other:u1"), bulk("E")], 2).is_err());
         assert!(parse_rejections(vec![Value::Int(0)], 2).is_err());
-    }
-
-    #[test]
-    fn rate_limit_lets_one_through_per_period_and_counts_the_rest() {
-        let mut limit = RateLimit::new(Duration::from_millis(50));
-        assert_eq!(limit.allow(), Some(0));
-        assert_eq!(limit.allow(), None);
-        assert_eq!(limit.allow(), None);
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(limit.allow(), Some(2));
     }
 }

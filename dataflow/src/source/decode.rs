@@ -1,11 +1,10 @@
 //! Turning a Kafka message into an event: decoding and validating it (semantics §2, §3), and
-//! copying an invalid one to the dead-letter topic with why and where it was read. Also the
-//! rate limit on the source's warnings, so a stream of bad messages cannot flood the log.
+//! copying an invalid one to the dead-letter topic with why and where it was read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use profile::{ItemFeaturesMessage, ProfileMessageView};
+use profile::{ItemFeaturesMessage, ProfileMessageView, RateLimit};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -99,22 +98,23 @@ impl ProducerContext for DlqContext {
 pub(super) fn dead_letter(
     dlq: &ThreadedProducer<DlqContext>,
     dlq_topic: &str,
-    warnings: &mut Warnings,
+    warnings: &RateLimit,
     message: &BorrowedMessage<'_>,
     invalid: &Invalid,
 ) {
     let (kind, reason) = (invalid.kind, invalid.reason.as_str());
     let partition = message.partition().to_string();
     let offset = message.offset().to_string();
-    warnings.warn(|| {
+    if let Some(suppressed) = warnings.allow() {
         tracing::warn!(
             topic = message.topic(),
             partition = message.partition(),
             offset = message.offset(),
             reason,
+            suppressed,
             "invalid message sent to the dead-letter topic"
-        )
-    });
+        );
+    }
     let headers = OwnedHeaders::new()
         .insert(Header {
             key: "streamrec.reason",
@@ -184,33 +184,6 @@ fn send_waiting(dlq: &ThreadedProducer<DlqContext>, mut record: BaseRecord<'_, [
                 tracing::error!(%error, "cannot queue a dead-letter copy");
                 break;
             }
-        }
-    }
-}
-
-/// Lets through at most one warning a second, counting the rest, so a stream of bad messages
-/// or a broker outage cannot flood the log.
-#[derive(Debug, Default)]
-pub(super) struct Warnings {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Warnings {
-    pub(super) fn warn(&mut self, log: impl FnOnce()) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
-        {
-            if self.suppressed > 0 {
-                tracing::warn!(suppressed = self.suppressed, "similar warnings suppressed");
-                self.suppressed = 0;
-            }
-            self.last = Some(now);
-            log();
-        } else {
-            self.suppressed += 1;
         }
     }
 }

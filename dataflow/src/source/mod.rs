@@ -17,8 +17,7 @@
 //! in its submodules:
 //! - `consumer`: the librdkafka consumer and dead-letter producer with their options, and which
 //!   partitions a worker reads ([`assigned_partitions`]);
-//! - `decode`: a message to an event, validation, dead-letter copies of invalid messages, and
-//!   the rate limit on the source's warnings;
+//! - `decode`: a message to an event, validation, dead-letter copies of invalid messages;
 //! - `start`: each partition's offsets at start, and the replay and catch-up plans made from
 //!   them.
 
@@ -30,7 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use profile::Encoding;
+use profile::{Encoding, RateLimit};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ThreadedProducer};
@@ -38,7 +37,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use self::consumer::SourceContext;
 pub use self::consumer::{assigned_partitions, check_profile_topic};
-use self::decode::{DlqContext, Event, Warnings};
+use self::decode::{DlqContext, Event};
 use crate::catch_up::{CatchUp, Marks};
 use crate::epoch::{OffsetLedger, SourcePartition};
 use crate::metrics::{PartitionCounts, PartitionTally};
@@ -123,7 +122,7 @@ pub struct KafkaSource {
     marks: Marks,
     /// What is left to read before the worker is caught up.
     catch_up: CatchUp,
-    warnings: Warnings,
+    warnings: RateLimit,
     /// Messages read and invalid per partition, for the metrics (see
     /// [`take_read_counts`](Self::take_read_counts)).
     read_counts: PartitionTally,
@@ -193,7 +192,7 @@ impl KafkaSource {
             read_marks,
             marks,
             catch_up,
-            warnings: Warnings::default(),
+            warnings: RateLimit::per_second(),
             read_counts: PartitionTally::default(),
             committed,
         })
@@ -234,8 +233,9 @@ impl KafkaSource {
                 }
                 Some(Err(error)) => {
                     // A broker or network hiccup: librdkafka reconnects by itself.
-                    self.warnings
-                        .warn(|| tracing::warn!(%error, "Kafka consumer error"));
+                    if let Some(suppressed) = self.warnings.allow() {
+                        tracing::warn!(%error, suppressed, "Kafka consumer error");
+                    }
                     break;
                 }
             };
@@ -259,7 +259,7 @@ impl KafkaSource {
                         raise_mark(
                             &mut self.read_marks,
                             &mut self.marks,
-                            &mut self.warnings,
+                            &self.warnings,
                             position.0,
                             mark,
                         );
@@ -285,7 +285,7 @@ impl KafkaSource {
                         decode::dead_letter(
                             &self.dlq,
                             &self.config.dlq_topic,
-                            &mut self.warnings,
+                            &self.warnings,
                             &message,
                             &invalid,
                         );
@@ -331,9 +331,11 @@ impl KafkaSource {
             .and_then(|live| self.consumer.assign(&live))
         {
             Ok(()) => self.replay = None,
-            Err(error) => self
-                .warnings
-                .warn(|| tracing::warn!(%error, "cannot assign the live partitions yet; retrying")),
+            Err(error) => {
+                if let Some(suppressed) = self.warnings.allow() {
+                    tracing::warn!(%error, suppressed, "cannot assign the live partitions yet; retrying");
+                }
+            }
         }
     }
 
@@ -345,8 +347,9 @@ impl KafkaSource {
         }
         if self.dlq.in_flight_count() > 0 {
             if let Err(error) = self.dlq.flush(Duration::from_secs(5)) {
-                self.warnings
-                    .warn(|| tracing::warn!(%error, "dead-letter topic slow; offsets wait"));
+                if let Some(suppressed) = self.warnings.allow() {
+                    tracing::warn!(%error, suppressed, "dead-letter topic slow; offsets wait");
+                }
                 return BTreeMap::new();
             }
         }
@@ -366,9 +369,11 @@ impl KafkaSource {
         // Redis already holds, which the no-regression script makes harmless.
         match self.consumer.commit(&list, CommitMode::Async) {
             Ok(()) => self.committed.extend(&positions),
-            Err(error) => self
-                .warnings
-                .warn(|| tracing::warn!(%error, "offset commit failed; the next one covers it")),
+            Err(error) => {
+                if let Some(suppressed) = self.warnings.allow() {
+                    tracing::warn!(%error, suppressed, "offset commit failed; the next one covers it");
+                }
+            }
         }
         positions
     }
@@ -414,7 +419,7 @@ impl KafkaSource {
 fn raise_mark(
     read_marks: &mut sink::ReadMarks,
     marks: &mut Marks,
-    warnings: &mut Warnings,
+    warnings: &RateLimit,
     partition: i32,
     mark: i64,
 ) {
@@ -426,9 +431,9 @@ fn raise_mark(
                 return;
             }
             Err(error) => {
-                warnings.warn(|| {
-                    tracing::warn!(%error, partition, mark, "cannot raise a read mark; retrying")
-                });
+                if let Some(suppressed) = warnings.allow() {
+                    tracing::warn!(%error, partition, mark, suppressed, "cannot raise a read mark; retrying");
+                }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
