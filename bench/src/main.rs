@@ -6,9 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bench::chart::write_chart;
 use bench::cpu;
-use bench::e2e::{dataflow_binary, run_dataflow};
+use bench::e2e::{dataflow_binary, run_dataflow, EndToEnd};
 use bench::paced::WARMUP_MS;
-use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles};
+use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles, RedisPhase};
 use bench::summary::Summary;
 use bench::workload::{Workload, WorkloadConfig};
 use clap::Parser;
@@ -129,9 +129,9 @@ fn main() -> anyhow::Result<()> {
     ping(&args.redis)?;
     let started = std::time::Instant::now();
     let workload = workload(&args)?;
-    let total = workload.messages.len();
     eprintln!(
-        "workload: {total} messages, {} distinct users, {} items, D={}, {} MB of values ({:.1} s)",
+        "workload: {} messages, {} distinct users, {} items, D={}, {} MB of values ({:.1} s)",
+        workload.messages.len(),
         workload.distinct_users,
         workload.items.len(),
         workload.dim,
@@ -143,65 +143,108 @@ fn main() -> anyhow::Result<()> {
         std::process::id(),
         started.elapsed().as_nanos()
     );
-    let topic = run_id.clone();
     let dir = std::env::temp_dir().join(&run_id);
     std::fs::create_dir_all(&dir)?;
     let features = dir.join("item_features.csv");
     workload.write_features(&features)?;
-
-    let mut topics = bench::broker::RunTopics::new(&args.brokers, args.keep_topics);
-    topics
-        .create(&topic, args.partitions)
-        .context("creating the topic")?;
-    let preload = bench::broker::preload(&args.brokers, &topic, &workload.messages)?;
-    eprintln!("preload: {:.0} msg/s", total as f64 / preload.as_secs_f64());
-    let raw =
-        bench::broker::consume_all(&args.brokers, &topic, args.partitions, args.workers, total)?;
-    let raw_rate = total as f64 / raw.as_secs_f64();
-    eprintln!(
-        "raw consume ({} consumers): {raw_rate:.0} msg/s",
-        args.workers
-    );
-
-    // Every phase that writes to Redis starts from an empty database, so that runs (and the
-    // script's reads of existing keys) are comparable.
-    flush_db(&args.redis)?;
-    // Redis's CPU is read from /proc where it runs on this machine.
-    let redis_pid = cpu::local_redis_pid(&args.redis);
     let runs = Runs {
         args: &args,
         binary: &binary,
         workload: &workload,
         run_id: &run_id,
         features: &features,
-        redis_pid,
+        // Redis's CPU is read from /proc where it runs on this machine.
+        redis_pid: cpu::local_redis_pid(&args.redis),
     };
-    let e2e = run_dataflow(
-        &binary,
-        &runs.dataflow_args(&topic),
-        args.epoch_ms,
-        total as u64,
-        Duration::from_secs(args.timeout_secs),
-        redis_pid,
+    let mut topics = bench::broker::RunTopics::new(&args.brokers, args.keep_topics);
+
+    let preload_rate = preload(&runs, &mut topics)?;
+    let raw_rate = raw_consume(&runs)?;
+    let e2e = end_to_end(&runs)?;
+    let (set, lua) = redis_phases(&runs, e2e.profile_writes())?;
+    let sustained = sustained_rate(&runs, &mut topics, e2e.rate())?;
+    let latency = latency(&runs, &mut topics, sustained.as_ref(), e2e.rate())?;
+    std::fs::remove_dir_all(&dir).ok();
+    report(
+        &runs,
+        &Figures {
+            preload_rate,
+            raw_rate,
+            e2e,
+            set,
+            lua,
+            sustained,
+            latency,
+        },
+    )
+}
+
+/// Creates the run's topic and preloads the workload into it; returns the producer's rate.
+fn preload(runs: &Runs<'_>, topics: &mut bench::broker::RunTopics) -> anyhow::Result<f64> {
+    let args = runs.args;
+    topics
+        .create(runs.run_id, args.partitions)
+        .context("creating the topic")?;
+    let took = bench::broker::preload(&args.brokers, runs.run_id, &runs.workload.messages)?;
+    let rate = runs.workload.messages.len() as f64 / took.as_secs_f64();
+    eprintln!("preload: {rate:.0} msg/s");
+    Ok(rate)
+}
+
+/// Reads the preloaded topic back with plain consumers, one per worker: the rate the dataflow's
+/// end-to-end rate is compared with.
+fn raw_consume(runs: &Runs<'_>) -> anyhow::Result<f64> {
+    let args = runs.args;
+    let total = runs.workload.messages.len();
+    let took = bench::broker::consume_all(
+        &args.brokers,
+        runs.run_id,
+        args.partitions,
+        args.workers,
+        total,
     )?;
-    let cpu = e2e.cpu.clone();
-    let writes = e2e.profile_writes();
+    let rate = total as f64 / took.as_secs_f64();
+    eprintln!("raw consume ({} consumers): {rate:.0} msg/s", args.workers);
+    Ok(rate)
+}
+
+/// The dataflow binary on the preloaded topic, from an empty database.
+fn end_to_end(runs: &Runs<'_>) -> anyhow::Result<EndToEnd> {
+    let args = runs.args;
+    // Every phase that writes to Redis starts from an empty database, so that runs (and the
+    // script's reads of existing keys) are comparable.
+    flush_db(&args.redis)?;
+    let e2e = run_dataflow(
+        runs.binary,
+        &runs.dataflow_args(runs.run_id),
+        args.epoch_ms,
+        runs.workload.messages.len() as u64,
+        Duration::from_secs(args.timeout_secs),
+        runs.redis_pid,
+    )?;
     eprintln!(
         "end to end: {:.0} msg/s from the first read, {:.0} msg/s from launch ({:.2} s), \
-         {writes} profile writes",
+         {} profile writes",
         e2e.rate(),
         e2e.launch_rate(),
-        e2e.launch_seconds
+        e2e.launch_seconds,
+        e2e.profile_writes()
     );
+    Ok(e2e)
+}
 
-    // The Redis phases write as many profiles as the end-to-end run did: those of the first
-    // `writes` messages, with one write per message (the dataflow writes a user once per epoch
-    // however many of its messages the epoch holds, which is why `writes` can be below the
-    // message count).
+/// Redis alone: `writes` profile writes as plain pipelined SETs, then through the sink's
+/// script.
+///
+/// As many profiles as the end-to-end run wrote: those of the first `writes` messages, with one
+/// write per message (the dataflow writes a user once per epoch however many of its messages the
+/// epoch holds, which is why `writes` can be below the message count).
+fn redis_phases(runs: &Runs<'_>, writes: u64) -> anyhow::Result<(RedisPhase, RedisPhase)> {
+    let args = runs.args;
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
-    let profiles = Profiles::build(&workload, writes as usize, epoch);
+    let profiles = Profiles::build(runs.workload, writes as usize, epoch);
     flush_db(&args.redis)?;
     let set = set_phase(&args.redis, &profiles, args.workers).context("raw Redis SET phase")?;
     eprintln!(
@@ -221,119 +264,162 @@ fn main() -> anyhow::Result<()> {
         lua.bytes_per_write(),
         lua.rate()
     );
-    drop(profiles);
+    Ok((set, lua))
+}
 
-    // The maximum sustained rate: the highest rate a fresh dataflow, fed live, keeps up with.
+/// The maximum sustained rate: the highest rate a fresh dataflow, fed live, keeps up with,
+/// searched below `e2e_rate` (unless the flags skip the search).
+fn sustained_rate(
+    runs: &Runs<'_>,
+    topics: &mut bench::broker::RunTopics,
+    e2e_rate: f64,
+) -> anyhow::Result<Option<bench::sustained::Sustained>> {
+    let args = runs.args;
     let search =
         args.latency_rate.is_none() && args.latency_fraction > 0.0 && args.sustained_secs > 0;
-    let sustained = if search {
-        eprintln!(
-            "searching the maximum sustained rate: {} live runs of {} s",
-            args.sustained_steps, args.sustained_secs
-        );
-        let mut tried = 0;
-        let upper = args.sustained_max.unwrap_or(e2e.rate());
-        let found = bench::sustained::search(upper, args.sustained_steps, |rate| {
-            tried += 1;
-            let run = runs.live(
-                &mut topics,
-                &format!("{run_id}-sustain-{tried}"),
-                rate,
-                args.sustained_secs,
-            )?;
-            let p99 = bench::paced::latencies(&run.epochs, WARMUP_MS).map_or(0, |l| l.p99_ms);
-            let probe =
-                bench::sustained::Probe::new(rate, run.messages, run.seconds, args.epoch_ms, p99);
-            eprintln!("{}", probe.line());
-            Ok(probe)
-        })
-        .context("searching the maximum sustained rate")?;
-        eprintln!("{}", found.line(e2e.rate()));
-        Some(found)
-    } else {
-        None
-    };
+    if !search {
+        return Ok(None);
+    }
+    eprintln!(
+        "searching the maximum sustained rate: {} live runs of {} s",
+        args.sustained_steps, args.sustained_secs
+    );
+    let mut tried = 0;
+    let upper = args.sustained_max.unwrap_or(e2e_rate);
+    let found = bench::sustained::search(upper, args.sustained_steps, |rate| {
+        tried += 1;
+        let run = runs.live(
+            topics,
+            &format!("{}-sustain-{tried}", runs.run_id),
+            rate,
+            args.sustained_secs,
+        )?;
+        let p99 = bench::paced::latencies(&run.epochs, WARMUP_MS).map_or(0, |l| l.p99_ms);
+        let probe =
+            bench::sustained::Probe::new(rate, run.messages, run.seconds, args.epoch_ms, p99);
+        eprintln!("{}", probe.line());
+        Ok(probe)
+    })
+    .context("searching the maximum sustained rate")?;
+    eprintln!("{}", found.line(e2e_rate));
+    Ok(Some(found))
+}
+
+/// The latency phase's summary line and its JSON.
+struct Latency {
+    line: String,
+    json: serde_json::Value,
+}
+
+/// Epoch latency at a fraction of the maximum rate (or at --latency-rate): a fresh dataflow on
+/// a fresh topic, fed live; writes its chart. `None` when the flags skip the phase.
+fn latency(
+    runs: &Runs<'_>,
+    topics: &mut bench::broker::RunTopics,
+    sustained: Option<&bench::sustained::Sustained>,
+    e2e_rate: f64,
+) -> anyhow::Result<Option<Latency>> {
+    let args = runs.args;
+    if args.latency_fraction <= 0.0 && args.latency_rate.is_none() {
+        return Ok(None);
+    }
     // What the latency phase's rate is a fraction of.
-    let (max_rate, basis) = match &sustained {
+    let (max_rate, basis) = match sustained {
         Some(found) => (found.rate, "the maximum sustained rate"),
-        None => (e2e.rate(), "the end-to-end rate"),
+        None => (e2e_rate, "the end-to-end rate"),
     };
-
-    // Latency at a fraction of the maximum rate: a fresh dataflow on a fresh topic, fed live.
-    let latency = if args.latency_fraction > 0.0 || args.latency_rate.is_some() {
-        let rate = args
-            .latency_rate
-            .unwrap_or(args.latency_fraction * max_rate);
-        let run = runs
-            .live(
-                &mut topics,
-                &format!("{run_id}-live"),
-                rate,
-                args.latency_secs,
-            )
-            .context("latency phase")?;
-        let count = run.messages;
-        let latencies = bench::paced::latencies(&run.epochs, WARMUP_MS)
-            .ok_or_else(|| anyhow::anyhow!("the latency phase reported no epoch"))?;
-        let line = format!(
-            "latency at {:.0}% of {basis} ({rate:.0} msg/s, {count} messages; {:.0}% of the \
-             end-to-end rate): epoch latency p50 {} ms, p99 {} ms, max {} ms over {} epochs \
-             (target p99 <= {} ms)",
-            rate / max_rate * 100.0,
-            rate / e2e.rate() * 100.0,
-            latencies.p50_ms,
-            latencies.p99_ms,
-            latencies.max_ms,
-            latencies.epochs,
-            2 * args.epoch_ms
-        );
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let busy = run.cpu.machine_busy_share(run.messages, run.seconds, cores);
-        let line = format!("{line}\n{}", run.cpu.render_live(busy));
-        eprintln!("{line}");
-        let live_chart = args.chart.with_file_name(format!(
-            "{}-live.svg",
-            args.chart.file_stem().unwrap_or_default().to_string_lossy()
-        ));
-        if let Some(parent) = live_chart.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let live_title = format!(
-            "streamrec bench, fed live at {rate:.0} msg/s ({:.0}% of {basis}), -w {}, {} ms \
-             epochs",
-            rate / max_rate * 100.0,
-            args.workers,
-            args.epoch_ms
-        );
-        write_chart(
-            &live_chart,
-            &live_title,
-            &run.epochs,
-            args.epoch_ms,
-            run.rate(),
+    let rate = args
+        .latency_rate
+        .unwrap_or(args.latency_fraction * max_rate);
+    let run = runs
+        .live(
+            topics,
+            &format!("{}-live", runs.run_id),
+            rate,
+            args.latency_secs,
         )
-        .with_context(|| format!("writing {}", live_chart.display()))?;
-        eprintln!("wrote {}", live_chart.display());
-        Some((
-            line,
-            serde_json::json!({
-                "fraction_of_max_rate": rate / max_rate,
-                "max_rate_basis": basis,
-                "fraction_of_e2e_rate": rate / e2e.rate(),
-                "rate_msgs_per_s": rate,
-                "messages": count,
-                "latencies": latencies,
-                "p99_target_ms": 2 * args.epoch_ms,
-                "cpu_per_message": run.cpu,
-                "machine_busy_share": busy,
-                "epochs": run.epochs,
-            }),
-        ))
-    } else {
-        None
-    };
-    std::fs::remove_dir_all(&dir).ok();
+        .context("latency phase")?;
+    let count = run.messages;
+    let latencies = bench::paced::latencies(&run.epochs, WARMUP_MS)
+        .ok_or_else(|| anyhow::anyhow!("the latency phase reported no epoch"))?;
+    let line = format!(
+        "latency at {:.0}% of {basis} ({rate:.0} msg/s, {count} messages; {:.0}% of the \
+         end-to-end rate): epoch latency p50 {} ms, p99 {} ms, max {} ms over {} epochs \
+         (target p99 <= {} ms)",
+        rate / max_rate * 100.0,
+        rate / e2e_rate * 100.0,
+        latencies.p50_ms,
+        latencies.p99_ms,
+        latencies.max_ms,
+        latencies.epochs,
+        2 * args.epoch_ms
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = run.cpu.machine_busy_share(run.messages, run.seconds, cores);
+    let line = format!("{line}\n{}", run.cpu.render_live(busy));
+    eprintln!("{line}");
+    let live_chart = args.chart.with_file_name(format!(
+        "{}-live.svg",
+        args.chart.file_stem().unwrap_or_default().to_string_lossy()
+    ));
+    if let Some(parent) = live_chart.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let live_title = format!(
+        "streamrec bench, fed live at {rate:.0} msg/s ({:.0}% of {basis}), -w {}, {} ms \
+         epochs",
+        rate / max_rate * 100.0,
+        args.workers,
+        args.epoch_ms
+    );
+    write_chart(
+        &live_chart,
+        &live_title,
+        &run.epochs,
+        args.epoch_ms,
+        run.rate(),
+    )
+    .with_context(|| format!("writing {}", live_chart.display()))?;
+    eprintln!("wrote {}", live_chart.display());
+    let json = serde_json::json!({
+        "fraction_of_max_rate": rate / max_rate,
+        "max_rate_basis": basis,
+        "fraction_of_e2e_rate": rate / e2e_rate,
+        "rate_msgs_per_s": rate,
+        "messages": count,
+        "latencies": latencies,
+        "p99_target_ms": 2 * args.epoch_ms,
+        "cpu_per_message": run.cpu,
+        "machine_busy_share": busy,
+        "epochs": run.epochs,
+    });
+    Ok(Some(Latency { line, json }))
+}
 
+/// Every phase's figures, for the report.
+struct Figures {
+    preload_rate: f64,
+    raw_rate: f64,
+    e2e: EndToEnd,
+    set: RedisPhase,
+    lua: RedisPhase,
+    sustained: Option<bench::sustained::Sustained>,
+    latency: Option<Latency>,
+}
+
+/// Prints the per-epoch table and the summary, and writes the chart and the JSON report.
+fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
+    let (args, workload) = (runs.args, runs.workload);
+    let total = workload.messages.len();
+    let Figures {
+        preload_rate,
+        raw_rate,
+        e2e,
+        set,
+        lua,
+        sustained,
+        latency,
+    } = figures;
     println!(
         "per epoch (epoch+ms: ms since the first epoch; changed: profiles written; latency_ms: \
          epoch end to Redis ack; msg/s: messages over the epoch length)"
@@ -353,21 +439,21 @@ fn main() -> anyhow::Result<()> {
             epoch.counters.messages as f64 * 1000.0 / args.epoch_ms as f64
         );
     }
-    let summary = Summary::new(total as u64, raw_rate, &e2e, &set, &lua);
+    let summary = Summary::new(total as u64, *raw_rate, e2e, set, lua);
     println!();
-    println!("{}", summary.render(args.workers, e2e.seconds, &set));
+    println!("{}", summary.render(args.workers, e2e.seconds, set));
     if let Some(kb) = e2e.peak_rss_kb {
         println!(
             "  dataflow peak RSS (VmHWM) {:.2} GB",
             kb as f64 / 1_000_000.0
         );
     }
-    println!("{}", cpu.render());
-    if let Some(found) = &sustained {
+    println!("{}", e2e.cpu.render());
+    if let Some(found) = sustained {
         println!("{}", found.render(e2e.rate()));
     }
-    if let Some((line, _)) = &latency {
-        println!("{line}");
+    if let Some(latency) = latency {
+        println!("{}", latency.line);
     }
 
     let title = format!(
@@ -392,16 +478,16 @@ fn main() -> anyhow::Result<()> {
         "workers": args.workers,
         "epoch_ms": args.epoch_ms,
         "raw_consume_msgs_per_s": raw_rate,
-        "preload_msgs_per_s": total as f64 / preload.as_secs_f64(),
+        "preload_msgs_per_s": preload_rate,
         "e2e_msgs_per_s": e2e.rate(),
         "e2e_over_raw": e2e.rate() / raw_rate,
         "redis_set": set,
         "sink_lua": lua,
         "summary": summary,
-        "cpu_per_message": cpu,
+        "cpu_per_message": e2e.cpu,
         "chart": args.chart,
         "sustained": sustained,
-        "latency": latency.map(|(_, json)| json),
+        "latency": latency.as_ref().map(|latency| &latency.json),
         "e2e": e2e,
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
