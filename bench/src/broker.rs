@@ -26,8 +26,8 @@ pub fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Resul
 }
 
 /// The topics a run created, deleted when it ends however it ends: a broker that keeps topics
-/// in memory (tansu with `memory://`) otherwise holds every run's messages, about 1 GB a run
-/// with the latency phase, until the machine runs out.
+/// in memory (tansu with `memory://`) otherwise holds every run's messages until the machine
+/// runs out (how much a run leaves: docs/performance.md).
 #[derive(Debug)]
 pub struct RunTopics {
     brokers: String,

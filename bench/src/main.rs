@@ -114,7 +114,7 @@ struct Args {
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
     /// Leave the run's topics on the broker. By default they are deleted at the end: a broker
-    /// that keeps topics in memory would otherwise hold about 1 GB more after every run.
+    /// that keeps topics in memory would otherwise hold every run's messages.
     #[arg(long)]
     keep_topics: bool,
 }

@@ -31,8 +31,8 @@ pub fn produce_paced(
         // Same key hashing as the ingest API, so the partitioning is what production sees.
         .set("partitioner", "murmur2_random")
         // How long a message may wait for its batch. Small batches cost the broker a request
-        // each: at 33k msg/s tansu spent 16 s of CPU on 20 s of 1 ms batches and 5.5 s on 20 ms
-        // ones, and with 1 ms the broker, not the dataflow, set the epochs' latency.
+        // each, and with 1 ms batches the broker, not the dataflow, set the epochs' latency
+        // (docs/performance.md, "figures from code comments").
         .set("linger.ms", linger.as_millis().to_string())
         .create()?;
     let started = Instant::now();

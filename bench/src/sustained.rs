@@ -4,9 +4,9 @@
 //! The latency target is stated at half of this rate. The end-to-end rate of a preloaded topic
 //! is no measure of it: fed live, on the same cores, the producer and the broker's intake take
 //! their share, and the dataflow reads small fetches instead of full ones, so a message costs
-//! the machine more (33.6 µs against 19.4 in one run). Half the preloaded rate was 80–95% of
-//! what the machine could take live, and its latency measured the queueing of a machine near
-//! saturation, not the pipeline.
+//! the machine more. Half the preloaded rate was close to what the machine could take live,
+//! and its latency measured the queueing of a machine near saturation, not the pipeline
+//! (docs/performance.md, "figures from code comments").
 
 use serde::Serialize;
 

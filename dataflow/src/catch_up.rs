@@ -1,7 +1,7 @@
 //! When a worker may write plain: catching up with what earlier runs may have written, and
 //! keeping the read marks ahead of what this run reads (see `sink::ReadMarks`).
 //!
-//! The write script keeps a key from going back in time, at about three times the cost of a
+//! The write script keeps a key from going back in time, at several times the cost of a
 //! plain `MSET` in Redis. It only matters while Redis may hold a value newer than the one being
 //! written, which a run of this process can cause itself only through a resent batch (the sink
 //! resends checked). The other source is an earlier run that wrote values from messages past

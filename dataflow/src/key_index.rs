@@ -1,13 +1,14 @@
 //! The item table's index: from an id's [`IdKey`] to its place in the table.
 //!
-//! Every profile message looks up its 50 items in an index larger than the caches, so each
-//! lookup is a cache miss, and a general hash map waits for them one after the other: its probe
-//! loop branches on what each load finds. `perf` put 86% of the lookup's time on the one load of
-//! the bucket. This index is laid out so that a history's lookups can overlap instead:
-//! [`touch`](KeyIndex::touch) loads the home slot of every key first, in a loop where no load
-//! depends on another and nothing branches on them, so the CPU keeps many misses in flight;
-//! the lookups that follow find their slots in cache. (A prefetch instruction would do the
-//! same without the loads, but it needs `unsafe`, which the workspace forbids.)
+//! Every profile message looks up its 50 items in an index larger than the caches, so each lookup
+//! is a cache miss, and a general hash map waits for them one after the other: its probe loop
+//! branches on what each load finds; `perf` put most of the lookup's time on the one load of the
+//! bucket (docs/performance.md, "figures from code comments"). This index is laid out so that a
+//! history's lookups can overlap instead: [`touch`](KeyIndex::touch) loads the home slot of every
+//! key first, in a loop where no load depends on another and nothing branches on them, so the CPU
+//! keeps many misses in flight; the lookups that follow find their slots in cache. (A prefetch
+//! instruction would do the same without the loads, but it needs `unsafe`, which the workspace
+//! forbids.)
 //!
 //! Open addressing with linear probing over a power-of-two table, at most 5/8 full. The home
 //! slot is the key's low bits: keys are xxh3 hashes already, uniform in every bit. Removal

@@ -9,13 +9,13 @@ use anyhow::Context;
 use dataflow::config::Config;
 use dataflow::run::{RunError, TAKEN_OVER_EXIT_CODE};
 
-// mimalloc for Rust's allocations and, through the crate's `override` feature, for C's malloc
-// too, i.e. librdkafka's. glibc's allocator gave the memory of each consumed fetch response back
-// to the kernel and took fresh pages for the next: two thirds of the process's page faults were
-// librdkafka copying responses into fresh pages, and system time, nearly all page faults (the
-// run makes few syscalls), was about a quarter of its CPU time. With mimalloc underneath,
-// faults halve (47,000 -> 20,000 over the 200k-message benchmark) and the dataflow spends ~7%
-// less CPU. mimalloc's thread-local free lists also keep the per-epoch buffers cheap.
+// mimalloc for Rust's allocations and, through the crate's `override` feature, for C's malloc too,
+// i.e. librdkafka's. glibc's allocator gave the memory of each consumed fetch response back to the
+// kernel and took fresh pages for the next: most of the process's page faults were librdkafka
+// copying responses into fresh pages, and system time, nearly all page faults (the run makes few
+// syscalls), was a large share of its CPU time. With mimalloc underneath, faults and CPU go down
+// (figures in docs/performance.md, "figures from code comments"). mimalloc's thread-local free
+// lists also keep the per-epoch buffers cheap.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -164,7 +164,7 @@ impl EpochWriter for RedisWriter {
 
 /// The features file, handed to the process's workers a share each and then dropped: the
 /// features arrangement holds the rows from then on, and a second copy held for the whole run
-/// cost about 46 MB at 200,000 items, D = 32.
+/// would cost as much memory again as the file (docs/performance.md).
 #[derive(Debug)]
 struct InitialFeatures {
     dim: usize,
@@ -405,7 +405,7 @@ fn worker_loop(
     let started = Instant::now();
     // The messages read into epochs not yet stored: reading is far cheaper than computing and
     // storing, so without a bound a backlog in Kafka (a restart, a burst) would be read into
-    // memory at once (2.5 GB for 3,000,000 messages).
+    // memory at once (docs/performance.md, "figures from code comments").
     let mut in_flight = EpochTally::default();
     let mut replayed = 0;
     let mut reported = epoch;

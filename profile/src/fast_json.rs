@@ -1,7 +1,7 @@
 //! A fast path for decoding the JSON profile message as producers write it: the three fields,
 //! in any order, strings without escapes, the timestamp a plain integer. It finds the fields
-//! with a byte scan where serde_json's generic deserializer takes about 2.4 µs a message,
-//! a fifth of the dataflow's CPU per message.
+//! with a byte scan, because serde_json's generic deserializer took a large share of the
+//! dataflow's CPU per message (docs/performance.md, "figures from code comments").
 //!
 //! It never decides anything serde_json would decide otherwise: anything it does not expect
 //! (an escape, a control character, an unknown or repeated key, a number with a sign, fraction,

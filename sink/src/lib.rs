@@ -10,10 +10,10 @@
 //! on a fresh connection with exponential backoff; by default nothing is ever dropped.
 //!
 //!
-//! The check costs Redis about three times what a plain `SET` does. A caller that knows no older
-//! value can reach Redis any more (the dataflow, once it has read past every offset a previous
-//! run may have written from: see `read_marks`) switches to [`WriteMode::Plain`], and batches
-//! become `MSET`s; a retried batch still goes through the script.
+//! The check costs Redis several times what a plain `SET` does (docs/performance.md). A caller that
+//! knows no older value can reach Redis any more (the dataflow, once it has read past every offset
+//! a previous run may have written from: see `read_marks`) switches to [`WriteMode::Plain`], and
+//! batches become `MSET`s; a retried batch still goes through the script.
 //!
 //! Layout: `config` (settings), `encode` (the JSON value), `batch` (batching into the wire
 //! format), `service` (connection, script, pipelined send, retry), `metrics` (counters),
@@ -76,7 +76,7 @@ pub enum WriteMode {
     /// whatever Redis holds.
     #[default]
     Checked,
-    /// `MSET`, about three times cheaper for Redis, and correct only when Redis cannot hold a
+    /// `MSET`, several times cheaper for Redis, and correct only when Redis cannot hold a
     /// value newer than the record: when this sink is the only writer of its keys and every
     /// value written before was older (for the dataflow: after it has caught up with what a
     /// previous run may have written). A batch resent after a failure, and every batch while an

@@ -51,8 +51,8 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     epoch_workers: usize,
     /// incremental and item-update: items per history. Smaller than the workload's 50 so that a
-    /// million users fit in memory with room to spare (a run with a million users at 20 peaks
-    /// at ~1.1 GB RSS, input included).
+    /// million users fit in memory with room to spare (the peak RSS of such a run:
+    /// docs/performance.md).
     #[arg(long, default_value_t = 20)]
     epoch_history: usize,
     /// incremental and item-update: timed epochs per measurement; the median is reported.

@@ -74,11 +74,13 @@ pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceConte
         // just below the committed one are missing (compaction, transaction markers).
         .set("enable.partition.eof", "true")
         // tansu (and any broker) answers a fetch with no new data only after this wait;
-        // a short wait keeps epochs closing on time and throughput up (20x with tansu).
+        // a short wait keeps epochs closing on time and throughput up (measured in
+        // docs/performance.md, "figures from code comments").
         .set("fetch.wait.max.ms", "5")
         // Prefetch a few polls ahead (a poll takes at most --max-poll-records messages,
-        // 4 MB of 1 KB profiles by default), bounded in memory: 16 MB per worker. 64 MB
-        // read no faster here and cost 96 MB more RSS on two workers.
+        // 4 MB of 1 KB profiles by default), bounded in memory: 16 MB per worker. A larger
+        // prefetch read no faster and cost memory (docs/performance.md, "figures from code
+        // comments").
         .set("queued.max.messages.kbytes", "16384")
         // Once that prefetch is full (the worker is busy computing an epoch), librdkafka
         // postpones the partition's next fetch by this long, 1 s by default: the worker
