@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Local Redis + tansu (Kafka-API broker) for development and tests.
-# Run `scripts/services.sh -h` for usage.
+# Run `scripts/services.sh -h` for usage. tansu's quirks, and what this script
+# and the code do about them, are listed in docs/tansu.md (numbered; the
+# comments below cite them as "tansu 1" etc.).
 set -euo pipefail
 
 usage() {
@@ -115,15 +117,8 @@ ensure_redis_installed() {
     apt_install redis-server
 }
 
-find_tansu() {
-    if command -v tansu >/dev/null 2>&1; then
-        command -v tansu
-    elif [[ -x ${CARGO_HOME:-$HOME/.cargo}/bin/tansu ]]; then
-        printf '%s\n' "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
-    else
-        return 1
-    fi
-}
+# tansu on PATH, else where `cargo install` puts it.
+find_tansu() { PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin" command -v tansu; }
 
 ensure_tansu_installed() {
     if TANSU_BIN=$(find_tansu); then
@@ -164,19 +159,9 @@ port_accepts() {
     (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null
 }
 
-# Describes who listens on a port: "pid 123 (python3 -m http.server)".
+# Who listens on a port, as ss tells: users:(("python3",pid=123,fd=3)).
 port_owner() {
-    local port=$1 line pid cmd
-    command -v ss >/dev/null 2>&1 || return 0
-    line=$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n 1) || true
-    pid=$(grep -o 'pid=[0-9]*' <<<"$line" | head -n 1 | cut -d= -f2) || true
-    if [[ -n $pid ]]; then
-        cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | tr -s ' ' | cut -c1-120) || true
-        cmd=${cmd% }
-        printf 'pid %s (%s)' "$pid" "$cmd"
-    elif [[ -n $line ]]; then
-        printf 'unknown process'
-    fi
+    ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:.*' | head -n 1 || true
 }
 
 port_taken() {
@@ -198,7 +183,7 @@ redis_ping() {
 }
 
 tansu_cli() {
-    # cd: tansu reads a .env file from its working directory (and parents).
+    # cd: tansu reads a .env file from its working directory (tansu 1).
     (cd "$TANSU_DIR" && RUST_LOG=$TANSU_RUST_LOG "$TANSU_BIN" "$@")
 }
 
@@ -210,17 +195,17 @@ tansu_answers() {
     port_accepts "$KAFKA_PORT" && tansu_topics_json >/dev/null
 }
 
+# Waits until $check_fn answers. For its first 5 s a service without a pid ($pid_fn) is still
+# starting, not dead: Redis writes its pid file after forking, and tansu's command line is
+# bash's until the subshell has exec'd it, and empty for an instant in between (tansu 7).
 wait_for() {
-    local what=$1 pid_fn=$2 check_fn=$3 logfile=$4 deadline
-    deadline=$((SECONDS + SERVICES_WAIT_SECS))
+    local what=$1 pid_fn=$2 check_fn=$3 logfile=$4 started=$SECONDS
     until "$check_fn"; do
-        # Looked at twice: between two execs (the subshell's setsid, then tansu) a process can
-        # show an empty command line for an instant, which once made a healthy start fail.
-        if ! "$pid_fn" >/dev/null && ! { sleep 0.3 && "$pid_fn" >/dev/null; }; then
+        if ! "$pid_fn" >/dev/null && ((SECONDS - started >= 5)); then
             tail -n 20 "$logfile" >&2 2>/dev/null || true
             die "$what exited during startup (log: $logfile)"
         fi
-        if ((SECONDS >= deadline)); then
+        if ((SECONDS - started >= SERVICES_WAIT_SECS)); then
             tail -n 20 "$logfile" >&2 2>/dev/null || true
             die "$what did not answer within ${SERVICES_WAIT_SECS}s (log: $logfile)"
         fi
@@ -228,32 +213,12 @@ wait_for() {
     done
 }
 
-# Waits up to 5 s for a just-started service to have a pid ($2 prints it); dies otherwise.
-wait_for_pid() {
-    local what=$1 pid_fn=$2 logfile=$3 deadline
-    deadline=$((SECONDS + 5))
-    until "$pid_fn" >/dev/null; do
-        if ((SECONDS >= deadline)); then
-            tail -n 20 "$logfile" >&2 2>/dev/null || true
-            die "$what did not start (log: $logfile)"
-        fi
-        sleep 0.1
-    done
-}
-
 start_redis() {
     local pid
     if pid=$(redis_pid); then
-        if redis_ping; then
-            log "redis: already running on $HOST:$REDIS_PORT (pid $pid)"
-            return 0
-        fi
         wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
-        log "redis: running on $HOST:$REDIS_PORT (pid $pid)"
+        log "redis: already running on $HOST:$REDIS_PORT (pid $pid)"
         return 0
-    fi
-    if port_taken "$REDIS_PORT"; then
-        fail_port_taken "$REDIS_PORT" REDIS_PORT
     fi
     ensure_redis_installed
     mkdir -p "$REDIS_DIR"
@@ -267,8 +232,6 @@ start_redis() {
         --daemonize yes --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_DIR/redis.log" \
         --dir "$REDIS_DIR" "${persistence[@]}" </dev/null >&2 9>&- ||
         die "redis-server failed to start (log: $REDIS_DIR/redis.log)"
-    # The daemon writes its pid file shortly after forking.
-    wait_for_pid redis-server redis_pid "$REDIS_DIR/redis.log"
     wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
     log "redis: up on $HOST:$REDIS_PORT (pid $(redis_pid))"
 }
@@ -277,9 +240,7 @@ start_tansu() {
     local pid
     ensure_tansu_installed
     if pid=$(tansu_pid); then
-        if ! tansu_answers; then
-            wait_for tansu tansu_pid tansu_answers "$TANSU_DIR/tansu.log"
-        fi
+        wait_for tansu tansu_pid tansu_answers "$TANSU_DIR/tansu.log"
         log "tansu: already running on $HOST:$KAFKA_PORT (pid $pid)"
         local running_storage
         running_storage=$(cat "$TANSU_DIR/storage" 2>/dev/null) || true
@@ -287,9 +248,6 @@ start_tansu() {
             log "tansu: warning: it uses storage $running_storage, not $TANSU_STORAGE; run stop first to switch"
         fi
         return 0
-    fi
-    if port_taken "$KAFKA_PORT"; then
-        fail_port_taken "$KAFKA_PORT" KAFKA_PORT
     fi
     mkdir -p "$TANSU_DIR"
     rm -f "$TANSU_PIDFILE"
@@ -299,7 +257,7 @@ start_tansu() {
         detach=(setsid)
     fi
     (
-        cd "$TANSU_DIR"
+        cd "$TANSU_DIR" # tansu 1
         RUST_LOG=$TANSU_RUST_LOG exec "${detach[@]}" "$TANSU_BIN" broker \
             --cluster-id streamrec \
             --listener-url "tcp://$HOST:$KAFKA_PORT" \
@@ -309,8 +267,6 @@ start_tansu() {
     ) &
     echo "$!" >"$TANSU_PIDFILE"
     printf '%s\n' "$TANSU_STORAGE" >"$TANSU_DIR/storage"
-    # Until the subshell has exec'd tansu its command line is still bash's.
-    wait_for_pid tansu tansu_pid "$TANSU_DIR/tansu.log"
     wait_for tansu tansu_pid tansu_answers "$TANSU_DIR/tansu.log"
     log "tansu: up on $HOST:$KAFKA_PORT (pid $(tansu_pid))"
 }
@@ -426,44 +382,34 @@ cmd_stop() {
     if wants redis; then stop_one "redis ($HOST:$REDIS_PORT)" redis_pid "$REDIS_PIDFILE"; fi
 }
 
-status_redis() {
-    local pid owner
-    if pid=$(redis_pid); then
-        if redis_ping; then
-            echo "redis: running on $HOST:$REDIS_PORT (pid $pid), answers PING"
+# One service's state: what, its port, its pid function, its health check and what that
+# check proves.
+status_one() {
+    local what=$1 port=$2 pid_fn=$3 check_fn=$4 answers=$5 pid owner
+    if pid=$("$pid_fn"); then
+        if "$check_fn"; then
+            echo "$what: running on $HOST:$port (pid $pid), $answers"
             return 0
         fi
-        echo "redis: process running (pid $pid) but not answering on $HOST:$REDIS_PORT"
-    elif port_taken "$REDIS_PORT"; then
-        owner=$(port_owner "$REDIS_PORT")
-        echo "redis: not running (ours); port $REDIS_PORT is in use by another process${owner:+: $owner}"
+        echo "$what: process running (pid $pid) but not answering on $HOST:$port"
+    elif port_taken "$port"; then
+        owner=$(port_owner "$port")
+        echo "$what: not running (ours); port $port is in use by another process${owner:+: $owner}"
     else
-        echo "redis: not running"
+        echo "$what: not running"
     fi
     return 1
 }
 
-status_tansu() {
-    local pid owner
-    if pid=$(tansu_pid); then
-        if TANSU_BIN=$(find_tansu) && tansu_answers; then
-            echo "tansu: running on $HOST:$KAFKA_PORT (pid $pid, storage $(cat "$TANSU_DIR/storage" 2>/dev/null || echo '?')), answers metadata requests"
-            return 0
-        fi
-        echo "tansu: process running (pid $pid) but not answering on $HOST:$KAFKA_PORT"
-    elif port_taken "$KAFKA_PORT"; then
-        owner=$(port_owner "$KAFKA_PORT")
-        echo "tansu: not running (ours); port $KAFKA_PORT is in use by another process${owner:+: $owner}"
-    else
-        echo "tansu: not running"
-    fi
-    return 1
-}
+tansu_status_check() { TANSU_BIN=$(find_tansu) && tansu_answers; }
 
 cmd_status() {
     local ok=0
-    if wants redis; then status_redis || ok=1; fi
-    if wants tansu; then status_tansu || ok=1; fi
+    if wants redis; then status_one redis "$REDIS_PORT" redis_pid redis_ping "answers PING" || ok=1; fi
+    if wants tansu; then
+        status_one tansu "$KAFKA_PORT" tansu_pid tansu_status_check \
+            "storage $(cat "$TANSU_DIR/storage" 2>/dev/null || echo '?'), answers metadata requests" || ok=1
+    fi
     return "$ok"
 }
 

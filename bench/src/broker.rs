@@ -27,7 +27,7 @@ pub fn create_topic(brokers: &str, name: &str, partitions: i32) -> anyhow::Resul
 
 /// The topics a run created, deleted when it ends however it ends: a broker that keeps topics
 /// in memory (tansu with `memory://`) otherwise holds every run's messages until the machine
-/// runs out (how much a run leaves: docs/performance.md).
+/// runs out (docs/tansu.md, 5).
 #[derive(Debug)]
 pub struct RunTopics {
     brokers: String,
@@ -172,7 +172,8 @@ pub fn consume_all(
                         .set("bootstrap.servers", brokers)
                         .set("group.id", "streamrec-bench-raw")
                         .set("enable.auto.commit", "false")
-                        // As the dataflow: tansu answers an empty fetch only after this wait.
+                        // As the dataflow: tansu answers an empty fetch only after this wait
+                        // (docs/tansu.md, 2).
                         .set("fetch.wait.max.ms", "5")
                         .set("queued.max.messages.kbytes", "65536")
                         .create()?;

@@ -70,7 +70,7 @@ pub fn dataflow_binary() -> anyhow::Result<PathBuf> {
 /// How long the dataflow may go without reading a message, while messages are still expected,
 /// before the run is given up: long past any pause of a working pipeline (its start-up, a
 /// backlog held back by `--max-in-flight`), and far short of `--timeout-secs`, which a broker
-/// that died mid-run (tansu killed for memory, once) used to run out in full.
+/// that died mid-run (tansu killed for memory, once: docs/tansu.md, 5) used to run out in full.
 pub const STALL: Duration = Duration::from_secs(60);
 
 /// Runs the dataflow with `args` until it has reported `expected` messages, then stops it with

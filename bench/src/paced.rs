@@ -32,7 +32,7 @@ pub fn produce_paced(
         .set("partitioner", "murmur2_random")
         // How long a message may wait for its batch. Small batches cost the broker a request
         // each, and with 1 ms batches the broker, not the dataflow, set the epochs' latency
-        // (docs/performance.md, "figures from code comments").
+        // (docs/tansu.md, 6).
         .set("linger.ms", linger.as_millis().to_string())
         .create()?;
     let started = Instant::now();

@@ -14,7 +14,7 @@
 //! message any earlier run wrote from; its values are then never older than Redis's, and epochs
 //! from then on may be written plain. The end comes from the fetches (librdkafka's
 //! statistics), not from a ListOffsets query, which tansu answers with the first offset of the
-//! partition's last batch, short of its end.
+//! partition's last batch, short of its end (docs/tansu.md, 3).
 //!
 //! Only the profile topic counts: a value's timestamp comes from profile messages, and its
 //! epoch from this run's clock, which is later than any earlier run's.

@@ -10,7 +10,7 @@
 //! the first caller (a publish or the health check) that finds the current generation dead
 //! replaces it with a new instance, which gets a new producer id; callers that find it already
 //! replaced just use the new one. Requests that were in flight on the dead generation fail (503)
-//! and later ones go to the new one.
+//! and later ones go to the new one. (docs/tansu.md, 4.)
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};

@@ -72,7 +72,8 @@ impl Broker {
             .args(["broker", "--cluster-id", "streamrec-recovery"])
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
-            // tansu reads a .env from its working directory: give it an empty one of its own.
+            // tansu reads a .env from its working directory: give it an empty one of its own
+            // (docs/tansu.md, 1).
             .current_dir(dir.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -179,7 +180,7 @@ fn read_until(
         .set("bootstrap.servers", brokers)
         .set("group.id", "streamrec-recovery-test")
         .set("enable.auto.commit", "false")
-        // tansu holds a fetch until this wait expires; keep it short.
+        // tansu holds a fetch until this wait expires; keep it short (docs/tansu.md, 2).
         .set("fetch.wait.max.ms", "5")
         .create()
         .unwrap();

@@ -123,7 +123,7 @@ pub async fn read_topic(
             .set("bootstrap.servers", brokers())
             .set("group.id", "streamrec-tests")
             .set("enable.auto.commit", "false")
-            // tansu holds a fetch until this wait expires; keep it short.
+            // tansu holds a fetch until this wait expires; keep it short (docs/tansu.md, 2).
             .set("fetch.wait.max.ms", "5")
             .create()
             .unwrap();

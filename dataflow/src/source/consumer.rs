@@ -74,8 +74,7 @@ pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceConte
         // just below the committed one are missing (compaction, transaction markers).
         .set("enable.partition.eof", "true")
         // tansu (and any broker) answers a fetch with no new data only after this wait;
-        // a short wait keeps epochs closing on time and throughput up (measured in
-        // docs/performance.md, "figures from code comments").
+        // a short wait keeps epochs closing on time and throughput up (docs/tansu.md, 2).
         .set("fetch.wait.max.ms", "5")
         // Prefetch a few polls ahead (a poll takes at most --max-poll-records messages,
         // 4 MB of 1 KB profiles by default), bounded in memory: 16 MB per worker. A larger
@@ -88,7 +87,8 @@ pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceConte
         // few ms keeps the queue topped up at the cost of a few more queue checks.
         .set("fetch.queue.backoff.ms", "5")
         // The statistics carry each partition's end as the fetches report it, which the
-        // catch-up waits for (tansu's answer to an offset query falls short of it). Once a
+        // catch-up waits for (tansu's answer to an offset query falls short of it:
+        // docs/tansu.md, 3). Once a
         // second: a start-up waits at most that long more, and the parsing costs nothing.
         .set("statistics.interval.ms", "1000");
     // The user's -X / KAFKA_CONFIG_FILE properties (security, client id, tuning), last so that

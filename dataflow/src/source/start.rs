@@ -119,9 +119,10 @@ pub(super) fn log_catch_up_plan(index: usize, catch_up: &CatchUp, read_marks: &s
 }
 
 /// Where each assigned partition's replay ends: its committed offset. Not capped at the high
-/// watermark: tansu reports one below the last batch it holds (its last batch's first offset,
-/// it seems), which would cut the replay short. A committed offset beyond a partition's end (a
-/// topic recreated under the same group) ends the replay at the end of the partition instead.
+/// watermark: tansu reports one below the last batch it holds (its last batch's first offset, it
+/// seems; docs/tansu.md, 3), which would cut the replay short. A committed offset beyond a
+/// partition's end (a topic recreated under the same group) ends the replay at the end of the
+/// partition instead.
 pub(super) fn plan_replay(offsets: &BTreeMap<SourcePartition, StartOffsets>) -> Replay {
     Replay::new(
         offsets
