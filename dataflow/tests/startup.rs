@@ -60,54 +60,13 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
     }
 }
 
-/// The test Redis's URL with `user:password@` in it.
-fn redis_url_as(user: &str, password: &str) -> String {
-    testkit::redis_url().replacen("redis://", &format!("redis://{user}:{password}@"), 1)
-}
-
-fn redis() -> redis::Connection {
-    redis::Client::open(testkit::redis_url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
 /// Whether any run touched `topic`'s profiles in Redis (the take-over writes its read marks).
 fn read_marks_exist(topic: &str) -> bool {
     let key = format!("{}{topic}", sink::READ_MARKS_KEY_PREFIX);
     redis::cmd("EXISTS")
         .arg(&key)
-        .query::<bool>(&mut redis())
+        .query::<bool>(&mut testkit::redis_connection())
         .unwrap()
-}
-
-/// An ACL user on the test Redis with `password` and every right, deleted on drop.
-struct AclUser(String);
-
-impl AclUser {
-    fn new(prefix: &str, password: &str) -> Self {
-        let name = testkit::unique_topic(prefix);
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(&name)
-            .arg("on")
-            .arg(format!(">{password}"))
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .query::<()>(&mut redis())
-            .unwrap();
-        AclUser(name)
-    }
-}
-
-impl Drop for AclUser {
-    fn drop(&mut self) {
-        let _ = redis::cmd("ACL")
-            .arg("DELUSER")
-            .arg(&self.0)
-            .query::<i64>(&mut redis());
-    }
 }
 
 fn create_topic(name: &str) {
@@ -118,7 +77,7 @@ fn create_topic(name: &str) {
 
 #[test]
 fn a_wrong_redis_password_is_refused_before_anything_is_written() {
-    let user = AclUser::new("startup-acl", "right-password-7f3a");
+    let user = testkit::FullAccessUser::new("startup-acl", "right-password-7f3a");
     let topic = testkit::unique_topic("startup-wrong-password");
     create_topic(&topic);
     let outcome = run(
@@ -128,7 +87,7 @@ fn a_wrong_redis_password_is_refused_before_anything_is_written() {
             "--topic",
             &topic,
             "--redis",
-            &redis_url_as(&user.0, "wrong-password-c41d"),
+            &testkit::redis_url_as(&user.0, "wrong-password-c41d"),
         ],
         &[],
     );
@@ -147,7 +106,10 @@ fn a_wrong_redis_password_is_refused_before_anything_is_written() {
     std::fs::write(&features, "item_id,f0,f1\na,1,2\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dataflow"))
         .args(["--brokers", &testkit::brokers(), "--topic", &topic])
-        .args(["--redis", &redis_url_as(&user.0, "right-password-7f3a")])
+        .args([
+            "--redis",
+            &testkit::redis_url_as(&user.0, "right-password-7f3a"),
+        ])
         .arg("--item-features")
         .arg(&features)
         .args(["--group", &topic])
@@ -283,7 +245,7 @@ fn secrets_never_reach_stderr() {
                 "--topic",
                 &topic,
                 "--redis",
-                &redis_url_as("someone", "redis-secret-5e2c"),
+                &testkit::redis_url_as("someone", "redis-secret-5e2c"),
                 "--kafka-config-file",
                 file.to_str().unwrap(),
                 "-X",

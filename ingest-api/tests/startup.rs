@@ -59,53 +59,13 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
     }
 }
 
-fn redis_url_as(user: &str, password: &str) -> String {
-    testkit::redis_url().replacen("redis://", &format!("redis://{user}:{password}@"), 1)
-}
-
-fn redis() -> redis::Connection {
-    redis::Client::open(testkit::redis_url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
-/// An ACL user on the test Redis with `password` and every right, deleted on drop.
-struct AclUser(String);
-
-impl AclUser {
-    fn new(prefix: &str, password: &str) -> Self {
-        let name = testkit::unique_topic(prefix);
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(&name)
-            .arg("on")
-            .arg(format!(">{password}"))
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .query::<()>(&mut redis())
-            .unwrap();
-        AclUser(name)
-    }
-}
-
-impl Drop for AclUser {
-    fn drop(&mut self) {
-        let _ = redis::cmd("ACL")
-            .arg("DELUSER")
-            .arg(&self.0)
-            .query::<i64>(&mut redis());
-    }
-}
-
 #[tokio::test]
 async fn a_wrong_redis_password_is_refused_at_start() {
-    let user = AclUser::new("api-startup-acl", "right-password-a1b2");
+    let user = testkit::FullAccessUser::new("api-startup-acl", "right-password-a1b2");
     let topic = testkit::unique_topic("api-startup-password");
     testkit::create_topic(&topic, 1).await;
     let brokers = testkit::brokers();
-    let wrong = redis_url_as(&user.0, "wrong-password-c3d4");
+    let wrong = testkit::redis_url_as(&user.0, "wrong-password-c3d4");
     let outcome = tokio::task::spawn_blocking(move || {
         run(
             &["--brokers", &brokers, "--topic", &topic, "--redis", &wrong],
@@ -198,7 +158,7 @@ fn secrets_never_reach_stderr() {
                 "--topic",
                 &topic,
                 "--redis",
-                &redis_url_as("someone", "redis-secret-77aa"),
+                &testkit::redis_url_as("someone", "redis-secret-77aa"),
                 "-X",
                 "sasl.username=visible-user",
                 "-X",

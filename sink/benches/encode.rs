@@ -15,34 +15,13 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use profile::{DEFAULT_DECAY, DEFAULT_MAX_HISTORY};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use sink::{encode_profile, ProfileRecord};
+use sink::encode_profile;
 
-/// The feature dimension of the end-to-end benchmark.
-const DIM: usize = 32;
+mod realistic;
 
 fn encode(c: &mut Criterion) {
-    let mut rng = ChaCha8Rng::seed_from_u64(42);
-    let user_id = datagen::user_ids(&mut rng, 1).remove(0);
-    let items = datagen::item_ids(&mut rng, DEFAULT_MAX_HISTORY);
-    let features: Vec<Vec<f32>> = (0..DEFAULT_MAX_HISTORY)
-        .map(|item| datagen::item_features(42, DIM, item))
-        .collect();
-    let interest = profile::interest_vector(
-        features.iter().map(|x| Some(x.as_slice())),
-        DIM,
-        DEFAULT_DECAY,
-    );
-    let record = ProfileRecord {
-        user_id: &user_id,
-        timestamp: 1_456_923_842,
-        history_items: &items,
-        interest_vector: &interest.vector,
-        known_items: interest.known_items,
-        epoch: 1_795_969_348_800,
-    };
+    let profiles = realistic::Profiles::new(1);
+    let record = profiles.record(&profiles.users[0]);
     let bytes = encode_profile(&record).len() as u64;
 
     let mut group = c.benchmark_group("encode_profile");

@@ -13,39 +13,18 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use profile::{DEFAULT_DECAY, DEFAULT_MAX_HISTORY};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use sink::{frame_for_bench, EncodedProfile, ProfileRecord, WriteMode};
+use sink::{frame_for_bench, EncodedProfile, WriteMode};
 
-/// The feature dimension of the end-to-end benchmark.
-const DIM: usize = 32;
+mod realistic;
+
 const PROFILES: usize = 1000;
 
 fn framing(c: &mut Criterion) {
-    let mut rng = ChaCha8Rng::seed_from_u64(42);
-    let users = datagen::user_ids(&mut rng, PROFILES);
-    let items = datagen::item_ids(&mut rng, DEFAULT_MAX_HISTORY);
-    let features: Vec<Vec<f32>> = (0..DEFAULT_MAX_HISTORY)
-        .map(|item| datagen::item_features(42, DIM, item))
-        .collect();
-    let interest = profile::interest_vector(
-        features.iter().map(|x| Some(x.as_slice())),
-        DIM,
-        DEFAULT_DECAY,
-    );
-    let profiles: Vec<EncodedProfile> = users
+    let realistic = realistic::Profiles::new(PROFILES);
+    let profiles: Vec<EncodedProfile> = realistic
+        .users
         .iter()
-        .map(|user_id| {
-            EncodedProfile::encode(&ProfileRecord {
-                user_id,
-                timestamp: 1_456_923_842,
-                history_items: &items,
-                interest_vector: &interest.vector,
-                known_items: interest.known_items,
-                epoch: 1_795_969_348_800,
-            })
-        })
+        .map(|user_id| EncodedProfile::encode(&realistic.record(user_id)))
         .collect::<Result<_, _>>()
         .expect("the profiles are valid");
 

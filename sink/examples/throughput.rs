@@ -67,9 +67,7 @@ fn rate(n: usize, took: Duration) -> String {
 fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map_or(50_000, |s| s.parse().expect("RECORDS"));
-    let url = args.next().unwrap_or_else(|| {
-        std::env::var("STREAMREC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:16379/0".into())
-    });
+    let url = args.next().unwrap_or_else(testkit::redis_url);
     let prefix = format!("bench-{}", std::process::id());
     let data = Data::new(&prefix, n);
     let json_bytes: usize = data.records(1, 1).map(|r| encode_profile(&r).len()).sum();

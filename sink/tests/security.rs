@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{test_url, unique, Profiles};
+use common::{unique, Profiles};
 use sink::{ReadMarks, RedisSink, SinkConfig, SinkError, WriteMode, WriterFence};
 use testkit::security::{AclUser, Role, TlsRedis};
 
@@ -15,7 +15,7 @@ use testkit::security::{AclUser, Role, TlsRedis};
 const DB: u32 = 10;
 
 fn admin_url() -> String {
-    let url = test_url();
+    let url = testkit::redis_url();
     let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
     format!("{base}/{DB}")
 }

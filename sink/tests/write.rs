@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{conn, delete, get, sink, test_url, unique, Profiles};
+use common::{conn, delete, get, sink, unique, Profiles};
 use sink::{encode_profile, ProfileRecord, SinkConfig, SinkError, WriteMode};
 
 fn rec<'a>(
@@ -36,7 +36,7 @@ fn write_then_get_exact_values() {
         .map(|(i, u)| rec(u, 1_000 + i as u64, 7, &items, &vector))
         .collect();
 
-    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
     let stats = sink.write(records.iter().copied()).unwrap();
     assert_eq!(stats.written, 20);
     assert_eq!(stats.skipped_stale, 0);
@@ -44,7 +44,7 @@ fn write_then_get_exact_values() {
     assert_eq!(stats.retries, 0);
     assert!(stats.bytes > 20 * 100, "{stats:?}");
 
-    let mut c = conn(&test_url());
+    let mut c = conn(&testkit::redis_url());
     for r in &records {
         let stored = get(&mut c, r.user_id).unwrap();
         assert_eq!(stored.as_bytes(), encode_profile(r));
@@ -67,7 +67,7 @@ fn write_then_get_exact_values() {
 
 #[test]
 fn empty_write_is_a_no_op() {
-    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
     let stats = sink.write(std::iter::empty::<ProfileRecord>()).unwrap();
     assert_eq!(stats, sink::WriteStats::default());
 }
@@ -75,8 +75,8 @@ fn empty_write_is_a_no_op() {
 #[test]
 fn no_regression() {
     let p = unique("noregress");
-    let mut sink = sink(SinkConfig::new(test_url()));
-    let mut c = conn(&test_url());
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
+    let mut c = conn(&testkit::redis_url());
     let user = |s: &str| format!("{p}-{s}");
     let (older, later_epoch, replay, newer) =
         (user("older"), user("later"), user("replay"), user("newer"));
@@ -132,8 +132,8 @@ fn no_regression() {
 #[test]
 fn a_user_twice_in_one_batch_keeps_the_greater_value_in_either_order() {
     let p = unique("twice");
-    let mut sink = sink(SinkConfig::new(test_url()));
-    let mut c = conn(&test_url());
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
+    let mut c = conn(&testkit::redis_url());
     let (a, b, c_user) = (format!("{p}-a"), format!("{p}-b"), format!("{p}-c"));
     // Stored: c at (ts 50, epoch 1), newer than both of its records below.
     let stored = rec(&c_user, 50, 1, &["kept"], &[9.0]);
@@ -170,8 +170,8 @@ fn a_user_twice_in_one_batch_keeps_the_greater_value_in_either_order() {
 #[test]
 fn user_and_item_text_cannot_fool_the_script() {
     let p = unique("fool");
-    let mut sink = sink(SinkConfig::new(test_url()));
-    let mut c = conn(&test_url());
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
+    let mut c = conn(&testkit::redis_url());
     let tricky = [
         format!(r#"{p}"timestamp":99999999999"#),
         format!(r#"{p}","timestamp":99999999999,"epoch":99999999999}}"#),
@@ -195,8 +195,8 @@ fn user_and_item_text_cannot_fool_the_script() {
 #[test]
 fn values_written_by_others_are_read_or_replaced() {
     let p = unique("foreign");
-    let mut sink = sink(SinkConfig::new(test_url()));
-    let mut c = conn(&test_url());
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
+    let mut c = conn(&testkit::redis_url());
     let (spaced, garbage) = (format!("{p}-spaced"), format!("{p}-garbage"));
     // Python's json.dumps style (spaces, other field order, no epoch) as the original system
     // wrote it.
@@ -229,8 +229,8 @@ fn timestamps_far_into_a_value_are_found() {
     // timestamp well inside the head, with its digits cut at the head's end in every way
     // (the digits of 1000 start at 26 + the id's length), and past the head.
     let p = unique("head");
-    let mut sink = sink(SinkConfig::new(test_url()));
-    let mut c = conn(&test_url());
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
+    let mut c = conn(&testkit::redis_url());
     let id_len = |digits_start: usize| digits_start - 26 - p.len() - 1;
     let cut = (251..=257).map(id_len);
     for len in [140, 150, 160, 300].into_iter().chain(cut) {
@@ -286,12 +286,12 @@ fn batching_by_count() {
     let data = Profiles::new(&p, 100, 3, 4);
     let mut sink = sink(SinkConfig {
         max_batch_records: 7,
-        ..SinkConfig::new(test_url())
+        ..SinkConfig::new(testkit::redis_url())
     });
     let stats = sink.write(data.records(1, 1)).unwrap();
     assert_eq!(stats.batches, 15);
     assert_eq!(stats.written, 100);
-    let mut c = conn(&test_url());
+    let mut c = conn(&testkit::redis_url());
     for u in &data.users {
         assert!(get(&mut c, u).is_some(), "{u} missing");
     }
@@ -316,7 +316,7 @@ fn batching_by_bytes() {
     for (limit, expect_batches) in [(1, 30), (two, 15), (1 << 20, 1)] {
         let mut sink = sink(SinkConfig {
             max_batch_bytes: limit,
-            ..SinkConfig::new(test_url())
+            ..SinkConfig::new(testkit::redis_url())
         });
         let stats = sink.write(data.records(limit as u64, 1)).unwrap();
         assert_eq!(stats.batches, expect_batches, "limit {limit}");
@@ -336,21 +336,21 @@ fn many_records_across_pipelined_batches() {
         let mut sink = sink(SinkConfig {
             pipeline_depth: depth,
             max_batch_records: 100,
-            ..SinkConfig::new(test_url())
+            ..SinkConfig::new(testkit::redis_url())
         });
         let stats = sink.write(data.records(10 + depth as u64, 1)).unwrap();
         assert_eq!((stats.written, stats.batches), (5_000, 50));
     }
-    let mut c = conn(&test_url());
+    let mut c = conn(&testkit::redis_url());
     let stored = get(&mut c, &data.users[4_321]).unwrap();
     let expected = data.records(13, 1).nth(4_321).unwrap();
     assert_eq!(stored.as_bytes(), encode_profile(&expected));
-    delete(&test_url(), &data.users);
+    delete(&testkit::redis_url(), &data.users);
 }
 
 #[test]
 fn contract_violations_are_refused() {
-    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
     let u = unique("invalid");
     let err = sink
         .write([rec(&u, (1 << 53) + 1, 1, &[], &[])])
@@ -369,12 +369,12 @@ fn contract_violations_are_refused() {
 
 #[test]
 fn non_finite_floats_are_counted() {
-    let mut sink = sink(SinkConfig::new(test_url()));
+    let mut sink = sink(SinkConfig::new(testkit::redis_url()));
     let u = unique("nan");
     sink.write([rec(&u, 1, 1, &[], &[f32::NAN, 1.0, f32::INFINITY])])
         .unwrap();
     assert_eq!(sink.metrics().non_finite_floats(), 2);
-    let stored = get(&mut conn(&test_url()), &u).unwrap();
+    let stored = get(&mut conn(&testkit::redis_url()), &u).unwrap();
     assert!(stored.contains("[0.0,1.0,0.0]"), "{stored}");
 }
 
@@ -414,7 +414,7 @@ fn a_key_of_another_type_is_set_aside_and_the_rest_written() {
     let prefix = unique("wrongtype");
     let users: Vec<String> = (0..7).map(|i| format!("{prefix}-{i}")).collect();
     let refused = users[3].clone();
-    let mut c = conn(&test_url());
+    let mut c = conn(&testkit::redis_url());
     hash_at_profile_key(&mut c, &refused);
 
     // Small batches and a pipeline, so that the refused key shares a batch with others and
@@ -422,7 +422,7 @@ fn a_key_of_another_type_is_set_aside_and_the_rest_written() {
     let config = SinkConfig {
         max_batch_records: 3,
         pipeline_depth: 2,
-        ..SinkConfig::new(test_url())
+        ..SinkConfig::new(testkit::redis_url())
     };
     let records: Vec<(String, u64)> = users.iter().map(|u| (u.clone(), 1_000)).collect();
     let (stats, metrics, mut sink) = within(std::time::Duration::from_secs(10), move || {
@@ -460,7 +460,7 @@ fn a_key_of_another_type_is_set_aside_and_the_rest_written() {
         .unwrap();
     assert_eq!((stats.written, stats.rejected.len()), (6, 1), "{stats:?}");
     assert_eq!(sink.metrics().records_rejected(), 2);
-    delete(&test_url(), &users);
+    delete(&testkit::redis_url(), &users);
 }
 
 /// `MSET` replaces a key of any type, so a plain write never sees WRONGTYPE: the hash is
@@ -470,11 +470,11 @@ fn a_key_of_another_type_is_set_aside_and_the_rest_written() {
 fn a_plain_write_replaces_a_key_of_another_type() {
     let prefix = unique("wrongtype-plain");
     let users: Vec<String> = (0..5).map(|i| format!("{prefix}-{i}")).collect();
-    let mut c = conn(&test_url());
+    let mut c = conn(&testkit::redis_url());
     hash_at_profile_key(&mut c, &users[2]);
     let mut sink = sink(SinkConfig {
         max_batch_records: 2,
-        ..SinkConfig::new(test_url())
+        ..SinkConfig::new(testkit::redis_url())
     });
     sink.set_mode(WriteMode::Plain);
     let stats = sink
@@ -483,14 +483,14 @@ fn a_plain_write_replaces_a_key_of_another_type() {
     assert_eq!((stats.written, stats.written_plain), (5, 5), "{stats:?}");
     assert!(stats.rejected.is_empty());
     assert_eq!(key_type(&mut c, &users[2]), "string");
-    delete(&test_url(), &users);
+    delete(&testkit::redis_url(), &users);
 }
 
 #[test]
 fn bad_config_and_url_are_refused() {
     let err = RedisSinkExt::connect_err(SinkConfig {
         max_batch_records: 0,
-        ..SinkConfig::new(test_url())
+        ..SinkConfig::new(testkit::redis_url())
     });
     assert!(matches!(err, SinkError::Config(_)), "{err}");
     let err = RedisSinkExt::connect_err(SinkConfig::new("not a url"));
@@ -514,7 +514,7 @@ fn plain_writes_store_every_record_unchecked() {
     let users: Vec<String> = (0..40).map(|i| format!("{prefix}-{i}")).collect();
     let mut sink = sink(SinkConfig {
         max_batch_records: 16,
-        ..SinkConfig::new(test_url())
+        ..SinkConfig::new(testkit::redis_url())
     });
     let newer: Vec<ProfileRecord> = users
         .iter()
@@ -533,7 +533,7 @@ fn plain_writes_store_every_record_unchecked() {
     assert_eq!((stats.written, stats.written_plain), (40, 40), "{stats:?}");
     assert_eq!((stats.skipped_stale, stats.batches), (0, 3), "{stats:?}");
     assert_eq!(sink.metrics().plain_batches(), 3);
-    let mut c = conn(&test_url());
+    let mut c = conn(&testkit::redis_url());
     for r in &older {
         assert_eq!(
             get(&mut c, r.user_id).unwrap().as_bytes(),
@@ -547,5 +547,5 @@ fn plain_writes_store_every_record_unchecked() {
     assert_eq!((stats.written, stats.written_plain), (5, 0), "{stats:?}");
     let stats = sink.write(older.iter().take(5).copied()).unwrap();
     assert_eq!(stats.skipped_stale, 5, "{stats:?}");
-    delete(&test_url(), &users);
+    delete(&testkit::redis_url(), &users);
 }

@@ -10,11 +10,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sink::{RedisSink, SinkConfig};
 
-/// The shared test Redis: `STREAMREC_TEST_REDIS`, or the documented default.
-pub fn test_url() -> String {
-    std::env::var("STREAMREC_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:16379/0".into())
-}
-
 /// A sink on the shared test Redis; fails the test, with the way out, when it is unreachable.
 pub fn sink(config: SinkConfig) -> RedisSink {
     let url = config.redis_url.clone();
