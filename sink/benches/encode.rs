@@ -5,8 +5,8 @@
 //! The profile is realistic: a 14-character reviewer id and 50 ASIN-like item ids from
 //! `datagen`, held as `String`s as the dataflow holds them, and a D = 32 interest vector computed
 //! from `datagen` features (full-precision floats, which is what makes the float formatting
-//! cost what it does), about 1.1 KB of JSON. `encode_profile` allocates its output; the sink
-//! itself appends into a reused batch buffer, so it pays a little less than this.
+//! cost what it does), about 1.1 KB of JSON. `encode_profile` allocates its output, as
+//! `EncodedProfile::encode`, which the dataflow calls, does.
 //!
 //! ```text
 //! cargo bench -p streamrec-sink --bench encode

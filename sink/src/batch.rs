@@ -1,17 +1,18 @@
-//! Batching by count and bytes, straight into the wire format.
+//! Batching by count and bytes into the commands sent to Redis, packed by the redis crate.
 //!
 //! A checked batch is one `EVALSHA <sha> N key1..keyN ts1 epoch1 value1 .. tsN epochN valueN`
 //! command, the write script's no-regression check; a plain batch is one
 //! `MSET key1 value1 .. keyN valueN`, for when no older value can reach Redis after this one (see
-//! [`WriteMode`]). Records are encoded into RESP as they arrive, so a sealed batch is the exact
-//! byte string sent to Redis: no per-argument allocation as with `redis::Cmd`, and the byte limit
-//! measures what actually goes over the wire. A plain batch keeps where each record lies in it,
-//! so that a retry can resend it as a checked batch ([`Batch::make_checked`]) without encoding
-//! anything again.
+//! [`WriteMode`]). The open batch holds its encoded profiles; sealing packs them with
+//! `redis::Cmd`, so a sealed batch is the exact byte string sent to Redis and the byte limit
+//! measures what goes over the wire. A plain batch keeps its profiles, so that a retry can resend
+//! it as a checked batch ([`Batch::make_checked`]) without encoding anything again.
 //!
 //! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
-use crate::encode::{check, encode_profile_into, estimated_len, EncodedProfile, ProfileRecord};
+use redis::{Cmd, RedisWrite, ToRedisArgs};
+
+use crate::encode::{EncodedProfile, ProfileRecord};
 use crate::{SinkError, WriteMode};
 
 /// A sealed batch: the packed command and what it holds.
@@ -20,19 +21,9 @@ pub(crate) struct Batch {
     pub(crate) packed: Vec<u8>,
     /// Number of records (keys) in it.
     pub(crate) records: usize,
-    /// For a plain batch (`MSET`), each record's place and version; empty for a checked one.
-    plain: Vec<PlainRecord>,
-}
-
-/// Where one record of a plain batch lies in its `packed` command, and its version, which the
-/// checked form of the batch needs.
-#[derive(Debug, Clone, Copy)]
-struct PlainRecord {
-    /// Start of the key's RESP bulk string; the value's follows it at `value_at`.
-    key_at: usize,
-    value_at: usize,
-    timestamp: u64,
-    epoch: u64,
+    /// For a plain batch (`MSET`), its profiles, which the checked form needs; empty for a
+    /// checked one.
+    plain: Vec<EncodedProfile>,
 }
 
 impl Batch {
@@ -49,45 +40,9 @@ impl Batch {
         if self.plain.is_empty() {
             return;
         }
-        let n = self.records as u64;
         let plain = std::mem::take(&mut self.plain);
-        let mut packed = Vec::with_capacity(self.packed.len() + 96 + 24 * plain.len());
-        push_checked_header(&mut packed, sha, n);
-        for record in &plain {
-            packed.extend_from_slice(&self.packed[record.key_at..record.value_at]);
-        }
-        let value_ends = plain
-            .iter()
-            .skip(1)
-            .map(|next| next.key_at)
-            .chain([self.packed.len()]);
-        for (record, value_end) in plain.iter().zip(value_ends) {
-            push_bulk_decimal(&mut packed, record.timestamp);
-            push_bulk_decimal(&mut packed, record.epoch);
-            packed.extend_from_slice(&self.packed[record.value_at..value_end]);
-        }
-        self.packed = packed;
+        self.packed = checked_command(sha, &plain).get_packed_command();
     }
-}
-
-/// Accumulates records into batches of at most `max_records` records and, unless a single
-/// record is larger, at most `max_bytes` bytes.
-pub(crate) struct Batcher {
-    max_records: usize,
-    max_bytes: usize,
-    sha: String,
-    /// Whether the open batch is checked or plain.
-    mode: WriteMode,
-    /// Checked: RESP bulk strings of the keys of the open batch.
-    keys: Vec<u8>,
-    /// Checked: RESP bulk strings of (timestamp, epoch, value) of the open batch. Plain: the
-    /// (key, value) pairs.
-    args: Vec<u8>,
-    /// Plain: each record's place in `args` (until sealed) and version.
-    plain: Vec<PlainRecord>,
-    records: usize,
-    /// Scratch buffer for one JSON value, reused across records.
-    value: Vec<u8>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -99,6 +54,20 @@ impl std::fmt::Debug for Batch {
     }
 }
 
+/// Accumulates records into batches of at most `max_records` records and, unless a single
+/// record is larger, at most `max_bytes` bytes.
+pub(crate) struct Batcher {
+    max_records: usize,
+    max_bytes: usize,
+    sha: String,
+    /// Whether the open batch is checked or plain.
+    mode: WriteMode,
+    /// The open batch's profiles.
+    open: Vec<EncodedProfile>,
+    /// Wire size of the open batch's arguments after the command's head.
+    open_bytes: usize,
+}
+
 /// What pushing one record did.
 #[derive(Debug)]
 pub(crate) struct Pushed {
@@ -108,15 +77,15 @@ pub(crate) struct Pushed {
     pub(crate) non_finite: usize,
 }
 
-// Not derived: the buffers can hold a megabyte of RESP.
+// Not derived: the open batch can hold a megabyte of values.
 impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batcher")
             .field("max_records", &self.max_records)
             .field("max_bytes", &self.max_bytes)
             .field("mode", &self.mode)
-            .field("open_records", &self.records)
-            .field("open_bytes", &self.payload_len())
+            .field("open_records", &self.open.len())
+            .field("open_bytes", &self.open_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -128,11 +97,8 @@ impl Batcher {
             max_bytes,
             sha: sha.to_owned(),
             mode: WriteMode::Checked,
-            keys: Vec::new(),
-            args: Vec::new(),
-            plain: Vec::new(),
-            records: 0,
-            value: Vec::new(),
+            open: Vec::new(),
+            open_bytes: 0,
         }
     }
 
@@ -147,188 +113,114 @@ impl Batcher {
     }
 
     /// Encodes and adds a record; refuses one the script could not compare (see
-    /// [`check`]).
+    /// [`EncodedProfile::encode`]).
     pub(crate) fn push<S: AsRef<str>>(
         &mut self,
         record: &ProfileRecord<'_, S>,
     ) -> Result<Pushed, SinkError> {
-        check(record)?;
-        let mut value = std::mem::take(&mut self.value);
-        value.clear();
-        value.reserve(estimated_len(record));
-        let non_finite = encode_profile_into(record, &mut value);
-        let sealed = self.push_value(record.user_id, record.timestamp, record.epoch, &value);
-        self.value = value;
+        let profile = EncodedProfile::encode(record)?;
+        let non_finite = profile.non_finite();
+        let sealed = self.push_owned(profile);
         Ok(Pushed { sealed, non_finite })
     }
 
     /// Adds a profile encoded beforehand (already checked when it was encoded).
     pub(crate) fn push_encoded(&mut self, profile: &EncodedProfile) -> Result<Pushed, SinkError> {
-        let sealed = self.push_value(
-            profile.user_id(),
-            profile.timestamp(),
-            profile.epoch(),
-            profile.value().as_bytes(),
-        );
         Ok(Pushed {
-            sealed,
+            sealed: self.push_owned(profile.clone()),
             non_finite: profile.non_finite(),
         })
     }
 
-    /// Adds one key's arguments. The open batch is sealed first when it already holds
-    /// `max_records` records or when this record would take it past `max_bytes`; sealing before
-    /// adding (not after) means one push seals at most one batch.
-    fn push_value(
-        &mut self,
-        user_id: &str,
-        timestamp: u64,
-        epoch: u64,
-        value: &[u8],
-    ) -> Option<Batch> {
-        let key_len = profile::REDIS_KEY_PREFIX.len() + user_id.len();
-        let mut piece = bulk_len(key_len) + bulk_len(value.len());
+    /// Adds one profile. The open batch is sealed first when it already holds `max_records`
+    /// records or when this one would take it past `max_bytes`; sealing before adding (not
+    /// after) means one push seals at most one batch.
+    fn push_owned(&mut self, profile: EncodedProfile) -> Option<Batch> {
+        let key_len = profile::REDIS_KEY_PREFIX.len() + profile.user_id().len();
+        let mut piece = arg_len(key_len) + arg_len(profile.value().len());
         if self.mode == WriteMode::Checked {
-            piece += bulk_len(decimal_len(timestamp)) + bulk_len(decimal_len(epoch));
+            piece +=
+                arg_len(decimal_len(profile.timestamp())) + arg_len(decimal_len(profile.epoch()));
         }
-        let full = self.records >= self.max_records
-            || (self.records > 0 && self.payload_len() + piece > self.max_bytes);
+        let full = self.open.len() >= self.max_records
+            || (!self.open.is_empty() && self.open_bytes + piece > self.max_bytes);
         let sealed = if full { self.seal() } else { None };
-
-        // The key, `user_profile:{user_id}`, framed without building it as a String first.
-        let key = [profile::REDIS_KEY_PREFIX.as_bytes(), user_id.as_bytes()];
-        match self.mode {
-            WriteMode::Checked => {
-                push_bulk_parts(&mut self.keys, &key);
-                push_bulk_decimal(&mut self.args, timestamp);
-                push_bulk_decimal(&mut self.args, epoch);
-            }
-            WriteMode::Plain => {
-                let key_at = self.args.len();
-                push_bulk_parts(&mut self.args, &key);
-                self.plain.push(PlainRecord {
-                    key_at,
-                    value_at: self.args.len(),
-                    timestamp,
-                    epoch,
-                });
-            }
-        }
-        push_bulk(&mut self.args, value);
-        self.records += 1;
+        self.open.push(profile);
+        self.open_bytes += piece;
         sealed
     }
 
-    /// Seals the open batch, if it holds anything. The buffers keep their capacity for the
-    /// next batch.
+    /// Seals the open batch, if it holds anything.
     pub(crate) fn seal(&mut self) -> Option<Batch> {
-        if self.records == 0 {
+        if self.open.is_empty() {
             return None;
         }
-        let n = self.records as u64;
-        let mut packed = Vec::with_capacity(96 + self.payload_len());
-        let mut plain = Vec::new();
-        match self.mode {
+        let records = self.open.len();
+        let (packed, plain) = match self.mode {
             WriteMode::Checked => {
-                push_checked_header(&mut packed, &self.sha, n);
-                packed.extend_from_slice(&self.keys);
+                let packed = checked_command(&self.sha, &self.open).get_packed_command();
+                self.open.clear();
+                (packed, Vec::new())
             }
             WriteMode::Plain => {
-                push_array_header(&mut packed, 1 + 2 * n);
-                push_bulk(&mut packed, b"MSET");
-                let offset = packed.len();
-                plain = std::mem::take(&mut self.plain);
-                for record in &mut plain {
-                    record.key_at += offset;
-                    record.value_at += offset;
+                let mut mset = redis::cmd("MSET");
+                for profile in &self.open {
+                    mset.arg(ProfileKey(profile.user_id())).arg(profile.value());
                 }
+                (mset.get_packed_command(), std::mem::take(&mut self.open))
             }
-        }
-        packed.extend_from_slice(&self.args);
-        self.clear();
+        };
+        self.open_bytes = 0;
         Some(Batch {
             packed,
-            records: n as usize,
+            records,
             plain,
         })
     }
 
     /// Drops the open batch (after a failed write, so the next write starts clean).
     pub(crate) fn clear(&mut self) {
-        self.keys.clear();
-        self.args.clear();
-        self.plain.clear();
-        self.records = 0;
-    }
-
-    fn payload_len(&self) -> usize {
-        self.keys.len() + self.args.len()
+        self.open.clear();
+        self.open_bytes = 0;
     }
 }
 
-/// `EVALSHA <sha> <n>`, the head of a checked batch of `n` records.
-fn push_checked_header(out: &mut Vec<u8>, sha: &str, n: u64) {
-    push_array_header(out, 3 + 4 * n);
-    push_bulk(out, b"EVALSHA");
-    push_bulk(out, sha.as_bytes());
-    push_bulk_decimal(out, n);
-}
-
-fn push_array_header(out: &mut Vec<u8>, len: u64) {
-    out.push(b'*');
-    push_decimal(out, len);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn push_bulk(out: &mut Vec<u8>, data: &[u8]) {
-    push_bulk_parts(out, &[data]);
-}
-
-/// One RESP bulk string holding `parts` one after the other.
-fn push_bulk_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
-    out.push(b'$');
-    push_decimal(out, parts.iter().map(|part| part.len() as u64).sum());
-    out.extend_from_slice(b"\r\n");
-    for part in parts {
-        out.extend_from_slice(part);
+/// `EVALSHA <sha> <n> keys.. (timestamp epoch value)..`: the write script over `profiles`.
+fn checked_command(sha: &str, profiles: &[EncodedProfile]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(sha).arg(profiles.len());
+    for profile in profiles {
+        cmd.arg(ProfileKey(profile.user_id()));
     }
-    out.extend_from_slice(b"\r\n");
+    for profile in profiles {
+        cmd.arg(profile.timestamp())
+            .arg(profile.epoch())
+            .arg(profile.value());
+    }
+    cmd
 }
 
-fn push_bulk_decimal(out: &mut Vec<u8>, n: u64) {
-    out.push(b'$');
-    push_decimal(out, decimal_len(n) as u64);
-    out.extend_from_slice(b"\r\n");
-    push_decimal(out, n);
-    out.extend_from_slice(b"\r\n");
+/// A user's key, `user_profile:{user_id}`, written into the command without building it as a
+/// `String` first.
+struct ProfileKey<'a>(&'a str);
+
+impl ToRedisArgs for ProfileKey<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's own buffer cannot fail.
+        let _ = arg.write_all(profile::REDIS_KEY_PREFIX.as_bytes());
+        let _ = arg.write_all(self.0.as_bytes());
+    }
 }
 
-/// Size of a RESP bulk string holding `len` bytes: `$<len>\r\n<data>\r\n`.
-fn bulk_len(len: usize) -> usize {
+/// Wire size of a RESP bulk string of `len` bytes: `$<len>\r\n<data>\r\n`.
+fn arg_len(len: usize) -> usize {
     1 + decimal_len(len as u64) + 2 + len + 2
 }
 
-fn decimal_len(mut n: u64) -> usize {
-    let mut len = 1;
-    while n >= 10 {
-        n /= 10;
-        len += 1;
-    }
-    len
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |digits| digits as usize + 1)
 }
 
 #[cfg(test)]
@@ -480,9 +372,6 @@ mod tests {
     #[test]
     fn decimals() {
         for n in [0u64, 9, 10, 99, 100, 12345, u64::MAX] {
-            let mut out = Vec::new();
-            push_decimal(&mut out, n);
-            assert_eq!(out, n.to_string().as_bytes());
             assert_eq!(decimal_len(n), n.to_string().len());
         }
     }

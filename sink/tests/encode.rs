@@ -144,7 +144,8 @@ fn owned_item_ids_encode_the_same() {
     assert_eq!(encode_profile(&with_owned), encode_profile(&with_borrowed));
 }
 
-/// The value as serde_json writes it: an independent encoder for the hand-written one.
+/// The value as serde_json writes it from a plainly written struct: an independent statement of
+/// the contract's bytes (field order, escaping, shortest-form floats, non-finite as 0.0).
 struct Oracle<'r, 'a>(&'r ProfileRecord<'a, String>);
 
 impl Serialize for Oracle<'_, '_> {
