@@ -37,10 +37,13 @@ pub enum InvalidItemFeatures {
     WrongDimension { expected: usize, found: usize },
     #[error("features holds a value that is not finite")]
     NotFinite,
+    #[error("features hold a value beyond ±{MAX_FEATURE_MAGNITUDE}")]
+    TooLarge,
 }
 
 impl ItemFeaturesMessage {
-    /// Decodes a JSON value and checks it against the feature dimension `dim`.
+    /// Decodes a JSON value and checks it against the feature dimension `dim` and the bounds of
+    /// feature values (finite, within [`MAX_FEATURE_MAGNITUDE`]).
     pub fn decode(value: &[u8], dim: usize) -> Result<Self, InvalidItemFeatures> {
         let message: ItemFeaturesMessage = serde_json::from_slice(value)
             .map_err(|e| InvalidItemFeatures::WrongShape(e.to_string()))?;
@@ -56,6 +59,9 @@ impl ItemFeaturesMessage {
             }
             if !features.iter().all(|x| x.is_finite()) {
                 return Err(InvalidItemFeatures::NotFinite);
+            }
+            if !features_in_bounds(features) {
+                return Err(InvalidItemFeatures::TooLarge);
             }
         }
         Ok(message)
@@ -96,5 +102,14 @@ mod tests {
             decode(b"nope"),
             InvalidItemFeatures::WrongShape(_)
         ));
+        let too_large = decode(br#"{"item_id":"i","features":[1,-100000.5]}"#);
+        assert_eq!(too_large, InvalidItemFeatures::TooLarge);
+        assert_eq!(
+            too_large.to_string(),
+            "features hold a value beyond ±100000"
+        );
+        assert!(
+            ItemFeaturesMessage::decode(br#"{"item_id":"i","features":[1,-100000]}"#, 2).is_ok()
+        );
     }
 }

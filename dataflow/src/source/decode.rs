@@ -60,14 +60,14 @@ fn decode_features(
         reason,
     };
     let message = ItemFeaturesMessage::decode(payload, dim).map_err(|e| bad(e.to_string()))?;
+    // The message crate checked the values' bounds; `FeatureVector::new` checks them again
+    // only because it is how the type is made.
     let features = match message.features {
         None => None,
-        Some(values) => Some(FeatureVector::new(&values).ok_or_else(|| {
-            bad(format!(
-                "features hold a value beyond ±{}",
-                profile::MAX_FEATURE_MAGNITUDE
-            ))
-        })?),
+        Some(values) => Some(
+            FeatureVector::new(&values)
+                .ok_or_else(|| bad(profile::InvalidItemFeatures::TooLarge.to_string()))?,
+        ),
     };
     Ok(FeatureEvent {
         item_id: message.item_id,
