@@ -23,21 +23,11 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let features = dir.path().join("item_features.csv");
     std::fs::write(&features, "item_id,f0,f1\na,1,2\nb,3,4\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataflow"))
+    let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_dataflow"), dir.path())
         .arg("--item-features")
         .arg(&features)
         .args(args)
-        // The test's own environment must pick nothing.
-        .env_remove("LOG_FORMAT")
-        .env_remove("KAFKA_CONFIG_FILE")
-        .env_remove("REDIS_URL")
-        .env_remove("KAFKA_BROKER")
-        .env_remove("KAFKA_TOPIC")
-        .env("RUST_LOG", "info")
         .envs(envs.iter().copied())
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,31 +14,17 @@ fn log_lines_until_listening(args: &[&str], envs: &[(&str, &str)]) -> Vec<String
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("behavior.csv");
     std::fs::write(&csv, "user_id,item_id,timestamp\nalice,a,1\n").unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest-api"))
+    // From an empty directory, where its .env lookup starts.
+    let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_ingest-api"), dir.path())
         .args(["--bind", "127.0.0.1:0", "--brokers", "127.0.0.1:1"])
         .arg("--behavior-csv")
         .arg(&csv)
         .args(args)
-        // The test's own environment must not pick the format or the filter.
-        .env_remove("LOG_FORMAT")
-        .env("RUST_LOG", "info")
         .envs(envs.iter().copied())
-        // Its .env lookup starts here: an empty directory.
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            if sender.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = testkit::process::stderr_lines(&mut child);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     let result = loop {

@@ -5,8 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -267,7 +266,7 @@ async fn tokens_never_reach_the_log() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest-api"))
+    let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_ingest-api"), dir.path())
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args([
             "--brokers",
@@ -280,22 +279,10 @@ async fn tokens_never_reach_the_log() {
         .arg("--api-tokens-file")
         .arg(&tokens)
         .env("RUST_LOG", "debug")
-        .env_remove("LOG_FORMAT")
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let receiver = testkit::process::stderr_lines(&mut child);
     let mut log = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !log.iter().any(|l: &String| l.contains("listening")) {

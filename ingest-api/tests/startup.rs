@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// What a run left.
@@ -22,22 +21,12 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
     let csv = dir.path().join("behavior.csv");
     std::fs::write(&csv, "user_id,item_id,timestamp\nalice,a,1\n").unwrap();
     let stderr_path = dir.path().join("stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest-api"))
+    let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_ingest-api"), dir.path())
         .args(["--bind", "127.0.0.1:0"])
         .arg("--behavior-csv")
         .arg(&csv)
         .args(args)
-        // The test's own environment must pick nothing.
-        .env_remove("LOG_FORMAT")
-        .env_remove("KAFKA_CONFIG_FILE")
-        .env_remove("REDIS_URL")
-        .env_remove("KAFKA_BROKER")
-        .env_remove("KAFKA_TOPIC")
-        .env("RUST_LOG", "info")
         .envs(envs.iter().copied())
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod process;
 pub mod security;
 
 use std::time::Duration;

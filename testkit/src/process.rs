@@ -1,0 +1,48 @@
+//! Running the project's binaries in tests: from a directory of the test's own, with none of
+//! the settings the test's environment may carry, and their stderr read on a thread.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+
+/// The environment variables of the settings both binaries share: a test that runs a binary
+/// must not pick them from the developer's shell or from `scripts/test.sh`.
+pub const SHARED_SETTINGS: &[&str] = &[
+    "LOG_FORMAT",
+    "KAFKA_CONFIG_FILE",
+    "REDIS_URL",
+    "KAFKA_BROKER",
+    "KAFKA_TOPIC",
+];
+
+/// A command for `binary`, run from `dir` (where its `.env` lookup starts: give it an empty
+/// one), without the [`SHARED_SETTINGS`] of the test's environment, `RUST_LOG=info`, no stdin
+/// and stdout discarded. The caller says where stderr goes.
+pub fn isolated(binary: &str, dir: &Path) -> Command {
+    let mut command = Command::new(binary);
+    for name in SHARED_SETTINGS {
+        command.env_remove(name);
+    }
+    command
+        .env("RUST_LOG", "info")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+/// The lines of `child`'s piped stderr, as they come, read on a thread of their own so that
+/// the child never blocks on a full pipe.
+pub fn stderr_lines(child: &mut Child) -> Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr was not piped");
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
