@@ -484,6 +484,29 @@ mod tests {
     }
 
     #[test]
+    fn source_health_is_per_worker_and_unacknowledged_copies_add_up() {
+        let shared = Arc::new(Metrics::new());
+        let mut one = WorkerMetrics::new(shared.clone(), topics(), &[(0, 0)]);
+        let mut two = WorkerMetrics::new(shared.clone(), topics(), &[(0, 1)]);
+        one.set_source_health(0, Duration::from_millis(2500), 3);
+        two.set_source_health(1, Duration::from_millis(100), 1);
+        one.set_source_health(0, Duration::from_millis(7500), 2);
+        let s = samples(&shared);
+        assert_eq!(
+            value(&s, r#"streamrec_dataflow_kafka_silent_seconds{worker="0"}"#).as_deref(),
+            Some("7.5")
+        );
+        assert_eq!(
+            value(&s, r#"streamrec_dataflow_kafka_silent_seconds{worker="1"}"#).as_deref(),
+            Some("0.1")
+        );
+        assert_eq!(
+            value(&s, "streamrec_dataflow_dead_letters_unacknowledged").as_deref(),
+            Some("3")
+        );
+    }
+
+    #[test]
     fn two_workers_add_up_in_one_text() {
         let shared = Arc::new(Metrics::new());
         let mut one = WorkerMetrics::new(shared.clone(), topics(), &[(0, 0), (1, 0)]);
@@ -596,7 +619,7 @@ mod tests {
             .filter_map(|line| line.strip_prefix("# TYPE "))
             .filter_map(|rest| rest.split_once(' '))
             .collect();
-        assert_eq!(families.len(), 11, "{text}");
+        assert_eq!(families.len(), 12, "{text}");
         for line in text.lines().filter(|line| !line.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
             let family = families.iter().find(|(family, kind)| {
