@@ -291,6 +291,9 @@ async fn scenario(fault: Fault) {
         "--stats-json",
         "-w",
         "2",
+        // The clients give up on a request after 4 s instead of 60: the 12 s stall then
+        // outlasts their timeouts, so connections are torn down and rebuilt (the harder case, as
+        // a stall of minutes would be with the defaults).
         "-X",
         "socket.timeout.ms=4000",
     ]
