@@ -105,6 +105,7 @@ impl RedisWriter {
             epoch,
             count = refused.len(),
             dead_letter_failures = self.rejected.failures(),
+            dead_letter_replacements = self.rejected.replacements(),
             "values Redis refused for good sent to the dead-letter topic"
         );
     }
@@ -161,6 +162,10 @@ impl EpochWriter for RedisWriter {
         }
     }
 }
+
+/// How long a worker shutting down waits for the broker to acknowledge its dead-letter copies
+/// before the last commit.
+const SHUTDOWN_DEAD_LETTER_WAIT: Duration = Duration::from_secs(10);
 
 /// The features file, handed to the process's workers a share each and then dropped: the
 /// features arrangement holds the rows from then on, and a second copy held for the whole run
@@ -513,15 +518,20 @@ fn worker_loop(
     if writing_stopped(&writer_thread) {
         return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
     }
+    // The last commit covers the epochs whose dead-letter copies the broker acknowledges by
+    // then; the others' messages are read (and copied) again by the next run.
+    if !source.settle_dead_letters(SHUTDOWN_DEAD_LETTER_WAIT) {
+        tracing::error!(
+            worker = index,
+            copies = source.dead_letters_unacknowledged(),
+            waited_seconds = SHUTDOWN_DEAD_LETTER_WAIT.as_secs(),
+            "dead-letter copies not acknowledged at shutdown: their epochs' offsets are not \
+             committed, so the next run reads and copies those messages again"
+        );
+    }
     finish_epochs(epoch.time(), &mut source, &board, &mut stats_input);
     if let Some(metrics) = &mut worker_metrics {
         record_metrics(metrics, &mut source, &mut board.borrow_mut());
-    }
-    if source.dead_letter_failures() > 0 {
-        tracing::error!(
-            failed = source.dead_letter_failures(),
-            "some dead-letter copies were not stored"
-        );
     }
     // Closing the inputs lets the dataflow run to its end: the last stats, and the values of
     // later epochs of workers whose clock closed theirs later, which may come to this worker's
@@ -681,6 +691,11 @@ fn record_metrics(metrics: &mut WorkerMetrics, source: &mut KafkaSource, board: 
         .stale
         .drain(|partition, counts| metrics.add_counts(partition, counts));
     source.lags(|partition, lag| metrics.set_lag(partition, lag));
+    metrics.set_source_health(
+        source.worker(),
+        source.broker_silence(),
+        source.dead_letters_unacknowledged(),
+    );
     if let Some((users, items)) = board.held() {
         metrics.set_held(users, items);
     }

@@ -2,15 +2,13 @@
 //! freezes with SIGSTOP for 10 s while requests keep coming, then thaws. Without recovery the
 //! idempotent producer ends in a fatal state (`ProducerFenced`) and every later push is 503.
 //!
-//! The broker is this test's alone (memory storage, a free loopback port), so stalling it does
-//! not disturb the shared test broker the other tests use.
+//! The broker is this test's alone (`testkit::tansu`: memory storage, a free loopback port), so
+//! stalling it does not disturb the shared test broker the other tests use.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +16,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
+use testkit::tansu::{free_port, Broker};
 use testkit::{create_topic_at, http};
 
 const PARTITIONS: i32 = 4;
@@ -25,108 +24,6 @@ const USERS: u64 = 8;
 const STALL: Duration = Duration::from_secs(10);
 /// How long after SIGCONT pushes must be acknowledged again.
 const RECOVERY_BOUND: Duration = Duration::from_secs(30);
-
-/// The tansu binary: on PATH, else where `cargo install` puts it.
-fn tansu_binary() -> PathBuf {
-    let on_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("tansu"))
-            .find(|candidate| candidate.is_file())
-    });
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
-    on_path
-        .or_else(|| {
-            cargo_home
-                .map(|home| home.join("bin/tansu"))
-                .filter(|p| p.is_file())
-        })
-        .expect("tansu is neither on PATH nor in ~/.cargo/bin; run scripts/services.sh start")
-}
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Our own tansu. Dropping it thaws and kills it, also when the test fails half-way.
-struct Broker {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let url = format!("tcp://{addr}");
-        let log = dir.path().join("tansu.log");
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--cluster-id", "streamrec-recovery"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            // tansu reads a .env from its working directory: give it an empty one of its own
-            // (docs/tansu.md, 1).
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("tansu.err")).unwrap())
-            .spawn()
-            .unwrap();
-        Broker {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Waits, at most 30 s, until the broker accepts connections.
-    async fn wait_until_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                panic!("tansu exited with {status}: {log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tansu never listened on {}",
-                self.addr
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // A stopped process dies of SIGKILL too, but thaw it first in case kill is refused.
-        let _ = Command::new("kill")
-            .arg("-CONT")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One push the test made and what the API answered.
 #[derive(Debug)]

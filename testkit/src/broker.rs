@@ -87,10 +87,46 @@ pub async fn read_topic(
     count: usize,
     timeout: Duration,
 ) -> Vec<Record> {
-    let topic = topic.to_owned();
+    read_topic_at(&brokers(), topic, partitions, count, timeout).await
+}
+
+/// [`read_topic`] from the broker at `brokers` (a test that runs its own broker).
+pub async fn read_topic_at(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    read(brokers, topic, partitions, count, timeout, true).await
+}
+
+/// Reads every message of `topic` at `brokers` from the beginning of its `partitions` until at
+/// least `count` have arrived and no more come for a moment, or panics after `timeout`: for a
+/// topic that may hold duplicates (an at-least-once producer).
+pub async fn read_topic_at_least(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    read(brokers, topic, partitions, count, timeout, false).await
+}
+
+/// Reads `count` messages, and with `exactly` fails if there are more, else takes them too.
+async fn read(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    count: usize,
+    timeout: Duration,
+    exactly: bool,
+) -> Vec<Record> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &brokers)
             .set("group.id", "streamrec-tests")
             .set("enable.auto.commit", "false")
             // tansu holds a fetch until this wait expires; keep it short (docs/tansu.md, 2).
@@ -106,13 +142,20 @@ pub async fn read_topic(
         consumer.assign(&assignment).unwrap();
         let deadline = Instant::now() + timeout;
         let mut records = Vec::new();
-        while records.len() < count {
+        let mut quiet_since = Instant::now();
+        loop {
+            if records.len() >= count
+                && (exactly || quiet_since.elapsed() >= Duration::from_millis(500))
+            {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
                 "read {} of {count} messages from {topic}",
                 records.len()
             );
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                quiet_since = Instant::now();
                 let message = message.unwrap();
                 let headers = message
                     .headers()
@@ -136,9 +179,11 @@ pub async fn read_topic(
                 });
             }
         }
-        // Nothing more than expected may be there.
-        let extra = consumer.poll(Duration::from_millis(300));
-        assert!(extra.is_none(), "more messages than expected in {topic}");
+        if exactly {
+            // Nothing more than expected may be there.
+            let extra = consumer.poll(Duration::from_millis(300));
+            assert!(extra.is_none(), "more messages than expected in {topic}");
+        }
         records
     })
     .await

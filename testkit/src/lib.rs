@@ -15,6 +15,8 @@ use std::time::Duration;
 #[cfg(feature = "broker")]
 mod broker;
 #[cfg(feature = "broker")]
+pub mod tansu;
+#[cfg(feature = "broker")]
 pub use broker::*;
 
 /// The test broker: `STREAMREC_TEST_BROKERS`, by default the test port of scripts/test.sh.

@@ -13,6 +13,7 @@
 
 pub mod server;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,13 @@ pub struct PartitionLabels {
     pub partition: i32,
 }
 
+/// The labels of a series kept per worker.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// The worker's global index (over every process).
+    pub worker: u64,
+}
+
 /// Every metric the dataflow exports, shared by the process's threads.
 #[derive(Debug)]
 pub struct Metrics {
@@ -51,6 +59,8 @@ pub struct Metrics {
     redis_write_latency: Histogram,
     users_held: Gauge,
     items_held: Gauge,
+    kafka_silent: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
+    dead_letters_unacknowledged: Gauge,
 }
 
 impl Default for Metrics {
@@ -141,8 +151,26 @@ impl Metrics {
              held by every worker)",
             items_held.clone(),
         );
+        let kafka_silent = Family::<WorkerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "kafka_silent",
+            "Time since a Kafka broker last answered the worker's consumer, as of its last \
+             statistics (once a second): about a second at most while the broker is healthy, \
+             growing while it hangs or is down",
+            Unit::Seconds,
+            kafka_silent.clone(),
+        );
+        let dead_letters_unacknowledged = Gauge::default();
+        registry.register(
+            "dead_letters_unacknowledged",
+            "Dead-letter copies of invalid messages the broker has not acknowledged yet; the \
+             offsets of their epochs wait for them",
+            dead_letters_unacknowledged.clone(),
+        );
         Metrics {
             registry,
+            kafka_silent,
+            dead_letters_unacknowledged,
             messages_read,
             messages_invalid,
             messages_stale,
@@ -264,6 +292,8 @@ pub struct WorkerMetrics {
     series: Vec<(SourcePartition, PartitionSeries)>,
     /// Users and items this worker last added to the gauges.
     held: (i64, i64),
+    /// Dead-letter copies this worker last added to the gauge.
+    unacknowledged: i64,
 }
 
 impl WorkerMetrics {
@@ -276,6 +306,7 @@ impl WorkerMetrics {
             topics,
             series: Vec::new(),
             held: (0, 0),
+            unacknowledged: 0,
         };
         for &partition in partitions {
             metrics.series(partition);
@@ -333,6 +364,22 @@ impl WorkerMetrics {
             .get_or_create_owned(&self.labels(partition));
         gauge.set(lag);
         self.series(partition).lag = Some(gauge);
+    }
+
+    /// Sets how long no broker has answered worker `worker`'s consumer, and how many of its
+    /// dead-letter copies wait for an acknowledgement (summed over workers like the tables).
+    pub fn set_source_health(&mut self, worker: usize, silent: Duration, unacknowledged: usize) {
+        self.shared
+            .kafka_silent
+            .get_or_create(&WorkerLabels {
+                worker: worker as u64,
+            })
+            .set(silent.as_secs_f64());
+        let unacknowledged = i64::try_from(unacknowledged).unwrap_or(i64::MAX);
+        self.shared
+            .dead_letters_unacknowledged
+            .inc_by(unacknowledged - self.unacknowledged);
+        self.unacknowledged = unacknowledged;
     }
 
     /// Sets this worker's share of the users and items held. The gauges sum over workers: each
@@ -434,6 +481,29 @@ mod tests {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn source_health_is_per_worker_and_unacknowledged_copies_add_up() {
+        let shared = Arc::new(Metrics::new());
+        let mut one = WorkerMetrics::new(shared.clone(), topics(), &[(0, 0)]);
+        let mut two = WorkerMetrics::new(shared.clone(), topics(), &[(0, 1)]);
+        one.set_source_health(0, Duration::from_millis(2500), 3);
+        two.set_source_health(1, Duration::from_millis(100), 1);
+        one.set_source_health(0, Duration::from_millis(7500), 2);
+        let s = samples(&shared);
+        assert_eq!(
+            value(&s, r#"streamrec_dataflow_kafka_silent_seconds{worker="0"}"#).as_deref(),
+            Some("7.5")
+        );
+        assert_eq!(
+            value(&s, r#"streamrec_dataflow_kafka_silent_seconds{worker="1"}"#).as_deref(),
+            Some("0.1")
+        );
+        assert_eq!(
+            value(&s, "streamrec_dataflow_dead_letters_unacknowledged").as_deref(),
+            Some("3")
+        );
     }
 
     #[test]
@@ -549,7 +619,7 @@ mod tests {
             .filter_map(|line| line.strip_prefix("# TYPE "))
             .filter_map(|rest| rest.split_once(' '))
             .collect();
-        assert_eq!(families.len(), 11, "{text}");
+        assert_eq!(families.len(), 12, "{text}");
         for line in text.lines().filter(|line| !line.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
             let family = families.iter().find(|(family, kind)| {

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use profile::RateLimit;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::ThreadedProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use super::decode::DlqContext;
+use super::dead_letter::DeadLetters;
 use super::{SourceConfig, SourceError, PROFILE_TOPIC};
 use crate::epoch::SourcePartition;
 use crate::replay::Replay;
@@ -18,27 +19,145 @@ use crate::replay::Replay;
 /// The consumer's context. librdkafka reports each end of a partition, which the replay asks
 /// for (`enable.partition.eof`), to the error callback as well as to `poll`; those are news,
 /// not errors. Its statistics tell where each partition ends, as the fetches found it, for the
-/// catch-up (see [`crate::catch_up`]) and the lag metrics.
+/// catch-up (see [`crate::catch_up`]) and the lag metrics, and whether the broker still
+/// answers (see [`BrokerSilence`]).
 #[derive(Debug)]
 pub(super) struct SourceContext {
+    /// The worker's index, for the logs.
+    worker: usize,
     /// The source's topics, by their index in a [`SourcePartition`].
     topics: [String; 2],
     /// Partition → its high watermark in the last statistics.
     pub(super) ends: std::sync::Mutex<BTreeMap<SourcePartition, i64>>,
+    /// How long the brokers have not answered, as of the last statistics.
+    pub(super) silence: std::sync::Mutex<BrokerSilence>,
+    /// librdkafka's errors and log lines while a broker is unreachable come a few a second per
+    /// connection: rate-limited, they say the same.
+    warnings: RateLimit,
+}
+
+/// Whether the consumer hears from the brokers. It always has a fetch waiting at a broker (one
+/// answers within `fetch.wait.max.ms` even with nothing new), so responses stop arriving only
+/// when no broker answers: a broker hung (SIGSTOP, a long GC pause, a partitioned network) or
+/// down. Told apart by the statistics' count of responses received, once a second.
+#[derive(Debug)]
+pub(super) struct BrokerSilence {
+    /// Responses received from every broker, in the last statistics.
+    responses: u64,
+    /// When the count last grew (or the consumer started).
+    last_answer: std::time::Instant,
+    /// Whether the silence was reported as a stall, so its end is reported too.
+    reported: bool,
+    /// The stall's own limit (once a second), apart from librdkafka's lines, which could
+    /// otherwise crowd it out.
+    warnings: RateLimit,
+}
+
+impl BrokerSilence {
+    /// How long no broker has answered (up to a second more than the statistics saw).
+    pub(super) fn duration(&self) -> Duration {
+        self.last_answer.elapsed()
+    }
+
+    fn seconds(&self) -> f64 {
+        self.duration().as_secs_f64()
+    }
+}
+
+/// A silence this long is a stall worth a warning: far longer than a fetch's wait and a
+/// round trip, longer than the second between statistics.
+const STALL_WARNING: Duration = Duration::from_secs(3);
+
+impl SourceContext {
+    /// Logs with `log`, handed the count of lines held back, unless one was logged less than
+    /// a second ago.
+    fn warn(&self, log: impl FnOnce(u64)) {
+        if let Some(suppressed) = self.warnings.allow() {
+            log(suppressed);
+        }
+    }
+
+    /// Notes the responses received so far; warns (at most once a second) while no broker has
+    /// answered for [`STALL_WARNING`], and says when one answers again.
+    fn note_responses(&self, statistics: &rdkafka::Statistics) {
+        let responses = statistics.brokers.values().map(|b| b.rx).sum();
+        let Ok(mut silence) = self.silence.lock() else {
+            return;
+        };
+        if responses != silence.responses {
+            silence.responses = responses;
+            if silence.reported {
+                tracing::info!(
+                    worker = self.worker,
+                    silent_seconds = silence.seconds(),
+                    "the Kafka broker answers again"
+                );
+                silence.reported = false;
+            }
+            silence.last_answer = std::time::Instant::now();
+            return;
+        }
+        let silent = silence.last_answer.elapsed();
+        if silent >= STALL_WARNING {
+            silence.reported = true;
+            let states: BTreeMap<&str, &str> = statistics
+                .brokers
+                .values()
+                .map(|b| (b.nodename.as_str(), b.state.as_str()))
+                .collect();
+            let worker = self.worker;
+            if let Some(suppressed) = silence.warnings.allow() {
+                tracing::warn!(
+                    worker,
+                    suppressed,
+                    silent_seconds = silent.as_secs_f64(),
+                    brokers = ?states,
+                    "the Kafka broker has not answered; reading and committing wait"
+                );
+            }
+        }
+    }
 }
 
 impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => self.warn(|suppressed| {
+                tracing::warn!(
+                    suppressed,
+                    worker = self.worker,
+                    fac,
+                    log_message,
+                    "librdkafka (consumer)"
+                )
+            }),
+            _ => tracing::debug!(
+                worker = self.worker,
+                fac,
+                log_message,
+                "librdkafka (consumer)"
+            ),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if let KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) =
             error
         {
             tracing::trace!(reason, "end of partition");
         } else {
-            tracing::error!(%error, reason, "librdkafka error");
+            // librdkafka reconnects and retries by itself; a lasting outage shows as a stall.
+            self.warn(|suppressed| tracing::warn!(suppressed, worker = self.worker, %error, reason, "Kafka consumer error"),
+            );
         }
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {
+        self.note_responses(&statistics);
         let Ok(mut ends) = self.ends.lock() else {
             return;
         };
@@ -58,8 +177,11 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {}
 
-/// The consumer of a worker's profile and item-feature partitions.
-pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceContext>, KafkaError> {
+/// The consumer of worker `worker`'s profile and item-feature partitions.
+pub(super) fn consumer(
+    config: &SourceConfig,
+    worker: usize,
+) -> Result<BaseConsumer<SourceContext>, KafkaError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
@@ -95,26 +217,37 @@ pub(super) fn consumer(config: &SourceConfig) -> Result<BaseConsumer<SourceConte
     // they win over the tuning above; the ones set above for correctness are refused earlier.
     config.kafka.apply(&mut client);
     client.create_with_context(SourceContext {
+        worker,
         topics: [config.profile_topic.clone(), config.item_topic.clone()],
         ends: std::sync::Mutex::default(),
+        silence: std::sync::Mutex::new(BrokerSilence {
+            responses: 0,
+            last_answer: std::time::Instant::now(),
+            reported: false,
+            warnings: RateLimit::per_second(),
+        }),
+        warnings: RateLimit::per_second(),
     })
 }
 
-/// The producer of a worker's dead-letter copies (see [`super::decode`]).
-pub(super) fn dead_letter_producer(
-    config: &SourceConfig,
-) -> Result<ThreadedProducer<DlqContext>, KafkaError> {
+/// The producer of a worker's dead-letter copies (see [`super::dead_letter`]).
+pub(super) fn dead_letter_producer(config: &SourceConfig) -> Result<DeadLetters, KafkaError> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
-        // A dead-letter copy is kept as long as the broker is down: offsets wait for it.
+        // A dead-letter copy is kept as long as the broker is down: offsets wait for it. Also
+        // what keeps a stall from killing the producer: with a finite timeout, messages that
+        // time out make librdkafka ask for a new producer epoch, which tansu answers by fencing
+        // the producer (the ingest API's producer meets that).
         .set("message.timeout.ms", "0")
         // The copy must survive a broker failure like any message.
         .set("acks", "all")
+        // A copy retried after a lost acknowledgement is stored once, as long as the producer
+        // lives (a replaced one may store it again: at least once).
         .set("enable.idempotence", "true");
     // The user's -X / KAFKA_CONFIG_FILE properties, as for the consumer.
     config.kafka.apply(&mut client);
-    client.create_with_context(DlqContext::default())
+    DeadLetters::new(client, config.dlq_topic.clone())
 }
 
 /// The context of the start-up check: librdkafka's complaints about a broker it cannot reach

@@ -1,16 +1,11 @@
 //! Turning a Kafka message into an event: decoding and validating it (semantics §2, §3), and
 //! copying an invalid one to the dead-letter topic with why and where it was read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
 use profile::{ItemFeaturesMessage, ProfileMessageView, RateLimit};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Message};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::Message;
 
+use super::dead_letter::{Copy, DeadLetters};
 use super::{SourceConfig, PROFILE_TOPIC};
 use crate::model::{FeatureEvent, FeatureVector, ProfileEvent, ReadPosition};
 
@@ -76,35 +71,15 @@ fn decode_features(
     })
 }
 
-/// Counts dead-letter copies the broker did not take, so offsets wait for them.
-#[derive(Debug, Default)]
-pub(super) struct DlqContext {
-    pub(super) failed: AtomicU64,
-}
-
-impl ClientContext for DlqContext {}
-
-impl ProducerContext for DlqContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%error, "a dead-letter copy was not stored");
-        }
-    }
-}
-
-/// Copies an invalid message to the dead-letter topic with why and where it was read.
+/// A dead-letter copy of an invalid message read in `epoch`, with why and where it was read.
 pub(super) fn dead_letter(
-    dlq: &ThreadedProducer<DlqContext>,
-    dlq_topic: &str,
+    dlq: &mut DeadLetters,
+    epoch: u64,
     warnings: &RateLimit,
     message: &BorrowedMessage<'_>,
     invalid: &Invalid,
 ) {
     let (kind, reason) = (invalid.kind, invalid.reason.as_str());
-    let partition = message.partition().to_string();
-    let offset = message.offset().to_string();
     if let Some(suppressed) = warnings.allow() {
         tracing::warn!(
             topic = message.topic(),
@@ -115,75 +90,43 @@ pub(super) fn dead_letter(
             "invalid message sent to the dead-letter topic"
         );
     }
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "streamrec.reason",
-            value: Some(reason),
-        })
-        .insert(Header {
-            key: "streamrec.reason_kind",
-            value: Some(kind),
-        })
-        .insert(Header {
-            key: "streamrec.source_topic",
-            value: Some(message.topic()),
-        })
-        .insert(Header {
-            key: "streamrec.source_partition",
-            value: Some(&partition),
-        })
-        .insert(Header {
-            key: "streamrec.source_offset",
-            value: Some(&offset),
-        });
-    let mut record = BaseRecord::to(dlq_topic)
-        .payload(message.payload().unwrap_or_default())
-        .headers(headers);
-    if let Some(key) = message.key() {
-        record = record.key(key);
-    }
-    send_waiting(dlq, record);
+    let headers = [
+        ("streamrec.reason", reason.to_owned()),
+        ("streamrec.reason_kind", kind.to_owned()),
+        ("streamrec.source_topic", message.topic().to_owned()),
+        (
+            "streamrec.source_partition",
+            message.partition().to_string(),
+        ),
+        ("streamrec.source_offset", message.offset().to_string()),
+    ];
+    dlq.send(Copy {
+        epoch,
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().unwrap_or_default().to_vec(),
+        headers: headers
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect(),
+    });
 }
 
-/// Copies a value the dataflow could not store to the dead-letter topic, with `headers` saying
-/// why.
+/// A dead-letter copy of a value the dataflow could not store, computed in `epoch`, with
+/// `headers` saying why.
 pub(super) fn dead_letter_value(
-    dlq: &ThreadedProducer<DlqContext>,
-    dlq_topic: &str,
+    dlq: &mut DeadLetters,
+    epoch: u64,
     headers: &[(&str, &str)],
     key: &[u8],
     payload: &[u8],
 ) {
-    let headers = headers
-        .iter()
-        .fold(OwnedHeaders::new(), |all, &(key, value)| {
-            all.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
-    let record = BaseRecord::to(dlq_topic)
-        .payload(payload)
-        .key(key)
-        .headers(headers);
-    send_waiting(dlq, record);
-}
-
-/// Queues `record`, waiting for room in a full local queue rather than dropping it.
-fn send_waiting(dlq: &ThreadedProducer<DlqContext>, mut record: BaseRecord<'_, [u8], [u8]>) {
-    // A full local queue drains as the broker acknowledges; wait for room rather than drop.
-    loop {
-        match dlq.send(record) {
-            Ok(()) => break,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((error, _)) => {
-                dlq.context().failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%error, "cannot queue a dead-letter copy");
-                break;
-            }
-        }
-    }
+    dlq.send(Copy {
+        epoch,
+        key: Some(key.to_vec()),
+        payload: payload.to_vec(),
+        headers: headers
+            .iter()
+            .map(|&(key, value)| (key.to_owned(), value.to_owned()))
+            .collect(),
+    });
 }

@@ -17,27 +17,29 @@
 //! in its submodules:
 //! - `consumer`: the librdkafka consumer and dead-letter producer with their options, and which
 //!   partitions a worker reads ([`assigned_partitions`]);
+//! - `dead_letter`: the dead-letter producer, which holds each copy until the broker
+//!   acknowledged it, sends failed ones again, and replaces a producer that died;
 //! - `decode`: a message to an event, validation, dead-letter copies of invalid messages;
 //! - `start`: each partition's offsets at start, and the replay and catch-up plans made from
 //!   them.
 
 mod consumer;
+mod dead_letter;
 mod decode;
 mod start;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use profile::{Encoding, RateLimit};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use self::consumer::SourceContext;
 pub use self::consumer::{assigned_partitions, check_profile_topic};
-use self::decode::{DlqContext, Event};
+use self::dead_letter::DeadLetters;
+use self::decode::Event;
 use crate::catch_up::{CatchUp, Marks};
 use crate::epoch::{OffsetLedger, SourcePartition};
 use crate::metrics::{PartitionCounts, PartitionTally};
@@ -109,9 +111,11 @@ const ITEM_TOPIC: usize = 1;
 
 /// One worker's Kafka reader.
 pub struct KafkaSource {
+    /// The worker's global index.
+    worker: usize,
     config: SourceConfig,
     consumer: BaseConsumer<SourceContext>,
-    dlq: ThreadedProducer<DlqContext>,
+    dlq: DeadLetters,
     topics: [String; 2],
     ledger: OffsetLedger,
     assigned: Vec<SourcePartition>,
@@ -145,7 +149,7 @@ impl KafkaSource {
     /// then (see [`poll`](Self::poll)) from that offset, or from the beginning for a partition
     /// never committed.
     pub fn new(config: SourceConfig, index: usize, peers: usize) -> Result<Self, SourceError> {
-        let consumer = consumer::consumer(&config)?;
+        let consumer = consumer::consumer(&config, index)?;
         let dlq = consumer::dead_letter_producer(&config)?;
 
         let topics = [config.profile_topic.clone(), config.item_topic.clone()];
@@ -182,6 +186,7 @@ impl KafkaSource {
             Some(replay)
         };
         Ok(KafkaSource {
+            worker: index,
             config,
             consumer,
             dlq,
@@ -232,10 +237,9 @@ impl KafkaSource {
                     continue;
                 }
                 Some(Err(error)) => {
-                    // A broker or network hiccup: librdkafka reconnects by itself.
-                    if let Some(suppressed) = self.warnings.allow() {
-                        tracing::warn!(%error, suppressed, "Kafka consumer error");
-                    }
+                    // A broker or network hiccup: librdkafka reconnects by itself. (The
+                    // context's error callback has logged it, rate-limited.)
+                    tracing::debug!(%error, "Kafka consumer error");
                     break;
                 }
             };
@@ -283,8 +287,8 @@ impl KafkaSource {
                         polled.invalid += 1;
                         self.read_counts.entry((topic, position.0)).invalid += 1;
                         decode::dead_letter(
-                            &self.dlq,
-                            &self.config.dlq_topic,
+                            &mut self.dlq,
+                            epoch,
                             &self.warnings,
                             &message,
                             &invalid,
@@ -339,20 +343,26 @@ impl KafkaSource {
         }
     }
 
-    /// Commits the offsets of every epoch before `frontier` (all durable in Redis), once every
-    /// dead-letter copy of them is stored. Returns the positions committed.
+    /// Commits the offsets of every epoch before `frontier` (all durable in Redis) whose
+    /// dead-letter copies the broker has all acknowledged: an epoch with a copy still
+    /// unacknowledged, and every later one, waits for a later call. Never waits for the broker.
+    /// Returns the positions committed.
     pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
+        self.dlq.maintain();
         if self.ledger.is_empty() {
             return BTreeMap::new();
         }
-        if self.dlq.in_flight_count() > 0 {
-            if let Err(error) = self.dlq.flush(Duration::from_secs(5)) {
-                if let Some(suppressed) = self.warnings.allow() {
-                    tracing::warn!(%error, suppressed, "dead-letter topic slow; offsets wait");
-                }
-                return BTreeMap::new();
+        let frontier = match self.dlq.unacknowledged_before() {
+            Some(waiting) if waiting < frontier => {
+                tracing::debug!(
+                    epoch = waiting,
+                    copies = self.dlq.unacknowledged(),
+                    "offsets wait for dead-letter copies"
+                );
+                waiting
             }
-        }
+            _ => frontier,
+        };
         let positions = self.ledger.complete_before(frontier);
         if positions.is_empty() {
             return positions;
@@ -407,9 +417,35 @@ impl KafkaSource {
         }
     }
 
-    /// Dead-letter copies the broker refused, so far.
+    /// How long no Kafka broker has answered this worker's consumer, as of its last statistics
+    /// (once a second): at most about a second while the broker is healthy.
+    pub fn broker_silence(&self) -> Duration {
+        self.consumer
+            .context()
+            .silence
+            .lock()
+            .map_or(Duration::ZERO, |silence| silence.duration())
+    }
+
+    /// The worker's global index.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Dead-letter deliveries that failed so far (each copy is sent again until stored).
     pub fn dead_letter_failures(&self) -> u64 {
-        self.dlq.context().failed.load(Ordering::Relaxed)
+        self.dlq.failures()
+    }
+
+    /// Dead-letter copies the broker has not acknowledged yet.
+    pub fn dead_letters_unacknowledged(&self) -> usize {
+        self.dlq.unacknowledged()
+    }
+
+    /// Waits, at most `timeout`, until the broker acknowledged every dead-letter copy, so that
+    /// the last commit on shutdown covers their epochs. Whether it did.
+    pub fn settle_dead_letters(&mut self, timeout: Duration) -> bool {
+        self.dlq.settle(Some(timeout))
     }
 }
 
@@ -448,15 +484,14 @@ fn raise_mark(
 /// invalid messages (payload and key as they would have been stored, why in the headers), so
 /// that one tool reads both.
 pub struct RejectedProfiles {
-    producer: ThreadedProducer<DlqContext>,
-    topic: String,
+    producer: DeadLetters,
     source_topic: String,
 }
 
 impl std::fmt::Debug for RejectedProfiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RejectedProfiles")
-            .field("topic", &self.topic)
+            .field("producer", &self.producer)
             .finish_non_exhaustive()
     }
 }
@@ -466,16 +501,15 @@ impl RejectedProfiles {
     pub fn new(config: &SourceConfig) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: consumer::dead_letter_producer(config)?,
-            topic: config.dlq_topic.clone(),
             source_topic: config.profile_topic.clone(),
         })
     }
 
     /// Queues a copy of `profile`, the value Redis refused with `error`, computed in `epoch`.
-    pub fn send(&self, profile: &crate::model::EncodedProfile, error: &str, epoch: u64) {
+    pub fn send(&mut self, profile: &crate::model::EncodedProfile, error: &str, epoch: u64) {
         decode::dead_letter_value(
-            &self.producer,
-            &self.topic,
+            &mut self.producer,
+            epoch,
             &[
                 ("streamrec.reason", error),
                 ("streamrec.reason_kind", "redis_rejected"),
@@ -487,19 +521,21 @@ impl RejectedProfiles {
         );
     }
 
-    /// Waits until the broker holds every copy queued, so that the epoch they belong to (and
-    /// its offsets) completes only after them; retries as long as the broker is slow, like the
-    /// source's offsets, which wait for their copies.
-    pub fn flush(&self) {
-        while self.producer.in_flight_count() > 0 {
-            if let Err(error) = self.producer.flush(Duration::from_secs(5)) {
-                tracing::warn!(%error, "dead-letter topic slow; the epoch waits");
-            }
-        }
+    /// Waits until the broker acknowledged every copy queued, so that the epoch they belong
+    /// to (and its offsets) completes only after them; sends failed copies again and replaces
+    /// a dead producer as long as it takes, like the source's offsets, which wait for their
+    /// copies.
+    pub fn flush(&mut self) {
+        self.producer.settle(None);
     }
 
-    /// Copies the broker refused, so far.
+    /// Deliveries that failed so far (each copy is sent again until stored).
     pub fn failures(&self) -> u64 {
-        self.producer.context().failed.load(Ordering::Relaxed)
+        self.producer.failures()
+    }
+
+    /// How many times the producer was replaced after it died.
+    pub fn replacements(&self) -> u64 {
+        self.producer.generation()
     }
 }
