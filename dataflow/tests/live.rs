@@ -33,6 +33,14 @@ struct Setup {
     features: PathBuf,
 }
 
+/// The features file goes with the test: a run of the suite would otherwise leave one in the
+/// temporary directory per test.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.features);
+    }
+}
+
 impl Setup {
     async fn new(name: &str, redis_db: u32) -> Self {
         let topic = unique_topic(name);
