@@ -105,16 +105,7 @@ impl Dataflow {
             .stdout(Stdio::piped());
         configure(&mut command);
         let mut child = command.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(value) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(value);
-                }
-            }
-        });
+        let lines = testkit::process::stdout_json_lines(&mut child);
         Dataflow { child, lines }
     }
 

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 
 /// The environment variables of the settings both binaries share: a test that runs a binary
 /// must not pick them from the developer's shell or from `scripts/test.sh`.
@@ -41,6 +42,22 @@ pub fn stderr_lines(child: &mut Child) -> Receiver<String> {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if sender.send(line).is_err() {
                 break;
+            }
+        }
+    });
+    lines
+}
+
+/// Every line of `child`'s piped stdout that is a JSON value (the dataflow's `--stats-json`
+/// lines), collected on a thread of its own as they come; other lines are skipped.
+pub fn stdout_json_lines(child: &mut Child) -> Arc<Mutex<Vec<serde_json::Value>>> {
+    let stdout = child.stdout.take().expect("stdout was not piped");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str(&line) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
             }
         }
     });
