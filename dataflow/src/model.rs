@@ -52,16 +52,7 @@ pub struct IdList {
 impl IdList {
     /// The list of `ids`, in their order.
     pub fn new<S: AsRef<str>>(ids: &[S]) -> Self {
-        let mut list = IdList {
-            text: String::with_capacity(ids.iter().map(|id| id.as_ref().len()).sum()),
-            ends: Vec::with_capacity(ids.len()),
-        };
-        for id in ids {
-            list.text.push_str(id.as_ref());
-            // A message is at most a few megabytes (bincode's limit is 16 MiB), far below 4 GiB.
-            list.ends.push(list.text.len() as u32);
-        }
-        list
+        Self::from_ids(ids.iter().map(AsRef::as_ref))
     }
 
     /// The list of the ids `ids` yields, in their order: [`IdList::new`] without a slice to
@@ -73,6 +64,7 @@ impl IdList {
         };
         for id in ids {
             list.text.push_str(id);
+            // A message is at most a few megabytes (bincode's limit is 16 MiB), far below 4 GiB.
             list.ends.push(list.text.len() as u32);
         }
         list
