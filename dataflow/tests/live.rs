@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -88,7 +87,7 @@ impl Setup {
 /// A running dataflow process and the stats lines it printed.
 struct Dataflow {
     child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
+    lines: testkit::process::JsonLines,
 }
 
 impl Dataflow {
@@ -105,18 +104,13 @@ impl Dataflow {
             .stdout(Stdio::piped());
         configure(&mut command);
         let mut child = command.spawn().unwrap();
-        let lines = testkit::process::stdout_json_lines(&mut child);
+        let lines = testkit::process::JsonLines::from_stdout(&mut child);
         Dataflow { child, lines }
     }
 
     /// Sum of a stats field over the epochs reported so far.
     fn total(&self, field: &str) -> u64 {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l[field].as_u64())
-            .sum()
+        self.lines.total(field)
     }
 
     /// Waits until the reported `field` reaches `at_least`. Epochs are reported only once their
@@ -510,7 +504,7 @@ async fn a_closed_stdout_ends_the_stats_not_the_dataflow() {
     drop(child.stdout.take());
     let mut dataflow = Dataflow {
         child,
-        lines: Arc::default(),
+        lines: Default::default(),
     };
     let mut redis = redis(&setup.redis);
     // Users on every partition, in several epochs: each worker goes on after the first stats
@@ -563,8 +557,7 @@ async fn a_backlog_is_read_a_bounded_amount_at_a_time() {
     dataflow.wait_for("messages", 600);
     let largest_epoch = dataflow
         .lines
-        .lock()
-        .unwrap()
+        .values()
         .iter()
         .filter_map(|line| line["messages"].as_u64())
         .max()
@@ -992,62 +985,11 @@ fn spawn_with_metrics(args: &[String]) -> (Dataflow, std::net::SocketAddr) {
     (dataflow, addr)
 }
 
-/// The samples of a Prometheus text exposition, by name with labels as written (e.g.
-/// `x_total{topic="t",partition="0"}`). Fails unless every sample belongs to a family declared
-/// by a `# TYPE` line before it, with a suffix its type allows, and has a numeric value; and the
-/// text ends with `# EOF` (OpenMetrics).
-fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
-    let mut families: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut samples = BTreeMap::new();
-    for line in text.lines() {
-        if let Some(declared) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = declared.split_once(' ').unwrap();
-            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            assert!(
-                families.insert(name, kind).is_none(),
-                "declared twice: {line}"
-            );
-            continue;
-        }
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("not a number: {line}"));
-        let name = series.split('{').next().unwrap();
-        if let Some(labels) = series.strip_prefix(name) {
-            assert!(
-                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
-                "{line}"
-            );
-        }
-        let typed = families.iter().any(|(family, kind)| {
-            let suffixes: &[&str] = match *kind {
-                "counter" => &["_total", "_created"],
-                "histogram" => &["_bucket", "_sum", "_count", "_created"],
-                _ => &[""],
-            };
-            suffixes
-                .iter()
-                .any(|suffix| name.strip_suffix(suffix) == Some(family))
-        });
-        assert!(typed, "no # TYPE family before {line}");
-        assert!(
-            samples.insert(series.to_owned(), value).is_none(),
-            "twice: {line}"
-        );
-    }
-    assert_eq!(text.lines().last(), Some("# EOF"), "{text}");
-    samples
-}
-
 /// GET /metrics, parsed.
 async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
     let (status, body) = http(addr, "GET", "/metrics", "").await;
     assert_eq!(status, 200, "{body}");
-    parse_exposition(&body)
+    testkit::prometheus::parse_exposition(&body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,7 +36,7 @@ const ITEMS: [&str; 4] = ["apple", "banana", "cherry", "unknown"];
 /// The running dataflow: its stats lines (stdout) and log lines (stderr, JSON), both kept.
 struct Dataflow {
     child: Child,
-    stats: Arc<Mutex<Vec<Value>>>,
+    stats: testkit::process::JsonLines,
     logs: Arc<Mutex<Vec<Value>>>,
     metrics: std::net::SocketAddr,
 }
@@ -52,17 +52,8 @@ impl Dataflow {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stats = Arc::new(Mutex::new(Vec::new()));
+        let stats = testkit::process::JsonLines::from_stdout(&mut child);
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = Arc::clone(&stats);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(value) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(value);
-                }
-            }
-        });
         let stderr = child.stderr.take().unwrap();
         let sink = Arc::clone(&logs);
         let (found, addr) = std::sync::mpsc::channel();
@@ -92,12 +83,7 @@ impl Dataflow {
     /// Sum of a stats field over the epochs reported so far (each reported once its output is
     /// durable in Redis).
     fn total(&self, field: &str) -> u64 {
-        self.stats
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l[field].as_u64())
-            .sum()
+        self.stats.total(field)
     }
 
     fn wait_for(&self, field: &str, at_least: u64, within: Duration) {
@@ -137,12 +123,9 @@ impl Dataflow {
     async fn samples(&self, prefix: &str) -> BTreeMap<String, f64> {
         let (status, text) = http(self.metrics, "GET", "/metrics", "").await;
         assert_eq!(status, 200, "{text}");
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_owned(), value.parse().ok()?))
-            })
+        testkit::prometheus::parse_exposition(&text)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(prefix))
             .collect()
     }
 }

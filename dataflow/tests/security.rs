@@ -8,7 +8,6 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -80,7 +79,7 @@ impl Drop for Topics {
 /// A running dataflow, its stats lines and its stderr.
 struct Dataflow {
     child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
+    lines: testkit::process::JsonLines,
 }
 
 impl Dataflow {
@@ -94,17 +93,12 @@ impl Dataflow {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let lines = testkit::process::stdout_json_lines(&mut child);
+        let lines = testkit::process::JsonLines::from_stdout(&mut child);
         Dataflow { child, lines }
     }
 
     fn total(&self, field: &str) -> u64 {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l[field].as_u64())
-            .sum()
+        self.lines.total(field)
     }
 
     fn wait_for(&mut self, field: &str, at_least: u64) {

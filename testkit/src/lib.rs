@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod process;
+pub mod prometheus;
 pub mod security;
 
 use std::time::Duration;

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The environment variables of the settings both binaries share: a test that runs a binary
 /// must not pick them from the developer's shell or from `scripts/test.sh`.
@@ -48,18 +48,35 @@ pub fn stderr_lines(child: &mut Child) -> Receiver<String> {
     lines
 }
 
-/// Every line of `child`'s piped stdout that is a JSON value (the dataflow's `--stats-json`
-/// lines), collected on a thread of its own as they come; other lines are skipped.
-pub fn stdout_json_lines(child: &mut Child) -> Arc<Mutex<Vec<serde_json::Value>>> {
-    let stdout = child.stdout.take().expect("stdout was not piped");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str(&line) {
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+/// The JSON values a binary printed on stdout (the dataflow's `--stats-json` lines), collected
+/// on a thread of their own as they come; other lines are skipped.
+#[derive(Debug, Clone, Default)]
+pub struct JsonLines(Arc<Mutex<Vec<serde_json::Value>>>);
+
+impl JsonLines {
+    /// Collects the JSON lines of `child`'s piped stdout.
+    pub fn from_stdout(child: &mut Child) -> Self {
+        let stdout = child.stdout.take().expect("stdout was not piped");
+        let lines = JsonLines::default();
+        let sink = lines.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str(&line) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+                }
             }
-        }
-    });
-    lines
+        });
+        lines
+    }
+
+    /// The values collected so far.
+    pub fn values(&self) -> MutexGuard<'_, Vec<serde_json::Value>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The sum of `field` over the values collected so far (for the dataflow's stats lines: the
+    /// epochs reported, each once its output is durable in Redis).
+    pub fn total(&self, field: &str) -> u64 {
+        self.values().iter().filter_map(|v| v[field].as_u64()).sum()
+    }
 }
