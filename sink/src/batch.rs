@@ -17,19 +17,26 @@ use crate::{SinkError, WriteMode};
 
 /// A sealed batch: the packed command and what it holds.
 pub(crate) struct Batch {
-    /// The complete RESP command.
+    /// The complete RESP command (for a batch sent after `ASKING`, both commands).
     pub(crate) packed: Vec<u8>,
     /// Number of records (keys) in it.
     pub(crate) records: usize,
-    /// For a plain batch (`MSET`), its profiles, which the checked form needs; empty for a
-    /// checked one.
-    plain: Vec<EncodedProfile>,
+    /// Its profiles, kept where they may be needed again: the checked form of a plain batch,
+    /// and on a cluster the resend of a record whose key moved. Empty otherwise.
+    pub(crate) profiles: Vec<EncodedProfile>,
+    /// Whether this is a plain `MSET`, whose reply is `OK` rather than a skip count.
+    plain: bool,
+    /// Cluster only: sent after `ASKING`, whose `OK` is its first reply.
+    pub(crate) asking: bool,
+    /// Cluster only: one record whose key the command declares, so that Redis answers a key
+    /// that left the node with `MOVED` or `ASK` instead of running the script.
+    pub(crate) declared: bool,
 }
 
 impl Batch {
     /// Whether this is a plain `MSET`, whose reply is `OK` rather than a skip count.
     pub(crate) fn is_plain(&self) -> bool {
-        !self.plain.is_empty()
+        self.plain
     }
 
     /// Turns a plain batch into the checked one with the same records (the same bytes as if
@@ -37,11 +44,31 @@ impl Batch {
     /// after a failure: by then a later batch may have reached Redis, and this one must not
     /// undo it.
     pub(crate) fn make_checked(&mut self, sha: &str) {
-        if self.plain.is_empty() {
+        if !self.plain {
             return;
         }
-        let plain = std::mem::take(&mut self.plain);
+        let plain = std::mem::take(&mut self.profiles);
         self.packed = checked_command(sha, &plain).get_packed_command();
+        self.plain = false;
+    }
+
+    /// Cluster: one record through the write script with its key declared, after `ASKING`
+    /// when `asking` (see [`declared`](Self::declared)).
+    pub(crate) fn single(sha: &str, profile: EncodedProfile, asking: bool) -> Self {
+        let mut packed = if asking {
+            redis::cmd("ASKING").get_packed_command()
+        } else {
+            Vec::new()
+        };
+        checked_command(sha, std::slice::from_ref(&profile)).write_packed_command(&mut packed);
+        Self {
+            packed,
+            records: 1,
+            profiles: vec![profile],
+            plain: false,
+            asking,
+            declared: true,
+        }
     }
 }
 
@@ -62,6 +89,8 @@ pub(crate) struct Batcher {
     sha: String,
     /// Whether the open batch is checked or plain.
     mode: WriteMode,
+    /// Whether batches take the cluster form: keys in ARGV, profiles kept (see `cluster.rs`).
+    cluster: bool,
     /// The open batch's profiles.
     open: Vec<EncodedProfile>,
     /// Wire size of the open batch's arguments after the command's head.
@@ -97,14 +126,24 @@ impl Batcher {
             max_bytes,
             sha: sha.to_owned(),
             mode: WriteMode::Checked,
+            cluster: false,
             open: Vec::new(),
             open_bytes: 0,
         }
     }
 
+    /// A batcher of the cluster form of the script: keys in ARGV, so that one batch can hold
+    /// keys of many slots, and the profiles kept for a resend elsewhere. Always checked.
+    pub(crate) fn cluster(max_records: usize, max_bytes: usize, sha: &str) -> Self {
+        Self {
+            cluster: true,
+            ..Self::new(max_records, max_bytes, sha)
+        }
+    }
+
     /// Sets how the next records are written, sealing the open batch first if the mode changes.
     pub(crate) fn set_mode(&mut self, mode: WriteMode) -> Option<Batch> {
-        if mode == self.mode {
+        if mode == self.mode || self.cluster {
             return None;
         }
         let sealed = self.seal();
@@ -135,7 +174,7 @@ impl Batcher {
     /// Adds one profile. The open batch is sealed first when it already holds `max_records`
     /// records or when this one would take it past `max_bytes`; sealing before adding (not
     /// after) means one push seals at most one batch.
-    fn push_owned(&mut self, profile: EncodedProfile) -> Option<Batch> {
+    pub(crate) fn push_owned(&mut self, profile: EncodedProfile) -> Option<Batch> {
         let key_len = profile::REDIS_KEY_PREFIX.len() + profile.user_id().len();
         let mut piece = arg_len(key_len) + arg_len(profile.value().len());
         if self.mode == WriteMode::Checked {
@@ -156,7 +195,11 @@ impl Batcher {
             return None;
         }
         let records = self.open.len();
-        let (packed, plain) = match self.mode {
+        let (packed, profiles) = match self.mode {
+            _ if self.cluster => {
+                let packed = cluster_command(&self.sha, &self.open).get_packed_command();
+                (packed, std::mem::take(&mut self.open))
+            }
             WriteMode::Checked => {
                 let packed = checked_command(&self.sha, &self.open).get_packed_command();
                 self.open.clear();
@@ -174,7 +217,10 @@ impl Batcher {
         Some(Batch {
             packed,
             records,
-            plain,
+            profiles,
+            plain: self.mode == WriteMode::Plain && !self.cluster,
+            asking: false,
+            declared: false,
         })
     }
 
@@ -189,6 +235,22 @@ impl Batcher {
 fn checked_command(sha: &str, profiles: &[EncodedProfile]) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(sha).arg(profiles.len());
+    for profile in profiles {
+        cmd.arg(ProfileKey(profile.user_id()));
+    }
+    for profile in profiles {
+        cmd.arg(profile.timestamp())
+            .arg(profile.epoch())
+            .arg(profile.value());
+    }
+    cmd
+}
+
+/// `EVALSHA <sha> 0 <n> keys.. (timestamp epoch value)..`: the cluster form of the write
+/// script, which declares no key (see `cluster.rs`).
+fn cluster_command(sha: &str, profiles: &[EncodedProfile]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(sha).arg(0).arg(profiles.len());
     for profile in profiles {
         cmd.arg(ProfileKey(profile.user_id()));
     }

@@ -23,6 +23,10 @@ pub struct SinkConfig {
     /// trusted instead of the system's store (default none: the system store). Read when the
     /// sink connects.
     pub redis_ca_file: Option<PathBuf>,
+    /// Whether `redis_url` names a Redis Cluster (default false): then it is a comma-separated
+    /// list of seed nodes, `redis://` URLs or `host:port` entries that take the first URL's
+    /// scheme and credentials, e.g. `redis://:pw@10.0.0.1:7000,10.0.0.2:7000`. Needs Redis 7.
+    pub redis_cluster: bool,
     /// Most records in one batch, i.e. in one execution of the write script (default 512).
     /// A script execution blocks Redis for its whole duration, so this also bounds the latency
     /// other clients see while a batch runs.
@@ -79,6 +83,7 @@ impl Default for SinkConfig {
         Self {
             redis_url: DEFAULT_REDIS_URL.to_owned(),
             redis_ca_file: None,
+            redis_cluster: false,
             max_batch_records: 512,
             max_batch_bytes: 1024 * 1024,
             pipeline_depth: 2,

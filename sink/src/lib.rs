@@ -15,11 +15,18 @@
 //! a previous run may have written from: see `read_marks`) switches to [`WriteMode::Plain`], and
 //! batches become `MSET`s; a retried batch still goes through the script.
 //!
+//! On a Redis Cluster (`SinkConfig::redis_cluster`) the sink keeps one connection and one batch
+//! per master and routes each record by its key's slot, following the cluster through
+//! reshardings and failovers with the same guarantees (`cluster`).
+//!
 //! Layout: `config` (settings), `encode` (the JSON value), `batch` (batching into the wire
 //! format), `service` (connection, script, pipelined send, retry), `metrics` (counters),
-//! `read_marks` (how far the profile topic may have been read into Redis), `error`.
+//! `read_marks` (how far the profile topic may have been read into Redis), `cluster` (seeds,
+//! slots, redirects) and `cluster_writer` (routing and resends), `error`.
 
 mod batch;
+mod cluster;
+mod cluster_writer;
 mod config;
 mod encode;
 mod error;
@@ -36,7 +43,38 @@ pub use metrics::{SinkMetrics, SinkMetricsSnapshot};
 pub use read_marks::{ReadMarks, StoredMarks, TakeOver, READ_MARKS_KEY_PREFIX};
 
 use batch::{Batcher, Pushed};
+use cluster_writer::ClusterWriter;
 use service::Service;
+
+pub use cluster::key_slot;
+
+/// The URL of every master of the Redis Cluster behind the seed list `list` (see
+/// [`SinkConfig::redis_cluster`]), from its slot map: for tools that act on each node (a
+/// benchmark emptying the cluster).
+pub fn cluster_master_urls(
+    list: &str,
+    io_timeout: std::time::Duration,
+) -> Result<Vec<String>, SinkError> {
+    let target = cluster::ClusterTarget::parse(list, None)?;
+    let slots = target
+        .slot_map(&[], io_timeout)
+        .map_err(|source| SinkError::Connect {
+            addr: target.seed_addrs(),
+            source,
+        })?;
+    slots
+        .nodes
+        .iter()
+        .map(|addr| target.node_url(addr))
+        .collect()
+}
+
+/// The seed URLs of a Redis Cluster seed list as [`SinkConfig::redis_cluster`] reads it (bare
+/// `host:port` entries take the first URL's scheme and credentials), for other clients of the
+/// same cluster (the ingest API's reads).
+pub fn cluster_seed_urls(list: &str) -> Result<Vec<String>, SinkError> {
+    Ok(cluster::ClusterTarget::parse(list, None)?.seeds().to_vec())
+}
 
 /// The Lua script every batch runs, for tools and tests that want to inspect or reuse it.
 pub const WRITE_SCRIPT: &str = service::WRITE_SCRIPT;
@@ -131,10 +169,20 @@ impl RejectedRecord {
 /// Writes profiles to Redis for one dataflow worker. See the crate documentation.
 #[derive(Debug)]
 pub struct RedisSink {
-    service: Service,
-    batcher: Batcher,
+    target: Target,
     metrics: Arc<SinkMetrics>,
     mode: WriteMode,
+}
+
+/// One Redis, or the nodes of a cluster.
+#[derive(Debug)]
+enum Target {
+    // Boxed: the two differ in size, and either is made once per sink.
+    Single {
+        service: Box<Service>,
+        batcher: Batcher,
+    },
+    Cluster(Box<ClusterWriter>),
 }
 
 impl RedisSink {
@@ -143,25 +191,43 @@ impl RedisSink {
     /// Unlike [`write`](Self::write) this does not retry: a Redis that is unreachable at start is
     /// more often a wrong URL than an outage, and the caller is better placed to decide whether
     /// to wait.
+    ///
+    /// On a cluster it reads the slot map from the seeds and connects to every master.
     pub fn connect(config: SinkConfig) -> Result<Self, SinkError> {
         let metrics = Arc::new(SinkMetrics::default());
-        let service = Service::connect(&config, Arc::clone(&metrics))?;
-        let batcher = Batcher::new(
-            config.max_batch_records,
-            config.max_batch_bytes,
-            service.script_sha(),
-        );
+        let target = if config.redis_cluster {
+            Target::Cluster(Box::new(ClusterWriter::connect(
+                &config,
+                Arc::clone(&metrics),
+            )?))
+        } else {
+            let service = Service::connect(&config, Arc::clone(&metrics))?;
+            let batcher = Batcher::new(
+                config.max_batch_records,
+                config.max_batch_bytes,
+                service.script_sha(),
+            );
+            Target::Single {
+                service: Box::new(service),
+                batcher,
+            }
+        };
         Ok(Self {
-            service,
-            batcher,
+            target,
             metrics,
             mode: WriteMode::Checked,
         })
     }
 
-    /// How the next writes guard their keys; [`WriteMode::Checked`] until set.
+    /// How the next writes guard their keys; [`WriteMode::Checked`] until set. A cluster
+    /// stays checked: an `MSET` may not span slots.
     pub fn set_mode(&mut self, mode: WriteMode) {
         self.mode = mode;
+    }
+
+    /// Whether this sink writes to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
     }
 
     /// Writes every record, in pipelined batches bounded by count and bytes, and returns only
@@ -184,6 +250,14 @@ impl RedisSink {
         &mut self,
         records: impl IntoIterator<Item = ProfileRecord<'r, S>>,
     ) -> Result<WriteStats, SinkError> {
+        if let Target::Cluster(cluster) = &mut self.target {
+            let profiles = records
+                .into_iter()
+                .map(|record| EncodedProfile::encode(&record))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut stats = WriteStats::default();
+            return cluster.write(profiles, &mut stats).map(|()| stats);
+        }
         self.write_with(records, |batcher, record| batcher.push(&record))
     }
 
@@ -193,6 +267,12 @@ impl RedisSink {
         &mut self,
         profiles: impl IntoIterator<Item = &'r EncodedProfile>,
     ) -> Result<WriteStats, SinkError> {
+        if let Target::Cluster(cluster) = &mut self.target {
+            let mut stats = WriteStats::default();
+            return cluster
+                .write(profiles.into_iter().cloned(), &mut stats)
+                .map(|()| stats);
+        }
         self.write_with(profiles, Batcher::push_encoded)
     }
 
@@ -204,35 +284,49 @@ impl RedisSink {
         push: impl Fn(&mut Batcher, T) -> Result<Pushed, SinkError>,
     ) -> Result<WriteStats, SinkError> {
         let mut stats = WriteStats::default();
-        let result = self.write_inner(records, push, &mut stats);
+        let Target::Single { service, batcher } = &mut self.target else {
+            unreachable!("cluster writes take their own path");
+        };
+        let result = Self::write_inner(
+            service,
+            batcher,
+            self.mode,
+            &self.metrics,
+            records,
+            push,
+            &mut stats,
+        );
         if result.is_err() {
-            self.batcher.clear();
+            batcher.clear();
         }
         result.map(|()| stats)
     }
 
     fn write_inner<T>(
-        &mut self,
+        service: &mut Service,
+        batcher: &mut Batcher,
+        mode: WriteMode,
+        metrics: &SinkMetrics,
         records: impl IntoIterator<Item = T>,
         push: impl Fn(&mut Batcher, T) -> Result<Pushed, SinkError>,
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
-        if let Some(batch) = self.batcher.set_mode(self.mode) {
-            self.service.submit(batch, stats)?;
+        if let Some(batch) = batcher.set_mode(mode) {
+            service.submit(batch, stats)?;
         }
         for record in records {
-            let pushed = push(&mut self.batcher, record)?;
+            let pushed = push(batcher, record)?;
             if pushed.non_finite > 0 {
-                SinkMetrics::add(&self.metrics.non_finite_floats, pushed.non_finite);
+                SinkMetrics::add(&metrics.non_finite_floats, pushed.non_finite);
             }
             if let Some(batch) = pushed.sealed {
-                self.service.submit(batch, stats)?;
+                service.submit(batch, stats)?;
             }
         }
-        if let Some(batch) = self.batcher.seal() {
-            self.service.submit(batch, stats)?;
+        if let Some(batch) = batcher.seal() {
+            service.submit(batch, stats)?;
         }
-        self.service.flush(stats)
+        service.flush(stats)
     }
 
     /// Cumulative counters of this sink.

@@ -21,6 +21,7 @@ pub struct SinkMetrics {
     pub(crate) connects: AtomicU64,
     pub(crate) non_finite_floats: AtomicU64,
     pub(crate) records_rejected: AtomicU64,
+    pub(crate) records_moved: AtomicU64,
 }
 
 /// The values of [`SinkMetrics`] at one moment.
@@ -48,6 +49,9 @@ pub struct SinkMetricsSnapshot {
     /// Records Redis refused for good and the sink set aside unwritten (their key holds
     /// another type than a string: see `WriteStats::rejected`).
     pub records_rejected: u64,
+    /// Redis Cluster: records a node did not take because their key's slot had moved (a
+    /// resharding), resent to the node that serves it now (each time counted).
+    pub records_moved: u64,
 }
 
 macro_rules! getters {
@@ -77,7 +81,8 @@ impl SinkMetrics {
         errors,
         connects,
         non_finite_floats,
-        records_rejected
+        records_rejected,
+        records_moved
     );
 
     pub(crate) fn add(counter: &AtomicU64, n: usize) {
@@ -97,5 +102,6 @@ impl std::ops::AddAssign for SinkMetricsSnapshot {
         self.connects += o.connects;
         self.non_finite_floats += o.non_finite_floats;
         self.records_rejected += o.records_rejected;
+        self.records_moved += o.records_moved;
     }
 }

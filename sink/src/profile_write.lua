@@ -5,6 +5,13 @@
 -- ARGV[3i-1]    the new value's epoch (decimal)
 -- ARGV[3i]      the new value (JSON, as encoded by the sink)
 --
+-- On a Redis Cluster a batch holds the keys of many slots of one node, which a command may not
+-- declare (CROSSSLOT). Its form there declares no key and passes them first in ARGV:
+-- ARGV[1] = n, ARGV[2..n+1] = the keys, then the n (timestamp, epoch, value) triples; the sink
+-- loads it with the `allow-cross-slot-keys` flag (src/cluster.rs). A key the node does not serve
+-- (it moved during a resharding) is refused alone, reported like a WRONGTYPE key, and resent by
+-- the sink to its new node.
+--
 -- A key is written iff it is absent, or new_ts > old_ts, or new_ts == old_ts and
 -- new_epoch >= old_epoch. A later epoch with the same timestamp must win: an item-feature update
 -- changes the vector without changing the timestamp. Equal (ts, epoch) is a replay after a crash
@@ -38,11 +45,20 @@ local HEAD_BYTES = 256
 -- GETRANGE's offsets as strings: Redis turns a Lua number argument into a string with
 -- sprintf("%.17g"), which `perf` showed at 3% of the script's time when done twice per key.
 local HEAD_FIRST, HEAD_LAST = '0', tostring(HEAD_BYTES - 1)
+local keys, first = KEYS, 0
+if #KEYS == 0 then
+    local n = tonumber(ARGV[1])
+    keys = {}
+    for i = 1, n do
+        keys[i] = ARGV[1 + i]
+    end
+    first = 1 + n
+end
 local skipped = 0
--- Keys refused for good, as {key, error} pairs; see below.
+-- Keys refused (for good, or not served by this cluster node), as {key, error} pairs; see below.
 local rejected = {}
-for i = 1, #KEYS do
-    local base = 3 * (i - 1)
+for i = 1, #keys do
+    local base = first + 3 * (i - 1)
     local ts = tonumber(ARGV[base + 1])
     local epoch = tonumber(ARGV[base + 2])
     local write = true
@@ -53,21 +69,24 @@ for i = 1, #KEYS do
     -- command on every key, so once it succeeded the key is a string (or absent) and the GET and
     -- SET below cannot fail that way. Any other error is raised as before, failing the batch.
     -- '' for a missing key (and for an empty value, which holds no timestamp either).
-    local head = redis.pcall('GETRANGE', KEYS[i], HEAD_FIRST, HEAD_LAST)
+    -- On a cluster, a key this node does not serve fails the same way ("Script attempted to
+    -- access a non local key in a cluster node"), and is reported the same way for the sink to
+    -- resend where it lives now.
+    local head = redis.pcall('GETRANGE', keys[i], HEAD_FIRST, HEAD_LAST)
     if type(head) == 'table' then
-        if string.sub(head.err, 1, 10) ~= 'WRONGTYPE ' then
+        if string.sub(head.err, 1, 10) ~= 'WRONGTYPE ' and not string.find(head.err, 'non local key', 1, true) then
             return head
         end
-        rejected[#rejected + 1] = KEYS[i]
+        rejected[#rejected + 1] = keys[i]
         rejected[#rejected + 1] = head.err
     else
         local old_ts = tonumber(string.match(head, '"timestamp":%s*(%d+)%D'))
         if not old_ts and #head == HEAD_BYTES then
-            old_ts = tonumber(string.match(redis.call('GET', KEYS[i]), '"timestamp":%s*(%d+)'))
+            old_ts = tonumber(string.match(redis.call('GET', keys[i]), '"timestamp":%s*(%d+)'))
         end
         if old_ts then
             if ts == old_ts then
-                local tail = redis.call('GETRANGE', KEYS[i], '-64', '-1')
+                local tail = redis.call('GETRANGE', keys[i], '-64', '-1')
                 local old_epoch = tonumber(string.match(tail, '"epoch":%s*(%d+)%s*}%s*$')) or 0
                 write = epoch >= old_epoch
             else
@@ -75,7 +94,7 @@ for i = 1, #KEYS do
             end
         end
         if write then
-            redis.call('SET', KEYS[i], ARGV[base + 3])
+            redis.call('SET', keys[i], ARGV[base + 3])
         else
             skipped = skipped + 1
         end

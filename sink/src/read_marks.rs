@@ -36,15 +36,20 @@
 //!
 //! Emptying the database (FLUSHDB) removes the marks with the values, which is consistent.
 //!
+//! On a Redis Cluster the hash is one key on one node, reached through the redis crate's cluster
+//! connection (which follows MOVED/ASK); the origin counts the keys of every master, and a
+//! take-over ends older writers on every master.
+//!
 //! The write-safety rules, as one state machine: docs/architecture.md#write-safety.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use redis::{Client, Connection, RedisError, Script};
+use redis::{Client, Connection, ConnectionLike, RedisError, Script};
 
-use crate::SinkError;
+use crate::cluster::ClusterTarget;
+use crate::{SinkConfig, SinkError};
 
 /// Prefix of the read marks' hash; the topic name follows it.
 pub const READ_MARKS_KEY_PREFIX: &str = "streamrec:read_marks:";
@@ -77,19 +82,22 @@ pub struct TakeOver {
     pub ended: usize,
 }
 
-/// Creates the hash on first use, recording whether the database held anything before;
-/// records the floor of each partition in ARGV, (partition, first offset) pairs, that has
-/// neither a mark nor a floor yet; and returns all of the hash. One script, so that workers
-/// starting together agree on the origin.
+/// Creates the hash on first use, recording whether the database held anything before (ARGV[1]
+/// counts the keys of the other nodes of a cluster, 0 on one Redis); records the floor of each
+/// partition in the rest of ARGV, (partition, first offset) pairs, that has neither a mark nor
+/// a floor yet; and returns all of the hash. One script, so that workers starting together
+/// agree on the origin. (On a cluster, a worker counts the other nodes' keys before its script
+/// runs; if another worker's script created the hash meanwhile, this one finds it and counts
+/// nothing, and no worker writes a profile before its own script has run.)
 const LOAD_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
     local origin = 'fresh'
-    if redis.call('DBSIZE') > 0 then
+    if redis.call('DBSIZE') > 0 or tonumber(ARGV[1]) > 0 then
         origin = 'unknown'
     end
     redis.call('HSET', KEYS[1], 'origin', origin)
 end
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
     local floor = 'floor:' .. ARGV[i]
     if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HEXISTS', KEYS[1], floor) == 0 then
         redis.call('HSET', KEYS[1], floor, ARGV[i + 1])
@@ -142,8 +150,8 @@ impl StoredMarks {
 
 /// A connection to the read marks of one topic.
 pub struct ReadMarks {
-    client: Client,
-    conn: Option<Connection>,
+    opener: Opener,
+    conn: Option<MarksConnection>,
     key: String,
     topic: String,
     io_timeout: Duration,
@@ -157,6 +165,29 @@ impl std::fmt::Debug for ReadMarks {
             .field("key", &self.key)
             .field("connected", &self.conn.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// How [`ReadMarks`] reaches Redis.
+enum Opener {
+    Single(Client),
+    Cluster {
+        target: ClusterTarget,
+        client: Box<redis::cluster::ClusterClient>,
+    },
+}
+
+enum MarksConnection {
+    Single(Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl MarksConnection {
+    fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Self::Single(conn) => conn,
+            Self::Cluster(conn) => conn.as_mut(),
+        }
     }
 }
 
@@ -176,8 +207,39 @@ impl ReadMarks {
         io_timeout: Duration,
     ) -> Result<Self, SinkError> {
         let client = crate::config::redis_client(redis_url, ca_file)?;
+        Self::open_first(Opener::Single(client), topic, io_timeout)
+    }
+
+    /// Connects to the Redis (or Redis Cluster) a sink with `config` writes to: its URL, CA
+    /// file, cluster flag and I/O timeout.
+    pub fn connect_for(config: &SinkConfig, topic: &str) -> Result<Self, SinkError> {
+        if !config.redis_cluster {
+            return Self::connect_with_ca_file(
+                &config.redis_url,
+                config.redis_ca_file.as_deref(),
+                topic,
+                config.io_timeout,
+            );
+        }
+        let target = ClusterTarget::parse(&config.redis_url, config.redis_ca_file.as_deref())?;
+        let client = target.cluster_client(config.io_timeout)?;
+        let mut marks = Self::open_first(
+            Opener::Cluster {
+                target,
+                client: Box::new(client),
+            },
+            topic,
+            config.io_timeout,
+        )?;
+        // Every master must be reachable, not just a seed: a run that could not write some
+        // slots must fail here, before its take-over changes anything.
+        marks.masters()?;
+        Ok(marks)
+    }
+
+    fn open_first(opener: Opener, topic: &str, io_timeout: Duration) -> Result<Self, SinkError> {
         let mut marks = Self {
-            client,
+            opener,
             conn: None,
             key: read_marks_key(topic),
             topic: topic.to_owned(),
@@ -186,7 +248,7 @@ impl ReadMarks {
             advance: Script::new(ADVANCE_SCRIPT),
         };
         let conn = marks.open().map_err(|source| SinkError::Connect {
-            addr: marks.client.get_connection_info().addr().to_string(),
+            addr: marks.addr(),
             source,
         })?;
         marks.conn = Some(conn);
@@ -198,81 +260,138 @@ impl ReadMarks {
         &self.key
     }
 
-    fn open(&self) -> Result<Connection, RedisError> {
-        let conn = self.client.get_connection_with_timeout(self.io_timeout)?;
-        conn.set_read_timeout(Some(self.io_timeout))?;
-        conn.set_write_timeout(Some(self.io_timeout))?;
-        Ok(conn)
+    /// Host and port of Redis (the seeds of a cluster), for messages.
+    fn addr(&self) -> String {
+        match &self.opener {
+            Opener::Single(client) => client.get_connection_info().addr().to_string(),
+            Opener::Cluster { target, .. } => target.seed_addrs(),
+        }
+    }
+
+    fn open(&self) -> Result<MarksConnection, RedisError> {
+        match &self.opener {
+            Opener::Single(client) => {
+                let conn = client.get_connection_with_timeout(self.io_timeout)?;
+                conn.set_read_timeout(Some(self.io_timeout))?;
+                conn.set_write_timeout(Some(self.io_timeout))?;
+                Ok(MarksConnection::Single(conn))
+            }
+            Opener::Cluster { client, .. } => {
+                let conn = client.get_connection()?;
+                // Every node answers PING: this fails now, not at the first use, when the
+                // seeds are unreachable or refuse the credentials.
+                let mut conn = MarksConnection::Cluster(Box::new(conn));
+                redis::cmd("PING").query::<String>(conn.as_dyn())?;
+                Ok(conn)
+            }
+        }
     }
 
     /// Runs `f` on the connection, reconnecting first after a failure; a failure drops the
     /// connection, and the caller decides whether to try again.
     fn with_conn<T>(
         &mut self,
-        f: impl FnOnce(&mut Connection, &Script, &Script, &str) -> Result<T, RedisError>,
+        f: impl FnOnce(&mut dyn ConnectionLike, &Script, &Script, &str) -> Result<T, RedisError>,
     ) -> Result<T, SinkError> {
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
             None => self.open().map_err(SinkError::ReadMarks)?,
         };
-        let result = f(&mut conn, &self.load, &self.advance, &self.key);
+        let result = f(conn.as_dyn(), &self.load, &self.advance, &self.key);
         if result.is_ok() {
             self.conn = Some(conn);
         }
         result.map_err(SinkError::ReadMarks)
     }
 
+    /// Connections to every master of the cluster, for what must happen on each (counting
+    /// keys, ending writers); `None` on one Redis.
+    fn masters(&mut self) -> Result<Option<Vec<(String, Connection)>>, SinkError> {
+        let Opener::Cluster { target, .. } = &self.opener else {
+            return Ok(None);
+        };
+        let target = target.clone();
+        let io_timeout = self.io_timeout;
+        let addrs = self.with_conn(|conn, _, _, _| ClusterTarget::masters(conn))?;
+        let mut masters = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let client = target.client_for(&addr)?;
+            let conn = client
+                .get_connection_with_timeout(io_timeout)
+                .and_then(|mut conn| {
+                    conn.set_read_timeout(Some(io_timeout))?;
+                    redis::cmd("PING").query::<String>(&mut conn)?;
+                    Ok(conn)
+                })
+                .map_err(|source| SinkError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            masters.push((addr, conn));
+        }
+        Ok(Some(masters))
+    }
+
+    /// Keys held by the masters of a cluster (0 on one Redis, whose script counts them
+    /// itself), for the origin of a new hash.
+    fn cluster_keys(masters: &mut Option<Vec<(String, Connection)>>) -> Result<u64, SinkError> {
+        let mut keys = 0;
+        for (_, conn) in masters.iter_mut().flatten() {
+            keys += redis::cmd("DBSIZE")
+                .query::<u64>(conn)
+                .map_err(SinkError::ReadMarks)?;
+        }
+        Ok(keys)
+    }
+
     /// Takes over the topic's profiles for a new run: raises the generation, and ends the
-    /// writer connections of older generations (see the module documentation). Call it once
-    /// per run, before [`load`](Self::load).
+    /// writer connections of older generations, on every master of a cluster (see the module
+    /// documentation). Call it once per run, before [`load`](Self::load).
     pub fn take_over(&mut self) -> Result<TakeOver, SinkError> {
         let topic_prefix = writer_name_prefix(&self.topic);
-        self.with_conn(|conn, load, _, key| {
+        let mut masters = self.masters()?;
+        let cluster_keys = Self::cluster_keys(&mut masters)?;
+        let (generation, mut outcome) = self.with_conn(|conn, load, _, key| {
             // The hash is created (and its origin recorded) first: a hash without an origin
             // counts as of unknown origin.
-            load.key(key).invoke::<Vec<(String, String)>>(conn)?;
+            load.key(key)
+                .arg(cluster_keys)
+                .invoke::<Vec<(String, String)>>(conn)?;
             let generation: u64 = redis::cmd("HINCRBY")
                 .arg(key)
                 .arg(GENERATION_FIELD)
                 .arg(1)
                 .query(conn)?;
-            let Ok(list) = redis::cmd("CLIENT").arg("LIST").query::<String>(conn) else {
-                return Ok(TakeOver {
+            // On one Redis the writers are ended on this connection.
+            let outcome = match masters {
+                None => end_older_writers(conn, &topic_prefix, generation),
+                Some(_) => TakeOver {
                     generation,
-                    exclusive: false,
+                    exclusive: true,
                     ended: 0,
-                });
+                },
             };
-            let mut exclusive = true;
-            let mut ended = 0;
-            for (id, older) in writer_connections(&list, &topic_prefix) {
-                if older >= generation {
-                    continue;
-                }
-                match redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("ID")
-                    .arg(id)
-                    .query::<i64>(conn)
-                {
-                    Ok(n) => ended += n as usize,
-                    Err(_) => exclusive = false,
-                }
-            }
-            Ok(TakeOver {
-                generation,
-                exclusive,
-                ended,
-            })
-        })
+            Ok((generation, outcome))
+        })?;
+        // After the generation is raised, on every master (see `Service::open` for why this
+        // order makes an older writer either ended here or fenced when it reconnects).
+        for (_, conn) in masters.iter_mut().flatten() {
+            let on_node = end_older_writers(conn, &topic_prefix, generation);
+            outcome.exclusive &= on_node.exclusive;
+            outcome.ended += on_node.ended;
+        }
+        Ok(outcome)
     }
 
     /// Reads the marks, creating the hash (and recording its origin) if it does not exist, and
     /// recording the floor of each partition of `first_offsets` (partition, its first offset
     /// now) that has neither a mark nor a floor yet.
     pub fn load(&mut self, first_offsets: &[(i32, i64)]) -> Result<StoredMarks, SinkError> {
+        let mut masters = self.masters()?;
+        let cluster_keys = Self::cluster_keys(&mut masters)?;
         let fields: Vec<(String, String)> = self.with_conn(|conn, load, _, key| {
             let mut invocation = load.key(key);
+            invocation.arg(cluster_keys);
             for &(partition, first) in first_offsets {
                 invocation.arg(partition).arg(first);
             }
@@ -313,6 +432,43 @@ impl ReadMarks {
             }
             invocation.invoke::<i64>(conn).map(drop)
         })
+    }
+}
+
+/// Ends the writer connections of `topic_prefix` older than `generation` that `conn`'s node
+/// holds. Not exclusive when the node refuses CLIENT LIST or CLIENT KILL (an ACL without them).
+fn end_older_writers(
+    conn: &mut dyn ConnectionLike,
+    topic_prefix: &str,
+    generation: u64,
+) -> TakeOver {
+    let Ok(list) = redis::cmd("CLIENT").arg("LIST").query::<String>(conn) else {
+        return TakeOver {
+            generation,
+            exclusive: false,
+            ended: 0,
+        };
+    };
+    let mut exclusive = true;
+    let mut ended = 0;
+    for (id, older) in writer_connections(&list, topic_prefix) {
+        if older >= generation {
+            continue;
+        }
+        match redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query::<i64>(conn)
+        {
+            Ok(n) => ended += n as usize,
+            Err(_) => exclusive = false,
+        }
+    }
+    TakeOver {
+        generation,
+        exclusive,
+        ended,
     }
 }
 

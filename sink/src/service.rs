@@ -38,12 +38,21 @@ use profile::RateLimit;
 use redis::{Client, Connection, RedisError, Script, Value};
 
 use crate::batch::Batch;
+use crate::cluster::Redirect;
+use crate::encode::EncodedProfile;
 use crate::error::is_permanent;
 use crate::metrics::SinkMetrics;
 use crate::{RejectedRecord, SinkConfig, SinkError, WriteStats};
 
 /// The no-regression write script, executed once per batch.
 pub(crate) const WRITE_SCRIPT: &str = include_str!("profile_write.lua");
+
+/// The same script for a Redis Cluster node, allowed to touch keys of any slot the node serves
+/// (Redis 7): a cluster batch holds many slots and declares none of them (see `cluster.rs`).
+pub(crate) const CLUSTER_WRITE_SCRIPT: &str = concat!(
+    "#!lua flags=allow-cross-slot-keys\n",
+    include_str!("profile_write.lua")
+);
 
 pub(crate) struct Service {
     client: Client,
@@ -73,6 +82,13 @@ pub(crate) struct Service {
     /// Rate limit of the warnings about refused records, apart from `warnings` so that retries
     /// and refusals each get their line.
     rejections: RateLimit,
+    /// Cluster only: the client that reads the fence's generation from the node holding the
+    /// read marks, which need not be this one; and its connection, made on first use.
+    generation_reader: Option<redis::cluster::ClusterClient>,
+    generation_conn: Option<redis::cluster::ClusterConnection>,
+    /// Cluster only: records this node did not take because their key is served elsewhere
+    /// now, each with the node Redis named, if it did (`MOVED`/`ASK`); the sink resends them.
+    pub(crate) moved: Vec<(EncodedProfile, Option<Redirect>)>,
 }
 
 // redis::Connection is not Debug.
@@ -112,10 +128,33 @@ impl Service {
         config.validate()?;
         let client =
             crate::config::redis_client(&config.redis_url, config.redis_ca_file.as_deref())?;
+        Self::connect_client(config, client, Script::new(WRITE_SCRIPT), None, metrics)
+    }
+
+    /// Opens the first connection to one node of a Redis Cluster, with the cluster form of the
+    /// script; `generation_reader` reaches the read marks' node for the fence.
+    pub(crate) fn connect_node(
+        config: &SinkConfig,
+        client: Client,
+        generation_reader: redis::cluster::ClusterClient,
+        metrics: Arc<SinkMetrics>,
+    ) -> Result<Self, SinkError> {
+        config.validate()?;
+        let script = Script::new(CLUSTER_WRITE_SCRIPT);
+        Self::connect_client(config, client, script, Some(generation_reader), metrics)
+    }
+
+    fn connect_client(
+        config: &SinkConfig,
+        client: Client,
+        script: Script,
+        generation_reader: Option<redis::cluster::ClusterClient>,
+        metrics: Arc<SinkMetrics>,
+    ) -> Result<Self, SinkError> {
         let mut service = Self {
             client,
             conn: None,
-            script: Script::new(WRITE_SCRIPT),
+            script,
             window: VecDeque::new(),
             sent: 0,
             client_id: None,
@@ -130,6 +169,9 @@ impl Service {
             metrics,
             warnings: RateLimit::per_second(),
             rejections: RateLimit::per_second(),
+            generation_reader,
+            generation_conn: None,
+            moved: Vec::new(),
         };
         let conn = service.open().map_err(|error| match error {
             AttemptError::Fenced { ours, current } => SinkError::Fenced { ours, current },
@@ -155,7 +197,7 @@ impl Service {
     }
 
     /// Host and port of the Redis server, for messages (the URL may hold a password).
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         self.client.get_connection_info().addr().to_string()
     }
 
@@ -171,10 +213,27 @@ impl Service {
                 .arg("SETNAME")
                 .arg(fence.client_name())
                 .query(&mut conn);
-            let current: Option<u64> = redis::cmd("HGET")
-                .arg(crate::read_marks::read_marks_key(&fence.topic))
-                .arg(crate::read_marks::GENERATION_FIELD)
-                .query(&mut conn)?;
+            let mut hget = redis::cmd("HGET");
+            hget.arg(crate::read_marks::read_marks_key(&fence.topic))
+                .arg(crate::read_marks::GENERATION_FIELD);
+            // On a cluster the marks live on one node, read through a connection that follows
+            // redirects. Named before read, as on one Redis: a take-over that raised the
+            // generation after this read ends this connection, whichever node it is on.
+            let current: Option<u64> = match &self.generation_reader {
+                None => hget.query(&mut conn)?,
+                Some(reader) => {
+                    let reader_conn = match self.generation_conn.take() {
+                        Some(reader_conn) => reader_conn,
+                        None => reader.get_connection()?,
+                    };
+                    let reader_conn = self.generation_conn.insert(reader_conn);
+                    let current = hget.query(reader_conn);
+                    if current.is_err() {
+                        self.generation_conn = None;
+                    }
+                    current?
+                }
+            };
             if let Some(current) = current.filter(|&current| current > fence.generation) {
                 return Err(AttemptError::Fenced {
                     ours: fence.generation,
@@ -283,6 +342,14 @@ impl Service {
             if self.max_retries.is_some_and(|max| failures >= max) {
                 let pending_batches = self.window.len();
                 let pending_records = self.window.iter().map(|b| b.records).sum();
+                // A cluster node's records go back to the sink, to be sent wherever a fresh
+                // slot map says (its master may have failed over to another address).
+                if self.generation_reader.is_some() {
+                    for batch in &mut self.window {
+                        self.moved
+                            .extend(batch.profiles.drain(..).map(|profile| (profile, None)));
+                    }
+                }
                 self.abandon();
                 return Err(SinkError::RetriesExhausted {
                     retries: failures,
@@ -340,12 +407,32 @@ impl Service {
             self.sent += 1;
         }
         while self.window.len() > max_unacked {
-            // An error reply becomes an Err here, and so does the whole attempt.
-            let reply = conn.recv_response()?.extract_error()?;
             let Some(batch) = self.window.front() else {
                 break;
             };
-            let (skipped, rejected) = match reply {
+            if batch.asking {
+                match conn.recv_response()?.extract_error()? {
+                    Value::Okay => {}
+                    other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
+                }
+            }
+            let reply = conn.recv_response()?;
+            // A record whose key the command declared and whose slot is served elsewhere:
+            // acknowledged here, resent by the sink to the node Redis named.
+            if let (true, Value::ServerError(error)) = (batch.declared, &reply) {
+                if let Some(redirect) = Redirect::parse(error.code(), error.details()) {
+                    SinkMetrics::add(&self.metrics.records_moved, batch.records);
+                    let mut batch = self.window.pop_front().expect("the front batch");
+                    self.sent -= 1;
+                    for profile in batch.profiles.drain(..) {
+                        self.moved.push((profile, Some(redirect.clone())));
+                    }
+                    continue;
+                }
+            }
+            // An error reply becomes an Err here, and so does the whole attempt.
+            let reply = reply.extract_error()?;
+            let (skipped, mut rejected) = match reply {
                 Value::Okay if batch.is_plain() => (0, Vec::new()),
                 Value::Int(n) if !batch.is_plain() && (0..=batch.records as i64).contains(&n) => {
                     (n as usize, Vec::new())
@@ -355,7 +442,27 @@ impl Service {
                 }
                 other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
             };
-            let written = batch.records - skipped - rejected.len();
+            // Keys a cluster node does not serve (any more): not refused, resent elsewhere.
+            let before = self.moved.len();
+            rejected.retain(|record| {
+                if !record.error.contains("non local key") {
+                    return true;
+                }
+                let found = batch
+                    .profiles
+                    .iter()
+                    .find(|profile| profile.user_id() == record.user_id);
+                match found {
+                    Some(profile) => {
+                        self.moved.push((profile.clone(), None));
+                        false
+                    }
+                    None => true,
+                }
+            });
+            let moved = self.moved.len() - before;
+            SinkMetrics::add(&self.metrics.records_moved, moved);
+            let written = batch.records - skipped - rejected.len() - moved;
             let bytes = batch.packed.len();
             stats.written += written;
             stats.skipped_stale += skipped;
@@ -437,7 +544,7 @@ fn parse_rejections(
 }
 
 /// `initial * 2^(failures-1)`, capped at `max`.
-fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+pub(crate) fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
     let factor = 2u32.saturating_pow(failures.saturating_sub(1));
     initial.checked_mul(factor).map_or(max, |d| d.min(max))
 }

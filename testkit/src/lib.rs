@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod process;
 pub mod prometheus;
 pub mod security;

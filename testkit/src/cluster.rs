@@ -1,0 +1,317 @@
+//! A private Redis Cluster for one test: three `redis-server` children in cluster mode on free
+//! ports, joined by `redis-cli --cluster create` (three masters, no replicas), killed on drop. A
+//! test that reshards or counts every key needs a cluster of its own; starting one takes about a
+//! second.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A three-master Redis Cluster of this test.
+pub struct PrivateCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for PrivateCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateCluster")
+            .field("ports", &self.ports)
+            .finish()
+    }
+}
+
+fn free_port() -> u16 {
+    // The tiny race with another process taking the port before redis-server binds would show
+    // as a failed start, not as a wrong result.
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PrivateCluster {
+    /// Starts the three masters and waits until every one says the cluster is ok.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ports = Vec::new();
+        while ports.len() < 3 {
+            let port = free_port();
+            // Redis Cluster's bus listens on port + 10000.
+            if port < 55000 && !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let children = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                    .args(["--dir", dir.path().to_str().unwrap()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"))
+            })
+            .collect();
+        let cluster = Self {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for &port in &cluster.ports {
+            cluster.wait_until(Duration::from_secs(10), || {
+                redis::cmd("PING")
+                    .query::<String>(&mut cluster.try_node(port)?)
+                    .is_ok()
+                    .then_some(())
+            });
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        cluster.wait_until_stable();
+        cluster
+    }
+
+    /// The masters' ports.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// The seed list, as `--redis` takes it with `--redis-cluster`.
+    pub fn seeds(&self) -> String {
+        self.ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn try_node(&self, port: u16) -> Option<redis::Connection> {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .ok()?
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()
+    }
+
+    /// A plain connection to the master on `port` (no redirects followed).
+    pub fn node(&self, port: u16) -> redis::Connection {
+        self.try_node(port)
+            .unwrap_or_else(|| panic!("cluster node 127.0.0.1:{port} unreachable"))
+    }
+
+    /// A connection that routes each command to its key's node.
+    pub fn connection(&self) -> redis::cluster::ClusterConnection {
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect();
+        redis::cluster::ClusterClient::new(seeds)
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// The port of the master serving `slot`, from the node on the first port.
+    pub fn owner(&self, slot: u16) -> u16 {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut self.node(self.ports[0]))
+            .unwrap();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let port: u16 = fields[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            for range in &fields[8.min(fields.len())..] {
+                if range.starts_with('[') {
+                    continue;
+                }
+                let (start, end) = match range.split_once('-') {
+                    Some((start, end)) => (start.parse().unwrap(), end.parse().unwrap()),
+                    None => {
+                        let one: u16 = range.parse().unwrap();
+                        (one, one)
+                    }
+                };
+                if (start..=end).contains(&slot) {
+                    return port;
+                }
+            }
+        }
+        panic!("no master serves slot {slot}")
+    }
+
+    fn node_id(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.node(port))
+            .unwrap()
+    }
+
+    /// Starts moving `slot` from its master to the master on `to`: the slot is IMPORTING on
+    /// `to` and MIGRATING on its owner, and the keys in `keys` (of that slot) are moved now.
+    /// Until [`finish_migration`](Self::finish_migration), the owner answers ASK for a moved
+    /// key.
+    pub fn begin_migration(&self, slot: u16, to: u16, keys: &[String]) {
+        let from = self.owner(slot);
+        assert_ne!(from, to, "slot {slot} is already on {to}");
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let setslot = |port: u16, state: &str, id: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id)
+                .query::<()>(&mut self.node(port))
+                .unwrap();
+        };
+        setslot(to, "IMPORTING", &from_id);
+        setslot(from, "MIGRATING", &to_id);
+        if !keys.is_empty() {
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(keys)
+                .query(&mut self.node(from))
+                .unwrap();
+        }
+    }
+
+    /// Moves (the rest of) `slot`'s keys to the master on `to` and makes it the slot's owner on
+    /// every node; begins the migration first if [`begin_migration`](Self::begin_migration) did
+    /// not.
+    pub fn finish_migration(&self, slot: u16, to: u16) {
+        let from = self.owner(slot);
+        // Setting the states again is harmless when the migration has begun.
+        self.begin_migration(slot, to, &[]);
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1000)
+                .query(&mut self.node(from))
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query(&mut self.node(from))
+                .unwrap();
+        }
+        let to_id = self.node_id(to);
+        for &port in &[to, from] {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&to_id)
+                .query::<()>(&mut self.node(port))
+                .unwrap();
+        }
+        let third = self
+            .ports
+            .iter()
+            .copied()
+            .find(|&port| port != to && port != from)
+            .unwrap();
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&to_id)
+            .query::<()>(&mut self.node(third))
+            .unwrap();
+        self.wait_until_stable();
+    }
+
+    /// Waits until every master says the cluster is ok.
+    fn wait_until_stable(&self) {
+        self.wait_until(Duration::from_secs(20), || {
+            self.ports
+                .iter()
+                .all(|&port| {
+                    self.try_node(port)
+                        .and_then(|mut conn| {
+                            redis::cmd("CLUSTER")
+                                .arg("INFO")
+                                .query::<String>(&mut conn)
+                                .ok()
+                        })
+                        .is_some_and(|info| info.contains("cluster_state:ok"))
+                })
+                .then_some(())
+        });
+    }
+
+    fn wait_until(&self, limit: Duration, mut ready: impl FnMut() -> Option<()>) {
+        let deadline = Instant::now() + limit;
+        while ready().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "Redis Cluster on {:?} not ready within {limit:?}",
+                self.ports
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the master on `port` (SIGKILL), leaving the others up.
+    pub fn kill(&mut self, port: u16) {
+        let index = self.ports.iter().position(|&p| p == port).unwrap();
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+    }
+
+    /// Keys held by each master, in port order.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|&port| redis::cmd("DBSIZE").query(&mut self.node(port)).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
