@@ -132,6 +132,17 @@ fn parse_decay(text: &str) -> Result<f64, String> {
 }
 
 impl Config {
+    /// The Redis the profiles go to, as the sink takes it: URL (or cluster seeds), CA file,
+    /// cluster flag, batch size; sink defaults otherwise.
+    pub fn sink_config(&self) -> sink::SinkConfig {
+        sink::SinkConfig {
+            redis_ca_file: self.redis_ca_file.clone(),
+            redis_cluster: self.shared.redis_cluster,
+            max_batch_records: self.redis_batch as usize,
+            ..sink::SinkConfig::new(self.shared.redis.clone())
+        }
+    }
+
     /// Reads `.env` (if present) into the environment, then parses flags and environment and
     /// checks every setting (clap exits with its own message on a value it refuses).
     pub fn from_env_and_args() -> Result<Self, ConfigError> {

@@ -236,11 +236,9 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
     // Before any worker takes over Redis (which ends an older run's writers): a run that cannot
     // reach Redis with these credentials, or cannot read its topic, must change nothing.
     // Connecting reads and writes nothing; Redis first, as it answers at once either way.
-    drop(sink::ReadMarks::connect_with_ca_file(
-        &config.shared.redis,
-        config.redis_ca_file.as_deref(),
+    drop(sink::ReadMarks::connect_for(
+        &read_marks_config(&config),
         &config.shared.topic,
-        Duration::from_secs(10),
     )?);
     crate::source::check_profile_topic(
         &config.shared.brokers,
@@ -328,18 +326,15 @@ fn worker_loop(
         encoding: config.shared.encoding,
         max_history: config.shared.max_history,
         dim: features.dim,
-        redis: config.shared.redis.clone(),
+        read_marks: read_marks_config(config),
         kafka: config.shared.kafka().clone(),
-        redis_ca_file: config.redis_ca_file.clone(),
     };
     let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
     let mut source = KafkaSource::new(source_config, index, peers)?;
     let mut worker_metrics = metrics.map(|metrics| {
         WorkerMetrics::new(metrics.clone(), source.topics().clone(), source.assigned())
     });
-    let mut sink_config = sink::SinkConfig::new(config.shared.redis.clone());
-    sink_config.redis_ca_file = config.redis_ca_file.clone();
-    sink_config.max_batch_records = config.redis_batch as usize;
+    let mut sink_config = config.sink_config();
     sink_config.fence = Some(sink::WriterFence {
         topic: config.shared.topic.clone(),
         generation: take_over.generation,
@@ -599,13 +594,8 @@ fn agree_on_take_over(
     config: &Config,
 ) -> Result<sink::TakeOver, RunError> {
     let taken = (worker.index() == 0).then(|| {
-        sink::ReadMarks::connect_with_ca_file(
-            &config.shared.redis,
-            config.redis_ca_file.as_deref(),
-            &config.shared.topic,
-            Duration::from_secs(10),
-        )
-        .and_then(|mut marks| marks.take_over())
+        sink::ReadMarks::connect_for(&read_marks_config(config), &config.shared.topic)
+            .and_then(|mut marks| marks.take_over())
     });
     if let Some(Ok(taken)) = &taken {
         tracing::info!(
@@ -750,4 +740,13 @@ fn report_epochs<'scope>(
             }
         },
     );
+}
+
+/// The sink's settings for the read marks: a longer I/O timeout than the writes', as they are
+/// read once at start, when Redis may still be warming up.
+fn read_marks_config(config: &Config) -> sink::SinkConfig {
+    sink::SinkConfig {
+        io_timeout: Duration::from_secs(10),
+        ..config.sink_config()
+    }
 }

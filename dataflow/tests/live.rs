@@ -6,7 +6,8 @@
 //! two workers leave the same Redis contents as one worker; and a restart, of one process or
 //! two, rebuilds the state from the topics without writing it again; a profile Redis refuses
 //! for good (its key holds a hash) goes to the dead-letter topic while the stream moves on; and
-//! `--metrics-addr` serves Prometheus text whose counters match what was sent.
+//! `--metrics-addr` serves Prometheus text whose counters match what was sent; and the whole
+//! pipeline (ingest API, dataflow, API reads) runs on a Redis Cluster through a resharding.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -1125,4 +1126,105 @@ async fn metrics_count_exactly_what_was_sent() {
     assert!(samples["streamrec_dataflow_redis_write_latency_seconds_count"] > 0.0);
     assert!(samples.contains_key("streamrec_dataflow_redis_retries_total"));
     dataflow.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_on_a_redis_cluster_through_a_resharding() {
+    let cluster = testkit::cluster::PrivateCluster::start();
+    let mut setup = Setup::new("cluster", 0).await;
+    setup.redis = cluster.seeds();
+    let id = setup.topic.clone();
+    let users: Vec<String> = (0..40).map(|i| format!("{id}-u{i}")).collect();
+    let mut behavior = String::from("user_id,item_id,timestamp\n");
+    for (i, user) in users.iter().enumerate() {
+        let items = ["apple", "banana", "cherry", "unknown"];
+        behavior += &format!(
+            "{user},{},10\n{user},{},20\n",
+            items[i % 4],
+            items[(i + 1) % 4]
+        );
+    }
+    // The ingest API publishes, and reads the profiles back from the cluster.
+    let mut config = ingest_api::Config::defaults();
+    config.shared.brokers = testkit::brokers();
+    config.shared.topic = setup.topic.clone();
+    config.shared.redis = cluster.seeds();
+    config.shared.redis_cluster = true;
+    let store = ingest_api::store::BehaviorStore::from_reader(behavior.as_bytes()).unwrap();
+    let state = ingest_api::AppState::new(config, store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(ingest_api::serve(listener, state, std::future::pending()));
+
+    let args = [
+        setup.args(),
+        vec!["--redis-cluster".into(), "-w".into(), "2".into()],
+    ]
+    .concat();
+    let dataflow = Dataflow::spawn(&args);
+    let push =
+        |user: &str, timestamp: u64| format!(r#"{{"user_id":"{user}","timestamp":{timestamp}}}"#);
+    for user in &users {
+        let (status, body) = http(api, "POST", "/push_interest/", &push(user, 30)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    dataflow.wait_for("redis_writes", users.len() as u64);
+
+    // Every profile is in the cluster, spread over the three masters, and the API serves it.
+    let per_node = cluster.keys_per_node();
+    assert!(per_node.iter().all(|&keys| keys > 0), "{per_node:?}");
+    let mut conn = cluster.connection();
+    let stored = |conn: &mut redis::cluster::ClusterConnection, user: &str| -> Value {
+        let value: String = redis::cmd("GET")
+            .arg(profile::redis_key(user))
+            .query(conn)
+            .unwrap();
+        serde_json::from_str(&value).unwrap()
+    };
+    for (i, user) in users.iter().enumerate() {
+        let items = ["apple", "banana", "cherry", "unknown"];
+        let history = [items[i % 4], items[(i + 1) % 4]];
+        let (vector, known) = expected_vector(&history);
+        let value = stored(&mut conn, user);
+        assert_profile(&value, user, 30, &history, &vector, known);
+        let (status, body) = http(api, "GET", &format!("/user_profile/{user}"), "").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), value);
+    }
+
+    // The slot of the first user moves to another master while the dataflow runs; its next
+    // profile still arrives, on the new master.
+    let key = profile::redis_key(&users[0]);
+    let slot = sink::key_slot(key.as_bytes());
+    let to = *cluster
+        .ports()
+        .iter()
+        .find(|&&port| port != cluster.owner(slot))
+        .unwrap();
+    cluster.finish_migration(slot, to);
+    let writes = dataflow.total("redis_writes");
+    let (status, _) = http(api, "POST", "/push_interest/", &push(&users[0], 40)).await;
+    assert_eq!(status, 200);
+    dataflow.wait_for("redis_writes", writes + 1);
+    assert_eq!(stored(&mut conn, &users[0])["timestamp"], 40);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&key)
+        .query(&mut cluster.node(to))
+        .unwrap();
+    assert!(exists, "the profile lives on the slot's new master");
+    dataflow.stop();
+
+    // A restart with the same group takes over on every master and writes nothing again.
+    let second = Dataflow::spawn(&args);
+    let (status, _) = http(api, "POST", "/push_interest/", &push(&users[1], 50)).await;
+    assert_eq!(status, 200);
+    second.wait_for("redis_writes", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        second.total("redis_writes"),
+        1,
+        "only the new push is written"
+    );
+    assert_eq!(stored(&mut conn, &users[1])["timestamp"], 50);
+    second.stop();
 }

@@ -1,7 +1,7 @@
 //! The binary's start-up checks, against the test broker and Redis (scripts/test.sh): every
 //! setting that cannot work ends the run with an error naming it, non-zero, before anything is
 //! written to Redis; and no secret (a secret `-X` property, the Redis URL's password) reaches
-//! stderr, in either log format. Each test uses topics and Redis users of its own, so the tests
+//! stderr, in either log format. A Redis Cluster with a master down is refused the same way. Each test uses topics and Redis users of its own, so the tests
 //! run in parallel.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
@@ -116,6 +116,38 @@ fn a_wrong_redis_password_is_refused_before_anything_is_written() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(read_marks_exist(&topic), "the right password did not start");
+}
+
+#[test]
+fn a_redis_cluster_with_a_master_down_is_refused_before_anything_is_written() {
+    let mut cluster = testkit::cluster::PrivateCluster::start();
+    let down = cluster.ports()[2];
+    cluster.kill(down);
+    let topic = testkit::unique_topic("startup-cluster");
+    create_topic(&topic);
+    let outcome = run(
+        &[
+            "--brokers",
+            &testkit::brokers(),
+            "--topic",
+            &topic,
+            "--redis",
+            &cluster.seeds(),
+            "--redis-cluster",
+        ],
+        &[],
+    );
+    assert!(!outcome.success, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains(&format!("127.0.0.1:{down}")),
+        "the error names the node: {}",
+        outcome.stderr
+    );
+    let keys: Vec<u64> = cluster.ports()[..2]
+        .iter()
+        .map(|&port| redis::cmd("DBSIZE").query(&mut cluster.node(port)).unwrap())
+        .collect();
+    assert_eq!(keys, [0, 0], "a refused run wrote to Redis");
 }
 
 #[test]

@@ -44,6 +44,8 @@ pub enum ServeError {
     Producer(#[from] rdkafka::error::KafkaError),
     #[error("bad Redis URL or TLS settings: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("bad Redis settings: {0}")]
+    RedisCluster(#[from] profiles::ProfileReadError),
     #[error("cannot read the Redis CA file {path}: {source}")]
     RedisCaFile {
         path: std::path::PathBuf,
@@ -114,7 +116,12 @@ impl AppState {
             })
             .transpose()?;
         let producer = ProfileProducer::new(&config)?;
-        let profiles = ProfileReader::new(&config.shared.redis, ca_pem, Duration::from_secs(2))?;
+        let redis_timeout = Duration::from_secs(2);
+        let profiles = if config.shared.redis_cluster {
+            ProfileReader::cluster(&config.shared.redis, ca_pem, redis_timeout)?
+        } else {
+            ProfileReader::new(&config.shared.redis, ca_pem, redis_timeout)?
+        };
         let metrics = Metrics::new(store.stats());
         Ok(AppState {
             config: Arc::new(config),

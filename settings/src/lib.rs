@@ -44,6 +44,13 @@ pub struct SharedArgs {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis: String,
 
+    /// --redis names a Redis Cluster (7.0 or later): a comma-separated list of seed nodes,
+    /// redis:// URLs or host:port entries that take the first URL's scheme and credentials,
+    /// e.g. redis://:pw@10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000. REDIS_CLUSTER=1 (or true)
+    /// in the environment.
+    #[arg(long, env = "REDIS_CLUSTER", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub redis_cluster: bool,
+
     /// History items kept per user, the newest ones (1..=10000): per message published by the
     /// ingest API, per profile in the dataflow.
     #[arg(long, env = "MAX_HISTORY", default_value_t = profile::DEFAULT_MAX_HISTORY, value_parser = parse_max_history)]
@@ -88,6 +95,7 @@ impl std::fmt::Debug for SharedArgs {
             .field("brokers", &self.brokers)
             .field("topic", &self.topic)
             .field("redis", &redact::redact_url(&self.redis))
+            .field("redis_cluster", &self.redis_cluster)
             .field("max_history", &self.max_history)
             .field("encoding", &self.encoding)
             .field("log_format", &self.log_format)
@@ -227,6 +235,19 @@ mod tests {
             let error = parse(&["--max-history", bad]).unwrap_err();
             assert!(error.contains("--max-history"), "{error}");
         }
+    }
+
+    #[test]
+    fn redis_cluster_is_a_switch_that_also_takes_a_value() {
+        assert!(!parse(&[]).unwrap().redis_cluster);
+        assert!(parse(&["--redis-cluster"]).unwrap().redis_cluster);
+        // The forms REDIS_CLUSTER takes in the environment.
+        for (value, on) in [("1", true), ("true", true), ("0", false), ("false", false)] {
+            let arg = format!("--redis-cluster={value}");
+            assert_eq!(parse(&[&arg]).unwrap().redis_cluster, on, "{value}");
+        }
+        let error = parse(&["--redis-cluster=maybe"]).unwrap_err();
+        assert!(error.contains("--redis-cluster"), "{error}");
     }
 
     #[test]

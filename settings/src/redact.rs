@@ -32,7 +32,28 @@ pub fn redact_property_argument(argument: &str) -> String {
 /// `url` with the password of its user info, and any `password`/`pass` query parameter, shown as
 /// `***`: `redis://user:pw@host:6379/0` → `redis://user:***@host:6379/0`,
 /// `redis://:pw@host` → `redis://:***@host`. A URL without a password is returned as it is.
+///
+/// A Redis Cluster seed list (`redis://:pw@h1:7000,h2:7000,redis://:pw@h3:7000`) has each seed
+/// redacted, when every entry after the first is a URL or a bare `host:port`; otherwise (a comma
+/// inside a password, say) it is redacted as one URL, which hides everything up to its last '@'.
 pub fn redact_url(url: &str) -> String {
+    let mut seeds = url.split(',');
+    let first = seeds.next().unwrap_or_default();
+    if seeds
+        .clone()
+        .all(|seed| seed.contains("://") || !seed.contains('@'))
+        && url.contains(',')
+    {
+        return std::iter::once(first)
+            .chain(seeds)
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some(parts) => parts,
         None => return url.to_owned(),
@@ -146,6 +167,13 @@ mod tests {
                 "redis+unix:///run/redis.sock?db=1&pass=***",
             ),
             ("not a url", "not a url"),
+            (
+                "redis://:pw@h1:7000,h2:7000,redis://u:pw@h3:7000",
+                "redis://:***@h1:7000,h2:7000,redis://u:***@h3:7000",
+            ),
+            // A comma in the password: one URL, hidden up to its last '@'.
+            ("redis://:pa,ss@h1:7000", "redis://:***@h1:7000"),
+            ("redis://:a,b@c,d@h1:7000", "redis://:***@h1:7000"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

@@ -57,12 +57,10 @@ pub struct SourceConfig {
     pub encoding: Encoding,
     pub max_history: usize,
     pub dim: usize,
-    /// The Redis the sink writes to, which holds the read marks.
-    pub redis: String,
+    /// The Redis the sink writes to, which holds the read marks (URL, CA file, cluster).
+    pub read_marks: sink::SinkConfig,
     /// The user's librdkafka properties (`-X`, `KAFKA_CONFIG_FILE`), for every client.
     pub kafka: settings::KafkaProperties,
-    /// The CA file trusted for a `rediss://` Redis (`--redis-ca-file`), if any.
-    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Why the source could not start.
@@ -155,12 +153,8 @@ impl KafkaSource {
         let topics = [config.profile_topic.clone(), config.item_topic.clone()];
         let assigned = consumer::assignment(&consumer, &topics, &config.brokers, index, peers)?;
         let offsets = start::start_offsets(&consumer, &topics, &assigned)?;
-        let mut read_marks = sink::ReadMarks::connect_with_ca_file(
-            &config.redis,
-            config.redis_ca_file.as_deref(),
-            &config.profile_topic,
-            Duration::from_secs(10),
-        )?;
+        let mut read_marks =
+            sink::ReadMarks::connect_for(&config.read_marks, &config.profile_topic)?;
         let (marks, catch_up) = start::plan_catch_up(&offsets, &mut read_marks)?;
         start::log_catch_up_plan(index, &catch_up, &read_marks);
         let replay = start::plan_replay(&offsets);
