@@ -31,6 +31,11 @@ Environment (defaults in brackets):
                       sqlite:// paths are relative to the state dir.
   REDIS_PERSIST       set to 1 to let Redis snapshot (RDB) into its state
                       dir; default: no persistence (--save '' --appendonly no)
+  REDIS_CLUSTER       set to 1 for a Redis Cluster of 3 masters on REDIS_PORT,
+                      REDIS_PORT+1 and REDIS_PORT+2 (no replicas); the env
+                      lines then carry the seed list and REDIS_CLUSTER=1.
+                      Without persistence the cluster is created anew at
+                      each start (stop forgets it).
   KAFKA_TOPIC         [user_behavior], created with KAFKA_PARTITIONS [4]
   DLQ_TOPIC           [user_behavior.dlq], 1 partition
   ITEM_TOPIC          [item_features], 1 partition
@@ -45,6 +50,7 @@ Examples:
   REDIS_PORT=16379 KAFKA_PORT=19092 TANSU_STORAGE=memory://tansu/ \
       scripts/services.sh start
   eval "$(scripts/services.sh start)"   # sets KAFKA_BROKER and REDIS_URL
+  REDIS_CLUSTER=1 REDIS_PORT=17000 SERVICES=redis scripts/services.sh start
 EOF
 }
 
@@ -54,6 +60,7 @@ REDIS_PORT=${REDIS_PORT:-6379}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 TANSU_STORAGE=${TANSU_STORAGE:-sqlite://tansu.db}
 REDIS_PERSIST=${REDIS_PERSIST:-0}
+REDIS_CLUSTER=${REDIS_CLUSTER:-0}
 KAFKA_TOPIC=${KAFKA_TOPIC:-user_behavior}
 KAFKA_PARTITIONS=${KAFKA_PARTITIONS:-4}
 DLQ_TOPIC=${DLQ_TOPIC:-user_behavior.dlq}
@@ -65,9 +72,19 @@ SERVICES=${SERVICES:-redis tansu}
 
 HOST=127.0.0.1
 SERVICES_DIR=$ROOT/.services
-REDIS_DIR=$SERVICES_DIR/redis-$REDIS_PORT
 TANSU_DIR=$SERVICES_DIR/tansu-$KAFKA_PORT
-REDIS_PIDFILE=$REDIS_DIR/redis.pid
+# The Redis ports: one, or the cluster's three masters.
+REDIS_PORTS=("$REDIS_PORT")
+if [[ $REDIS_CLUSTER == 1 ]]; then
+    REDIS_PORTS=("$REDIS_PORT" "$((REDIS_PORT + 1))" "$((REDIS_PORT + 2))")
+fi
+# The Redis instance the redis_* functions act on; select_redis switches them to another port.
+select_redis() {
+    REDIS_NODE_PORT=$1
+    REDIS_DIR=$SERVICES_DIR/redis-$REDIS_NODE_PORT
+    REDIS_PIDFILE=$REDIS_DIR/redis.pid
+}
+select_redis "$REDIS_PORT"
 TANSU_PIDFILE=$TANSU_DIR/tansu.pid
 TANSU_BROKER_URL=tcp://$HOST:$KAFKA_PORT
 
@@ -151,7 +168,7 @@ our_pid() {
     printf '%s\n' "$pid"
 }
 
-redis_pid() { our_pid "$REDIS_PIDFILE" "redis-server [^ ]*:$REDIS_PORT( |\$)"; }
+redis_pid() { our_pid "$REDIS_PIDFILE" "redis-server [^ ]*:$REDIS_NODE_PORT( |\$)"; }
 tansu_pid() { our_pid "$TANSU_PIDFILE" "tansu broker .*--listener-url tcp://$HOST:$KAFKA_PORT( |\$)"; }
 
 port_accepts() {
@@ -179,7 +196,20 @@ fail_port_taken() {
 }
 
 redis_ping() {
-    [[ $(redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+    [[ $(redis-cli -h "$HOST" -p "$REDIS_NODE_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+# Whether the selected instance runs in cluster mode, as REDIS_CLUSTER asks.
+redis_mode_matches() {
+    local enabled
+    enabled=$(redis-cli -h "$HOST" -p "$REDIS_NODE_PORT" info cluster 2>/dev/null |
+        tr -d '\r' | sed -n 's/^cluster_enabled://p')
+    [[ $enabled == "$REDIS_CLUSTER" ]]
+}
+
+cluster_state_ok() {
+    redis-cli -h "$HOST" -p "$REDIS_PORT" cluster info 2>/dev/null | tr -d '\r' |
+        grep -qx 'cluster_state:ok'
 }
 
 tansu_cli() {
@@ -214,26 +244,70 @@ wait_for() {
 }
 
 start_redis() {
+    local port
+    for port in "${REDIS_PORTS[@]}"; do
+        select_redis "$port"
+        start_redis_instance
+    done
+    select_redis "$REDIS_PORT"
+    if [[ $REDIS_CLUSTER == 1 ]]; then create_cluster; fi
+}
+
+start_redis_instance() {
     local pid
     if pid=$(redis_pid); then
         wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
-        log "redis: already running on $HOST:$REDIS_PORT (pid $pid)"
+        redis_mode_matches ||
+            die "redis on $HOST:$REDIS_NODE_PORT runs with cluster_enabled other than REDIS_CLUSTER=$REDIS_CLUSTER; stop it first"
+        log "redis: already running on $HOST:$REDIS_NODE_PORT (pid $pid)"
         return 0
     fi
     ensure_redis_installed
     mkdir -p "$REDIS_DIR"
     rm -f "$REDIS_PIDFILE"
-    local persistence=(--save '' --appendonly no)
+    local persistence=(--save '' --appendonly no) cluster=()
     if [[ $REDIS_PERSIST == 1 ]]; then
         persistence=(--save '300 1' --appendonly no)
     fi
-    log "redis: starting on $HOST:$REDIS_PORT (state: ${REDIS_DIR#"$ROOT"/})"
-    redis-server --bind "$HOST" --port "$REDIS_PORT" --protected-mode yes \
+    if [[ $REDIS_CLUSTER == 1 ]]; then
+        cluster=(--cluster-enabled yes --cluster-config-file nodes.conf)
+    fi
+    log "redis: starting on $HOST:$REDIS_NODE_PORT (state: ${REDIS_DIR#"$ROOT"/})"
+    redis-server --bind "$HOST" --port "$REDIS_NODE_PORT" --protected-mode yes \
         --daemonize yes --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_DIR/redis.log" \
-        --dir "$REDIS_DIR" "${persistence[@]}" </dev/null >&2 9>&- ||
+        --dir "$REDIS_DIR" "${persistence[@]}" "${cluster[@]}" </dev/null >&2 9>&- ||
         die "redis-server failed to start (log: $REDIS_DIR/redis.log)"
     wait_for redis redis_pid redis_ping "$REDIS_DIR/redis.log"
-    log "redis: up on $HOST:$REDIS_PORT (pid $(redis_pid))"
+    log "redis: up on $HOST:$REDIS_NODE_PORT (pid $(redis_pid))"
+}
+
+# Joins the three instances into one cluster, each master of a third of the slots, unless they
+# already are one; then waits until every node agrees the cluster is ok.
+create_cluster() {
+    if cluster_state_ok; then
+        log "redis cluster: already formed on ports ${REDIS_PORTS[*]}"
+        return 0
+    fi
+    local nodes=() port started=$SECONDS
+    for port in "${REDIS_PORTS[@]}"; do nodes+=("$HOST:$port"); done
+    log "redis cluster: creating with masters ${nodes[*]}"
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+        >"$SERVICES_DIR/redis-$REDIS_PORT/cluster-create.log" 2>&1 ||
+        die "redis-cli --cluster create failed (log: .services/redis-$REDIS_PORT/cluster-create.log); stop the services and start again"
+    until cluster_state_ok && all_nodes_agree; do
+        ((SECONDS - started < SERVICES_WAIT_SECS)) ||
+            die "redis cluster: not ok within ${SERVICES_WAIT_SECS}s"
+        sleep 0.2
+    done
+    log "redis cluster: ok"
+}
+
+all_nodes_agree() {
+    local port
+    for port in "${REDIS_PORTS[@]}"; do
+        redis-cli -h "$HOST" -p "$port" cluster info 2>/dev/null | tr -d '\r' |
+            grep -qx 'cluster_state:ok' || return 1
+    done
 }
 
 start_tansu() {
@@ -320,7 +394,17 @@ ensure_topics() {
 
 print_env() {
     printf 'KAFKA_BROKER=%s:%s\n' "$HOST" "$KAFKA_PORT"
-    printf 'REDIS_URL=redis://%s:%s/0\n' "$HOST" "$REDIS_PORT"
+    if [[ $REDIS_CLUSTER == 1 ]]; then
+        local seeds=() port
+        for port in "${REDIS_PORTS[@]}"; do seeds+=("redis://$HOST:$port"); done
+        printf 'REDIS_URL=%s\n' "$(
+            IFS=,
+            echo "${seeds[*]}"
+        )"
+        printf 'REDIS_CLUSTER=1\n'
+    else
+        printf 'REDIS_URL=redis://%s:%s/0\n' "$HOST" "$REDIS_PORT"
+    fi
     printf 'KAFKA_TOPIC=%s\n' "$KAFKA_TOPIC"
     printf 'DLQ_TOPIC=%s\n' "$DLQ_TOPIC"
     printf 'ITEM_TOPIC=%s\n' "$ITEM_TOPIC"
@@ -342,8 +426,14 @@ wants() { [[ " $SERVICES " == *" $1 "* ]]; }
 cmd_start() {
     lock
     # Check both ports before starting anything.
-    if wants redis && ! redis_pid >/dev/null && port_taken "$REDIS_PORT"; then
-        fail_port_taken "$REDIS_PORT" REDIS_PORT
+    if wants redis; then
+        local port
+        for port in "${REDIS_PORTS[@]}"; do
+            select_redis "$port"
+            if ! redis_pid >/dev/null && port_taken "$port"; then
+                fail_port_taken "$port" REDIS_PORT
+            fi
+        done
     fi
     if wants tansu && ! tansu_pid >/dev/null && port_taken "$KAFKA_PORT"; then
         fail_port_taken "$KAFKA_PORT" KAFKA_PORT
@@ -379,7 +469,15 @@ stop_one() {
 cmd_stop() {
     lock
     if wants tansu; then stop_one "tansu ($HOST:$KAFKA_PORT)" tansu_pid "$TANSU_PIDFILE"; fi
-    if wants redis; then stop_one "redis ($HOST:$REDIS_PORT)" redis_pid "$REDIS_PIDFILE"; fi
+    if wants redis; then
+        local port
+        for port in "${REDIS_PORTS[@]}"; do
+            select_redis "$port"
+            stop_one "redis ($HOST:$port)" redis_pid "$REDIS_PIDFILE"
+            # Without persistence the data is gone; so is the cluster, created anew at start.
+            if [[ $REDIS_PERSIST != 1 ]]; then rm -f "$REDIS_DIR/nodes.conf"; fi
+        done
+    fi
 }
 
 # One service's state: what, its port, its pid function, its health check and what that
@@ -405,7 +503,19 @@ tansu_status_check() { TANSU_BIN=$(find_tansu) && tansu_answers; }
 
 cmd_status() {
     local ok=0
-    if wants redis; then status_one redis "$REDIS_PORT" redis_pid redis_ping "answers PING" || ok=1; fi
+    if wants redis; then
+        local port
+        for port in "${REDIS_PORTS[@]}"; do
+            select_redis "$port"
+            status_one redis "$port" redis_pid redis_ping "answers PING" || ok=1
+        done
+        if [[ $REDIS_CLUSTER == 1 ]]; then
+            if cluster_state_ok; then echo "redis cluster: ok"; else
+                echo "redis cluster: not ok"
+                ok=1
+            fi
+        fi
+    fi
     if wants tansu; then
         status_one tansu "$KAFKA_PORT" tansu_pid tansu_status_check \
             "storage $(cat "$TANSU_DIR/storage" 2>/dev/null || echo '?'), answers metadata requests" || ok=1
@@ -431,7 +541,12 @@ main() {
     esac
     check_port_number REDIS_PORT "$REDIS_PORT"
     check_port_number KAFKA_PORT "$KAFKA_PORT"
-    [[ $REDIS_PORT != "$KAFKA_PORT" ]] || die "REDIS_PORT and KAFKA_PORT must differ"
+    [[ $REDIS_CLUSTER == 0 || $REDIS_CLUSTER == 1 ]] || die "REDIS_CLUSTER=$REDIS_CLUSTER: 0 or 1"
+    local redis_port
+    for redis_port in "${REDIS_PORTS[@]}"; do
+        check_port_number REDIS_PORT "$redis_port"
+        [[ $redis_port != "$KAFKA_PORT" ]] || die "the Redis ports (${REDIS_PORTS[*]}) and KAFKA_PORT must differ"
+    done
     local service
     for service in $SERVICES; do
         [[ $service == redis || $service == tansu ]] ||
