@@ -8,7 +8,9 @@ use bench::chart::write_chart;
 use bench::cpu;
 use bench::e2e::{dataflow_binary, run_dataflow, EndToEnd};
 use bench::paced::WARMUP_MS;
-use bench::redis_write::{flush_db, ping, set_phase, sink_phase, Profiles, RedisPhase};
+use bench::redis_write::{
+    flush_db, ping, set_phase, sink_phase, Profiles, RedisPhase, RedisTarget,
+};
 use bench::summary::Summary;
 use bench::workload::{Workload, WorkloadConfig};
 use clap::Parser;
@@ -52,6 +54,11 @@ struct Args {
         default_value = "redis://127.0.0.1:6379/9"
     )]
     redis: String,
+    /// --redis is a Redis Cluster's seed list (as the dataflow's --redis-cluster): the dataflow
+    /// runs with --redis-cluster, every master is emptied before each phase, the raw SET phase
+    /// uses cluster pipelines, and Redis's CPU is not sampled.
+    #[arg(long, env = "BENCH_REDIS_CLUSTER")]
+    redis_cluster: bool,
     /// Dataflow workers (-w).
     #[arg(short = 'w', long, default_value_t = 2)]
     workers: usize,
@@ -126,7 +133,11 @@ fn main() -> anyhow::Result<()> {
     }
     let binary = dataflow_binary()?;
     // Before generating and preloading the workload, so that a wrong URL fails at once.
-    ping(&args.redis)?;
+    let redis = RedisTarget {
+        url: args.redis.clone(),
+        cluster: args.redis_cluster,
+    };
+    ping(&redis)?;
     let started = std::time::Instant::now();
     let workload = workload(&args)?;
     eprintln!(
@@ -153,8 +164,11 @@ fn main() -> anyhow::Result<()> {
         workload: &workload,
         run_id: &run_id,
         features: &features,
-        // Redis's CPU is read from /proc where it runs on this machine.
-        redis_pid: cpu::local_redis_pid(&args.redis),
+        // Redis's CPU is read from /proc where it runs on this machine (one server only).
+        redis_pid: (!args.redis_cluster)
+            .then(|| cpu::local_redis_pid(&args.redis))
+            .flatten(),
+        redis,
     };
     let mut topics = bench::broker::RunTopics::new(&args.brokers, args.keep_topics);
 
@@ -213,7 +227,7 @@ fn end_to_end(runs: &Runs<'_>) -> anyhow::Result<EndToEnd> {
     let args = runs.args;
     // Every phase that writes to Redis starts from an empty database, so that runs (and the
     // script's reads of existing keys) are comparable.
-    flush_db(&args.redis)?;
+    flush_db(&runs.redis)?;
     let e2e = run_dataflow(
         runs.binary,
         &runs.dataflow_args(runs.run_id),
@@ -245,8 +259,8 @@ fn redis_phases(runs: &Runs<'_>, writes: u64) -> anyhow::Result<(RedisPhase, Red
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
     let profiles = Profiles::build(runs.workload, writes as usize, epoch);
-    flush_db(&args.redis)?;
-    let set = set_phase(&args.redis, &profiles, args.workers).context("raw Redis SET phase")?;
+    flush_db(&runs.redis)?;
+    let set = set_phase(&runs.redis, &profiles, args.workers).context("raw Redis SET phase")?;
     eprintln!(
         "raw Redis SET ({} connections, {} per pipeline, {} in flight, {:.0} B per write): \
          {:.0} profile writes/s",
@@ -256,8 +270,8 @@ fn redis_phases(runs: &Runs<'_>, writes: u64) -> anyhow::Result<(RedisPhase, Red
         set.bytes_per_write(),
         set.rate()
     );
-    flush_db(&args.redis)?;
-    let lua = sink_phase(&args.redis, &profiles, args.workers).context("sink (Lua) phase")?;
+    flush_db(&runs.redis)?;
+    let lua = sink_phase(&runs.redis, &profiles, args.workers).context("sink (Lua) phase")?;
     eprintln!(
         "sink, Lua script ({} connections, {:.0} B per write): {:.0} profile writes/s",
         lua.connections,
@@ -538,6 +552,7 @@ struct Runs<'a> {
     run_id: &'a str,
     features: &'a std::path::Path,
     redis_pid: Option<u32>,
+    redis: RedisTarget,
 }
 
 impl Runs<'_> {
@@ -562,6 +577,7 @@ impl Runs<'_> {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(args.redis_cluster.then(|| "--redis-cluster".to_owned()))
         .collect()
     }
 
@@ -581,7 +597,7 @@ impl Runs<'_> {
         topics
             .create(name, args.partitions)
             .with_context(|| format!("creating the topic {name}"))?;
-        flush_db(&args.redis)?;
+        flush_db(&self.redis)?;
         let workload = self.workload;
         // Set once the run has failed: the producer then stops instead of waiting for a
         // broker that may be gone.

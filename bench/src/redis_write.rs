@@ -177,17 +177,40 @@ fn connect(url: &str) -> anyhow::Result<redis::Connection> {
     Ok(conn)
 }
 
-/// Checks that Redis answers at `url` (`PING`).
-pub fn ping(url: &str) -> anyhow::Result<()> {
-    let mut conn = connect(url)?;
-    redis::cmd("PING").exec(&mut conn).context("PING")
+/// The Redis of a run: one server's URL, or (`cluster`) a Redis Cluster's seed list.
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    pub url: String,
+    pub cluster: bool,
 }
 
-/// Empties the database of `url` (`FLUSHDB`, synchronously: an `ASYNC` flush would free the
-/// old keys in the background while the next phase is being timed).
-pub fn flush_db(url: &str) -> anyhow::Result<()> {
-    let mut conn = connect(url)?;
-    redis::cmd("FLUSHDB").exec(&mut conn).context("FLUSHDB")
+impl RedisTarget {
+    /// The URL of each server to act on: the one, or every master of the cluster.
+    fn servers(&self) -> anyhow::Result<Vec<String>> {
+        if !self.cluster {
+            return Ok(vec![self.url.clone()]);
+        }
+        sink::cluster_master_urls(&self.url, IO_TIMEOUT).context("reading the cluster's masters")
+    }
+}
+
+/// Checks that Redis answers at `target` (`PING`, on every master of a cluster).
+pub fn ping(target: &RedisTarget) -> anyhow::Result<()> {
+    for url in target.servers()? {
+        let mut conn = connect(&url)?;
+        redis::cmd("PING").exec(&mut conn).context("PING")?;
+    }
+    Ok(())
+}
+
+/// Empties the database of `target`, every master of a cluster (`FLUSHDB`, synchronously: an
+/// `ASYNC` flush would free the old keys in the background while the next phase is being timed).
+pub fn flush_db(target: &RedisTarget) -> anyhow::Result<()> {
+    for url in target.servers()? {
+        let mut conn = connect(&url)?;
+        redis::cmd("FLUSHDB").exec(&mut conn).context("FLUSHDB")?;
+    }
+    Ok(())
 }
 
 /// Runs `work` on one thread per shard, each after its own setup and all started together;
@@ -242,7 +265,18 @@ where
 /// size, same number of batches in flight, one connection per dataflow worker). The values are
 /// encoded before the clock starts: this is the rate Redis and the client library reach with
 /// nothing else to do.
-pub fn set_phase(url: &str, profiles: &Profiles, connections: usize) -> anyhow::Result<RedisPhase> {
+///
+/// On a cluster each connection is the redis crate's cluster connection and each batch one
+/// cluster pipeline, which it splits by node: one batch in flight, not `pipeline_depth`.
+pub fn set_phase(
+    target: &RedisTarget,
+    profiles: &Profiles,
+    connections: usize,
+) -> anyhow::Result<RedisPhase> {
+    if target.cluster {
+        return cluster_set_phase(&target.url, profiles, connections);
+    }
+    let url = target.url.as_str();
     let defaults = SinkConfig::default();
     let (batch, depth) = (defaults.max_batch_records, defaults.pipeline_depth);
     let (elapsed, written) = timed_parallel(
@@ -295,6 +329,53 @@ pub fn set_phase(url: &str, profiles: &Profiles, connections: usize) -> anyhow::
     })
 }
 
+fn cluster_set_phase(
+    seeds: &str,
+    profiles: &Profiles,
+    connections: usize,
+) -> anyhow::Result<RedisPhase> {
+    let batch = SinkConfig::default().max_batch_records;
+    let seeds = sink::cluster_seed_urls(seeds)?;
+    let (elapsed, written) = timed_parallel(
+        profiles.shards(connections),
+        |shard| {
+            let values: Vec<(String, Vec<u8>)> = shard
+                .iter()
+                .map(|&i| {
+                    let record = profiles.record(i);
+                    (
+                        profile::redis_key(record.user_id),
+                        sink::encode_profile(&record),
+                    )
+                })
+                .collect();
+            let conn = redis::cluster::ClusterClient::new(seeds.clone())?.get_connection()?;
+            Ok((conn, values))
+        },
+        |(mut conn, values)| {
+            let mut bytes = 0;
+            for chunk in values.chunks(batch) {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for (key, value) in chunk {
+                    pipe.cmd("SET").arg(key).arg(value);
+                    bytes += (key.len() + value.len()) as u64;
+                }
+                pipe.exec(&mut conn)?;
+            }
+            Ok((values.len() as u64, bytes))
+        },
+    )?;
+    Ok(RedisPhase {
+        writes: written.iter().map(|w| w.0).sum(),
+        skipped_stale: 0,
+        seconds: elapsed.as_secs_f64(),
+        command_bytes: written.iter().map(|w| w.1).sum(),
+        connections: written.len(),
+        batch,
+        depth: 1,
+    })
+}
+
 /// Reads `replies` replies and checks that each is `OK`.
 fn read_oks(conn: &mut redis::Connection, replies: usize) -> anyhow::Result<()> {
     for _ in 0..replies {
@@ -311,14 +392,15 @@ fn read_oks(conn: &mut redis::Connection, replies: usize) -> anyhow::Result<()> 
 /// this is the best rate of the sink's path). The sink encodes the records itself, as it does
 /// in the dataflow.
 pub fn sink_phase(
-    url: &str,
+    target: &RedisTarget,
     profiles: &Profiles,
     connections: usize,
 ) -> anyhow::Result<RedisPhase> {
     let config = SinkConfig {
         // The sink retries until Redis is back by default; a benchmark should fail instead.
         max_retries: Some(3),
-        ..SinkConfig::new(url)
+        redis_cluster: target.cluster,
+        ..SinkConfig::new(target.url.clone())
     };
     let (batch, depth) = (config.max_batch_records, config.pipeline_depth);
     let (elapsed, stats) = timed_parallel(
