@@ -467,3 +467,42 @@ async fn profiles_are_read_over_tls_with_the_ca_file_and_another_ca_is_refused()
     let err = new_state(config).unwrap_err();
     assert!(matches!(err, ServeError::RedisCaFile { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_are_read_from_a_redis_cluster_as_the_acl_user() {
+    let cluster = testkit::cluster::PrivateCluster::start();
+    let mut conn = cluster.connection();
+    let users: Vec<String> = (0..30).map(|i| format!("cluster-reader-{i}")).collect();
+    for user in &users {
+        let _: () = redis::cmd("SET")
+            .arg(profile::redis_key(user))
+            .arg(format!(r#"{{"user_id":"{user}"}}"#))
+            .query(&mut conn)
+            .unwrap();
+    }
+    let seeds = testkit::security::acl_user_on_cluster(&cluster, Role::Api, &[]);
+    let mut config = offline_config();
+    config.shared.redis = seeds;
+    config.shared.redis_cluster = true;
+    let state = new_state(config).unwrap();
+    // Keys of every master, each read from its own.
+    for user in &users {
+        let (status, _, body) = call(
+            &state,
+            request("GET", &format!("/user_profile/{user}"), None),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["user_id"], user.as_str());
+    }
+    let (status, _, _) = call(&state, request("GET", "/user_profile/nobody", None)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    state.profiles.ping().await.unwrap();
+
+    // Without the slot map the reader is refused, and says so.
+    let cluster = testkit::cluster::PrivateCluster::start();
+    let seeds = testkit::security::acl_user_on_cluster(&cluster, Role::Api, &["+cluster|slots"]);
+    let reader = ProfileReader::cluster(&seeds, None, Duration::from_secs(2)).unwrap();
+    let error = reader.ping().await.unwrap_err();
+    assert!(error.to_string().contains("cluster|slots"), "{error}");
+}

@@ -190,3 +190,39 @@ fn bad_seed_lists_and_unreachable_clusters_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn the_dataflow_acl_user_with_its_cluster_rules_is_enough() {
+    use testkit::security::{acl_user_on_cluster, Role};
+    let cluster = PrivateCluster::start();
+    let topic = unique("acl");
+    let as_user = |seeds: String| SinkConfig {
+        redis_cluster: true,
+        ..SinkConfig::new(seeds)
+    };
+    let config = as_user(acl_user_on_cluster(&cluster, Role::Dataflow, &[]));
+    let mut marks = ReadMarks::connect_for(&config, &topic).unwrap();
+    let taken = marks.take_over().unwrap();
+    assert!(taken.exclusive, "{taken:?}");
+    marks.load(&[(0, 0)]).unwrap();
+    let profiles = Profiles::new(&unique("acl"), 200, 2, 2);
+    let mut sink = RedisSink::connect(SinkConfig {
+        fence: Some(WriterFence {
+            topic,
+            generation: taken.generation,
+        }),
+        ..config
+    })
+    .unwrap();
+    assert_eq!(sink.write(profiles.records(1, 1)).unwrap().written, 200);
+
+    // Without the slot map the sink cannot start, and says which command it was refused.
+    let cluster = PrivateCluster::start();
+    let config = as_user(acl_user_on_cluster(
+        &cluster,
+        Role::Dataflow,
+        &["+cluster|slots"],
+    ));
+    let err = RedisSink::connect(config).unwrap_err();
+    assert!(err.to_string().contains("cluster|slots"), "{err}");
+}

@@ -35,6 +35,73 @@ pub fn acl_line(role: Role) -> &'static str {
         .unwrap_or_else(|| panic!("docs/redis-acl.txt has no line for {}", role.user()))
 }
 
+/// The file's `ACL SETUSER` line that adds to `role`'s user what a Redis Cluster needs.
+pub fn acl_cluster_line(role: Role) -> &'static str {
+    let prefix = format!("ACL SETUSER {} ", role.user());
+    ACL_FILE
+        .lines()
+        .filter(|line| line.starts_with(&prefix))
+        .nth(1)
+        .unwrap_or_else(|| panic!("docs/redis-acl.txt has no cluster line for {}", role.user()))
+}
+
+/// `line`'s rules for a user named `name` with `password` instead of the file's, less the
+/// rules in `without` (each must be in the line).
+fn user_rules(line: &str, role: Role, name: &str, password: &str, without: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = line
+        .split_whitespace()
+        .skip(2) // ACL SETUSER
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(args[0], role.user());
+    args[0] = name.to_owned();
+    if let Some(placeholder) = args.iter().position(|a| a == ">CHANGE-ME") {
+        args[placeholder] = format!(">{password}");
+    }
+    for rule in without {
+        let at = args
+            .iter()
+            .position(|a| a == rule)
+            .unwrap_or_else(|| panic!("{rule} is not in the {} line", role.user()));
+        args.remove(at);
+    }
+    args
+}
+
+/// Creates `role`'s user on every master of `cluster`, from the file's line and its cluster
+/// line, less the rules in `without`; returns the seed list that logs in as it.
+pub fn acl_user_on_cluster(
+    cluster: &crate::cluster::PrivateCluster,
+    role: Role,
+    without: &[&str],
+) -> String {
+    let password = "cluster-user-pw";
+    let name = format!("{}-test", role.user());
+    let (line, cluster_line) = (acl_line(role), acl_cluster_line(role));
+    let (from_line, from_cluster): (Vec<&str>, Vec<&str>) = without
+        .iter()
+        .partition(|rule| line.split_whitespace().any(|r| r == **rule));
+    for &port in cluster.ports() {
+        let mut conn = cluster.node(port);
+        for args in [
+            user_rules(line, role, &name, password, &from_line),
+            user_rules(cluster_line, role, &name, password, &from_cluster),
+        ] {
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(&args)
+                .query(&mut conn)
+                .unwrap_or_else(|e| panic!("ACL SETUSER {args:?}: {e}"));
+        }
+    }
+    cluster
+        .ports()
+        .iter()
+        .map(|port| format!("redis://{name}:{password}@127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// An ACL user made from the file's line on a Redis; deleted on drop.
 #[derive(Debug)]
 pub struct AclUser {
@@ -63,25 +130,11 @@ impl AclUser {
             .unwrap()
             .subsec_nanos();
         let password = format!("pw-{nanos}");
-        let mut args: Vec<String> = acl_line(role)
-            .split_whitespace()
-            .skip(2) // ACL SETUSER
-            .map(str::to_owned)
-            .collect();
-        assert_eq!(args[0], role.user());
-        args[0] = name.clone();
-        let placeholder = args
-            .iter()
-            .position(|a| a == ">CHANGE-ME")
-            .expect("the line sets the password >CHANGE-ME");
-        args[placeholder] = format!(">{password}");
-        for rule in without {
-            let at = args
-                .iter()
-                .position(|a| a == rule)
-                .unwrap_or_else(|| panic!("{rule} is not in the {} line", role.user()));
-            args.remove(at);
-        }
+        assert!(
+            acl_line(role).contains(">CHANGE-ME"),
+            "the line sets the password >CHANGE-ME"
+        );
+        let args = user_rules(acl_line(role), role, &name, &password, without);
         let mut conn = admin
             .get_connection_with_timeout(Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("Redis unreachable at {admin_url}: {e}"));
@@ -322,11 +375,12 @@ mod tests {
     fn the_readme_quotes_the_acl_lines() {
         let readme = include_str!("../../README.md");
         for role in [Role::Dataflow, Role::Api] {
-            let line = acl_line(role);
-            assert!(
-                readme.lines().any(|l| l.trim() == line),
-                "README.md does not quote docs/redis-acl.txt's line:\n{line}"
-            );
+            for line in [acl_line(role), acl_cluster_line(role)] {
+                assert!(
+                    readme.lines().any(|l| l.trim() == line),
+                    "README.md does not quote docs/redis-acl.txt's line:\n{line}"
+                );
+            }
         }
     }
 }
