@@ -45,6 +45,9 @@ pub(crate) struct ClusterWriter {
 struct Node {
     service: Service,
     batcher: Batcher,
+    /// Gave up (after [`NODE_RETRIES`]) in this write or resend round: its further records
+    /// wait for the next round instead of each waiting out the retries again.
+    failing: bool,
 }
 
 impl std::fmt::Debug for ClusterWriter {
@@ -125,7 +128,11 @@ impl ClusterWriter {
             config.max_batch_bytes,
             service.script_sha(),
         );
-        self.nodes.push(Node { service, batcher });
+        self.nodes.push(Node {
+            service,
+            batcher,
+            failing: false,
+        });
         self.node_of_addr
             .insert(addr.to_owned(), self.nodes.len() - 1);
         Ok(self.nodes.len() - 1)
@@ -155,6 +162,7 @@ impl ClusterWriter {
         profiles: impl IntoIterator<Item = EncodedProfile>,
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
+        self.nodes.iter_mut().for_each(|node| node.failing = false);
         for profile in profiles {
             let non_finite = profile.non_finite();
             if non_finite > 0 {
@@ -199,6 +207,11 @@ impl ClusterWriter {
         batch: Batch,
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
+        if self.nodes[index].failing {
+            self.waiting
+                .extend(batch.profiles.into_iter().map(|profile| (profile, None)));
+            return Ok(());
+        }
         let result = self.nodes[index].service.submit(batch, stats);
         self.node_result(index, result)
     }
@@ -218,6 +231,7 @@ impl ClusterWriter {
     ) -> Result<(), SinkError> {
         match result {
             Err(SinkError::RetriesExhausted { last_error, .. }) => {
+                self.nodes[index].failing = true;
                 let addr = self.nodes[index].service.addr();
                 if let Some(suppressed) = self.warnings.allow() {
                     tracing::warn!(
@@ -277,6 +291,7 @@ impl ClusterWriter {
                     round - 1,
                 ));
             }
+            self.nodes.iter_mut().for_each(|node| node.failing = false);
             // A record Redis named no node for, or a slot that moved for good: the map is out
             // of date. (An ASK alone says nothing about the map.)
             if moved

@@ -50,7 +50,8 @@ pub struct SinkMetricsSnapshot {
     /// another type than a string: see `WriteStats::rejected`).
     pub records_rejected: u64,
     /// Redis Cluster: records a node did not take because their key's slot had moved (a
-    /// resharding), resent to the node that serves it now (each time counted).
+    /// resharding) or the node kept failing (a failover, maybe), resent to the node that
+    /// serves the slot now (each time counted).
     pub records_moved: u64,
 }
 

@@ -345,6 +345,7 @@ impl Service {
                 // A cluster node's records go back to the sink, to be sent wherever a fresh
                 // slot map says (its master may have failed over to another address).
                 if self.generation_reader.is_some() {
+                    SinkMetrics::add(&self.metrics.records_moved, pending_records);
                     for batch in &mut self.window {
                         self.moved
                             .extend(batch.profiles.drain(..).map(|profile| (profile, None)));

@@ -226,3 +226,29 @@ fn the_dataflow_acl_user_with_its_cluster_rules_is_enough() {
     let err = RedisSink::connect(config).unwrap_err();
     assert!(err.to_string().contains("cluster|slots"), "{err}");
 }
+
+#[test]
+fn a_master_failing_over_to_its_replica_loses_nothing() {
+    let mut cluster = PrivateCluster::start_with_replicas(1);
+    let profiles = Profiles::new(&unique("failover"), 1500, 2, 2);
+    let mut sink = RedisSink::connect(config(&cluster)).unwrap();
+    sink.write(profiles.records(1, 1)).unwrap();
+
+    // A master dies; the write that follows returns only once its replica has taken over and
+    // holds the dead master's share too.
+    let victim = cluster.ports()[1];
+    cluster.kill(victim);
+    let stats = sink.write(profiles.records(2, 2)).unwrap();
+    assert_eq!(stats.written, 1500, "{stats:?}");
+    assert!(!cluster.masters().contains(&victim));
+    assert!(sink.metrics().snapshot().records_moved > 0);
+    let mut conn = cluster.connection();
+    for record in profiles.records(2, 2) {
+        assert_eq!(
+            stored(&mut conn, record.user_id).unwrap().as_bytes(),
+            encode_profile(&record),
+            "{}",
+            record.user_id
+        );
+    }
+}

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 /// A three-master Redis Cluster of this test.
 pub struct PrivateCluster {
+    /// The masters' ports, as created.
     ports: Vec<u16>,
+    /// Every node's port, in the order of `children`.
+    all_ports: Vec<u16>,
     children: Vec<Child>,
     _dir: tempfile::TempDir,
 }
@@ -35,9 +38,15 @@ fn free_port() -> u16 {
 impl PrivateCluster {
     /// Starts the three masters and waits until every one says the cluster is ok.
     pub fn start() -> Self {
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each, and a node timeout of one second, so that
+    /// a replica takes over from a failed master within a few seconds.
+    pub fn start_with_replicas(replicas: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut ports = Vec::new();
-        while ports.len() < 3 {
+        while ports.len() < 3 * (1 + replicas) {
             let port = free_port();
             // Redis Cluster's bus listens on port + 10000.
             if port < 55000 && !ports.contains(&port) {
@@ -50,7 +59,7 @@ impl PrivateCluster {
                 Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                     .args(["--save", "", "--appendonly", "no"])
-                    .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
                     .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                     .args(["--dir", dir.path().to_str().unwrap()])
                     .stdout(Stdio::null())
@@ -59,12 +68,13 @@ impl PrivateCluster {
                     .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"))
             })
             .collect();
-        let cluster = Self {
-            ports,
+        let mut cluster = Self {
+            ports: ports.clone(),
+            all_ports: ports,
             children,
             _dir: dir,
         };
-        for &port in &cluster.ports {
+        for &port in &cluster.all_ports {
             cluster.wait_until(Duration::from_secs(10), || {
                 redis::cmd("PING")
                     .query::<String>(&mut cluster.try_node(port)?)
@@ -73,7 +83,7 @@ impl PrivateCluster {
             });
         }
         let nodes: Vec<String> = cluster
-            .ports
+            .all_ports
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect();
@@ -81,7 +91,7 @@ impl PrivateCluster {
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli");
@@ -91,7 +101,46 @@ impl PrivateCluster {
             String::from_utf8_lossy(&created.stdout)
         );
         cluster.wait_until_stable();
+        cluster.ports = cluster.masters();
+        // A replica takes over only if its data is recent: wait until each has synced.
+        for &port in &cluster.all_ports {
+            if cluster.ports.contains(&port) {
+                continue;
+            }
+            cluster.wait_until(Duration::from_secs(20), || {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut cluster.try_node(port)?)
+                    .ok()?;
+                info.contains("master_link_status:up").then_some(())
+            });
+        }
         cluster
+    }
+
+    /// The ports of the nodes that are masters now, in port order.
+    pub fn masters(&self) -> Vec<u16> {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut self.live_node())
+            .unwrap();
+        let mut masters: Vec<u16> = nodes
+            .lines()
+            .filter(|line| {
+                let flags = line.split(' ').nth(2).unwrap_or_default();
+                flags.split(',').any(|flag| flag == "master") && !flags.contains("fail")
+            })
+            .filter_map(|line| {
+                line.split(' ')
+                    .nth(1)?
+                    .split(['@', ':'])
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        masters.sort_unstable();
+        masters
     }
 
     /// The masters' ports.
@@ -113,6 +162,14 @@ impl PrivateCluster {
             .ok()?
             .get_connection_with_timeout(Duration::from_millis(500))
             .ok()
+    }
+
+    /// A connection to any node that answers.
+    fn live_node(&self) -> redis::Connection {
+        self.all_ports
+            .iter()
+            .find_map(|&port| self.try_node(port))
+            .expect("no node of the cluster answers")
     }
 
     /// A plain connection to the master on `port` (no redirects followed).
@@ -138,7 +195,7 @@ impl PrivateCluster {
     pub fn owner(&self, slot: u16) -> u16 {
         let nodes: String = redis::cmd("CLUSTER")
             .arg("NODES")
-            .query(&mut self.node(self.ports[0]))
+            .query(&mut self.live_node())
             .unwrap();
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split(' ').collect();
@@ -291,9 +348,9 @@ impl PrivateCluster {
         }
     }
 
-    /// Kills the master on `port` (SIGKILL), leaving the others up.
+    /// Kills the node on `port` (SIGKILL), leaving the others up.
     pub fn kill(&mut self, port: u16) {
-        let index = self.ports.iter().position(|&p| p == port).unwrap();
+        let index = self.all_ports.iter().position(|&p| p == port).unwrap();
         let _ = self.children[index].kill();
         let _ = self.children[index].wait();
     }
