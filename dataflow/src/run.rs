@@ -135,7 +135,7 @@ impl EpochWriter for RedisWriter {
                         metrics.wrote(
                             stats.written as u64,
                             started.elapsed(),
-                            self.sink.metrics().retries(),
+                            self.sink.metrics().snapshot(),
                         );
                     }
                     return Ok(Written {

@@ -56,6 +56,7 @@ pub struct Metrics {
     epoch_latency: Histogram,
     redis_writes: Counter,
     redis_retries: Counter,
+    redis_moved: Counter,
     redis_write_latency: Histogram,
     users_held: Gauge,
     items_held: Gauge,
@@ -129,6 +130,13 @@ impl Metrics {
             "Redis write attempts made again after a failure",
             redis_retries.clone(),
         );
+        let redis_moved = Counter::default();
+        registry.register(
+            "redis_moved",
+            "Redis Cluster: profiles resent to another master because their slot moved \
+             (resharding) or their master kept failing (failover)",
+            redis_moved.clone(),
+        );
         // 0.1 ms .. ~3 s: a pipelined slice of ~150 profiles takes about a millisecond on a
         // local Redis; seconds mean retries.
         let redis_write_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -179,6 +187,7 @@ impl Metrics {
             epoch_latency,
             redis_writes,
             redis_retries,
+            redis_moved,
             redis_write_latency,
             users_held,
             items_held,
@@ -207,8 +216,10 @@ impl Metrics {
         WriterMetrics {
             writes: self.redis_writes.clone(),
             retries: self.redis_retries.clone(),
+            moved: self.redis_moved.clone(),
             latency: self.redis_write_latency.clone(),
             sink_retries_seen: 0,
+            sink_moved_seen: 0,
         }
     }
 }
@@ -399,19 +410,25 @@ impl WorkerMetrics {
 pub struct WriterMetrics {
     writes: Counter,
     retries: Counter,
+    moved: Counter,
     latency: Histogram,
-    /// The sink's own retry count when last seen (it counts from its creation).
+    /// The sink's own retry and moved counts when last seen (they count from its creation).
     sink_retries_seen: u64,
+    sink_moved_seen: u64,
 }
 
 impl WriterMetrics {
-    /// Records one write call: `stored` values in `took`, and the sink's retry count so far.
-    pub fn wrote(&mut self, stored: u64, took: Duration, sink_retries: u64) {
+    /// Records one write call: `stored` values in `took`, and the sink's counters so far.
+    pub fn wrote(&mut self, stored: u64, took: Duration, sink: sink::SinkMetricsSnapshot) {
         self.writes.inc_by(stored);
         self.latency.observe(took.as_secs_f64());
+        let (retries, moved) = (sink.retries, sink.records_moved);
         self.retries
-            .inc_by(sink_retries.saturating_sub(self.sink_retries_seen));
-        self.sink_retries_seen = self.sink_retries_seen.max(sink_retries);
+            .inc_by(retries.saturating_sub(self.sink_retries_seen));
+        self.sink_retries_seen = self.sink_retries_seen.max(retries);
+        self.moved
+            .inc_by(moved.saturating_sub(self.sink_moved_seen));
+        self.sink_moved_seen = self.sink_moved_seen.max(moved);
     }
 
     /// Records a write call that failed and will be made again.
@@ -538,10 +555,15 @@ mod tests {
         two.set_held(4, 3);
         one.set_held(11, 2);
         let mut writer = shared.writer();
-        writer.wrote(20, Duration::from_millis(3), 0);
+        let sink = |retries, records_moved| sink::SinkMetricsSnapshot {
+            retries,
+            records_moved,
+            ..Default::default()
+        };
+        writer.wrote(20, Duration::from_millis(3), sink(0, 0));
         writer.retrying();
-        writer.wrote(5, Duration::from_millis(2), 2);
-        writer.wrote(0, Duration::from_millis(1), 2);
+        writer.wrote(5, Duration::from_millis(2), sink(2, 4));
+        writer.wrote(0, Duration::from_millis(1), sink(2, 7));
         shared.epoch_done(&EpochCounters {
             changed: 3,
             latency_ms: 40,
@@ -575,6 +597,7 @@ mod tests {
             ("streamrec_dataflow_items_held".to_owned(), "5"),
             ("streamrec_dataflow_redis_writes_total".to_owned(), "25"),
             ("streamrec_dataflow_redis_retries_total".to_owned(), "3"),
+            ("streamrec_dataflow_redis_moved_total".to_owned(), "7"),
             (
                 "streamrec_dataflow_redis_write_latency_seconds_count".to_owned(),
                 "3",
@@ -614,7 +637,7 @@ mod tests {
         worker.set_lag((0, 2), 1);
         let text = shared.encode().unwrap();
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 12, "{text}");
+        assert_eq!(families, 13, "{text}");
         // Every sample of a declared family, numeric, and `# EOF` last.
         testkit::prometheus::parse_exposition(&text);
     }

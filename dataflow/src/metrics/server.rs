@@ -136,7 +136,9 @@ mod tests {
     #[test]
     fn serves_the_text_on_a_free_port_and_nothing_else() {
         let metrics = Arc::new(Metrics::new());
-        metrics.writer().wrote(3, std::time::Duration::ZERO, 0);
+        metrics
+            .writer()
+            .wrote(3, std::time::Duration::ZERO, Default::default());
         let server = MetricsServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), metrics).unwrap();
         assert_ne!(server.local_addr().port(), 0);
         let response = get(server.local_addr(), "/metrics");
