@@ -1192,6 +1192,14 @@ async fn the_pipeline_runs_on_a_redis_cluster_through_a_resharding() {
         assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), value);
     }
 
+    // Caught up with a fresh cluster, the dataflow writes plain: SETs pipelined per master.
+    let (writes, plain) = (dataflow.total("redis_writes"), dataflow.total("plain_writes"));
+    let (status, _) = http(api, "POST", "/push_interest/", &push(&users[2], 35)).await;
+    assert_eq!(status, 200);
+    dataflow.wait_for("redis_writes", writes + 1);
+    assert_eq!(dataflow.total("plain_writes"), plain + 1);
+    assert_eq!(stored(&mut conn, &users[2])["timestamp"], 35);
+
     // The slot of the first user moves to another master while the dataflow runs; its next
     // profile still arrives, on the new master.
     let key = profile::redis_key(&users[0]);

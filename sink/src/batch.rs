@@ -24,8 +24,11 @@ pub(crate) struct Batch {
     /// Its profiles, kept where they may be needed again: the checked form of a plain batch,
     /// and on a cluster the resend of a record whose key moved. Empty otherwise.
     pub(crate) profiles: Vec<EncodedProfile>,
-    /// Whether this is a plain `MSET`, whose reply is `OK` rather than a skip count.
+    /// Whether this is a plain `MSET`, whose reply is `OK` rather than a skip count; on a
+    /// cluster, a pipeline of `SET`s, one `OK` (or redirect) a record.
     plain: bool,
+    /// Whether this is a cluster batch (the script's cluster form; profiles kept).
+    pub(crate) cluster: bool,
     /// Cluster only: sent after `ASKING`, whose `OK` is its first reply.
     pub(crate) asking: bool,
     /// Cluster only: one record whose key the command declares, so that Redis answers a key
@@ -47,9 +50,14 @@ impl Batch {
         if !self.plain {
             return;
         }
+        self.plain = false;
+        if self.cluster {
+            // A cluster batch keeps its profiles, for a record that moved.
+            self.packed = cluster_command(sha, &self.profiles).get_packed_command();
+            return;
+        }
         let plain = std::mem::take(&mut self.profiles);
         self.packed = checked_command(sha, &plain).get_packed_command();
-        self.plain = false;
     }
 
     /// Cluster: one record through the write script with its key declared, after `ASKING`
@@ -66,6 +74,7 @@ impl Batch {
             records: 1,
             profiles: vec![profile],
             plain: false,
+            cluster: true,
             asking,
             declared: true,
         }
@@ -132,8 +141,10 @@ impl Batcher {
         }
     }
 
-    /// A batcher of the cluster form of the script: keys in ARGV, so that one batch can hold
-    /// keys of many slots, and the profiles kept for a resend elsewhere. Always checked.
+    /// A batcher of one cluster node: checked batches take the cluster form of the script (keys
+    /// in ARGV, so that one batch can hold keys of many slots), plain ones are pipelines of
+    /// `SET`s (an `MSET` may not span slots), and both keep their profiles for a resend
+    /// elsewhere.
     pub(crate) fn cluster(max_records: usize, max_bytes: usize, sha: &str) -> Self {
         Self {
             cluster: true,
@@ -143,7 +154,7 @@ impl Batcher {
 
     /// Sets how the next records are written, sealing the open batch first if the mode changes.
     pub(crate) fn set_mode(&mut self, mode: WriteMode) -> Option<Batch> {
-        if mode == self.mode || self.cluster {
+        if mode == self.mode {
             return None;
         }
         let sealed = self.seal();
@@ -196,9 +207,18 @@ impl Batcher {
         }
         let records = self.open.len();
         let (packed, profiles) = match self.mode {
-            _ if self.cluster => {
+            WriteMode::Checked if self.cluster => {
                 let packed = cluster_command(&self.sha, &self.open).get_packed_command();
                 (packed, std::mem::take(&mut self.open))
+            }
+            WriteMode::Plain if self.cluster => {
+                let mut sets = redis::pipe();
+                for profile in &self.open {
+                    sets.cmd("SET")
+                        .arg(ProfileKey(profile.user_id()))
+                        .arg(profile.value());
+                }
+                (sets.get_packed_pipeline(), std::mem::take(&mut self.open))
             }
             WriteMode::Checked => {
                 let packed = checked_command(&self.sha, &self.open).get_packed_command();
@@ -218,7 +238,8 @@ impl Batcher {
             packed,
             records,
             profiles,
-            plain: self.mode == WriteMode::Plain && !self.cluster,
+            plain: self.mode == WriteMode::Plain,
+            cluster: self.cluster,
             asking: false,
             declared: false,
         })

@@ -18,7 +18,9 @@
 //! What stays as on one Redis: the read marks are one hash (one key, one slot), reached through
 //! the redis crate's cluster connection, which follows redirects itself; a take-over ends older
 //! writers on every master; a connection checks the fence against the marks' node before it
-//! writes. Plain writes (`MSET`) are not used on a cluster: an `MSET` may not span slots.
+//! writes. A plain batch is a pipeline of `SET`s to one master (an `MSET` may not span slots),
+//! each answered `OK` or with the redirect of a key that left; the record is then resent
+//! checked, as above.
 
 use std::collections::HashMap;
 use std::path::Path;

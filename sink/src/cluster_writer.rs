@@ -19,7 +19,7 @@ use crate::cluster::{profile_slot, ClusterTarget, Redirect, SlotMap, SLOTS};
 use crate::encode::EncodedProfile;
 use crate::metrics::SinkMetrics;
 use crate::service::Service;
-use crate::{SinkConfig, SinkError, WriteStats};
+use crate::{SinkConfig, SinkError, WriteMode, WriteStats};
 
 /// Consecutive failed attempts on one node before its records go back to the resend loop.
 const NODE_RETRIES: u32 = 3;
@@ -38,6 +38,8 @@ pub(crate) struct ClusterWriter {
     waiting: Vec<(EncodedProfile, Option<Redirect>)>,
     /// The sink's `max_retries`: resend rounds before a write gives up (`None`: never).
     max_rounds: Option<u32>,
+    /// How the next writes guard their keys (see [`WriteMode`]); resends are always checked.
+    mode: WriteMode,
     metrics: Arc<SinkMetrics>,
     warnings: RateLimit,
 }
@@ -100,6 +102,7 @@ impl ClusterWriter {
             node_of_addr: HashMap::new(),
             waiting: Vec::new(),
             max_rounds: config.max_retries,
+            mode: WriteMode::Checked,
             metrics,
             warnings: RateLimit::per_second(),
         };
@@ -123,11 +126,13 @@ impl ClusterWriter {
             self.generation_reader.clone(),
             Arc::clone(&self.metrics),
         )?;
-        let batcher = Batcher::cluster(
+        let mut batcher = Batcher::cluster(
             config.max_batch_records,
             config.max_batch_bytes,
             service.script_sha(),
         );
+        // A node joining mid-write (a redirect's) writes as the others do.
+        batcher.set_mode(self.mode);
         self.nodes.push(Node {
             service,
             batcher,
@@ -136,6 +141,11 @@ impl ClusterWriter {
         self.node_of_addr
             .insert(addr.to_owned(), self.nodes.len() - 1);
         Ok(self.nodes.len() - 1)
+    }
+
+    /// How the next writes guard their keys, as [`RedisSink::set_mode`](crate::RedisSink::set_mode).
+    pub(crate) fn set_mode(&mut self, mode: WriteMode) {
+        self.mode = mode;
     }
 
     /// Writes every profile to the master of its slot and returns once each is acknowledged
@@ -163,6 +173,11 @@ impl ClusterWriter {
         stats: &mut WriteStats,
     ) -> Result<(), SinkError> {
         self.nodes.iter_mut().for_each(|node| node.failing = false);
+        for index in 0..self.nodes.len() {
+            if let Some(batch) = self.nodes[index].batcher.set_mode(self.mode) {
+                self.submit(index, batch, stats)?;
+            }
+        }
         for profile in profiles {
             let non_finite = profile.non_finite();
             if non_finite > 0 {

@@ -219,10 +219,13 @@ impl RedisSink {
         })
     }
 
-    /// How the next writes guard their keys; [`WriteMode::Checked`] until set. A cluster
-    /// stays checked: an `MSET` may not span slots.
+    /// How the next writes guard their keys; [`WriteMode::Checked`] until set. On a cluster a
+    /// plain batch is a pipeline of `SET`s per master (an `MSET` may not span slots).
     pub fn set_mode(&mut self, mode: WriteMode) {
         self.mode = mode;
+        if let Target::Cluster(cluster) = &mut self.target {
+            cluster.set_mode(mode);
+        }
     }
 
     /// Whether this sink writes to a Redis Cluster.

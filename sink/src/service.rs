@@ -431,20 +431,48 @@ impl Service {
                     continue;
                 }
             }
-            // An error reply becomes an Err here, and so does the whole attempt.
-            let reply = reply.extract_error()?;
-            let (skipped, mut rejected) = match reply {
-                Value::Okay if batch.is_plain() => (0, Vec::new()),
-                Value::Int(n) if !batch.is_plain() && (0..=batch.records as i64).contains(&n) => {
-                    (n as usize, Vec::new())
+            let before = self.moved.len();
+            // A cluster's plain batch: one reply a SET, OK or a redirect of a key that left.
+            let (skipped, mut rejected) = if batch.is_plain() && batch.cluster {
+                let mut reply = Some(reply);
+                for profile in &batch.profiles {
+                    let reply = match reply.take() {
+                        Some(first) => first,
+                        None => conn.recv_response()?,
+                    };
+                    match reply {
+                        Value::Okay => {}
+                        Value::ServerError(error) => {
+                            match Redirect::parse(error.code(), error.details()) {
+                                Some(redirect) => {
+                                    self.moved.push((profile.clone(), Some(redirect)))
+                                }
+                                // Resent checked on a fresh connection, as any failure.
+                                None => Value::ServerError(error).extract_error().map(drop)?,
+                            }
+                        }
+                        other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
+                    }
                 }
-                Value::Array(items) if !batch.is_plain() => {
-                    parse_rejections(items, batch.records).map_err(AttemptError::UnexpectedReply)?
+                (0, Vec::new())
+            } else {
+                // An error reply becomes an Err here, and so does the whole attempt.
+                let reply = reply.extract_error()?;
+                match reply {
+                    Value::Okay if batch.is_plain() => (0, Vec::new()),
+                    Value::Int(n)
+                        if !batch.is_plain() && (0..=batch.records as i64).contains(&n) =>
+                    {
+                        (n as usize, Vec::new())
+                    }
+                    Value::Array(items) if !batch.is_plain() => {
+                        parse_rejections(items, batch.records)
+                            .map_err(AttemptError::UnexpectedReply)?
+                    }
+                    other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
                 }
-                other => return Err(AttemptError::UnexpectedReply(format!("{other:?}"))),
             };
             // Keys a cluster node does not serve (any more): not refused, resent elsewhere.
-            let before = self.moved.len();
             rejected.retain(|record| {
                 if !record.error.contains("non local key") {
                     return true;

@@ -7,7 +7,9 @@ mod common;
 
 use common::{unique, Profiles};
 use redis::Commands;
-use sink::{encode_profile, key_slot, ReadMarks, RedisSink, SinkConfig, SinkError, WriterFence};
+use sink::{
+    encode_profile, key_slot, ReadMarks, RedisSink, SinkConfig, SinkError, WriteMode, WriterFence,
+};
 use testkit::cluster::PrivateCluster;
 
 fn config(cluster: &PrivateCluster) -> SinkConfig {
@@ -244,6 +246,47 @@ fn a_master_failing_over_to_its_replica_loses_nothing() {
     assert!(sink.metrics().snapshot().records_moved > 0);
     let mut conn = cluster.connection();
     for record in profiles.records(2, 2) {
+        assert_eq!(
+            stored(&mut conn, record.user_id).unwrap().as_bytes(),
+            encode_profile(&record),
+            "{}",
+            record.user_id
+        );
+    }
+}
+
+#[test]
+fn plain_writes_are_pipelined_sets_per_master_and_follow_a_resharding() {
+    let cluster = PrivateCluster::start();
+    let profiles = Profiles::new(&unique("plain"), 2000, 3, 2);
+    let mut sink = RedisSink::connect(config(&cluster)).unwrap();
+    sink.set_mode(WriteMode::Plain);
+    let stats = sink.write(profiles.records(100, 1)).unwrap();
+    assert_eq!(
+        (stats.written, stats.written_plain),
+        (2000, 2000),
+        "{stats:?}"
+    );
+    assert!(stats.batches <= 3 * 8, "{stats:?}");
+
+    // A key that left its master while the slot moves comes back as ASK and is resent,
+    // checked, after ASKING; once the slot has moved, as MOVED.
+    let slot = key_slot(profile::redis_key(&profiles.users[0]).as_bytes());
+    let from = cluster.owner(slot);
+    let to = *cluster.ports().iter().find(|&&port| port != from).unwrap();
+    cluster.begin_migration(slot, to, &[profile::redis_key(&profiles.users[0])]);
+    let stats = sink.write(profiles.records(200, 2)).unwrap();
+    assert_eq!(stats.written, 2000, "{stats:?}");
+    assert!(stats.written_plain < 2000, "{stats:?}");
+    let moved = sink.metrics().snapshot().records_moved;
+    assert!(moved >= 1);
+    cluster.finish_migration(slot, to);
+    let stats = sink.write(profiles.records(300, 3)).unwrap();
+    assert_eq!(stats.written, 2000, "{stats:?}");
+    assert!(sink.metrics().snapshot().records_moved > moved);
+
+    let mut conn = cluster.connection();
+    for record in profiles.records(300, 3) {
         assert_eq!(
             stored(&mut conn, record.user_id).unwrap().as_bytes(),
             encode_profile(&record),
