@@ -454,10 +454,14 @@ fn worker_loop(
             break;
         }
         let was_replaying = source.is_replaying();
-        // A worker done with its replay reads nothing live until every worker is: the live
-        // epochs could not complete before that anyway, and their input would pile up.
+        // A worker done with its replay reads live at once, even while the replay epochs (the
+        // features file's among them) are still being computed here or on other workers: its
+        // live epochs complete only after every replay epoch has, everywhere, since timely
+        // completes epochs in order, and what it reads meanwhile waits in the dataflow,
+        // bounded by --max-in-flight. Waiting for the replay to complete first cost the whole
+        // of epoch 0 before the first read (docs/performance.md, 2026-12-06, start-up).
         let room = config.max_in_flight.saturating_sub(in_flight.total());
-        let polled = if (!was_replaying && reported.is_replay()) || room == 0 {
+        let polled = if room == 0 {
             Polled::default()
         } else {
             source.poll(epoch.time(), config.max_poll_records.min(room))
