@@ -18,73 +18,180 @@ pub enum FeaturesError {
     Header(String),
 }
 
-/// The features of the CSV, in file order, and how many rows were skipped.
+/// The features of the CSV and how many rows were skipped. The rows are dealt out in
+/// `shares`, row `i` (counting the rows that parse) to share `i` mod the number of shares, each
+/// share in file order.
 #[derive(Debug, Default)]
 pub struct LoadedFeatures {
     pub dim: usize,
-    pub items: Vec<FeatureEvent>,
+    pub shares: Vec<Vec<FeatureEvent>>,
     pub bad_rows: usize,
 }
 
-/// Loads an item features CSV.
-pub fn load_item_features(path: &Path) -> Result<LoadedFeatures, FeaturesError> {
-    let read_error = |source| FeaturesError::Read {
-        path: path.display().to_string(),
-        source,
-    };
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .map_err(read_error)?;
-    let header = reader.headers().map_err(read_error)?.clone();
-    let dim = header.len().saturating_sub(1);
-    let well_formed = header.get(0) == Some("item_id")
-        && dim >= 1
-        && header
-            .iter()
-            .skip(1)
-            .enumerate()
-            .all(|(j, name)| name == format!("f{j}"));
-    if !well_formed {
-        return Err(FeaturesError::Header(
-            header.iter().collect::<Vec<_>>().join(","),
-        ));
+impl LoadedFeatures {
+    /// Every row that parsed, over all shares.
+    pub fn len(&self) -> usize {
+        self.shares.iter().map(Vec::len).sum()
     }
-    let mut loaded = LoadedFeatures {
-        dim,
-        ..Default::default()
-    };
-    let mut values = Vec::with_capacity(dim);
-    for (row, record) in reader.records().enumerate() {
-        let parsed = record.ok().and_then(|record| {
-            let item_id = record.get(0).filter(|id| !id.is_empty())?.to_owned();
-            if record.len() != dim + 1 {
-                return None;
-            }
-            values.clear();
-            for field in record.iter().skip(1) {
-                values.push(field.trim().parse::<f32>().ok()?);
-            }
-            Some(FeatureEvent {
-                item_id,
-                features: Some(FeatureVector::new(&values)?),
-                position: (CSV_PARTITION, row as i64),
-            })
-        });
-        match parsed {
-            Some(event) => loaded.items.push(event),
-            None => {
-                loaded.bad_rows += 1;
-                if loaded.bad_rows <= 5 {
-                    tracing::warn!(
-                        row = row + 2,
-                        "skipping item features row that does not parse"
-                    );
+
+    /// Whether no row parsed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Loads an item features CSV in one share: [`LoadedFeatures::shares`] holds one vector, every
+/// row in file order.
+pub fn load_item_features(path: &Path) -> Result<LoadedFeatures, FeaturesError> {
+    FeaturesFile::open(path)?.load_in_shares(1)
+}
+
+/// An item features CSV whose header is read and checked, so that D is known and a bad file is
+/// refused at once; [`FeaturesFile::load_in_shares`] reads the rows.
+#[derive(Debug)]
+pub struct FeaturesFile {
+    path: String,
+    dim: usize,
+    /// The file's length, to size the shares before they fill.
+    file_bytes: u64,
+    reader: csv::Reader<std::io::BufReader<std::fs::File>>,
+}
+
+impl FeaturesFile {
+    /// Opens the CSV and checks its header (`item_id,f0,...,f{D-1}`, D >= 1).
+    pub fn open(path: &Path) -> Result<Self, FeaturesError> {
+        let read_error = |source| FeaturesError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(|e| read_error(e.into()))?;
+        let file_bytes = file.metadata().map_or(0, |m| m.len());
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(std::io::BufReader::with_capacity(1 << 20, file));
+        let header = reader.byte_headers().map_err(read_error)?;
+        let dim = header.len().saturating_sub(1);
+        let well_formed = header.get(0) == Some(&b"item_id"[..])
+            && dim >= 1
+            && header
+                .iter()
+                .skip(1)
+                .enumerate()
+                .all(|(j, name)| name == format!("f{j}").as_bytes());
+        if !well_formed {
+            return Err(FeaturesError::Header(
+                header
+                    .iter()
+                    .map(String::from_utf8_lossy)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ));
+        }
+        Ok(FeaturesFile {
+            path: path.display().to_string(),
+            dim,
+            file_bytes,
+            reader,
+        })
+    }
+
+    /// D, the number of features of each item.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Reads the rows, dealing them out in `shares` (at least one), so that each worker takes
+    /// its share as it is: splitting a loaded file afterwards cost a second vector of every
+    /// row.
+    ///
+    /// Fields are read as bytes into one reused record, so the only allocations are those of
+    /// the rows kept: a row's id and its values.
+    pub fn load_in_shares(mut self, shares: usize) -> Result<LoadedFeatures, FeaturesError> {
+        let path = self.path;
+        let read_error = |source| FeaturesError::Read {
+            path: path.clone(),
+            source,
+        };
+        let shares = shares.max(1);
+        let mut loaded = LoadedFeatures {
+            dim: self.dim,
+            shares: (0..shares).map(|_| Vec::new()).collect(),
+            bad_rows: 0,
+        };
+        let header_bytes = self.reader.position().byte();
+        let mut record = csv::ByteRecord::new();
+        let mut values = Vec::with_capacity(self.dim);
+        let mut kept = 0;
+        let mut row = 0;
+        while self
+            .reader
+            .read_byte_record(&mut record)
+            .map_err(read_error)?
+        {
+            if row == 0 {
+                // Room for the rows the file holds if they are as long as the first, so the
+                // vectors are not grown (and copied) as they fill.
+                let row_bytes = self
+                    .reader
+                    .position()
+                    .byte()
+                    .saturating_sub(header_bytes)
+                    .max(1);
+                let rows = (self.file_bytes.saturating_sub(header_bytes) / row_bytes) as usize + 1;
+                for share in &mut loaded.shares {
+                    share.reserve(rows.div_ceil(shares) + rows / 16);
                 }
             }
+            match parse_row(&record, self.dim, &mut values, row) {
+                Some(event) => {
+                    loaded.shares[kept % shares].push(event);
+                    kept += 1;
+                }
+                None => {
+                    loaded.bad_rows += 1;
+                    if loaded.bad_rows <= 5 {
+                        tracing::warn!(
+                            row = row + 2,
+                            "skipping item features row that does not parse"
+                        );
+                    }
+                }
+            }
+            row += 1;
         }
+        Ok(loaded)
     }
-    Ok(loaded)
+}
+
+/// The feature event of data row number `row` (from 0), or `None` if it does not parse: an
+/// empty id, a field count other than D + 1, or a value that is not a float within
+/// [`profile::MAX_FEATURE_MAGNITUDE`].
+fn parse_row(
+    record: &csv::ByteRecord,
+    dim: usize,
+    values: &mut Vec<f32>,
+    row: usize,
+) -> Option<FeatureEvent> {
+    if record.len() != dim + 1 {
+        return None;
+    }
+    let item_id = record.get(0).filter(|id| !id.is_empty())?;
+    let item_id = std::str::from_utf8(item_id).ok()?;
+    values.clear();
+    for field in record.iter().skip(1) {
+        values.push(
+            std::str::from_utf8(field)
+                .ok()?
+                .trim()
+                .parse::<f32>()
+                .ok()?,
+        );
+    }
+    Some(FeatureEvent {
+        item_id: item_id.to_owned(),
+        features: Some(FeatureVector::new(values)?),
+        position: (CSV_PARTITION, row as i64),
+    })
 }
 
 #[cfg(test)]
@@ -109,10 +216,44 @@ mod tests {
             load("item_id,f0,f1\na,1,2\nb,x,2\nc,1\n,1,2\nd,1e9,0\ne,-0.5,0.25\n").unwrap();
         assert_eq!(loaded.dim, 2);
         assert_eq!(loaded.bad_rows, 4);
-        let ids: Vec<&str> = loaded.items.iter().map(|e| e.item_id.as_str()).collect();
+        let ids: Vec<&str> = loaded.shares[0]
+            .iter()
+            .map(|e| e.item_id.as_str())
+            .collect();
         assert_eq!(ids, vec!["a", "e"]);
-        let e = loaded.items[1].features.as_ref().unwrap();
+        let e = loaded.shares[0][1].features.as_ref().unwrap();
         assert_eq!(e.values().collect::<Vec<_>>(), vec![-0.5, 0.25]);
+    }
+
+    #[test]
+    fn rows_that_parse_are_dealt_out_in_turn_each_share_in_file_order() {
+        let text = "item_id,f0\na,1\nb,x\nc,2\nd,3\ne,4\n";
+        let path = std::env::temp_dir().join(format!(
+            "streamrec-features-shares-{}.csv",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let loaded = FeaturesFile::open(&path)
+            .unwrap()
+            .load_in_shares(3)
+            .unwrap();
+        std::fs::remove_file(path).unwrap();
+        let shares: Vec<Vec<(&str, i64)>> = loaded
+            .shares
+            .iter()
+            .map(|share| {
+                share
+                    .iter()
+                    .map(|e| (e.item_id.as_str(), e.position.1))
+                    .collect()
+            })
+            .collect();
+        // "b" does not parse: it is skipped and counted, and keeps its row number.
+        assert_eq!(
+            shares,
+            vec![vec![("a", 0), ("e", 4)], vec![("c", 2)], vec![("d", 3)]]
+        );
+        assert_eq!((loaded.len(), loaded.bad_rows), (4, 1));
     }
 
     #[test]
@@ -137,6 +278,6 @@ mod tests {
         let loaded = load_item_features(&path).unwrap();
         assert_eq!(loaded.dim, 32);
         assert_eq!(loaded.bad_rows, 0);
-        assert!(loaded.items.len() > 1000);
+        assert!(loaded.len() > 1000);
     }
 }
