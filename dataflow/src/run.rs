@@ -587,6 +587,15 @@ fn worker_loop(
                 record_metrics(metrics, &mut source, &mut board.borrow_mut());
             }
             in_flight.take_before(done);
+            if reported.is_replay() && !Epoch::at(done).is_replay() {
+                // Until now no live epoch could complete: this is when the start (the features
+                // file, the replay) stops holding the stream back.
+                tracing::info!(
+                    worker = index,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "the start's epochs are complete on every worker: live epochs may complete"
+                );
+            }
             reported = Epoch::at(done);
         }
     }
