@@ -179,19 +179,64 @@ fn parse_row(
     let item_id = std::str::from_utf8(item_id).ok()?;
     values.clear();
     for field in record.iter().skip(1) {
-        values.push(
-            std::str::from_utf8(field)
-                .ok()?
-                .trim()
-                .parse::<f32>()
-                .ok()?,
-        );
+        values.push(parse_feature(field)?);
     }
     Some(FeatureEvent {
         item_id: item_id.to_owned(),
         features: Some(FeatureVector::new(values)?),
         position: (CSV_PARTITION, row as i64),
     })
+}
+
+/// Parses one feature value exactly as `str::trim` then `f32::from_str` would, bit for bit.
+///
+/// Most values are plain decimals such as `-0.4904`, which take a fast path: with the digits
+/// read as an integer `m` below 2^24 and at most 10 of them after the point, both `m` and
+/// `10^fraction_digits` are exact f32s, so one correctly rounded division gives the correctly
+/// rounded value, as the standard parser's own fast path does (Clinger's). Anything else
+/// (spaces, an exponent, more digits, `inf`) goes to the standard parser. The features file
+/// was half float parsing and UTF-8 checks of its fields (docs/performance.md, 2026-12-06,
+/// start-up).
+fn parse_feature(field: &[u8]) -> Option<f32> {
+    /// `10^i` for the fraction digits the fast path takes.
+    const POWERS: [f32; 11] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10];
+    let (negative, digits) = match field.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, field),
+    };
+    let mut mantissa: u32 = 0;
+    let mut fraction_digits: Option<usize> = None;
+    let mut any_digit = false;
+    for &byte in digits {
+        match byte {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + u32::from(byte - b'0');
+                any_digit = true;
+                if let Some(count) = &mut fraction_digits {
+                    *count += 1;
+                }
+                if mantissa > 1 << 24 {
+                    return parse_feature_slowly(field);
+                }
+            }
+            b'.' if fraction_digits.is_none() && any_digit => fraction_digits = Some(0),
+            _ => return parse_feature_slowly(field),
+        }
+    }
+    let fraction_digits = fraction_digits.unwrap_or(0);
+    if !any_digit || fraction_digits == 0 && digits.last() == Some(&b'.') {
+        return parse_feature_slowly(field);
+    }
+    let Some(power) = POWERS.get(fraction_digits) else {
+        return parse_feature_slowly(field);
+    };
+    let magnitude = mantissa as f32 / power;
+    Some(if negative { -magnitude } else { magnitude })
+}
+
+/// The standard parser, for what [`parse_feature`]'s fast path does not take.
+fn parse_feature_slowly(field: &[u8]) -> Option<f32> {
+    std::str::from_utf8(field).ok()?.trim().parse::<f32>().ok()
 }
 
 #[cfg(test)]
@@ -254,6 +299,74 @@ mod tests {
             vec![vec![("a", 0), ("e", 4)], vec![("c", 2)], vec![("d", 3)]]
         );
         assert_eq!((loaded.len(), loaded.bad_rows), (4, 1));
+    }
+
+    #[test]
+    fn feature_values_parse_as_the_standard_parser_does_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let standard = |text: &str| text.trim().parse::<f32>().ok().map(f32::to_bits);
+        let ours = |text: &str| parse_feature(text.as_bytes()).map(f32::to_bits);
+        let fixed = [
+            "0",
+            "-0",
+            "0.0",
+            "-0.0",
+            "1",
+            "-1",
+            "0.5",
+            "-0.4904",
+            "1.0000",
+            "16777216",
+            "16777217",
+            "-16777215",
+            "0.16777216",
+            "1.6777217",
+            "0.0000000001",
+            "0.00000000001",
+            "123456.7",
+            "9999999.9",
+            "3.4028235e38",
+            "1e9",
+            "1E-3",
+            " 0.5",
+            "0.5 ",
+            "+0.5",
+            ".5",
+            "5.",
+            "-",
+            ".",
+            "-.",
+            "",
+            "1..2",
+            "1.2.3",
+            "0x10",
+            "inf",
+            "-inf",
+            "NaN",
+            "1_000",
+            "١",
+            "0.1234567890",
+            "00000.25",
+            "-000",
+        ];
+        for text in fixed {
+            assert_eq!(ours(text), standard(text), "{text:?}");
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..200_000 {
+            let value: f32 = f32::from_bits(rng.random());
+            let decimals = rng.random_range(0..12);
+            let scaled = value / 10f32.powi(rng.random_range(0..30));
+            for text in [
+                format!("{value}"),
+                format!("{scaled}"),
+                format!("{scaled:.decimals$}"),
+                format!("{:.decimals$}", rng.random_range(-100_000.0f64..100_000.0)),
+                format!("{}", rng.random_range(-99_999_999i64..99_999_999)),
+            ] {
+                assert_eq!(ours(&text), standard(&text), "{text:?}");
+            }
+        }
     }
 
     #[test]
