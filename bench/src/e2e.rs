@@ -50,6 +50,13 @@ impl EndToEnd {
         self.messages as f64 / self.launch_seconds.max(1e-9)
     }
 
+    /// Seconds from the dataflow's launch to the start of the first epoch that read a message:
+    /// what a start costs before the first message is read (the read itself is within that
+    /// epoch, so this is short of it by less than one `--epoch-ms`).
+    pub fn first_read_seconds(&self) -> f64 {
+        self.launch_seconds - self.seconds
+    }
+
     /// Profile values handed to Redis: the changed profiles of every epoch.
     pub fn profile_writes(&self) -> u64 {
         self.epochs.iter().map(|e| e.counters.changed).sum()

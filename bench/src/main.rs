@@ -238,11 +238,12 @@ fn end_to_end(runs: &Runs<'_>) -> anyhow::Result<EndToEnd> {
     )?;
     eprintln!(
         "end to end: {:.0} msg/s from the first read, {:.0} msg/s from launch ({:.2} s), \
-         {} profile writes",
+         {} profile writes; first read {:.2} s after launch",
         e2e.rate(),
         e2e.launch_rate(),
         e2e.launch_seconds,
-        e2e.profile_writes()
+        e2e.profile_writes(),
+        e2e.first_read_seconds()
     );
     Ok(e2e)
 }

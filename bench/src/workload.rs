@@ -213,7 +213,7 @@ impl Workload {
             distinct_users: 0,
         };
         let mut item_index: HashMap<String, u32> = HashMap::new();
-        for event in loaded.items {
+        for event in loaded.shares.into_iter().flatten() {
             let index = workload.intern_item(&mut item_index, &event.item_id) as usize;
             // A later row for the same item wins, as it does in the dataflow.
             if let Some(values) = &event.features {

@@ -214,6 +214,18 @@ impl InterestState {
         let users = self.users.borrow();
         self.holders.apply(&users);
         let mut items = self.items.borrow_mut();
+        // Room for every item with new features, should they all be new, when they outnumber
+        // the items held: the features file's epoch interns every item at once, whose columns
+        // and index would otherwise be copied at every doubling (docs/performance.md,
+        // 2026-12-06, start-up). The usual epoch changes a few items, mostly known ones, and
+        // reserving for them would only grow the index early.
+        let new_features = arrived
+            .iter()
+            .filter(|arrived| matches!(arrived, Arrived::Features((_, Some(_)))))
+            .count();
+        if new_features > items.len() {
+            items.reserve(new_features);
+        }
         for arrived in arrived {
             let (key, features) = match arrived {
                 Arrived::Profiles(batch) => {

@@ -146,8 +146,25 @@ impl KeyIndex {
         Some(value)
     }
 
+    /// Makes room for `additional` more keys, so that inserting them rehashes the table at
+    /// most once, here, instead of at every doubling on the way.
+    pub fn reserve(&mut self, additional: usize) {
+        let wanted = self.len + additional;
+        let mut capacity = self.slots.len().max(16);
+        while wanted * 8 > capacity * 5 {
+            capacity *= 2;
+        }
+        if capacity > self.slots.len() {
+            self.rehash(capacity);
+        }
+    }
+
     fn grow(&mut self) {
-        let capacity = (self.slots.len() * 2).max(16);
+        self.rehash((self.slots.len() * 2).max(16));
+    }
+
+    /// Moves every entry into a table of `capacity` slots (a power of two).
+    fn rehash(&mut self, capacity: usize) {
         let old = std::mem::replace(&mut self.slots, vec![EMPTY; capacity]);
         for slot in old.into_iter().filter(|slot| slot.value != FREE) {
             let at = self.find_slot(slot.key);
@@ -199,6 +216,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_reserved_index_keeps_its_keys_and_takes_the_reserved_ones_without_growing() {
+        let mut index = KeyIndex::default();
+        for key in 0..100u128 {
+            index.insert(key << 64 | key, key as u32);
+        }
+        index.reserve(1_000);
+        let slots = index.slots.len();
+        assert!(1_100 * 8 <= slots * 5);
+        for key in 100..1_100u128 {
+            index.insert(key << 64 | key, key as u32);
+        }
+        assert_eq!(index.slots.len(), slots, "grew after reserving");
+        for key in 0..1_100u128 {
+            assert_eq!(index.get(key << 64 | key), Some(key as u32));
+        }
+        index.reserve(0);
+        assert_eq!(index.slots.len(), slots);
     }
 
     #[test]

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::{Inspect, Operator, Probe};
+use timely::dataflow::operators::{Concat, Inspect, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::config::{CheckedWrites, Config};
 use crate::epoch::{Epoch, EpochClock, EpochTally};
-use crate::features::{load_item_features, FeaturesError, LoadedFeatures};
+use crate::features::{FeaturesError, FeaturesFile, LoadedFeatures};
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::metrics::{Metrics, MetricsError, MetricsServer, WorkerMetrics, WriterMetrics};
@@ -33,6 +33,12 @@ use sink::WriteMode;
 pub enum RunError {
     #[error(transparent)]
     Features(#[from] FeaturesError),
+    /// The features file's rows could not be read after its header was (shared by every
+    /// worker of the process).
+    #[error(transparent)]
+    FeaturesRows(Arc<FeaturesError>),
+    #[error("cannot start the thread that loads the item features: {0}")]
+    FeaturesThread(std::io::Error),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("Redis: {0}")]
@@ -167,51 +173,100 @@ impl EpochWriter for RedisWriter {
 /// before the last commit.
 const SHUTDOWN_DEAD_LETTER_WAIT: Duration = Duration::from_secs(10);
 
-/// The features file, handed to the process's workers a share each and then dropped: the
-/// features arrangement holds the rows from then on, and a second copy held for the whole run
-/// would cost as much memory again as the file (docs/performance.md).
+/// The features file's rows, read by a thread of their own while the workers connect and start
+/// reading Kafka (they wait in the dataflow: epoch 0 cannot complete without them), then handed
+/// to the process's workers a share each and dropped: the features arrangement holds the rows
+/// from then on, and a second copy held for the whole run would cost as much memory again as
+/// the file (docs/performance.md).
 #[derive(Debug)]
 struct InitialFeatures {
     dim: usize,
-    /// The rows, until the first worker splits them into every worker's share (row `i` goes
-    /// to worker `i` mod the number of workers, over all processes).
-    rows: Mutex<(Vec<FeatureEvent>, Vec<Vec<FeatureEvent>>)>,
-    /// The process's workers that have not taken their share yet.
-    left: std::sync::atomic::AtomicUsize,
+    /// The global index of the process's first worker.
+    first_worker: usize,
+    /// `None` while the rows are read. Then the shares of the process's workers, by local
+    /// index, each until its worker takes it (row `i` of the file goes to worker `i` mod the
+    /// number of workers, over all processes), or why the rows could not be read.
+    loaded: Mutex<Option<LoadedShares>>,
 }
 
 impl InitialFeatures {
-    fn new(features: LoadedFeatures, local_workers: usize) -> Self {
+    fn new(dim: usize, first_worker: usize) -> Self {
         InitialFeatures {
-            dim: features.dim,
-            rows: Mutex::new((features.items, Vec::new())),
-            left: local_workers.into(),
+            dim,
+            first_worker,
+            loaded: Mutex::new(None),
         }
     }
 
-    /// Worker `index`'s share of the rows, of `peers` workers in all. The last of the
-    /// process's workers to take its share drops the rest (other processes' shares).
-    fn take_share(&self, index: usize, peers: usize) -> Vec<FeatureEvent> {
-        let mut rows = self
-            .rows
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<LoadedShares>> {
+        self.loaded
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (all, shares) = &mut *rows;
-        if shares.is_empty() {
-            shares.resize_with(peers.max(1), Vec::new);
-            for (i, row) in std::mem::take(all).into_iter().enumerate() {
-                shares[i % peers.max(1)].push(row);
-            }
-        }
-        let share = shares
-            .get_mut(index)
-            .map(std::mem::take)
-            .unwrap_or_default();
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *shares = Vec::new();
-        }
-        share
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Keeps the shares of the `local_workers` workers from `first_worker` on; the other
+    /// processes' shares are dropped at once.
+    fn fill(&self, loaded: Result<LoadedFeatures, FeaturesError>, local_workers: usize) {
+        let local = loaded
+            .map(|loaded| {
+                loaded
+                    .shares
+                    .into_iter()
+                    .skip(self.first_worker)
+                    .take(local_workers)
+                    .collect()
+            })
+            .map_err(Arc::new);
+        *self.lock() = Some(local);
+    }
+
+    /// The share of the worker with global index `index`, once (it is moved out), or `None`
+    /// while the rows are still being read.
+    fn take_share(&self, index: usize) -> Option<Result<Vec<FeatureEvent>, RunError>> {
+        match &mut *self.lock() {
+            None => None,
+            Some(Ok(shares)) => Some(Ok(index
+                .checked_sub(self.first_worker)
+                .and_then(|local| shares.get_mut(local))
+                .map(std::mem::take)
+                .unwrap_or_default())),
+            Some(Err(error)) => Some(Err(RunError::FeaturesRows(error.clone()))),
+        }
+    }
+}
+
+/// What the features loader leaves: the local workers' shares, or why the rows could not be
+/// read.
+type LoadedShares = Result<Vec<Vec<FeatureEvent>>, Arc<FeaturesError>>;
+
+/// Reads the rows of `file` on a thread of its own into `initial`, one share per worker of the
+/// computation as timely numbers them (process p's are p * workers .. (p + 1) * workers).
+fn load_features_in_background(
+    file: FeaturesFile,
+    config: &Config,
+    initial: Arc<InitialFeatures>,
+) -> Result<std::thread::JoinHandle<()>, RunError> {
+    let workers = config.workers as usize;
+    let shares = workers * config.processes as usize;
+    let path = config.item_features.display().to_string();
+    let started = Instant::now();
+    std::thread::Builder::new()
+        .name("features".to_owned())
+        .spawn(move || {
+            let loaded = file.load_in_shares(shares);
+            if let Ok(loaded) = &loaded {
+                tracing::info!(
+                    path,
+                    items = loaded.len(),
+                    dim = loaded.dim,
+                    bad_rows = loaded.bad_rows,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "loaded item features"
+                );
+            }
+            initial.fill(loaded, workers);
+        })
+        .map_err(RunError::FeaturesThread)
 }
 
 /// Runs the dataflow until Ctrl-C or SIGTERM, then finishes the open epoch, writes and commits
@@ -225,14 +280,31 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
         (Some(addr), Some(metrics)) => Some(MetricsServer::start(addr, metrics.clone())?),
         _ => None,
     };
-    let features = load_item_features(&config.item_features)?;
-    tracing::info!(
-        path = %config.item_features.display(),
-        items = features.items.len(),
-        dim = features.dim,
-        bad_rows = features.bad_rows,
-        "loaded item features"
-    );
+    // The header now, so that a bad file is refused before anything is written; the rows
+    // meanwhile.
+    let features_file = FeaturesFile::open(&config.item_features)?;
+    let features = Arc::new(InitialFeatures::new(
+        features_file.dim(),
+        config.process as usize * config.workers as usize,
+    ));
+    let loader = load_features_in_background(features_file, &config, features.clone())?;
+    let result = run_computation(config, shutdown, features, metrics, started);
+    // The loader's lines (rows skipped, rows loaded) belong to the start of the run, even of a
+    // run that failed before it needed them: it is waited for, not cut off at exit. (By the
+    // end of a run that got going it is done: every worker waited for its share.)
+    let _ = loader.join();
+    result
+}
+
+/// The rest of [`run`], once the rows of the features file are being read: the checks that
+/// precede any write, then the timely computation.
+fn run_computation(
+    config: Config,
+    shutdown: Arc<AtomicBool>,
+    features: Arc<InitialFeatures>,
+    metrics: Option<Arc<Metrics>>,
+    started: Instant,
+) -> Result<Summary, RunError> {
     // Before any worker takes over Redis (which ends an older run's writers): a run that cannot
     // reach Redis with these credentials, or cannot read its topic, must change nothing.
     // Connecting reads and writes nothing; Redis first, as it answers at once either way.
@@ -249,7 +321,6 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
         .timely()
         .map_err(|e| RunError::Timely(e.to_string()))?;
     let summary = Arc::new(Mutex::new(Summary::default()));
-    let features = InitialFeatures::new(features, config.workers as usize);
     let shared = Arc::new((config, features));
     let summary_in = summary.clone();
     // Set by the first worker whose writer stops, so that the process's other workers stop too.
@@ -349,6 +420,9 @@ fn worker_loop(
     let board = Rc::new(RefCell::new(StatsBoard::default()));
     let mut profile_input = InputHandle::new();
     let mut feature_input = InputHandle::new();
+    // The features file's rows, at epoch 0 only: held open until this worker's share is read,
+    // so that no epoch completes without the file, while the worker reads Kafka meanwhile.
+    let mut file_input = InputHandle::new();
     let mut stats_input = InputHandle::new();
     // Each worker's index, once, at the epoch it caught up with the read marks.
     let mut caught_up_input = InputHandle::new();
@@ -363,7 +437,9 @@ fn worker_loop(
     let writer_thread = worker.dataflow::<u64, _, _>(|scope| {
         let built = crate::graph::build(
             profile_input.to_stream(scope),
-            feature_input.to_stream(scope),
+            feature_input
+                .to_stream(scope)
+                .concat(file_input.to_stream(scope)),
             caught_up_input.to_stream(scope),
             params,
             WriterSetup {
@@ -397,10 +473,9 @@ fn worker_loop(
     // still travel at that epoch's time. It advances only past epochs the probe has seen
     // complete (see finish_epochs).
 
-    // The features file enters in epoch 0, each worker sending its share of the rows.
-    for event in features.take_share(index, peers) {
-        feature_input.send(event);
-    }
+    // The features file enters in epoch 0, each worker sending its share of the rows once they
+    // are read, then closing the input.
+    let mut file_input = Some(file_input);
 
     let started = Instant::now();
     // The messages read into epochs not yet stored: reading is far cheaper than computing and
@@ -411,6 +486,9 @@ fn worker_loop(
     let mut reported = epoch;
     let mut told_caught_up = false;
     loop {
+        if let Err(error) = hand_over_file_features(&mut file_input, features, index) {
+            return Err(stop_unread_features(worker, dataflow, writer_thread, error));
+        }
         // At the epoch of the read that caught up, or at epoch 0 with nothing to catch up, so
         // that the first live epoch may go plain.
         if !told_caught_up && source.is_caught_up() {
@@ -449,10 +527,14 @@ fn worker_loop(
             break;
         }
         let was_replaying = source.is_replaying();
-        // A worker done with its replay reads nothing live until every worker is: the live
-        // epochs could not complete before that anyway, and their input would pile up.
+        // A worker done with its replay reads live at once, even while the replay epochs (the
+        // features file's among them) are still being computed here or on other workers: its
+        // live epochs complete only after every replay epoch has, everywhere, since timely
+        // completes epochs in order, and what it reads meanwhile waits in the dataflow,
+        // bounded by --max-in-flight. Waiting for the replay to complete first cost the whole
+        // of epoch 0 before the first read (docs/performance.md, 2026-12-06, start-up).
         let room = config.max_in_flight.saturating_sub(in_flight.total());
-        let polled = if (!was_replaying && reported.is_replay()) || room == 0 {
+        let polled = if room == 0 {
             Polled::default()
         } else {
             source.poll(epoch.time(), config.max_poll_records.min(room))
@@ -500,6 +582,15 @@ fn worker_loop(
                 record_metrics(metrics, &mut source, &mut board.borrow_mut());
             }
             in_flight.take_before(done);
+            if reported.is_replay() && !Epoch::at(done).is_replay() {
+                // Until now no live epoch could complete: this is when the start (the features
+                // file, the replay) stops holding the stream back.
+                tracing::info!(
+                    worker = index,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "the start's epochs are complete on every worker: live epochs may complete"
+                );
+            }
             reported = Epoch::at(done);
         }
     }
@@ -509,6 +600,13 @@ fn worker_loop(
         epoch = epoch.time(),
         "shutting down: finishing the open epoch"
     );
+    // The open epoch cannot complete without the features file.
+    while file_input.is_some() {
+        if let Err(error) = hand_over_file_features(&mut file_input, features, index) {
+            return Err(stop_unread_features(worker, dataflow, writer_thread, error));
+        }
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
     worker.step_while(|| probe.less_than(&epoch.time()) && !writing_stopped(&writer_thread));
     if writing_stopped(&writer_thread) {
         return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
@@ -542,6 +640,48 @@ fn worker_loop(
     writer_thread
         .finish()
         .map_err(|error| writer_error(index, error))
+}
+
+/// The input of the features file's rows, at epoch 0.
+type FileInput = InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<FeatureEvent>>>;
+
+/// Sends this worker's share of the features file and closes `input` once the rows are read;
+/// until then leaves it open. Never waits.
+fn hand_over_file_features(
+    input: &mut Option<FileInput>,
+    features: &InitialFeatures,
+    index: usize,
+) -> Result<(), RunError> {
+    let Some(handle) = input else {
+        return Ok(());
+    };
+    match features.take_share(index) {
+        None => Ok(()),
+        Some(Ok(share)) => {
+            for event in share {
+                handle.send(event);
+            }
+            // Dropped, the handle closes the input: epoch 0 may complete.
+            *input = None;
+            Ok(())
+        }
+        Some(Err(error)) => Err(error),
+    }
+}
+
+/// Ends the run of a worker when the features file's rows could not be read. As when a writer
+/// stops (see [`stop_writing`]), the dataflow is dropped: no epoch has completed without the
+/// file, so nothing was written or committed.
+fn stop_unread_features(
+    worker: &mut timely::worker::Worker,
+    dataflow: usize,
+    writer_thread: WriterThread,
+    error: RunError,
+) -> RunError {
+    worker.drop_dataflow(dataflow);
+    // Nothing was handed to it (epoch 0 never completed): it ends at once.
+    let _ = writer_thread.finish();
+    error
 }
 
 /// Ends the run of a worker whose writer stopped for good (see [`WriterThread::has_stopped`]),

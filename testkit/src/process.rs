@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -51,27 +52,46 @@ pub fn stderr_lines(child: &mut Child) -> Receiver<String> {
 /// The JSON values a binary printed on stdout (the dataflow's `--stats-json` lines), collected
 /// on a thread of their own as they come; other lines are skipped.
 #[derive(Debug, Clone, Default)]
-pub struct JsonLines(Arc<Mutex<Vec<serde_json::Value>>>);
+pub struct JsonLines {
+    values: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Set once stdout is closed and every line of it collected.
+    ended: Arc<AtomicBool>,
+}
 
 impl JsonLines {
     /// Collects the JSON lines of `child`'s piped stdout.
     pub fn from_stdout(child: &mut Child) -> Self {
         let stdout = child.stdout.take().expect("stdout was not piped");
         let lines = JsonLines::default();
-        let sink = lines.0.clone();
+        let sink = lines.values.clone();
+        let ended = lines.ended.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(value) = serde_json::from_str(&line) {
                     sink.lock().unwrap_or_else(|e| e.into_inner()).push(value);
                 }
             }
+            ended.store(true, Ordering::Release);
         });
         lines
     }
 
+    /// Waits until the binary's stdout is closed (it exited) and every line is collected, at
+    /// most `timeout`; returns whether it is. After an exit, totals are then final.
+    pub fn wait_for_end(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.ended.load(Ordering::Acquire) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
+
     /// The values collected so far.
     pub fn values(&self) -> MutexGuard<'_, Vec<serde_json::Value>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.values.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The sum of `field` over the values collected so far (for the dataflow's stats lines: the

@@ -102,6 +102,17 @@ impl ItemTable {
         self.index.touch(keys);
     }
 
+    /// Makes room for `additional` more items, so that interning them copies no column and
+    /// rehashes no index on the way (the features file brings every item at once).
+    pub fn reserve(&mut self, additional: usize) {
+        self.keys.reserve(additional);
+        self.ids.reserve(additional);
+        self.features.reserve(additional * self.dim);
+        self.known.reserve(additional);
+        self.holding.reserve(additional);
+        self.index.reserve(additional);
+    }
+
     /// The index of the item `id` whose key is `key`, added if new.
     pub fn intern(&mut self, key: IdKey, id: &str) -> ItemIndex {
         if let Some(item) = self.find(key) {
