@@ -1193,7 +1193,10 @@ async fn the_pipeline_runs_on_a_redis_cluster_through_a_resharding() {
     }
 
     // Caught up with a fresh cluster, the dataflow writes plain: SETs pipelined per master.
-    let (writes, plain) = (dataflow.total("redis_writes"), dataflow.total("plain_writes"));
+    let (writes, plain) = (
+        dataflow.total("redis_writes"),
+        dataflow.total("plain_writes"),
+    );
     let (status, _) = http(api, "POST", "/push_interest/", &push(&users[2], 35)).await;
     assert_eq!(status, 200);
     dataflow.wait_for("redis_writes", writes + 1);
