@@ -586,6 +586,113 @@ mod tests {
         assert!(r.check_recommendations(&history, &wrong).is_err());
     }
 
+    /// §8 read as literally as possible, sharing nothing with the reference but
+    /// `scores_agree`: every count by a scan over all users, every item of the universe scored
+    /// (0 when it is no neighbour), the list taken from all of them. Sums go in item-id order,
+    /// not the reference's, so near-ties may round the other way, which the check tolerates.
+    fn brute_force(
+        histories: &[Vec<String>],
+        settings: RecommendSettings,
+        history: &[String],
+    ) -> Vec<ScoredItem> {
+        let window = |h: &[String]| -> Vec<String> {
+            h[h.len().saturating_sub(settings.covisit_window)..].to_vec()
+        };
+        let holds = |h: &[String], x: &str| window(h).iter().any(|y| y == x);
+        let n = |x: &str| histories.iter().filter(|h| holds(h, x)).count() as u64;
+        let c = |a: &str, b: &str| {
+            histories
+                .iter()
+                .filter(|h| a != b && holds(h, a) && holds(h, b))
+                .count() as u64
+        };
+        let universe: BTreeSet<String> = histories.iter().flat_map(|h| window(h)).collect();
+        let neighbours = |a: &str| -> Vec<String> {
+            let mut partners: Vec<(u64, &String)> = universe
+                .iter()
+                .map(|b| (c(a, b), b))
+                .filter(|(count, _)| *count > 0)
+                .collect();
+            partners.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| x.1.cmp(y.1)));
+            partners
+                .into_iter()
+                .take(settings.neighbours)
+                .map(|(_, b)| b.clone())
+                .collect()
+        };
+        let user_window = window(history);
+        let mut scored: Vec<(f64, bool, String)> = Vec::new();
+        for i in universe.iter().filter(|i| !history.contains(i)) {
+            let mut score = 0.0;
+            let mut candidate = false;
+            let distinct: BTreeSet<&String> = user_window.iter().collect();
+            for a in distinct {
+                let k = user_window.iter().rev().position(|x| x == a).unwrap();
+                if neighbours(a).contains(i) {
+                    candidate = true;
+                    score += settings.decay.powi(k as i32) * c(a, i) as f64
+                        / ((n(a) * n(i)) as f64).sqrt();
+                }
+            }
+            scored.push((score, candidate, i.clone()));
+        }
+        let mut candidates: Vec<_> = scored.iter().filter(|s| s.1).collect();
+        candidates.sort_by(|x, y| y.0.total_cmp(&x.0).then_with(|| x.2.cmp(&y.2)));
+        let mut list: Vec<ScoredItem> = candidates
+            .iter()
+            .take(settings.recommendations_n)
+            .map(|s| ScoredItem {
+                item_id: s.2.clone(),
+                score: s.0,
+            })
+            .collect();
+        let mut popular: Vec<&(f64, bool, String)> = scored.iter().filter(|s| !s.1).collect();
+        popular.sort_by(|x, y| n(&y.2).cmp(&n(&x.2)).then_with(|| x.2.cmp(&y.2)));
+        for p in popular {
+            if list.len() == settings.recommendations_n {
+                break;
+            }
+            list.push(ScoredItem {
+                item_id: p.2.clone(),
+                score: 0.0,
+            });
+        }
+        list
+    }
+
+    #[test]
+    fn agrees_with_a_brute_force_reading_of_the_contract_on_random_profiles() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for round in 0..40 {
+            // Few items, so that windows overlap, items repeat within a window and ties abound.
+            let items = rng.random_range(2..15);
+            let users = rng.random_range(1..30);
+            let histories: Vec<Vec<String>> = (0..users)
+                .map(|_| {
+                    let len = rng.random_range(0..14);
+                    (0..len)
+                        .map(|_| format!("i{}", rng.random_range(0..items)))
+                        .collect()
+                })
+                .collect();
+            let settings = RecommendSettings {
+                covisit_window: rng.random_range(1..8),
+                neighbours: rng.random_range(1..6),
+                recommendations_n: rng.random_range(1..8),
+                decay: [1.0, 0.9, 0.5][rng.random_range(0..3)],
+            };
+            let r = RecommendReference::new(&histories, settings);
+            for history in &histories {
+                let expected = brute_force(&histories, settings, history);
+                r.check_recommendations(history, &expected)
+                    .unwrap_or_else(|e| {
+                        panic!("round {round}, {settings:?}, history {history:?}: {e}")
+                    });
+            }
+        }
+    }
+
     #[test]
     fn the_check_wants_fill_ups_exactly() {
         let r = reference(&[&["a", "b"], &["a", "c"], &["a"]], settings(10, 20, 2));
