@@ -1,5 +1,6 @@
 //! The chart of an end-to-end run: messages per second and epoch latency, epoch by epoch, as an
-//! SVG file (two panels sharing the time axis).
+//! SVG file (two panels sharing the time axis); and, in the same style, the grouped bar chart of
+//! `bench-recs` (each engine's HR@10 and NDCG@10).
 //!
 //! Plotters' SVG backend writes text as `<text>` elements for the viewer to render, so the chart
 //! needs no font files; text sizes are only estimated for the layout.
