@@ -1,5 +1,6 @@
 //! The chart of an end-to-end run: messages per second and epoch latency, epoch by epoch, as an
-//! SVG file (two panels sharing the time axis).
+//! SVG file (two panels sharing the time axis); and, in the same style, the grouped bar chart of
+//! `bench-recs` (each engine's HR@10 and NDCG@10).
 //!
 //! Plotters' SVG backend writes text as `<text>` elements for the viewer to render, so the chart
 //! needs no font files; text sizes are only estimated for the layout.
@@ -169,6 +170,91 @@ pub fn write_chart(
     Ok(())
 }
 
+/// One series of a bar chart: its name and one value per group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarSeries {
+    pub name: String,
+    pub values: Vec<f64>,
+}
+
+/// The bars' colours, series by series, in the line chart's blues and reds.
+const BAR_COLOURS: [RGBColor; 4] = [
+    RGBColor(40, 90, 200),
+    RGBColor(235, 150, 150),
+    RGBColor(150, 180, 235),
+    RGBColor(120, 120, 120),
+];
+
+/// Writes a grouped bar chart to `path` as SVG, in the style of [`write_chart`]: one group per
+/// entry of `groups` (e.g. a metric), one bar per series in each, its value written above it.
+pub fn write_bar_chart(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    groups: &[&str],
+    series: &[BarSeries],
+) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let top = series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .fold(0.0, f64::max);
+    // Headroom for the value labels and the legend; at least some height for an all-zero chart.
+    let y_top = if top > 0.0 { top * 1.35 } else { 1.0 };
+    let x_end = groups.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..x_end, 0.0..y_top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(y_desc)
+        .y_label_formatter(&|y: &f64| format!("{y:.2}"))
+        .draw()?;
+    // Each group spans one unit of x: bars side by side in its middle 80%.
+    let bar_width = 0.8 / series.len().max(1) as f64;
+    for (index, one) in series.iter().enumerate() {
+        let colour = BAR_COLOURS[index % BAR_COLOURS.len()];
+        let left = |group: usize| group as f64 + 0.1 + index as f64 * bar_width;
+        chart
+            .draw_series(one.values.iter().enumerate().map(|(group, &value)| {
+                Rectangle::new(
+                    [(left(group), 0.0), (left(group) + bar_width * 0.9, value)],
+                    colour.filled(),
+                )
+            }))?
+            .label(one.name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], colour.filled()));
+        chart.draw_series(one.values.iter().enumerate().map(|(group, &value)| {
+            Text::new(
+                format!("{value:.4}"),
+                (left(group) + bar_width * 0.2, value + y_top * 0.04),
+                ("sans-serif", 14),
+            )
+        }))?;
+    }
+    chart.draw_series(groups.iter().enumerate().map(|(group, name)| {
+        Text::new(
+            name.to_string(),
+            (group as f64 + 0.45, -y_top * 0.03),
+            ("sans-serif", 16),
+        )
+    }))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +329,49 @@ mod tests {
         // The series: lines (polylines, also used for axes and dashes) and latency dots.
         assert!(svg.matches("<polyline").count() >= 4, "{svg}");
         assert_eq!(svg.matches("<circle").count(), 3, "{svg}");
+    }
+
+    #[test]
+    fn a_bar_chart_has_a_bar_and_a_value_per_series_and_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bars.svg");
+        let series = [
+            BarSeries {
+                name: "streamrec".into(),
+                values: vec![0.25, 0.125],
+            },
+            BarSeries {
+                name: "popularity".into(),
+                values: vec![0.1, 0.05],
+            },
+        ];
+        write_bar_chart(
+            &path,
+            "recs: 2000 users",
+            "share of users",
+            &["HR@10", "NDCG@10"],
+            &series,
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.trim_end().ends_with("</svg>"));
+        for text in [
+            "recs: 2000 users",
+            "share of users",
+            "HR@10",
+            "NDCG@10",
+            "streamrec",
+            "popularity",
+            "0.2500",
+            "0.1250",
+            "0.1000",
+            "0.0500",
+        ] {
+            assert!(svg.contains(text), "{text:?} missing");
+        }
+        // Four bars and two legend samples, filled with the series' colours.
+        assert_eq!(svg.matches("fill=\"#285AC8\"").count(), 3, "{svg}");
+        assert_eq!(svg.matches("fill=\"#EB9696\"").count(), 3, "{svg}");
     }
 
     #[test]

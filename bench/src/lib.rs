@@ -5,7 +5,7 @@
 //! pipelined `SET`s and through the sink's no-regression script; then the highest rate the
 //! dataflow sustains fed live by a paced producer, and its epoch latency at half of that rate.
 //! It prints a per-epoch table and a summary with the ratios between those rates, and writes
-//! them as JSON and as an SVG chart.
+//! them as JSON and as an SVG chart. `bench-recs` evaluates recommendations offline ([`recs`]).
 
 pub mod broker;
 pub mod chart;
@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod dataflow_core;
 pub mod e2e;
 pub mod paced;
+pub mod recs;
 pub mod redis_write;
 pub mod summary;
 pub mod sustained;

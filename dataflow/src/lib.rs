@@ -8,6 +8,7 @@
 //! arrangements and emits each changed user's value, and [`output`] turns complete epochs into
 //! final values for a writer. [`in_memory`] drives the same core from memory and
 //! [`reference`](mod@reference) is the plain sequential contract it is tested against.
+//! [`recommend`] holds the recommendations' sequential reference (semantics §8).
 //! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
 //! start, [`catch_up`] says when values may be written without the no-regression check, and
 //! [`run`] is the worker loop around them all; [`metrics`] serves what it counts to Prometheus.
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 mod pending;
+pub mod recommend;
 pub mod reference;
 pub mod replay;
 pub mod run;

@@ -54,6 +54,14 @@ impl Reference {
         }
     }
 
+    /// Every user's current kept history (oldest first), by user: the snapshot semantics §8
+    /// computes recommendations from (see [`crate::recommend::reference`]).
+    pub fn histories(&self) -> impl Iterator<Item = (&str, &[String])> + '_ {
+        self.profiles
+            .iter()
+            .map(|(user, (_, items))| (user.as_str(), items.as_slice()))
+    }
+
     /// Sets an item's features (`None` deletes the item).
     pub fn set_features(&mut self, item_id: &str, features: Option<Vec<f32>>) {
         match features {

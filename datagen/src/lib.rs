@@ -9,6 +9,13 @@
 //! seed through ChaCha8, so the same configuration gives byte-identical files on every machine;
 //! the committed sample in `data/` and the full-scale set used by the benchmarks both come from
 //! here, and tests and benchmarks can regenerate them in memory instead of reading files.
+//!
+//! Rows drawn from popularity alone have nothing a recommender could find. With
+//! [`GeneratorConfig::taste`] set, the data gets a taste structure instead: every item belongs to
+//! a topic, every user prefers a few topics (some far more than others), and a user's items come
+//! in sessions, each on one topic, contiguous in time, its items drawn by popularity within the
+//! topic. The committed sample and the `full` preset leave it off, so that they stay byte for
+//! byte what they were.
 
 mod ids;
 mod write;
@@ -45,6 +52,9 @@ const STREAM_USERS: u64 = 0;
 const STREAM_ITEMS: u64 = 1;
 const STREAM_POPULARITY: u64 = 2;
 const STREAM_ROWS: u64 = 3;
+/// The taste structure's own streams: items' topics, and users' tastes and items.
+const STREAM_ITEM_TOPICS: u64 = 4;
+const STREAM_TASTE: u64 = 5;
 /// Features of item `i` come from stream `STREAM_FEATURES_BASE + i`.
 const STREAM_FEATURES_BASE: u64 = 1 << 32;
 
@@ -81,6 +91,39 @@ pub struct GeneratorConfig {
     /// Probability that a row reuses the day of an earlier row of the same user: people review
     /// several books in one sitting, and these ties are what the history order must break.
     pub same_day_prob: f64,
+    /// The taste structure (topics, preferences, sessions); `None` draws every item from the
+    /// global popularity alone, as the committed sample and the full-scale set are made.
+    pub taste: Option<TasteConfig>,
+}
+
+/// How users' tastes shape what they review (see the crate documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TasteConfig {
+    /// Number of topics; every item belongs to one, drawn uniformly.
+    pub topics: usize,
+    /// Topics each user prefers (distinct, at most `topics`). The first is chosen twice as
+    /// often as the second, and so on (weights 1, 1/2, 1/4, ...).
+    pub preferred_topics: usize,
+    /// Zipf exponent of topic popularity: which topics users come to prefer. Topic t (0-based)
+    /// has weight 1/(t+1)^s.
+    pub topic_zipf_s: f64,
+    /// Mean number of items in a session (geometric, at least 1).
+    pub mean_session_length: f64,
+    /// Probability that a session is on a topic drawn from topic popularity instead of from
+    /// the user's preferences: people stray.
+    pub stray_session_prob: f64,
+}
+
+impl Default for TasteConfig {
+    fn default() -> Self {
+        Self {
+            topics: 50,
+            preferred_topics: 3,
+            topic_zipf_s: 0.5,
+            mean_session_length: 4.0,
+            stray_session_prob: 0.1,
+        }
+    }
 }
 
 impl Default for GeneratorConfig {
@@ -95,6 +138,7 @@ impl Default for GeneratorConfig {
             min_rows_per_user: 5,
             max_rows_per_user: 2_000,
             same_day_prob: 0.3,
+            taste: None,
         }
     }
 }
@@ -140,6 +184,9 @@ impl GeneratorConfig {
         if !(0.0..=1.0).contains(&self.same_day_prob) {
             return Err(ConfigError::SameDayProb(self.same_day_prob));
         }
+        if let Some(taste) = &self.taste {
+            taste.validate(self.items)?;
+        }
         let lo = self.min_rows_per_user as f64;
         let hi = self.effective_max_rows() as f64;
         // The upper end is excluded because only an infinite tail scale reaches it.
@@ -178,6 +225,34 @@ impl GeneratorConfig {
             }
         }
         0.5 * (lo + hi)
+    }
+}
+
+impl TasteConfig {
+    /// Checks the taste knobs against the number of items.
+    fn validate(&self, items: usize) -> Result<(), ConfigError> {
+        if self.topics == 0 || self.topics > items {
+            return Err(ConfigError::Topics {
+                topics: self.topics,
+                items,
+            });
+        }
+        if self.preferred_topics == 0 || self.preferred_topics > self.topics {
+            return Err(ConfigError::PreferredTopics {
+                preferred: self.preferred_topics,
+                topics: self.topics,
+            });
+        }
+        if !(self.topic_zipf_s.is_finite() && self.topic_zipf_s >= 0.0) {
+            return Err(ConfigError::ZipfExponent(self.topic_zipf_s));
+        }
+        if !(self.mean_session_length.is_finite() && self.mean_session_length >= 1.0) {
+            return Err(ConfigError::SessionLength(self.mean_session_length));
+        }
+        if !(0.0..=1.0).contains(&self.stray_session_prob) {
+            return Err(ConfigError::StrayProb(self.stray_session_prob));
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +303,28 @@ pub enum ConfigError {
     /// Not a probability.
     #[error("same-day probability must be in [0, 1], got {0}")]
     SameDayProb(f64),
+    /// No topics, or more topics than items.
+    #[error("topics must be in 1..={items} (the number of items), got {topics}")]
+    Topics {
+        /// Topics asked for.
+        topics: usize,
+        /// Items asked for.
+        items: usize,
+    },
+    /// No preferred topic, or more than there are topics.
+    #[error("preferred topics must be in 1..={topics} (the number of topics), got {preferred}")]
+    PreferredTopics {
+        /// Preferred topics asked for.
+        preferred: usize,
+        /// Topics asked for.
+        topics: usize,
+    },
+    /// A session must hold at least one item on average.
+    #[error("mean session length must be finite and >= 1, got {0}")]
+    SessionLength(f64),
+    /// Not a probability.
+    #[error("stray session probability must be in [0, 1], got {0}")]
+    StrayProb(f64),
     /// The mean cannot be reached within the floor and cap.
     #[error("mean rows per user {mean} must lie in [{min}, {max}) (floor, cap limited by items)")]
     MeanRows {
@@ -274,6 +371,8 @@ pub struct Dataset {
     pub seed: u64,
     /// Feature dimension D.
     pub dim: usize,
+    /// Every item's topic (indexed like `items`), when the data has a taste structure.
+    pub item_topics: Option<Vec<u32>>,
 }
 
 impl Dataset {
@@ -349,13 +448,19 @@ pub fn generate(config: &GeneratorConfig) -> Result<Dataset, ConfigError> {
     // space instead of being the first ids generated.
     let mut rank: Vec<u32> = (0..config.items as u32).collect();
     rank.shuffle(&mut stream_rng(seed, STREAM_POPULARITY));
-    let popularity = WeightedIndex::new(
-        rank.iter()
-            .map(|&r| (f64::from(r) + 1.0).powf(-config.zipf_s)),
-    )
-    // validate() admits only finite s >= 0 and at least one item, so every weight is finite
-    // and positive.
-    .expect("zipf weights are finite and positive");
+    let weights: Vec<f64> = rank
+        .iter()
+        .map(|&r| (f64::from(r) + 1.0).powf(-config.zipf_s))
+        .collect();
+    let popularity = WeightedIndex::new(&weights)
+        // validate() admits only finite s >= 0 and at least one item, so every weight is finite
+        // and positive.
+        .expect("zipf weights are finite and positive");
+    let mut taste = config
+        .taste
+        .as_ref()
+        .map(|taste| Taste::new(taste, seed, &weights));
+    let mut picked: Vec<u32> = Vec::new();
 
     let xm = config.tail_scale();
     let min_rows = config.min_rows_per_user;
@@ -384,19 +489,35 @@ pub fn generate(config: &GeneratorConfig) -> Result<Dataset, ConfigError> {
 
         user_days.clear();
         let first = rows.len();
-        for i in 0..n {
-            let day = if i > 0 && rng.random_bool(config.same_day_prob) {
-                user_days[rng.random_range(0..user_days.len())]
-            } else {
-                start + rng.random_range(0..=span)
-            };
-            user_days.push(day);
-            let item = pick_unused_item(&mut rng, &popularity, &mut seen, user + 1);
-            rows.push(Row {
-                user,
-                item,
-                timestamp: TIMESTAMP_MIN + day * SECONDS_PER_DAY,
-            });
+        match &mut taste {
+            None => {
+                for _ in 0..n {
+                    let day = draw_day(&mut rng, config.same_day_prob, &user_days, start, span);
+                    user_days.push(day);
+                    let item = pick_unused_item(&mut rng, &popularity, &mut seen, user + 1);
+                    rows.push(Row {
+                        user,
+                        item,
+                        timestamp: TIMESTAMP_MIN + day * SECONDS_PER_DAY,
+                    });
+                }
+            }
+            Some(taste) => {
+                // The days are drawn exactly as above, so the timestamps (and their ties) have
+                // the same statistics; the items come from the taste's own stream, in sessions
+                // laid over the days in time order.
+                for _ in 0..n {
+                    let day = draw_day(&mut rng, config.same_day_prob, &user_days, start, span);
+                    user_days.push(day);
+                }
+                user_days.sort_unstable();
+                taste.pick_items(n, &popularity, &mut seen, user + 1, &mut picked);
+                rows.extend(user_days.iter().zip(&picked).map(|(&day, &item)| Row {
+                    user,
+                    item,
+                    timestamp: TIMESTAMP_MIN + day * SECONDS_PER_DAY,
+                }));
+            }
         }
         // The contract says rows need not be sorted; shuffling makes sure consumers do not rely
         // on generation order.
@@ -409,7 +530,166 @@ pub fn generate(config: &GeneratorConfig) -> Result<Dataset, ConfigError> {
         rows,
         seed,
         dim: config.dim,
+        item_topics: taste.map(|taste| taste.item_topics),
     })
+}
+
+/// A day of the user's active window `start..=start + span`; after the first, with probability
+/// `same_day_prob` one of the days drawn before (`earlier`), giving same-second ties.
+fn draw_day(
+    rng: &mut ChaCha8Rng,
+    same_day_prob: f64,
+    earlier: &[u64],
+    start: u64,
+    span: u64,
+) -> u64 {
+    if !earlier.is_empty() && rng.random_bool(same_day_prob) {
+        earlier[rng.random_range(0..earlier.len())]
+    } else {
+        start + rng.random_range(0..=span)
+    }
+}
+
+/// The taste structure while rows are generated: the items of each topic, how topics are drawn,
+/// and its own random stream.
+struct Taste<'a> {
+    config: &'a TasteConfig,
+    rng: ChaCha8Rng,
+    item_topics: Vec<u32>,
+    /// The items of each topic, and a draw among them by their global popularity weight.
+    topic_items: Vec<Vec<u32>>,
+    topic_popularity: Vec<WeightedIndex<f64>>,
+    /// Topics by topic popularity, for preferences and stray sessions.
+    topic_choice: WeightedIndex<f64>,
+    /// The weights of a user's preferred topics, first to last.
+    preference_weights: WeightedIndex<f64>,
+}
+
+impl<'a> Taste<'a> {
+    /// Topics for every item, from `weights` (each item's global popularity weight).
+    fn new(config: &'a TasteConfig, seed: u64, weights: &[f64]) -> Self {
+        // Topics are dealt round-robin over a random permutation of the items, so every topic
+        // gets items (validate() keeps topics <= items) and sizes differ by at most one.
+        let mut order: Vec<u32> = (0..weights.len() as u32).collect();
+        order.shuffle(&mut stream_rng(seed, STREAM_ITEM_TOPICS));
+        let mut item_topics = vec![0u32; weights.len()];
+        let mut topic_items = vec![Vec::new(); config.topics];
+        for (position, &item) in order.iter().enumerate() {
+            let topic = position % config.topics;
+            item_topics[item as usize] = topic as u32;
+            topic_items[topic].push(item);
+        }
+        for items in &mut topic_items {
+            items.sort_unstable();
+        }
+        let topic_popularity = topic_items
+            .iter()
+            .map(|items| {
+                WeightedIndex::new(items.iter().map(|&i| weights[i as usize]))
+                    .expect("every topic has items, with finite positive weights")
+            })
+            .collect();
+        let topic_choice = WeightedIndex::new(
+            (0..config.topics).map(|t| (t as f64 + 1.0).powf(-config.topic_zipf_s)),
+        )
+        .expect("topic weights are finite and positive");
+        let preference_weights =
+            WeightedIndex::new((0..config.preferred_topics).map(|j| 0.5f64.powi(j as i32)))
+                .expect("at least one preferred topic");
+        Taste {
+            config,
+            rng: stream_rng(seed, STREAM_TASTE),
+            item_topics,
+            topic_items,
+            topic_popularity,
+            topic_choice,
+            preference_weights,
+        }
+    }
+
+    /// The `n` distinct items of one user (`stamp`, as in [`pick_unused_item`]) in time order,
+    /// into `picked`: the user's preferred topics, then sessions, each on one topic.
+    fn pick_items(
+        &mut self,
+        n: usize,
+        popularity: &WeightedIndex<f64>,
+        seen: &mut [u32],
+        stamp: u32,
+        picked: &mut Vec<u32>,
+    ) {
+        let preferred = self.preferred_topics();
+        // A session goes on after each item with this probability: a geometric length with the
+        // configured mean.
+        let go_on = 1.0 - 1.0 / self.config.mean_session_length;
+        picked.clear();
+        let mut topic = 0;
+        for i in 0..n {
+            if i == 0 || !self.rng.random_bool(go_on) {
+                topic = if self.rng.random_bool(self.config.stray_session_prob) {
+                    self.topic_choice.sample(&mut self.rng)
+                } else {
+                    preferred[self.preference_weights.sample(&mut self.rng)]
+                };
+            }
+            picked.push(self.pick_in_topic(topic, popularity, seen, stamp));
+        }
+    }
+
+    /// The user's distinct preferred topics, drawn by topic popularity, most preferred first.
+    fn preferred_topics(&mut self) -> Vec<usize> {
+        let wanted = self.config.preferred_topics;
+        let mut topics = Vec::with_capacity(wanted);
+        for _ in 0..MAX_RESAMPLES * wanted {
+            if topics.len() == wanted {
+                break;
+            }
+            let topic = self.topic_choice.sample(&mut self.rng);
+            if !topics.contains(&topic) {
+                topics.push(topic);
+            }
+        }
+        // Under a steep topic skew the draws may keep hitting the same few topics; the rest
+        // are then the first topics not taken yet, which keeps generation bounded.
+        let mut next = 0;
+        while topics.len() < wanted {
+            if !topics.contains(&next) {
+                topics.push(next);
+            }
+            next += 1;
+        }
+        topics
+    }
+
+    /// An item of `topic` the user has not reviewed, by popularity within the topic; once the
+    /// topic has none left, any unused item by global popularity.
+    fn pick_in_topic(
+        &mut self,
+        topic: usize,
+        popularity: &WeightedIndex<f64>,
+        seen: &mut [u32],
+        stamp: u32,
+    ) -> u32 {
+        let items = &self.topic_items[topic];
+        for _ in 0..MAX_RESAMPLES {
+            let item = items[self.topic_popularity[topic].sample(&mut self.rng)];
+            if seen[item as usize] != stamp {
+                seen[item as usize] = stamp;
+                return item;
+            }
+        }
+        let start = self.rng.random_range(0..items.len());
+        let unused = (start..items.len())
+            .chain(0..start)
+            .map(|i| items[i])
+            .find(|&item| seen[item as usize] != stamp);
+        match unused {
+            Some(item) => {
+                seen[item as usize] = stamp;
+                item
+            }
+            None => pick_unused_item(&mut self.rng, popularity, seen, stamp),
+        }
+    }
 }
 
 /// Draws an item the current user (`stamp`) has not reviewed yet and marks it reviewed.

@@ -1,6 +1,7 @@
 //! `datagen`: writes the deterministic behaviour CSV and item-features CSV of the `datagen`
 //! library to disk. With no flags it regenerates the committed sample in `data/`; `--full`
-//! produces the original data's scale in `data/full/` (gitignored, see scripts/gen-full-data.sh).
+//! produces the original data's scale in `data/full/` (gitignored, see scripts/gen-full-data.sh);
+//! `--taste` adds the taste structure (topics, preferences, sessions) recommendations can learn.
 
 use std::fs::{self, File};
 use std::path::PathBuf;
@@ -8,7 +9,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use datagen::{generate, write_behavior_csv, write_item_features_csv, GeneratorConfig};
+use datagen::{
+    generate, write_behavior_csv, write_item_features_csv, GeneratorConfig, TasteConfig,
+};
 
 /// Generate Amazon-Books-shaped behaviour data and item features, deterministically from a seed.
 ///
@@ -56,6 +59,32 @@ struct Args {
     #[arg(long, default_value_t = 0.3)]
     same_day_prob: f64,
 
+    /// Give the data a taste structure: items in topics, users with a few preferred topics,
+    /// sessions on one topic (the knobs below). Off, items follow global popularity alone, as
+    /// in the committed sample.
+    #[arg(long)]
+    taste: bool,
+
+    /// With --taste: number of topics.
+    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().topics)]
+    topics: usize,
+
+    /// With --taste: topics each user prefers (weights 1, 1/2, 1/4, ...).
+    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().preferred_topics)]
+    preferred_topics: usize,
+
+    /// With --taste: Zipf exponent of topic popularity.
+    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().topic_zipf_s)]
+    topic_zipf_s: f64,
+
+    /// With --taste: mean items per session (geometric).
+    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().mean_session_length)]
+    mean_session_length: f64,
+
+    /// With --taste: probability that a session strays to a topic outside the preferences.
+    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().stray_session_prob)]
+    stray_session_prob: f64,
+
     /// Output directory, created if missing [default: data; with --full: data/full].
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -88,6 +117,13 @@ fn main() -> anyhow::Result<()> {
         mean_rows_per_user: args.mean_rows_per_user.unwrap_or(preset.mean_rows_per_user),
         max_rows_per_user: args.max_rows_per_user,
         same_day_prob: args.same_day_prob,
+        taste: args.taste.then_some(TasteConfig {
+            topics: args.topics,
+            preferred_topics: args.preferred_topics,
+            topic_zipf_s: args.topic_zipf_s,
+            mean_session_length: args.mean_session_length,
+            stray_session_prob: args.stray_session_prob,
+        }),
         ..preset
     };
     let (default_dir, default_behavior) = if args.full {

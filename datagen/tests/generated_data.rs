@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use datagen::{
     generate, is_valid_isbn10, write_behavior_csv, write_item_features_csv, Dataset,
-    GeneratorConfig, ITEM_ID_LEN, SECONDS_PER_DAY, TIMESTAMP_MAX, TIMESTAMP_MIN, USER_ID_LEN,
+    GeneratorConfig, TasteConfig, ITEM_ID_LEN, SECONDS_PER_DAY, TIMESTAMP_MAX, TIMESTAMP_MIN,
+    USER_ID_LEN,
 };
 
 fn small() -> GeneratorConfig {
@@ -317,4 +318,173 @@ fn committed_sample_matches_default_generation() {
         "data/item_features.csv differs from the generator's output; regenerate it with \
          `cargo run -p streamrec-datagen`"
     );
+}
+
+fn taste(config: GeneratorConfig) -> GeneratorConfig {
+    GeneratorConfig {
+        taste: Some(TasteConfig::default()),
+        ..config
+    }
+}
+
+/// Each user's items in history order (semantics §1: by timestamp, then item id).
+fn histories(d: &Dataset) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    for rows in d.rows.chunk_by(|a, b| a.user == b.user) {
+        let mut rows = rows.to_vec();
+        rows.sort_by(|a, b| {
+            (a.timestamp, &d.items[a.item as usize]).cmp(&(b.timestamp, &d.items[b.item as usize]))
+        });
+        out.push(rows.iter().map(|r| r.item).collect());
+    }
+    out
+}
+
+/// (share of consecutive history items on the same topic, mean share of a user's items in their
+/// three most frequent topics), under the topics `topic_of`.
+fn topic_coherence(d: &Dataset, topic_of: &[u32]) -> (f64, f64) {
+    let (mut same, mut pairs, mut top_share) = (0usize, 0usize, 0.0);
+    let histories = histories(d);
+    for history in &histories {
+        let topics: Vec<u32> = history.iter().map(|&i| topic_of[i as usize]).collect();
+        same += topics.windows(2).filter(|w| w[0] == w[1]).count();
+        pairs += topics.len() - 1;
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for t in &topics {
+            *counts.entry(*t).or_default() += 1;
+        }
+        let mut counts: Vec<usize> = counts.into_values().collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        top_share += counts.iter().take(3).sum::<usize>() as f64 / topics.len() as f64;
+    }
+    (
+        same as f64 / pairs as f64,
+        top_share / histories.len() as f64,
+    )
+}
+
+#[test]
+fn taste_data_is_deterministic_and_keeps_the_shape_of_the_plain_data() {
+    let a = dataset(&taste(small()));
+    assert_eq!(
+        behavior_bytes(&a),
+        behavior_bytes(&dataset(&taste(small())))
+    );
+    let other_seed = dataset(&GeneratorConfig {
+        seed: 43,
+        ..taste(small())
+    });
+    assert_ne!(behavior_bytes(&a), behavior_bytes(&other_seed));
+
+    let plain = dataset(&small());
+    // The same users and item ids, rows per user drawn the same way (the draws fall
+    // differently, since the plain data draws its items from the same stream), and every row a
+    // distinct item of its user at a UTC midnight in range.
+    assert_eq!((&a.users, &a.items), (&plain.users, &plain.items));
+    assert!(rows_per_user(&a).iter().all(|&n| n >= 5));
+    let rows_ratio = a.rows.len() as f64 / plain.rows.len() as f64;
+    assert!((0.85..1.15).contains(&rows_ratio), "{rows_ratio}");
+    let pairs: HashSet<_> = a.rows.iter().map(|r| (r.user, r.item)).collect();
+    assert_eq!(pairs.len(), a.rows.len());
+    assert!(a
+        .rows
+        .iter()
+        .all(|r| (TIMESTAMP_MIN..=TIMESTAMP_MAX).contains(&r.timestamp)
+            && r.timestamp % SECONDS_PER_DAY == 0));
+    // Ties are as common as in the plain data (the days are drawn the same way).
+    let (ties, plain_ties) = (a.tie_stats(), plain.tie_stats());
+    assert!(
+        ties.users_with_ties * 2 > a.users.len(),
+        "{ties:?} against {plain_ties:?}"
+    );
+    let ratio = ties.tied_rows as f64 / plain_ties.tied_rows as f64;
+    assert!(
+        (0.8..1.25).contains(&ratio),
+        "{ties:?} against {plain_ties:?}"
+    );
+    assert!(plain.item_topics.is_none());
+}
+
+#[test]
+fn taste_users_keep_to_a_few_topics_in_sessions() {
+    let config = taste(small());
+    let topics = config.taste.as_ref().map(|t| t.topics).unwrap();
+    let d = dataset(&config);
+    let topic_of = d.item_topics.clone().expect("taste data has topics");
+    assert_eq!(topic_of.len(), d.items.len());
+    // Every topic has items, about items / topics each.
+    let mut sizes = vec![0usize; topics];
+    for &t in &topic_of {
+        sizes[t as usize] += 1;
+    }
+    assert!(
+        sizes.iter().all(|&n| n == d.items.len() / topics),
+        "{sizes:?}"
+    );
+
+    let (same, top3) = topic_coherence(&d, &topic_of);
+    // The same measures on the plain data, under the same topic map, are what chance gives.
+    let (plain_same, plain_top3) = topic_coherence(&dataset(&small()), &topic_of);
+    assert!(
+        same > 0.6 && plain_same < 0.1,
+        "{same} against {plain_same}"
+    );
+    assert!(
+        top3 > 0.85 && plain_top3 < 0.7,
+        "{top3} against {plain_top3}"
+    );
+
+    // Popularity still counts within a topic: the top 1% of items take far more than 1%.
+    let mut counts = vec![0usize; d.items.len()];
+    for r in &d.rows {
+        counts[r.item as usize] += 1;
+    }
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let top: usize = counts[..d.items.len() / 100].iter().sum();
+    assert!(
+        top * 20 > d.rows.len(),
+        "top 1% hold {top} of {}",
+        d.rows.len()
+    );
+}
+
+#[test]
+fn taste_knobs_are_validated() {
+    let bad = |f: fn(&mut TasteConfig)| {
+        let mut t = TasteConfig::default();
+        f(&mut t);
+        let config = GeneratorConfig {
+            taste: Some(t),
+            ..small()
+        };
+        config.validate().is_err() && generate(&config).is_err()
+    };
+    assert!(!bad(|_| ()));
+    assert!(bad(|t| t.topics = 0));
+    assert!(bad(|t| t.topics = 1_501));
+    assert!(bad(|t| t.preferred_topics = 0));
+    assert!(bad(|t| t.preferred_topics = t.topics + 1));
+    assert!(bad(|t| t.topic_zipf_s = -0.5));
+    assert!(bad(|t| t.mean_session_length = 0.5));
+    assert!(bad(|t| t.stray_session_prob = 2.0));
+}
+
+#[test]
+fn steep_topic_skew_and_every_topic_preferred_still_generate() {
+    // Draws by a steep topic popularity would rarely find the last topics: the fallback does.
+    let config = GeneratorConfig {
+        users: 50,
+        items: 40,
+        mean_rows_per_user: 8.0,
+        taste: Some(TasteConfig {
+            topics: 8,
+            preferred_topics: 8,
+            topic_zipf_s: 30.0,
+            ..TasteConfig::default()
+        }),
+        ..GeneratorConfig::default()
+    };
+    let d = dataset(&config);
+    let pairs: HashSet<_> = d.rows.iter().map(|r| (r.user, r.item)).collect();
+    assert_eq!(pairs.len(), d.rows.len());
 }
