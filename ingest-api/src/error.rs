@@ -51,6 +51,10 @@ pub enum AppError {
     /// credentials): the service's configuration is wrong. The log says what Redis said.
     #[error("Redis refused the read; the service's Redis configuration needs fixing")]
     RedisRefused,
+    /// A value Redis holds is not what the dataflow writes (another program wrote the key):
+    /// the client cannot fix it; the log says which key.
+    #[error("the stored {0} are not valid; see the service's log")]
+    CorruptValue(&'static str),
     /// The route needs a bearer token and the request has no accepted one.
     #[error("{0}")]
     Unauthorized(AuthFailure),
@@ -70,7 +74,7 @@ impl AppError {
             AppError::BrokerUnavailable | AppError::RedisUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            AppError::RedisRefused => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::RedisRefused | AppError::CorruptValue(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }

@@ -1,8 +1,10 @@
-//! The HTTP routes: the original service's three endpoints plus health, metrics and API docs.
+//! The HTTP routes: the original service's three endpoints, the recommendations the dataflow
+//! stores (semantics §8), health, metrics and API docs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -62,6 +64,26 @@ pub struct SendResponse {
     pub sent: usize,
 }
 
+/// The answer to GET /recommendation/{user_id} (semantics §8).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RecommendationResponse {
+    pub user_id: String,
+    /// `user`: the user's own list, as the dataflow last stored it; `popular`: the user has
+    /// none, and these are the most popular items.
+    #[schema(example = "user")]
+    pub source: String,
+    /// At most k items: `{"item_id", "score"}` from the user's list, or `{"item_id", "users"}`
+    /// from the popular items.
+    #[schema(value_type = Vec<Object>)]
+    pub items: Vec<serde_json::Value>,
+}
+
+/// The stored recommendations of a user, as far as the API reads them.
+#[derive(Deserialize)]
+struct StoredRecommendations {
+    items: Vec<serde_json::Value>,
+}
+
 /// The answer to a successful /healthz.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HealthResponse {
@@ -82,8 +104,22 @@ pub struct HealthResponse {
         description = "Publishes users' behaviour histories as profile messages to Kafka and reads \
                        their interest profiles from Redis."
     ),
-    paths(push_interest, send_kafka, user_profile, healthz, metrics),
-    components(schemas(InterestRequest, PushResponse, SendResponse, HealthResponse, ErrorBody))
+    paths(
+        push_interest,
+        send_kafka,
+        user_profile,
+        recommendation,
+        healthz,
+        metrics
+    ),
+    components(schemas(
+        InterestRequest,
+        PushResponse,
+        SendResponse,
+        RecommendationResponse,
+        HealthResponse,
+        ErrorBody
+    ))
 )]
 pub struct ApiDoc;
 
@@ -99,7 +135,9 @@ pub fn app(state: AppState) -> Router {
         .route("/push_interest", post(push_interest))
         .route("/send_kafka/", post(send_kafka))
         .route("/send_kafka", post(send_kafka));
-    let mut reads = Router::new().route("/user_profile/{user_id}", get(user_profile));
+    let mut reads = Router::new()
+        .route("/user_profile/{user_id}", get(user_profile))
+        .route("/recommendation/{user_id}", get(recommendation));
     if let Some(tokens) = &state.tokens {
         // route_layer: only requests that match a route are checked, so an unknown path is
         // still 404 and a wrong method still 405.
@@ -312,32 +350,103 @@ pub async fn user_profile(
     State(state): State<AppState>,
     UserIdPath(user_id): UserIdPath,
 ) -> Result<Response, AppError> {
-    let value = state
-        .profiles
-        .get(&profile::redis_key(&user_id))
-        .await
-        .map_err(|error| {
-            if error.is_refusal() {
-                // A configuration fault (e.g. the ACL user lacks GET on user_profile:*): an
-                // error, and a 500, since no retry by the client helps.
-                if let Some(suppressed) = state.warnings.allow() {
-                    tracing::error!(
-                        %error,
-                        suppressed,
-                        "Redis refused reading a profile; check the Redis user's ACL and password"
-                    );
-                }
-                return AppError::RedisRefused;
-            }
-            if let Some(suppressed) = state.warnings.allow() {
-                tracing::warn!(%error, suppressed, "reading a profile from Redis failed");
-            }
-            AppError::RedisUnavailable
-        })?;
-    match value {
+    match read_key(&state, &profile::redis_key(&user_id)).await? {
         Some(json) => Ok(([(CONTENT_TYPE, "application/json")], json).into_response()),
         None => Err(AppError::NotFound("No profile found")),
     }
+}
+
+/// The value of `key` in Redis, if any; a refusal (ACL, password) is a 500 and logged as a
+/// configuration fault, anything else a 503.
+async fn read_key(state: &AppState, key: &str) -> Result<Option<Vec<u8>>, AppError> {
+    state.profiles.get(key).await.map_err(|error| {
+        if error.is_refusal() {
+            // A configuration fault (e.g. the ACL user lacks GET on the key): an error, and a
+            // 500, since no retry by the client helps.
+            if let Some(suppressed) = state.warnings.allow() {
+                tracing::error!(
+                    %error,
+                    key,
+                    suppressed,
+                    "Redis refused a read; check the Redis user's ACL and password"
+                );
+            }
+            return AppError::RedisRefused;
+        }
+        if let Some(suppressed) = state.warnings.allow() {
+            tracing::warn!(%error, key, suppressed, "reading from Redis failed");
+        }
+        AppError::RedisUnavailable
+    })
+}
+
+/// Read a user's recommendations.
+///
+/// The first k items of `user_recs:{user_id}` as the dataflow last stored it (`"source":
+/// "user"`), or, for a user without a list, the first k of `popular_items` (`"source":
+/// "popular"`, an empty list before the dataflow has stored any).
+#[utoipa::path(
+    get,
+    path = "/recommendation/{user_id}",
+    params(
+        ("user_id" = String, Path, description = "The user"),
+        ("k" = Option<usize>, Query, description = "How many items, 1..=RECOMMENDATIONS_N (default 10, or RECOMMENDATIONS_N if lower)"),
+    ),
+    responses(
+        (status = 200, description = "The user's list, or the popular items", body = RecommendationResponse),
+        (status = 422, description = "user_id over 256 bytes, or k not an integer in 1..=RECOMMENDATIONS_N", body = ErrorBody),
+        (status = 500, description = "Redis refused the read, or holds a value the dataflow did not write", body = ErrorBody),
+        (status = 503, description = "Redis did not answer in time", body = ErrorBody),
+    )
+)]
+pub async fn recommendation(
+    State(state): State<AppState>,
+    UserIdPath(user_id): UserIdPath,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<RecommendationResponse>, AppError> {
+    let n = state.config.shared.recommendations_n;
+    let k = match query.get("k") {
+        None => n.min(profile::DEFAULT_RECOMMENDATIONS_N),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|k| (1..=n).contains(k))
+            .ok_or_else(|| {
+                AppError::Unprocessable(format!(
+                    "k must be an integer in 1..={n} (RECOMMENDATIONS_N), not {text:?}"
+                ))
+            })?,
+    };
+    let (source, key, what) = match read_key(&state, &profile::recs_key(&user_id)).await? {
+        Some(json) => ("user", profile::recs_key(&user_id), Some(json)),
+        None => (
+            "popular",
+            profile::POPULAR_ITEMS_KEY.to_owned(),
+            read_key(&state, profile::POPULAR_ITEMS_KEY).await?,
+        ),
+    };
+    let mut items = match what {
+        None => Vec::new(),
+        Some(json) => {
+            let parsed = if source == "user" {
+                serde_json::from_slice::<StoredRecommendations>(&json).map(|stored| stored.items)
+            } else {
+                serde_json::from_slice::<Vec<serde_json::Value>>(&json)
+            };
+            parsed.map_err(|error| {
+                if let Some(suppressed) = state.warnings.allow() {
+                    tracing::error!(%error, key, suppressed, "a stored value is not what the dataflow writes");
+                }
+                AppError::CorruptValue("recommendations")
+            })?
+        }
+    };
+    items.truncate(k);
+    Ok(Json(RecommendationResponse {
+        user_id,
+        source: source.to_owned(),
+        items,
+    }))
 }
 
 /// Health: whether publishing can succeed now.

@@ -274,6 +274,7 @@ async fn openapi_and_docs_are_served_without_a_cdn() {
         "/push_interest/",
         "/send_kafka/",
         "/user_profile/{user_id}",
+        "/recommendation/{user_id}",
         "/healthz",
         "/metrics",
     ] {

@@ -1,5 +1,6 @@
 //! The ingest API end to end against the real broker and Redis: a served socket, real HTTP,
-//! messages read back from the topic and compared byte for byte.
+//! messages read back from the topic and compared byte for byte, profiles and recommendations
+//! read from Redis.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -312,5 +313,94 @@ async fn the_sample_data_round_trips_through_the_broker() {
         String::from_utf8_lossy(&records[0].value),
         String::from_utf8_lossy(&expected)
     );
+    server.stop().await;
+}
+
+/// The database of the recommendation test: `popular_items` is one key, which no other test
+/// may touch meanwhile.
+const RECS_DB: u32 = 11;
+
+#[tokio::test]
+async fn recommendations_are_the_users_list_or_the_popular_items_and_k_is_checked() {
+    let topic = unique_topic("recs");
+    create_topic(&topic, 1).await;
+    let mut config = config(&topic);
+    config.shared.redis = testkit::redis_url_db(RECS_DB);
+    config.shared.recommendations_n = 5;
+    let server = start(config, BEHAVIOR).await;
+    let client = redis::Client::open(testkit::redis_url_db(RECS_DB)).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut redis).await.unwrap();
+    let get = |path: String| async move {
+        let (status, body) = http(server.addr, "GET", &path, "").await;
+        (status, serde_json::from_str::<Value>(&body).unwrap())
+    };
+
+    // Before the dataflow stored anything: the popular source, empty.
+    let (status, body) = get("/recommendation/alice".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"user_id": "alice", "source": "popular", "items": []})
+    );
+
+    let items: Vec<Value> = (0..5)
+        .map(|i| json!({"item_id": format!("i{i}"), "score": 1.0 / f64::from(i + 1)}))
+        .collect();
+    let stored = json!({"user_id": "alice", "timestamp": 9, "items": items, "epoch": 3});
+    let popular: Vec<Value> = (0..100)
+        .map(|i| json!({"item_id": format!("p{i}"), "users": 1000 - i}))
+        .collect();
+    for (key, value) in [
+        (profile::recs_key("alice"), stored.to_string()),
+        (
+            profile::POPULAR_ITEMS_KEY.to_owned(),
+            json!(popular).to_string(),
+        ),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+
+    // The user's own list, the first k (default 10, here capped by RECOMMENDATIONS_N = 5).
+    let (status, body) = get("/recommendation/alice?k=2".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"user_id": "alice", "source": "user", "items": items[..2]})
+    );
+    let (_, body) = get("/recommendation/alice".into()).await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 5);
+    // A user without a list gets the popular items.
+    let (status, body) = get("/recommendation/bob?k=3".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"user_id": "bob", "source": "popular", "items": popular[..3]})
+    );
+    // A bad k is a 422 that says what k may be.
+    for k in ["0", "6", "-1", "two", ""] {
+        let (status, body) = get(format!("/recommendation/alice?k={k}")).await;
+        assert_eq!(status, 422, "k={k}: {body}");
+        assert_eq!(body["status"], "error");
+        assert!(
+            body["message"].as_str().unwrap().contains("1..=5"),
+            "{body}"
+        );
+    }
+    // A value another program put there is a 500 with a JSON error, not its text.
+    let _: () = redis::cmd("SET")
+        .arg(profile::recs_key("carol"))
+        .arg("not json")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let (status, body) = get("/recommendation/carol".into()).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(!body.to_string().contains("not json"), "{body}");
     server.stop().await;
 }

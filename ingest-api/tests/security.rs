@@ -366,14 +366,37 @@ async fn profiles_are_read_as_the_acl_user_and_a_missing_get_is_a_500_naming_nop
     let mut config = offline_config();
     config.shared.redis = reader.url(DB);
     let state = new_state(config).unwrap();
-    let response = app(state)
+    let response = app(state.clone())
         .oneshot(request("GET", &path, None))
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(String::from_utf8_lossy(&bytes), value);
-    // The user may read profiles only: no other key, and no writes.
+    // And recommendations: the user's list, or else the popular items.
+    let recs = format!(
+        r#"{{"user_id":"{user}","timestamp":5,"items":[{{"item_id":"a","score":0.5}}],"epoch":7}}"#
+    );
+    let mut admin_conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(profile::recs_key(&user))
+        .arg(&recs)
+        .arg("EX")
+        .arg(600)
+        .query_async(&mut admin_conn)
+        .await
+        .unwrap();
+    let (status, _, body) = call(
+        &state,
+        request("GET", &format!("/recommendation/{user}"), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "user");
+    let (status, _, body) = call(&state, request("GET", "/recommendation/nobody-here", None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "popular");
+    // The user may read profiles and recommendations only: no other key, and no writes.
     let mut conn = redis::Client::open(reader.url(DB))
         .unwrap()
         .get_multiplexed_async_connection()

@@ -35,3 +35,22 @@ pub const REDIS_KEY_PREFIX: &str = "user_profile:";
 pub fn redis_key(user_id: &str) -> String {
     format!("{REDIS_KEY_PREFIX}{user_id}")
 }
+
+/// What every recommendation key starts with (semantics §8).
+pub const RECS_KEY_PREFIX: &str = "user_recs:";
+
+/// The Redis key that holds a user's recommendations (semantics §8): JSON `{"user_id",
+/// "timestamp", "items": [{"item_id", "score"}], "epoch"}`.
+pub fn recs_key(user_id: &str) -> String {
+    format!("{RECS_KEY_PREFIX}{user_id}")
+}
+
+/// The Redis key of the most popular items (semantics §8): JSON `[{"item_id", "users"}]`, the
+/// top [`POPULAR_ITEMS`] by the number of users whose window holds them.
+pub const POPULAR_ITEMS_KEY: &str = "popular_items";
+
+/// How many items `popular_items` lists (semantics §8).
+pub const POPULAR_ITEMS: usize = 100;
+
+/// Default number of recommendations per user (semantics §8, `RECOMMENDATIONS_N`).
+pub const DEFAULT_RECOMMENDATIONS_N: usize = 10;

@@ -56,6 +56,11 @@ pub struct SharedArgs {
     #[arg(long, env = "MAX_HISTORY", default_value_t = profile::DEFAULT_MAX_HISTORY, value_parser = parse_max_history)]
     pub max_history: usize,
 
+    /// Recommendations per user (1..=100): how many the dataflow keeps in user_recs:{user_id},
+    /// and the largest k of the ingest API's GET /recommendation/{user_id}.
+    #[arg(long, env = "RECOMMENDATIONS_N", default_value_t = profile::DEFAULT_RECOMMENDATIONS_N, value_parser = parse_recommendations_n)]
+    pub recommendations_n: usize,
+
     /// Encoding of profile message values: json (the contract's default, any client reads it)
     /// or bincode (compact; both binaries must be told the same).
     #[arg(long, env = "MESSAGE_ENCODING", default_value = "json")]
@@ -97,6 +102,7 @@ impl std::fmt::Debug for SharedArgs {
             .field("redis", &redact::redact_url(&self.redis))
             .field("redis_cluster", &self.redis_cluster)
             .field("max_history", &self.max_history)
+            .field("recommendations_n", &self.recommendations_n)
             .field("encoding", &self.encoding)
             .field("log_format", &self.log_format)
             .field("kafka_property", &raw)
@@ -132,6 +138,17 @@ impl SharedArgs {
     /// The Redis URL with its password shown as `***`, for logs and errors.
     pub fn redis_redacted(&self) -> String {
         redact::redact_url(&self.redis)
+    }
+}
+
+/// `RECOMMENDATIONS_N`: 1..=[`profile::POPULAR_ITEMS`], so that the popular items alone can
+/// fill any list.
+pub fn parse_recommendations_n(text: &str) -> Result<usize, String> {
+    let n: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if (1..=profile::POPULAR_ITEMS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be in 1..={}", profile::POPULAR_ITEMS))
     }
 }
 
@@ -234,6 +251,21 @@ mod tests {
         for bad in ["0", "10001", "x"] {
             let error = parse(&["--max-history", bad]).unwrap_err();
             assert!(error.contains("--max-history"), "{error}");
+        }
+    }
+
+    #[test]
+    fn recommendations_n_is_bounded_by_the_popular_list() {
+        assert_eq!(parse(&[]).unwrap().recommendations_n, 10);
+        assert_eq!(
+            parse(&["--recommendations-n", "100"])
+                .unwrap()
+                .recommendations_n,
+            100
+        );
+        for bad in ["0", "101", "ten"] {
+            let error = parse(&["--recommendations-n", bad]).unwrap_err();
+            assert!(error.contains("--recommendations-n"), "{error}");
         }
     }
 

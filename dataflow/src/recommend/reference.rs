@@ -33,10 +33,10 @@ use std::collections::{BTreeMap, BTreeSet};
 pub const DEFAULT_COVISIT_WINDOW: usize = 10;
 /// Default of `--neighbours`.
 pub const DEFAULT_NEIGHBOURS: usize = 20;
-/// Default of `--recommendations-n`.
-pub const DEFAULT_RECOMMENDATIONS_N: usize = 10;
-/// Length of `popular_items` (semantics §8).
-pub const POPULAR_ITEMS: usize = 100;
+/// Default number of recommendations per user (the contract's, in the message crate).
+pub const DEFAULT_RECOMMENDATIONS_N: usize = profile::DEFAULT_RECOMMENDATIONS_N;
+/// How many items `popular_items` lists (the contract's, in the message crate).
+pub const POPULAR_ITEMS: usize = profile::POPULAR_ITEMS;
 /// Relative tolerance within which two implementations' scores count as equal.
 pub const SCORE_TOLERANCE: f64 = 1e-9;
 
