@@ -3,4 +3,6 @@
 //! most popular items. [`reference`] is the plain sequential definition, which the dataflow's
 //! incremental version is tested against and which the evaluation command (`bench-recs`) runs.
 
+pub mod covisit;
 pub mod reference;
+pub mod scores;

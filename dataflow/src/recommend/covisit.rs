@@ -1,0 +1,342 @@
+//! Co-visitation (semantics §8) as differential collections, maintained incrementally from the
+//! interest collection as histories slide and are replaced:
+//!
+//! ```text
+//! interests ─flat_map─▶ windows (user, item) ─arrange by user─┬─ self-join ─▶ pairs (a, b) ─count─▶ c(a, b)
+//!                                            └─ map item ─count─▶ n(x)         │
+//!            c(a, b) ─▶ top K per (a, bucket of b) ─▶ top K per a ─▶ neighbours(a)
+//! ```
+//!
+//! The window of a user is the set of the distinct items of its last W history positions (see
+//! [`super::reference`] for the rules). When a window slides by d items, the interest
+//! collection retracts the old history and inserts the new one; their windows differ in about
+//! 2d (user, item) records once consolidated, which is what the arrangement by user holds, and
+//! the self-join's delta then produces O(d·W) pair changes, not O(W²).
+//!
+//! Item ids are keys here as they are, [`SmolStr`] (inline up to 23 bytes): the contract breaks
+//! ties between neighbours by the ids' bytes, which a hash would lose, and users and items of
+//! every worker meet in these collections, where the workers' table indices mean nothing.
+//!
+//! Each item's neighbours are its top K partners by (c desc, id asc). A popular item has tens of
+//! thousands of partners, and a `reduce` reads its whole group whenever one of them changes; so
+//! the top K is taken first per (item, bucket of the partner) over [`NEIGHBOUR_BUCKETS`]
+//! buckets, then over the buckets' winners, which bounds the work of a change to a bucket and
+//! the K × buckets candidates.
+
+use std::cmp::Reverse;
+
+use differential_dataflow::VecCollection;
+use smol_str::SmolStr;
+
+use crate::model::UserInterest;
+
+/// Buckets of an item's partners for the first level of the top K (see the module documentation).
+pub const NEIGHBOUR_BUCKETS: u64 = 64;
+
+/// The sizes of §8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CovisitParams {
+    /// W: the history positions, newest first, whose items form a user's window.
+    pub window: usize,
+    /// K: neighbours kept per item.
+    pub neighbours: usize,
+}
+
+/// One of an item's neighbours: the partner and c(a, b), ordered strongest first (c descending,
+/// then id ascending), as the contract ranks them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Neighbour {
+    /// c(a, b), descending.
+    pub covisits: Reverse<u64>,
+    pub item_id: SmolStr,
+}
+
+/// The collections of co-visitation.
+pub struct Covisitation<'scope> {
+    /// (user, item): the distinct items of each user's window.
+    pub windows: VecCollection<'scope, u64, (SmolStr, SmolStr), isize>,
+    /// (x, n(x)) for every item in some window.
+    pub item_users: VecCollection<'scope, u64, (SmolStr, isize), isize>,
+    /// ((a, b), c(a, b)) for a ≠ b with c(a, b) ≥ 1, both directions.
+    pub covisits: VecCollection<'scope, u64, ((SmolStr, SmolStr), isize), isize>,
+    /// (a, b with c(a, b)): the K strongest partners of each item.
+    pub neighbours: VecCollection<'scope, u64, (SmolStr, Neighbour), isize>,
+}
+
+impl std::fmt::Debug for Covisitation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Covisitation").finish_non_exhaustive()
+    }
+}
+
+/// The distinct items of `history`'s last `window` positions (a user's window), in no order.
+pub fn window_items<'a>(
+    history: impl DoubleEndedIterator<Item = &'a str>,
+    window: usize,
+) -> Vec<&'a str> {
+    let mut items: Vec<&str> = history.rev().take(window).collect();
+    items.sort_unstable();
+    items.dedup();
+    items
+}
+
+/// Which first-level bucket of an item's partners `partner` falls in.
+fn bucket(partner: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(partner.as_bytes()) % NEIGHBOUR_BUCKETS
+}
+
+/// Builds the co-visitation collections on the interest collection.
+pub fn covisitation<'scope>(
+    interests: &VecCollection<'scope, u64, UserInterest, isize>,
+    params: CovisitParams,
+) -> Covisitation<'scope> {
+    let window = params.window;
+    let windows = interests.clone().flat_map(move |interest: UserInterest| {
+        window_items(interest.history_items.iter(), window)
+            .into_iter()
+            .map(|item| (interest.user_id.clone(), SmolStr::new(item)))
+            .collect::<Vec<_>>()
+    });
+    let item_users = windows.clone().map(|(_user, item)| item).count();
+    let by_user = windows.clone().arrange_by_key();
+    let covisits = by_user
+        .clone()
+        .join_core(by_user, |_user, a: &SmolStr, b: &SmolStr| {
+            (a != b).then(|| (a.clone(), b.clone()))
+        })
+        .count();
+    let k = params.neighbours;
+    let neighbours = covisits
+        .clone()
+        .map(|((a, b), c)| {
+            let bucket = bucket(&b);
+            (
+                (a, bucket),
+                Neighbour {
+                    covisits: Reverse(c as u64),
+                    item_id: b,
+                },
+            )
+        })
+        .reduce(move |_key, input, output| top(input, k, output))
+        .map(|((a, _bucket), neighbour)| (a, neighbour))
+        .reduce(move |_key, input, output| top(input, k, output));
+    Covisitation {
+        windows,
+        item_users,
+        covisits,
+        neighbours,
+    }
+}
+
+/// The first `k` of a group's values (already in the neighbours' order), each once.
+fn top(input: &[(&Neighbour, isize)], k: usize, output: &mut Vec<(Neighbour, isize)>) {
+    output.extend(
+        input
+            .iter()
+            .filter(|(_, count)| *count > 0)
+            .take(k)
+            .map(|(neighbour, _)| ((*neighbour).clone(), 1)),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::input::Input;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::model::IdList;
+    use crate::recommend::reference::{RecommendReference, RecommendSettings};
+
+    type Updates<D> = Arc<Mutex<Vec<(D, u64, isize)>>>;
+
+    /// The collection `updates` holds as of `epoch`: each record with its count, zeros dropped.
+    fn as_of<D: Ord + Clone>(updates: &Updates<D>, epoch: u64) -> BTreeMap<D, isize> {
+        let mut state = BTreeMap::new();
+        for (data, time, diff) in updates.lock().unwrap().iter() {
+            if *time <= epoch {
+                *state.entry(data.clone()).or_insert(0) += diff;
+            }
+        }
+        state.retain(|_, count| *count != 0);
+        state
+    }
+
+    fn interest(user: &str, history: &[String]) -> UserInterest {
+        UserInterest {
+            user_id: SmolStr::new(user),
+            timestamp: 0,
+            history_items: IdList::new(history),
+            interest_vector: Vec::new(),
+            known_items: 0,
+        }
+    }
+
+    /// Histories over several epochs: each epoch some users get a few new items (a sliding
+    /// window), some a new history altogether, some stay; items from a small Zipf-ish pool, so
+    /// that counts tie and windows repeat items.
+    fn epochs(seed: u64) -> Vec<BTreeMap<String, Vec<String>>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let item = |rng: &mut ChaCha8Rng| {
+            let r: f64 = rng.random();
+            format!("i{:02}", (r * r * 30.0) as u32)
+        };
+        let mut current: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            for u in 0..40 {
+                let user = format!("u{u}");
+                match rng.random_range(0..4) {
+                    0 => {}
+                    1 => {
+                        let n = rng.random_range(1..15);
+                        current.insert(user, (0..n).map(|_| item(&mut rng)).collect());
+                    }
+                    _ => {
+                        let history = current.entry(user).or_default();
+                        for _ in 0..rng.random_range(1..4) {
+                            history.push(item(&mut rng));
+                        }
+                        let excess = history.len().saturating_sub(12);
+                        history.drain(..excess);
+                    }
+                }
+            }
+            out.push(current.clone());
+        }
+        out
+    }
+
+    type Captured = (
+        Updates<(SmolStr, isize)>,
+        Updates<((SmolStr, SmolStr), isize)>,
+        Updates<(SmolStr, Neighbour)>,
+    );
+
+    /// Runs `covisitation` on `workers` workers over the epochs' histories, fed as the interest
+    /// collection would be (the old value retracted, the new inserted, by the user's worker).
+    fn run(
+        workers: usize,
+        epochs: &[BTreeMap<String, Vec<String>>],
+        params: CovisitParams,
+    ) -> Captured {
+        let captured: Captured = Default::default();
+        let epochs = epochs.to_vec();
+        let shared = captured.clone();
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (item_users, covisits, neighbours) = shared.clone();
+            let index = worker.index();
+            let peers = worker.peers();
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, interests) = scope.new_collection::<UserInterest, isize>();
+                let built = covisitation(&interests, params);
+                built
+                    .item_users
+                    .inspect(move |(d, t, r)| item_users.lock().unwrap().push((d.clone(), *t, *r)));
+                built
+                    .covisits
+                    .inspect(move |(d, t, r)| covisits.lock().unwrap().push((d.clone(), *t, *r)));
+                let probe = built
+                    .neighbours
+                    .inspect(move |(d, t, r)| neighbours.lock().unwrap().push((d.clone(), *t, *r)))
+                    .probe()
+                    .0;
+                (input, probe)
+            });
+            let mut before: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (epoch, histories) in epochs.iter().enumerate() {
+                for (u, (user, history)) in histories.iter().enumerate() {
+                    if u % peers != index || before.get(user) == Some(history) {
+                        continue;
+                    }
+                    if let Some(old) = before.get(user) {
+                        input.remove(interest(user, old));
+                    }
+                    input.insert(interest(user, history));
+                }
+                before.clone_from(histories);
+                input.advance_to(epoch as u64 + 1);
+                input.flush();
+                worker.step_while(|| probe.less_than(input.time()));
+            }
+        })
+        .unwrap();
+        captured
+    }
+
+    #[test]
+    fn counts_and_neighbours_match_the_reference_over_epochs_and_workers() {
+        let params = CovisitParams {
+            window: 5,
+            neighbours: 3,
+        };
+        let settings = RecommendSettings {
+            covisit_window: params.window,
+            neighbours: params.neighbours,
+            ..RecommendSettings::default()
+        };
+        let epochs = epochs(7);
+        let mut outputs = Vec::new();
+        for workers in [1, 2, 4] {
+            let (item_users, covisits, neighbours) = run(workers, &epochs, params);
+            let mut per_epoch = Vec::new();
+            for (epoch, histories) in epochs.iter().enumerate() {
+                let reference = RecommendReference::new(histories.values(), settings);
+                let epoch = epoch as u64;
+                let n = as_of(&item_users, epoch);
+                for ((item, count), one) in &n {
+                    assert_eq!(*one, 1);
+                    assert_eq!(reference.users_holding(item) as isize, *count, "n({item})");
+                }
+                let c = as_of(&covisits, epoch);
+                let expected: BTreeMap<((SmolStr, SmolStr), isize), isize> = reference
+                    .all_covisits()
+                    .map(|(a, b, c)| ((((a.into()), b.into()), c as isize), 1))
+                    .collect();
+                assert_eq!(c, expected, "c(a, b) at epoch {epoch}, {workers} workers");
+                let mut lists: BTreeMap<SmolStr, Vec<(String, u64)>> = BTreeMap::new();
+                for ((item, neighbour), one) in as_of(&neighbours, epoch) {
+                    assert_eq!(one, 1);
+                    lists
+                        .entry(item)
+                        .or_default()
+                        .push((neighbour.item_id.to_string(), neighbour.covisits.0));
+                }
+                for (item, list) in &lists {
+                    let expected: Vec<(String, u64)> = reference
+                        .neighbours(item)
+                        .iter()
+                        .map(|n| (n.item_id.clone(), n.covisits))
+                        .collect();
+                    assert_eq!(list, &expected, "neighbours({item}) at epoch {epoch}");
+                }
+                assert_eq!(
+                    lists.len(),
+                    n.keys()
+                        .filter(|(item, _)| !reference.neighbours(item).is_empty())
+                        .count(),
+                    "every item with a partner has neighbours"
+                );
+                per_epoch.push((n, c));
+            }
+            outputs.push(per_epoch);
+        }
+        assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn a_window_is_the_set_of_the_last_positions() {
+        let history = ["a", "b", "c", "b", "d"];
+        let mut items = window_items(history.iter().copied(), 3);
+        items.sort_unstable();
+        assert_eq!(items, ["b", "c", "d"]);
+        assert_eq!(window_items(history.iter().copied(), 10).len(), 4);
+    }
+}
