@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bench::chart::{write_bar_chart, BarSeries};
 use bench::recs::{
-    evaluate, leave_last_out, read_behavior_file, PopularityBaseline, Recommender,
-    ReferenceRecommender, CUTOFF,
+    evaluate, leave_last_out, read_behavior_file, DataflowRecommender, PopularityBaseline,
+    Recommender, ReferenceRecommender, CUTOFF,
 };
 use clap::Parser;
 use dataflow::recommend::reference::{
@@ -40,12 +40,25 @@ struct Args {
     /// Recency decay of a window item's weight, in (0, 1].
     #[arg(long, default_value_t = profile::DEFAULT_DECAY)]
     decay: f64,
+    /// Which implementation computes streamrec's lists: `dataflow` (the pipeline's own
+    /// differential operators) or `reference` (the sequential definition, for comparison).
+    #[arg(long, value_enum, default_value_t = Engine::Dataflow)]
+    engine: Engine,
+    /// Worker threads of the dataflow engine.
+    #[arg(short = 'w', long, default_value_t = 2)]
+    workers: usize,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/bench/recs.json")]
     json: PathBuf,
     /// Where to write the SVG bar chart.
     #[arg(long, default_value = "target/bench/recs.svg")]
     chart: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Engine {
+    Dataflow,
+    Reference,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,8 +77,17 @@ fn main() -> anyhow::Result<()> {
     };
     let (entries, read) = read_behavior_file(&args.behavior_csv)?;
     let split = leave_last_out(&entries, args.max_history);
+    let dataflow_engine = DataflowRecommender {
+        settings,
+        max_history: args.max_history,
+        workers: args.workers,
+    };
+    let reference_engine = ReferenceRecommender { settings };
     let engines: [&dyn Recommender; 2] = [
-        &ReferenceRecommender { settings },
+        match args.engine {
+            Engine::Dataflow => &dataflow_engine,
+            Engine::Reference => &reference_engine,
+        },
         &PopularityBaseline {
             covisit_window: settings.covisit_window,
             n: settings.recommendations_n,
