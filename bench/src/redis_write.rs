@@ -282,16 +282,7 @@ pub fn set_phase(
     let (elapsed, written) = timed_parallel(
         profiles.shards(connections),
         |shard| {
-            let values: Vec<(String, Vec<u8>)> = shard
-                .iter()
-                .map(|&i| {
-                    let record = profiles.record(i);
-                    (
-                        profile::redis_key(record.user_id),
-                        sink::encode_profile(&record),
-                    )
-                })
-                .collect();
+            let values = keys_and_values(profiles, shard);
             Ok((connect(url)?, values))
         },
         |(mut conn, values)| {
@@ -329,6 +320,20 @@ pub fn set_phase(
     })
 }
 
+/// The key and encoded value of each profile of `shard`, made before the clock starts.
+fn keys_and_values(profiles: &Profiles, shard: &[usize]) -> Vec<(String, Vec<u8>)> {
+    shard
+        .iter()
+        .map(|&i| {
+            let record = profiles.record(i);
+            (
+                profile::redis_key(record.user_id),
+                sink::encode_profile(&record),
+            )
+        })
+        .collect()
+}
+
 fn cluster_set_phase(
     seeds: &str,
     profiles: &Profiles,
@@ -339,16 +344,7 @@ fn cluster_set_phase(
     let (elapsed, written) = timed_parallel(
         profiles.shards(connections),
         |shard| {
-            let values: Vec<(String, Vec<u8>)> = shard
-                .iter()
-                .map(|&i| {
-                    let record = profiles.record(i);
-                    (
-                        profile::redis_key(record.user_id),
-                        sink::encode_profile(&record),
-                    )
-                })
-                .collect();
+            let values = keys_and_values(profiles, shard);
             let conn = redis::cluster::ClusterClient::new(seeds.clone())?.get_connection()?;
             Ok((conn, values))
         },

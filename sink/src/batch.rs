@@ -254,24 +254,24 @@ impl Batcher {
 
 /// `EVALSHA <sha> <n> keys.. (timestamp epoch value)..`: the write script over `profiles`.
 fn checked_command(sha: &str, profiles: &[EncodedProfile]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(profiles.len());
-    for profile in profiles {
-        cmd.arg(ProfileKey(profile.user_id()));
-    }
-    for profile in profiles {
-        cmd.arg(profile.timestamp())
-            .arg(profile.epoch())
-            .arg(profile.value());
-    }
-    cmd
+    script_command(sha, profiles, false)
 }
 
 /// `EVALSHA <sha> 0 <n> keys.. (timestamp epoch value)..`: the cluster form of the write
 /// script, which declares no key (see `cluster.rs`).
 fn cluster_command(sha: &str, profiles: &[EncodedProfile]) -> Cmd {
+    script_command(sha, profiles, true)
+}
+
+/// The write script over `profiles`, its keys declared (`<n> keys..`) or, on a cluster, passed
+/// first in ARGV (`0 <n> keys..`).
+fn script_command(sha: &str, profiles: &[EncodedProfile], keys_in_argv: bool) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(0).arg(profiles.len());
+    cmd.arg(sha);
+    if keys_in_argv {
+        cmd.arg(0);
+    }
+    cmd.arg(profiles.len());
     for profile in profiles {
         cmd.arg(ProfileKey(profile.user_id()));
     }

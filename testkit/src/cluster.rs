@@ -250,17 +250,22 @@ impl PrivateCluster {
         setslot(to, "IMPORTING", &from_id);
         setslot(from, "MIGRATING", &to_id);
         if !keys.is_empty() {
-            let _: redis::Value = redis::cmd("MIGRATE")
-                .arg("127.0.0.1")
-                .arg(to)
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("KEYS")
-                .arg(keys)
-                .query(&mut self.node(from))
-                .unwrap();
+            self.migrate(from, to, keys);
         }
+    }
+
+    /// `MIGRATE` of `keys` from the master on `from` to the one on `to`.
+    fn migrate(&self, from: u16, to: u16, keys: &[String]) {
+        let _: redis::Value = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(keys)
+            .query(&mut self.node(from))
+            .unwrap();
     }
 
     /// Moves (the rest of) `slot`'s keys to the master on `to` and makes it the slot's owner on
@@ -280,19 +285,12 @@ impl PrivateCluster {
             if keys.is_empty() {
                 break;
             }
-            let _: redis::Value = redis::cmd("MIGRATE")
-                .arg("127.0.0.1")
-                .arg(to)
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("KEYS")
-                .arg(&keys)
-                .query(&mut self.node(from))
-                .unwrap();
+            self.migrate(from, to, &keys);
         }
         let to_id = self.node_id(to);
-        for &port in &[to, from] {
+        // The new owner first, then the old one, then the other masters, as Redis advises.
+        let others = self.ports.iter().copied().filter(|&p| p != to && p != from);
+        for port in [to, from].into_iter().chain(others) {
             redis::cmd("CLUSTER")
                 .arg("SETSLOT")
                 .arg(slot)
@@ -301,19 +299,6 @@ impl PrivateCluster {
                 .query::<()>(&mut self.node(port))
                 .unwrap();
         }
-        let third = self
-            .ports
-            .iter()
-            .copied()
-            .find(|&port| port != to && port != from)
-            .unwrap();
-        redis::cmd("CLUSTER")
-            .arg("SETSLOT")
-            .arg(slot)
-            .arg("NODE")
-            .arg(&to_id)
-            .query::<()>(&mut self.node(third))
-            .unwrap();
         self.wait_until_stable();
     }
 

@@ -148,12 +148,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use differential_dataflow::input::Input;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::model::IdList;
     use crate::recommend::reference::{RecommendReference, RecommendSettings};
+    use crate::recommend::test_histories::{epochs, feed};
 
     type Updates<D> = Arc<Mutex<Vec<(D, u64, isize)>>>;
 
@@ -167,51 +165,6 @@ mod tests {
         }
         state.retain(|_, count| *count != 0);
         state
-    }
-
-    fn interest(user: &str, history: &[String]) -> UserInterest {
-        UserInterest {
-            user_id: SmolStr::new(user),
-            timestamp: 0,
-            history_items: IdList::new(history),
-            interest_vector: Vec::new(),
-            known_items: 0,
-        }
-    }
-
-    /// Histories over several epochs: each epoch some users get a few new items (a sliding
-    /// window), some a new history altogether, some stay; items from a small Zipf-ish pool, so
-    /// that counts tie and windows repeat items.
-    fn epochs(seed: u64) -> Vec<BTreeMap<String, Vec<String>>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let item = |rng: &mut ChaCha8Rng| {
-            let r: f64 = rng.random();
-            format!("i{:02}", (r * r * 30.0) as u32)
-        };
-        let mut current: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut out = Vec::new();
-        for _ in 0..6 {
-            for u in 0..40 {
-                let user = format!("u{u}");
-                match rng.random_range(0..4) {
-                    0 => {}
-                    1 => {
-                        let n = rng.random_range(1..15);
-                        current.insert(user, (0..n).map(|_| item(&mut rng)).collect());
-                    }
-                    _ => {
-                        let history = current.entry(user).or_default();
-                        for _ in 0..rng.random_range(1..4) {
-                            history.push(item(&mut rng));
-                        }
-                        let excess = history.len().saturating_sub(12);
-                        history.drain(..excess);
-                    }
-                }
-            }
-            out.push(current.clone());
-        }
-        out
     }
 
     type Captured = (
@@ -232,8 +185,6 @@ mod tests {
         let shared = captured.clone();
         timely::execute(timely::Config::process(workers), move |worker| {
             let (item_users, covisits, neighbours) = shared.clone();
-            let index = worker.index();
-            let peers = worker.peers();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
                 let built = covisitation(&interests, params);
@@ -250,22 +201,7 @@ mod tests {
                     .0;
                 (input, probe)
             });
-            let mut before: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (epoch, histories) in epochs.iter().enumerate() {
-                for (u, (user, history)) in histories.iter().enumerate() {
-                    if u % peers != index || before.get(user) == Some(history) {
-                        continue;
-                    }
-                    if let Some(old) = before.get(user) {
-                        input.remove(interest(user, old));
-                    }
-                    input.insert(interest(user, history));
-                }
-                before.clone_from(histories);
-                input.advance_to(epoch as u64 + 1);
-                input.flush();
-                worker.step_while(|| probe.less_than(input.time()));
-            }
+            feed(worker, &mut input, &probe, &epochs);
         })
         .unwrap();
         captured

@@ -63,3 +63,95 @@ pub fn recommend_snapshot(
     let lists = std::mem::take(&mut *lists.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(lists)
 }
+
+/// Random histories over epochs and their interest values, for the operators' tests against the
+/// reference.
+#[cfg(test)]
+pub(crate) mod test_histories {
+    use std::collections::BTreeMap;
+
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use smol_str::SmolStr;
+
+    use differential_dataflow::input::InputSession;
+    use timely::dataflow::ProbeHandle;
+
+    use crate::model::{id_key, IdList, UserInterest};
+
+    /// Feeds `epochs` to `input` as the interest collection would change: each worker its own
+    /// users (by the profile exchange's route), a changed user's old value retracted and the
+    /// new one inserted; one epoch at a time, each run until `probe` has passed it.
+    pub(crate) fn feed(
+        worker: &mut timely::worker::Worker,
+        input: &mut InputSession<u64, UserInterest, isize>,
+        probe: &ProbeHandle<u64>,
+        epochs: &[BTreeMap<String, Vec<String>>],
+    ) {
+        let (index, peers) = (worker.index(), worker.peers());
+        let mut before: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (epoch, histories) in epochs.iter().enumerate() {
+            for (user, history) in histories {
+                if id_key(user) as u64 as usize % peers != index
+                    || before.get(user) == Some(history)
+                {
+                    continue;
+                }
+                if let Some(old) = before.get(user) {
+                    input.remove(interest(user, old));
+                }
+                input.insert(interest(user, history));
+            }
+            before.clone_from(histories);
+            input.advance_to(epoch as u64 + 1);
+            input.flush();
+            worker.step_while(|| probe.less_than(input.time()));
+        }
+    }
+
+    /// A user's interest value with `history` (the other fields do not matter here).
+    pub(crate) fn interest(user: &str, history: &[String]) -> UserInterest {
+        UserInterest {
+            user_id: SmolStr::new(user),
+            timestamp: 7,
+            history_items: IdList::new(history),
+            interest_vector: Vec::new(),
+            known_items: 0,
+        }
+    }
+
+    /// The histories of 50 users over six epochs: each epoch some users get a few new items (a
+    /// sliding window), some a new history altogether, some stay; items from a small skewed
+    /// pool, so that counts tie and windows repeat items.
+    pub(crate) fn epochs(seed: u64) -> Vec<BTreeMap<String, Vec<String>>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let item = |rng: &mut ChaCha8Rng| {
+            let r: f64 = rng.random();
+            format!("i{:02}", (r * r * 40.0) as u32)
+        };
+        let mut current: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            for u in 0..50 {
+                let user = format!("u{u}");
+                match rng.random_range(0..4) {
+                    0 => {}
+                    1 => {
+                        let n = rng.random_range(1..15);
+                        current.insert(user, (0..n).map(|_| item(&mut rng)).collect());
+                    }
+                    _ => {
+                        let history = current.entry(user).or_default();
+                        for _ in 0..rng.random_range(1..4) {
+                            history.push(item(&mut rng));
+                        }
+                        let excess = history.len().saturating_sub(12);
+                        history.drain(..excess);
+                    }
+                }
+            }
+            out.push(current.clone());
+        }
+        out
+    }
+}

@@ -405,55 +405,12 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use differential_dataflow::input::Input;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
     use timely::dataflow::operators::{Inspect, Probe};
 
     use super::*;
     use crate::recommend::covisit::{covisitation, CovisitParams};
     use crate::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
-
-    fn interest(user: &str, history: &[String]) -> UserInterest {
-        UserInterest {
-            user_id: SmolStr::new(user),
-            timestamp: 7,
-            history_items: IdList::new(history),
-            interest_vector: Vec::new(),
-            known_items: 0,
-        }
-    }
-
-    fn epochs(seed: u64) -> Vec<BTreeMap<String, Vec<String>>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let item = |rng: &mut ChaCha8Rng| {
-            let r: f64 = rng.random();
-            format!("i{:02}", (r * r * 40.0) as u32)
-        };
-        let mut current: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut out = Vec::new();
-        for _ in 0..6 {
-            for u in 0..50 {
-                let user = format!("u{u}");
-                match rng.random_range(0..4) {
-                    0 => {}
-                    1 => {
-                        let n = rng.random_range(1..15);
-                        current.insert(user, (0..n).map(|_| item(&mut rng)).collect());
-                    }
-                    _ => {
-                        let history = current.entry(user).or_default();
-                        for _ in 0..rng.random_range(1..4) {
-                            history.push(item(&mut rng));
-                        }
-                        let excess = history.len().saturating_sub(12);
-                        history.drain(..excess);
-                    }
-                }
-            }
-            out.push(current.clone());
-        }
-        out
-    }
+    use crate::recommend::test_histories::{epochs, feed};
 
     type Lists = Arc<Mutex<Vec<(u64, UserRecommendations)>>>;
 
@@ -468,7 +425,6 @@ mod tests {
         let shared = lists.clone();
         timely::execute(timely::Config::process(workers), move |worker| {
             let lists = shared.clone();
-            let (index, peers) = (worker.index(), worker.peers());
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
                 let covisit = covisitation(
@@ -484,23 +440,7 @@ mod tests {
                     .0;
                 (input, probe)
             });
-            let mut before: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (epoch, histories) in epochs.iter().enumerate() {
-                for (user, history) in histories {
-                    // The user's own worker, as the profile exchange would put it.
-                    if route(user) as usize % peers != index || before.get(user) == Some(history) {
-                        continue;
-                    }
-                    if let Some(old) = before.get(user) {
-                        input.remove(interest(user, old));
-                    }
-                    input.insert(interest(user, history));
-                }
-                before.clone_from(histories);
-                input.advance_to(epoch as u64 + 1);
-                input.flush();
-                worker.step_while(|| probe.less_than(input.time()));
-            }
+            feed(worker, &mut input, &probe, &epochs);
         })
         .unwrap();
         lists
