@@ -57,6 +57,21 @@ pub struct Config {
     #[arg(long, env = "DECAY", default_value_t = profile::DEFAULT_DECAY, value_parser = parse_decay)]
     pub decay: f64,
 
+    /// Recommendations (semantics §8): on, each user whose profile changes gets a fresh list in
+    /// user_recs:{user_id}, and popular_items is kept up to date; off, nothing of it is built.
+    /// Off by default until its cost on the profile path is measured.
+    #[arg(long, env = "RECOMMENDATIONS", value_enum, default_value_t = Switch::Off)]
+    pub recommendations: Switch,
+
+    /// Co-visitation window W: a user's newest history positions whose items count together
+    /// (1..=10000).
+    #[arg(long, env = "COVISIT_WINDOW", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub covisit_window: u64,
+
+    /// Neighbours K kept per item, the strongest by co-visitation (1..=1000).
+    #[arg(long, env = "NEIGHBOURS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub neighbours: u64,
+
     /// Print per-epoch statistics as JSON lines instead of human lines (both on stdout; logs go
     /// to stderr).
     #[arg(long)]
@@ -131,7 +146,31 @@ fn parse_decay(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A feature switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 impl Config {
+    /// The recommendations' settings, when they are on.
+    pub fn recommend_setup(&self) -> Option<crate::graph::RecommendSetup> {
+        (self.recommendations == Switch::On).then_some(crate::graph::RecommendSetup {
+            covisit: crate::recommend::covisit::CovisitParams {
+                window: self.covisit_window as usize,
+                neighbours: self.neighbours as usize,
+            },
+            scores: crate::recommend::scores::ScoreParams {
+                window: self.covisit_window as usize,
+                recommendations_n: self.shared.recommendations_n,
+                decay: self.decay,
+                max_history: self.shared.max_history,
+                first_scored_time: crate::epoch::FIRST_LIVE_TIME,
+            },
+        })
+    }
+
     /// The Redis the profiles go to, as the sink takes it: URL (or cluster seeds), CA file,
     /// cluster flag, batch size; sink defaults otherwise.
     pub fn sink_config(&self) -> sink::SinkConfig {

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Where live epochs begin among the dataflow's timestamps: 2^40 ms is in 2004, so every live
 /// epoch's Unix milliseconds are above it, and replay epochs, which count up from 0 in steps of
 /// `--epoch-ms`, would take 35 years of replaying to reach it.
-const FIRST_LIVE_TIME: u64 = 1 << 40;
+pub const FIRST_LIVE_TIME: u64 = 1 << 40;
 
 /// An epoch of the dataflow. Ordered as their times are: every replay epoch first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

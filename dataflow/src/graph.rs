@@ -7,6 +7,10 @@
 //! feature events ─exchange by item─▶ upsert ─▶ features arrangement (item → features) ─changes, broadcast┘
 //! ```
 //!
+//! With recommendations on, the interest collection also feeds the co-visitation collections
+//! and the scores ([`crate::recommend`]), whose lists and `popular_items` join the values the
+//! writer stores.
+//!
 //! The two arrangements hold the state (see [`crate::state`]); the interest operator reads
 //! their batches, keeps the feature cache and the holders index beside them, and maintains the
 //! interest collection, each user's output as a domain value, updated per epoch for the users
@@ -23,11 +27,14 @@ use timely::dataflow::Stream;
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::{FeatureEvent, ProfileEvent, UserInterest};
 use crate::output::{encode_outputs, write_epochs, EpochWriter, PlainWrites, WriterThread};
+use crate::recommend::covisit::covisitation;
+use crate::recommend::scores::{encode_recommendations, popular_items, recommendations};
 use crate::state::features::{arrange_features, feature_changes};
 use crate::state::items::ItemTable;
 use crate::state::profiles::arrange_profiles;
 use crate::state::users::UserTable;
 use crate::stats::StatsBoard;
+use timely::dataflow::operators::Concat;
 
 /// What the writer stage needs besides the values.
 #[derive(Debug)]
@@ -37,6 +44,13 @@ pub struct WriterSetup<W> {
     pub plain_writes: PlainWrites,
     /// The epoch length, to measure each epoch's latency from its end; `None` in memory.
     pub epoch_ms: Option<u64>,
+}
+
+/// The recommendations' settings (semantics §8), when they are on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecommendSetup {
+    pub covisit: crate::recommend::covisit::CovisitParams,
+    pub scores: crate::recommend::scores::ScoreParams,
 }
 
 /// What [`build`] returns to its driver.
@@ -65,6 +79,7 @@ pub fn build<'scope, W: EpochWriter>(
     feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
     caught_up: Stream<'scope, u64, Vec<u64>>,
     params: InterestParams,
+    recommend: Option<RecommendSetup>,
     writer: WriterSetup<W>,
     stats: Rc<RefCell<StatsBoard>>,
 ) -> Built<'scope> {
@@ -80,8 +95,18 @@ pub fn build<'scope, W: EpochWriter>(
     let interests = interest_profiles(&profiles, changes, items, users, params);
     // The handles returned with the arrangements are dropped here, so that they hold no
     // compaction back; an operator that reads a trace keeps a handle of its own.
+    let mut values = encode_outputs(interests.clone());
+    if let Some(setup) = recommend {
+        // Each changed user's fresh list and, from worker 0, popular_items when it changes: to
+        // Redis with the profiles of the same epoch.
+        let covisitation = covisitation(&interests, setup.covisit);
+        let lists =
+            encode_recommendations(recommendations(&interests, &covisitation, setup.scores));
+        let popular = popular_items(&covisitation.item_users, profile::POPULAR_ITEMS);
+        values = values.concat(lists).concat(popular);
+    }
     let (written, writer_thread) = write_epochs(
-        encode_outputs(interests.clone()),
+        values,
         caught_up,
         writer.plain_writes,
         writer.epoch_ms,

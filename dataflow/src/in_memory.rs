@@ -190,6 +190,7 @@ pub fn run_in_memory_with(
                 feature_input.to_stream(scope),
                 caught_up,
                 params,
+                None,
                 WriterSetup {
                     writer,
                     plain_writes: PlainWrites::Never,

@@ -96,10 +96,12 @@ impl RedisWriter {
         refused: &[sink::RejectedRecord],
     ) {
         // Rare (a foreign key type), so a lookup table is built only when needed.
-        let by_user: HashMap<&str, &EncodedProfile> =
-            profiles.iter().map(|p| (p.user_id(), p)).collect();
+        let by_user: HashMap<(sink::KeyKind, &str), &EncodedProfile> = profiles
+            .iter()
+            .map(|p| ((p.key_kind(), p.user_id()), p))
+            .collect();
         for record in refused {
-            match by_user.get(record.user_id.as_str()) {
+            match by_user.get(&(record.kind, record.user_id.as_str())) {
                 Some(profile) => self.rejected.send(profile, &record.error, epoch),
                 // The sink reports only users it was handed.
                 None => tracing::error!(user_id = %record.user_id, "Redis refused an unknown user"),
@@ -442,6 +444,7 @@ fn worker_loop(
                 .concat(file_input.to_stream(scope)),
             caught_up_input.to_stream(scope),
             params,
+            config.recommend_setup(),
             WriterSetup {
                 writer,
                 plain_writes,

@@ -1239,3 +1239,127 @@ async fn the_pipeline_runs_on_a_redis_cluster_through_a_resharding() {
     assert_eq!(stored(&mut conn, &users[1])["timestamp"], 50);
     second.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them() {
+    use dataflow::recommend::reference::{RecommendReference, RecommendSettings};
+    let setup = Setup::new("recs", 12).await;
+    let id = setup.topic.clone();
+    // Two tastes: the x-users' items and the y-users', one shared item; each user's items at
+    // increasing timestamps, so that the history's order is the row order.
+    let mut behavior = String::from("user_id,item_id,timestamp\n");
+    let mut histories: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for u in 0..24 {
+        let user = format!("{id}-u{u}");
+        let taste = if u % 3 == 0 { "y" } else { "x" };
+        let items: Vec<String> = (0..6)
+            .map(|j| {
+                if j == 5 {
+                    "shared".to_owned()
+                } else {
+                    format!("{taste}{}", (u * 7 + j * 3) % 9)
+                }
+            })
+            .collect();
+        for (t, item) in items.iter().enumerate() {
+            behavior += &format!("{user},{item},{}\n", 10 + t);
+        }
+        histories.insert(user, items);
+    }
+    let mut config = ingest_api::Config::defaults();
+    config.shared.brokers = testkit::brokers();
+    config.shared.topic = setup.topic.clone();
+    config.shared.redis = setup.redis.clone();
+    let store = ingest_api::store::BehaviorStore::from_reader(behavior.as_bytes()).unwrap();
+    let state = ingest_api::AppState::new(config, store).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(ingest_api::serve(listener, state, std::future::pending()));
+    let mut redis = redis(&setup.redis);
+    let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+
+    let args = [
+        setup.args(),
+        [
+            "--recommendations",
+            "on",
+            "--covisit-window",
+            "4",
+            "--neighbours",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec!["-w".into(), "2".into()],
+    ]
+    .concat();
+    let dataflow = Dataflow::spawn(&args);
+    for user in histories.keys() {
+        let body = format!(r#"{{"user_id":"{user}","timestamp":100}}"#);
+        let (status, body) = http(api, "POST", "/push_interest/", &body).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Every user's list is in Redis once every user's profile is.
+    dataflow.wait_for("redis_writes", 2 * histories.len() as u64);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lists: usize = redis::cmd("EVAL")
+            .arg("return #redis.call('KEYS', ARGV[1])")
+            .arg(0)
+            .arg(format!("{}{id}-*", profile::RECS_KEY_PREFIX))
+            .query(&mut redis)
+            .unwrap();
+        if lists == histories.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{lists} lists after 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let settings = RecommendSettings {
+        covisit_window: 4,
+        neighbours: 3,
+        ..RecommendSettings::default()
+    };
+    // A user's list is computed when its profile changes, from the state of that epoch; the
+    // last user pushed saw every profile, and so does its list.
+    let reference = RecommendReference::new(histories.values(), settings);
+    let last = histories.keys().last().unwrap().clone();
+    let stored: Value = serde_json::from_str(
+        &redis::cmd("GET")
+            .arg(profile::recs_key(&last))
+            .query::<String>(&mut redis)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["timestamp"], 100);
+    let (status, body) = http(api, "GET", &format!("/recommendation/{last}?k=10"), "").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["source"], "user");
+    assert_eq!(answer["items"], stored["items"]);
+    let expected = reference.recommend(&histories[&last]);
+    let actual: Vec<dataflow::recommend::reference::ScoredItem> = answer["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| dataflow::recommend::reference::ScoredItem {
+            item_id: item["item_id"].as_str().unwrap().to_owned(),
+            score: item["score"].as_f64().unwrap(),
+        })
+        .collect();
+    assert!(!expected.is_empty());
+    reference
+        .check_recommendations(&histories[&last], &actual)
+        .unwrap();
+    // A user without a list gets the popular items, as the reference counts them.
+    let (status, body) = http(api, "GET", "/recommendation/nobody?k=5", "").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["source"], "popular");
+    let popular: Vec<Value> = reference.popular_items()[..5]
+        .iter()
+        .map(|p| serde_json::json!({"item_id": p.item_id, "users": p.users}))
+        .collect();
+    assert_eq!(answer["items"], Value::Array(popular));
+    dataflow.stop();
+}

@@ -186,7 +186,7 @@ impl Batcher {
     /// records or when this one would take it past `max_bytes`; sealing before adding (not
     /// after) means one push seals at most one batch.
     pub(crate) fn push_owned(&mut self, profile: EncodedProfile) -> Option<Batch> {
-        let key_len = profile::REDIS_KEY_PREFIX.len() + profile.user_id().len();
+        let key_len = profile.key_kind().prefix().len() + profile.user_id().len();
         let mut piece = arg_len(key_len) + arg_len(profile.value().len());
         if self.mode == WriteMode::Checked {
             piece +=
@@ -215,7 +215,7 @@ impl Batcher {
                 let mut sets = redis::pipe();
                 for profile in &self.open {
                     sets.cmd("SET")
-                        .arg(ProfileKey(profile.user_id()))
+                        .arg(ProfileKey(profile.key_kind().prefix(), profile.user_id()))
                         .arg(profile.value());
                 }
                 (sets.get_packed_pipeline(), std::mem::take(&mut self.open))
@@ -228,7 +228,8 @@ impl Batcher {
             WriteMode::Plain => {
                 let mut mset = redis::cmd("MSET");
                 for profile in &self.open {
-                    mset.arg(ProfileKey(profile.user_id())).arg(profile.value());
+                    mset.arg(ProfileKey(profile.key_kind().prefix(), profile.user_id()))
+                        .arg(profile.value());
                 }
                 (mset.get_packed_command(), std::mem::take(&mut self.open))
             }
@@ -273,7 +274,7 @@ fn script_command(sha: &str, profiles: &[EncodedProfile], keys_in_argv: bool) ->
     }
     cmd.arg(profiles.len());
     for profile in profiles {
-        cmd.arg(ProfileKey(profile.user_id()));
+        cmd.arg(ProfileKey(profile.key_kind().prefix(), profile.user_id()));
     }
     for profile in profiles {
         cmd.arg(profile.timestamp())
@@ -283,17 +284,17 @@ fn script_command(sha: &str, profiles: &[EncodedProfile], keys_in_argv: bool) ->
     cmd
 }
 
-/// A user's key, `user_profile:{user_id}`, written into the command without building it as a
-/// `String` first.
-struct ProfileKey<'a>(&'a str);
+/// A record's key, its kind's prefix and the user id (`user_profile:{user_id}`), written into
+/// the command without building it as a `String` first.
+struct ProfileKey<'a>(&'static str, &'a str);
 
 impl ToRedisArgs for ProfileKey<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
         use std::io::Write;
         let mut arg = out.writer_for_next_arg();
         // Writing into the command's own buffer cannot fail.
-        let _ = arg.write_all(profile::REDIS_KEY_PREFIX.as_bytes());
         let _ = arg.write_all(self.0.as_bytes());
+        let _ = arg.write_all(self.1.as_bytes());
     }
 }
 

@@ -48,16 +48,17 @@ pub fn key_slot(key: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tagged) % SLOTS as u16
 }
 
-/// The slot of the profile key of `user_id` (`user_profile:{user_id}`), without building it.
-pub(crate) fn profile_slot(user_id: &str) -> u16 {
+/// The slot of the key of `kind` for `user_id`, without building it.
+pub(crate) fn record_slot(kind: crate::KeyKind, user_id: &str) -> u16 {
+    let prefix = kind.prefix();
     // A user id with a hash tag moves the key's slot, so the key must be hashed whole.
     if user_id.contains('{') {
-        return key_slot(profile::redis_key(user_id).as_bytes());
+        return key_slot(format!("{prefix}{user_id}").as_bytes());
     }
-    // Without a '{' in the user id the key holds no hash tag (the prefix has none), and the
-    // CRC runs over the prefix and the id in turn.
+    // Without a '{' in the user id the key holds no hash tag (no prefix has one), and the CRC
+    // runs over the prefix and the id in turn.
     let mut state = crc16::State::<crc16::XMODEM>::new();
-    state.update(profile::REDIS_KEY_PREFIX.as_bytes());
+    state.update(prefix.as_bytes());
     state.update(user_id.as_bytes());
     state.get() % SLOTS as u16
 }
@@ -408,11 +409,20 @@ mod tests {
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
         for user in ["A34O9UGRTZNTR8", "", "u{1}", "x}{"] {
             assert_eq!(
-                profile_slot(user),
+                record_slot(crate::KeyKind::Profile, user),
                 key_slot(profile::redis_key(user).as_bytes()),
                 "{user}"
             );
+            assert_eq!(
+                record_slot(crate::KeyKind::Recommendations, user),
+                key_slot(profile::recs_key(user).as_bytes()),
+                "{user}"
+            );
         }
+        assert_eq!(
+            record_slot(crate::KeyKind::PopularItems, ""),
+            key_slot(b"popular_items")
+        );
     }
 
     #[test]

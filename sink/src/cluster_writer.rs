@@ -15,7 +15,7 @@ use std::sync::Arc;
 use profile::RateLimit;
 
 use crate::batch::{Batch, Batcher};
-use crate::cluster::{profile_slot, ClusterTarget, Redirect, SlotMap, SLOTS};
+use crate::cluster::{record_slot, ClusterTarget, Redirect, SlotMap, SLOTS};
 use crate::encode::EncodedProfile;
 use crate::metrics::SinkMetrics;
 use crate::service::Service;
@@ -183,7 +183,10 @@ impl ClusterWriter {
             if non_finite > 0 {
                 SinkMetrics::add(&self.metrics.non_finite_floats, non_finite);
             }
-            let Some(addr) = self.slots.owner(profile_slot(profile.user_id())) else {
+            let Some(addr) = self
+                .slots
+                .owner(record_slot(profile.key_kind(), profile.user_id()))
+            else {
                 self.waiting.push((profile, None));
                 continue;
             };
@@ -336,7 +339,10 @@ impl ClusterWriter {
                         self.slots.set_owner(*slot, addr);
                         (addr.clone(), false)
                     }
-                    None => match self.slots.owner(profile_slot(profile.user_id())) {
+                    None => match self
+                        .slots
+                        .owner(record_slot(profile.key_kind(), profile.user_id()))
+                    {
                         Some(addr) => (addr.to_owned(), false),
                         None => {
                             self.waiting.push((profile, None));

@@ -1,7 +1,8 @@
 //! The Redis value of a profile (semantics §6): compact JSON with the fields in the contract's
 //! order. The order is not cosmetic: the write script finds the stored `"timestamp"` and
 //! `"epoch"` by pattern, relying on `timestamp` being a top-level number and `epoch` the last
-//! field (see `profile_write.lua`).
+//! field (see `profile_write.lua`). A user's recommendations (§8) follow the same rule;
+//! `popular_items` has neither field, so the script always replaces it.
 
 use serde::{Serialize, Serializer};
 
@@ -50,6 +51,39 @@ pub fn encode_profile<S: AsRef<str>>(record: &ProfileRecord<'_, S>) -> Vec<u8> {
     out
 }
 
+/// Which of the contract's keys a value goes under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyKind {
+    /// `user_profile:{user_id}` (semantics §6).
+    #[default]
+    Profile,
+    /// `user_recs:{user_id}` (semantics §8).
+    Recommendations,
+    /// `popular_items`, one key (semantics §8).
+    PopularItems,
+}
+
+impl KeyKind {
+    /// The key's text before the user id (all of it for `popular_items`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            KeyKind::Profile => profile::REDIS_KEY_PREFIX,
+            KeyKind::Recommendations => profile::RECS_KEY_PREFIX,
+            KeyKind::PopularItems => profile::POPULAR_ITEMS_KEY,
+        }
+    }
+
+    /// The kind and user id of `key`, if it is one of the contract's keys.
+    pub(crate) fn of_key(key: &str) -> Option<(KeyKind, &str)> {
+        if key == profile::POPULAR_ITEMS_KEY {
+            return Some((KeyKind::PopularItems, ""));
+        }
+        [KeyKind::Profile, KeyKind::Recommendations]
+            .into_iter()
+            .find_map(|kind| Some((kind, key.strip_prefix(kind.prefix())?)))
+    }
+}
+
 /// A profile already encoded as its Redis value, with what the write script needs beside it.
 ///
 /// The dataflow encodes each changed profile where it computes it, straight from its state
@@ -65,6 +99,8 @@ pub struct EncodedProfile {
     epoch: u64,
     /// Non-finite floats written as `0.0`, for the sink's metrics.
     non_finite: u32,
+    /// The key it goes under.
+    kind: KeyKind,
 }
 
 impl EncodedProfile {
@@ -84,12 +120,108 @@ impl EncodedProfile {
             timestamp: record.timestamp,
             epoch: record.epoch,
             non_finite: non_finite as u32,
+            kind: KeyKind::Profile,
         })
     }
 
-    /// The user; the key is `profile::redis_key(user_id)`.
+    /// A user's recommendations (semantics §8), `{"user_id", "timestamp", "items": [{"item_id",
+    /// "score"}], "epoch"}`, under `user_recs:{user_id}` with the profile's timestamp: the same
+    /// no-regression rule as the profile's. A non-finite score is written as 0.
+    pub fn recommendations<S: AsRef<str>>(
+        user_id: &str,
+        timestamp: u64,
+        epoch: u64,
+        items: &[(S, f64)],
+    ) -> Result<Self, SinkError> {
+        check_exact(user_id, timestamp, epoch)?;
+        #[derive(Serialize)]
+        struct Item<'a> {
+            item_id: &'a str,
+            score: f64,
+        }
+        #[derive(Serialize)]
+        struct Value<'a> {
+            user_id: &'a str,
+            timestamp: u64,
+            items: Vec<Item<'a>>,
+            epoch: u64,
+        }
+        let mut non_finite = 0;
+        let value = Value {
+            user_id,
+            timestamp,
+            items: items
+                .iter()
+                .map(|(item, score)| Item {
+                    item_id: item.as_ref(),
+                    score: if score.is_finite() {
+                        *score
+                    } else {
+                        non_finite += 1;
+                        0.0
+                    },
+                })
+                .collect(),
+            epoch,
+        };
+        Ok(Self::with_value(
+            user_id,
+            &value,
+            timestamp,
+            epoch,
+            non_finite,
+            KeyKind::Recommendations,
+        ))
+    }
+
+    /// `popular_items` (semantics §8), `[{"item_id", "users"}]`, as of `epoch`.
+    pub fn popular_items<S: AsRef<str>>(epoch: u64, items: &[(S, u64)]) -> Self {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            item_id: &'a str,
+            users: u64,
+        }
+        let value: Vec<Item> = items
+            .iter()
+            .map(|(item, users)| Item {
+                item_id: item.as_ref(),
+                users: *users,
+            })
+            .collect();
+        Self::with_value("", &value, 0, epoch, 0, KeyKind::PopularItems)
+    }
+
+    fn with_value(
+        user_id: &str,
+        value: &impl Serialize,
+        timestamp: u64,
+        epoch: u64,
+        non_finite: u32,
+        kind: KeyKind,
+    ) -> Self {
+        let mut text = String::from(user_id);
+        // Writing into a String's bytes cannot fail, and these values always serialize.
+        #[allow(clippy::expect_used)]
+        text.push_str(&serde_json::to_string(value).expect("a value always serializes"));
+        Self {
+            text,
+            split: user_id.len(),
+            timestamp,
+            epoch,
+            non_finite,
+            kind,
+        }
+    }
+
+    /// The user (empty for `popular_items`); the key is [`key_kind`](Self::key_kind)'s prefix
+    /// followed by it.
     pub fn user_id(&self) -> &str {
         &self.text[..self.split]
+    }
+
+    /// Which key the value goes under.
+    pub fn key_kind(&self) -> KeyKind {
+        self.kind
     }
 
     /// The JSON value (semantics §6), exactly as it goes to Redis.
@@ -124,15 +256,19 @@ impl std::fmt::Debug for EncodedProfile {
 
 /// Refuses what the write script cannot compare exactly (Lua numbers are doubles).
 fn check<S>(record: &ProfileRecord<'_, S>) -> Result<(), SinkError> {
-    let reason = if record.timestamp > MAX_EXACT {
-        format!("timestamp {} is above 2^53", record.timestamp)
-    } else if record.epoch > MAX_EXACT {
-        format!("epoch {} is above 2^53", record.epoch)
+    check_exact(record.user_id, record.timestamp, record.epoch)
+}
+
+fn check_exact(user_id: &str, timestamp: u64, epoch: u64) -> Result<(), SinkError> {
+    let reason = if timestamp > MAX_EXACT {
+        format!("timestamp {timestamp} is above 2^53")
+    } else if epoch > MAX_EXACT {
+        format!("epoch {epoch} is above 2^53")
     } else {
         return Ok(());
     };
     Err(SinkError::InvalidRecord {
-        user_id: record.user_id.to_owned(),
+        user_id: user_id.to_owned(),
         reason,
     })
 }

@@ -37,7 +37,7 @@ mod service;
 use std::sync::Arc;
 
 pub use config::{redis_client, SinkConfig, WriterFence, DEFAULT_REDIS_URL};
-pub use encode::{encode_profile, EncodedProfile, ProfileRecord};
+pub use encode::{encode_profile, EncodedProfile, KeyKind, ProfileRecord};
 pub use error::SinkError;
 pub use metrics::{SinkMetrics, SinkMetricsSnapshot};
 pub use read_marks::{ReadMarks, StoredMarks, TakeOver, READ_MARKS_KEY_PREFIX};
@@ -152,8 +152,10 @@ pub struct WriteStats {
 /// A record Redis refused for good (see [`WriteStats::rejected`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RejectedRecord {
-    /// The record's user.
+    /// The record's user (empty for `popular_items`).
     pub user_id: String,
+    /// Which of the user's keys.
+    pub kind: KeyKind,
     /// Redis's error, starting with its code (`WRONGTYPE Operation against a key holding the
     /// wrong kind of value`).
     pub error: String,

@@ -477,10 +477,9 @@ impl Service {
                 if !record.error.contains("non local key") {
                     return true;
                 }
-                let found = batch
-                    .profiles
-                    .iter()
-                    .find(|profile| profile.user_id() == record.user_id);
+                let found = batch.profiles.iter().find(|profile| {
+                    profile.key_kind() == record.kind && profile.user_id() == record.user_id
+                });
                 match found {
                     Some(profile) => {
                         self.moved.push((profile.clone(), None));
@@ -556,11 +555,12 @@ fn parse_rejections(
             return Err(describe(&items));
         };
         let key = String::from_utf8_lossy(key);
-        let Some(user_id) = key.strip_prefix(profile::REDIS_KEY_PREFIX) else {
+        let Some((kind, user_id)) = crate::KeyKind::of_key(&key) else {
             return Err(describe(&items));
         };
         rejected.push(RejectedRecord {
             user_id: user_id.to_owned(),
+            kind,
             error: String::from_utf8_lossy(error).into_owned(),
         });
     }

@@ -1,7 +1,9 @@
 //! Recommendations (semantics §8): item-to-item co-visitation over the newest part of every
 //! user's history, each item's strongest neighbours, and per-user top-N lists filled up with the
-//! most popular items. [`reference`] is the plain sequential definition, which the dataflow's
-//! incremental version is tested against and which the evaluation command (`bench-recs`) runs.
+//! most popular items. [`covisit`] and [`scores`] are the dataflow's incremental operators
+//! (built by `graph::build` with `--recommendations on`); [`reference`] is the plain sequential
+//! definition they are tested against; [`recommend_snapshot`] runs the operators on a snapshot,
+//! for the evaluation command (`bench-recs`).
 
 pub mod covisit;
 pub mod reference;

@@ -33,7 +33,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
 use super::covisit::{window_items, Covisitation};
-use crate::model::{id_key, IdList, UserInterest};
+use crate::model::{id_key, EncodedProfile, IdList, UserInterest};
 
 /// The settings of the scores (semantics §8).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -250,6 +250,70 @@ fn first(input: &[(&Popular, isize)], len: usize, output: &mut Vec<(Popular, isi
             .take(len)
             .map(|(popular, _)| ((*popular).clone(), 1)),
     );
+}
+
+/// The lists as the sink's values for `user_recs:{user_id}`.
+pub fn encode_recommendations<'scope>(
+    lists: Stream<'scope, u64, Vec<UserRecommendations>>,
+) -> Stream<'scope, u64, Vec<EncodedProfile>> {
+    lists.flat_map(|list| {
+        match EncodedProfile::recommendations(
+            &list.user_id,
+            list.timestamp,
+            list.epoch,
+            &list.items,
+        ) {
+            Ok(value) => Some(value),
+            // Unreachable in practice, as for profiles: timestamps and epochs stay below 2^53.
+            Err(error) => {
+                tracing::error!(%error, user_id = %list.user_id, "recommendations not written");
+                None
+            }
+        }
+    })
+}
+
+/// The popularity order's updates of one epoch, held until the epoch is complete.
+type PendingPopular = (Capability<u64>, Vec<(Popular, isize)>);
+
+/// `popular_items` (the first `len` items by n(x), ties by id) as a sink value, from worker 0,
+/// at each epoch in which it changed.
+pub fn popular_items<'scope>(
+    item_users: &VecCollection<'scope, u64, (SmolStr, isize), isize>,
+    len: usize,
+) -> Stream<'scope, u64, Vec<EncodedProfile>> {
+    let updates = popular_order(item_users, len).inner;
+    updates.unary_frontier(Exchange::new(|_| 0), "PopularItems", |_, _| {
+        let mut order: BTreeMap<Popular, isize> = BTreeMap::new();
+        let mut pending: BTreeMap<u64, PendingPopular> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|capability, updates| {
+                for (((), popular), time, diff) in updates.drain(..) {
+                    pending
+                        .entry(time)
+                        .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
+                        .1
+                        .push((popular, diff));
+                }
+            });
+            while let Some(entry) = pending.first_entry() {
+                if frontier.less_equal(entry.key()) {
+                    break;
+                }
+                let (epoch, (capability, updates)) = entry.remove_entry();
+                for (popular, diff) in updates {
+                    *order.entry(popular).or_insert(0) += diff;
+                }
+                order.retain(|_, count| *count != 0);
+                let items: Vec<(&str, u64)> = order
+                    .keys()
+                    .map(|popular| (popular.item.as_str(), popular.users.0))
+                    .collect();
+                let value = EncodedProfile::popular_items(epoch, &items);
+                output.session(&capability).give(value);
+            }
+        }
+    })
 }
 
 /// What the scoring operator holds for an epoch until every input has passed it.
