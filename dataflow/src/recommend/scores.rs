@@ -2,29 +2,26 @@
 //! the co-visitation collections:
 //!
 //! ```text
-//! interests ─▶ queries (a, user@e) for a in W(user), inserted at e, retracted at e+1
-//!   ⋈ n(a) ⋈ neighbours(a) ⋈ n(i)  ─▶ terms (user@e, i, k, c, n(a), n(i))  ─exchange by user─┐
-//! interests ─▶ the changed users' histories ─────────────────────────────────────────────────┼─▶ score, top N, fill ─▶ lists
-//! n(x) ─▶ top P popular ─broadcast──────────────────────────────────────────────────────────┘
+//! neighbours(a), n(x), top P popular ─updates, broadcast─▶ every worker's copy ─┐
+//! interests ─▶ the changed users of epoch e (on their own worker) ──────────────┴─▶ score as of e ─▶ lists
 //! ```
 //!
-//! A query lives for one epoch: the joins against the arrangements of n and of the neighbours
-//! produce, at epoch e, exactly the terms of the users changed in e, read as of e; its retraction
-//! at e + 1 retracts them. Each query carries its epoch, so the scoring operator takes the terms
-//! of the users of e at time e and ignores the retractions of older ones. Floats appear only after
-//! the joins: the keys are item ids. A user's terms are added per candidate in order of k, then
-//! item, as the reference adds them, so that equal scores are equal in bits.
+//! Every worker keeps a copy of the neighbours, n and the popularity order, applied from the
+//! collections' broadcast updates up to the epoch it scores; a changed user's list is then
+//! computed where the user is, with W·K lookups and no exchange. (A first version joined
+//! one-epoch queries with the arrangements of n and of the neighbours: three joins of
+//! string-keyed terms, 556 µs of CPU a message on the bench, see docs/performance.md.) The copy
+//! costs each worker the neighbours of every item, K entries an item.
 //!
-//! The fill-up needs at most N + |history| items of the popularity order: the top
-//! `N + max_history` by n(x) (ties by id) are kept as a small collection, broadcast to every
-//! worker.
+//! A user's terms are added per candidate in order of k, then item, as the reference adds them,
+//! so that equal scores are equal in bits. Floats appear only here, after the collections: their
+//! keys are item ids. The fill-up needs at most N + |history| items of the popularity order: the
+//! top `N + max_history` by n(x) (ties by id).
 
-use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::rc::Rc;
 
-use differential_dataflow::{AsCollection, VecCollection};
+use differential_dataflow::VecCollection;
 use smol_str::SmolStr;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::vec::{Broadcast, Map};
@@ -32,8 +29,8 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, Covisitation};
-use crate::model::{id_key, EncodedProfile, IdList, UserInterest};
+use super::covisit::{window_items, Covisitation, Neighbour};
+use crate::model::{EncodedProfile, IdList, UserInterest};
 
 /// The settings of the scores (semantics §8).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,26 +60,6 @@ pub struct UserRecommendations {
     pub items: Vec<(SmolStr, f64)>,
 }
 
-/// Which worker holds a user: the route of the profile exchange (`user_key as u64`).
-fn route(user_id: &str) -> u64 {
-    id_key(user_id) as u64
-}
-
-/// A query's identity: the user, its route and the epoch it was made in.
-type Tag = (u64, SmolStr, u64);
-
-/// One summand of a score: candidate `item` through window item `via` at distance `k`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-struct Term {
-    tag: Tag,
-    item: SmolStr,
-    k: u32,
-    via: SmolStr,
-    covisits: u64,
-    n_via: u64,
-    n_item: u64,
-}
-
 /// One entry of the popularity order: n(x) descending, then id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 struct Popular {
@@ -90,121 +67,46 @@ struct Popular {
     item: SmolStr,
 }
 
-/// An update of the popularity order's collection, as the scoring operator reads it.
-type PopularUpdate = (((), Popular), u64, isize);
-
-/// What the scoring operator reads, routed by user.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-enum ScoreInput {
-    /// A term, with the time and count of its update.
-    Term(Term, u64, isize),
-    /// A user whose profile changed in `epoch`, with its kept history.
-    Changed {
-        user_id: SmolStr,
-        timestamp: u64,
-        history: IdList,
-        epoch: u64,
-    },
-}
-
-impl ScoreInput {
-    fn route(&self) -> u64 {
-        match self {
-            ScoreInput::Term(term, _, _) => term.tag.0,
-            ScoreInput::Changed { user_id, .. } => route(user_id),
-        }
-    }
+/// What the scoring operator shares with every worker: the neighbours, n and the popularity
+/// order, as updates (with their time and count) of those collections.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+enum Shared {
+    Neighbour(SmolStr, Neighbour),
+    Users(SmolStr, isize),
+    Popular(Popular),
 }
 
 /// Builds the scores: a stream of the fresh lists of the users whose profile changed, each at
-/// the epoch of the change.
+/// the epoch of the change, computed on the user's own worker from a copy of the neighbours,
+/// n and the popularity order that every worker keeps (broadcast updates).
 pub fn recommendations<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     covisitation: &Covisitation<'scope>,
     params: ScoreParams,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
-    let window = params.window;
     let first = params.first_scored_time;
-    // The queries: (a, tag, k) for a in W(user), at e, retracted at e + 1.
-    let queries = interests
-        .inner
-        .clone()
-        .unary(Pipeline, "RecsQueries", move |_, _| {
-            move |input, output| {
-                input.for_each(|capability, updates| {
-                    for (interest, epoch, diff) in updates.iter() {
-                        if *diff <= 0 || *epoch < first {
-                            continue;
-                        }
-                        let tag: Tag = (route(&interest.user_id), interest.user_id.clone(), *epoch);
-                        let distances = distances(&interest.history_items, window);
-                        let now = capability.delayed(epoch, 0);
-                        let next = capability.delayed(&(epoch + 1), 0);
-                        let mut inserted = Vec::with_capacity(distances.len());
-                        let mut retracted = Vec::with_capacity(distances.len());
-                        for (via, k) in distances {
-                            let record = (via, (tag.clone(), k));
-                            retracted.push((record.clone(), epoch + 1, -1));
-                            inserted.push((record, *epoch, 1));
-                        }
-                        output.session(&now).give_container(&mut inserted);
-                        output.session(&next).give_container(&mut retracted);
-                    }
-                });
-            }
-        })
-        .as_collection();
-    let item_users = covisitation.item_users.clone().arrange_by_key();
-    let terms = queries
-        .arrange_by_key()
-        .join_core(item_users.clone(), |via, (tag, k), n_via| {
-            Some((via.clone(), (tag.clone(), *k, *n_via as u64)))
-        })
-        .arrange_by_key()
-        .join_core(
-            covisitation.neighbours.clone().arrange_by_key(),
-            |via, (tag, k, n_via), neighbour| {
-                Some((
-                    neighbour.item_id.clone(),
-                    (tag.clone(), *k, via.clone(), neighbour.covisits.0, *n_via),
-                ))
-            },
-        )
-        .arrange_by_key()
-        .join_core(
-            item_users,
-            |item, (tag, k, via, covisits, n_via), n_item| {
-                Some(Term {
-                    tag: tag.clone(),
-                    item: item.clone(),
-                    k: *k,
-                    via: via.clone(),
-                    covisits: *covisits,
-                    n_via: *n_via,
-                    n_item: *n_item as u64,
-                })
-            },
-        );
     let changed = interests
         .inner
         .clone()
         .flat_map(move |(interest, epoch, diff)| {
-            (diff > 0 && epoch >= first).then_some(ScoreInput::Changed {
-                user_id: interest.user_id,
-                timestamp: interest.timestamp,
-                history: interest.history_items,
-                epoch,
-            })
+            (diff > 0 && epoch >= first).then_some((interest, epoch))
         });
-    let inputs = terms
-        .inner
-        .map(|(term, time, diff)| ScoreInput::Term(term, time, diff))
-        .concat(changed);
     let popular_len = params.recommendations_n + params.max_history;
+    let neighbours = covisitation
+        .neighbours
+        .inner
+        .clone()
+        .map(|((a, neighbour), time, diff)| (Shared::Neighbour(a, neighbour), time, diff));
+    let users = covisitation
+        .item_users
+        .inner
+        .clone()
+        .map(|((item, users), time, diff)| (Shared::Users(item, users), time, diff));
     let popular = popular_order(&covisitation.item_users, popular_len)
         .inner
-        .broadcast();
-    score(inputs, popular, params)
+        .map(|(((), popular), time, diff)| (Shared::Popular(popular), time, diff));
+    let shared = neighbours.concat(users).concat(popular).broadcast();
+    score(changed, shared, params)
 }
 
 /// Each distinct item of the window with the distance of its newest occurrence.
@@ -316,143 +218,130 @@ pub fn popular_items<'scope>(
     })
 }
 
-/// What the scoring operator holds for an epoch until every input has passed it.
-struct PendingEpoch {
-    capability: Capability<u64>,
-    changed: Vec<(SmolStr, u64, IdList)>,
-    /// Per user, its terms with their counts (an update and its retraction cancel).
-    terms: HashMap<SmolStr, BTreeMap<Term, isize>>,
+/// Each worker's copy of what the lists are computed from, as of the last epoch it applied.
+#[derive(Default)]
+struct SharedState {
+    /// neighbours(a), strongest first, with counts (an update and its retraction cancel).
+    neighbours: HashMap<SmolStr, BTreeMap<Neighbour, isize>>,
+    /// n(x): per item, its values with counts (one is live at a time).
+    users: HashMap<SmolStr, BTreeMap<isize, isize>>,
+    /// The popularity order.
+    order: BTreeMap<Popular, isize>,
+}
+
+impl SharedState {
+    fn apply(&mut self, update: Shared, diff: isize) {
+        fn add<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
+            let count = map.entry(key).or_insert(0);
+            *count += diff;
+            if *count == 0 {
+                map.retain(|_, count| *count != 0);
+            }
+        }
+        match update {
+            Shared::Neighbour(a, neighbour) => {
+                add(self.neighbours.entry(a).or_default(), neighbour, diff)
+            }
+            Shared::Users(item, users) => add(self.users.entry(item).or_default(), users, diff),
+            Shared::Popular(popular) => add(&mut self.order, popular, diff),
+        }
+    }
+
+    fn users(&self, item: &str) -> u64 {
+        self.users
+            .get(item)
+            .and_then(|counts| counts.iter().find(|(_, count)| **count > 0))
+            .map_or(0, |(users, _)| *users as u64)
+    }
 }
 
 /// The scoring operator: once both inputs have passed an epoch, each changed user's list.
 fn score<'scope>(
-    inputs: Stream<'scope, u64, Vec<ScoreInput>>,
-    popular: Stream<'scope, u64, Vec<PopularUpdate>>,
+    changed: Stream<'scope, u64, Vec<(UserInterest, u64)>>,
+    shared: Stream<'scope, u64, Vec<(Shared, u64, isize)>>,
     params: ScoreParams,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
-    let pending: Rc<RefCell<BTreeMap<u64, PendingEpoch>>> = Rc::default();
-    inputs.binary_frontier(
-        popular,
-        Exchange::new(ScoreInput::route),
-        Pipeline,
-        "Recommend",
-        move |_, _| {
-            // The popularity order as of the last epoch scored, and updates for later ones.
-            let mut order: BTreeMap<Popular, isize> = BTreeMap::new();
-            let mut order_updates: Vec<(Popular, u64, isize)> = Vec::new();
-            move |(input, frontier), (popular, popular_frontier), output| {
-                let mut pending = pending.borrow_mut();
-                input.for_each(|capability, records| {
-                    for record in records.drain(..) {
-                        let epoch = match &record {
-                            // Only the terms of the query's own epoch: a later time carries
-                            // its retraction.
-                            ScoreInput::Term(term, time, _) if *time != term.tag.2 => continue,
-                            ScoreInput::Term(term, _, _) => term.tag.2,
-                            ScoreInput::Changed { epoch, .. } => *epoch,
-                        };
-                        let entry = pending.entry(epoch).or_insert_with(|| PendingEpoch {
-                            capability: capability.delayed(&epoch, 0),
-                            changed: Vec::new(),
-                            terms: HashMap::new(),
-                        });
-                        match record {
-                            ScoreInput::Term(term, _, diff) => {
-                                *entry
-                                    .terms
-                                    .entry(term.tag.1.clone())
-                                    .or_default()
-                                    .entry(term)
-                                    .or_insert(0) += diff;
-                            }
-                            ScoreInput::Changed {
-                                user_id,
-                                timestamp,
-                                history,
-                                ..
-                            } => entry.changed.push((user_id, timestamp, history)),
-                        }
-                    }
-                });
-                popular.for_each(|_, updates| {
-                    order_updates.extend(
-                        updates
-                            .drain(..)
-                            .map(|(((), popular), time, diff)| (popular, time, diff)),
-                    );
-                });
-                let done: Vec<u64> = pending
-                    .keys()
-                    .copied()
-                    .filter(|epoch| {
-                        !frontier.less_equal(epoch) && !popular_frontier.less_equal(epoch)
+    changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
+        let mut state = SharedState::default();
+        let mut updates: Vec<(Shared, u64, isize)> = Vec::new();
+        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<UserInterest>)> = BTreeMap::new();
+        move |(input, frontier), (shared, shared_frontier), output| {
+            input.for_each(|capability, records| {
+                for (interest, epoch) in records.drain(..) {
+                    pending
+                        .entry(epoch)
+                        .or_insert_with(|| (capability.delayed(&epoch, 0), Vec::new()))
+                        .1
+                        .push(interest);
+                }
+            });
+            shared.for_each(|_, records| updates.append(records));
+            // Apply what both inputs have passed, and score the epochs complete on both.
+            let complete =
+                |time: &u64| !frontier.less_equal(time) && !shared_frontier.less_equal(time);
+            while let Some(entry) = pending.first_entry() {
+                let epoch = *entry.key();
+                if !complete(&epoch) {
+                    break;
+                }
+                let (capability, users) = entry.remove();
+                updates.sort_by_key(|(_, time, _)| *time);
+                let applied = updates.partition_point(|(_, time, _)| *time <= epoch);
+                for (update, _, diff) in updates.drain(..applied) {
+                    state.apply(update, diff);
+                }
+                let mut lists: Vec<UserRecommendations> = users
+                    .into_iter()
+                    .map(|interest| UserRecommendations {
+                        items: user_list(&interest.history_items, &state, &params),
+                        user_id: interest.user_id,
+                        timestamp: interest.timestamp,
+                        epoch,
                     })
                     .collect();
-                for epoch in done {
-                    let Some(entry) = pending.remove(&epoch) else {
-                        continue;
-                    };
-                    order_updates.retain(|(popular, time, diff)| {
-                        if *time <= epoch {
-                            *order.entry(popular.clone()).or_insert(0) += diff;
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    order.retain(|_, count| *count != 0);
-                    let mut lists = Vec::with_capacity(entry.changed.len());
-                    for (user_id, timestamp, history) in entry.changed {
-                        let terms = entry.terms.get(&user_id);
-                        let items = user_list(&history, terms, &order, &params);
-                        lists.push(UserRecommendations {
-                            user_id,
-                            timestamp,
-                            epoch,
-                            items,
-                        });
-                    }
-                    output.session(&entry.capability).give_container(&mut lists);
-                }
+                output.session(&capability).give_container(&mut lists);
             }
-        },
-    )
+        }
+    })
 }
 
-/// One user's list from its terms and the popularity order.
-fn user_list(
-    history: &IdList,
-    terms: Option<&BTreeMap<Term, isize>>,
-    order: &BTreeMap<Popular, isize>,
-    params: &ScoreParams,
-) -> Vec<(SmolStr, f64)> {
+/// One user's list from the state as of its epoch.
+fn user_list(history: &IdList, state: &SharedState, params: &ScoreParams) -> Vec<(SmolStr, f64)> {
     let in_history: BTreeSet<&str> = history.iter().collect();
-    // Per candidate, its terms in the order of k, then item (the reference's order).
-    let mut by_item: BTreeMap<&SmolStr, Vec<&Term>> = BTreeMap::new();
-    for (term, count) in terms.into_iter().flatten() {
-        if *count > 0 && !in_history.contains(term.item.as_str()) {
-            by_item.entry(&term.item).or_default().push(term);
+    // The window newest first, ties by item: the reference's order of summation.
+    let mut window: Vec<(u32, SmolStr)> = distances(history, params.window)
+        .into_iter()
+        .map(|(item, k)| (k, item))
+        .collect();
+    window.sort_unstable();
+    let mut scores: BTreeMap<&SmolStr, f64> = BTreeMap::new();
+    for (k, via) in &window {
+        let Some(neighbours) = state.neighbours.get(via) else {
+            continue;
+        };
+        let weight = params.decay.powi(*k as i32);
+        let n_via = state.users(via);
+        for (neighbour, count) in neighbours {
+            if *count <= 0 || in_history.contains(neighbour.item_id.as_str()) {
+                continue;
+            }
+            let n_item = state.users(&neighbour.item_id);
+            *scores.entry(&neighbour.item_id).or_default() +=
+                weight * neighbour.covisits.0 as f64 / ((n_via as f64) * (n_item as f64)).sqrt();
         }
     }
-    let mut list: Vec<(SmolStr, f64)> = by_item
+    let mut list: Vec<(SmolStr, f64)> = scores
         .into_iter()
-        .map(|(item, mut terms)| {
-            terms.sort_by(|a, b| (a.k, &a.via).cmp(&(b.k, &b.via)));
-            let score = terms.iter().fold(0.0, |sum, term| {
-                let weight = params.decay.powi(term.k as i32);
-                sum + weight * term.covisits as f64
-                    / ((term.n_via as f64) * (term.n_item as f64)).sqrt()
-            });
-            (item.clone(), score)
-        })
+        .map(|(item, score)| (item.clone(), score))
         .collect();
     list.sort_by(|x, y| y.1.total_cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
     list.truncate(params.recommendations_n);
-    for popular in order.keys() {
+    for (popular, count) in &state.order {
         if list.len() >= params.recommendations_n {
             break;
         }
-        if !in_history.contains(popular.item.as_str())
+        if *count > 0
+            && !in_history.contains(popular.item.as_str())
             && !list.iter().any(|(item, _)| *item == popular.item)
         {
             list.push((popular.item.clone(), 0.0));
