@@ -75,7 +75,6 @@ impl Recommender for DataflowRecommender {
             neighbours: self.settings.neighbours,
         };
         let params = dataflow::recommend::scores::ScoreParams {
-            window: self.settings.covisit_window,
             recommendations_n: self.settings.recommendations_n,
             decay: self.settings.decay,
             max_history: self.max_history,

@@ -162,7 +162,6 @@ impl Config {
                 neighbours: self.neighbours as usize,
             },
             scores: crate::recommend::scores::ScoreParams {
-                window: self.covisit_window as usize,
                 recommendations_n: self.shared.recommendations_n,
                 decay: self.decay,
                 max_history: self.shared.max_history,

@@ -28,7 +28,9 @@ use crate::interest::{interest_profiles, InterestParams};
 use crate::model::{FeatureEvent, ProfileEvent, UserInterest};
 use crate::output::{encode_outputs, write_epochs, EpochWriter, PlainWrites, WriterThread};
 use crate::recommend::covisit::covisitation;
-use crate::recommend::scores::{encode_recommendations, popular_items, recommendations};
+use crate::recommend::scores::{
+    encode_recommendations, popular_items, popular_order, recommendations,
+};
 use crate::state::features::{arrange_features, feature_changes};
 use crate::state::items::ItemTable;
 use crate::state::profiles::arrange_profiles;
@@ -100,9 +102,18 @@ pub fn build<'scope, W: EpochWriter>(
         // Each changed user's fresh list and, from worker 0, popular_items when it changes: to
         // Redis with the profiles of the same epoch.
         let covisitation = covisitation(&interests, setup.covisit);
-        let lists =
-            encode_recommendations(recommendations(&interests, &covisitation, setup.scores));
-        let popular = popular_items(&covisitation.item_users, profile::POPULAR_ITEMS);
+        // One popularity order serves both the fill-up and popular_items.
+        let order = popular_order(
+            &covisitation.item_users,
+            profile::POPULAR_ITEMS.max(setup.scores.popularity_len()),
+        );
+        let lists = encode_recommendations(recommendations(
+            &interests,
+            &covisitation,
+            &order,
+            setup.scores,
+        ));
+        let popular = popular_items(&order, profile::POPULAR_ITEMS);
         values = values.concat(lists).concat(popular);
     }
     let (written, writer_thread) = write_epochs(

@@ -24,6 +24,7 @@
 //! the K × buckets candidates.
 
 use std::cmp::Reverse;
+use std::collections::BTreeMap;
 
 use differential_dataflow::VecCollection;
 use smol_str::SmolStr;
@@ -53,6 +54,8 @@ pub struct Neighbour {
 
 /// The collections of co-visitation.
 pub struct Covisitation<'scope> {
+    /// W, the window they were built with (the scores read the same windows).
+    pub window: usize,
     /// (user, item): the distinct items of each user's window.
     pub windows: VecCollection<'scope, u64, (SmolStr, SmolStr), isize>,
     /// (x, n(x)) for every item in some window.
@@ -69,14 +72,17 @@ impl std::fmt::Debug for Covisitation<'_> {
     }
 }
 
-/// The distinct items of `history`'s last `window` positions (a user's window), in no order.
+/// A user's window: the distinct items of `history`'s last `window` positions, each with the
+/// distance k of its newest occurrence from the newest item (0 for the newest).
 pub fn window_items<'a>(
     history: impl DoubleEndedIterator<Item = &'a str>,
     window: usize,
-) -> Vec<&'a str> {
-    let mut items: Vec<&str> = history.rev().take(window).collect();
-    items.sort_unstable();
-    items.dedup();
+) -> BTreeMap<&'a str, u32> {
+    let mut items = BTreeMap::new();
+    // From the newest position back, so that the first k recorded for an item is its smallest.
+    for (k, item) in history.rev().take(window).enumerate() {
+        items.entry(item).or_insert(k as u32);
+    }
     items
 }
 
@@ -93,7 +99,7 @@ pub fn covisitation<'scope>(
     let window = params.window;
     let windows = interests.clone().flat_map(move |interest: UserInterest| {
         window_items(interest.history_items.iter(), window)
-            .into_iter()
+            .into_keys()
             .map(|item| (interest.user_id.clone(), SmolStr::new(item)))
             .collect::<Vec<_>>()
     });
@@ -122,6 +128,7 @@ pub fn covisitation<'scope>(
         .map(|((a, _bucket), neighbour)| (a, neighbour))
         .reduce(move |_key, input, output| top(input, k, output));
     Covisitation {
+        window,
         windows,
         item_users,
         covisits,
@@ -270,9 +277,13 @@ mod tests {
     #[test]
     fn a_window_is_the_set_of_the_last_positions() {
         let history = ["a", "b", "c", "b", "d"];
-        let mut items = window_items(history.iter().copied(), 3);
-        items.sort_unstable();
-        assert_eq!(items, ["b", "c", "d"]);
-        assert_eq!(window_items(history.iter().copied(), 10).len(), 4);
+        let items = window_items(history.iter().copied(), 3);
+        assert_eq!(items, BTreeMap::from([("b", 1), ("c", 2), ("d", 0)]));
+        // An item twice counts once, at its newest position.
+        let all = window_items(history.iter().copied(), 10);
+        assert_eq!(
+            all,
+            BTreeMap::from([("a", 4), ("b", 1), ("c", 2), ("d", 0)])
+        );
     }
 }

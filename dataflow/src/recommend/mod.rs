@@ -39,7 +39,8 @@ pub fn recommend_snapshot(
         let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (input, interests) = scope.new_collection::<UserInterest, isize>();
             let covisitation = covisit::covisitation(&interests, covisit);
-            let probe = scores::recommendations(&interests, &covisitation, params)
+            let order = scores::popular_order(&covisitation.item_users, params.popularity_len());
+            let probe = scores::recommendations(&interests, &covisitation, &order, params)
                 .inspect(move |list| {
                     let mut lists = lists.lock().unwrap_or_else(|e| e.into_inner());
                     lists.insert(list.user_id.to_string(), list.items.clone());

@@ -19,6 +19,7 @@
 //! top `N + max_history` by n(x) (ties by id).
 
 use std::cmp::Reverse;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use differential_dataflow::VecCollection;
@@ -35,8 +36,6 @@ use crate::model::{EncodedProfile, IdList, UserInterest};
 /// The settings of the scores (semantics §8).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoreParams {
-    /// W, as for the co-visitation.
-    pub window: usize,
     /// N: items per list.
     pub recommendations_n: usize,
     /// The recency decay of the terms.
@@ -46,6 +45,13 @@ pub struct ScoreParams {
     /// Epochs before this time get no lists (the replay's: their users' lists are in Redis
     /// already).
     pub first_scored_time: u64,
+}
+
+impl ScoreParams {
+    /// How much of the popularity order a fill-up may need: N + the longest history.
+    pub fn popularity_len(&self) -> usize {
+        self.recommendations_n + self.max_history
+    }
 }
 
 /// A user's fresh list, as of the epoch it is emitted at.
@@ -62,10 +68,13 @@ pub struct UserRecommendations {
 
 /// One entry of the popularity order: n(x) descending, then id.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-struct Popular {
-    users: Reverse<u64>,
-    item: SmolStr,
+pub struct Popular {
+    pub users: Reverse<u64>,
+    pub item: SmolStr,
 }
+
+/// The popularity order as a collection (one key, `()`), as [`popular_order`] keeps it.
+pub type PopularOrder<'scope> = VecCollection<'scope, u64, ((), Popular), isize>;
 
 /// What the scoring operator shares with every worker: the neighbours, n and the popularity
 /// order, as updates (with their time and count) of those collections.
@@ -79,9 +88,13 @@ enum Shared {
 /// Builds the scores: a stream of the fresh lists of the users whose profile changed, each at
 /// the epoch of the change, computed on the user's own worker from a copy of the neighbours,
 /// n and the popularity order that every worker keeps (broadcast updates).
+///
+/// `order` is the popularity order ([`popular_order`]), at least
+/// [`ScoreParams::popularity_len`] long.
 pub fn recommendations<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     covisitation: &Covisitation<'scope>,
+    order: &PopularOrder<'scope>,
     params: ScoreParams,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     let first = params.first_scored_time;
@@ -91,7 +104,6 @@ pub fn recommendations<'scope>(
         .flat_map(move |(interest, epoch, diff)| {
             (diff > 0 && epoch >= first).then_some((interest, epoch))
         });
-    let popular_len = params.recommendations_n + params.max_history;
     let neighbours = covisitation
         .neighbours
         .inner
@@ -102,31 +114,20 @@ pub fn recommendations<'scope>(
         .inner
         .clone()
         .map(|((item, users), time, diff)| (Shared::Users(item, users), time, diff));
-    let popular = popular_order(&covisitation.item_users, popular_len)
+    let popular = order
         .inner
+        .clone()
         .map(|(((), popular), time, diff)| (Shared::Popular(popular), time, diff));
     let shared = neighbours.concat(users).concat(popular).broadcast();
-    score(changed, shared, params)
-}
-
-/// Each distinct item of the window with the distance of its newest occurrence.
-fn distances(history: &IdList, window: usize) -> Vec<(SmolStr, u32)> {
-    let mut seen = BTreeMap::new();
-    for (k, item) in history.iter().rev().take(window).enumerate() {
-        seen.entry(item).or_insert(k as u32);
-    }
-    debug_assert_eq!(seen.len(), window_items(history.iter(), window).len());
-    seen.into_iter()
-        .map(|(item, k)| (SmolStr::new(item), k))
-        .collect()
+    score(changed, shared, covisitation.window, params)
 }
 
 /// The first `len` items by n(x) descending, ties by id: a top per bucket of items, then of the
 /// buckets' winners.
-fn popular_order<'scope>(
+pub fn popular_order<'scope>(
     item_users: &VecCollection<'scope, u64, (SmolStr, isize), isize>,
     len: usize,
-) -> VecCollection<'scope, u64, ((), Popular), isize> {
+) -> PopularOrder<'scope> {
     item_users
         .clone()
         .map(|(item, users)| {
@@ -178,16 +179,18 @@ pub fn encode_recommendations<'scope>(
 /// The popularity order's updates of one epoch, held until the epoch is complete.
 type PendingPopular = (Capability<u64>, Vec<(Popular, isize)>);
 
-/// `popular_items` (the first `len` items by n(x), ties by id) as a sink value, from worker 0,
-/// at each epoch in which it changed.
+/// `popular_items` (the first `len` items of `order`) as a sink value, from worker 0, at each
+/// epoch in which it changed.
 pub fn popular_items<'scope>(
-    item_users: &VecCollection<'scope, u64, (SmolStr, isize), isize>,
+    order: &PopularOrder<'scope>,
     len: usize,
 ) -> Stream<'scope, u64, Vec<EncodedProfile>> {
-    let updates = popular_order(item_users, len).inner;
+    let updates = order.inner.clone();
     updates.unary_frontier(Exchange::new(|_| 0), "PopularItems", |_, _| {
         let mut order: BTreeMap<Popular, isize> = BTreeMap::new();
         let mut pending: BTreeMap<u64, PendingPopular> = BTreeMap::new();
+        // The list last written: the order beyond `len` may change without it.
+        let mut written: Vec<(SmolStr, u64)> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, updates| {
                 for (((), popular), time, diff) in updates.drain(..) {
@@ -204,15 +207,18 @@ pub fn popular_items<'scope>(
                 }
                 let (epoch, (capability, updates)) = entry.remove_entry();
                 for (popular, diff) in updates {
-                    *order.entry(popular).or_insert(0) += diff;
+                    add_count(&mut order, popular, diff);
                 }
-                order.retain(|_, count| *count != 0);
-                let items: Vec<(&str, u64)> = order
+                let items: Vec<(SmolStr, u64)> = order
                     .keys()
-                    .map(|popular| (popular.item.as_str(), popular.users.0))
+                    .take(len)
+                    .map(|popular| (popular.item.clone(), popular.users.0))
                     .collect();
-                let value = EncodedProfile::popular_items(epoch, &items);
-                output.session(&capability).give(value);
+                if items != written {
+                    let value = EncodedProfile::popular_items(epoch, &items);
+                    output.session(&capability).give(value);
+                    written = items;
+                }
             }
         }
     })
@@ -229,21 +235,41 @@ struct SharedState {
     order: BTreeMap<Popular, isize>,
 }
 
-impl SharedState {
-    fn apply(&mut self, update: Shared, diff: isize) {
-        fn add<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
-            let count = map.entry(key).or_insert(0);
-            *count += diff;
-            if *count == 0 {
-                map.retain(|_, count| *count != 0);
+/// Adds `diff` to `key`'s count, dropping the key when it reaches zero.
+fn add_count<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
+    match map.entry(key) {
+        Entry::Vacant(entry) => {
+            entry.insert(diff);
+        }
+        Entry::Occupied(mut entry) => {
+            *entry.get_mut() += diff;
+            if *entry.get() == 0 {
+                entry.remove();
             }
         }
+    }
+}
+
+/// [`add_count`] on the map of `key` in `maps`, dropping the map once it is empty.
+fn add_nested<V: Ord>(
+    maps: &mut HashMap<SmolStr, BTreeMap<V, isize>>,
+    key: SmolStr,
+    value: V,
+    diff: isize,
+) {
+    let map = maps.entry(key.clone()).or_default();
+    add_count(map, value, diff);
+    if map.is_empty() {
+        maps.remove(&key);
+    }
+}
+
+impl SharedState {
+    fn apply(&mut self, update: Shared, diff: isize) {
         match update {
-            Shared::Neighbour(a, neighbour) => {
-                add(self.neighbours.entry(a).or_default(), neighbour, diff)
-            }
-            Shared::Users(item, users) => add(self.users.entry(item).or_default(), users, diff),
-            Shared::Popular(popular) => add(&mut self.order, popular, diff),
+            Shared::Neighbour(a, neighbour) => add_nested(&mut self.neighbours, a, neighbour, diff),
+            Shared::Users(item, users) => add_nested(&mut self.users, item, users, diff),
+            Shared::Popular(popular) => add_count(&mut self.order, popular, diff),
         }
     }
 
@@ -259,6 +285,7 @@ impl SharedState {
 fn score<'scope>(
     changed: Stream<'scope, u64, Vec<(UserInterest, u64)>>,
     shared: Stream<'scope, u64, Vec<(Shared, u64, isize)>>,
+    window: usize,
     params: ScoreParams,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
@@ -293,7 +320,7 @@ fn score<'scope>(
                 let mut lists: Vec<UserRecommendations> = users
                     .into_iter()
                     .map(|interest| UserRecommendations {
-                        items: user_list(&interest.history_items, &state, &params),
+                        items: user_list(&interest.history_items, &state, window, &params),
                         user_id: interest.user_id,
                         timestamp: interest.timestamp,
                         epoch,
@@ -306,17 +333,22 @@ fn score<'scope>(
 }
 
 /// One user's list from the state as of its epoch.
-fn user_list(history: &IdList, state: &SharedState, params: &ScoreParams) -> Vec<(SmolStr, f64)> {
+fn user_list(
+    history: &IdList,
+    state: &SharedState,
+    window: usize,
+    params: &ScoreParams,
+) -> Vec<(SmolStr, f64)> {
     let in_history: BTreeSet<&str> = history.iter().collect();
     // The window newest first, ties by item: the reference's order of summation.
-    let mut window: Vec<(u32, SmolStr)> = distances(history, params.window)
+    let mut window: Vec<(u32, &str)> = window_items(history.iter(), window)
         .into_iter()
         .map(|(item, k)| (k, item))
         .collect();
     window.sort_unstable();
     let mut scores: BTreeMap<&SmolStr, f64> = BTreeMap::new();
     for (k, via) in &window {
-        let Some(neighbours) = state.neighbours.get(via) else {
+        let Some(neighbours) = state.neighbours.get(*via) else {
             continue;
         };
         let weight = params.decay.powi(*k as i32);
@@ -370,8 +402,8 @@ mod tests {
     fn run(
         workers: usize,
         epochs: &[BTreeMap<String, Vec<String>>],
+        covisit: CovisitParams,
         params: ScoreParams,
-        neighbours: usize,
     ) -> Lists {
         let lists: Lists = Default::default();
         let epochs = epochs.to_vec();
@@ -380,14 +412,9 @@ mod tests {
             let lists = shared.clone();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
-                let covisit = covisitation(
-                    &interests,
-                    CovisitParams {
-                        window: params.window,
-                        neighbours,
-                    },
-                );
-                let probe = recommendations(&interests, &covisit, params)
+                let covisit = covisitation(&interests, covisit);
+                let order = popular_order(&covisit.item_users, params.popularity_len());
+                let probe = recommendations(&interests, &covisit, &order, params)
                     .inspect(move |list| lists.lock().unwrap().push((list.epoch, list.clone())))
                     .probe()
                     .0;
@@ -401,8 +428,11 @@ mod tests {
 
     #[test]
     fn lists_match_the_reference_for_every_changed_user_over_epochs_and_workers() {
-        let params = ScoreParams {
+        let covisit = CovisitParams {
             window: 5,
+            neighbours: 3,
+        };
+        let params = ScoreParams {
             recommendations_n: 4,
             decay: 0.9,
             max_history: 12,
@@ -416,7 +446,7 @@ mod tests {
         };
         let epochs = epochs(11);
         for workers in [1, 2, 4] {
-            let lists = run(workers, &epochs, params, 3);
+            let lists = run(workers, &epochs, covisit, params);
             let lists = lists.lock().unwrap();
             let mut previous: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (epoch, histories) in epochs.iter().enumerate() {
