@@ -309,15 +309,7 @@ pub fn set_phase(
             Ok((values.len() as u64, bytes))
         },
     )?;
-    Ok(RedisPhase {
-        writes: written.iter().map(|w| w.0).sum(),
-        skipped_stale: 0,
-        seconds: elapsed.as_secs_f64(),
-        command_bytes: written.iter().map(|w| w.1).sum(),
-        connections: written.len(),
-        batch,
-        depth,
-    })
+    Ok(RedisPhase::of_sets(elapsed, &written, batch, depth))
 }
 
 /// The key and encoded value of each profile of `shard`, made before the clock starts.
@@ -361,15 +353,22 @@ fn cluster_set_phase(
             Ok((values.len() as u64, bytes))
         },
     )?;
-    Ok(RedisPhase {
-        writes: written.iter().map(|w| w.0).sum(),
-        skipped_stale: 0,
-        seconds: elapsed.as_secs_f64(),
-        command_bytes: written.iter().map(|w| w.1).sum(),
-        connections: written.len(),
-        batch,
-        depth: 1,
-    })
+    Ok(RedisPhase::of_sets(elapsed, &written, batch, 1))
+}
+
+impl RedisPhase {
+    /// A phase of plain `SET`s: `written` holds each connection's (writes, bytes).
+    fn of_sets(elapsed: Duration, written: &[(u64, u64)], batch: usize, depth: usize) -> Self {
+        RedisPhase {
+            writes: written.iter().map(|w| w.0).sum(),
+            skipped_stale: 0,
+            seconds: elapsed.as_secs_f64(),
+            command_bytes: written.iter().map(|w| w.1).sum(),
+            connections: written.len(),
+            batch,
+            depth,
+        }
+    }
 }
 
 /// Reads `replies` replies and checks that each is `OK`.

@@ -187,8 +187,8 @@ impl ClusterTarget {
             .map_err(|e| SinkError::Config(format!("Redis Cluster seeds: {e}")))
     }
 
-    /// The address of each seed, for messages.
-    pub(crate) fn seed_addrs(&self) -> String {
+    /// The seeds' `host:port` addresses.
+    fn seed_addr_list(&self) -> Vec<String> {
         self.seeds
             .iter()
             .filter_map(|seed| {
@@ -199,8 +199,12 @@ impl ClusterTarget {
                     url.port().unwrap_or(6379)
                 ))
             })
-            .collect::<Vec<_>>()
-            .join(",")
+            .collect()
+    }
+
+    /// The address of each seed, for messages.
+    pub(crate) fn seed_addrs(&self) -> String {
+        self.seed_addr_list().join(",")
     }
 
     /// Asks the nodes at `known` and then the seeds, in turn, for the slot map; the first answer
@@ -210,16 +214,8 @@ impl ClusterTarget {
         known: &[String],
         io_timeout: Duration,
     ) -> Result<SlotMap, redis::RedisError> {
-        let seeds = self.seeds.iter().filter_map(|seed| {
-            let url = url::Url::parse(seed).ok()?;
-            Some(format!(
-                "{}:{}",
-                url.host_str()?,
-                url.port().unwrap_or(6379)
-            ))
-        });
         let mut last_error = None;
-        for addr in known.iter().cloned().chain(seeds) {
+        for addr in known.iter().cloned().chain(self.seed_addr_list()) {
             let ask = || -> Result<SlotMap, redis::RedisError> {
                 let client = self.client_for(&addr).map_err(|e| {
                     redis::RedisError::from((
