@@ -417,30 +417,26 @@ pub async fn recommendation(
                 ))
             })?,
     };
-    let (source, key, what) = match read_key(&state, &profile::recs_key(&user_id)).await? {
-        Some(json) => ("user", profile::recs_key(&user_id), Some(json)),
-        None => (
-            "popular",
-            profile::POPULAR_ITEMS_KEY.to_owned(),
-            read_key(&state, profile::POPULAR_ITEMS_KEY).await?,
+    let recs_key = profile::recs_key(&user_id);
+    let popular_key = profile::POPULAR_ITEMS_KEY;
+    // Each stored value parsed by its own shape; no popular items yet is an empty list.
+    let (source, key, parsed) = match read_key(&state, &recs_key).await? {
+        Some(json) => (
+            "user",
+            recs_key.as_str(),
+            serde_json::from_slice::<StoredRecommendations>(&json).map(|stored| stored.items),
         ),
+        None => match read_key(&state, popular_key).await? {
+            Some(json) => ("popular", popular_key, serde_json::from_slice(&json)),
+            None => ("popular", popular_key, Ok(Vec::new())),
+        },
     };
-    let mut items = match what {
-        None => Vec::new(),
-        Some(json) => {
-            let parsed = if source == "user" {
-                serde_json::from_slice::<StoredRecommendations>(&json).map(|stored| stored.items)
-            } else {
-                serde_json::from_slice::<Vec<serde_json::Value>>(&json)
-            };
-            parsed.map_err(|error| {
-                if let Some(suppressed) = state.warnings.allow() {
-                    tracing::error!(%error, key, suppressed, "a stored value is not what the dataflow writes");
-                }
-                AppError::CorruptValue("recommendations")
-            })?
+    let mut items = parsed.map_err(|error| {
+        if let Some(suppressed) = state.warnings.allow() {
+            tracing::error!(%error, key, suppressed, "a stored value is not what the dataflow writes");
         }
-    };
+        AppError::CorruptValue("recommendations")
+    })?;
     items.truncate(k);
     Ok(Json(RecommendationResponse {
         user_id,
