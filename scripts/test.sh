@@ -28,6 +28,9 @@ fi
 
 export STREAMREC_TEST_BROKERS=${STREAMREC_TEST_BROKERS:-127.0.0.1:$kafka_port}
 export STREAMREC_TEST_REDIS=${STREAMREC_TEST_REDIS:-redis://127.0.0.1:$redis_port/0}
+# The binaries the tests start write their checkpoints under target/, not into the source tree
+# (a test that cares passes --checkpoint-dir).
+export CHECKPOINT_DIR=${CHECKPOINT_DIR:-$ROOT/target/test-checkpoints}
 echo "test.sh: STREAMREC_TEST_BROKERS=$STREAMREC_TEST_BROKERS STREAMREC_TEST_REDIS=$STREAMREC_TEST_REDIS" >&2
 
 rc=0

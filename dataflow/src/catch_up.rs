@@ -63,7 +63,9 @@ pub enum NeverPlain {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionStart {
     pub partition: i32,
-    /// Its first offset (low watermark) now.
+    /// The first offset whose message the rebuilt state needs from the partition: its first
+    /// offset (low watermark) now, or 0 after a checkpoint that holds everything before the
+    /// messages still there.
     pub first: i64,
     /// The offset the worker reads on from after its replay: the committed one, or `first`.
     pub resume: i64,

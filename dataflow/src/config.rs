@@ -72,6 +72,24 @@ pub struct Config {
     #[arg(long, env = "NEIGHBOURS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub neighbours: u64,
 
+    /// Checkpoints (README, Restarts and checkpoints): on, every worker writes its state every
+    /// --checkpoint-interval and on a clean shutdown, and a restart loads the newest complete
+    /// checkpoint and replays only the messages after it; off, a restart replays every
+    /// partition up to the committed offsets.
+    #[arg(long, env = "CHECKPOINTS", value_enum, default_value_t = Switch::On)]
+    pub checkpoints: Switch,
+
+    /// Directory of the checkpoints, one subdirectory per consumer group and topic. Every
+    /// process of a computation must see the same directory (on several hosts, a shared file
+    /// system).
+    #[arg(long, env = "CHECKPOINT_DIR", default_value = "checkpoints")]
+    pub checkpoint_dir: PathBuf,
+
+    /// Time between checkpoints: seconds, or a number with ms, s or m (500ms, 30s, 5m); at
+    /// least 100ms.
+    #[arg(long, env = "CHECKPOINT_INTERVAL", default_value = "60s", value_parser = parse_interval)]
+    pub checkpoint_interval: std::time::Duration,
+
     /// Print per-epoch statistics as JSON lines instead of human lines (both on stdout; logs go
     /// to stderr).
     #[arg(long)]
@@ -146,6 +164,29 @@ fn parse_decay(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A duration: a number of seconds, or a number with the unit ms, s or m; at least 100 ms.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number with an optional unit (ms, s, m)"))?;
+    let millis = match unit.trim() {
+        "ms" => Some(number),
+        "" | "s" => number.checked_mul(1_000),
+        "m" => number.checked_mul(60_000),
+        other => return Err(format!("unknown unit {other:?}: use ms, s or m")),
+    }
+    .ok_or_else(|| format!("{text:?} is too long"))?;
+    if millis < 100 {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(std::time::Duration::from_millis(millis))
+}
+
 /// A feature switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Switch {
@@ -168,6 +209,32 @@ impl Config {
                 first_scored_time: crate::epoch::FIRST_LIVE_TIME,
             },
         })
+    }
+
+    /// The checkpoints' settings when they are on, for a features file of dimension `dim`.
+    pub fn checkpoint_settings(
+        &self,
+        dim: usize,
+    ) -> std::io::Result<Option<crate::checkpoint::take::Settings>> {
+        if self.checkpoints == Switch::Off {
+            return Ok(None);
+        }
+        let compatibility = crate::checkpoint::payload::Compatibility {
+            profile_topic: self.shared.topic.clone(),
+            item_topic: self.item_topic.clone(),
+            max_history: self.shared.max_history as u64,
+            dim: dim as u32,
+            features_file: crate::checkpoint::payload::Fingerprint::of(&self.item_features)?,
+        };
+        Ok(Some(crate::checkpoint::take::Settings {
+            dir: crate::checkpoint::scoped_dir(
+                &self.checkpoint_dir,
+                &self.group,
+                &self.shared.topic,
+            ),
+            interval_ms: self.checkpoint_interval.as_millis() as u64,
+            compatibility,
+        }))
     }
 
     /// The Redis the profiles go to, as the sink takes it: URL (or cluster seeds), CA file,
@@ -311,6 +378,21 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_intervals_take_a_unit() {
+        use std::time::Duration;
+        assert_eq!(parse_interval("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_interval("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("5m"), Ok(Duration::from_secs(300)));
+        for bad in ["", "s", "10h", "50ms", "-1", "1.5s"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+        let config = Config::try_parse_from(["dataflow"]).unwrap();
+        assert_eq!(config.checkpoints, Switch::On);
+        assert_eq!(config.checkpoint_interval, Duration::from_secs(60));
+    }
+
+    #[test]
     fn hostfile_lines_name_the_processes() {
         let path = std::env::temp_dir().join(format!("streamrec-hosts-{}", std::process::id()));
         std::fs::write(&path, "# two hosts\n127.0.0.1:3001\n\n127.0.0.1:3002\n").unwrap();
@@ -346,6 +428,9 @@ mod tests {
             "MESSAGE_ENCODING",
             "KAFKA_CONFIG_FILE",
             "-X, --kafka-property",
+            "CHECKPOINTS",
+            "CHECKPOINT_DIR",
+            "CHECKPOINT_INTERVAL",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
         }

@@ -142,6 +142,19 @@ impl OffsetLedger {
         positions
     }
 
+    /// Per partition read in an epoch before `frontier`, the next offset to read, as
+    /// [`complete_before`](Self::complete_before) would return it, forgetting nothing.
+    pub fn positions_before(&self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
+        let mut positions = BTreeMap::new();
+        for offsets in self.epochs.range(..frontier).map(|(_, offsets)| offsets) {
+            for (&partition, &offset) in offsets {
+                let next = positions.entry(partition).or_insert(offset + 1);
+                *next = (*next).max(offset + 1);
+            }
+        }
+        positions
+    }
+
     /// Whether any epoch is waiting.
     pub fn is_empty(&self) -> bool {
         self.epochs.is_empty()
@@ -234,6 +247,11 @@ mod tests {
         ledger.observe(200, (0, 0), 9);
         ledger.observe(300, (1, 0), 2);
         assert!(ledger.complete_before(100).is_empty());
+        assert_eq!(
+            ledger.positions_before(250),
+            BTreeMap::from([((0, 0), 10), ((0, 1), 8)]),
+            "what the commit will be, read ahead"
+        );
         let done = ledger.complete_before(250);
         assert_eq!(done, BTreeMap::from([((0, 0), 10), ((0, 1), 8)]));
         assert!(!ledger.is_empty());

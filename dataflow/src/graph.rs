@@ -24,6 +24,7 @@ use std::rc::Rc;
 use differential_dataflow::VecCollection;
 use timely::dataflow::Stream;
 
+use crate::checkpoint::take::StateHandles;
 use crate::interest::{interest_profiles, InterestParams};
 use crate::model::{FeatureEvent, ProfileEvent, UserInterest};
 use crate::output::{encode_outputs, write_epochs, EpochWriter, PlainWrites, WriterThread};
@@ -55,6 +56,15 @@ pub struct RecommendSetup {
     pub scores: crate::recommend::scores::ScoreParams,
 }
 
+/// What the dataflow computes and keeps besides the profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Options {
+    /// With recommendations, their settings.
+    pub recommend: Option<RecommendSetup>,
+    /// Whether to return handles to the state, for checkpoints.
+    pub keep_state: bool,
+}
+
 /// What [`build`] returns to its driver.
 pub struct Built<'scope> {
     /// The interest collection: every local user's current output, as (user's value, epoch,
@@ -64,6 +74,8 @@ pub struct Built<'scope> {
     pub written: Stream<'scope, u64, Vec<u64>>,
     /// The writer's thread, which the driver joins when it stops.
     pub writer_thread: WriterThread,
+    /// With checkpoints, handles to the state they read (see [`crate::checkpoint::take`]).
+    pub state: Option<StateHandles>,
 }
 
 impl std::fmt::Debug for Built<'_> {
@@ -76,12 +88,13 @@ impl std::fmt::Debug for Built<'_> {
 
 /// Builds the dataflow on the three input streams: profile events, feature events, and each
 /// worker's index at the epoch it caught up with the read marks (see [`crate::catch_up`]).
+/// With `options.keep_state`, returns handles to the state for checkpoints.
 pub fn build<'scope, W: EpochWriter>(
     profile_events: Stream<'scope, u64, Vec<ProfileEvent>>,
     feature_events: Stream<'scope, u64, Vec<FeatureEvent>>,
     caught_up: Stream<'scope, u64, Vec<u64>>,
     params: InterestParams,
-    recommend: Option<RecommendSetup>,
+    options: Options,
     writer: WriterSetup<W>,
     stats: Rc<RefCell<StatsBoard>>,
 ) -> Built<'scope> {
@@ -94,11 +107,17 @@ pub fn build<'scope, W: EpochWriter>(
     let profiles = arrange_profiles(profile_events, items.clone(), users.clone(), stats.clone());
     let features = arrange_features(feature_events);
     let changes = feature_changes(&features);
+    let state = options.keep_state.then(|| StateHandles {
+        profiles: profiles.trace.clone(),
+        features: features.trace.clone(),
+        items: items.clone(),
+        users: users.clone(),
+    });
     let interests = interest_profiles(&profiles, changes, items, users, params);
-    // The handles returned with the arrangements are dropped here, so that they hold no
-    // compaction back; an operator that reads a trace keeps a handle of its own.
+    // Otherwise the handles returned with the arrangements are dropped here, so that they hold
+    // no compaction back; an operator that reads a trace keeps a handle of its own.
     let mut values = encode_outputs(interests.clone());
-    if let Some(setup) = recommend {
+    if let Some(setup) = options.recommend {
         // Each changed user's fresh list and, from worker 0, popular_items when it changes: to
         // Redis with the profiles of the same epoch.
         let covisitation = covisitation(&interests, setup.covisit);
@@ -128,5 +147,6 @@ pub fn build<'scope, W: EpochWriter>(
         interests,
         written,
         writer_thread,
+        state,
     }
 }

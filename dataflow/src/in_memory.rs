@@ -190,7 +190,7 @@ pub fn run_in_memory_with(
                 feature_input.to_stream(scope),
                 caught_up,
                 params,
-                None,
+                crate::graph::Options::default(),
                 WriterSetup {
                     writer,
                     plain_writes: PlainWrites::Never,

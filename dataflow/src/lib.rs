@@ -12,8 +12,8 @@
 //! [`source`] reads Kafka, [`epoch`] maps offsets to epochs, [`replay`] rebuilds the state on
 //! start, [`catch_up`] says when values may be written without the no-regression check, and
 //! [`run`] is the worker loop around them all; [`metrics`] serves what it counts to Prometheus.
-//! [`checkpoint`] is the file layer of checkpoints (format, atomic write, pruning), which the
-//! worker loop does not use yet.
+//! [`checkpoint`] writes each worker's state as of a durable time and restores the newest
+//! complete checkpoint on start, so that a restart replays only what came after it.
 
 pub mod catch_up;
 pub mod checkpoint;

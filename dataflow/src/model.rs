@@ -86,6 +86,36 @@ impl IdList {
         std::hint::black_box(text.chain(ends).fold(0u32, u32::wrapping_add));
     }
 
+    /// Adds `id` at the end.
+    pub fn push(&mut self, id: &str) {
+        self.text.push_str(id);
+        // A list's text stays far below 4 GiB: a message is at most a few megabytes, and a
+        // checkpoint's id lists hold one worker's ids.
+        self.ends.push(self.text.len() as u32);
+    }
+
+    /// Id `i`; panics if there is none, like indexing.
+    pub fn get(&self, i: usize) -> &str {
+        let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.text[start as usize..self.ends[i] as usize]
+    }
+
+    /// The bytes of all ids together.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Whether every id's end is in order, within the text and on a character boundary: true
+    /// of every list built here, checked for one decoded from a file.
+    pub fn is_well_formed(&self) -> bool {
+        let mut start = 0;
+        self.ends.iter().all(|&end| {
+            let ok = start <= end && self.text.is_char_boundary(end as usize);
+            start = end;
+            ok
+        })
+    }
+
     /// Number of ids.
     pub fn len(&self) -> usize {
         self.ends.len()
@@ -176,6 +206,18 @@ impl FeatureVector {
     /// The values.
     pub fn values(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
         self.0.iter().map(|&bits| f32::from_bits(bits))
+    }
+
+    /// The values' bit patterns, as a checkpoint stores them.
+    pub fn bits(&self) -> &[u32] {
+        &self.0
+    }
+
+    /// The vector of these bit patterns; `None` if a value is out of bounds, as for
+    /// [`FeatureVector::new`].
+    pub fn from_bits(bits: &[u32]) -> Option<Self> {
+        let values: Vec<f32> = bits.iter().map(|&bits| f32::from_bits(bits)).collect();
+        Self::new(&values)
     }
 
     /// Number of values.

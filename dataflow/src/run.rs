@@ -16,13 +16,15 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Concat, Inspect, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
+use crate::checkpoint::restore::{self, Restore};
+use crate::checkpoint::take::Checkpointer;
 use crate::config::{CheckedWrites, Config};
 use crate::epoch::{Epoch, EpochClock, EpochTally};
-use crate::features::{FeaturesError, FeaturesFile, LoadedFeatures};
+use crate::features::{FeaturesError, FeaturesFile};
 use crate::graph::WriterSetup;
 use crate::interest::InterestParams;
 use crate::metrics::{Metrics, MetricsError, MetricsServer, WorkerMetrics, WriterMetrics};
-use crate::model::{EncodedProfile, FeatureEvent};
+use crate::model::{EncodedProfile, FeatureEvent, ProfileEvent};
 use crate::output::{EpochWriter, PlainWrites, WriteStopped, WriterError, WriterThread, Written};
 use crate::source::{KafkaSource, Polled, RejectedProfiles, SourceConfig, SourceError};
 use crate::stats::{EpochCounters, StatsBoard, StatsOut};
@@ -37,8 +39,12 @@ pub enum RunError {
     /// worker of the process).
     #[error(transparent)]
     FeaturesRows(Arc<FeaturesError>),
-    #[error("cannot start the thread that loads the item features: {0}")]
+    #[error("cannot start the thread that loads the item features or the checkpoint: {0}")]
     FeaturesThread(std::io::Error),
+    #[error(
+        "cannot read the item features file's length and modification time for checkpoints: {0}"
+    )]
+    CheckpointSettings(std::io::Error),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("Redis: {0}")]
@@ -175,25 +181,33 @@ impl EpochWriter for RedisWriter {
 /// before the last commit.
 const SHUTDOWN_DEAD_LETTER_WAIT: Duration = Duration::from_secs(10);
 
-/// The features file's rows, read by a thread of their own while the workers connect and start
-/// reading Kafka (they wait in the dataflow: epoch 0 cannot complete without them), then handed
-/// to the process's workers a share each and dropped: the features arrangement holds the rows
-/// from then on, and a second copy held for the whole run would cost as much memory again as
-/// the file (docs/performance.md).
+/// What a worker sends in the first epoch to build its state: its share of the features
+/// file's rows, or of a restored checkpoint's profiles and features.
+#[derive(Debug, Default)]
+struct Share {
+    profiles: Vec<ProfileEvent>,
+    features: Vec<FeatureEvent>,
+}
+
+/// The initial state, read by a thread of its own while the workers connect and start reading
+/// Kafka (they wait in the dataflow: epoch 0 cannot complete without it), then handed to the
+/// process's workers a share each and dropped: the arrangements hold it from then on, and a
+/// second copy held for the whole run would cost as much memory again as the file
+/// (docs/performance.md).
 #[derive(Debug)]
-struct InitialFeatures {
+struct InitialState {
     dim: usize,
     /// The global index of the process's first worker.
     first_worker: usize,
-    /// `None` while the rows are read. Then the shares of the process's workers, by local
-    /// index, each until its worker takes it (row `i` of the file goes to worker `i` mod the
-    /// number of workers, over all processes), or why the rows could not be read.
+    /// `None` while the state is read. Then the shares of the process's workers, by local
+    /// index, each until its worker takes it, or why the features file's rows could not be
+    /// read.
     loaded: Mutex<Option<LoadedShares>>,
 }
 
-impl InitialFeatures {
+impl InitialState {
     fn new(dim: usize, first_worker: usize) -> Self {
-        InitialFeatures {
+        InitialState {
             dim,
             first_worker,
             loaded: Mutex::new(None),
@@ -206,25 +220,14 @@ impl InitialFeatures {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Keeps the shares of the `local_workers` workers from `first_worker` on; the other
-    /// processes' shares are dropped at once.
-    fn fill(&self, loaded: Result<LoadedFeatures, FeaturesError>, local_workers: usize) {
-        let local = loaded
-            .map(|loaded| {
-                loaded
-                    .shares
-                    .into_iter()
-                    .skip(self.first_worker)
-                    .take(local_workers)
-                    .collect()
-            })
-            .map_err(Arc::new);
-        *self.lock() = Some(local);
+    /// Keeps the shares of the process's workers.
+    fn fill(&self, shares: LoadedShares) {
+        *self.lock() = Some(shares);
     }
 
     /// The share of the worker with global index `index`, once (it is moved out), or `None`
-    /// while the rows are still being read.
-    fn take_share(&self, index: usize) -> Option<Result<Vec<FeatureEvent>, RunError>> {
+    /// while the state is still being read.
+    fn take_share(&self, index: usize) -> Option<Result<Share, RunError>> {
         match &mut *self.lock() {
             None => None,
             Some(Ok(shares)) => Some(Ok(index
@@ -237,16 +240,17 @@ impl InitialFeatures {
     }
 }
 
-/// What the features loader leaves: the local workers' shares, or why the rows could not be
-/// read.
-type LoadedShares = Result<Vec<Vec<FeatureEvent>>, Arc<FeaturesError>>;
+/// What the loading thread leaves: the local workers' shares, or why the features file's rows
+/// could not be read.
+type LoadedShares = Result<Vec<Share>, Arc<FeaturesError>>;
 
 /// Reads the rows of `file` on a thread of its own into `initial`, one share per worker of the
-/// computation as timely numbers them (process p's are p * workers .. (p + 1) * workers).
+/// computation as timely numbers them (process p's are p * workers .. (p + 1) * workers): row
+/// `i` of the file goes to worker `i` mod the number of workers, over all processes.
 fn load_features_in_background(
     file: FeaturesFile,
     config: &Config,
-    initial: Arc<InitialFeatures>,
+    initial: Arc<InitialState>,
 ) -> Result<std::thread::JoinHandle<()>, RunError> {
     let workers = config.workers as usize;
     let shares = workers * config.processes as usize;
@@ -266,9 +270,65 @@ fn load_features_in_background(
                     "loaded item features"
                 );
             }
-            initial.fill(loaded, workers);
+            let local = loaded
+                .map(|loaded| {
+                    loaded
+                        .shares
+                        .into_iter()
+                        .skip(initial.first_worker)
+                        .take(workers)
+                        .map(|features| Share {
+                            profiles: Vec::new(),
+                            features,
+                        })
+                        .collect()
+                })
+                .map_err(Arc::new);
+            initial.fill(local);
         })
         .map_err(RunError::FeaturesThread)
+}
+
+/// Turns the restored checkpoint into the process's workers' shares on a thread of its own
+/// (see [`crate::checkpoint::restore`]); the features file is not read: the checkpoint holds
+/// every item's features.
+fn load_checkpoint_in_background(
+    mut restore: Restore,
+    config: &Config,
+    initial: Arc<InitialState>,
+) -> Result<std::thread::JoinHandle<()>, RunError> {
+    let workers = config.workers as usize;
+    let peers = workers * config.processes as usize;
+    let started = Instant::now();
+    std::thread::Builder::new()
+        .name("checkpoint".to_owned())
+        .spawn(move || {
+            let shares: Vec<Share> = (initial.first_worker..initial.first_worker + workers)
+                .map(|index| {
+                    let (profiles, features) = restore.take_events(index, peers);
+                    Share { profiles, features }
+                })
+                .collect();
+            tracing::info!(
+                time = restore.time,
+                written_by_workers = restore.peers,
+                profiles = shares.iter().map(|s| s.profiles.len()).sum::<usize>(),
+                items = shares.iter().map(|s| s.features.len()).sum::<usize>(),
+                seconds = started.elapsed().as_secs_f64(),
+                "loaded the checkpoint (this process's share)"
+            );
+            initial.fill(Ok(shares));
+        })
+        .map_err(RunError::FeaturesThread)
+}
+
+/// What a restored checkpoint tells every worker.
+#[derive(Debug, Clone)]
+struct Restored {
+    /// The checkpoint's time: the run's checkpoints come after it.
+    time: u64,
+    /// Where its state ends in each partition.
+    offsets: Arc<BTreeMap<crate::epoch::SourcePartition, i64>>,
 }
 
 /// Runs the dataflow until Ctrl-C or SIGTERM, then finishes the open epoch, writes and commits
@@ -283,14 +343,45 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
         _ => None,
     };
     // The header now, so that a bad file is refused before anything is written; the rows
-    // meanwhile.
+    // meanwhile, unless a checkpoint holds the features.
     let features_file = FeaturesFile::open(&config.item_features)?;
-    let features = Arc::new(InitialFeatures::new(
+    let checkpoints = config
+        .checkpoint_settings(features_file.dim())
+        .map_err(RunError::CheckpointSettings)?;
+    let restore = checkpoints
+        .as_ref()
+        .and_then(|settings| restore::find(&settings.dir, &settings.compatibility));
+    let initial = Arc::new(InitialState::new(
         features_file.dim(),
         config.process as usize * config.workers as usize,
     ));
-    let loader = load_features_in_background(features_file, &config, features.clone())?;
-    let result = run_computation(config, shutdown, features, metrics, started);
+    let (loader, restored) = match restore {
+        Some(restore) => {
+            tracing::info!(
+                time = restore.time,
+                partitions = restore.offsets.len(),
+                "restoring the newest checkpoint: replaying only the messages after it"
+            );
+            let restored = Restored {
+                time: restore.time,
+                offsets: Arc::new(restore.offsets.clone()),
+            };
+            (
+                load_checkpoint_in_background(restore, &config, initial.clone())?,
+                Some(restored),
+            )
+        }
+        None => (
+            load_features_in_background(features_file, &config, initial.clone())?,
+            None,
+        ),
+    };
+    let start = Start {
+        initial,
+        checkpoints,
+        restored,
+    };
+    let result = run_computation(config, shutdown, start, metrics, started);
     // The loader's lines (rows skipped, rows loaded) belong to the start of the run, even of a
     // run that failed before it needed them: it is waited for, not cut off at exit. (By the
     // end of a run that got going it is done: every worker waited for its share.)
@@ -298,12 +389,21 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
     result
 }
 
-/// The rest of [`run`], once the rows of the features file are being read: the checks that
-/// precede any write, then the timely computation.
+/// How the workers start: the initial state being read, the checkpoints' settings, and the
+/// checkpoint restored, if any.
+#[derive(Debug)]
+struct Start {
+    initial: Arc<InitialState>,
+    checkpoints: Option<crate::checkpoint::take::Settings>,
+    restored: Option<Restored>,
+}
+
+/// The rest of [`run`], once the initial state is being read: the checks that precede any
+/// write, then the timely computation.
 fn run_computation(
     config: Config,
     shutdown: Arc<AtomicBool>,
-    features: Arc<InitialFeatures>,
+    start: Start,
     metrics: Option<Arc<Metrics>>,
     started: Instant,
 ) -> Result<Summary, RunError> {
@@ -323,24 +423,17 @@ fn run_computation(
         .timely()
         .map_err(|e| RunError::Timely(e.to_string()))?;
     let summary = Arc::new(Mutex::new(Summary::default()));
-    let shared = Arc::new((config, features));
+    let shared = Arc::new((config, start));
     let summary_in = summary.clone();
     // Set by the first worker whose writer stops, so that the process's other workers stop too.
     let writer_stopped = Arc::new(AtomicBool::new(false));
     let guards = timely::execute(timely_config, move |worker| {
-        let (config, features) = &*shared;
+        let (config, start) = &*shared;
         let stop = Stop {
             shutdown: &shutdown,
             writer_stopped: &writer_stopped,
         };
-        worker_loop(
-            worker,
-            config,
-            features,
-            stop,
-            &summary_in,
-            metrics.as_ref(),
-        )
+        worker_loop(worker, config, start, stop, &summary_in, metrics.as_ref())
     })
     .map_err(RunError::Timely)?;
     let mut failure: Option<RunError> = None;
@@ -378,7 +471,7 @@ struct Stop<'a> {
 fn worker_loop(
     worker: &mut timely::worker::Worker,
     config: &Config,
-    features: &InitialFeatures,
+    start: &Start,
     stop: Stop<'_>,
     summary: &Arc<Mutex<Summary>>,
     metrics: Option<&Arc<Metrics>>,
@@ -386,8 +479,9 @@ fn worker_loop(
     let (index, peers) = (worker.index(), worker.peers());
     // Before any worker reads the read marks or opens its sink: older runs must stop writing.
     let take_over = agree_on_take_over(worker, config)?;
+    let initial = &start.initial;
     let params = InterestParams {
-        dim: features.dim,
+        dim: initial.dim,
         decay: config.decay,
     };
     let source_config = SourceConfig {
@@ -398,12 +492,13 @@ fn worker_loop(
         dlq_topic: config.dlq_topic.clone(),
         encoding: config.shared.encoding,
         max_history: config.shared.max_history,
-        dim: features.dim,
+        dim: initial.dim,
         read_marks: read_marks_config(config),
         kafka: config.shared.kafka().clone(),
     };
     let rejected = RejectedProfiles::new(&source_config).map_err(SourceError::from)?;
-    let mut source = KafkaSource::new(source_config, index, peers)?;
+    let restored_offsets = start.restored.as_ref().map(|restored| &*restored.offsets);
+    let mut source = KafkaSource::new(source_config, index, peers, restored_offsets)?;
     let mut worker_metrics = metrics.map(|metrics| {
         WorkerMetrics::new(metrics.clone(), source.topics().clone(), source.assigned())
     });
@@ -422,9 +517,15 @@ fn worker_loop(
     let board = Rc::new(RefCell::new(StatsBoard::default()));
     let mut profile_input = InputHandle::new();
     let mut feature_input = InputHandle::new();
-    // The features file's rows, at epoch 0 only: held open until this worker's share is read,
-    // so that no epoch completes without the file, while the worker reads Kafka meanwhile.
+    // The initial state, at epoch 0 only: the features file's rows, or a restored checkpoint's
+    // features and profiles. Held open until this worker's share is read, so that no epoch
+    // completes without it, while the worker reads Kafka meanwhile.
     let mut file_input = InputHandle::new();
+    let mut restored_input = InputHandle::new();
+    // Each worker's last epoch, once, at shutdown: the final checkpoint's time is the greatest.
+    let mut closing_input = InputHandle::new();
+    let closing_probe = ProbeHandle::new();
+    let last_epoch = Rc::new(std::cell::Cell::new(0u64));
     let mut stats_input = InputHandle::new();
     // Each worker's index, once, at the epoch it caught up with the read marks.
     let mut caught_up_input = InputHandle::new();
@@ -435,16 +536,22 @@ fn worker_loop(
         CheckedWrites::Always | CheckedWrites::UntilCaughtUp => PlainWrites::Never,
     };
     let probe = ProbeHandle::new();
+    let mut clock = EpochClock::new(config.epoch_ms);
     let dataflow = worker.next_dataflow_index();
-    let writer_thread = worker.dataflow::<u64, _, _>(|scope| {
+    let (writer_thread, state) = worker.dataflow::<u64, _, _>(|scope| {
         let built = crate::graph::build(
-            profile_input.to_stream(scope),
+            profile_input
+                .to_stream(scope)
+                .concat(restored_input.to_stream(scope)),
             feature_input
                 .to_stream(scope)
                 .concat(file_input.to_stream(scope)),
             caught_up_input.to_stream(scope),
             params,
-            config.recommend_setup(),
+            crate::graph::Options {
+                recommend: config.recommend_setup(),
+                keep_state: start.checkpoints.is_some(),
+            },
             WriterSetup {
                 writer,
                 plain_writes,
@@ -459,16 +566,34 @@ fn worker_loop(
             summary.clone(),
             metrics.cloned(),
         );
-        built.writer_thread
+        let last = last_epoch.clone();
+        closing_input
+            .to_stream(scope)
+            .broadcast()
+            .inspect(move |&time: &u64| last.set(last.get().max(time)))
+            .probe_with(&closing_probe);
+        (built.writer_thread, built.state)
     });
+    let mut checkpointer = start
+        .checkpoints
+        .clone()
+        .zip(state)
+        .filter(|_| std::env::var("XXNOCK").is_err())
+        .map(|(settings, state)| {
+            let now_ms = clock.now().time();
+            let after = start
+                .restored
+                .as_ref()
+                .map_or(now_ms, |restored| restored.time.max(now_ms));
+            Checkpointer::new(settings, index, peers, state, after)
+        });
     // Whether this worker's writer, or another worker's, stopped for good.
     let writing_stopped = |writer_thread: &WriterThread| {
         writer_thread.has_stopped() || stop.writer_stopped.load(Ordering::Relaxed)
     };
 
-    // The inputs start at replay epoch 0: the features file and the replay of every partition
+    // The inputs start at replay epoch 0: the initial state and the replay of every partition
     // up to its committed offset (see crate::replay), before any live epoch.
-    let mut clock = EpochClock::new(config.epoch_ms);
     let mut epoch = Epoch::START;
     let mut tick = clock.now();
     // The stats input is deliberately not advanced with the data inputs: another worker may
@@ -476,9 +601,9 @@ fn worker_loop(
     // still travel at that epoch's time. It advances only past epochs the probe has seen
     // complete (see finish_epochs).
 
-    // The features file enters in epoch 0, each worker sending its share of the rows once they
-    // are read, then closing the input.
-    let mut file_input = Some(file_input);
+    // The initial state enters in epoch 0, each worker sending its share once it is read, then
+    // closing the inputs.
+    let mut initial_inputs = Some((file_input, restored_input));
 
     let started = Instant::now();
     // The messages read into epochs not yet stored: reading is far cheaper than computing and
@@ -489,7 +614,7 @@ fn worker_loop(
     let mut reported = epoch;
     let mut told_caught_up = false;
     loop {
-        if let Err(error) = hand_over_file_features(&mut file_input, features, index) {
+        if let Err(error) = hand_over_initial_state(&mut initial_inputs, initial, index) {
             return Err(stop_unread_features(worker, dataflow, writer_thread, error));
         }
         // At the epoch of the read that caught up, or at epoch 0 with nothing to catch up, so
@@ -580,6 +705,13 @@ fn worker_loop(
         }
         let done = probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
         if done > reported.time() {
+            // Before the commit, which forgets the offsets of the epochs it passes.
+            if let Some(checkpointer) = &mut checkpointer {
+                let durable = source
+                    .uncommittable_from()
+                    .map_or(done, |waiting| waiting.min(done));
+                checkpointer.on_durable(durable, |time| source.positions_before(time));
+            }
             finish_epochs(done, &mut source, &board, &mut stats_input);
             if let Some(metrics) = &mut worker_metrics {
                 record_metrics(metrics, &mut source, &mut board.borrow_mut());
@@ -603,9 +735,9 @@ fn worker_loop(
         epoch = epoch.time(),
         "shutting down: finishing the open epoch"
     );
-    // The open epoch cannot complete without the features file.
-    while file_input.is_some() {
-        if let Err(error) = hand_over_file_features(&mut file_input, features, index) {
+    // The open epoch cannot complete without the initial state.
+    while initial_inputs.is_some() {
+        if let Err(error) = hand_over_initial_state(&mut initial_inputs, initial, index) {
             return Err(stop_unread_features(worker, dataflow, writer_thread, error));
         }
         worker.step_or_park(Some(Duration::from_millis(1)));
@@ -629,6 +761,16 @@ fn worker_loop(
     if let Some(metrics) = &mut worker_metrics {
         record_metrics(metrics, &mut source, &mut board.borrow_mut());
     }
+    // Every worker tells the others its last epoch, so that all name the final checkpoint
+    // alike.
+    closing_input.send(epoch.time());
+    drop(closing_input);
+    while !closing_probe.done() {
+        if writing_stopped(&writer_thread) {
+            return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
+        }
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
     // Closing the inputs lets the dataflow run to its end: the last stats, and the values of
     // later epochs of workers whose clock closed theirs later, which may come to this worker's
     // writer. Only then is the writer thread done.
@@ -642,30 +784,50 @@ fn worker_loop(
     // Everything handed to it is stored: the thread ends at once.
     writer_thread
         .finish()
-        .map_err(|error| writer_error(index, error))
+        .map_err(|error| writer_error(index, error))?;
+    if let Some(checkpointer) = checkpointer {
+        if source.dead_letters_unacknowledged() > 0 {
+            tracing::warn!(
+                worker = index,
+                "no checkpoint at shutdown: dead-letter copies are unacknowledged, so the next \
+                 run must read their messages again"
+            );
+        } else {
+            // The dataflow has ended: the state holds every epoch of every worker, and the
+            // offsets every message this worker read.
+            checkpointer.finish(last_epoch.get(), source.positions_before(u64::MAX));
+        }
+    }
+    Ok(())
 }
 
 /// The input of the features file's rows, at epoch 0.
 type FileInput = InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<FeatureEvent>>>;
+/// The input of a restored checkpoint's profiles, at epoch 0.
+type RestoredInput =
+    InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<ProfileEvent>>>;
 
-/// Sends this worker's share of the features file and closes `input` once the rows are read;
-/// until then leaves it open. Never waits.
-fn hand_over_file_features(
-    input: &mut Option<FileInput>,
-    features: &InitialFeatures,
+/// Sends this worker's share of the initial state and closes the `inputs` once it is read;
+/// until then leaves them open. Never waits.
+fn hand_over_initial_state(
+    inputs: &mut Option<(FileInput, RestoredInput)>,
+    initial: &InitialState,
     index: usize,
 ) -> Result<(), RunError> {
-    let Some(handle) = input else {
+    let Some((features, profiles)) = inputs else {
         return Ok(());
     };
-    match features.take_share(index) {
+    match initial.take_share(index) {
         None => Ok(()),
         Some(Ok(share)) => {
-            for event in share {
-                handle.send(event);
+            for event in share.features {
+                features.send(event);
             }
-            // Dropped, the handle closes the input: epoch 0 may complete.
-            *input = None;
+            for event in share.profiles {
+                profiles.send(event);
+            }
+            // Dropped, the handles close the inputs: epoch 0 may complete.
+            *inputs = None;
             Ok(())
         }
         Some(Err(error)) => Err(error),

@@ -348,17 +348,20 @@ pub(super) fn assignment(
     Ok(assigned)
 }
 
-/// The assignment to read live with: a replayed partition from where its replay ended, any
-/// other from the group's committed offset (or its beginning, if it has none).
+/// The assignment to read live with: a replayed partition from where its replay ended, one a
+/// restored checkpoint covers from `live_from`, any other from the group's committed offset
+/// (or its beginning, if it has none).
 pub(super) fn live_assignment(
     topics: &[String; 2],
     assigned: &[SourcePartition],
     replay: Option<&Replay>,
+    live_from: &BTreeMap<SourcePartition, i64>,
 ) -> Result<TopicPartitionList, KafkaError> {
     let mut live = TopicPartitionList::new();
     for &(topic, partition) in assigned {
         let start = replay
             .and_then(|replay| replay.resume_offset(&(topic, partition)))
+            .or_else(|| live_from.get(&(topic, partition)).copied())
             .map_or(Offset::Stored, Offset::Offset);
         live.add_partition_offset(&topics[topic], partition, start)?;
     }

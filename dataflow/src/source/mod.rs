@@ -129,8 +129,11 @@ pub struct KafkaSource {
     /// [`take_read_counts`](Self::take_read_counts)).
     read_counts: PartitionTally,
     /// Each assigned partition's offset committed last (or where reading started), for its
-    /// lag.
+    /// lag and for checkpoints.
     committed: BTreeMap<SourcePartition, i64>,
+    /// Where live reading starts for partitions a restored checkpoint covers (the others start
+    /// at their committed offsets).
+    live_from: BTreeMap<SourcePartition, i64>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -146,13 +149,22 @@ impl KafkaSource {
     /// beginning, to replay each partition up to the group's committed offset, if it has one;
     /// then (see [`poll`](Self::poll)) from that offset, or from the beginning for a partition
     /// never committed.
-    pub fn new(config: SourceConfig, index: usize, peers: usize) -> Result<Self, SourceError> {
+    ///
+    /// With `checkpoint`, the offsets a restored checkpoint's state ends at (see
+    /// [`crate::checkpoint`]), each partition it covers is replayed from there instead of from
+    /// its beginning.
+    pub fn new(
+        config: SourceConfig,
+        index: usize,
+        peers: usize,
+        checkpoint: Option<&BTreeMap<SourcePartition, i64>>,
+    ) -> Result<Self, SourceError> {
         let consumer = consumer::consumer(&config, index)?;
         let dlq = consumer::dead_letter_producer(&config)?;
 
         let topics = [config.profile_topic.clone(), config.item_topic.clone()];
         let assigned = consumer::assignment(&consumer, &topics, &config.brokers, index, peers)?;
-        let offsets = start::start_offsets(&consumer, &topics, &assigned)?;
+        let offsets = start::start_offsets(&consumer, &topics, &assigned, checkpoint)?;
         let mut read_marks =
             sink::ReadMarks::connect_for(&config.read_marks, &config.profile_topic)?;
         let (marks, catch_up) = start::plan_catch_up(&offsets, &mut read_marks)?;
@@ -162,14 +174,27 @@ impl KafkaSource {
             .iter()
             .map(|(&partition, start)| (partition, start.resume()))
             .collect();
+        // Where live reading starts for a partition not replayed: its committed offset
+        // (librdkafka's stored one), unless a checkpoint says otherwise.
+        let live_from: BTreeMap<SourcePartition, i64> = offsets
+            .iter()
+            .filter(|(_, start)| start.replay_from().is_some())
+            .map(|(&partition, start)| (partition, start.resume()))
+            .collect();
         let replay = if replay.is_done() {
-            consumer.assign(&consumer::live_assignment(&topics, &assigned, None)?)?;
+            consumer.assign(&consumer::live_assignment(
+                &topics, &assigned, None, &live_from,
+            )?)?;
             tracing::info!(worker = index, partitions = ?assigned, "assigned partitions");
             None
         } else {
             let mut replaying = TopicPartitionList::new();
             for (topic, partition) in replay.partitions() {
-                replaying.add_partition_offset(&topics[topic], partition, Offset::Beginning)?;
+                let from = offsets
+                    .get(&(topic, partition))
+                    .and_then(|start| start.replay_from())
+                    .map_or(Offset::Beginning, Offset::Offset);
+                replaying.add_partition_offset(&topics[topic], partition, from)?;
             }
             consumer.assign(&replaying)?;
             tracing::info!(
@@ -194,6 +219,7 @@ impl KafkaSource {
             warnings: RateLimit::per_second(),
             read_counts: PartitionTally::default(),
             committed,
+            live_from,
         })
     }
 
@@ -325,7 +351,7 @@ impl KafkaSource {
         // A fresh assignment drops whatever was prefetched past the replay's ends. (Partitions
         // that finish early are not paused meanwhile: what they prefetch is bounded by
         // queued.max.messages.kbytes, and a pause would have to be lifted again.)
-        match consumer::live_assignment(&self.topics, &self.assigned, Some(replay))
+        match consumer::live_assignment(&self.topics, &self.assigned, Some(replay), &self.live_from)
             .and_then(|live| self.consumer.assign(&live))
         {
             Ok(()) => self.replay = None,
@@ -380,6 +406,25 @@ impl KafkaSource {
             }
         }
         positions
+    }
+
+    /// Where reading would resume for each assigned partition had every epoch before `frontier`
+    /// been committed: what a checkpoint of the state before `frontier` stores. Call it before
+    /// [`commit_before`](Self::commit_before) passes `frontier`, which forgets the epochs.
+    pub fn positions_before(&self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
+        let mut positions = self.committed.clone();
+        for (partition, next) in self.ledger.positions_before(frontier) {
+            let position = positions.entry(partition).or_insert(next);
+            *position = (*position).max(next);
+        }
+        positions
+    }
+
+    /// The first epoch whose offsets may not be committed yet, for want of a dead-letter
+    /// acknowledgement, if any: no checkpoint may cover it either, as a restart from it would
+    /// not copy its invalid messages again.
+    pub fn uncommittable_from(&self) -> Option<u64> {
+        self.dlq.unacknowledged_before()
     }
 
     /// The source's topics, by their index in a [`SourcePartition`].

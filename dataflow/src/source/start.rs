@@ -23,12 +23,36 @@ pub(super) struct StartOffsets {
     first: i64,
     /// The group's committed offset, if it has one.
     committed: Option<i64>,
+    /// Where the restored checkpoint's state ends, if a checkpoint was restored and covers the
+    /// partition (see `crate::checkpoint`).
+    checkpoint: Option<i64>,
 }
 
 impl StartOffsets {
     /// Where reading on resumes: the committed offset, or the first one if none was committed.
+    /// A checkpoint past the committed offset (the commit after it was lost in a crash) moves
+    /// it there: the checkpoint's state holds those messages, and Redis their outputs.
     pub(super) fn resume(&self) -> i64 {
-        self.committed.unwrap_or(self.first)
+        match (self.committed, self.checkpoint) {
+            (Some(committed), Some(checkpoint)) => committed.max(checkpoint),
+            (committed, checkpoint) => committed.or(checkpoint).unwrap_or(self.first),
+        }
+    }
+
+    /// Where the replay that rebuilds the state starts: after the checkpoint, or at the
+    /// beginning. (`None`: the partition's beginning, whatever it is when the replay starts.)
+    pub(super) fn replay_from(&self) -> Option<i64> {
+        self.checkpoint.map(|checkpoint| checkpoint.max(self.first))
+    }
+
+    /// The first offset whose message the rebuilt state lacks if it was deleted: the
+    /// partition's first, or, after a checkpoint that the partition still reaches back to,
+    /// none (0): the checkpoint holds everything before it.
+    fn first_needed(&self) -> i64 {
+        match self.checkpoint {
+            Some(checkpoint) if checkpoint >= self.first => 0,
+            _ => self.first,
+        }
     }
 }
 
@@ -38,6 +62,7 @@ pub(super) fn start_offsets(
     consumer: &BaseConsumer<SourceContext>,
     topics: &[String; 2],
     assigned: &[SourcePartition],
+    checkpoint: Option<&BTreeMap<SourcePartition, i64>>,
 ) -> Result<BTreeMap<SourcePartition, StartOffsets>, KafkaError> {
     let timeout = Duration::from_secs(10);
     let mut list = TopicPartitionList::new();
@@ -63,7 +88,25 @@ pub(super) fn start_offsets(
             high,
             "start offsets"
         );
-        offsets.insert((topic, partition), StartOffsets { first, committed });
+        let checkpoint = checkpoint.and_then(|offsets| offsets.get(&(topic, partition)).copied());
+        if checkpoint.is_some_and(|checkpoint| checkpoint < first) {
+            tracing::warn!(
+                topic = topics[topic],
+                partition,
+                checkpoint,
+                first,
+                "messages after the checkpoint were deleted (retention) before they were \
+                 replayed: the rebuilt state lacks them"
+            );
+        }
+        offsets.insert(
+            (topic, partition),
+            StartOffsets {
+                first,
+                committed,
+                checkpoint,
+            },
+        );
     }
     Ok(offsets)
 }
@@ -74,17 +117,21 @@ pub(super) fn plan_catch_up(
     offsets: &BTreeMap<SourcePartition, StartOffsets>,
     read_marks: &mut sink::ReadMarks,
 ) -> Result<(Marks, CatchUp), SourceError> {
-    let starts: Vec<PartitionStart> = offsets
-        .iter()
-        .filter(|(&(topic, _), _)| topic == PROFILE_TOPIC)
+    let profile_offsets = || {
+        offsets
+            .iter()
+            .filter(|(&(topic, _), _)| topic == PROFILE_TOPIC)
+    };
+    let starts: Vec<PartitionStart> = profile_offsets()
         .map(|(&(_, partition), start)| PartitionStart {
             partition,
-            first: start.first,
-            // Never committed: read from the beginning.
-            resume: start.committed.unwrap_or(start.first),
+            first: start.first_needed(),
+            resume: start.resume(),
         })
         .collect();
-    let firsts: Vec<(i32, i64)> = starts.iter().map(|s| (s.partition, s.first)).collect();
+    let firsts: Vec<(i32, i64)> = profile_offsets()
+        .map(|(&(_, partition), start)| (partition, start.first))
+        .collect();
     let stored = read_marks.load(&firsts)?;
     Ok((
         Marks::new(stored.marks.clone()),
@@ -118,15 +165,18 @@ pub(super) fn log_catch_up_plan(index: usize, catch_up: &CatchUp, read_marks: &s
     }
 }
 
-/// Where each assigned partition's replay ends: its committed offset. Not capped at the high
+/// Where each assigned partition's replay starts (after the checkpoint, or at its first
+/// offset) and ends: its committed offset. Not capped at the high
 /// watermark: tansu reports one below the last batch it holds (its last batch's first offset, it
 /// seems; docs/tansu.md, 3), which would cut the replay short. A committed offset beyond a
 /// partition's end (a topic recreated under the same group) ends the replay at the end of the
 /// partition instead.
 pub(super) fn plan_replay(offsets: &BTreeMap<SourcePartition, StartOffsets>) -> Replay {
-    Replay::new(
-        offsets
-            .iter()
-            .filter_map(|(&partition, start)| Some((partition, start.first, start.committed?))),
-    )
+    Replay::new(offsets.iter().filter_map(|(&partition, start)| {
+        Some((
+            partition,
+            start.replay_from().unwrap_or(start.first),
+            start.committed?,
+        ))
+    }))
 }

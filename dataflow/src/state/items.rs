@@ -64,6 +64,8 @@ pub struct ItemTable {
     /// Entries released for reuse, so ids seen once (an unknown item in one history) do not
     /// grow the table forever.
     free: Vec<ItemIndex>,
+    /// See [`ItemTable::hold_from`].
+    hold: Option<u64>,
 }
 
 impl ItemTable {
@@ -79,6 +81,7 @@ impl ItemTable {
             holding: Vec::new(),
             let_go: Default::default(),
             free: Vec::new(),
+            hold: None,
         }
     }
 
@@ -90,6 +93,19 @@ impl ItemTable {
     /// Whether no item is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The number of entries, held or released: one past the greatest [`ItemIndex`] in use.
+    pub fn slots(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Keeps every item that a profile held at some epoch from `time` on, however the profiles
+    /// change after it, until the hold moves on: a checkpoint reads the profiles as of a time
+    /// the interest operator has passed, and names their items by this table (see
+    /// `checkpoint::take`). `None` lets go.
+    pub fn hold_from(&mut self, time: Option<u64>) {
+        self.hold = time;
     }
 
     /// The index of the item whose key is `key`, if the table has it.
@@ -228,6 +244,7 @@ impl ItemTable {
     /// `finished` (the profiles of the epochs in between still name it). Calls
     /// `released` with each, so that what is kept beside the table goes too.
     pub fn release_unused(&mut self, finished: u64, mut released: impl FnMut(ItemIndex)) {
+        let finished = self.releasable_up_to(finished);
         while let Some(&(epoch, item)) = self.let_go.front() {
             if epoch > finished {
                 break;
@@ -237,6 +254,13 @@ impl ItemTable {
         }
     }
 
+    /// The last epoch whose changes may release items, with the interest operator done with
+    /// `finished`: the hold's time comes first, as the profiles as of it may still name an
+    /// item a later epoch let go.
+    fn releasable_up_to(&self, finished: u64) -> u64 {
+        self.hold.map_or(finished, |hold| finished.min(hold))
+    }
+
     /// Releases `item` if nothing needs it any more (see [`Self::release_unused`]).
     pub fn release_if_unused(
         &mut self,
@@ -244,6 +268,7 @@ impl ItemTable {
         finished: u64,
         released: &mut impl FnMut(ItemIndex),
     ) {
+        let finished = self.releasable_up_to(finished);
         let slot = item as usize;
         // A released entry may be let go again only after it is reused: `held` is 0 and the
         // key is out of the index. Twice in the queue is harmless for the same reason.
@@ -298,6 +323,23 @@ mod tests {
         // The entry goes to the next new item.
         assert_eq!(items.intern(id_key("y"), "y"), x);
         assert_eq!(items.id(x), "y");
+    }
+
+    #[test]
+    fn a_hold_keeps_the_items_of_the_profiles_as_of_its_time() {
+        let mut items = ItemTable::new(1);
+        let x = items.intern(id_key("x"), "x");
+        items.take(1, &[x]);
+        items.hold_from(Some(4));
+        // Let go at 6: a checkpoint as of 4 still names it.
+        items.let_go(6, &[x]);
+        let mut released = Vec::new();
+        items.release_unused(8, |item| released.push(item));
+        items.release_if_unused(x, 8, &mut |item| released.push(item));
+        assert!(released.is_empty());
+        items.hold_from(Some(7));
+        items.release_unused(8, |item| released.push(item));
+        assert_eq!(released, [x]);
     }
 
     #[test]

@@ -1,9 +1,7 @@
-//! Checkpoint files: the file layer of restarts that do not grow with history (issue 16). Each
-//! worker writes its state as of an epoch whose outputs Redis holds, with that epoch's source
-//! offsets, so that a restart loads it and replays only what came after. What goes in a payload
-//! and when one is taken are the worker loop's; this module keeps the bytes safe: a versioned
-//! format with a checksum, an atomic write, pruning, and finding the newest checkpoint that every
-//! worker completed.
+//! Checkpoint files: the bytes of a checkpoint kept safe. What goes in a payload is
+//! `payload.rs`'s, when one is taken `take.rs`'s; this module gives a versioned format with a
+//! checksum, an atomic write, pruning, and finding the newest checkpoint that every worker
+//! completed. A checkpoint is named by its `epoch`: the state of every epoch before it.
 //!
 //! Layout under the checkpoint directory:
 //!
@@ -91,6 +89,11 @@ pub struct CheckpointDir {
 impl CheckpointDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     fn epoch_dir(&self, epoch: u64) -> PathBuf {
@@ -184,12 +187,7 @@ impl CheckpointDir {
             let entry = entry.map_err(io_error(&dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some((worker, peers)) = name
-                .strip_prefix("worker-")
-                .and_then(|rest| rest.strip_suffix(".ckpt"))
-                .and_then(|rest| rest.split_once("-of-"))
-                .and_then(|(w, p)| Some((w.parse().ok()?, p.parse().ok()?)))
-            else {
+            let Some((worker, peers)) = parse_file_name(name) else {
                 continue;
             };
             files.push((worker, peers, entry.path()));
@@ -231,37 +229,79 @@ impl CheckpointDir {
     }
 
     /// Keeps the `keep` newest complete checkpoints, and every epoch newer than the oldest of
-    /// them (a checkpoint still being written); removes the rest. Returns how many epochs it
-    /// removed.
+    /// them (a checkpoint still being written); removes the rest. Judges completeness by the
+    /// files' headers and lengths, not their checksums: reading every payload of a full-scale
+    /// state at each checkpoint would cost more than writing it. Returns how many epochs it
+    /// removed. Another process may prune the same directory at the same time: an epoch
+    /// already gone is not an error.
     pub fn prune(&self, keep: usize) -> Result<usize, CheckpointError> {
-        let epochs = self.epochs()?;
         let mut complete = 0;
         let mut removed = 0;
-        for epoch in epochs {
+        for epoch in self.epochs()? {
             if complete >= keep {
                 let dir = self.epoch_dir(epoch);
-                fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
-                removed += 1;
-            } else if self.read_epoch(epoch)?.is_ok() {
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => removed += 1,
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(io_error(&dir)(error)),
+                }
+            } else if self.complete_by_headers(epoch) {
                 complete += 1;
             }
         }
         Ok(removed)
     }
+
+    /// Whether every worker's file of `epoch` is there with a valid header and the length it
+    /// states.
+    fn complete_by_headers(&self, epoch: u64) -> bool {
+        let dir = self.epoch_dir(epoch);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return false;
+        };
+        let mut files = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if let Some((worker, peers)) = name.to_str().and_then(parse_file_name) {
+                files.push((worker, peers, entry.path()));
+            }
+        }
+        let Some(peers) = files.iter().map(|&(_, peers, _)| peers).max() else {
+            return false;
+        };
+        let mut seen = vec![false; peers as usize];
+        for (worker, file_peers, path) in files {
+            if file_peers == peers
+                && worker < peers
+                && read_header(&path, epoch, worker, peers).is_ok()
+            {
+                seen[worker as usize] = true;
+            }
+        }
+        seen.iter().all(|&seen| seen)
+    }
 }
 
-/// The payload of the file at `path`, checked against its header and its name.
-fn read_file(path: &Path, epoch: u64, worker: u32, peers: u32) -> Result<Vec<u8>, Unusable> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut file| file.read_to_end(&mut bytes))
-        .map_err(|error| Unusable::Unreadable {
-            path: path.to_owned(),
-            error: error.to_string(),
-        })?;
+/// The worker and worker count a file's name gives (`worker-<worker>-of-<peers>.ckpt`).
+fn parse_file_name(name: &str) -> Option<(u32, u32)> {
+    let (worker, peers) = name
+        .strip_prefix("worker-")?
+        .strip_suffix(".ckpt")?
+        .split_once("-of-")?;
+    Some((worker.parse().ok()?, peers.parse().ok()?))
+}
+
+/// Checks the header at the start of `bytes` against the file's name and returns the payload's
+/// length and checksum; `file_len` is the whole file's length.
+fn check_header(
+    path: &Path,
+    bytes: &[u8],
+    file_len: usize,
+    (epoch, worker, peers): (u64, u32, u32),
+) -> Result<(usize, u64), Unusable> {
     let truncated = |expected| Unusable::Truncated {
         path: path.to_owned(),
-        len: bytes.len(),
+        len: file_len,
         expected,
     };
     if bytes.len() < HEADER_LEN {
@@ -272,8 +312,16 @@ fn read_file(path: &Path, epoch: u64, worker: u32, peers: u32) -> Result<Vec<u8>
             path: path.to_owned(),
         });
     }
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let u32_at = |at: usize| {
+        let mut word = [0; 4];
+        word.copy_from_slice(&bytes[at..at + 4]);
+        u32::from_le_bytes(word)
+    };
+    let u64_at = |at: usize| {
+        let mut word = [0; 8];
+        word.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(word)
+    };
     let version = u32_at(8);
     if version != FORMAT_VERSION {
         return Err(Unusable::Version {
@@ -288,12 +336,41 @@ fn read_file(path: &Path, epoch: u64, worker: u32, peers: u32) -> Result<Vec<u8>
             what: format!("epoch {file_epoch}, worker {file_worker} of {file_peers}"),
         });
     }
-    let len = u64_at(28) as usize;
-    let checksum = u64_at(36);
+    let len = usize::try_from(u64_at(28)).unwrap_or(usize::MAX);
     let expected = HEADER_LEN.saturating_add(len);
-    if bytes.len() != expected {
+    if file_len != expected {
         return Err(truncated(expected));
     }
+    Ok((len, u64_at(36)))
+}
+
+fn unreadable(path: &Path) -> impl FnOnce(io::Error) -> Unusable + '_ {
+    move |error| Unusable::Unreadable {
+        path: path.to_owned(),
+        error: error.to_string(),
+    }
+}
+
+/// Checks the header of the file at `path` against its name and its length, without reading
+/// the payload.
+fn read_header(path: &Path, epoch: u64, worker: u32, peers: u32) -> Result<(), Unusable> {
+    let mut file = File::open(path).map_err(unreadable(path))?;
+    let file_len = file.metadata().map_err(unreadable(path))?.len() as usize;
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut header)
+        .map_err(unreadable(path))?;
+    check_header(path, &header, file_len, (epoch, worker, peers)).map(|_| ())
+}
+
+/// The payload of the file at `path`, checked against its header and its name.
+fn read_file(path: &Path, epoch: u64, worker: u32, peers: u32) -> Result<Vec<u8>, Unusable> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut file| file.read_to_end(&mut bytes))
+        .map_err(unreadable(path))?;
+    let (_, checksum) = check_header(path, &bytes, bytes.len(), (epoch, worker, peers))?;
     let payload = bytes.split_off(HEADER_LEN);
     if xxhash_rust::xxh3::xxh3_64(&payload) != checksum {
         return Err(Unusable::Checksum {
@@ -410,6 +487,50 @@ mod tests {
                 .any(|p| matches!(p, Unusable::Misnamed { .. })),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn a_crash_mid_write_leaves_the_previous_checkpoint_usable() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = CheckpointDir::new(root.path());
+        write_all(&dir, 10, 2);
+        // Worker 0 finished epoch 20; worker 1 died with half its file written, under the
+        // temporary name, as a crash leaves it.
+        dir.write(20, 0, 2, b"w0").unwrap();
+        let epoch_dir = dir.epoch_dir(20);
+        fs::write(epoch_dir.join(".worker-1-of-2.ckpt.tmp"), b"SRECCKPT\x01").unwrap();
+        let (found, problems) = dir.newest_complete().unwrap();
+        assert_eq!(found.unwrap().epoch, 10);
+        assert_eq!(
+            problems,
+            [Unusable::Incomplete {
+                epoch: 20,
+                worker: 1,
+                peers: 2
+            }]
+        );
+        // Pruning keeps it (it is newer than the newest complete one) until two complete ones
+        // are newer.
+        assert_eq!(dir.prune(2).unwrap(), 0);
+        write_all(&dir, 30, 2);
+        write_all(&dir, 40, 2);
+        assert_eq!(dir.prune(2).unwrap(), 2);
+        assert_eq!(dir.epochs().unwrap(), [40, 30]);
+    }
+
+    #[test]
+    fn pruning_judges_files_by_their_headers() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = CheckpointDir::new(root.path());
+        write_all(&dir, 1, 1);
+        write_all(&dir, 2, 1);
+        // The newest truncated: not complete, so the two before it stay.
+        let path = dir.write(3, 0, 1, b"a payload").unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(dir.prune(2).unwrap(), 0);
+        assert!(!dir.complete_by_headers(3));
+        assert!(dir.complete_by_headers(2));
     }
 
     #[test]
