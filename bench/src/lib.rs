@@ -5,7 +5,8 @@
 //! pipelined `SET`s and through the sink's no-regression script; then the highest rate the
 //! dataflow sustains fed live by a paced producer, and its epoch latency at half of that rate.
 //! It prints a per-epoch table and a summary with the ratios between those rates, and writes
-//! them as JSON and as an SVG chart. `bench-recs` evaluates recommendations offline ([`recs`]).
+//! them as JSON and as an SVG chart. `bench-recs` evaluates recommendations offline ([`recs`]); `bench-restart` measures
+//! restarts with and without checkpoints ([`restart`]).
 
 pub mod broker;
 pub mod chart;
@@ -15,6 +16,7 @@ pub mod e2e;
 pub mod paced;
 pub mod recs;
 pub mod redis_write;
+pub mod restart;
 pub mod summary;
 pub mod sustained;
 pub mod workload;

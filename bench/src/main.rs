@@ -558,6 +558,11 @@ struct Runs<'a> {
 
 impl Runs<'_> {
     /// The dataflow's flags for a run on `topic`.
+    /// Where the dataflow runs write their checkpoints: beside the features file.
+    fn checkpoint_dir(&self) -> std::path::PathBuf {
+        self.features.with_file_name("checkpoints")
+    }
+
     fn dataflow_args(&self, topic: &str) -> Vec<String> {
         let args = self.args;
         [
@@ -575,6 +580,10 @@ impl Runs<'_> {
             &format!("{}-no-items", self.run_id),
             "-w",
             &args.workers.to_string(),
+            // In the run's directory, removed at the end; CHECKPOINTS and
+            // CHECKPOINT_INTERVAL in the environment reach the dataflow as they are.
+            "--checkpoint-dir",
+            &self.checkpoint_dir().display().to_string(),
         ]
         .iter()
         .map(|s| s.to_string())

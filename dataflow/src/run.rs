@@ -524,7 +524,6 @@ fn worker_loop(
     let mut restored_input = InputHandle::new();
     // Each worker's last epoch, once, at shutdown: the final checkpoint's time is the greatest.
     let mut closing_input = InputHandle::new();
-    let closing_probe = ProbeHandle::new();
     let last_epoch = Rc::new(std::cell::Cell::new(0u64));
     let mut stats_input = InputHandle::new();
     // Each worker's index, once, at the epoch it caught up with the read marks.
@@ -570,8 +569,7 @@ fn worker_loop(
         closing_input
             .to_stream(scope)
             .broadcast()
-            .inspect(move |&time: &u64| last.set(last.get().max(time)))
-            .probe_with(&closing_probe);
+            .inspect(move |&time: &u64| last.set(last.get().max(time)));
         (built.writer_thread, built.state)
     });
     let mut checkpointer = start
@@ -735,6 +733,12 @@ fn worker_loop(
         epoch = epoch.time(),
         "shutting down: finishing the open epoch"
     );
+    // Every worker tells the others its last epoch, so that all name the final checkpoint
+    // alike; they have all heard by the time the dataflow ends. (Not waited for here: a worker
+    // whose last epoch is later waits for the others' inputs to pass it, which they do only
+    // as they close.)
+    closing_input.send(epoch.time());
+    drop(closing_input);
     // The open epoch cannot complete without the initial state.
     while initial_inputs.is_some() {
         if let Err(error) = hand_over_initial_state(&mut initial_inputs, initial, index) {
@@ -760,16 +764,6 @@ fn worker_loop(
     finish_epochs(epoch.time(), &mut source, &board, &mut stats_input);
     if let Some(metrics) = &mut worker_metrics {
         record_metrics(metrics, &mut source, &mut board.borrow_mut());
-    }
-    // Every worker tells the others its last epoch, so that all name the final checkpoint
-    // alike.
-    closing_input.send(epoch.time());
-    drop(closing_input);
-    while !closing_probe.done() {
-        if writing_stopped(&writer_thread) {
-            return Err(stop_writing(worker, dataflow, writer_thread, stop, index));
-        }
-        worker.step_or_park(Some(Duration::from_millis(1)));
     }
     // Closing the inputs lets the dataflow run to its end: the last stats, and the values of
     // later epochs of workers whose clock closed theirs later, which may come to this worker's

@@ -512,7 +512,10 @@ async fn a_checkpoint_restores_into_other_worker_and_process_counts() {
         first.logged("state rebuilt: replayed") + second.logged("state rebuilt: replayed"),
         0
     );
+    // Signalled 300 ms apart, the processes close at different epochs (a shutdown that waited
+    // for the others before closing its inputs once hung here).
     first.terminate();
+    std::thread::sleep(Duration::from_millis(300));
     second.terminate();
     first.wait();
     second.wait();
