@@ -88,18 +88,19 @@ impl Run {
         Ok(())
     }
 
-    /// The `fields` of every log line whose message starts with `message`.
+    /// Every log line (its fields are flattened beside `message`) whose message starts with
+    /// `message`.
     pub fn logged(&self, message: &str) -> Vec<serde_json::Value> {
         self.log
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|line| {
-                line["fields"]["message"]
+                line["message"]
                     .as_str()
                     .is_some_and(|m| m.starts_with(message))
             })
-            .map(|line| line["fields"].clone())
+            .cloned()
             .collect()
     }
 
@@ -110,7 +111,7 @@ impl Run {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|line| matches!(line["level"].as_str(), Some("ERROR" | "WARN")))
-            .map(|line| line["fields"].to_string())
+            .map(|line| line.to_string())
             .collect::<Vec<_>>()
             .join("\n")
     }

@@ -583,7 +583,8 @@ fn worker_loop(
                 .restored
                 .as_ref()
                 .map_or(now_ms, |restored| restored.time.max(now_ms));
-            Checkpointer::new(settings, index, peers, state, after)
+            let metrics = metrics.map(|metrics| metrics.checkpoints());
+            Checkpointer::new(settings, index, peers, state, after, metrics)
         });
     // Whether this worker's writer, or another worker's, stopped for good.
     let writing_stopped = |writer_thread: &WriterThread| {

@@ -179,6 +179,24 @@ impl Dataflow {
         }
     }
 
+    /// GET /metrics of a run started with `--metrics-addr 127.0.0.1:0`, parsed.
+    async fn scrape_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        self.wait_for_log("metrics_addr=");
+        let line = self
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|line| line.contains("metrics_addr="))
+            .cloned()
+            .unwrap();
+        let addr = line.split("metrics_addr=").nth(1).unwrap();
+        let addr: std::net::SocketAddr = addr.split_whitespace().next().unwrap().parse().unwrap();
+        let (status, body) = testkit::http(addr, "GET", "/metrics", "").await;
+        assert_eq!(status, 200, "{body}");
+        testkit::prometheus::parse_exposition(&body)
+    }
+
     /// SIGKILL: no shutdown, no last checkpoint.
     fn kill(mut self) {
         self.child.kill().unwrap();
@@ -432,8 +450,35 @@ async fn killed_at_random_points_redis_ends_equal_to_the_contract() {
             .count();
     }
     producing.await.unwrap();
-    let last = Dataflow::spawn(&setup, "100ms", &["-w", "2"]);
+    let last = Dataflow::spawn(
+        &setup,
+        "100ms",
+        &["-w", "2", "--metrics-addr", "127.0.0.1:0"],
+    );
     wait_until_redis_matches(&setup, &*sent.lock().await, &[&last]);
+    // The checkpoints' metrics: files written, and the newest one's time within seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = last.scrape_metrics().await;
+        if metrics["streamrec_dataflow_checkpoint_files_written_total"] >= 2.0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 2 files in 10 s: {metrics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(metrics["streamrec_dataflow_checkpoint_failures_total"], 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let newest = metrics["streamrec_dataflow_checkpoint_newest_epoch_seconds"];
+    assert!(
+        (now - newest).abs() < 10.0,
+        "newest checkpoint at {newest}, now {now}"
+    );
     last.stop();
     eprintln!(
         "{kills} kills; {written} checkpoints written, {restored} runs restored one, \

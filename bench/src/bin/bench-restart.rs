@@ -21,7 +21,8 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     workload: WorkloadConfig,
-    /// How many times the workload the larger topic retains.
+    /// How many times the workload the larger topic retains (1: only the workload once, e.g.
+    /// for the checkpoint's size at full scale).
     #[arg(long, default_value_t = 4)]
     retention_factor: usize,
     /// Kafka bootstrap servers.
@@ -91,7 +92,9 @@ fn main() -> anyhow::Result<()> {
     };
     let mut topics = RunTopics::new(&args.brokers, false);
     let mut results: Vec<Restart> = Vec::new();
-    for factor in [1, args.retention_factor] {
+    let mut factors = vec![1, args.retention_factor.max(1)];
+    factors.dedup();
+    for factor in factors {
         let count = workload.messages.len() * factor;
         let messages: Vec<(String, Vec<u8>)> = (0..count).map(|i| workload.message_at(i)).collect();
         for &checkpoints in modes {
@@ -125,6 +128,9 @@ fn main() -> anyhow::Result<()> {
                 .map(|r| r.restart_seconds)
         };
         let base = workload.messages.len();
+        if args.retention_factor <= 1 {
+            continue;
+        }
         if let (Some(one), Some(more)) = (of(base), of(base * args.retention_factor)) {
             println!(
                 "checkpoints {}: {}x the retention, {:.2}x the restart time ({one:.2} s -> {more:.2} s)",

@@ -22,7 +22,7 @@
 //! restart falls back to an older checkpoint or to a full replay, never to a wrong state.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 /// The format this build writes and reads. A file of another version is [`Unusable`].
@@ -113,25 +113,49 @@ impl CheckpointDir {
         peers: u32,
         payload: &[u8],
     ) -> Result<PathBuf, CheckpointError> {
+        self.write_with(epoch, worker, peers, |out| out.write_all(payload))
+    }
+
+    /// Like [`write`](Self::write), with the payload written by `fill` straight to the file,
+    /// so that a large state is never held encoded in memory as well: the header's length and
+    /// checksum are computed on the way and written last, over a placeholder.
+    pub fn write_with(
+        &self,
+        epoch: u64,
+        worker: u32,
+        peers: u32,
+        fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<PathBuf, CheckpointError> {
         let dir = self.epoch_dir(epoch);
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let name = Self::file_name(worker, peers);
         let path = dir.join(&name);
         let temporary = dir.join(format!(".{name}.tmp"));
-        let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header.extend_from_slice(&epoch.to_le_bytes());
-        header.extend_from_slice(&worker.to_le_bytes());
-        header.extend_from_slice(&peers.to_le_bytes());
-        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        header.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(payload).to_le_bytes());
-        file.write_all(&header)
-            .and_then(|()| file.write_all(payload))
-            .and_then(|()| file.sync_all())
-            .map_err(io_error(&temporary))?;
-        drop(file);
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&temporary)?;
+            file.write_all(&[0; HEADER_LEN])?;
+            let mut out = Hashing {
+                inner: io::BufWriter::with_capacity(1 << 20, &mut file),
+                hasher: xxhash_rust::xxh3::Xxh3::new(),
+                len: 0,
+            };
+            fill(&mut out)?;
+            out.inner.flush()?;
+            let (len, checksum) = (out.len, out.hasher.digest());
+            drop(out);
+            let mut header = Vec::with_capacity(HEADER_LEN);
+            header.extend_from_slice(MAGIC);
+            header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            header.extend_from_slice(&epoch.to_le_bytes());
+            header.extend_from_slice(&worker.to_le_bytes());
+            header.extend_from_slice(&peers.to_le_bytes());
+            header.extend_from_slice(&len.to_le_bytes());
+            header.extend_from_slice(&checksum.to_le_bytes());
+            file.seek(io::SeekFrom::Start(0))?;
+            file.write_all(&header)?;
+            file.sync_all()
+        };
+        write().map_err(io_error(&temporary))?;
         fs::rename(&temporary, &path).map_err(io_error(&path))?;
         // The rename is durable only once the directory is.
         File::open(&dir)
@@ -279,6 +303,26 @@ impl CheckpointDir {
             }
         }
         seen.iter().all(|&seen| seen)
+    }
+}
+
+/// A writer that counts and hashes what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(bytes)?;
+        self.hasher.update(&bytes[..written]);
+        self.len += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -145,21 +145,23 @@ pub enum PayloadError {
     Inconsistent(&'static str),
 }
 
-/// The payload of `head` and `body`.
+/// Writes the payload of `head` and `body` to `out`.
+pub fn encode_into(out: &mut dyn std::io::Write, head: &Head, body: &Body) -> std::io::Result<()> {
+    let to_io = |error: bincode::Error| match *error {
+        bincode::ErrorKind::Io(error) => error,
+        other => std::io::Error::other(other.to_string()),
+    };
+    bincode::serialize_into(&mut *out, head).map_err(to_io)?;
+    bincode::serialize_into(&mut *out, body).map_err(to_io)
+}
+
+/// The payload of `head` and `body`, in memory.
+#[cfg(test)]
 pub fn encode(head: &Head, body: &Body) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(
-        64 + body.histories.len() * 4
-            + body.features.len() * 4
-            + body.items.text_len()
-            + body.user_ids.text_len()
-            + body.timestamps.len() * 12,
-    );
-    // Serializing into a Vec cannot fail: every field is plain data.
+    let mut bytes = Vec::new();
+    // Writing to a Vec cannot fail, and every field is plain data.
     #[allow(clippy::expect_used)]
-    {
-        bincode::serialize_into(&mut bytes, head).expect("a head serializes");
-        bincode::serialize_into(&mut bytes, body).expect("a body serializes");
-    }
+    encode_into(&mut bytes, head, body).expect("a payload encodes into memory");
     bytes
 }
 

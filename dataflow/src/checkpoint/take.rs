@@ -25,10 +25,11 @@ use differential_dataflow::trace::{Cursor, TraceReader};
 use timely::progress::{Antichain, Timestamp};
 
 use super::files::CheckpointDir;
-use super::payload::{encode, Body, Compatibility, Head};
+use super::payload::{encode_into, Body, Compatibility, Head};
 use super::schedule::Schedule;
 use super::KEEP;
 use crate::epoch::SourcePartition;
+use crate::metrics::CheckpointMetrics;
 use crate::state::features::FeatureTrace;
 use crate::state::items::ItemTable;
 use crate::state::profiles::ProfileTrace;
@@ -74,11 +75,17 @@ impl StateHandles {
     }
 
     /// The state once every update at or before `as_of` is counted, as a checkpoint's body;
-    /// `None` if a trace cannot be read.
-    fn read_as_of(&mut self, as_of: u64) -> Option<Body> {
+    /// `None` if a trace cannot be read. `like` is the last one read, whose sizes the columns
+    /// start from: grown by doubling, the histories' column alone would take up to twice its
+    /// 37 MB a worker at full scale.
+    fn read_as_of(&mut self, as_of: u64, like: Sizes) -> Option<Body> {
         let items = self.items.borrow();
         let users = self.users.borrow();
         let mut body = Body::default();
+        let margin = |n: usize| n + n / 16;
+        body.timestamps.reserve(margin(like.users));
+        body.history_ends.reserve(margin(like.users));
+        body.histories.reserve(margin(like.histories));
         // Item-table index -> index in the body's dictionary, u32::MAX for not yet in it.
         let mut dictionary = vec![u32::MAX; items.slots()];
         let (mut cursor, storage) = cursor_list(every_batch(&mut self.profiles)?);
@@ -117,6 +124,13 @@ fn every_batch<Tr: TraceReader<Time = u64>>(trace: &mut Tr) -> Option<Vec<Tr::Ba
     trace.batches_through(Antichain::new().borrow())
 }
 
+/// The sizes of a body's columns.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sizes {
+    users: usize,
+    histories: usize,
+}
+
 /// Where and how a run's workers write their checkpoints.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -135,6 +149,10 @@ pub struct Checkpointer {
     state: StateHandles,
     /// The write in progress, if any.
     writing: Option<JoinHandle<()>>,
+    /// With `--metrics-addr`.
+    metrics: Option<CheckpointMetrics>,
+    /// The last body's sizes.
+    last: Sizes,
 }
 
 impl Checkpointer {
@@ -146,6 +164,7 @@ impl Checkpointer {
         peers: usize,
         state: StateHandles,
         after: u64,
+        metrics: Option<CheckpointMetrics>,
     ) -> Self {
         let schedule = Schedule::new(settings.interval_ms, after);
         let mut checkpointer = Checkpointer {
@@ -155,6 +174,8 @@ impl Checkpointer {
             schedule,
             state,
             writing: None,
+            metrics,
+            last: Sizes::default(),
         };
         checkpointer
             .state
@@ -205,7 +226,7 @@ impl Checkpointer {
     fn take(&mut self, time: u64, as_of: u64, positions: BTreeMap<SourcePartition, i64>) {
         debug_assert!(as_of >= self.schedule.next() - 1);
         let started = Instant::now();
-        let Some(body) = self.state.read_as_of(as_of) else {
+        let Some(body) = self.state.read_as_of(as_of, self.last) else {
             tracing::error!(
                 worker = self.worker,
                 time,
@@ -214,6 +235,10 @@ impl Checkpointer {
             return;
         };
         let read_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.last = Sizes {
+            users: body.timestamps.len(),
+            histories: body.histories.len(),
+        };
         let head = Head {
             compatibility: self.settings.compatibility.clone(),
             offsets: positions
@@ -223,9 +248,18 @@ impl Checkpointer {
         };
         self.wait();
         let (dir, worker, peers) = (self.settings.dir.clone(), self.worker, self.peers);
+        let metrics = self.metrics.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("checkpoint-{worker}"))
-            .spawn(move || write(&dir, time, worker, peers, &head, &body, read_ms));
+            .spawn(move || {
+                let written = write(&dir, time, worker, peers, &head, &body, read_ms);
+                if let Some(metrics) = metrics {
+                    match written {
+                        true => metrics.written(time, started.elapsed()),
+                        false => metrics.failed(),
+                    }
+                }
+            });
         match spawned {
             Ok(handle) => self.writing = Some(handle),
             Err(error) => {
@@ -242,8 +276,8 @@ impl Drop for Checkpointer {
 }
 
 /// Encodes and writes one worker's checkpoint, then (worker 0) prunes old ones, and logs how
-/// it went. A failure is logged and costs only this checkpoint: the stream goes on, and a
-/// restart uses an older one or replays in full.
+/// it went; returns whether it was written. A failure is logged and costs only this
+/// checkpoint: the stream goes on, and a restart uses an older one or replays in full.
 fn write(
     dir: &CheckpointDir,
     time: u64,
@@ -252,16 +286,16 @@ fn write(
     head: &Head,
     body: &Body,
     read_ms: f64,
-) {
+) -> bool {
     let started = Instant::now();
-    let payload = encode(head, body);
-    match dir.write(time, worker, peers, &payload) {
+    let written = dir.write_with(time, worker, peers, |out| encode_into(out, head, body));
+    match written {
         Ok(path) => tracing::info!(
             worker,
             time,
             users = body.user_ids.len(),
             items = body.feature_items.len(),
-            bytes = payload.len(),
+            bytes = std::fs::metadata(&path).map_or(0, |m| m.len()),
             read_ms,
             write_ms = started.elapsed().as_secs_f64() * 1e3,
             path = %path.display(),
@@ -269,7 +303,7 @@ fn write(
         ),
         Err(error) => {
             tracing::error!(worker, time, %error, "cannot write the checkpoint; the stream goes on");
-            return;
+            return false;
         }
     }
     if worker == 0 {
@@ -277,4 +311,5 @@ fn write(
             tracing::warn!(%error, "cannot prune old checkpoints");
         }
     }
+    true
 }

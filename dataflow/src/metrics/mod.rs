@@ -62,6 +62,34 @@ pub struct Metrics {
     items_held: Gauge,
     kafka_silent: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     dead_letters_unacknowledged: Gauge,
+    checkpoint: CheckpointMetrics,
+}
+
+/// The handles a checkpoint writer thread updates.
+#[derive(Debug, Clone)]
+pub struct CheckpointMetrics {
+    written: Counter,
+    failed: Counter,
+    duration: Histogram,
+    newest: Gauge<f64, AtomicU64>,
+}
+
+impl CheckpointMetrics {
+    /// A worker's file of the checkpoint of epoch time `time` (Unix ms) was written, taking
+    /// `took` from reading the state to the last fsync.
+    pub fn written(&self, time: u64, took: Duration) {
+        self.written.inc();
+        self.duration.observe(took.as_secs_f64());
+        let seconds = time as f64 / 1e3;
+        if seconds > self.newest.get() {
+            self.newest.set(seconds);
+        }
+    }
+
+    /// A worker's file could not be written.
+    pub fn failed(&self) {
+        self.failed.inc();
+    }
 }
 
 impl Default for Metrics {
@@ -175,7 +203,37 @@ impl Metrics {
              offsets of their epochs wait for them",
             dead_letters_unacknowledged.clone(),
         );
+        let checkpoint = CheckpointMetrics {
+            // 10 ms .. ~40 s: a worker's file of 100,000 users takes well under a second.
+            duration: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
+            written: Counter::default(),
+            failed: Counter::default(),
+            newest: Gauge::default(),
+        };
+        registry.register(
+            "checkpoint_files_written",
+            "Checkpoint files written, one per worker and checkpoint",
+            checkpoint.written.clone(),
+        );
+        registry.register(
+            "checkpoint_failures",
+            "Checkpoint files that could not be written (the stream goes on; see the log)",
+            checkpoint.failed.clone(),
+        );
+        registry.register_with_unit(
+            "checkpoint_duration",
+            "Time to take a worker's checkpoint: reading the state, encoding, writing, fsync",
+            Unit::Seconds,
+            checkpoint.duration.clone(),
+        );
+        registry.register(
+            "checkpoint_newest_epoch_seconds",
+            "Epoch time (Unix seconds) of the newest checkpoint file this process wrote: a \
+             restart replays from about then; time() minus it is the checkpoint's age",
+            checkpoint.newest.clone(),
+        );
         Metrics {
+            checkpoint,
             registry,
             kafka_silent,
             dead_letters_unacknowledged,
@@ -209,6 +267,11 @@ impl Metrics {
             self.epoch_latency
                 .observe(Duration::from_millis(counters.latency_ms).as_secs_f64());
         }
+    }
+
+    /// The handles a checkpoint writer updates.
+    pub fn checkpoints(&self) -> CheckpointMetrics {
+        self.checkpoint.clone()
     }
 
     /// The handles a Redis writer thread updates.
@@ -635,10 +698,29 @@ mod tests {
         let shared = Arc::new(Metrics::new());
         let mut worker = WorkerMetrics::new(shared.clone(), topics(), &[(0, 2)]);
         worker.set_lag((0, 2), 1);
+        // Two files of one checkpoint and one of an older one, out of order, and a failure.
+        let checkpoints = shared.checkpoints();
+        checkpoints.written(1_700_000_060_000, Duration::from_millis(300));
+        checkpoints.written(1_700_000_000_000, Duration::from_millis(200));
+        checkpoints.written(1_700_000_060_000, Duration::from_millis(400));
+        checkpoints.failed();
         let text = shared.encode().unwrap();
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 13, "{text}");
+        assert_eq!(families, 17, "{text}");
         // Every sample of a declared family, numeric, and `# EOF` last.
-        testkit::prometheus::parse_exposition(&text);
+        let samples = testkit::prometheus::parse_exposition(&text);
+        assert_eq!(
+            samples["streamrec_dataflow_checkpoint_files_written_total"],
+            3.0
+        );
+        assert_eq!(samples["streamrec_dataflow_checkpoint_failures_total"], 1.0);
+        assert_eq!(
+            samples["streamrec_dataflow_checkpoint_duration_seconds_count"],
+            3.0
+        );
+        assert_eq!(
+            samples["streamrec_dataflow_checkpoint_newest_epoch_seconds"], 1_700_000_060.0,
+            "the newest, not the last written"
+        );
     }
 }
