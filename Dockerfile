@@ -68,6 +68,9 @@ COPY --from=builder /build/target/release/ingest-api /build/target/release/dataf
 # (ingest-api) and data/item_features.csv (dataflow). A .env file here would be read too.
 WORKDIR /app
 COPY data/behavior_sample.csv data/item_features.csv /app/data/
+# The dataflow's checkpoints (CHECKPOINT_DIR defaults to ./checkpoints), writable by the
+# unprivileged user; compose mounts a volume here, which takes this ownership when created.
+RUN mkdir -p /app/checkpoints && chown streamrec:streamrec /app/checkpoints
 
 USER streamrec
 # Inside a container the API must listen on all interfaces; the binary's own default is
