@@ -4,7 +4,7 @@
 //! ```text
 //! interests ─flat_map─▶ windows (user, item) ─arrange by user─┬─ self-join ─▶ pairs (a, b) ─count─▶ c(a, b)
 //!                                            └─ map item ─count─▶ n(x)         │
-//!            c(a, b) ─▶ top K per (a, bucket of b) ─▶ top K per a ─▶ neighbours(a)
+//!            c(a, b) ─▶ top K per a (`top_k`) ─▶ neighbours(a)
 //! ```
 //!
 //! The window of a user is the set of the distinct items of its last W history positions (see
@@ -18,10 +18,10 @@
 //! every worker meet in these collections, where the workers' table indices mean nothing.
 //!
 //! Each item's neighbours are its top K partners by (c desc, id asc). A popular item has tens of
-//! thousands of partners, and a `reduce` reads its whole group whenever one of them changes; so
-//! the top K is taken first per (item, bucket of the partner) over [`NEIGHBOUR_BUCKETS`]
-//! buckets, then over the buckets' winners, which bounds the work of a change to a bucket and
-//! the K × buckets candidates.
+//! thousands of partners, and a `reduce` reads its whole group whenever one of them changes
+//! (even split into 64 buckets of partners, then a top of the buckets' winners, that was most
+//! of the recommendations' cost); [`super::top::top_k`] keeps each item's partners ordered and
+//! reads only the changed items' first K.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -30,9 +30,6 @@ use differential_dataflow::VecCollection;
 use smol_str::SmolStr;
 
 use crate::model::UserInterest;
-
-/// Buckets of an item's partners for the first level of the top K (see the module documentation).
-pub const NEIGHBOUR_BUCKETS: u64 = 64;
 
 /// The sizes of §8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,11 +83,6 @@ pub fn window_items<'a>(
     items
 }
 
-/// Which first-level bucket of an item's partners `partner` falls in.
-fn bucket(partner: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(partner.as_bytes()) % NEIGHBOUR_BUCKETS
-}
-
 /// Builds the co-visitation collections on the interest collection.
 pub fn covisitation<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
@@ -111,22 +103,16 @@ pub fn covisitation<'scope>(
             (a != b).then(|| (a.clone(), b.clone()))
         })
         .count();
-    let k = params.neighbours;
-    let neighbours = covisits
-        .clone()
-        .map(|((a, b), c)| {
-            let bucket = bucket(&b);
-            (
-                (a, bucket),
-                Neighbour {
-                    covisits: Reverse(c as u64),
-                    item_id: b,
-                },
-            )
-        })
-        .reduce(move |_key, input, output| top(input, k, output))
-        .map(|((a, _bucket), neighbour)| (a, neighbour))
-        .reduce(move |_key, input, output| top(input, k, output));
+    let partners = covisits.clone().map(|((a, b), c)| {
+        (
+            a,
+            Neighbour {
+                covisits: Reverse(c as u64),
+                item_id: b,
+            },
+        )
+    });
+    let neighbours = super::top::top_k(&partners, params.neighbours, "Neighbours");
     Covisitation {
         window,
         windows,
@@ -134,17 +120,6 @@ pub fn covisitation<'scope>(
         covisits,
         neighbours,
     }
-}
-
-/// The first `k` of a group's values (already in the neighbours' order), each once.
-fn top(input: &[(&Neighbour, isize)], k: usize, output: &mut Vec<(Neighbour, isize)>) {
-    output.extend(
-        input
-            .iter()
-            .filter(|(_, count)| *count > 0)
-            .take(k)
-            .map(|(neighbour, _)| ((*neighbour).clone(), 1)),
-    );
 }
 
 #[cfg(test)]

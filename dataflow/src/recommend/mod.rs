@@ -1,13 +1,15 @@
 //! Recommendations (semantics §8): item-to-item co-visitation over the newest part of every
 //! user's history, each item's strongest neighbours, and per-user top-N lists filled up with the
 //! most popular items. [`covisit`] and [`scores`] are the dataflow's incremental operators
-//! (built by `graph::build` with `--recommendations on`); [`reference`] is the plain sequential
+//! (built by `graph::build` with `--recommendations on`), with [`top`] keeping the neighbours and
+//! the popularity order; [`reference`] is the plain sequential
 //! definition they are tested against; [`recommend_snapshot`] runs the operators on a snapshot,
 //! for the evaluation command (`bench-recs`).
 
 pub mod covisit;
 pub mod reference;
 pub mod scores;
+pub mod top;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -122,37 +122,22 @@ pub fn recommendations<'scope>(
     score(changed, shared, covisitation.window, params)
 }
 
-/// The first `len` items by n(x) descending, ties by id: a top per bucket of items, then of the
-/// buckets' winners.
+/// The first `len` items by n(x) descending, ties by id, kept by [`super::top::top_k`] on one
+/// worker (a change is a logarithmic update of the order).
 pub fn popular_order<'scope>(
     item_users: &VecCollection<'scope, u64, (SmolStr, isize), isize>,
     len: usize,
 ) -> PopularOrder<'scope> {
-    item_users
-        .clone()
-        .map(|(item, users)| {
-            let bucket = xxhash_rust::xxh3::xxh3_64(item.as_bytes()) % 64;
-            (
-                bucket,
-                Popular {
-                    users: Reverse(users as u64),
-                    item,
-                },
-            )
-        })
-        .reduce(move |_, input, output| first(input, len, output))
-        .map(|(_, popular)| ((), popular))
-        .reduce(move |_, input, output| first(input, len, output))
-}
-
-fn first(input: &[(&Popular, isize)], len: usize, output: &mut Vec<(Popular, isize)>) {
-    output.extend(
-        input
-            .iter()
-            .filter(|(_, count)| *count > 0)
-            .take(len)
-            .map(|(popular, _)| ((*popular).clone(), 1)),
-    );
+    let popular = item_users.clone().map(|(item, users)| {
+        (
+            (),
+            Popular {
+                users: Reverse(users as u64),
+                item,
+            },
+        )
+    });
+    super::top::top_k(&popular, len, "PopularOrder")
 }
 
 /// The lists as the sink's values for `user_recs:{user_id}`.
