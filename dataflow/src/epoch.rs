@@ -132,13 +132,8 @@ impl OffsetLedger {
     /// Forgets every epoch before `frontier` and returns, per partition read in them, the next
     /// offset to read: the position to commit.
     pub fn complete_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
-        let later = self.epochs.split_off(&frontier);
-        let done = std::mem::replace(&mut self.epochs, later);
-        let mut positions = BTreeMap::new();
-        for (partition, offset) in done.into_values().flatten() {
-            let next = positions.entry(partition).or_insert(offset + 1);
-            *next = (*next).max(offset + 1);
-        }
+        let positions = self.positions_before(frontier);
+        self.epochs = self.epochs.split_off(&frontier);
         positions
     }
 

@@ -356,15 +356,16 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> Result<Summary, RunErro
         config.process as usize * config.workers as usize,
     ));
     let (loader, restored) = match restore {
-        Some(restore) => {
+        Some(mut restore) => {
             tracing::info!(
                 time = restore.time,
                 partitions = restore.offsets.len(),
                 "restoring the newest checkpoint: replaying only the messages after it"
             );
+            // The loader needs only the state.
             let restored = Restored {
                 time: restore.time,
-                offsets: Arc::new(restore.offsets.clone()),
+                offsets: Arc::new(std::mem::take(&mut restore.offsets)),
             };
             (
                 load_checkpoint_in_background(restore, &config, initial.clone())?,

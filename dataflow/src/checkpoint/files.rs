@@ -200,23 +200,33 @@ impl CheckpointDir {
         Ok((None, problems))
     }
 
+    /// The worker count of `epoch`'s files and each worker's file (`None` if it has none). The
+    /// files name their worker count; the set is judged by the largest count named, so that
+    /// files left by an earlier run with fewer workers cannot pass for a checkpoint.
+    fn worker_files(&self, epoch: u64) -> io::Result<Option<(u32, WorkerFiles)>> {
+        let mut files: Vec<(u32, u32, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(self.epoch_dir(epoch))? {
+            let entry = entry?;
+            if let Some((worker, peers)) = entry.file_name().to_str().and_then(parse_file_name) {
+                files.push((worker, peers, entry.path()));
+            }
+        }
+        let Some(peers) = files.iter().map(|&(_, peers, _)| peers).max() else {
+            return Ok(None);
+        };
+        let files = files
+            .into_iter()
+            .filter(|&(worker, file_peers, _)| file_peers == peers && worker < peers)
+            .map(|(worker, _, path)| (worker, path))
+            .collect();
+        Ok(Some((peers, files)))
+    }
+
     /// The checkpoint of `epoch`, or why its files are not one.
     fn read_epoch(&self, epoch: u64) -> Result<Result<Checkpoint, Vec<Unusable>>, CheckpointError> {
         let dir = self.epoch_dir(epoch);
         let mut problems = Vec::new();
-        // The files name their worker count; the set is judged by the largest count named, so
-        // that files left by an earlier run with fewer workers cannot pass for a checkpoint.
-        let mut files: Vec<(u32, u32, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
-            let entry = entry.map_err(io_error(&dir))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some((worker, peers)) = parse_file_name(name) else {
-                continue;
-            };
-            files.push((worker, peers, entry.path()));
-        }
-        let Some(peers) = files.iter().map(|&(_, peers, _)| peers).max() else {
+        let Some((peers, files)) = self.worker_files(epoch).map_err(io_error(&dir))? else {
             return Ok(Err(vec![Unusable::Incomplete {
                 epoch,
                 worker: 0,
@@ -224,10 +234,7 @@ impl CheckpointDir {
             }]));
         };
         let mut payloads: Vec<Option<Vec<u8>>> = vec![None; peers as usize];
-        for (worker, file_peers, path) in files {
-            if file_peers != peers || worker >= peers {
-                continue;
-            }
+        for (worker, path) in files {
             match read_file(&path, epoch, worker, peers) {
                 Ok(payload) => payloads[worker as usize] = Some(payload),
                 Err(unusable) => problems.push(unusable),
@@ -279,32 +286,21 @@ impl CheckpointDir {
     /// Whether every worker's file of `epoch` is there with a valid header and the length it
     /// states.
     fn complete_by_headers(&self, epoch: u64) -> bool {
-        let dir = self.epoch_dir(epoch);
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return false;
-        };
-        let mut files = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if let Some((worker, peers)) = name.to_str().and_then(parse_file_name) {
-                files.push((worker, peers, entry.path()));
-            }
-        }
-        let Some(peers) = files.iter().map(|&(_, peers, _)| peers).max() else {
+        let Ok(Some((peers, files))) = self.worker_files(epoch) else {
             return false;
         };
         let mut seen = vec![false; peers as usize];
-        for (worker, file_peers, path) in files {
-            if file_peers == peers
-                && worker < peers
-                && read_header(&path, epoch, worker, peers).is_ok()
-            {
+        for (worker, path) in files {
+            if read_header(&path, epoch, worker, peers).is_ok() {
                 seen[worker as usize] = true;
             }
         }
         seen.iter().all(|&seen| seen)
     }
 }
+
+/// Each worker's file of a checkpoint: (worker, path).
+type WorkerFiles = Vec<(u32, PathBuf)>;
 
 /// A writer that counts and hashes what goes through it.
 struct Hashing<W> {
