@@ -527,20 +527,7 @@ async fn a_checkpoint_restores_into_other_worker_and_process_counts() {
 
     // Two processes of two workers, from the three workers' checkpoint.
     let hostfile = setup.dir.path().join("hosts");
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
+    testkit::process::local_hostfile(&hostfile, 2);
     let process = |p: &str| {
         let hosts = hostfile.to_str().unwrap();
         Dataflow::spawn(&setup, "60s", &["-w", "2", "-n", "2", "-p", p, "-h", hosts])

@@ -607,20 +607,7 @@ async fn two_processes_of_two_workers_write_what_one_worker_writes() {
     single.stop();
 
     let hostfile = std::env::temp_dir().join(format!("{}.hosts", two.group));
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
+    testkit::process::local_hostfile(&hostfile, 2);
     let cluster = |process: &str| {
         let extra = [
             "-w",

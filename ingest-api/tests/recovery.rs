@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
-use testkit::tansu::{free_port, Broker};
+use testkit::free_port;
+use testkit::tansu::Broker;
 use testkit::{create_topic_at, http};
 
 const PARTITIONS: i32 = 4;

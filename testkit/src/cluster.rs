@@ -3,7 +3,6 @@
 //! test that reshards or counts every key needs a cluster of its own; starting one takes about a
 //! second.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,16 +24,6 @@ impl std::fmt::Debug for PrivateCluster {
     }
 }
 
-fn free_port() -> u16 {
-    // The tiny race with another process taking the port before redis-server binds would show
-    // as a failed start, not as a wrong result.
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl PrivateCluster {
     /// Starts the three masters and waits until every one says the cluster is ok.
     pub fn start() -> Self {
@@ -47,7 +36,7 @@ impl PrivateCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut ports = Vec::new();
         while ports.len() < 3 * (1 + replicas) {
-            let port = free_port();
+            let port = crate::free_port();
             // Redis Cluster's bus listens on port + 10000.
             if port < 55000 && !ports.contains(&port) {
                 ports.push(port);

@@ -21,6 +21,16 @@ pub mod tansu;
 #[cfg(feature = "broker")]
 pub use broker::*;
 
+/// A loopback port nothing listens on right now (another process may take it before the
+/// caller binds it: that shows as a failed start, not as a wrong result).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The test broker: `STREAMREC_TEST_BROKERS`, by default the test port of scripts/test.sh.
 pub fn brokers() -> String {
     std::env::var("STREAMREC_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())

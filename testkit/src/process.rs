@@ -34,6 +34,15 @@ pub fn isolated(binary: &str, dir: &Path) -> Command {
     command
 }
 
+/// Writes a timely hostfile at `path` for `processes` processes on this machine, each on a
+/// port free when asked, for a multi-process dataflow (`-n`, `-p`, `-h`).
+pub fn local_hostfile(path: &Path, processes: usize) {
+    let hosts: String = (0..processes)
+        .map(|_| format!("127.0.0.1:{}\n", crate::free_port()))
+        .collect();
+    std::fs::write(path, hosts).expect("the hostfile is written");
+}
+
 /// The lines of `child`'s piped stderr, as they come, read on a thread of their own so that
 /// the child never blocks on a full pipe.
 pub fn stderr_lines(child: &mut Child) -> Receiver<String> {

@@ -26,14 +26,7 @@ pub fn tansu_binary() -> PathBuf {
         .expect("tansu is neither on PATH nor in ~/.cargo/bin; run scripts/services.sh start")
 }
 
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::free_port;
 
 /// Our own tansu. Dropping it thaws and kills it, also when the test fails half-way.
 #[derive(Debug)]
