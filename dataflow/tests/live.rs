@@ -1307,18 +1307,34 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
         neighbours: 3,
         ..RecommendSettings::default()
     };
-    // A user's list is computed when its profile changes, from the state of that epoch; the
-    // last user pushed saw every profile, and so does its list.
+    // A user's list is computed when its profile changes, from the state of that epoch. The
+    // last user pushed is not enough: another worker may read an earlier push in a later epoch.
+    // So once every list is in, that user is pushed again (a later timestamp, the same
+    // history): its new list is computed from every profile.
     let reference = RecommendReference::new(histories.values(), settings);
     let last = histories.keys().last().unwrap().clone();
-    let stored: Value = serde_json::from_str(
-        &redis::cmd("GET")
-            .arg(profile::recs_key(&last))
-            .query::<String>(&mut redis)
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(stored["timestamp"], 100);
+    let body = format!(r#"{{"user_id":"{last}","timestamp":200}}"#);
+    let (status, body) = http(api, "POST", "/push_interest/", &body).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored: Value = loop {
+        let stored: Value = serde_json::from_str(
+            &redis::cmd("GET")
+                .arg(profile::recs_key(&last))
+                .query::<String>(&mut redis)
+                .unwrap(),
+        )
+        .unwrap();
+        if stored["timestamp"] == 200 {
+            break stored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no list of the second push after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stored["timestamp"], 200);
     let (status, body) = http(api, "GET", &format!("/recommendation/{last}?k=10"), "").await;
     assert_eq!(status, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).unwrap();
