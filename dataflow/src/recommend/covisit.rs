@@ -1,33 +1,34 @@
-//! Co-visitation (semantics §8) as differential collections, maintained incrementally from the
-//! interest collection as histories slide and are replaced:
+//! Co-visitation (semantics §8) as collections, maintained incrementally from the interest
+//! collection as histories slide and are replaced:
 //!
 //! ```text
-//! interests ─flat_map─▶ windows (user, item) ─arrange by user─┬─ self-join ─▶ pairs (a, b) ─count─▶ c(a, b)
-//!                                            └─ map item ─count─▶ n(x)         │
-//!            c(a, b) ─▶ top K per a (`top_k`) ─▶ neighbours(a)
+//! interests ─┬─ window items ─count─▶ n(x)
+//!            └─ window pairs (a, b), multiplicity c(a, b) ─count, top K per a─▶ neighbours(a)
 //! ```
 //!
 //! The window of a user is the set of the distinct items of its last W history positions (see
-//! [`super::reference`] for the rules). When a window slides by d items, the interest
-//! collection retracts the old history and inserts the new one; their windows differ in about
-//! 2d (user, item) records once consolidated, which is what the arrangement by user holds, and
-//! the self-join's delta then produces O(d·W) pair changes, not O(W²).
+//! [`super::reference`] for the rules). The pairs are the self-join of the windows on user,
+//! computed where a user's old and new values meet ([`window_pairs`]): when a window slides by
+//! d items, only the 2·d·(W − 1) pairs that touch an item that left or entered it change, so an
+//! update costs O(d·W), not O(W²).
 //!
-//! Item ids are keys here as they are, [`SmolStr`] (inline up to 23 bytes): the contract breaks
+//! Item ids are kept as they are, [`SmolStr`] (inline up to 23 bytes): the contract breaks
 //! ties between neighbours by the ids' bytes, which a hash would lose, and users and items of
-//! every worker meet in these collections, where the workers' table indices mean nothing.
+//! every worker meet here, where the workers' table indices mean nothing.
 //!
 //! Each item's neighbours are its top K partners by (c desc, id asc). A popular item has tens of
-//! thousands of partners, and a `reduce` reads its whole group whenever one of them changes
-//! (even split into 64 buckets of partners, then a top of the buckets' winners, that was most
-//! of the recommendations' cost); [`super::top::top_k`] keeps each item's partners ordered and
-//! reads only the changed items' first K.
+//! thousands of partners, and a `reduce` reads its whole group whenever one of them changes;
+//! [`super::top::top_k_by_count`] keeps each pair's count once, each item's partners ordered,
+//! and reads only the changed items' first K (docs/performance.md has the measurements that
+//! replaced the self-join, `count` and `reduce`).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, VecCollection};
 use smol_str::SmolStr;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::Operator;
 
 use crate::model::UserInterest;
 
@@ -53,12 +54,10 @@ pub struct Neighbour {
 pub struct Covisitation<'scope> {
     /// W, the window they were built with (the scores read the same windows).
     pub window: usize,
-    /// (user, item): the distinct items of each user's window.
-    pub windows: VecCollection<'scope, u64, (SmolStr, SmolStr), isize>,
     /// (x, n(x)) for every item in some window.
     pub item_users: VecCollection<'scope, u64, (SmolStr, isize), isize>,
-    /// ((a, b), c(a, b)) for a ≠ b with c(a, b) ≥ 1, both directions.
-    pub covisits: VecCollection<'scope, u64, ((SmolStr, SmolStr), isize), isize>,
+    /// (a, b) for a ≠ b, both directions, with multiplicity c(a, b).
+    pub pairs: VecCollection<'scope, u64, (SmolStr, SmolStr), isize>,
     /// (a, b with c(a, b)): the K strongest partners of each item.
     pub neighbours: VecCollection<'scope, u64, (SmolStr, Neighbour), isize>,
 }
@@ -89,36 +88,121 @@ pub fn covisitation<'scope>(
     params: CovisitParams,
 ) -> Covisitation<'scope> {
     let window = params.window;
-    let windows = interests.clone().flat_map(move |interest: UserInterest| {
-        window_items(interest.history_items.iter(), window)
-            .into_keys()
-            .map(|item| (interest.user_id.clone(), SmolStr::new(item)))
-            .collect::<Vec<_>>()
-    });
-    let item_users = windows.clone().map(|(_user, item)| item).count();
-    let by_user = windows.clone().arrange_by_key();
-    let covisits = by_user
+    let item_users = interests
         .clone()
-        .join_core(by_user, |_user, a: &SmolStr, b: &SmolStr| {
-            (a != b).then(|| (a.clone(), b.clone()))
+        .flat_map(move |interest: UserInterest| {
+            window_items(interest.history_items.iter(), window)
+                .into_keys()
+                .map(SmolStr::new)
+                .collect::<Vec<_>>()
         })
         .count();
-    let partners = covisits.clone().map(|((a, b), c)| {
-        (
-            a,
-            Neighbour {
-                covisits: Reverse(c as u64),
-                item_id: b,
-            },
-        )
-    });
-    let neighbours = super::top::top_k(&partners, params.neighbours, "Neighbours");
+    let pairs = window_pairs(interests, window);
+    let neighbours = super::top::top_k_by_count(
+        &pairs,
+        params.neighbours,
+        |covisits, item_id: &SmolStr| Neighbour {
+            covisits: Reverse(covisits),
+            item_id: item_id.clone(),
+        },
+        "Neighbours",
+    );
     Covisitation {
         window,
-        windows,
         item_users,
-        covisits,
+        pairs,
         neighbours,
+    }
+}
+
+/// The co-visits of every user's window: each ordered pair (a, b), a ≠ b, of the window's
+/// items, as a collection in which (a, b) has multiplicity c(a, b).
+///
+/// This is the self-join of the (user, item) window collection on user, computed where a
+/// user's values meet: a user has one interest value at a time, so its pairs are a function of
+/// that one record, and the interest operator emits a changed user's retraction and insertion
+/// together. The updates of one user and time in an input batch are combined before anything
+/// is emitted: for a retraction and an insertion, only the pairs that touch an item that left
+/// or entered the window, 2·d·(W − 1) for a slide of d items. Any other grouping (a user's
+/// updates split over batches, say) emits more updates that consolidate to the same
+/// collection. Measured against `join_core` on an arrangement by user, which needed that
+/// arrangement (every window, 10 records a user) and emitted ~540 pair updates a replaced
+/// window, 180 of them net (docs/performance.md).
+fn window_pairs<'scope>(
+    interests: &VecCollection<'scope, u64, UserInterest, isize>,
+    window: usize,
+) -> VecCollection<'scope, u64, (SmolStr, SmolStr), isize> {
+    interests
+        .inner
+        .clone()
+        .unary(Pipeline, "WindowPairs", move |_, _| {
+            let mut changes: Vec<((SmolStr, SmolStr), isize)> = Vec::new();
+            move |input, output| {
+                input.for_each(|capability, records| {
+                    records.sort_unstable_by(|(x, tx, _), (y, ty, _)| {
+                        (tx, &x.user_id).cmp(&(ty, &y.user_id))
+                    });
+                    let mut session = output.session(&capability);
+                    for group in records
+                        .chunk_by(|(x, tx, _), (y, ty, _)| tx == ty && x.user_id == y.user_id)
+                    {
+                        let time = group[0].1;
+                        pair_changes(group, window, &mut changes);
+                        for (pair, diff) in changes.drain(..) {
+                            session.give((pair, time, diff));
+                        }
+                    }
+                });
+            }
+        })
+        .as_collection()
+}
+
+/// The pair changes of one user's updates at one time, consolidated, into `changes`.
+fn pair_changes(
+    group: &[(UserInterest, u64, isize)],
+    window: usize,
+    changes: &mut Vec<((SmolStr, SmolStr), isize)>,
+) {
+    let items = |interest: &UserInterest| -> Vec<SmolStr> {
+        window_items(interest.history_items.iter(), window)
+            .into_keys()
+            .map(SmolStr::new)
+            .collect()
+    };
+    match group {
+        // The usual case: the old value retracted and the new one inserted.
+        [(first, _, d1), (second, _, d2)] if d1 + d2 == 0 && d1.abs() == 1 => {
+            let (old, new) = if *d1 < 0 {
+                (items(first), items(second))
+            } else {
+                (items(second), items(first))
+            };
+            let left: Vec<&SmolStr> = old.iter().filter(|x| !new.contains(x)).collect();
+            let entered: Vec<&SmolStr> = new.iter().filter(|x| !old.contains(x)).collect();
+            for (changed, within, diff) in [(&left, &old, -1), (&entered, &new, 1)] {
+                // Each pair of `within` that touches a changed item, once.
+                for &a in changed.iter() {
+                    for b in within.iter().filter(|b| *b != a) {
+                        changes.push(((a.clone(), b.clone()), diff));
+                        if !changed.contains(&b) {
+                            changes.push(((b.clone(), a.clone()), diff));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {
+            for (interest, _, diff) in group {
+                let items = items(interest);
+                for a in &items {
+                    for b in items.iter().filter(|b| *b != a) {
+                        changes.push(((a.clone(), b.clone()), *diff));
+                    }
+                }
+            }
+            differential_dataflow::consolidation::consolidate(changes);
+        }
     }
 }
 
@@ -151,7 +235,7 @@ mod tests {
 
     type Captured = (
         Updates<(SmolStr, isize)>,
-        Updates<((SmolStr, SmolStr), isize)>,
+        Updates<(SmolStr, SmolStr)>,
         Updates<(SmolStr, Neighbour)>,
     );
 
@@ -166,7 +250,7 @@ mod tests {
         let epochs = epochs.to_vec();
         let shared = captured.clone();
         timely::execute(timely::Config::process(workers), move |worker| {
-            let (item_users, covisits, neighbours) = shared.clone();
+            let (item_users, pairs, neighbours) = shared.clone();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
                 let built = covisitation(&interests, params);
@@ -174,8 +258,8 @@ mod tests {
                     .item_users
                     .inspect(move |(d, t, r)| item_users.lock().unwrap().push((d.clone(), *t, *r)));
                 built
-                    .covisits
-                    .inspect(move |(d, t, r)| covisits.lock().unwrap().push((d.clone(), *t, *r)));
+                    .pairs
+                    .inspect(move |(d, t, r)| pairs.lock().unwrap().push((d.clone(), *t, *r)));
                 let probe = built
                     .neighbours
                     .inspect(move |(d, t, r)| neighbours.lock().unwrap().push((d.clone(), *t, *r)))
@@ -203,7 +287,7 @@ mod tests {
         let epochs = epochs(7);
         let mut outputs = Vec::new();
         for workers in [1, 2, 4] {
-            let (item_users, covisits, neighbours) = run(workers, &epochs, params);
+            let (item_users, pairs, neighbours) = run(workers, &epochs, params);
             let mut per_epoch = Vec::new();
             for (epoch, histories) in epochs.iter().enumerate() {
                 let reference = RecommendReference::new(histories.values(), settings);
@@ -213,10 +297,11 @@ mod tests {
                     assert_eq!(*one, 1);
                     assert_eq!(reference.users_holding(item) as isize, *count, "n({item})");
                 }
-                let c = as_of(&covisits, epoch);
-                let expected: BTreeMap<((SmolStr, SmolStr), isize), isize> = reference
+                // The multiplicity of (a, b) is c(a, b).
+                let c = as_of(&pairs, epoch);
+                let expected: BTreeMap<(SmolStr, SmolStr), isize> = reference
                     .all_covisits()
-                    .map(|(a, b, c)| ((((a.into()), b.into()), c as isize), 1))
+                    .map(|(a, b, c)| ((a.into(), b.into()), c as isize))
                     .collect();
                 assert_eq!(c, expected, "c(a, b) at epoch {epoch}, {workers} workers");
                 let mut lists: BTreeMap<SmolStr, Vec<(String, u64)>> = BTreeMap::new();

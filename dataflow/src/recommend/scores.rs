@@ -20,7 +20,9 @@
 
 use std::cmp::Reverse;
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashSet};
 
 use differential_dataflow::VecCollection;
 use smol_str::SmolStr;
@@ -324,14 +326,15 @@ fn user_list(
     window: usize,
     params: &ScoreParams,
 ) -> Vec<(SmolStr, f64)> {
-    let in_history: BTreeSet<&str> = history.iter().collect();
+    let in_history: HashSet<&str> = history.iter().collect();
     // The window newest first, ties by item: the reference's order of summation.
     let mut window: Vec<(u32, &str)> = window_items(history.iter(), window)
         .into_iter()
         .map(|(item, k)| (k, item))
         .collect();
     window.sort_unstable();
-    let mut scores: BTreeMap<&SmolStr, f64> = BTreeMap::new();
+    // Each candidate's terms are added in the window's order, whatever the map's order.
+    let mut scores: HashMap<&SmolStr, f64> = HashMap::default();
     for (k, via) in &window {
         let Some(neighbours) = state.neighbours.get(*via) else {
             continue;

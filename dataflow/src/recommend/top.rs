@@ -13,7 +13,9 @@
 //! that left its first `k` retracted and those that entered it inserted. Epochs are applied in
 //! order, each once the input frontier has passed it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::HashMap;
 
 use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
@@ -45,9 +47,9 @@ where
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
             let mut pending: BTreeMap<u64, Pending<K, V>> = BTreeMap::new();
-            let mut ranked: HashMap<K, Ranked<V>> = HashMap::new();
+            let mut ranked: HashMap<K, Ranked<V>> = HashMap::default();
             // What the output holds for each key: its first `k` as last emitted.
-            let mut emitted: HashMap<K, Vec<V>> = HashMap::new();
+            let mut emitted: HashMap<K, Vec<V>> = HashMap::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, updates| {
                     for update in updates.drain(..) {
@@ -97,6 +99,99 @@ where
                         }
                         if !first.is_empty() {
                             emitted.insert(key, first);
+                        }
+                    }
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// One epoch's co-occurrence updates, held until it is complete.
+type PendingCounts<K, V> = (Capability<u64>, Vec<((K, V), u64, isize)>);
+
+/// The first `k` values of each key of a multiset, ranked by their multiplicity: the count of
+/// each (key, value) record of `input` (as `count` would give), then each key's first `k` by
+/// `rank(count, value)`, in one operator.
+///
+/// Fused because the co-visits are the largest state of the recommendations: `count` followed by
+/// [`top_k`] kept every pair three times (`count`'s input and output arrangements, and the
+/// ranked values), and moved each changed pair's count through two exchanges as a retraction
+/// and an insertion (docs/performance.md, "co-visitation without the self-join"). Here each
+/// record's count is kept once, with its rank in an ordered set per key; a change is a hash
+/// update and a logarithmic one, and a changed key's first `k` is read before and after its
+/// changes of the epoch, so nothing of what was emitted needs to be kept.
+///
+/// The output is a collection of (key, rank) as [`top_k`]'s is.
+pub fn top_k_by_count<'scope, K, V, R>(
+    input: &VecCollection<'scope, u64, (K, V), isize>,
+    k: usize,
+    rank: impl Fn(u64, &V) -> R + 'static,
+    name: &str,
+) -> VecCollection<'scope, u64, (K, R), isize>
+where
+    K: ExchangeData + Clone + Ord + std::hash::Hash + Hashable<Output = u64>,
+    V: ExchangeData + Clone + Ord + std::hash::Hash,
+    R: ExchangeData + Clone + Ord,
+{
+    let route = |((key, _), _, _): &((K, V), u64, isize)| key.hashed();
+    input
+        .inner
+        .clone()
+        .unary_frontier(Exchange::new(route), name, move |_, _| {
+            let mut pending: BTreeMap<u64, PendingCounts<K, V>> = BTreeMap::new();
+            // Every record's count (only positive counts are kept) and each key's ranks.
+            let mut counts: HashMap<(K, V), u64> = HashMap::default();
+            let mut ranked: HashMap<K, BTreeSet<R>> = HashMap::default();
+            move |(input, frontier), output| {
+                input.for_each(|capability, updates| {
+                    for update in updates.drain(..) {
+                        let time = update.1;
+                        pending
+                            .entry(time)
+                            .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
+                            .1
+                            .push(update);
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (time, (capability, mut updates)) = entry.remove_entry();
+                    // Sorted by key, then value: each key's changes are one run.
+                    consolidate_updates(&mut updates);
+                    let mut session = output.session(&capability);
+                    for run in updates.chunk_by(|x, y| x.0 .0 == y.0 .0) {
+                        let key = &run[0].0 .0;
+                        let ranks = ranked.entry(key.clone()).or_default();
+                        let before: Vec<R> = ranks.iter().take(k).cloned().collect();
+                        for ((_, value), _, diff) in run {
+                            // The pair is cloned only when it is new to `counts`.
+                            let record = (key.clone(), value.clone());
+                            let old = counts.get(&record).copied().unwrap_or(0);
+                            // A retraction beyond what was inserted would be a bug upstream;
+                            // the record simply leaves.
+                            let new = (old as i64 + *diff as i64).max(0) as u64;
+                            if old > 0 {
+                                ranks.remove(&rank(old, value));
+                            }
+                            if new > 0 {
+                                ranks.insert(rank(new, value));
+                                counts.insert(record, new);
+                            } else {
+                                counts.remove(&record);
+                            }
+                        }
+                        let after: Vec<R> = ranks.iter().take(k).cloned().collect();
+                        if ranks.is_empty() {
+                            ranked.remove(key);
+                        }
+                        for gone in before.iter().filter(|r| !after.contains(r)) {
+                            session.give(((key.clone(), gone.clone()), time, -1));
+                        }
+                        for came in after.iter().filter(|r| !before.contains(r)) {
+                            session.give(((key.clone(), came.clone()), time, 1));
                         }
                     }
                 }
@@ -184,6 +279,97 @@ mod tests {
             let seen = seen.lock().unwrap();
             for (epoch, expected) in expectations.iter().enumerate() {
                 let mut actual: BTreeMap<(u32, u32), isize> = BTreeMap::new();
+                for (record, time, diff) in seen.iter() {
+                    if *time <= epoch as u64 {
+                        *actual.entry(*record).or_insert(0) += diff;
+                    }
+                }
+                actual.retain(|_, count| *count != 0);
+                assert_eq!(&actual, expected, "epoch {epoch}, {workers} workers");
+            }
+        }
+    }
+
+    #[test]
+    fn keeps_each_keys_first_values_by_count_over_random_epochs_and_workers() {
+        let k = 3;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // Twelve epochs of random insertions and retractions of present records, from a small
+        // pool so that counts grow, tie and fall back to zero.
+        let mut state: BTreeMap<(u32, u32), isize> = BTreeMap::new();
+        let mut epochs = Vec::new();
+        let mut expectations = Vec::new();
+        for _ in 0..12 {
+            let mut updates = Vec::new();
+            for _ in 0..60 {
+                let record = (rng.random_range(0..4u32), rng.random_range(0..8u32));
+                let present = state.get(&record).copied().unwrap_or(0);
+                let diff = if present > 0 && rng.random_bool(0.4) {
+                    -1
+                } else {
+                    1
+                };
+                *state.entry(record).or_insert(0) += diff;
+                updates.push((record, diff));
+            }
+            // The first k of each key by count descending, then value, by brute force.
+            let mut by_key: BTreeMap<u32, Vec<(std::cmp::Reverse<u64>, u32)>> = BTreeMap::new();
+            for (&(key, value), &count) in &state {
+                if count > 0 {
+                    by_key
+                        .entry(key)
+                        .or_default()
+                        .push((std::cmp::Reverse(count as u64), value));
+                }
+            }
+            let expected: BTreeMap<(u32, (std::cmp::Reverse<u64>, u32)), isize> = by_key
+                .into_iter()
+                .flat_map(|(key, mut ranks)| {
+                    ranks.sort();
+                    ranks.into_iter().take(k).map(move |r| ((key, r), 1))
+                })
+                .collect();
+            epochs.push(updates);
+            expectations.push(expected);
+        }
+        for workers in [1, 2, 4] {
+            type Updates = Vec<((u32, (std::cmp::Reverse<u64>, u32)), u64, isize)>;
+            let seen: Arc<Mutex<Updates>> = Arc::default();
+            let epochs = epochs.clone();
+            let sink = seen.clone();
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let sink = sink.clone();
+                let (index, peers) = (worker.index(), worker.peers());
+                let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                    let (input, collection) = scope.new_collection::<(u32, u32), isize>();
+                    let ranked = top_k_by_count(
+                        &collection,
+                        k,
+                        |count, value: &u32| (std::cmp::Reverse(count), *value),
+                        "TopByCount",
+                    );
+                    let probe = ranked
+                        .inspect(move |update| sink.lock().unwrap().push(*update))
+                        .probe()
+                        .0;
+                    (input, probe)
+                });
+                for (epoch, updates) in epochs.iter().enumerate() {
+                    // Spread over the workers, so that a record's updates arrive from several.
+                    for (i, &(record, diff)) in updates.iter().enumerate() {
+                        if i % peers == index {
+                            input.update(record, diff);
+                        }
+                    }
+                    input.advance_to(epoch as u64 + 1);
+                    input.flush();
+                    worker.step_while(|| probe.less_than(input.time()));
+                }
+            })
+            .unwrap();
+            let seen = seen.lock().unwrap();
+            for (epoch, expected) in expectations.iter().enumerate() {
+                let mut actual = BTreeMap::new();
                 for (record, time, diff) in seen.iter() {
                     if *time <= epoch as u64 {
                         *actual.entry(*record).or_insert(0) += diff;
