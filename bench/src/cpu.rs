@@ -130,7 +130,7 @@ fn us(value: Option<f64>) -> String {
 }
 
 /// CPU per message over the end-to-end window, in µs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CpuPerMessage {
     /// The dataflow process, all its threads.
     pub dataflow_us: Option<f64>,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dataflow::stats::EpochCounters;
+use dataflow::stats::{EpochCounters, RecommendCost};
 
 use crate::cpu::{CpuPerMessage, CpuSampler};
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,63 @@ impl EndToEnd {
     /// Profile values handed to Redis: the changed profiles of every epoch.
     pub fn profile_writes(&self) -> u64 {
         self.epochs.iter().map(|e| e.counters.changed).sum()
+    }
+
+    /// With recommendations, what they cost over the run's epochs.
+    pub fn recommend_cost(&self) -> Option<RecommendSummary> {
+        let mut total = RecommendCost::default();
+        let mut epochs = 0;
+        for epoch in &self.epochs {
+            if !epoch.counters.recommend.is_empty() {
+                epochs += 1;
+                let mut counters = EpochCounters {
+                    recommend: total,
+                    ..EpochCounters::default()
+                };
+                counters.add(&epoch.counters);
+                total = counters.recommend;
+            }
+        }
+        (epochs > 0).then_some(RecommendSummary {
+            epochs,
+            messages: self.messages,
+            total,
+        })
+    }
+}
+
+/// The recommendations' cost over a run: the epochs that had any, and their sum.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecommendSummary {
+    pub epochs: u64,
+    pub messages: u64,
+    pub total: RecommendCost,
+}
+
+impl RecommendSummary {
+    /// Two lines: the average epoch, and the same per message.
+    pub fn render(&self) -> String {
+        let per = |value: u64, by: u64| value as f64 / by.max(1) as f64;
+        let RecommendCost {
+            pair_updates,
+            neighbour_changes,
+            lists,
+            recommend_us,
+        } = self.total;
+        format!(
+            "  recommendations, per epoch ({} epochs): {:.0} pair updates, {:.0} neighbour \
+             changes, {:.0} lists, {:.1} ms of worker time\n  recommendations, per message: \
+             {:.1} pair updates, {:.2} neighbour changes, {:.2} lists, {:.1} us of worker time",
+            self.epochs,
+            per(pair_updates, self.epochs),
+            per(neighbour_changes, self.epochs),
+            per(lists, self.epochs),
+            per(recommend_us, self.epochs) / 1e3,
+            per(pair_updates, self.messages),
+            per(neighbour_changes, self.messages),
+            per(lists, self.messages),
+            per(recommend_us, self.messages),
+        )
     }
 }
 
@@ -220,11 +277,48 @@ pub(crate) mod tests {
             plain_writes: 2990,
             latency_ms: 87,
             redis_rejected: 0,
+            recommend: RecommendCost::default(),
         };
         let line = dataflow::stats::format_epoch(1_700_000_000_100, &counters, 100, true);
         let stat: EpochStat = serde_json::from_str(&line).unwrap();
         assert_eq!(stat.epoch, 1_700_000_000_100);
         assert_eq!(stat.counters, counters);
+    }
+
+    #[test]
+    fn sums_the_recommendations_cost_over_the_epochs_that_had_any() {
+        let with = |pair_updates, lists, recommend_us| {
+            let mut stat = epoch(1, 10, 5);
+            stat.counters.recommend = RecommendCost {
+                pair_updates,
+                neighbour_changes: 1,
+                lists,
+                recommend_us,
+            };
+            stat
+        };
+        let mut run = EndToEnd {
+            epochs: vec![epoch(0, 10, 5), with(1800, 10, 4000), with(900, 5, 2000)],
+            messages: 30,
+            seconds: 1.0,
+            launch_seconds: 1.2,
+            peak_rss_kb: None,
+            cpu: CpuPerMessage::default(),
+        };
+        let summary = run.recommend_cost().unwrap();
+        assert_eq!((summary.epochs, summary.total.pair_updates), (2, 2700));
+        let text = summary.render();
+        assert!(
+            text.contains("(2 epochs): 1350 pair updates, 1 neighbour changes, 8 lists, 3.0 ms")
+                && text.contains("per message: 90.0 pair updates")
+                && text.contains("200.0 us"),
+            "{text}"
+        );
+        run.epochs.truncate(1);
+        assert!(
+            run.recommend_cost().is_none(),
+            "none with recommendations off"
+        );
     }
 
     #[test]

@@ -464,6 +464,10 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
         );
     }
     println!("{}", e2e.cpu.render());
+    let recommend_cost = e2e.recommend_cost();
+    if let Some(cost) = &recommend_cost {
+        println!("{}", cost.render());
+    }
     if let Some(found) = sustained {
         println!("{}", found.render(e2e.rate()));
     }
@@ -500,6 +504,7 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
         "sink_lua": lua,
         "summary": summary,
         "cpu_per_message": e2e.cpu,
+        "recommend_cost": recommend_cost,
         "chart": args.chart,
         "sustained": sustained,
         "latency": latency.as_ref().map(|latency| &latency.json),

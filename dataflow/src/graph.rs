@@ -120,7 +120,8 @@ pub fn build<'scope, W: EpochWriter>(
     if let Some(setup) = options.recommend {
         // Each changed user's fresh list and, from worker 0, popular_items when it changes: to
         // Redis with the profiles of the same epoch.
-        let covisitation = covisitation(&interests, setup.covisit);
+        // Their operators add what each epoch cost to the worker's stats board.
+        let covisitation = covisitation(&interests, setup.covisit, &stats);
         // One popularity order serves both the fill-up and popular_items.
         let order = popular_order(
             &covisitation.item_users,
@@ -131,6 +132,7 @@ pub fn build<'scope, W: EpochWriter>(
             &covisitation,
             &order,
             setup.scores,
+            &stats,
         ));
         let popular = popular_items(&order, profile::POPULAR_ITEMS);
         values = values.concat(lists).concat(popular);

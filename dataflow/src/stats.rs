@@ -34,6 +34,43 @@ pub struct EpochCounters {
     /// program put there), sent to the dead-letter topic instead.
     #[serde(default)]
     pub redis_rejected: u64,
+    /// With recommendations: the cost of the epoch's recommendations (see [`RecommendCost`]).
+    #[serde(default, flatten)]
+    pub recommend: RecommendCost,
+}
+
+/// What the recommendations cost in one epoch (on one worker, or summed over all): the
+/// co-visitation's changes and the lists computed, and the worker time their operators took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecommendCost {
+    /// Changes of c(a, b) applied: each (a, b) whose count changed (both directions count).
+    #[serde(default)]
+    pub pair_updates: u64,
+    /// Entries that entered or left some item's top K neighbours.
+    #[serde(default)]
+    pub neighbour_changes: u64,
+    /// Users' lists computed.
+    #[serde(default)]
+    pub lists: u64,
+    /// Microseconds of worker time in the recommendations' own operators (the pairs from the
+    /// windows, the counts and neighbours, the scoring; not differential's count of n(x) or the
+    /// popularity order), summed over workers.
+    #[serde(default)]
+    pub recommend_us: u64,
+}
+
+impl RecommendCost {
+    fn add(&mut self, other: &RecommendCost) {
+        self.pair_updates += other.pair_updates;
+        self.neighbour_changes += other.neighbour_changes;
+        self.lists += other.lists;
+        self.recommend_us += other.recommend_us;
+    }
+
+    /// Whether the epoch had any (with recommendations off, never).
+    pub fn is_empty(&self) -> bool {
+        *self == RecommendCost::default()
+    }
 }
 
 impl EpochCounters {
@@ -47,6 +84,7 @@ impl EpochCounters {
         self.redis_writes += other.redis_writes;
         self.plain_writes += other.plain_writes;
         self.redis_rejected += other.redis_rejected;
+        self.recommend.add(&other.recommend);
         self.latency_ms = self.latency_ms.max(other.latency_ms);
     }
 
@@ -105,7 +143,7 @@ impl StatsBoard {
 pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: bool) -> String {
     let rate = counters.messages as f64 * 1000.0 / epoch_ms.max(1) as f64;
     if json {
-        serde_json::json!({
+        let mut line = serde_json::json!({
             "epoch": epoch,
             "messages": counters.messages,
             "invalid": counters.invalid,
@@ -116,10 +154,17 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
             "redis_rejected": counters.redis_rejected,
             "latency_ms": counters.latency_ms,
             "messages_per_second": rate.round(),
-        })
-        .to_string()
+        });
+        if !counters.recommend.is_empty() {
+            let cost = &counters.recommend;
+            line["pair_updates"] = cost.pair_updates.into();
+            line["neighbour_changes"] = cost.neighbour_changes.into();
+            line["lists"] = cost.lists.into();
+            line["recommend_us"] = cost.recommend_us.into();
+        }
+        line.to_string()
     } else {
-        format!(
+        let mut line = format!(
             "epoch {epoch}  messages {:>7}  invalid {:>5}  stale {:>5}  changed {:>7}  \
              redis_writes {:>7} ({:>7} plain)  latency {:>5} ms  {:>9.0} msg/s",
             counters.messages,
@@ -130,7 +175,18 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
             counters.plain_writes,
             counters.latency_ms,
             rate
-        )
+        );
+        if !counters.recommend.is_empty() {
+            let cost = &counters.recommend;
+            line += &format!(
+                "  pair_updates {:>8}  neighbour_changes {:>7}  lists {:>7}  recommend {:>6.1} ms",
+                cost.pair_updates,
+                cost.neighbour_changes,
+                cost.lists,
+                cost.recommend_us as f64 / 1e3
+            );
+        }
+        line
     }
 }
 
@@ -207,6 +263,27 @@ mod tests {
         assert_eq!(json["redis_writes"], 39);
         assert_eq!(json["plain_writes"], 30);
         assert_eq!(json["messages_per_second"], 500.0);
+        assert!(
+            json.get("pair_updates").is_none(),
+            "no recommendation fields when off"
+        );
+        let with_recommendations = EpochCounters {
+            recommend: RecommendCost {
+                pair_updates: 180,
+                neighbour_changes: 7,
+                lists: 2,
+                recommend_us: 1_500,
+            },
+            ..counters
+        };
+        let line = format_epoch(1_000, &with_recommendations, 100, false);
+        assert!(
+            line.contains("pair_updates      180") && line.contains("recommend    1.5 ms"),
+            "{line}"
+        );
+        let json = format_epoch(1_000, &with_recommendations, 100, true);
+        let parsed: EpochCounters = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed.recommend, with_recommendations.recommend, "{json}");
     }
 
     /// A writer whose reader has gone after `room` bytes, like a closed pipe.
@@ -269,11 +346,20 @@ mod tests {
             messages: 2,
             latency_ms: 3,
             redis_writes: 4,
+            recommend: RecommendCost {
+                lists: 2,
+                ..Default::default()
+            },
             ..Default::default()
         });
         assert_eq!(
-            (total.messages, total.latency_ms, total.redis_writes),
-            (3, 5, 4)
+            (
+                total.messages,
+                total.latency_ms,
+                total.redis_writes,
+                total.recommend.lists
+            ),
+            (3, 5, 4, 2)
         );
     }
 }

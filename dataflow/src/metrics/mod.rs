@@ -63,6 +63,17 @@ pub struct Metrics {
     kafka_silent: Family<WorkerLabels, Gauge<f64, AtomicU64>>,
     dead_letters_unacknowledged: Gauge,
     checkpoint: CheckpointMetrics,
+    recommend: RecommendMetrics,
+}
+
+/// The recommendations' cost, counted per completed live epoch (see
+/// [`crate::stats::RecommendCost`]).
+#[derive(Debug, Default)]
+struct RecommendMetrics {
+    pair_updates: Counter,
+    neighbour_changes: Counter,
+    lists: Counter,
+    seconds: Counter<f64, AtomicU64>,
 }
 
 /// The handles a checkpoint writer thread updates.
@@ -232,7 +243,32 @@ impl Metrics {
              restart replays from about then; time() minus it is the checkpoint's age",
             checkpoint.newest.clone(),
         );
+        let recommend = RecommendMetrics::default();
+        registry.register(
+            "recommend_pair_updates",
+            "With recommendations: changes of co-visitation counts c(a, b) applied (each ordered \
+             pair whose count changed)",
+            recommend.pair_updates.clone(),
+        );
+        registry.register(
+            "recommend_neighbour_changes",
+            "With recommendations: entries that entered or left an item's top K neighbours",
+            recommend.neighbour_changes.clone(),
+        );
+        registry.register(
+            "recommend_lists",
+            "With recommendations: users' lists computed",
+            recommend.lists.clone(),
+        );
+        registry.register_with_unit(
+            "recommend_worker",
+            "With recommendations: worker time in their operators (the pairs, the counts and \
+             neighbours, the scoring), summed over workers",
+            Unit::Seconds,
+            recommend.seconds.clone(),
+        );
         Metrics {
+            recommend,
             checkpoint,
             registry,
             kafka_silent,
@@ -263,6 +299,15 @@ impl Metrics {
     /// latency counts only if it changed profiles (an idle epoch has none).
     pub fn epoch_done(&self, counters: &EpochCounters) {
         self.epochs_completed.inc();
+        let cost = &counters.recommend;
+        self.recommend.pair_updates.inc_by(cost.pair_updates);
+        self.recommend
+            .neighbour_changes
+            .inc_by(cost.neighbour_changes);
+        self.recommend.lists.inc_by(cost.lists);
+        self.recommend
+            .seconds
+            .inc_by(cost.recommend_us as f64 / 1e6);
         if counters.changed > 0 {
             self.epoch_latency
                 .observe(Duration::from_millis(counters.latency_ms).as_secs_f64());
@@ -630,6 +675,12 @@ mod tests {
         shared.epoch_done(&EpochCounters {
             changed: 3,
             latency_ms: 40,
+            recommend: crate::stats::RecommendCost {
+                pair_updates: 180,
+                neighbour_changes: 4,
+                lists: 3,
+                recommend_us: 250_000,
+            },
             ..Default::default()
         });
         shared.epoch_done(&EpochCounters::default());
@@ -666,6 +717,19 @@ mod tests {
                 "3",
             ),
             ("streamrec_dataflow_epochs_completed_total".to_owned(), "2"),
+            (
+                "streamrec_dataflow_recommend_pair_updates_total".to_owned(),
+                "180",
+            ),
+            (
+                "streamrec_dataflow_recommend_neighbour_changes_total".to_owned(),
+                "4",
+            ),
+            ("streamrec_dataflow_recommend_lists_total".to_owned(), "3"),
+            (
+                "streamrec_dataflow_recommend_worker_seconds_total".to_owned(),
+                "0.25",
+            ),
             // The idle epoch has no latency.
             (
                 "streamrec_dataflow_epoch_latency_seconds_count".to_owned(),
@@ -706,7 +770,7 @@ mod tests {
         checkpoints.failed();
         let text = shared.encode().unwrap();
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 17, "{text}");
+        assert_eq!(families, 21, "{text}");
         // Every sample of a declared family, numeric, and `# EOF` last.
         let samples = testkit::prometheus::parse_exposition(&text);
         assert_eq!(

@@ -24,12 +24,14 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use smol_str::SmolStr;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Operator;
 
+use super::{add_cost, CostBoard};
 use crate::model::UserInterest;
 
 /// The sizes of §8.
@@ -83,9 +85,12 @@ pub fn window_items<'a>(
 }
 
 /// Builds the co-visitation collections on the interest collection.
+///
+/// What the pairs and the neighbours cost each epoch is added to `cost`.
 pub fn covisitation<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     params: CovisitParams,
+    cost: &CostBoard,
 ) -> Covisitation<'scope> {
     let window = params.window;
     let item_users = interests
@@ -97,13 +102,20 @@ pub fn covisitation<'scope>(
                 .collect::<Vec<_>>()
         })
         .count();
-    let pairs = window_pairs(interests, window);
+    let pairs = window_pairs(interests, window, cost.clone());
+    let board = cost.clone();
     let neighbours = super::top::top_k_by_count(
         &pairs,
         params.neighbours,
         |covisits, item_id: &SmolStr| Neighbour {
             covisits: Reverse(covisits),
             item_id: item_id.clone(),
+        },
+        move |epoch, work| {
+            add_cost(&board, epoch, work.took, |cost| {
+                cost.pair_updates += work.updates as u64;
+                cost.neighbour_changes += work.changes as u64;
+            });
         },
         "Neighbours",
     );
@@ -131,6 +143,7 @@ pub fn covisitation<'scope>(
 fn window_pairs<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     window: usize,
+    cost: CostBoard,
 ) -> VecCollection<'scope, u64, (SmolStr, SmolStr), isize> {
     interests
         .inner
@@ -139,9 +152,11 @@ fn window_pairs<'scope>(
             let mut changes: Vec<((SmolStr, SmolStr), isize)> = Vec::new();
             move |input, output| {
                 input.for_each(|capability, records| {
+                    let started = Instant::now();
                     records.sort_unstable_by(|(x, tx, _), (y, ty, _)| {
                         (tx, &x.user_id).cmp(&(ty, &y.user_id))
                     });
+                    let first_time = records.first().map_or(0, |(_, time, _)| *time);
                     let mut session = output.session(&capability);
                     for group in records
                         .chunk_by(|(x, tx, _), (y, ty, _)| tx == ty && x.user_id == y.user_id)
@@ -152,6 +167,9 @@ fn window_pairs<'scope>(
                             session.give((pair, time, diff));
                         }
                     }
+                    // Counted at the batch's first time, where the updates of a user usually
+                    // all are.
+                    add_cost(&cost, first_time, started.elapsed(), |_| {});
                 });
             }
         })
@@ -253,7 +271,7 @@ mod tests {
             let (item_users, pairs, neighbours) = shared.clone();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
-                let built = covisitation(&interests, params);
+                let built = covisitation(&interests, params, &CostBoard::default());
                 built
                     .item_users
                     .inspect(move |(d, t, r)| item_users.lock().unwrap().push((d.clone(), *t, *r)));

@@ -11,14 +11,30 @@ pub mod reference;
 pub mod scores;
 pub mod top;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use differential_dataflow::input::Input;
 use smol_str::SmolStr;
 use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::model::{IdList, UserInterest};
+use crate::stats::{RecommendCost, StatsBoard};
+
+/// The worker's stats board, where the recommendations' operators add what each epoch cost
+/// them (reported with the epoch's other counters, and as metrics).
+pub type CostBoard = Rc<RefCell<StatsBoard>>;
+
+/// Adds to `epoch`'s cost on `board`: `took` of worker time, and what `count` adds.
+fn add_cost(board: &CostBoard, epoch: u64, took: Duration, count: impl FnOnce(&mut RecommendCost)) {
+    let mut board = board.borrow_mut();
+    let cost = &mut board.epoch(epoch).recommend;
+    cost.recommend_us += took.as_micros() as u64;
+    count(cost);
+}
 
 /// Each user's list: (item, score), strongest first.
 pub type Lists = BTreeMap<String, Vec<(SmolStr, f64)>>;
@@ -40,9 +56,10 @@ pub fn recommend_snapshot(
         let (index, peers) = (worker.index(), worker.peers());
         let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (input, interests) = scope.new_collection::<UserInterest, isize>();
-            let covisitation = covisit::covisitation(&interests, covisit);
+            let cost = CostBoard::default();
+            let covisitation = covisit::covisitation(&interests, covisit, &cost);
             let order = scores::popular_order(&covisitation.item_users, params.popularity_len());
-            let probe = scores::recommendations(&interests, &covisitation, &order, params)
+            let probe = scores::recommendations(&interests, &covisitation, &order, params, &cost)
                 .inspect(move |list| {
                     let mut lists = lists.lock().unwrap_or_else(|e| e.into_inner());
                     lists.insert(list.user_id.to_string(), list.items.clone());

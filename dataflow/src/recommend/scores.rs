@@ -21,6 +21,7 @@
 use std::cmp::Reverse;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use foldhash::{HashMap, HashSet};
 
@@ -33,6 +34,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
 use super::covisit::{window_items, Covisitation, Neighbour};
+use super::{add_cost, CostBoard};
 use crate::model::{EncodedProfile, IdList, UserInterest};
 
 /// The settings of the scores (semantics §8).
@@ -92,12 +94,14 @@ enum Shared {
 /// n and the popularity order that every worker keeps (broadcast updates).
 ///
 /// `order` is the popularity order ([`popular_order`]), at least
-/// [`ScoreParams::popularity_len`] long.
+/// [`ScoreParams::popularity_len`] long. The lists computed and the time they took each epoch
+/// are added to `cost`.
 pub fn recommendations<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     covisitation: &Covisitation<'scope>,
     order: &PopularOrder<'scope>,
     params: ScoreParams,
+    cost: &CostBoard,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     let first = params.first_scored_time;
     let changed = interests
@@ -121,7 +125,7 @@ pub fn recommendations<'scope>(
         .clone()
         .map(|(((), popular), time, diff)| (Shared::Popular(popular), time, diff));
     let shared = neighbours.concat(users).concat(popular).broadcast();
-    score(changed, shared, covisitation.window, params)
+    score(changed, shared, covisitation.window, params, cost.clone())
 }
 
 /// The first `len` items by n(x) descending, ties by id, kept by [`super::top::top_k`] on one
@@ -274,6 +278,7 @@ fn score<'scope>(
     shared: Stream<'scope, u64, Vec<(Shared, u64, isize)>>,
     window: usize,
     params: ScoreParams,
+    cost: CostBoard,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
         let mut state = SharedState::default();
@@ -299,6 +304,7 @@ fn score<'scope>(
                     break;
                 }
                 let (capability, users) = entry.remove();
+                let started = Instant::now();
                 updates.sort_by_key(|(_, time, _)| *time);
                 let applied = updates.partition_point(|(_, time, _)| *time <= epoch);
                 for (update, _, diff) in updates.drain(..applied) {
@@ -313,7 +319,11 @@ fn score<'scope>(
                         epoch,
                     })
                     .collect();
+                let computed = lists.len() as u64;
                 output.session(&capability).give_container(&mut lists);
+                add_cost(&cost, epoch, started.elapsed(), |cost| {
+                    cost.lists += computed
+                });
             }
         }
     })
@@ -400,9 +410,10 @@ mod tests {
             let lists = shared.clone();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
-                let covisit = covisitation(&interests, covisit);
+                let cost = CostBoard::default();
+                let covisit = covisitation(&interests, covisit, &cost);
                 let order = popular_order(&covisit.item_users, params.popularity_len());
-                let probe = recommendations(&interests, &covisit, &order, params)
+                let probe = recommendations(&interests, &covisit, &order, params, &cost)
                     .inspect(move |list| lists.lock().unwrap().push((list.epoch, list.clone())))
                     .probe()
                     .0;

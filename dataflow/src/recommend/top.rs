@@ -14,6 +14,7 @@
 //! order, each once the input frontier has passed it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
 
@@ -107,6 +108,17 @@ where
         .as_collection()
 }
 
+/// What [`top_k_by_count`] did in one epoch on one worker.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochWork {
+    /// Records whose count changed.
+    pub updates: usize,
+    /// Output updates: ranks that entered or left a key's first `k`.
+    pub changes: usize,
+    /// The time it took.
+    pub took: Duration,
+}
+
 /// One epoch's co-occurrence updates, held until it is complete.
 type PendingCounts<K, V> = (Capability<u64>, Vec<((K, V), u64, isize)>);
 
@@ -122,11 +134,13 @@ type PendingCounts<K, V> = (Capability<u64>, Vec<((K, V), u64, isize)>);
 /// update and a logarithmic one, and a changed key's first `k` is read before and after its
 /// changes of the epoch, so nothing of what was emitted needs to be kept.
 ///
-/// The output is a collection of (key, rank) as [`top_k`]'s is.
+/// The output is a collection of (key, rank) as [`top_k`]'s is. `on_epoch` is told what each
+/// epoch cost on this worker.
 pub fn top_k_by_count<'scope, K, V, R>(
     input: &VecCollection<'scope, u64, (K, V), isize>,
     k: usize,
     rank: impl Fn(u64, &V) -> R + 'static,
+    mut on_epoch: impl FnMut(u64, EpochWork) + 'static,
     name: &str,
 ) -> VecCollection<'scope, u64, (K, R), isize>
 where
@@ -159,8 +173,10 @@ where
                         break;
                     }
                     let (time, (capability, mut updates)) = entry.remove_entry();
+                    let started = Instant::now();
                     // Sorted by key, then value: each key's changes are one run.
                     consolidate_updates(&mut updates);
+                    let mut changes = 0;
                     let mut session = output.session(&capability);
                     for run in updates.chunk_by(|x, y| x.0 .0 == y.0 .0) {
                         let key = &run[0].0 .0;
@@ -189,11 +205,21 @@ where
                         }
                         for gone in before.iter().filter(|r| !after.contains(r)) {
                             session.give(((key.clone(), gone.clone()), time, -1));
+                            changes += 1;
                         }
                         for came in after.iter().filter(|r| !before.contains(r)) {
                             session.give(((key.clone(), came.clone()), time, 1));
+                            changes += 1;
                         }
                     }
+                    on_epoch(
+                        time,
+                        EpochWork {
+                            updates: updates.len(),
+                            changes,
+                            took: started.elapsed(),
+                        },
+                    );
                 }
             }
         })
@@ -346,6 +372,7 @@ mod tests {
                         &collection,
                         k,
                         |count, value: &u32| (std::cmp::Reverse(count), *value),
+                        |_, _| {},
                         "TopByCount",
                     );
                     let probe = ranked
