@@ -6,8 +6,10 @@
 //! two workers leave the same Redis contents as one worker; and a restart, of one process or
 //! two, rebuilds the state from the topics without writing it again; a profile Redis refuses
 //! for good (its key holds a hash) goes to the dead-letter topic while the stream moves on; and
-//! `--metrics-addr` serves Prometheus text whose counters match what was sent; and the whole
-//! pipeline (ingest API, dataflow, API reads) runs on a Redis Cluster through a resharding.
+//! `--metrics-addr` serves Prometheus text whose counters match what was sent; the whole
+//! pipeline (ingest API, dataflow, API reads) runs on a Redis Cluster through a resharding;
+//! recommendations reach Redis and the API as the reference computes them, and after a crash
+//! and a restart from a checkpoint equal those of an uninterrupted run.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
@@ -1365,4 +1367,165 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
         .collect();
     assert_eq!(answer["items"], Value::Array(popular));
     dataflow.stop();
+}
+
+/// The histories of the restart test: two tastes over nine items each, one item shared, at
+/// most six items a user.
+fn taste_histories(
+    id: &str,
+    users: std::ops::Range<usize>,
+    turn: usize,
+) -> Vec<(String, Vec<String>)> {
+    users
+        .map(|u| {
+            let taste = if u % 3 == 0 { "y" } else { "x" };
+            let items = (0..6)
+                .map(|j| {
+                    if j == 5 {
+                        "shared".to_owned()
+                    } else {
+                        format!("{taste}{}", (u * 7 + j * 3 + turn * 2) % 9)
+                    }
+                })
+                .collect();
+            (format!("{id}-u{u}"), items)
+        })
+        .collect()
+}
+
+/// Waits until Redis holds `user`'s list of the profile of `timestamp`, and returns it.
+fn wait_for_list(redis: &mut redis::Connection, user: &str, timestamp: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(profile::recs_key(user))
+            .query(redis)
+            .unwrap();
+        if let Some(list) = stored.map(|s| serde_json::from_str::<Value>(&s).unwrap()) {
+            if list["timestamp"] == timestamp {
+                return list;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no list of {user} at {timestamp} after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The restart test's run: profiles of users 0..20, then (after a SIGKILL and a restart from
+/// the checkpoint, with `restart`) new users 20..30 and new histories of users 0..5, then each
+/// probe user pushed again, one at a time once everything before is in Redis, so that its
+/// list is computed from every profile. Returns the probes' lists and the final histories.
+async fn recommendations_around_a_restart(
+    setup: &Setup,
+    restart: bool,
+) -> (Vec<Value>, BTreeMap<String, Vec<String>>) {
+    let checkpoints = std::env::temp_dir().join(format!("{}.checkpoints", setup.topic));
+    let args = [
+        setup.args(),
+        [
+            "--recommendations",
+            "on",
+            "--covisit-window",
+            "4",
+            "--neighbours",
+            "3",
+            "--checkpoint-interval",
+            "100ms",
+            "--checkpoint-dir",
+            checkpoints.to_str().unwrap(),
+            "-w",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ]
+    .concat();
+    let mut redis = redis(&setup.redis);
+    let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
+    let id = setup.topic.clone();
+    let mut histories: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut dataflow = Dataflow::spawn(&args);
+    for (user, items) in taste_histories(&id, 0..20, 0) {
+        let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+        produce_profile(&setup.topic, &user, &refs, 100).await;
+        histories.insert(user, items);
+    }
+    for user in histories.keys() {
+        wait_for_list(&mut redis, user, 100);
+    }
+    if restart {
+        // A crash some checkpoints later: the restart restores the newest one and replays the
+        // rest of the topic.
+        std::thread::sleep(Duration::from_millis(500));
+        dataflow.child.kill().unwrap();
+        dataflow.child.wait().unwrap();
+        let found = std::fs::read_dir(&checkpoints).map_or(0, |dir| dir.count());
+        assert!(found > 0, "no checkpoint in {}", checkpoints.display());
+        dataflow = Dataflow::spawn(&args);
+    }
+    let mut changed = taste_histories(&id, 20..30, 0);
+    changed.extend(taste_histories(&id, 0..5, 1));
+    for (user, items) in &changed {
+        let refs: Vec<&str> = items.iter().map(String::as_str).collect();
+        produce_profile(&setup.topic, user, &refs, 150).await;
+        histories.insert(user.clone(), items.clone());
+    }
+    for (user, _) in &changed {
+        wait_for_list(&mut redis, user, 150);
+    }
+    let mut probes = Vec::new();
+    for (i, user) in [0, 3, 7, 12, 21, 25, 29].iter().enumerate() {
+        let user = format!("{id}-u{user}");
+        let items: Vec<&str> = histories[&user].iter().map(String::as_str).collect();
+        let timestamp = 300 + i as u64;
+        produce_profile(&setup.topic, &user, &items, timestamp).await;
+        let mut list = wait_for_list(&mut redis, &user, timestamp);
+        // Compared across runs by content: the user ids differ by the run's topic, the epoch
+        // by when it ran.
+        list["user_id"] = Value::Null;
+        list["epoch"] = Value::Null;
+        probes.push(list);
+    }
+    dataflow.stop();
+    let _ = std::fs::remove_dir_all(&checkpoints);
+    (probes, histories)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommendations_after_a_restart_equal_those_of_an_uninterrupted_run() {
+    use dataflow::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
+    let uninterrupted = Setup::new("recs-straight", 8).await;
+    let restarted = Setup::new("recs-restart", 9).await;
+    let (straight, _) = recommendations_around_a_restart(&uninterrupted, false).await;
+    let (after_restart, histories) = recommendations_around_a_restart(&restarted, true).await;
+    // The same lists, to the bit (their JSON), as the uninterrupted run's.
+    assert_eq!(after_restart, straight);
+    // And the contract's: the reference over the final histories.
+    let reference = RecommendReference::new(
+        histories.values(),
+        RecommendSettings {
+            covisit_window: 4,
+            neighbours: 3,
+            ..RecommendSettings::default()
+        },
+    );
+    for (list, user) in after_restart.iter().zip([0, 3, 7, 12, 21, 25, 29]) {
+        let history = &histories[&format!("{}-u{user}", restarted.topic)];
+        let actual: Vec<ScoredItem> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| ScoredItem {
+                item_id: item["item_id"].as_str().unwrap().to_owned(),
+                score: item["score"].as_f64().unwrap(),
+            })
+            .collect();
+        assert!(!actual.is_empty());
+        reference
+            .check_recommendations(history, &actual)
+            .unwrap_or_else(|e| panic!("u{user}: {e}"));
+    }
 }
