@@ -97,25 +97,26 @@ impl RecommendSummary {
     /// Two lines: the average epoch, and the same per message.
     pub fn render(&self) -> String {
         let per = |value: u64, by: u64| value as f64 / by.max(1) as f64;
-        let RecommendCost {
-            pair_updates,
-            neighbour_changes,
-            lists,
-            recommend_us,
-        } = self.total;
+        let total = &self.total;
+        let line = |by: u64, unit: f64| {
+            format!(
+                "{:.1} pair updates, {:.2} neighbour changes, {:.2} lists; worker time {:.1} \
+                 (pairs {:.1}, neighbours {:.1}, scoring {:.1})",
+                per(total.pair_updates, by),
+                per(total.neighbour_changes, by),
+                per(total.lists, by),
+                per(total.total_us(), by) / unit,
+                per(total.pairs_us, by) / unit,
+                per(total.neighbours_us, by) / unit,
+                per(total.scoring_us, by) / unit,
+            )
+        };
         format!(
-            "  recommendations, per epoch ({} epochs): {:.0} pair updates, {:.0} neighbour \
-             changes, {:.0} lists, {:.1} ms of worker time\n  recommendations, per message: \
-             {:.1} pair updates, {:.2} neighbour changes, {:.2} lists, {:.1} us of worker time",
+            "  recommendations, per epoch ({} epochs; times in ms): {}\n  recommendations, per \
+             message (times in us): {}",
             self.epochs,
-            per(pair_updates, self.epochs),
-            per(neighbour_changes, self.epochs),
-            per(lists, self.epochs),
-            per(recommend_us, self.epochs) / 1e3,
-            per(pair_updates, self.messages),
-            per(neighbour_changes, self.messages),
-            per(lists, self.messages),
-            per(recommend_us, self.messages),
+            line(self.epochs, 1e3),
+            line(self.messages, 1.0),
         )
     }
 }
@@ -287,13 +288,15 @@ pub(crate) mod tests {
 
     #[test]
     fn sums_the_recommendations_cost_over_the_epochs_that_had_any() {
-        let with = |pair_updates, lists, recommend_us| {
+        let with = |pair_updates, lists, scoring_us| {
             let mut stat = epoch(1, 10, 5);
             stat.counters.recommend = RecommendCost {
                 pair_updates,
                 neighbour_changes: 1,
                 lists,
-                recommend_us,
+                pairs_us: 0,
+                neighbours_us: 0,
+                scoring_us,
             };
             stat
         };
@@ -309,9 +312,11 @@ pub(crate) mod tests {
         assert_eq!((summary.epochs, summary.total.pair_updates), (2, 2700));
         let text = summary.render();
         assert!(
-            text.contains("(2 epochs): 1350 pair updates, 1 neighbour changes, 8 lists, 3.0 ms")
-                && text.contains("per message: 90.0 pair updates")
-                && text.contains("200.0 us"),
+            text.contains(
+                "(2 epochs; times in ms): 1350.0 pair updates, 1.00 neighbour changes, 7.50 \
+                 lists; worker time 3.0 (pairs 0.0, neighbours 0.0, scoring 3.0)"
+            ) && text.contains("(times in us): 90.0 pair updates")
+                && text.contains("worker time 200.0"),
             "{text}"
         );
         run.epochs.truncate(1);

@@ -52,11 +52,17 @@ pub struct RecommendCost {
     /// Users' lists computed.
     #[serde(default)]
     pub lists: u64,
-    /// Microseconds of worker time in the recommendations' own operators (the pairs from the
-    /// windows, the counts and neighbours, the scoring; not differential's count of n(x) or the
-    /// popularity order), summed over workers.
+    /// Microseconds of worker time, summed over workers, in computing the pairs from the
+    /// windows ...
     #[serde(default)]
-    pub recommend_us: u64,
+    pub pairs_us: u64,
+    /// ... in keeping the counts and the neighbours ...
+    #[serde(default)]
+    pub neighbours_us: u64,
+    /// ... and in the scoring (applying the neighbour and n(x) updates to each worker's copy,
+    /// and the lists). Differential's count of n(x) and the popularity order are not timed.
+    #[serde(default)]
+    pub scoring_us: u64,
 }
 
 impl RecommendCost {
@@ -64,7 +70,14 @@ impl RecommendCost {
         self.pair_updates += other.pair_updates;
         self.neighbour_changes += other.neighbour_changes;
         self.lists += other.lists;
-        self.recommend_us += other.recommend_us;
+        self.pairs_us += other.pairs_us;
+        self.neighbours_us += other.neighbours_us;
+        self.scoring_us += other.scoring_us;
+    }
+
+    /// The worker time of the three stages.
+    pub fn total_us(&self) -> u64 {
+        self.pairs_us + self.neighbours_us + self.scoring_us
     }
 
     /// Whether the epoch had any (with recommendations off, never).
@@ -160,7 +173,9 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
             line["pair_updates"] = cost.pair_updates.into();
             line["neighbour_changes"] = cost.neighbour_changes.into();
             line["lists"] = cost.lists.into();
-            line["recommend_us"] = cost.recommend_us.into();
+            line["pairs_us"] = cost.pairs_us.into();
+            line["neighbours_us"] = cost.neighbours_us.into();
+            line["scoring_us"] = cost.scoring_us.into();
         }
         line.to_string()
     } else {
@@ -179,11 +194,15 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
         if !counters.recommend.is_empty() {
             let cost = &counters.recommend;
             line += &format!(
-                "  pair_updates {:>8}  neighbour_changes {:>7}  lists {:>7}  recommend {:>6.1} ms",
+                "  pair_updates {:>8}  neighbour_changes {:>7}  lists {:>7}  recommend {:>6.1} ms \
+                 (pairs {:.1}, neighbours {:.1}, scoring {:.1})",
                 cost.pair_updates,
                 cost.neighbour_changes,
                 cost.lists,
-                cost.recommend_us as f64 / 1e3
+                cost.total_us() as f64 / 1e3,
+                cost.pairs_us as f64 / 1e3,
+                cost.neighbours_us as f64 / 1e3,
+                cost.scoring_us as f64 / 1e3,
             );
         }
         line
@@ -272,13 +291,16 @@ mod tests {
                 pair_updates: 180,
                 neighbour_changes: 7,
                 lists: 2,
-                recommend_us: 1_500,
+                pairs_us: 200,
+                neighbours_us: 1_000,
+                scoring_us: 300,
             },
             ..counters
         };
         let line = format_epoch(1_000, &with_recommendations, 100, false);
         assert!(
-            line.contains("pair_updates      180") && line.contains("recommend    1.5 ms"),
+            line.contains("pair_updates      180")
+                && line.contains("recommend    1.5 ms (pairs 0.2, neighbours 1.0, scoring 0.3)"),
             "{line}"
         );
         let json = format_epoch(1_000, &with_recommendations, 100, true);

@@ -73,7 +73,19 @@ struct RecommendMetrics {
     pair_updates: Counter,
     neighbour_changes: Counter,
     lists: Counter,
-    seconds: Counter<f64, AtomicU64>,
+    seconds: Family<StageLabels, Counter<f64, AtomicU64>>,
+}
+
+impl RecommendMetrics {
+    /// The values of [`StageLabels::stage`].
+    const STAGES: [&'static str; 3] = ["pairs", "neighbours", "scoring"];
+}
+
+/// The labels of the recommendations' worker time: which of their stages.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    /// `pairs`, `neighbours` or `scoring`.
+    stage: &'static str,
 }
 
 /// The handles a checkpoint writer thread updates.
@@ -262,11 +274,15 @@ impl Metrics {
         );
         registry.register_with_unit(
             "recommend_worker",
-            "With recommendations: worker time in their operators (the pairs, the counts and \
-             neighbours, the scoring), summed over workers",
+            "With recommendations: worker time in their operators, by stage (pairs: from the \
+             windows; neighbours: the counts and top K; scoring: the lists), summed over workers",
             Unit::Seconds,
             recommend.seconds.clone(),
         );
+        // Every stage's series from the start, at 0, so that a rate over them starts there.
+        for stage in RecommendMetrics::STAGES {
+            drop(recommend.seconds.get_or_create(&StageLabels { stage }));
+        }
         Metrics {
             recommend,
             checkpoint,
@@ -305,9 +321,13 @@ impl Metrics {
             .neighbour_changes
             .inc_by(cost.neighbour_changes);
         self.recommend.lists.inc_by(cost.lists);
-        self.recommend
-            .seconds
-            .inc_by(cost.recommend_us as f64 / 1e6);
+        let times = [cost.pairs_us, cost.neighbours_us, cost.scoring_us];
+        for (stage, us) in RecommendMetrics::STAGES.into_iter().zip(times) {
+            self.recommend
+                .seconds
+                .get_or_create(&StageLabels { stage })
+                .inc_by(us as f64 / 1e6);
+        }
         if counters.changed > 0 {
             self.epoch_latency
                 .observe(Duration::from_millis(counters.latency_ms).as_secs_f64());
@@ -679,7 +699,9 @@ mod tests {
                 pair_updates: 180,
                 neighbour_changes: 4,
                 lists: 3,
-                recommend_us: 250_000,
+                pairs_us: 50_000,
+                neighbours_us: 150_000,
+                scoring_us: 50_000,
             },
             ..Default::default()
         });
@@ -727,8 +749,13 @@ mod tests {
             ),
             ("streamrec_dataflow_recommend_lists_total".to_owned(), "3"),
             (
-                "streamrec_dataflow_recommend_worker_seconds_total".to_owned(),
-                "0.25",
+                r#"streamrec_dataflow_recommend_worker_seconds_total{stage="neighbours"}"#
+                    .to_owned(),
+                "0.15",
+            ),
+            (
+                r#"streamrec_dataflow_recommend_worker_seconds_total{stage="scoring"}"#.to_owned(),
+                "0.05",
             ),
             // The idle epoch has no latency.
             (

@@ -31,7 +31,7 @@ use smol_str::SmolStr;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Operator;
 
-use super::{add_cost, CostBoard};
+use super::{add_cost, CostBoard, Stage};
 use crate::model::UserInterest;
 
 /// The sizes of §8.
@@ -112,7 +112,7 @@ pub fn covisitation<'scope>(
             item_id: item_id.clone(),
         },
         move |epoch, work| {
-            add_cost(&board, epoch, work.took, |cost| {
+            add_cost(&board, epoch, Stage::Neighbours, work.took, |cost| {
                 cost.pair_updates += work.updates as u64;
                 cost.neighbour_changes += work.changes as u64;
             });
@@ -169,7 +169,7 @@ fn window_pairs<'scope>(
                     }
                     // Counted at the batch's first time, where the updates of a user usually
                     // all are.
-                    add_cost(&cost, first_time, started.elapsed(), |_| {});
+                    add_cost(&cost, first_time, Stage::Pairs, started.elapsed(), |_| {});
                 });
             }
         })

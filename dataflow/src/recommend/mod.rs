@@ -28,11 +28,30 @@ use crate::stats::{RecommendCost, StatsBoard};
 /// them (reported with the epoch's other counters, and as metrics).
 pub type CostBoard = Rc<RefCell<StatsBoard>>;
 
-/// Adds to `epoch`'s cost on `board`: `took` of worker time, and what `count` adds.
-fn add_cost(board: &CostBoard, epoch: u64, took: Duration, count: impl FnOnce(&mut RecommendCost)) {
+/// Which of the recommendations' stages took the time (see [`RecommendCost`]).
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Pairs,
+    Neighbours,
+    Scoring,
+}
+
+/// Adds to `epoch`'s cost on `board`: `took` of `stage`'s worker time, and what `count` adds.
+fn add_cost(
+    board: &CostBoard,
+    epoch: u64,
+    stage: Stage,
+    took: Duration,
+    count: impl FnOnce(&mut RecommendCost),
+) {
     let mut board = board.borrow_mut();
     let cost = &mut board.epoch(epoch).recommend;
-    cost.recommend_us += took.as_micros() as u64;
+    let us = took.as_micros() as u64;
+    match stage {
+        Stage::Pairs => cost.pairs_us += us,
+        Stage::Neighbours => cost.neighbours_us += us,
+        Stage::Scoring => cost.scoring_us += us,
+    }
     count(cost);
 }
 

@@ -34,7 +34,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
 use super::covisit::{window_items, Covisitation, Neighbour};
-use super::{add_cost, CostBoard};
+use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
 
 /// The settings of the scores (semantics §8).
@@ -321,7 +321,7 @@ fn score<'scope>(
                     .collect();
                 let computed = lists.len() as u64;
                 output.session(&capability).give_container(&mut lists);
-                add_cost(&cost, epoch, started.elapsed(), |cost| {
+                add_cost(&cost, epoch, Stage::Scoring, started.elapsed(), |cost| {
                     cost.lists += computed
                 });
             }

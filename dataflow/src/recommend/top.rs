@@ -131,8 +131,9 @@ type PendingCounts<K, V> = (Capability<u64>, Vec<((K, V), u64, isize)>);
 /// ranked values), and moved each changed pair's count through two exchanges as a retraction
 /// and an insertion (docs/performance.md, "co-visitation without the self-join"). Here each
 /// record's count is kept once, with its rank in an ordered set per key; a change is a hash
-/// update and a logarithmic one, and a changed key's first `k` is read before and after its
-/// changes of the epoch, so nothing of what was emitted needs to be kept.
+/// update and a logarithmic one. A changed key's first `k` is read before and after its changes
+/// of the epoch only if a change reaches them (see [`Counted::apply`]), so nothing of what was
+/// emitted needs to be kept.
 ///
 /// The output is a collection of (key, rank) as [`top_k`]'s is. `on_epoch` is told what each
 /// epoch cost on this worker.
@@ -154,9 +155,7 @@ where
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
             let mut pending: BTreeMap<u64, PendingCounts<K, V>> = BTreeMap::new();
-            // Every record's count (only positive counts are kept) and each key's ranks.
-            let mut counts: HashMap<(K, V), u64> = HashMap::default();
-            let mut ranked: HashMap<K, BTreeSet<R>> = HashMap::default();
+            let mut keys: HashMap<K, Counted<V, R>> = HashMap::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, updates| {
                     for update in updates.drain(..) {
@@ -180,37 +179,20 @@ where
                     let mut session = output.session(&capability);
                     for run in updates.chunk_by(|x, y| x.0 .0 == y.0 .0) {
                         let key = &run[0].0 .0;
-                        let ranks = ranked.entry(key.clone()).or_default();
-                        let before: Vec<R> = ranks.iter().take(k).cloned().collect();
-                        for ((_, value), _, diff) in run {
-                            // The pair is cloned only when it is new to `counts`.
-                            let record = (key.clone(), value.clone());
-                            let old = counts.get(&record).copied().unwrap_or(0);
-                            // A retraction beyond what was inserted would be a bug upstream;
-                            // the record simply leaves.
-                            let new = (old as i64 + *diff as i64).max(0) as u64;
-                            if old > 0 {
-                                ranks.remove(&rank(old, value));
-                            }
-                            if new > 0 {
-                                ranks.insert(rank(new, value));
-                                counts.insert(record, new);
-                            } else {
-                                counts.remove(&record);
-                            }
+                        let counted = keys.entry(key.clone()).or_default();
+                        let Some(before) =
+                            counted.apply(run.iter().map(|((_, v), _, d)| (v, *d)), k, &rank)
+                        else {
+                            continue;
+                        };
+                        let after: Vec<R> = counted.ranks.iter().take(k).cloned().collect();
+                        if counted.ranks.is_empty() {
+                            keys.remove(key);
                         }
-                        let after: Vec<R> = ranks.iter().take(k).cloned().collect();
-                        if ranks.is_empty() {
-                            ranked.remove(key);
-                        }
-                        for gone in before.iter().filter(|r| !after.contains(r)) {
-                            session.give(((key.clone(), gone.clone()), time, -1));
+                        sorted_difference(&before, &after, |r, diff| {
+                            session.give(((key.clone(), r.clone()), time, diff));
                             changes += 1;
-                        }
-                        for came in after.iter().filter(|r| !before.contains(r)) {
-                            session.give(((key.clone(), came.clone()), time, 1));
-                            changes += 1;
-                        }
+                        });
                     }
                     on_epoch(
                         time,
@@ -224,6 +206,110 @@ where
             }
         })
         .as_collection()
+}
+
+/// One key's values with their counts (only positive counts are kept), and their ranks in
+/// order.
+struct Counted<V, R> {
+    counts: HashMap<V, u64>,
+    ranks: BTreeSet<R>,
+}
+
+impl<V, R> Default for Counted<V, R> {
+    fn default() -> Self {
+        Counted {
+            counts: HashMap::default(),
+            ranks: BTreeSet::new(),
+        }
+    }
+}
+
+impl<V: Clone + Eq + std::hash::Hash, R: Clone + Ord> Counted<V, R> {
+    /// Applies `updates` (value, change of its count). Returns the first `k` ranks as they were
+    /// before, or `None` if the updates left them as they were without reading them: a key with
+    /// tens of thousands of values mostly changes far below its first `k`.
+    ///
+    /// Let b be the k-th rank before. While every update removes and inserts only ranks after b,
+    /// the ranks up to b are untouched, so they are still the first k; the first update that
+    /// touches b or a rank before it is where the first k are read.
+    fn apply<'a>(
+        &mut self,
+        updates: impl Iterator<Item = (&'a V, isize)>,
+        k: usize,
+        rank: &impl Fn(u64, &V) -> R,
+    ) -> Option<Vec<R>>
+    where
+        V: 'a,
+    {
+        let boundary: Option<R> = k
+            .checked_sub(1)
+            .and_then(|i| self.ranks.iter().nth(i).cloned());
+        let mut before: Option<Vec<R>> = None;
+        for (value, diff) in updates {
+            let old = self.counts.get(value).copied().unwrap_or(0);
+            // A retraction beyond what was inserted would be a bug upstream; the value simply
+            // leaves.
+            let new = (old as i64 + diff as i64).max(0) as u64;
+            let old_rank = (old > 0).then(|| rank(old, value));
+            let new_rank = (new > 0).then(|| rank(new, value));
+            if before.is_none() {
+                let touches = |r: &Option<R>| match (r, &boundary) {
+                    (Some(r), Some(b)) => r <= b,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if touches(&old_rank) || touches(&new_rank) {
+                    before = Some(self.ranks.iter().take(k).cloned().collect());
+                }
+            }
+            if let Some(r) = old_rank {
+                self.ranks.remove(&r);
+            }
+            match new_rank {
+                Some(r) => {
+                    self.ranks.insert(r);
+                    self.counts.insert(value.clone(), new);
+                }
+                None => {
+                    self.counts.remove(value);
+                }
+            }
+        }
+        before
+    }
+}
+
+/// Calls `emit(r, -1)` for each rank of `before` not in `after`, and `emit(r, 1)` for each of
+/// `after` not in `before`; both sorted.
+fn sorted_difference<R: Ord>(before: &[R], after: &[R], mut emit: impl FnMut(&R, isize)) {
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (before.get(i), after.get(j)) {
+            (Some(x), Some(y)) => match x.cmp(y) {
+                std::cmp::Ordering::Less => {
+                    emit(x, -1);
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    emit(y, 1);
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                }
+            },
+            (Some(x), None) => {
+                emit(x, -1);
+                i += 1;
+            }
+            (None, Some(y)) => {
+                emit(y, 1);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
 }
 
 #[cfg(test)]
