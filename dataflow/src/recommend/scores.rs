@@ -218,12 +218,35 @@ pub fn popular_items<'scope>(
 /// Each worker's copy of what the lists are computed from, as of the last epoch it applied.
 #[derive(Default)]
 struct SharedState {
-    /// neighbours(a), strongest first, with counts (an update and its retraction cancel).
-    neighbours: HashMap<SmolStr, BTreeMap<Neighbour, isize>>,
-    /// n(x): per item, its values with counts (one is live at a time).
-    users: HashMap<SmolStr, BTreeMap<isize, isize>>,
+    /// What the copy holds of each item: one lookup finds both n(x) and neighbours(x).
+    items: HashMap<SmolStr, ItemCopy>,
     /// The popularity order.
     order: BTreeMap<Popular, isize>,
+}
+
+/// One item's n(x) and neighbours, each a few values with counts: one value is live at a time
+/// for n(x) and at most K for the neighbours once an epoch is applied, but within an epoch an
+/// insertion may come before the retraction it replaces. Small vectors, not ordered maps: they
+/// are read whole, and a list's sums do not depend on the order of a window item's neighbours
+/// (each neighbour is a different candidate).
+#[derive(Default)]
+struct ItemCopy {
+    users: Vec<(isize, isize)>,
+    neighbours: Vec<(Neighbour, isize)>,
+}
+
+impl ItemCopy {
+    /// n(x), or 0 when no value is live.
+    fn users(&self) -> u64 {
+        self.users
+            .iter()
+            .find(|(_, count)| *count > 0)
+            .map_or(0, |(users, _)| *users as u64)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.neighbours.is_empty()
+    }
 }
 
 /// Adds `diff` to `key`'s count, dropping the key when it reaches zero.
@@ -241,34 +264,40 @@ fn add_count<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
     }
 }
 
-/// [`add_count`] on the map of `key` in `maps`, dropping the map once it is empty.
-fn add_nested<V: Ord>(
-    maps: &mut HashMap<SmolStr, BTreeMap<V, isize>>,
-    key: SmolStr,
-    value: V,
-    diff: isize,
-) {
-    let map = maps.entry(key.clone()).or_default();
-    add_count(map, value, diff);
-    if map.is_empty() {
-        maps.remove(&key);
+/// Adds `diff` to `value`'s count in `values`, dropping the value when it reaches zero.
+fn add_value<V: PartialEq>(values: &mut Vec<(V, isize)>, value: V, diff: isize) {
+    match values.iter().position(|(v, _)| *v == value) {
+        Some(at) => {
+            values[at].1 += diff;
+            if values[at].1 == 0 {
+                values.swap_remove(at);
+            }
+        }
+        None => values.push((value, diff)),
     }
 }
 
 impl SharedState {
     fn apply(&mut self, update: Shared, diff: isize) {
-        match update {
-            Shared::Neighbour(a, neighbour) => add_nested(&mut self.neighbours, a, neighbour, diff),
-            Shared::Users(item, users) => add_nested(&mut self.users, item, users, diff),
-            Shared::Popular(popular) => add_count(&mut self.order, popular, diff),
+        let (item, neighbour, users) = match update {
+            Shared::Popular(popular) => return add_count(&mut self.order, popular, diff),
+            Shared::Neighbour(a, neighbour) => (a, Some(neighbour), None),
+            Shared::Users(item, users) => (item, None, Some(users)),
+        };
+        let copy = self.items.entry(item.clone()).or_default();
+        if let Some(neighbour) = neighbour {
+            add_value(&mut copy.neighbours, neighbour, diff);
+        }
+        if let Some(users) = users {
+            add_value(&mut copy.users, users, diff);
+        }
+        if copy.is_empty() {
+            self.items.remove(&item);
         }
     }
 
     fn users(&self, item: &str) -> u64 {
-        self.users
-            .get(item)
-            .and_then(|counts| counts.iter().find(|(_, count)| **count > 0))
-            .map_or(0, |(users, _)| *users as u64)
+        self.items.get(item).map_or(0, ItemCopy::users)
     }
 }
 
@@ -346,12 +375,12 @@ fn user_list(
     // Each candidate's terms are added in the window's order, whatever the map's order.
     let mut scores: HashMap<&SmolStr, f64> = HashMap::default();
     for (k, via) in &window {
-        let Some(neighbours) = state.neighbours.get(*via) else {
+        let Some(copy) = state.items.get(*via) else {
             continue;
         };
         let weight = params.decay.powi(*k as i32);
-        let n_via = state.users(via);
-        for (neighbour, count) in neighbours {
+        let n_via = copy.users();
+        for (neighbour, count) in &copy.neighbours {
             if *count <= 0 || in_history.contains(neighbour.item_id.as_str()) {
                 continue;
             }
