@@ -35,7 +35,9 @@ pub struct EpochCounters {
     #[serde(default)]
     pub redis_rejected: u64,
     /// With recommendations: the cost of the epoch's recommendations (see [`RecommendCost`]).
-    #[serde(default, flatten)]
+    /// Not `flatten`ed: these counters cross processes in timely's bincode, which cannot size a
+    /// flattened struct (it becomes a map of unknown length).
+    #[serde(default)]
     pub recommend: RecommendCost,
 }
 
@@ -169,13 +171,7 @@ pub fn format_epoch(epoch: u64, counters: &EpochCounters, epoch_ms: u64, json: b
             "messages_per_second": rate.round(),
         });
         if !counters.recommend.is_empty() {
-            let cost = &counters.recommend;
-            line["pair_updates"] = cost.pair_updates.into();
-            line["neighbour_changes"] = cost.neighbour_changes.into();
-            line["lists"] = cost.lists.into();
-            line["pairs_us"] = cost.pairs_us.into();
-            line["neighbours_us"] = cost.neighbours_us.into();
-            line["scoring_us"] = cost.scoring_us.into();
+            line["recommend"] = serde_json::json!(counters.recommend);
         }
         line.to_string()
     } else {
@@ -283,7 +279,7 @@ mod tests {
         assert_eq!(json["plain_writes"], 30);
         assert_eq!(json["messages_per_second"], 500.0);
         assert!(
-            json.get("pair_updates").is_none(),
+            json.get("recommend").is_none(),
             "no recommendation fields when off"
         );
         let with_recommendations = EpochCounters {
@@ -306,6 +302,23 @@ mod tests {
         let json = format_epoch(1_000, &with_recommendations, 100, true);
         let parsed: EpochCounters = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed.recommend, with_recommendations.recommend, "{json}");
+    }
+
+    /// Between processes, timely sends the counters in bincode, which must size them first.
+    #[test]
+    fn counters_cross_processes_in_bincode() {
+        let counters = EpochCounters {
+            messages: 3,
+            recommend: RecommendCost {
+                pair_updates: 180,
+                scoring_us: 9,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let bytes = bincode::serialize(&(7u64, counters)).unwrap();
+        let back: (u64, EpochCounters) = bincode::deserialize(&bytes).unwrap();
+        assert_eq!(back, (7, counters));
     }
 
     /// A writer whose reader has gone after `room` bytes, like a closed pipe.

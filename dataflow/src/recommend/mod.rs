@@ -2,9 +2,10 @@
 //! user's history, each item's strongest neighbours, and per-user top-N lists filled up with the
 //! most popular items. [`covisit`] and [`scores`] are the dataflow's incremental operators
 //! (built by `graph::build` with `--recommendations on`), with [`top`] keeping the neighbours and
-//! the popularity order; [`reference`] is the plain sequential
-//! definition they are tested against; [`recommend_snapshot`] runs the operators on a snapshot,
-//! for the evaluation command (`bench-recs`).
+//! the popularity order; they add what each epoch cost them to the worker's stats board
+//! ([`CostBoard`]). [`reference`] is the plain sequential definition they are tested against;
+//! [`recommend_snapshot`] runs the operators on a snapshot, for the evaluation command
+//! (`bench-recs`).
 
 pub mod covisit;
 pub mod reference;

@@ -1,13 +1,19 @@
-//! The first `k` values of each key of a collection, kept up to date as the collection changes:
-//! a hand-made operator where differential's `reduce` measured too slow.
+//! The first `k` values of each key, kept up to date as the input changes: hand-made operators
+//! where differential's `reduce` (and `count` before it) measured too slow.
 //!
 //! A `reduce` reads a key's whole group whenever one of its values changes. The neighbours of a
 //! popular item come from tens of thousands of partners, and the popularity order from every
 //! item; even split into 64 buckets first (a top per bucket, then of the buckets' winners), a
 //! message of the bench workload, which replaces a user's window of 10 items, made the two
-//! reduces read ~100,000 values (docs/performance.md). Here each key keeps its values ordered
-//! (a `BTreeMap` with counts): a change costs a logarithmic update, and only the keys changed in
-//! an epoch have their first `k` read again and compared with what was emitted last.
+//! reduces read ~100,000 values (docs/performance.md). Here each key keeps its values ordered:
+//! a change costs a logarithmic update, and only the keys changed in an epoch have their first
+//! `k` read again.
+//!
+//! - [`top_k`] takes a collection of (key, value) and keeps each key's values with their counts
+//!   (the popularity order: one key, the items ranked by n(x)).
+//! - [`top_k_by_count`] takes a multiset of (key, value) records and ranks each key's values by
+//!   their multiplicity, counting them itself (the neighbours: c(a, b) is the multiplicity of
+//!   the pair (a, b)).
 //!
 //! The output is a collection like `reduce`'s: at each epoch, for each changed key, the values
 //! that left its first `k` retracted and those that entered it inserted. Epochs are applied in
