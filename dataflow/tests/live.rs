@@ -1415,7 +1415,7 @@ fn wait_for_list(redis: &mut redis::Connection, user: &str, timestamp: u64) -> V
 }
 
 /// The restart test's run: profiles of users 0..20, then (after a SIGKILL and a restart from
-/// the checkpoint, with `restart`) new users 20..30 and new histories of users 0..5, then each
+/// the checkpoint as two processes, with `restart`) new users 20..30 and new histories of users 0..5, then each
 /// probe user pushed again, one at a time once everything before is in Redis, so that its
 /// list is computed from every profile. Returns the probes' lists and the final histories.
 async fn recommendations_around_a_restart(
@@ -1436,18 +1436,17 @@ async fn recommendations_around_a_restart(
             "100ms",
             "--checkpoint-dir",
             checkpoints.to_str().unwrap(),
-            "-w",
-            "2",
         ]
         .map(String::from)
         .to_vec(),
     ]
     .concat();
+    let one_process = [args.clone(), vec!["-w".into(), "2".into()]].concat();
     let mut redis = redis(&setup.redis);
     let _: () = redis::cmd("FLUSHDB").query(&mut redis).unwrap();
     let id = setup.topic.clone();
     let mut histories: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut dataflow = Dataflow::spawn(&args);
+    let mut processes = vec![Dataflow::spawn(&one_process)];
     for (user, items) in taste_histories(&id, 0..20, 0) {
         let refs: Vec<&str> = items.iter().map(String::as_str).collect();
         produce_profile(&setup.topic, &user, &refs, 100).await;
@@ -1460,11 +1459,24 @@ async fn recommendations_around_a_restart(
         // A crash some checkpoints later: the restart restores the newest one and replays the
         // rest of the topic.
         std::thread::sleep(Duration::from_millis(500));
-        dataflow.child.kill().unwrap();
-        dataflow.child.wait().unwrap();
+        for process in &mut processes {
+            process.child.kill().unwrap();
+            process.child.wait().unwrap();
+        }
         let found = std::fs::read_dir(&checkpoints).map_or(0, |dir| dir.count());
         assert!(found > 0, "no checkpoint in {}", checkpoints.display());
-        dataflow = Dataflow::spawn(&args);
+        // Restarted as two processes of one worker: the co-visitation's updates, the neighbours
+        // broadcast for the scoring and the stats now cross processes (in bincode).
+        let hostfile = std::env::temp_dir().join(format!("{}.hosts", setup.group));
+        testkit::process::local_hostfile(&hostfile, 2);
+        processes = ["0", "1"]
+            .map(|process| {
+                let extra = ["-w", "1", "-n", "2", "-p", process, "-h"];
+                let mut extra: Vec<String> = extra.map(String::from).to_vec();
+                extra.push(hostfile.to_str().unwrap().to_owned());
+                Dataflow::spawn(&[args.clone(), extra].concat())
+            })
+            .into();
     }
     let mut changed = taste_histories(&id, 20..30, 0);
     changed.extend(taste_histories(&id, 0..5, 1));
@@ -1489,7 +1501,12 @@ async fn recommendations_around_a_restart(
         list["epoch"] = Value::Null;
         probes.push(list);
     }
-    dataflow.stop();
+    for process in &processes {
+        process.terminate();
+    }
+    for process in processes {
+        process.wait();
+    }
     let _ = std::fs::remove_dir_all(&checkpoints);
     (probes, histories)
 }
