@@ -27,14 +27,56 @@ use foldhash::HashMap;
 use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::{Capability, InputCapability, Operator};
 use timely::ExchangeData;
 
 /// Each key's values, ordered, with their counts (only positive counts are kept).
 type Ranked<V> = BTreeMap<V, isize>;
 
-/// One epoch's updates, held until it is complete.
-type Pending<K, V> = (Capability<u64>, Vec<((K, V), u64, isize)>);
+/// Both operators' input: updates held by time until the input frontier has passed it, each
+/// time with a capability to emit its output at.
+struct HeldByTime<D> {
+    held: BTreeMap<u64, (Capability<u64>, Updates<D>)>,
+}
+
+/// Updates of a collection: (data, time, diff).
+type Updates<D> = Vec<(D, u64, isize)>;
+
+impl<D> Default for HeldByTime<D> {
+    fn default() -> Self {
+        HeldByTime {
+            held: BTreeMap::new(),
+        }
+    }
+}
+
+impl<D> HeldByTime<D> {
+    /// Holds `updates`, which arrived with `capability`.
+    fn hold(&mut self, capability: &InputCapability<u64>, updates: &mut Updates<D>) {
+        for update in updates.drain(..) {
+            let time = update.1;
+            self.held
+                .entry(time)
+                .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
+                .1
+                .push(update);
+        }
+    }
+
+    /// The earliest held time that `passed` says the frontier has passed, with its capability
+    /// and updates: epochs come out in order, each once.
+    fn next_complete(
+        &mut self,
+        passed: impl Fn(&u64) -> bool,
+    ) -> Option<(u64, Capability<u64>, Updates<D>)> {
+        let entry = self.held.first_entry()?;
+        if !passed(entry.key()) {
+            return None;
+        }
+        let (time, (capability, updates)) = entry.remove_entry();
+        Some((time, capability, updates))
+    }
+}
 
 /// The first `k` values (in `V`'s order) of each key of `input`, as a collection.
 pub fn top_k<'scope, K, V>(
@@ -53,26 +95,15 @@ where
         .inner
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
-            let mut pending: BTreeMap<u64, Pending<K, V>> = BTreeMap::new();
+            let mut pending = HeldByTime::default();
             let mut ranked: HashMap<K, Ranked<V>> = HashMap::default();
             // What the output holds for each key: its first `k` as last emitted.
             let mut emitted: HashMap<K, Vec<V>> = HashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|capability, updates| {
-                    for update in updates.drain(..) {
-                        let time = update.1;
-                        pending
-                            .entry(time)
-                            .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
-                            .1
-                            .push(update);
-                    }
-                });
-                while let Some(entry) = pending.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (capability, mut updates)) = entry.remove_entry();
+                input.for_each(|capability, updates| pending.hold(&capability, updates));
+                while let Some((time, capability, mut updates)) =
+                    pending.next_complete(|time| !frontier.less_equal(time))
+                {
                     consolidate_updates(&mut updates);
                     let mut changed: Vec<K> = Vec::new();
                     for ((key, value), _, diff) in updates {
@@ -125,9 +156,6 @@ pub struct EpochWork {
     pub took: Duration,
 }
 
-/// One epoch's co-occurrence updates, held until it is complete.
-type PendingCounts<K, V> = (Capability<u64>, Vec<((K, V), u64, isize)>);
-
 /// The first `k` values of each key of a multiset, ranked by their multiplicity: the count of
 /// each (key, value) record of `input` (as `count` would give), then each key's first `k` by
 /// `rank(count, value)`, in one operator.
@@ -160,24 +188,13 @@ where
         .inner
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
-            let mut pending: BTreeMap<u64, PendingCounts<K, V>> = BTreeMap::new();
+            let mut pending = HeldByTime::default();
             let mut keys: HashMap<K, Counted<V, R>> = HashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|capability, updates| {
-                    for update in updates.drain(..) {
-                        let time = update.1;
-                        pending
-                            .entry(time)
-                            .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
-                            .1
-                            .push(update);
-                    }
-                });
-                while let Some(entry) = pending.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (capability, mut updates)) = entry.remove_entry();
+                input.for_each(|capability, updates| pending.hold(&capability, updates));
+                while let Some((time, capability, mut updates)) =
+                    pending.next_complete(|time| !frontier.less_equal(time))
+                {
                     let started = Instant::now();
                     // Sorted by key, then value: each key's changes are one run.
                     consolidate_updates(&mut updates);
@@ -322,6 +339,7 @@ fn sorted_difference<R: Ord>(before: &[R], after: &[R], mut emit: impl FnMut(&R,
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::cmp::Reverse;
     use std::sync::{Arc, Mutex};
 
     use differential_dataflow::input::Input;
@@ -329,34 +347,28 @@ mod tests {
 
     use super::*;
 
-    /// The first `k` of each key of `state` (a multiset of (key, value)), by brute force.
-    fn expected(state: &BTreeMap<(u32, u32), isize>, k: usize) -> BTreeMap<(u32, u32), isize> {
-        let mut by_key: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for (&(key, value), &count) in state {
-            if count > 0 {
-                by_key.entry(key).or_default().push(value);
-            }
-        }
-        by_key
-            .into_iter()
-            .flat_map(|(key, values)| values.into_iter().take(k).map(move |v| ((key, v), 1)))
-            .collect()
-    }
+    type Record = (u32, u32);
+    type Epochs = Vec<Vec<(Record, isize)>>;
 
-    #[test]
-    fn keeps_each_keys_first_values_over_random_epochs_and_workers() {
-        let k = 3;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        // Twelve epochs of random insertions and retractions of values that are present.
-        let mut state: BTreeMap<(u32, u32), isize> = BTreeMap::new();
+    /// Twelve epochs of `per_epoch` random updates of records from `keys` × `values`: a
+    /// retraction of a present record with probability `retract`, else an insertion; and the
+    /// multiset after each epoch.
+    fn random_epochs(
+        seed: u64,
+        per_epoch: usize,
+        (keys, values): (u32, u32),
+        retract: f64,
+    ) -> (Epochs, Vec<BTreeMap<Record, isize>>) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut state: BTreeMap<Record, isize> = BTreeMap::new();
         let mut epochs = Vec::new();
-        let mut expectations = Vec::new();
+        let mut states = Vec::new();
         for _ in 0..12 {
             let mut updates = Vec::new();
-            for _ in 0..40 {
-                let record = (rng.random_range(0..5u32), rng.random_range(0..20u32));
+            for _ in 0..per_epoch {
+                let record = (rng.random_range(0..keys), rng.random_range(0..values));
                 let present = state.get(&record).copied().unwrap_or(0);
-                let diff = if present > 0 && rng.random_bool(0.5) {
+                let diff = if present > 0 && rng.random_bool(retract) {
                     -1
                 } else {
                     1
@@ -365,137 +377,130 @@ mod tests {
                 updates.push((record, diff));
             }
             epochs.push(updates);
-            expectations.push(expected(&state, k));
+            states.push(state.clone());
         }
-        for workers in [1, 2, 4] {
-            type Updates = Vec<((u32, u32), u64, isize)>;
-            let seen: Arc<Mutex<Updates>> = Arc::default();
-            let epochs = epochs.clone();
-            let sink = seen.clone();
-            timely::execute(timely::Config::process(workers), move |worker| {
-                let sink = sink.clone();
-                let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                    let (input, collection) = scope.new_collection::<(u32, u32), isize>();
-                    let probe = top_k(&collection, k, "Top")
-                        .inspect(move |update| sink.lock().unwrap().push(*update))
-                        .probe()
-                        .0;
-                    (input, probe)
-                });
-                for (epoch, updates) in epochs.iter().enumerate() {
-                    if worker.index() == 0 {
-                        for &(record, diff) in updates {
-                            input.update(record, diff);
-                        }
-                    }
-                    input.advance_to(epoch as u64 + 1);
-                    input.flush();
-                    worker.step_while(|| probe.less_than(input.time()));
-                }
+        (epochs, states)
+    }
+
+    /// The first `k` of each key's present values, ranked by `rank(count, value)`, by brute
+    /// force.
+    fn expected<R: Ord + Clone>(
+        state: &BTreeMap<Record, isize>,
+        k: usize,
+        rank: impl Fn(u64, u32) -> R,
+    ) -> BTreeMap<(u32, R), isize> {
+        let mut by_key: BTreeMap<u32, Vec<R>> = BTreeMap::new();
+        for (&(key, value), &count) in state {
+            if count > 0 {
+                by_key
+                    .entry(key)
+                    .or_default()
+                    .push(rank(count as u64, value));
+            }
+        }
+        by_key
+            .into_iter()
+            .flat_map(|(key, mut ranks)| {
+                ranks.sort();
+                ranks.into_iter().take(k).map(move |r| ((key, r), 1))
             })
-            .unwrap();
-            let seen = seen.lock().unwrap();
-            for (epoch, expected) in expectations.iter().enumerate() {
-                let mut actual: BTreeMap<(u32, u32), isize> = BTreeMap::new();
+            .collect()
+    }
+
+    /// The operator under test, built on the input collection.
+    type Build<R> = for<'s> fn(
+        &VecCollection<'s, u64, Record, isize>,
+    ) -> VecCollection<'s, u64, (u32, R), isize>;
+
+    /// Runs `build` over `epochs` on `workers` workers and returns its output as of each
+    /// epoch. With `spread`, the updates are spread over the workers, so that a record's
+    /// updates arrive from several; otherwise worker 0 sends them all.
+    fn run<R: ExchangeData + Ord + Clone>(
+        workers: usize,
+        epochs: &Epochs,
+        spread: bool,
+        build: Build<R>,
+    ) -> Vec<BTreeMap<(u32, R), isize>> {
+        let seen: Arc<Mutex<Updates<(u32, R)>>> = Arc::default();
+        let epochs_in = epochs.clone();
+        let sink = seen.clone();
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let sink = sink.clone();
+            let (index, peers) = (worker.index(), worker.peers());
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, collection) = scope.new_collection::<Record, isize>();
+                let probe = build(&collection)
+                    .inspect(move |update| sink.lock().unwrap().push(update.clone()))
+                    .probe()
+                    .0;
+                (input, probe)
+            });
+            for (epoch, updates) in epochs_in.iter().enumerate() {
+                for (i, &(record, diff)) in updates.iter().enumerate() {
+                    let mine = if spread {
+                        i % peers == index
+                    } else {
+                        index == 0
+                    };
+                    if mine {
+                        input.update(record, diff);
+                    }
+                }
+                input.advance_to(epoch as u64 + 1);
+                input.flush();
+                worker.step_while(|| probe.less_than(input.time()));
+            }
+        })
+        .unwrap();
+        let seen = seen.lock().unwrap();
+        (0..epochs.len() as u64)
+            .map(|epoch| {
+                let mut actual = BTreeMap::new();
                 for (record, time, diff) in seen.iter() {
-                    if *time <= epoch as u64 {
-                        *actual.entry(*record).or_insert(0) += diff;
+                    if *time <= epoch {
+                        *actual.entry(record.clone()).or_insert(0) += diff;
                     }
                 }
                 actual.retain(|_, count| *count != 0);
-                assert_eq!(&actual, expected, "epoch {epoch}, {workers} workers");
+                actual
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keeps_each_keys_first_values_over_random_epochs_and_workers() {
+        // Insertions and retractions of values that are present.
+        let (epochs, states) = random_epochs(7, 40, (5, 20), 0.5);
+        for workers in [1, 2, 4] {
+            let outputs = run::<u32>(workers, &epochs, false, |collection| {
+                top_k(collection, 3, "Top")
+            });
+            for (epoch, (actual, state)) in outputs.iter().zip(&states).enumerate() {
+                // The values themselves are the order.
+                let expected = expected(state, 3, |_, value| value);
+                assert_eq!(actual, &expected, "epoch {epoch}, {workers} workers");
             }
         }
     }
 
     #[test]
     fn keeps_each_keys_first_values_by_count_over_random_epochs_and_workers() {
-        let k = 3;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        // Twelve epochs of random insertions and retractions of present records, from a small
-        // pool so that counts grow, tie and fall back to zero.
-        let mut state: BTreeMap<(u32, u32), isize> = BTreeMap::new();
-        let mut epochs = Vec::new();
-        let mut expectations = Vec::new();
-        for _ in 0..12 {
-            let mut updates = Vec::new();
-            for _ in 0..60 {
-                let record = (rng.random_range(0..4u32), rng.random_range(0..8u32));
-                let present = state.get(&record).copied().unwrap_or(0);
-                let diff = if present > 0 && rng.random_bool(0.4) {
-                    -1
-                } else {
-                    1
-                };
-                *state.entry(record).or_insert(0) += diff;
-                updates.push((record, diff));
-            }
-            // The first k of each key by count descending, then value, by brute force.
-            let mut by_key: BTreeMap<u32, Vec<(std::cmp::Reverse<u64>, u32)>> = BTreeMap::new();
-            for (&(key, value), &count) in &state {
-                if count > 0 {
-                    by_key
-                        .entry(key)
-                        .or_default()
-                        .push((std::cmp::Reverse(count as u64), value));
-                }
-            }
-            let expected: BTreeMap<(u32, (std::cmp::Reverse<u64>, u32)), isize> = by_key
-                .into_iter()
-                .flat_map(|(key, mut ranks)| {
-                    ranks.sort();
-                    ranks.into_iter().take(k).map(move |r| ((key, r), 1))
-                })
-                .collect();
-            epochs.push(updates);
-            expectations.push(expected);
-        }
+        // From a small pool, so that counts grow, tie and fall back to zero.
+        let (epochs, states) = random_epochs(11, 60, (4, 8), 0.4);
+        let rank = |count: u64, value: u32| (Reverse(count), value);
         for workers in [1, 2, 4] {
-            type Updates = Vec<((u32, (std::cmp::Reverse<u64>, u32)), u64, isize)>;
-            let seen: Arc<Mutex<Updates>> = Arc::default();
-            let epochs = epochs.clone();
-            let sink = seen.clone();
-            timely::execute(timely::Config::process(workers), move |worker| {
-                let sink = sink.clone();
-                let (index, peers) = (worker.index(), worker.peers());
-                let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                    let (input, collection) = scope.new_collection::<(u32, u32), isize>();
-                    let ranked = top_k_by_count(
-                        &collection,
-                        k,
-                        |count, value: &u32| (std::cmp::Reverse(count), *value),
-                        |_, _| {},
-                        "TopByCount",
-                    );
-                    let probe = ranked
-                        .inspect(move |update| sink.lock().unwrap().push(*update))
-                        .probe()
-                        .0;
-                    (input, probe)
-                });
-                for (epoch, updates) in epochs.iter().enumerate() {
-                    // Spread over the workers, so that a record's updates arrive from several.
-                    for (i, &(record, diff)) in updates.iter().enumerate() {
-                        if i % peers == index {
-                            input.update(record, diff);
-                        }
-                    }
-                    input.advance_to(epoch as u64 + 1);
-                    input.flush();
-                    worker.step_while(|| probe.less_than(input.time()));
-                }
-            })
-            .unwrap();
-            let seen = seen.lock().unwrap();
-            for (epoch, expected) in expectations.iter().enumerate() {
-                let mut actual = BTreeMap::new();
-                for (record, time, diff) in seen.iter() {
-                    if *time <= epoch as u64 {
-                        *actual.entry(*record).or_insert(0) += diff;
-                    }
-                }
-                actual.retain(|_, count| *count != 0);
-                assert_eq!(&actual, expected, "epoch {epoch}, {workers} workers");
+            let outputs = run::<(Reverse<u64>, u32)>(workers, &epochs, true, |collection| {
+                top_k_by_count(
+                    collection,
+                    3,
+                    |count, value: &u32| (Reverse(count), *value),
+                    |_, _| {},
+                    "TopByCount",
+                )
+            });
+            for (epoch, (actual, state)) in outputs.iter().zip(&states).enumerate() {
+                let expected = expected(state, 3, rank);
+                assert_eq!(actual, &expected, "epoch {epoch}, {workers} workers");
             }
         }
     }
