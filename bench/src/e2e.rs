@@ -69,12 +69,7 @@ impl EndToEnd {
         for epoch in &self.epochs {
             if !epoch.counters.recommend.is_empty() {
                 epochs += 1;
-                let mut counters = EpochCounters {
-                    recommend: total,
-                    ..EpochCounters::default()
-                };
-                counters.add(&epoch.counters);
-                total = counters.recommend;
+                total.add(&epoch.counters.recommend);
             }
         }
         (epochs > 0).then_some(RecommendSummary {

@@ -68,7 +68,8 @@ pub struct RecommendCost {
 }
 
 impl RecommendCost {
-    fn add(&mut self, other: &RecommendCost) {
+    /// Adds another worker's (or epoch's) cost.
+    pub fn add(&mut self, other: &RecommendCost) {
         self.pair_updates += other.pair_updates;
         self.neighbour_changes += other.neighbour_changes;
         self.lists += other.lists;
