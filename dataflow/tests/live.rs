@@ -1231,25 +1231,14 @@ async fn the_pipeline_runs_on_a_redis_cluster_through_a_resharding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them() {
-    use dataflow::recommend::reference::{RecommendReference, RecommendSettings};
+    use dataflow::recommend::reference::RecommendReference;
     let setup = Setup::new("recs", 12).await;
     let id = setup.topic.clone();
     // Two tastes: the x-users' items and the y-users', one shared item; each user's items at
     // increasing timestamps, so that the history's order is the row order.
     let mut behavior = String::from("user_id,item_id,timestamp\n");
     let mut histories: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for u in 0..24 {
-        let user = format!("{id}-u{u}");
-        let taste = if u % 3 == 0 { "y" } else { "x" };
-        let items: Vec<String> = (0..6)
-            .map(|j| {
-                if j == 5 {
-                    "shared".to_owned()
-                } else {
-                    format!("{taste}{}", (u * 7 + j * 3) % 9)
-                }
-            })
-            .collect();
+    for (user, items) in taste_histories(&id, 0..24, 0) {
         for (t, item) in items.iter().enumerate() {
             behavior += &format!("{user},{item},{}\n", 10 + t);
         }
@@ -1269,16 +1258,7 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
 
     let args = [
         setup.args(),
-        [
-            "--recommendations",
-            "on",
-            "--covisit-window",
-            "4",
-            "--neighbours",
-            "3",
-        ]
-        .map(String::from)
-        .to_vec(),
+        recommendation_args(),
         vec!["-w".into(), "2".into()],
     ]
     .concat();
@@ -1304,11 +1284,7 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
         assert!(Instant::now() < deadline, "{lists} lists after 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let settings = RecommendSettings {
-        covisit_window: 4,
-        neighbours: 3,
-        ..RecommendSettings::default()
-    };
+    let settings = recommend_settings();
     // A user's list is computed when its profile changes, from the state of that epoch. The
     // last user pushed is not enough: another worker may read an earlier push in a later epoch.
     // So once every list is in, that user is pushed again (a later timestamp, the same
@@ -1318,24 +1294,7 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
     let body = format!(r#"{{"user_id":"{last}","timestamp":200}}"#);
     let (status, body) = http(api, "POST", "/push_interest/", &body).await;
     assert_eq!(status, 200, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stored: Value = loop {
-        let stored: Value = serde_json::from_str(
-            &redis::cmd("GET")
-                .arg(profile::recs_key(&last))
-                .query::<String>(&mut redis)
-                .unwrap(),
-        )
-        .unwrap();
-        if stored["timestamp"] == 200 {
-            break stored;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no list of the second push after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let stored = wait_for_list(&mut redis, &last, 200);
     assert_eq!(stored["timestamp"], 200);
     let (status, body) = http(api, "GET", &format!("/recommendation/{last}?k=10"), "").await;
     assert_eq!(status, 200, "{body}");
@@ -1343,15 +1302,7 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
     assert_eq!(answer["source"], "user");
     assert_eq!(answer["items"], stored["items"]);
     let expected = reference.recommend(&histories[&last]);
-    let actual: Vec<dataflow::recommend::reference::ScoredItem> = answer["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|item| dataflow::recommend::reference::ScoredItem {
-            item_id: item["item_id"].as_str().unwrap().to_owned(),
-            score: item["score"].as_f64().unwrap(),
-        })
-        .collect();
+    let actual = scored_items(&answer["items"]);
     assert!(!expected.is_empty());
     reference
         .check_recommendations(&histories[&last], &actual)
@@ -1369,8 +1320,44 @@ async fn recommendations_reach_redis_and_the_api_as_the_reference_computes_them(
     dataflow.stop();
 }
 
-/// The histories of the restart test: two tastes over nine items each, one item shared, at
-/// most six items a user.
+/// The recommendation tests' flags: W = 4, K = 3 (see [`recommend_settings`]).
+fn recommendation_args() -> Vec<String> {
+    [
+        "--recommendations",
+        "on",
+        "--covisit-window",
+        "4",
+        "--neighbours",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The reference's settings for [`recommendation_args`].
+fn recommend_settings() -> dataflow::recommend::reference::RecommendSettings {
+    dataflow::recommend::reference::RecommendSettings {
+        covisit_window: 4,
+        neighbours: 3,
+        ..Default::default()
+    }
+}
+
+/// A stored or served list's items, as the reference checks them.
+fn scored_items(items: &Value) -> Vec<dataflow::recommend::reference::ScoredItem> {
+    items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| dataflow::recommend::reference::ScoredItem {
+            item_id: item["item_id"].as_str().unwrap().to_owned(),
+            score: item["score"].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// The recommendation tests' histories: two tastes over nine items each, one item shared, six
+/// items a user; `turn` shifts a taste's items, for a user's later history.
 fn taste_histories(
     id: &str,
     users: std::ops::Range<usize>,
@@ -1415,9 +1402,10 @@ fn wait_for_list(redis: &mut redis::Connection, user: &str, timestamp: u64) -> V
 }
 
 /// The restart test's run: profiles of users 0..20, then (after a SIGKILL and a restart from
-/// the checkpoint as two processes, with `restart`) new users 20..30 and new histories of users 0..5, then each
-/// probe user pushed again, one at a time once everything before is in Redis, so that its
-/// list is computed from every profile. Returns the probes' lists and the final histories.
+/// the checkpoint as two processes, with `restart`) new users 20..30 and new histories of users
+/// 0..5, then each probe user pushed again, one at a time once everything before is in Redis,
+/// so that its list is computed from every profile. Returns the probes' lists and the final
+/// histories.
 async fn recommendations_around_a_restart(
     setup: &Setup,
     restart: bool,
@@ -1425,13 +1413,8 @@ async fn recommendations_around_a_restart(
     let checkpoints = std::env::temp_dir().join(format!("{}.checkpoints", setup.topic));
     let args = [
         setup.args(),
+        recommendation_args(),
         [
-            "--recommendations",
-            "on",
-            "--covisit-window",
-            "4",
-            "--neighbours",
-            "3",
             "--checkpoint-interval",
             "100ms",
             "--checkpoint-dir",
@@ -1513,7 +1496,7 @@ async fn recommendations_around_a_restart(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommendations_after_a_restart_equal_those_of_an_uninterrupted_run() {
-    use dataflow::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
+    use dataflow::recommend::reference::RecommendReference;
     let uninterrupted = Setup::new("recs-straight", 8).await;
     let restarted = Setup::new("recs-restart", 9).await;
     let (straight, _) = recommendations_around_a_restart(&uninterrupted, false).await;
@@ -1521,25 +1504,10 @@ async fn recommendations_after_a_restart_equal_those_of_an_uninterrupted_run() {
     // The same lists, to the bit (their JSON), as the uninterrupted run's.
     assert_eq!(after_restart, straight);
     // And the contract's: the reference over the final histories.
-    let reference = RecommendReference::new(
-        histories.values(),
-        RecommendSettings {
-            covisit_window: 4,
-            neighbours: 3,
-            ..RecommendSettings::default()
-        },
-    );
+    let reference = RecommendReference::new(histories.values(), recommend_settings());
     for (list, user) in after_restart.iter().zip([0, 3, 7, 12, 21, 25, 29]) {
         let history = &histories[&format!("{}-u{user}", restarted.topic)];
-        let actual: Vec<ScoredItem> = list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|item| ScoredItem {
-                item_id: item["item_id"].as_str().unwrap().to_owned(),
-                score: item["score"].as_f64().unwrap(),
-            })
-            .collect();
+        let actual = scored_items(&list["items"]);
         assert!(!actual.is_empty());
         reference
             .check_recommendations(history, &actual)
