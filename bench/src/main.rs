@@ -141,13 +141,17 @@ fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let workload = workload(&args)?;
     eprintln!(
-        "workload: {} messages, {} distinct users, {} items, D={}, {} MB of values ({:.1} s)",
+        "workload: {} messages, {} distinct users, {} items, D={}, {} MB of values ({:.1} s){}",
         workload.messages.len(),
         workload.distinct_users,
         workload.items.len(),
         workload.dim,
         workload.value_bytes() / 1_000_000,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        match args.workload.slide {
+            Some(slide) if args.messages_file.is_none() => format!(", histories slide by {slide}"),
+            _ => String::new(),
+        }
     );
     let run_id = format!(
         "bench-{}-{}",
@@ -475,8 +479,13 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
         println!("{}", latency.line);
     }
 
+    // A generated workload's histories either slide or are replaced (--slide).
+    let slide = match (&args.messages_file, args.workload.slide) {
+        (None, Some(slide)) => format!(", sliding by {slide}"),
+        _ => String::new(),
+    };
     let title = format!(
-        "streamrec bench: {total} messages, {} users, {} items, D={}, history {}, -w {}, \
+        "streamrec bench: {total} messages, {} users, {} items, D={}, history {}{slide}, -w {}, \
          {} ms epochs",
         workload.distinct_users,
         workload.items.len(),
@@ -493,7 +502,7 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
     write_chart(&args.chart, &title, &e2e.epochs, args.epoch_ms, e2e.rate())
         .with_context(|| format!("writing {}", args.chart.display()))?;
     let report = serde_json::json!({
-        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history},
+        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history, "slide": args.workload.slide.filter(|_| args.messages_file.is_none())},
         "workers": args.workers,
         "epoch_ms": args.epoch_ms,
         "raw_consume_msgs_per_s": raw_rate,

@@ -445,6 +445,7 @@ mod tests {
             dim: 8,
             history: 50,
             repeat_fraction: None,
+            slide: None,
             zipf_s: 0.7,
             seed: 7,
         })

@@ -30,6 +30,12 @@ pub struct WorkloadConfig {
     /// --users (or a seen one once all are used). Unset, users are drawn uniformly from --users.
     #[arg(long, value_parser = fraction)]
     pub repeat_fraction: Option<f64>,
+    /// A message of a user seen before keeps that user's last history and appends this many
+    /// new items to it (the oldest leave past --history), as a browsing user's profile grows:
+    /// its co-visitation window slides by that many items. Unset, every message carries a new
+    /// random history, which replaces its user's whole window (co-visitation's worst case).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slide: Option<u32>,
     /// Zipf exponent of item popularity.
     #[arg(long, default_value_t = 0.7)]
     pub zipf_s: f64,
@@ -112,6 +118,8 @@ impl Workload {
         let mut seen_users: Vec<usize> = Vec::new();
         let mut next_new = 0;
         let mut history: Vec<&str> = Vec::with_capacity(config.history);
+        // With --slide: each user's last history, as item indices, oldest first.
+        let mut last_history: Vec<Vec<u32>> = vec![Vec::new(); users.len()];
         let mut message_users = Vec::with_capacity(config.messages);
         let mut histories = Vec::with_capacity(config.messages * config.history);
         let mut history_ends = Vec::with_capacity(config.messages);
@@ -132,13 +140,31 @@ impl Workload {
                         }
                     }
                 };
-                seen[user] = true;
                 message_users.push(user as u32);
+                let slides = config.slide.filter(|_| seen[user]);
+                seen[user] = true;
+                let kept = match slides {
+                    Some(slide) => {
+                        let last = &mut last_history[user];
+                        let new = (slide as usize).min(config.history);
+                        last.drain(..(last.len() + new).saturating_sub(config.history));
+                        last.len()
+                    }
+                    None => {
+                        last_history[user].clear();
+                        0
+                    }
+                };
+                let last = &mut last_history[user];
+                for _ in kept..config.history {
+                    last.push(popularity.sample(&mut rng) as u32);
+                }
                 history.clear();
-                for _ in 0..config.history {
-                    let item = popularity.sample(&mut rng);
-                    histories.push(item as u32);
-                    history.push(items[item].as_str());
+                history.extend(last.iter().map(|&item| items[item as usize].as_str()));
+                histories.extend_from_slice(last);
+                if config.slide.is_none() {
+                    // Only a sliding history needs to be kept for the user's next message.
+                    last.clear();
                 }
                 history_ends.push(histories.len());
                 timestamps.push(BASE_TIMESTAMP + i as u64);
@@ -354,6 +380,7 @@ mod tests {
             dim: 2,
             history: 3,
             repeat_fraction,
+            slide: None,
             zipf_s: 0.7,
             seed: 7,
         }
@@ -430,5 +457,42 @@ mod tests {
         // Unset, users are uniform: 10k messages over 100k users touch ~9.5k of them.
         let uniform = Workload::generate(&config(10_000, 100_000, None));
         assert!(uniform.distinct_users > 9_000, "{}", uniform.distinct_users);
+    }
+
+    #[test]
+    fn a_sliding_history_keeps_the_users_last_one_and_appends_new_items() {
+        for slide in [1, 2, 3, 5] {
+            let workload = Workload::generate(&WorkloadConfig {
+                slide: Some(slide),
+                ..config(2_000, 50, None)
+            });
+            let mut last: Vec<Option<&[u32]>> = vec![None; workload.users.len()];
+            let mut slid = 0;
+            for i in 0..workload.messages.len() {
+                let user = workload.message_users[i] as usize;
+                let history = workload.history_of(i);
+                assert_eq!(history.len(), 3, "message {i}");
+                // The previous history less its oldest `slide` items comes first (a slide of
+                // the whole history or more keeps nothing).
+                if let Some(before) = last[user] {
+                    let kept = 3usize.saturating_sub(slide as usize);
+                    assert_eq!(history[..kept], before[3 - kept..], "message {i}");
+                    slid += 1;
+                }
+                last[user] = Some(history);
+                // The JSON value carries the same history.
+                let message = profile::ProfileMessage::decode(
+                    &workload.messages[i].1,
+                    profile::Encoding::Json,
+                )
+                .unwrap();
+                let named: Vec<&str> = history
+                    .iter()
+                    .map(|&item| workload.items[item as usize].as_str())
+                    .collect();
+                assert_eq!(message.history_items, named, "message {i}");
+            }
+            assert_eq!(slid, 2_000 - workload.distinct_users);
+        }
     }
 }

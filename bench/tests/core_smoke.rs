@@ -13,6 +13,7 @@ fn workload() -> WorkloadConfig {
         dim: 4,
         history: 10,
         repeat_fraction: None,
+        slide: None,
         zipf_s: 0.7,
         seed: 7,
     }
