@@ -30,11 +30,11 @@ use smol_str::SmolStr;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::Concat;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
 use super::covisit::{window_items, Covisitation, Neighbour};
-use super::{add_cost, CostBoard, Stage};
+use super::{add_cost, CostBoard, HeldByTime, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
 
 /// The settings of the scores (semantics §8).
@@ -167,9 +167,6 @@ pub fn encode_recommendations<'scope>(
     })
 }
 
-/// The popularity order's updates of one epoch, held until the epoch is complete.
-type PendingPopular = (Capability<u64>, Vec<(Popular, isize)>);
-
 /// `popular_items` (the first `len` items of `order`) as a sink value, from worker 0, at each
 /// epoch in which it changed.
 pub fn popular_items<'scope>(
@@ -179,25 +176,17 @@ pub fn popular_items<'scope>(
     let updates = order.inner.clone();
     updates.unary_frontier(Exchange::new(|_| 0), "PopularItems", |_, _| {
         let mut order: BTreeMap<Popular, isize> = BTreeMap::new();
-        let mut pending: BTreeMap<u64, PendingPopular> = BTreeMap::new();
+        let mut pending = HeldByTime::default();
         // The list last written: the order beyond `len` may change without it.
         let mut written: Vec<(SmolStr, u64)> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, updates| {
-                for (((), popular), time, diff) in updates.drain(..) {
-                    pending
-                        .entry(time)
-                        .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
-                        .1
-                        .push((popular, diff));
-                }
+                pending.hold(&capability, updates, |(_, time, _)| *time)
             });
-            while let Some(entry) = pending.first_entry() {
-                if frontier.less_equal(entry.key()) {
-                    break;
-                }
-                let (epoch, (capability, updates)) = entry.remove_entry();
-                for (popular, diff) in updates {
+            while let Some((epoch, capability, updates)) =
+                pending.next_complete(|time| !frontier.less_equal(time))
+            {
+                for (((), popular), _, diff) in updates {
                     add_count(&mut order, popular, diff);
                 }
                 let items: Vec<(SmolStr, u64)> = order
@@ -312,27 +301,17 @@ fn score<'scope>(
     changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
         let mut state = SharedState::default();
         let mut updates: Vec<(Shared, u64, isize)> = Vec::new();
-        let mut pending: BTreeMap<u64, (Capability<u64>, Vec<UserInterest>)> = BTreeMap::new();
+        // The changed users, by the epoch of their change.
+        let mut pending = HeldByTime::default();
         move |(input, frontier), (shared, shared_frontier), output| {
             input.for_each(|capability, records| {
-                for (interest, epoch) in records.drain(..) {
-                    pending
-                        .entry(epoch)
-                        .or_insert_with(|| (capability.delayed(&epoch, 0), Vec::new()))
-                        .1
-                        .push(interest);
-                }
+                pending.hold(&capability, records, |(_, epoch)| *epoch)
             });
             shared.for_each(|_, records| updates.append(records));
             // Apply what both inputs have passed, and score the epochs complete on both.
             let complete =
                 |time: &u64| !frontier.less_equal(time) && !shared_frontier.less_equal(time);
-            while let Some(entry) = pending.first_entry() {
-                let epoch = *entry.key();
-                if !complete(&epoch) {
-                    break;
-                }
-                let (capability, users) = entry.remove();
+            while let Some((epoch, capability, users)) = pending.next_complete(complete) {
                 let started = Instant::now();
                 updates.sort_by_key(|(_, time, _)| *time);
                 let applied = updates.partition_point(|(_, time, _)| *time <= epoch);
@@ -341,7 +320,7 @@ fn score<'scope>(
                 }
                 let mut lists: Vec<UserRecommendations> = users
                     .into_iter()
-                    .map(|interest| UserRecommendations {
+                    .map(|(interest, _)| UserRecommendations {
                         items: user_list(&interest.history_items, &state, window, &params),
                         user_id: interest.user_id,
                         timestamp: interest.timestamp,

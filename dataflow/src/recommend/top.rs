@@ -26,56 +26,18 @@ use foldhash::HashMap;
 
 use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
+
+use super::HeldByTime;
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Capability, InputCapability, Operator};
+use timely::dataflow::operators::Operator;
 use timely::ExchangeData;
 
 /// Each key's values, ordered, with their counts (only positive counts are kept).
 type Ranked<V> = BTreeMap<V, isize>;
 
-/// Both operators' input: updates held by time until the input frontier has passed it, each
-/// time with a capability to emit its output at.
-struct HeldByTime<D> {
-    held: BTreeMap<u64, (Capability<u64>, Updates<D>)>,
-}
-
-/// Updates of a collection: (data, time, diff).
-type Updates<D> = Vec<(D, u64, isize)>;
-
-impl<D> Default for HeldByTime<D> {
-    fn default() -> Self {
-        HeldByTime {
-            held: BTreeMap::new(),
-        }
-    }
-}
-
-impl<D> HeldByTime<D> {
-    /// Holds `updates`, which arrived with `capability`.
-    fn hold(&mut self, capability: &InputCapability<u64>, updates: &mut Updates<D>) {
-        for update in updates.drain(..) {
-            let time = update.1;
-            self.held
-                .entry(time)
-                .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
-                .1
-                .push(update);
-        }
-    }
-
-    /// The earliest held time that `passed` says the frontier has passed, with its capability
-    /// and updates: epochs come out in order, each once.
-    fn next_complete(
-        &mut self,
-        passed: impl Fn(&u64) -> bool,
-    ) -> Option<(u64, Capability<u64>, Updates<D>)> {
-        let entry = self.held.first_entry()?;
-        if !passed(entry.key()) {
-            return None;
-        }
-        let (time, (capability, updates)) = entry.remove_entry();
-        Some((time, capability, updates))
-    }
+/// The time of an update.
+fn time_of<D>(update: &(D, u64, isize)) -> u64 {
+    update.1
 }
 
 /// The first `k` values (in `V`'s order) of each key of `input`, as a collection.
@@ -100,7 +62,7 @@ where
             // What the output holds for each key: its first `k` as last emitted.
             let mut emitted: HashMap<K, Vec<V>> = HashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|capability, updates| pending.hold(&capability, updates));
+                input.for_each(|capability, updates| pending.hold(&capability, updates, time_of));
                 while let Some((time, capability, mut updates)) =
                     pending.next_complete(|time| !frontier.less_equal(time))
                 {
@@ -191,7 +153,7 @@ where
             let mut pending = HeldByTime::default();
             let mut keys: HashMap<K, Counted<V, R>> = HashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|capability, updates| pending.hold(&capability, updates));
+                input.for_each(|capability, updates| pending.hold(&capability, updates, time_of));
                 while let Some((time, capability, mut updates)) =
                     pending.next_complete(|time| !frontier.less_equal(time))
                 {
@@ -411,6 +373,9 @@ mod tests {
     type Build<R> = for<'s> fn(
         &VecCollection<'s, u64, Record, isize>,
     ) -> VecCollection<'s, u64, (u32, R), isize>;
+
+    /// Updates of a collection: (data, time, diff).
+    type Updates<D> = Vec<(D, u64, isize)>;
 
     /// Runs `build` over `epochs` on `workers` workers and returns its output as of each
     /// epoch. With `spread`, the updates are spread over the workers, so that a record's
