@@ -429,10 +429,24 @@ async fn scenario(fault: Fault) {
         if now == ends {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "committed offsets {now:?} never reached the partitions' ends {ends:?}"
-        );
+        if Instant::now() >= deadline {
+            // What held the commits back: unacknowledged dead-letter copies, or a partition
+            // not read (its lag), for the failure to say which.
+            let metrics = dataflow.samples("streamrec_dataflow_").await;
+            let held: Vec<_> = metrics
+                .iter()
+                .filter(|(name, _)| {
+                    name.contains("dead_letters_unacknowledged")
+                        || name.contains("consumer_lag")
+                        || name.contains("messages_read")
+                        || name.contains("kafka_silent")
+                })
+                .collect();
+            panic!(
+                "committed offsets {now:?} never reached the partitions' ends {ends:?}; \
+                 the dataflow's metrics then: {held:#?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("committed offsets at the ends {ends:?}");
