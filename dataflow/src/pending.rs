@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::{Capability, InputCapability};
 use timely::progress::frontier::AntichainRef;
 
 /// Buffers data by epoch; [`PendingEpochs::take_complete`] hands back, oldest first, each epoch
@@ -29,6 +29,22 @@ impl<D> PendingEpochs<D> {
             .entry(epoch)
             .or_insert_with(|| (capability(), Vec::new()))
             .1
+    }
+
+    /// Holds each of `data`'s records, which arrived with `capability`, at its own epoch
+    /// (`epoch_of`): a collection's updates carry their times, which may be later than the
+    /// capability's.
+    pub fn hold_each(
+        &mut self,
+        capability: &InputCapability<u64>,
+        data: &mut Vec<D>,
+        epoch_of: impl Fn(&D) -> u64,
+    ) {
+        for record in data.drain(..) {
+            let epoch = epoch_of(&record);
+            self.at(epoch, || capability.delayed(&epoch, 0))
+                .push(record);
+        }
     }
 
     /// The oldest epoch held back, if any.

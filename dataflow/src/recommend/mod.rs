@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use differential_dataflow::input::Input;
 use smol_str::SmolStr;
-use timely::dataflow::operators::{Capability, InputCapability, Inspect, Probe};
+use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::model::{IdList, UserInterest};
 use crate::stats::{RecommendCost, StatsBoard};
@@ -54,54 +54,6 @@ fn add_cost(
         Stage::Scoring => cost.scoring_us += us,
     }
     count(cost);
-}
-
-/// What an operator holds until its input frontier has passed each time: the data of every
-/// time, with a capability to emit that time's output at. Epochs come out in order, each once,
-/// as a `reduce` would apply them.
-struct HeldByTime<T> {
-    held: BTreeMap<u64, (Capability<u64>, Vec<T>)>,
-}
-
-impl<T> Default for HeldByTime<T> {
-    fn default() -> Self {
-        HeldByTime {
-            held: BTreeMap::new(),
-        }
-    }
-}
-
-impl<T> HeldByTime<T> {
-    /// Holds `data`, which arrived with `capability`, each at the time `time_of` gives it.
-    fn hold(
-        &mut self,
-        capability: &InputCapability<u64>,
-        data: &mut Vec<T>,
-        time_of: impl Fn(&T) -> u64,
-    ) {
-        for item in data.drain(..) {
-            let time = time_of(&item);
-            self.held
-                .entry(time)
-                .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
-                .1
-                .push(item);
-        }
-    }
-
-    /// The earliest held time if `passed` says every input has passed it, with its capability
-    /// and data.
-    fn next_complete(
-        &mut self,
-        passed: impl Fn(&u64) -> bool,
-    ) -> Option<(u64, Capability<u64>, Vec<T>)> {
-        let entry = self.held.first_entry()?;
-        if !passed(entry.key()) {
-            return None;
-        }
-        let (time, (capability, data)) = entry.remove_entry();
-        Some((time, capability, data))
-    }
 }
 
 /// Each user's list: (item, score), strongest first.

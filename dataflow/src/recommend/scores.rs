@@ -32,10 +32,12 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
+use timely::progress::Antichain;
 
 use super::covisit::{window_items, Covisitation, Neighbour};
-use super::{add_cost, CostBoard, HeldByTime, Stage};
+use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
+use crate::pending::PendingEpochs;
 
 /// The settings of the scores (semantics §8).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -176,16 +178,15 @@ pub fn popular_items<'scope>(
     let updates = order.inner.clone();
     updates.unary_frontier(Exchange::new(|_| 0), "PopularItems", |_, _| {
         let mut order: BTreeMap<Popular, isize> = BTreeMap::new();
-        let mut pending = HeldByTime::default();
+        let mut pending = PendingEpochs::default();
         // The list last written: the order beyond `len` may change without it.
         let mut written: Vec<(SmolStr, u64)> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, updates| {
-                pending.hold(&capability, updates, |(_, time, _)| *time)
+                pending.hold_each(&capability, updates, |(_, time, _)| *time)
             });
-            while let Some((epoch, capability, updates)) =
-                pending.next_complete(|time| !frontier.less_equal(time))
-            {
+            while let Some((capability, updates)) = pending.take_complete(frontier.frontier()) {
+                let epoch = *capability.time();
                 for (((), popular), _, diff) in updates {
                     add_count(&mut order, popular, diff);
                 }
@@ -302,16 +303,23 @@ fn score<'scope>(
         let mut state = SharedState::default();
         let mut updates: Vec<(Shared, u64, isize)> = Vec::new();
         // The changed users, by the epoch of their change.
-        let mut pending = HeldByTime::default();
+        let mut pending = PendingEpochs::default();
         move |(input, frontier), (shared, shared_frontier), output| {
             input.for_each(|capability, records| {
-                pending.hold(&capability, records, |(_, epoch)| *epoch)
+                pending.hold_each(&capability, records, |(_, epoch)| *epoch)
             });
             shared.for_each(|_, records| updates.append(records));
             // Apply what both inputs have passed, and score the epochs complete on both.
-            let complete =
-                |time: &u64| !frontier.less_equal(time) && !shared_frontier.less_equal(time);
-            while let Some((epoch, capability, users)) = pending.next_complete(complete) {
+            let mut passed = Antichain::new();
+            for time in frontier
+                .frontier()
+                .iter()
+                .chain(shared_frontier.frontier().iter())
+            {
+                passed.insert(*time);
+            }
+            while let Some((capability, users)) = pending.take_complete(passed.borrow()) {
+                let epoch = *capability.time();
                 let started = Instant::now();
                 updates.sort_by_key(|(_, time, _)| *time);
                 let applied = updates.partition_point(|(_, time, _)| *time <= epoch);

@@ -26,11 +26,11 @@ use foldhash::HashMap;
 
 use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
-
-use super::HeldByTime;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Operator;
 use timely::ExchangeData;
+
+use crate::pending::PendingEpochs;
 
 /// Each key's values, ordered, with their counts (only positive counts are kept).
 type Ranked<V> = BTreeMap<V, isize>;
@@ -57,15 +57,18 @@ where
         .inner
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
-            let mut pending = HeldByTime::default();
+            let mut pending = PendingEpochs::default();
             let mut ranked: HashMap<K, Ranked<V>> = HashMap::default();
             // What the output holds for each key: its first `k` as last emitted.
             let mut emitted: HashMap<K, Vec<V>> = HashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|capability, updates| pending.hold(&capability, updates, time_of));
-                while let Some((time, capability, mut updates)) =
-                    pending.next_complete(|time| !frontier.less_equal(time))
+                input.for_each(|capability, updates| {
+                    pending.hold_each(&capability, updates, time_of)
+                });
+                while let Some((capability, mut updates)) =
+                    pending.take_complete(frontier.frontier())
                 {
+                    let time = *capability.time();
                     consolidate_updates(&mut updates);
                     let mut changed: Vec<K> = Vec::new();
                     for ((key, value), _, diff) in updates {
@@ -150,13 +153,16 @@ where
         .inner
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
-            let mut pending = HeldByTime::default();
+            let mut pending = PendingEpochs::default();
             let mut keys: HashMap<K, Counted<V, R>> = HashMap::default();
             move |(input, frontier), output| {
-                input.for_each(|capability, updates| pending.hold(&capability, updates, time_of));
-                while let Some((time, capability, mut updates)) =
-                    pending.next_complete(|time| !frontier.less_equal(time))
+                input.for_each(|capability, updates| {
+                    pending.hold_each(&capability, updates, time_of)
+                });
+                while let Some((capability, mut updates)) =
+                    pending.take_complete(frontier.frontier())
                 {
+                    let time = *capability.time();
                     let started = Instant::now();
                     // Sorted by key, then value: each key's changes are one run.
                     consolidate_updates(&mut updates);
