@@ -148,10 +148,9 @@ fn main() -> anyhow::Result<()> {
         workload.dim,
         workload.value_bytes() / 1_000_000,
         started.elapsed().as_secs_f64(),
-        match args.workload.slide {
-            Some(slide) if args.messages_file.is_none() => format!(", histories slide by {slide}"),
-            _ => String::new(),
-        }
+        workload
+            .slide
+            .map_or_else(String::new, |slide| format!(", histories slide by {slide}"))
     );
     let run_id = format!(
         "bench-{}-{}",
@@ -479,11 +478,9 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
         println!("{}", latency.line);
     }
 
-    // A generated workload's histories either slide or are replaced (--slide).
-    let slide = match (&args.messages_file, args.workload.slide) {
-        (None, Some(slide)) => format!(", sliding by {slide}"),
-        _ => String::new(),
-    };
+    let slide = workload
+        .slide
+        .map_or_else(String::new, |slide| format!(", sliding by {slide}"));
     let title = format!(
         "streamrec bench: {total} messages, {} users, {} items, D={}, history {}{slide}, -w {}, \
          {} ms epochs",
@@ -502,7 +499,7 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
     write_chart(&args.chart, &title, &e2e.epochs, args.epoch_ms, e2e.rate())
         .with_context(|| format!("writing {}", args.chart.display()))?;
     let report = serde_json::json!({
-        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history, "slide": args.workload.slide.filter(|_| args.messages_file.is_none())},
+        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history, "slide": workload.slide},
         "workers": args.workers,
         "epoch_ms": args.epoch_ms,
         "raw_consume_msgs_per_s": raw_rate,

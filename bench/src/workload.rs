@@ -68,6 +68,8 @@ pub struct Workload {
     pub history_ends: Vec<usize>,
     /// The longest history of a message.
     pub history: usize,
+    /// Generated with --slide: how many items a user's next history adds to its last one.
+    pub slide: Option<u32>,
     /// Each message's timestamp, and the greatest.
     pub timestamps: Vec<u64>,
     pub max_timestamp: u64,
@@ -141,22 +143,17 @@ impl Workload {
                     }
                 };
                 message_users.push(user as u32);
-                let slides = config.slide.filter(|_| seen[user]);
-                seen[user] = true;
-                let kept = match slides {
+                let last = &mut last_history[user];
+                match config.slide.filter(|_| seen[user]) {
+                    // The oldest items leave to make room for `slide` new ones.
                     Some(slide) => {
-                        let last = &mut last_history[user];
                         let new = (slide as usize).min(config.history);
                         last.drain(..(last.len() + new).saturating_sub(config.history));
-                        last.len()
                     }
-                    None => {
-                        last_history[user].clear();
-                        0
-                    }
-                };
-                let last = &mut last_history[user];
-                for _ in kept..config.history {
+                    None => last.clear(),
+                }
+                seen[user] = true;
+                while last.len() < config.history {
                     last.push(popularity.sample(&mut rng) as u32);
                 }
                 history.clear();
@@ -186,6 +183,7 @@ impl Workload {
             histories,
             history_ends,
             history: config.history,
+            slide: config.slide,
             max_timestamp: timestamps.last().copied().unwrap_or(BASE_TIMESTAMP),
             timestamps,
             distinct_users: seen.iter().filter(|&&s| s).count(),
@@ -228,6 +226,7 @@ impl Workload {
             histories: Vec::new(),
             history_ends: Vec::new(),
             history: 0,
+            slide: None,
             timestamps: Vec::new(),
             max_timestamp: 0,
             users: Vec::new(),
