@@ -29,8 +29,9 @@ fn main() -> anyhow::Result<ExitCode> {
     // updates above all), which mimalloc gives back to the kernel after 10 ms. Each first touch
     // after that had the kernel zero a whole 2 MB page: `clear_page_erms` took 13-23% of the
     // samples of a profile with recommendations on. With 4 KB pages the dataflow measured
-    // 1.2-1.5x faster with recommendations off and on, with lower peak RSS
-    // (docs/performance.md, "transparent huge pages"). This is what mimalloc's own
+    // 1.5-1.6x faster with recommendations off and 1.1-1.3x with them on (200,000 messages;
+    // 1.07x off at full scale), with lower peak RSS (docs/performance.md, "transparent huge
+    // pages"). This is what mimalloc's own
     // MIMALLOC_ALLOW_THP=0 does, which must be set before the process starts. A kernel without
     // the call refuses it: huge pages then stay as the system has them.
     if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
