@@ -12,15 +12,17 @@
 //! d items, only the 2·d·(W − 1) pairs that touch an item that left or entered it change, so an
 //! update costs O(d·W), not O(W²).
 //!
-//! Item ids are kept as they are, [`SmolStr`] (inline up to 23 bytes): the contract breaks
-//! ties between neighbours by the ids' bytes, which a hash would lose, and users and items of
-//! every worker meet here, where the workers' table indices mean nothing.
+//! Item ids travel between workers as they are, [`SmolStr`] (inline up to 23 bytes): the
+//! contract breaks ties between neighbours by the ids' bytes, which a hash would lose, and
+//! users and items of every worker meet here, where one worker's numbers mean nothing to
+//! another. Each operator numbers the ids it keeps for itself ([`super::intern`]).
 //!
 //! Each item's neighbours are its top K partners by (c desc, id asc). A popular item has tens of
 //! thousands of partners, and a `reduce` reads its whole group whenever one of them changes;
-//! [`super::top::top_k_by_count`] keeps each pair's count once, each item's partners ordered,
-//! and reads only the changed items' first K (docs/performance.md has the measurements that
-//! replaced the self-join, `count` and `reduce`).
+//! [`super::top::top_k_by_count`] keeps each pair's count once, as two worker-local numbers and a
+//! count, with only each item's strongest partners in order, and compares only the changed
+//! items' first K (docs/performance.md has the measurements that replaced the self-join,
+//! `count` and `reduce`, then the string-keyed ordered sets).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;

@@ -8,6 +8,7 @@
 //! (`bench-recs`).
 
 pub mod covisit;
+pub mod intern;
 pub mod reference;
 pub mod scores;
 pub mod top;

@@ -5,21 +5,21 @@
 //! popular item come from tens of thousands of partners, and the popularity order from every
 //! item; even split into 64 buckets first (a top per bucket, then of the buckets' winners), a
 //! message of the bench workload, which replaces a user's window of 10 items, made the two
-//! reduces read ~100,000 values (docs/performance.md). Here each key keeps its values ordered:
-//! a change costs a logarithmic update, and only the keys changed in an epoch have their first
-//! `k` read again.
+//! reduces read ~100,000 values (docs/performance.md). Here a change costs a short update of
+//! the key's own state, and only the keys changed in an epoch have their first `k` read again.
 //!
-//! - [`top_k`] takes a collection of (key, value) and keeps each key's values with their counts
-//!   (the popularity order: one key, the items ranked by n(x)).
+//! - [`top_k`] takes a collection of (key, value) and keeps each key's values ordered, with
+//!   their counts (the popularity order: one key, the items ranked by n(x)).
 //! - [`top_k_by_count`] takes a multiset of (key, value) records and ranks each key's values by
 //!   their multiplicity, counting them itself (the neighbours: c(a, b) is the multiplicity of
-//!   the pair (a, b)).
+//!   the pair (a, b)). Keys and values are numbered by the worker, and a key keeps in order
+//!   only its strongest values, not all of them: this is the recommendations' largest state.
 //!
 //! The output is a collection like `reduce`'s: at each epoch, for each changed key, the values
 //! that left its first `k` retracted and those that entered it inserted. Epochs are applied in
 //! order, each once the input frontier has passed it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
@@ -30,6 +30,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Operator;
 use timely::ExchangeData;
 
+use super::intern::Interner;
 use crate::pending::PendingEpochs;
 
 /// Each key's values, ordered, with their counts (only positive counts are kept).
@@ -113,7 +114,8 @@ where
 /// What [`top_k_by_count`] did in one epoch on one worker.
 #[derive(Debug, Clone, Copy)]
 pub struct EpochWork {
-    /// Records whose count changed.
+    /// Count changes applied (as they arrived: changes of one record from different users
+    /// are not combined first).
     pub updates: usize,
     /// Output updates: ranks that entered or left a key's first `k`.
     pub changes: usize,
@@ -123,74 +125,105 @@ pub struct EpochWork {
 
 /// The first `k` values of each key of a multiset, ranked by their multiplicity: the count of
 /// each (key, value) record of `input` (as `count` would give), then each key's first `k` by
-/// `rank(count, value)`, in one operator.
+/// count descending, ties by value ascending, in one operator. Keys and values are of one kind
+/// (items, for the neighbours). `output(count, value)` is what the output holds for a ranked
+/// value.
 ///
 /// Fused because the co-visits are the largest state of the recommendations: `count` followed by
 /// [`top_k`] kept every pair three times (`count`'s input and output arrangements, and the
 /// ranked values), and moved each changed pair's count through two exchanges as a retraction
 /// and an insertion (docs/performance.md, "co-visitation without the self-join"). Here each
-/// record's count is kept once, with its rank in an ordered set per key; a change is a hash
-/// update and a logarithmic one. A changed key's first `k` is read before and after its changes
-/// of the epoch only if a change reaches them (see [`Counted::apply`]), so nothing of what was
-/// emitted needs to be kept.
+/// record's count is kept once, under the worker's local numbers of its key and value
+/// ([`Interner`]), and each key keeps only its strongest values in order ([`Counted`]). The
+/// records are numbered as they arrive, so an epoch waits as 16-byte numbers, not as strings,
+/// and is applied in arrival order without sorting: a change is a hash update and a short
+/// search. The keys an epoch touched have their first `k` compared before and after it.
 ///
-/// The output is a collection of (key, rank) as [`top_k`]'s is. `on_epoch` is told what each
-/// epoch cost on this worker.
-pub fn top_k_by_count<'scope, K, V, R>(
-    input: &VecCollection<'scope, u64, (K, V), isize>,
+/// The output is a collection of (key, `output(count, value)`) as [`top_k`]'s is. `on_epoch`
+/// is told what each epoch cost on this worker.
+pub fn top_k_by_count<'scope, V, R>(
+    input: &VecCollection<'scope, u64, (V, V), isize>,
     k: usize,
-    rank: impl Fn(u64, &V) -> R + 'static,
+    output: impl Fn(u64, &V) -> R + 'static,
     mut on_epoch: impl FnMut(u64, EpochWork) + 'static,
     name: &str,
-) -> VecCollection<'scope, u64, (K, R), isize>
+) -> VecCollection<'scope, u64, (V, R), isize>
 where
-    K: ExchangeData + Clone + Ord + std::hash::Hash + Hashable<Output = u64>,
-    V: ExchangeData + Clone + Ord + std::hash::Hash,
+    V: ExchangeData + Clone + Ord + std::hash::Hash + Hashable<Output = u64>,
     R: ExchangeData + Clone + Ord,
 {
-    let route = |((key, _), _, _): &((K, V), u64, isize)| key.hashed();
+    let route = |((key, _), _, _): &((V, V), u64, isize)| key.hashed();
+    // How many of a key's strongest values it keeps in order: `k` and as many again, so that a
+    // key whose first `k` lose values to decrements rarely has to scan all its counts again.
+    let kept = 2 * k.max(1);
     input
         .inner
         .clone()
         .unary_frontier(Exchange::new(route), name, move |_, _| {
-            let mut pending = PendingEpochs::default();
-            let mut keys: HashMap<K, Counted<V, R>> = HashMap::default();
-            move |(input, frontier), output| {
+            // (key, value, change of its count), by epoch.
+            let mut pending: PendingEpochs<(u32, u32, isize)> = PendingEpochs::default();
+            let mut items: Interner<V> = Interner::default();
+            // By the key's number.
+            let mut keys: Vec<Counted> = Vec::new();
+            // The keys the epoch being applied touched, each with where its first `k` as
+            // before the epoch are in `before`.
+            let mut touched: Vec<(u32, std::ops::Range<usize>)> = Vec::new();
+            let mut before: Vec<(u32, u32)> = Vec::new();
+            // Time spent numbering records as they arrived, reported with the next epoch.
+            let mut numbering = Duration::ZERO;
+            move |(input, frontier), handle| {
                 input.for_each(|capability, updates| {
-                    pending.hold_each(&capability, updates, time_of)
+                    let started = Instant::now();
+                    for ((key, value), time, diff) in updates.drain(..) {
+                        let record = (items.number(&key), items.number(&value), diff);
+                        pending
+                            .at(time, || capability.delayed(&time, 0))
+                            .push(record);
+                    }
+                    numbering += started.elapsed();
                 });
-                while let Some((capability, mut updates)) =
-                    pending.take_complete(frontier.frontier())
-                {
+                while let Some((capability, updates)) = pending.take_complete(frontier.frontier()) {
                     let time = *capability.time();
                     let started = Instant::now();
-                    // Sorted by key, then value: each key's changes are one run.
-                    consolidate_updates(&mut updates);
-                    let mut changes = 0;
-                    let mut session = output.session(&capability);
-                    for run in updates.chunk_by(|x, y| x.0 .0 == y.0 .0) {
-                        let key = &run[0].0 .0;
-                        let counted = keys.entry(key.clone()).or_default();
-                        let Some(before) =
-                            counted.apply(run.iter().map(|((_, v), _, d)| (v, *d)), k, &rank)
-                        else {
-                            continue;
-                        };
-                        let after: Vec<R> = counted.ranks.iter().take(k).cloned().collect();
-                        if counted.ranks.is_empty() {
-                            keys.remove(key);
+                    for &(key, value, diff) in &updates {
+                        if keys.len() <= key as usize {
+                            keys.resize_with(key as usize + 1, Counted::default);
                         }
-                        sorted_difference(&before, &after, |r, diff| {
-                            session.give(((key.clone(), r.clone()), time, diff));
-                            changes += 1;
-                        });
+                        let counted = &mut keys[key as usize];
+                        if !counted.touched {
+                            counted.touched = true;
+                            let start = before.len();
+                            before.extend_from_slice(counted.first(k));
+                            touched.push((key, start..before.len()));
+                        }
+                        counted.apply(value, diff, kept, &items);
                     }
+                    let mut changes = 0;
+                    let mut session = handle.session(&capability);
+                    for (key, range) in touched.drain(..) {
+                        let counted = &mut keys[key as usize];
+                        counted.touched = false;
+                        counted.refill_below(k, kept, &items);
+                        let (was, now) = (&before[range], counted.first(k));
+                        if was == now {
+                            continue;
+                        }
+                        let key = items.value(key);
+                        let left = was.iter().filter(|x| !now.contains(x)).map(|x| (x, -1));
+                        let entered = now.iter().filter(|x| !was.contains(x)).map(|x| (x, 1));
+                        for ((count, number), diff) in left.chain(entered) {
+                            let ranked = output(u64::from(*count), items.value(*number));
+                            session.give(((key.clone(), ranked), time, diff));
+                            changes += 1;
+                        }
+                    }
+                    before.clear();
                     on_epoch(
                         time,
                         EpochWork {
                             updates: updates.len(),
                             changes,
-                            took: started.elapsed(),
+                            took: started.elapsed() + std::mem::take(&mut numbering),
                         },
                     );
                 }
@@ -199,107 +232,104 @@ where
         .as_collection()
 }
 
-/// One key's values with their counts (only positive counts are kept), and their ranks in
-/// order.
-struct Counted<V, R> {
-    counts: HashMap<V, u64>,
-    ranks: BTreeSet<R>,
+/// One key's values (by local number) with their counts, and its strongest values in order.
+///
+/// `counts` holds every value whose count is not zero; within an epoch, applied in arrival
+/// order, a retraction may come before the insertion it cancels, so a count may be negative
+/// for a while. Only positive counts rank.
+///
+/// `top` holds (count, number) of the key's strongest values, strongest first (count
+/// descending, then the value ascending). The invariant: every value with a positive count not
+/// in `top` ranks after every value in it, and when `complete`, `top` holds every such value.
+/// A change moves its value within `top`, or into it when it now ranks before `top`'s last, or
+/// out of it when, no longer complete, it falls to the end (a value outside might now rank
+/// before it). When the first `k` are no longer all known, [`Counted::refill_below`] reads
+/// every count once to rebuild `top`: a popular item's first values have counts far above the
+/// rest, so that is rare where it is costly.
+#[derive(Debug, Default)]
+struct Counted {
+    counts: HashMap<u32, i32>,
+    top: Vec<(u32, u32)>,
+    complete: bool,
+    /// Whether the epoch being applied has changed it.
+    touched: bool,
 }
 
-impl<V, R> Default for Counted<V, R> {
-    fn default() -> Self {
-        Counted {
-            counts: HashMap::default(),
-            ranks: BTreeSet::new(),
+/// Whether `x` ranks before `y`: count descending, then value ascending.
+fn ranks_before<V: Ord>(x: (u32, u32), y: (u32, u32), values: &Interner<V>) -> bool {
+    x.0 > y.0 || (x.0 == y.0 && values.value(x.1) < values.value(y.1))
+}
+
+impl Counted {
+    /// The first `k` values, strongest first.
+    fn first(&self, k: usize) -> &[(u32, u32)] {
+        &self.top[..k.min(self.top.len())]
+    }
+
+    /// Adds `diff` to the count of the value numbered `number`, keeping `top` (at most `kept`
+    /// long) as its invariant says.
+    fn apply<V: Ord>(&mut self, number: u32, diff: isize, kept: usize, values: &Interner<V>) {
+        if self.counts.is_empty() {
+            // A new key (or one that had lost every value) holds all of its no values.
+            self.complete = true;
+        }
+        let old = self.counts.get(&number).copied().unwrap_or(0);
+        // A count beyond i32 would need two billion users holding one pair.
+        let diff = diff.clamp(i32::MIN as isize, i32::MAX as isize) as i32;
+        let new = old.saturating_add(diff);
+        if new == old {
+            return;
+        }
+        if new == 0 {
+            self.counts.remove(&number);
+        } else {
+            self.counts.insert(number, new);
+        }
+        if old > 0 {
+            if let Some(at) = self.top.iter().position(|(_, n)| *n == number) {
+                self.top.remove(at);
+            }
+        }
+        if new <= 0 {
+            return;
+        }
+        let entry = (new as u32, number);
+        let at = self
+            .top
+            .partition_point(|x| ranks_before(*x, entry, values));
+        // Outside `top`, a value that ranks after its last may rank after values outside too.
+        if at < self.top.len() || self.complete {
+            self.top.insert(at, entry);
+            if self.top.len() > kept {
+                self.top.pop();
+                self.complete = false;
+            }
         }
     }
-}
 
-impl<V: Clone + Eq + std::hash::Hash, R: Clone + Ord> Counted<V, R> {
-    /// Applies `updates` (value, change of its count). Returns the first `k` ranks as they were
-    /// before, or `None` if the updates left them as they were without reading them: a key with
-    /// tens of thousands of values mostly changes far below its first `k`.
-    ///
-    /// Let b be the k-th rank before. While every update removes and inserts only ranks after b,
-    /// the ranks up to b are untouched, so they are still the first k; the first update that
-    /// touches b or a rank before it is where the first k are read.
-    fn apply<'a>(
-        &mut self,
-        updates: impl Iterator<Item = (&'a V, isize)>,
-        k: usize,
-        rank: &impl Fn(u64, &V) -> R,
-    ) -> Option<Vec<R>>
-    where
-        V: 'a,
-    {
-        let boundary: Option<R> = k
-            .checked_sub(1)
-            .and_then(|i| self.ranks.iter().nth(i).cloned());
-        let mut before: Option<Vec<R>> = None;
-        for (value, diff) in updates {
-            let old = self.counts.get(value).copied().unwrap_or(0);
-            // A retraction beyond what was inserted would be a bug upstream; the value simply
-            // leaves.
-            let new = (old as i64 + diff as i64).max(0) as u64;
-            let old_rank = (old > 0).then(|| rank(old, value));
-            let new_rank = (new > 0).then(|| rank(new, value));
-            if before.is_none() {
-                let touches = |r: &Option<R>| match (r, &boundary) {
-                    (Some(r), Some(b)) => r <= b,
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                };
-                if touches(&old_rank) || touches(&new_rank) {
-                    before = Some(self.ranks.iter().take(k).cloned().collect());
-                }
-            }
-            if let Some(r) = old_rank {
-                self.ranks.remove(&r);
-            }
-            match new_rank {
-                Some(r) => {
-                    self.ranks.insert(r);
-                    self.counts.insert(value.clone(), new);
-                }
-                None => {
-                    self.counts.remove(value);
-                }
-            }
+    /// Rebuilds `top` from every count when fewer than `k` of its first values are known.
+    fn refill_below<V: Ord>(&mut self, k: usize, kept: usize, values: &Interner<V>) {
+        if self.complete || self.top.len() >= k {
+            return;
         }
-        before
-    }
-}
-
-/// Calls `emit(r, -1)` for each rank of `before` not in `after`, and `emit(r, 1)` for each of
-/// `after` not in `before`; both sorted.
-fn sorted_difference<R: Ord>(before: &[R], after: &[R], mut emit: impl FnMut(&R, isize)) {
-    let (mut i, mut j) = (0, 0);
-    loop {
-        match (before.get(i), after.get(j)) {
-            (Some(x), Some(y)) => match x.cmp(y) {
-                std::cmp::Ordering::Less => {
-                    emit(x, -1);
-                    i += 1;
-                }
-                std::cmp::Ordering::Greater => {
-                    emit(y, 1);
-                    j += 1;
-                }
-                std::cmp::Ordering::Equal => {
-                    i += 1;
-                    j += 1;
-                }
-            },
-            (Some(x), None) => {
-                emit(x, -1);
-                i += 1;
-            }
-            (None, Some(y)) => {
-                emit(y, 1);
-                j += 1;
-            }
-            (None, None) => break,
+        self.top.clear();
+        self.top.extend(
+            self.counts
+                .iter()
+                .filter(|(_, count)| **count > 0)
+                .map(|(number, count)| (*count as u32, *number)),
+        );
+        let order = |x: &(u32, u32), y: &(u32, u32)| {
+            y.0.cmp(&x.0)
+                .then_with(|| values.value(x.1).cmp(values.value(y.1)))
+        };
+        if self.top.len() > kept {
+            self.top.select_nth_unstable_by(kept - 1, order);
+            self.top.truncate(kept);
+        } else {
+            self.complete = true;
         }
+        self.top.sort_unstable_by(order);
     }
 }
 
@@ -455,9 +485,56 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_first_values_stay_exact_through_every_change() {
+        // One key, values 0..30, counts walking up and down one change at a time: after each
+        // change (and the refill an epoch ends with) the first k of the positive counts are
+        // those of brute force.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut values: Interner<u32> = Interner::default();
+        for value in (0..30).rev() {
+            values.number(&value);
+        }
+        let (k, kept) = (2, 4);
+        let mut counted = Counted::default();
+        let mut counts: BTreeMap<u32, isize> = BTreeMap::new();
+        for step in 0..20_000 {
+            let value = rng.random_range(0..30u32);
+            let present = counts.get(&value).copied().unwrap_or(0);
+            // Sometimes a retraction of an absent value: within an epoch, applied in arrival
+            // order, a count may go below zero before its insertion comes.
+            let retract = if present > 0 { 0.5 } else { 0.1 };
+            let diff = if rng.random_bool(retract) { -1 } else { 1 };
+            *counts.entry(value).or_insert(0) += diff;
+            counted.apply(values.number(&value), diff, kept, &values);
+            counted.refill_below(k, kept, &values);
+            let mut expected: Vec<(Reverse<isize>, u32)> = counts
+                .iter()
+                .filter(|(_, count)| **count > 0)
+                .map(|(value, count)| (Reverse(*count), *value))
+                .collect();
+            expected.sort();
+            expected.truncate(k);
+            let actual: Vec<(Reverse<isize>, u32)> = counted
+                .first(k)
+                .iter()
+                .map(|(count, number)| (Reverse(*count as isize), *values.value(*number)))
+                .collect();
+            assert_eq!(actual, expected, "step {step}");
+        }
+    }
+
+    #[test]
     fn keeps_each_keys_first_values_by_count_over_random_epochs_and_workers() {
-        // From a small pool, so that counts grow, tie and fall back to zero.
-        let (epochs, states) = random_epochs(11, 60, (4, 8), 0.4);
+        // From a small pool, so that counts grow, tie and fall back to zero; and from a pool
+        // larger than the values a key keeps in order (2·k), so that keys lose their first
+        // values to decrements and read all their counts again.
+        for (seed, per_epoch, pool, retract) in [(11, 60, (4, 8), 0.4), (13, 400, (3, 40), 0.45)] {
+            by_count_matches_brute_force(seed, per_epoch, pool, retract);
+        }
+    }
+
+    fn by_count_matches_brute_force(seed: u64, per_epoch: usize, pool: (u32, u32), retract: f64) {
+        let (epochs, states) = random_epochs(seed, per_epoch, pool, retract);
         let rank = |count: u64, value: u32| (Reverse(count), value);
         for workers in [1, 2, 4] {
             let outputs = run::<(Reverse<u64>, u32)>(workers, &epochs, true, |collection| {
