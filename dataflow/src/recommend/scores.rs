@@ -21,7 +21,7 @@
 use std::cmp::Reverse;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashSet};
 
@@ -35,6 +35,7 @@ use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
 use super::covisit::{window_items, Covisitation, Neighbour};
+use super::intern::Interner;
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
 use crate::pending::PendingEpochs;
@@ -206,37 +207,33 @@ pub fn popular_items<'scope>(
 }
 
 /// Each worker's copy of what the lists are computed from, as of the last epoch it applied.
+///
+/// Items are held under the worker's local numbers ([`Interner`]): a neighbour is 12 bytes, not
+/// a 40-byte (count, string, count), and a term's n(x) is an index, not a string lookup. Every
+/// worker holds the neighbours of every item, so this is the state that grows with the workers.
 #[derive(Default)]
 struct SharedState {
-    /// What the copy holds of each item: one lookup finds both n(x) and neighbours(x).
-    items: HashMap<SmolStr, ItemCopy>,
+    /// The local numbers of the items the copy has seen.
+    numbers: Interner<SmolStr>,
+    /// What the copy holds of each item, by number: one lookup finds both n(x) and
+    /// neighbours(x).
+    items: Vec<ItemCopy>,
     /// The popularity order.
     order: BTreeMap<Popular, isize>,
 }
 
-/// One item's n(x) and neighbours, each a few values with counts: one value is live at a time
-/// for n(x) and at most K for the neighbours once an epoch is applied, but within an epoch an
-/// insertion may come before the retraction it replaces. Small vectors, not ordered maps: they
-/// are read whole, and a list's sums do not depend on the order of a window item's neighbours
-/// (each neighbour is a different candidate).
-#[derive(Default)]
+/// One item's n(x) and neighbours.
+#[derive(Default, Clone)]
 struct ItemCopy {
-    users: Vec<(isize, isize)>,
-    neighbours: Vec<(Neighbour, isize)>,
-}
-
-impl ItemCopy {
-    /// n(x), or 0 when no value is live.
-    fn users(&self) -> u64 {
-        self.users
-            .iter()
-            .find(|(_, count)| *count > 0)
-            .map_or(0, |(users, _)| *users as u64)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.neighbours.is_empty()
-    }
+    /// n(x) as the sum of value × count over its updates: once an epoch is applied, the
+    /// collection holds one value with count 1 (or none), so the sum is n(x) (or 0), whatever
+    /// order an insertion and the retraction it replaces came in.
+    users: i64,
+    /// (partner's number, c(a, b), count of the record). At most K live once an epoch is
+    /// applied, but within an epoch an insertion may come before the retraction it replaces.
+    /// A small vector, not an ordered map: it is read whole, and a list's sums do not depend
+    /// on the order of a window item's neighbours (each neighbour is a different candidate).
+    neighbours: Vec<(u32, u32, i32)>,
 }
 
 /// Adds `diff` to `key`'s count, dropping the key when it reaches zero.
@@ -254,40 +251,79 @@ fn add_count<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
     }
 }
 
-/// Adds `diff` to `value`'s count in `values`, dropping the value when it reaches zero.
-fn add_value<V: PartialEq>(values: &mut Vec<(V, isize)>, value: V, diff: isize) {
-    match values.iter().position(|(v, _)| *v == value) {
-        Some(at) => {
-            values[at].1 += diff;
-            if values[at].1 == 0 {
-                values.swap_remove(at);
-            }
-        }
-        None => values.push((value, diff)),
-    }
+/// A shared update with its items as the copy's numbers, as it waits for its epoch: 16 bytes
+/// where the update with its ids is 56.
+#[derive(Debug)]
+enum Numbered {
+    Neighbour {
+        item: u32,
+        partner: u32,
+        covisits: u32,
+    },
+    Users {
+        item: u32,
+        users: i64,
+    },
+    // Boxed to keep the common variants small: the order changes far less often.
+    Popular(Box<Popular>),
 }
 
 impl SharedState {
-    fn apply(&mut self, update: Shared, diff: isize) {
-        let (item, neighbour, users) = match update {
-            Shared::Popular(popular) => return add_count(&mut self.order, popular, diff),
-            Shared::Neighbour(a, neighbour) => (a, Some(neighbour), None),
-            Shared::Users(item, users) => (item, None, Some(users)),
-        };
-        let copy = self.items.entry(item.clone()).or_default();
-        if let Some(neighbour) = neighbour {
-            add_value(&mut copy.neighbours, neighbour, diff);
-        }
-        if let Some(users) = users {
-            add_value(&mut copy.users, users, diff);
-        }
-        if copy.is_empty() {
-            self.items.remove(&item);
+    /// `update` with its items numbered (numbers are only names: giving them before the update
+    /// is applied changes nothing the lists read).
+    fn numbered(&mut self, update: Shared) -> Numbered {
+        match update {
+            Shared::Popular(popular) => Numbered::Popular(Box::new(popular)),
+            Shared::Neighbour(a, neighbour) => Numbered::Neighbour {
+                item: self.number(&a),
+                partner: self.number(&neighbour.item_id),
+                // c(a, b) fits in u32 as the counts it comes from do (top::Counted).
+                covisits: u32::try_from(neighbour.covisits.0).unwrap_or(u32::MAX),
+            },
+            Shared::Users(item, users) => Numbered::Users {
+                item: self.number(&item),
+                users: users as i64,
+            },
         }
     }
 
-    fn users(&self, item: &str) -> u64 {
-        self.items.get(item).map_or(0, ItemCopy::users)
+    fn apply(&mut self, update: Numbered, diff: isize) {
+        match update {
+            Numbered::Popular(popular) => add_count(&mut self.order, *popular, diff),
+            Numbered::Neighbour {
+                item,
+                partner,
+                covisits,
+            } => {
+                let diff = diff.clamp(i32::MIN as isize, i32::MAX as isize) as i32;
+                let neighbours = &mut self.items[item as usize].neighbours;
+                match neighbours
+                    .iter()
+                    .position(|(n, c, _)| (*n, *c) == (partner, covisits))
+                {
+                    Some(at) => {
+                        neighbours[at].2 += diff;
+                        if neighbours[at].2 == 0 {
+                            neighbours.swap_remove(at);
+                        }
+                    }
+                    None => neighbours.push((partner, covisits, diff)),
+                }
+            }
+            Numbered::Users { item, users } => {
+                self.items[item as usize].users += users * diff as i64;
+            }
+        }
+    }
+
+    /// `item`'s number, with room for its copy.
+    fn number(&mut self, item: &SmolStr) -> u32 {
+        let number = self.numbers.number(item);
+        if self.items.len() <= number as usize {
+            self.items
+                .resize_with(number as usize + 1, ItemCopy::default);
+        }
+        number
     }
 }
 
@@ -301,14 +337,23 @@ fn score<'scope>(
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
         let mut state = SharedState::default();
-        let mut updates: Vec<(Shared, u64, isize)> = Vec::new();
+        let mut scores: HashMap<u32, f64> = HashMap::default();
+        let mut updates: Vec<(Numbered, u64, isize)> = Vec::new();
+        // Time spent numbering shared updates as they arrived, reported with the next epoch.
+        let mut numbering = Duration::ZERO;
         // The changed users, by the epoch of their change.
         let mut pending = PendingEpochs::default();
         move |(input, frontier), (shared, shared_frontier), output| {
             input.for_each(|capability, records| {
                 pending.hold_each(&capability, records, |(_, epoch)| *epoch)
             });
-            shared.for_each(|_, records| updates.append(records));
+            shared.for_each(|_, records| {
+                let started = Instant::now();
+                for (update, time, diff) in records.drain(..) {
+                    updates.push((state.numbered(update), time, diff));
+                }
+                numbering += started.elapsed();
+            });
             // Apply what both inputs have passed, and score the epochs complete on both.
             let mut passed = Antichain::new();
             for time in frontier
@@ -329,7 +374,13 @@ fn score<'scope>(
                 let mut lists: Vec<UserRecommendations> = users
                     .into_iter()
                     .map(|(interest, _)| UserRecommendations {
-                        items: user_list(&interest.history_items, &state, window, &params),
+                        items: user_list(
+                            &interest.history_items,
+                            &state,
+                            window,
+                            &params,
+                            &mut scores,
+                        ),
                         user_id: interest.user_id,
                         timestamp: interest.timestamp,
                         epoch,
@@ -337,7 +388,8 @@ fn score<'scope>(
                     .collect();
                 let computed = lists.len() as u64;
                 output.session(&capability).give_container(&mut lists);
-                add_cost(&cost, epoch, Stage::Scoring, started.elapsed(), |cost| {
+                let took = started.elapsed() + std::mem::take(&mut numbering);
+                add_cost(&cost, epoch, Stage::Scoring, took, |cost| {
                     cost.lists += computed
                 });
             }
@@ -345,43 +397,58 @@ fn score<'scope>(
     })
 }
 
-/// One user's list from the state as of its epoch.
+/// One user's list from the state as of its epoch. `scores` is scratch space, empty on entry
+/// and on return.
 fn user_list(
     history: &IdList,
     state: &SharedState,
     window: usize,
     params: &ScoreParams,
+    scores: &mut HashMap<u32, f64>,
 ) -> Vec<(SmolStr, f64)> {
-    let in_history: HashSet<&str> = history.iter().collect();
-    // The window newest first, ties by item: the reference's order of summation.
+    // The history's items the copy knows (only those can be candidates), as sorted numbers.
+    let mut in_history: Vec<u32> = history
+        .iter()
+        .filter_map(|item| state.numbers.get(item))
+        .collect();
+    in_history.sort_unstable();
+    // The window newest first (each item at its own k): the reference's order of summation.
     let mut window: Vec<(u32, &str)> = window_items(history.iter(), window)
         .into_iter()
         .map(|(item, k)| (k, item))
         .collect();
     window.sort_unstable();
     // Each candidate's terms are added in the window's order, whatever the map's order.
-    let mut scores: HashMap<&SmolStr, f64> = HashMap::default();
     for (k, via) in &window {
-        let Some(copy) = state.items.get(*via) else {
+        let Some(via) = state.numbers.get(*via) else {
             continue;
         };
+        let copy = &state.items[via as usize];
         let weight = params.decay.powi(*k as i32);
-        let n_via = copy.users();
-        for (neighbour, count) in &copy.neighbours {
-            if *count <= 0 || in_history.contains(neighbour.item_id.as_str()) {
+        let n_via = copy.users as f64;
+        for &(item, covisits, count) in &copy.neighbours {
+            if count <= 0 || in_history.binary_search(&item).is_ok() {
                 continue;
             }
-            let n_item = state.users(&neighbour.item_id);
-            *scores.entry(&neighbour.item_id).or_default() +=
-                weight * neighbour.covisits.0 as f64 / ((n_via as f64) * (n_item as f64)).sqrt();
+            let n_item = state.items[item as usize].users as f64;
+            *scores.entry(item).or_default() +=
+                weight * f64::from(covisits) / (n_via * n_item).sqrt();
         }
     }
-    let mut list: Vec<(SmolStr, f64)> = scores
+    let mut ranked: Vec<(u32, f64)> = scores.drain().collect();
+    ranked.sort_by(|x, y| {
+        y.1.total_cmp(&x.1)
+            .then_with(|| state.numbers.value(x.0).cmp(state.numbers.value(y.0)))
+    });
+    let mut list: Vec<(SmolStr, f64)> = ranked
         .into_iter()
-        .map(|(item, score)| (item.clone(), score))
+        .take(params.recommendations_n)
+        .map(|(item, score)| (state.numbers.value(item).clone(), score))
         .collect();
-    list.sort_by(|x, y| y.1.total_cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
-    list.truncate(params.recommendations_n);
+    if list.len() >= params.recommendations_n {
+        return list;
+    }
+    let in_history: HashSet<&str> = history.iter().collect();
     for (popular, count) in &state.order {
         if list.len() >= params.recommendations_n {
             break;
