@@ -45,7 +45,8 @@ pub struct EpochCounters {
 /// co-visitation's changes and the lists computed, and the worker time their operators took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RecommendCost {
-    /// Changes of c(a, b) applied: each (a, b) whose count changed (both directions count).
+    /// Changes of c(a, b) applied, as they arrive from the users' windows (both directions
+    /// count; changes of one pair from different users are not combined first).
     #[serde(default)]
     pub pair_updates: u64,
     /// Entries that entered or left some item's top K neighbours.

@@ -259,7 +259,7 @@ impl Metrics {
         registry.register(
             "recommend_pair_updates",
             "With recommendations: changes of co-visitation counts c(a, b) applied (each ordered \
-             pair whose count changed)",
+             pair, as the pairs arrive from the users' windows)",
             recommend.pair_updates.clone(),
         );
         registry.register(
