@@ -299,6 +299,12 @@ impl Counted {
             .partition_point(|x| ranks_before(*x, entry, values));
         // Outside `top`, a value that ranks after its last may rank after values outside too.
         if at < self.top.len() || self.complete {
+            if self.top.len() == self.top.capacity() {
+                // Doubling, but never past what `top` can hold: a full `top` of K = 20 holds
+                // 41 entries for a moment, which doubling would give 64.
+                let room = self.top.len().max(4).min(kept + 1 - self.top.len());
+                self.top.reserve_exact(room);
+            }
             self.top.insert(at, entry);
             if self.top.len() > kept {
                 self.top.pop();
@@ -326,6 +332,8 @@ impl Counted {
         if self.top.len() > kept {
             self.top.select_nth_unstable_by(kept - 1, order);
             self.top.truncate(kept);
+            // The scan held every count; a popular item's would stay allocated.
+            self.top.shrink_to(kept + 1);
         } else {
             self.complete = true;
         }
