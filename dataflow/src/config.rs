@@ -104,7 +104,8 @@ pub struct Config {
 
     /// Most messages a worker holds read and not yet stored in Redis. Past it the worker reads
     /// nothing until older epochs are stored, so that a backlog waits in Kafka rather than in
-    /// memory (~2 KB a message while in flight).
+    /// memory (~2 KB a message while in flight; more with --recommendations on, whose pair
+    /// updates and neighbour changes are held with it: README, Recommendations).
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 32768, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_in_flight: u64,
 
