@@ -43,7 +43,7 @@ use timely::dataflow::Stream;
 use timely::progress::Antichain;
 
 use crate::model::{IdList, UserInterest};
-use crate::pending::PendingEpochs;
+use crate::pending::{passed_by_both, PendingEpochs};
 use crate::state::features::FeatureChange;
 use crate::state::holders::HoldersIndex;
 use crate::state::items::{ItemIndex, ItemTable};
@@ -154,14 +154,8 @@ pub fn interest_profiles<'scope>(
                         }
                     });
                     // An epoch is complete once neither input can bring more of it.
-                    let mut frontier = Antichain::new();
-                    for time in profiles_frontier
-                        .frontier()
-                        .iter()
-                        .chain(features_frontier.frontier().iter())
-                    {
-                        frontier.insert(*time);
-                    }
+                    let frontier =
+                        passed_by_both(profiles_frontier.frontier(), features_frontier.frontier());
                     let mut budget = PROFILES_PER_ACTIVATION;
                     loop {
                         let current = match &mut in_progress {

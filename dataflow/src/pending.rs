@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use timely::dataflow::operators::{Capability, InputCapability};
 use timely::progress::frontier::AntichainRef;
+use timely::progress::Antichain;
 
 /// Buffers data by epoch; [`PendingEpochs::take_complete`] hands back, oldest first, each epoch
 /// the input frontier has passed.
@@ -31,19 +32,18 @@ impl<D> PendingEpochs<D> {
             .1
     }
 
-    /// Holds each of `data`'s records, which arrived with `capability`, at its own epoch
-    /// (`epoch_of`): a collection's updates carry their times, which may be later than the
-    /// capability's.
-    pub fn hold_each(
+    /// Holds each of `data`'s records, which arrived with `capability`, at its own epoch:
+    /// `place` turns a record into its epoch and what is held of it (a collection's updates
+    /// carry their times, which may be later than the capability's).
+    pub fn hold_each<I>(
         &mut self,
         capability: &InputCapability<u64>,
-        data: &mut Vec<D>,
-        epoch_of: impl Fn(&D) -> u64,
+        data: &mut Vec<I>,
+        mut place: impl FnMut(I) -> (u64, D),
     ) {
         for record in data.drain(..) {
-            let epoch = epoch_of(&record);
-            self.at(epoch, || capability.delayed(&epoch, 0))
-                .push(record);
+            let (epoch, held) = place(record);
+            self.at(epoch, || capability.delayed(&epoch, 0)).push(held);
         }
     }
 
@@ -63,4 +63,13 @@ impl<D> PendingEpochs<D> {
         }
         Some(entry.remove())
     }
+}
+
+/// The times two inputs have both passed: the frontier that is the union of theirs. An epoch
+/// is complete once neither input can bring more of it.
+pub fn passed_by_both(
+    first: AntichainRef<'_, u64>,
+    second: AntichainRef<'_, u64>,
+) -> Antichain<u64> {
+    first.iter().chain(second.iter()).copied().collect()
 }

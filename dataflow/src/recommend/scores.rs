@@ -32,13 +32,12 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
-use timely::progress::Antichain;
 
 use super::covisit::{window_items, Covisitation, Neighbour};
 use super::intern::Interner;
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
-use crate::pending::PendingEpochs;
+use crate::pending::{passed_by_both, PendingEpochs};
 
 /// The settings of the scores (semantics §8).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -184,7 +183,7 @@ pub fn popular_items<'scope>(
         let mut written: Vec<(SmolStr, u64)> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, updates| {
-                pending.hold_each(&capability, updates, |(_, time, _)| *time)
+                pending.hold_each(&capability, updates, |update| (update.1, update))
             });
             while let Some((capability, updates)) = pending.take_complete(frontier.frontier()) {
                 let epoch = *capability.time();
@@ -345,7 +344,7 @@ fn score<'scope>(
         let mut pending = PendingEpochs::default();
         move |(input, frontier), (shared, shared_frontier), output| {
             input.for_each(|capability, records| {
-                pending.hold_each(&capability, records, |(_, epoch)| *epoch)
+                pending.hold_each(&capability, records, |(interest, epoch)| (epoch, interest))
             });
             shared.for_each(|_, records| {
                 let started = Instant::now();
@@ -355,14 +354,7 @@ fn score<'scope>(
                 numbering += started.elapsed();
             });
             // Apply what both inputs have passed, and score the epochs complete on both.
-            let mut passed = Antichain::new();
-            for time in frontier
-                .frontier()
-                .iter()
-                .chain(shared_frontier.frontier().iter())
-            {
-                passed.insert(*time);
-            }
+            let passed = passed_by_both(frontier.frontier(), shared_frontier.frontier());
             while let Some((capability, users)) = pending.take_complete(passed.borrow()) {
                 let epoch = *capability.time();
                 let started = Instant::now();
@@ -373,7 +365,7 @@ fn score<'scope>(
                 }
                 let mut lists: Vec<UserRecommendations> = users
                     .into_iter()
-                    .map(|(interest, _)| UserRecommendations {
+                    .map(|interest| UserRecommendations {
                         items: user_list(
                             &interest.history_items,
                             &state,

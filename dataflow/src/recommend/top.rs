@@ -36,11 +36,6 @@ use crate::pending::PendingEpochs;
 /// Each key's values, ordered, with their counts (only positive counts are kept).
 type Ranked<V> = BTreeMap<V, isize>;
 
-/// The time of an update.
-fn time_of<D>(update: &(D, u64, isize)) -> u64 {
-    update.1
-}
-
 /// The first `k` values (in `V`'s order) of each key of `input`, as a collection.
 pub fn top_k<'scope, K, V>(
     input: &VecCollection<'scope, u64, (K, V), isize>,
@@ -64,7 +59,7 @@ where
             let mut emitted: HashMap<K, Vec<V>> = HashMap::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, updates| {
-                    pending.hold_each(&capability, updates, time_of)
+                    pending.hold_each(&capability, updates, |update| (update.1, update))
                 });
                 while let Some((capability, mut updates)) =
                     pending.take_complete(frontier.frontier())
@@ -174,12 +169,9 @@ where
             move |(input, frontier), handle| {
                 input.for_each(|capability, updates| {
                     let started = Instant::now();
-                    for ((key, value), time, diff) in updates.drain(..) {
-                        let record = (items.number(&key), items.number(&value), diff);
-                        pending
-                            .at(time, || capability.delayed(&time, 0))
-                            .push(record);
-                    }
+                    pending.hold_each(&capability, updates, |((key, value), time, diff)| {
+                        (time, (items.number(&key), items.number(&value), diff))
+                    });
                     numbering += started.elapsed();
                 });
                 while let Some((capability, updates)) = pending.take_complete(frontier.frontier()) {
