@@ -2,15 +2,17 @@
 //! collection as histories slide and are replaced:
 //!
 //! ```text
-//! interests ─┬─ window items ─count─▶ n(x)
-//!            └─ window pairs (a, b), multiplicity c(a, b) ─count, top K per a─▶ neighbours(a)
+//! interests ─▶ window changes (left, stayed, entered) ─to each owner of an item─▶ counts
+//!   counts: n(a) and c(a, b) of the items a this worker owns ─▶ n(x), neighbours(a) (top K)
 //! ```
 //!
 //! The window of a user is the set of the distinct items of its last W history positions (see
-//! [`super::reference`] for the rules). The pairs are the self-join of the windows on user,
-//! computed where a user's old and new values meet ([`window_pairs`]): when a window slides by
-//! d items, only the 2·d·(W − 1) pairs that touch an item that left or entered it change, so an
-//! update costs O(d·W), not O(W²).
+//! [`super::reference`] for the rules). The pairs are the self-join of the windows on user;
+//! when a window slides by d items, only the 2·d·(W − 1) pairs that touch an item that left or
+//! entered it change, so an update costs O(d·W), not O(W²). Where a user's old and new values
+//! meet, [`window_changes`] reduces them to what left, stayed and entered, and sends that one
+//! record to each worker that owns one of its items; there [`covisit_counts`] applies the
+//! pairs it implies to the counts of the items it owns.
 //!
 //! Item ids travel between workers as they are, [`SmolStr`] (inline up to 23 bytes): the
 //! contract breaks ties between neighbours by the ids' bytes, which a hash would lose, and
@@ -19,22 +21,27 @@
 //!
 //! Each item's neighbours are its top K partners by (c desc, id asc). A popular item has tens of
 //! thousands of partners, and a `reduce` reads its whole group whenever one of them changes;
-//! [`super::top::top_k_by_count`] keeps each pair's count once, as two worker-local numbers and a
-//! count, with only each item's strongest partners in order, and compares only the changed
-//! items' first K (docs/performance.md has the measurements that replaced the self-join,
-//! `count` and `reduce`, then the string-keyed ordered sets).
+//! [`TopByCount`] keeps each pair's count once, as two worker-local numbers and a count, with
+//! only each item's strongest partners in order, and compares only the changed items' first K
+//! (docs/performance.md has the measurements that replaced the self-join, `count` and
+//! `reduce`, the string-keyed ordered sets, then the pairs sent between workers).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use differential_dataflow::{AsCollection, VecCollection};
+use differential_dataflow::{AsCollection, Hashable, VecCollection};
 use smol_str::SmolStr;
-use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::Operator;
+use timely::dataflow::Stream;
 
+use super::intern::Interner;
+use super::top::TopByCount;
 use super::{add_cost, CostBoard, Stage};
 use crate::model::UserInterest;
+use crate::pending::PendingEpochs;
 
 /// The sizes of §8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +67,6 @@ pub struct Covisitation<'scope> {
     pub window: usize,
     /// (x, n(x)) for every item in some window.
     pub item_users: VecCollection<'scope, u64, (SmolStr, isize), isize>,
-    /// (a, b) for a ≠ b, both directions, with multiplicity c(a, b).
-    pub pairs: VecCollection<'scope, u64, (SmolStr, SmolStr), isize>,
     /// (a, b with c(a, b)): the K strongest partners of each item.
     pub neighbours: VecCollection<'scope, u64, (SmolStr, Neighbour), isize>,
 }
@@ -88,70 +93,87 @@ pub fn window_items<'a>(
 
 /// Builds the co-visitation collections on the interest collection.
 ///
-/// What the pairs and the neighbours cost each epoch is added to `cost`.
+/// What the window changes and the counts cost each epoch is added to `cost`.
 pub fn covisitation<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     params: CovisitParams,
     cost: &CostBoard,
 ) -> Covisitation<'scope> {
-    let window = params.window;
-    let item_users = interests
-        .clone()
-        .flat_map(move |interest: UserInterest| {
-            window_items(interest.history_items.iter(), window)
-                .into_keys()
-                .map(SmolStr::new)
-                .collect::<Vec<_>>()
-        })
-        .count();
-    let pairs = window_pairs(interests, window, cost.clone());
-    let board = cost.clone();
-    let neighbours = super::top::top_k_by_count(
-        &pairs,
-        params.neighbours,
-        |covisits, item_id: &SmolStr| Neighbour {
-            covisits: Reverse(covisits),
-            item_id: item_id.clone(),
-        },
-        move |epoch, work| {
-            add_cost(&board, epoch, Stage::Neighbours, work.took, |cost| {
-                cost.pair_updates += work.updates as u64;
-                cost.neighbour_changes += work.changes as u64;
-            });
-        },
-        "Neighbours",
-    );
-    Covisitation {
-        window,
-        item_users,
-        pairs,
-        neighbours,
+    let changes = window_changes(interests, params.window, cost.clone());
+    covisit_counts(changes, params, cost.clone())
+}
+
+/// The worker that keeps `item`'s counts: its n(x), and c(a, b) for `item` as a.
+///
+/// Items are spread as differential spreads a reduce's keys, the same on every worker.
+fn owner(item: &str, peers: usize) -> usize {
+    (item.hashed() % peers as u64) as usize
+}
+
+/// How one user's window changed: the items that left it, those that stayed, those that
+/// entered, in that order in `items` (each item once). A record of the change stream with
+/// count `d` changes c(a, b) by `d` for each pair that touches an item that left or entered:
+/// −d for the pairs of the old window (left × left, left × stayed, both ways), +d for those of
+/// the new one, and n(x) by −d for what left and +d for what entered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowChange {
+    items: Vec<SmolStr>,
+    left: u32,
+    stayed: u32,
+}
+
+impl WindowChange {
+    /// The change from window `old` to window `new` (each a set of items).
+    fn between(old: &[&str], new: &[&str]) -> Self {
+        let mut items: Vec<SmolStr> = old
+            .iter()
+            .filter(|x| !new.contains(x))
+            .map(SmolStr::new)
+            .collect();
+        let left = items.len() as u32;
+        items.extend(old.iter().filter(|x| new.contains(x)).map(SmolStr::new));
+        let stayed = items.len() as u32 - left;
+        items.extend(new.iter().filter(|x| !old.contains(x)).map(SmolStr::new));
+        WindowChange {
+            items,
+            left,
+            stayed,
+        }
+    }
+
+    /// Whether the window is the same before and after.
+    fn is_empty(&self) -> bool {
+        self.items.len() == self.stayed as usize
     }
 }
 
-/// The co-visits of every user's window: each ordered pair (a, b), a ≠ b, of the window's
-/// items, as a collection in which (a, b) has multiplicity c(a, b).
+/// Window changes as they travel: ((the worker it is sent to, change), time, count).
+type ChangeStream<'scope> = Stream<'scope, u64, Vec<((usize, WindowChange), u64, isize)>>;
+
+/// The window changes of the users' updates, each sent to every worker that owns one of its
+/// items ([`owner`]): ((worker, change), time, count), for an exchange by worker.
 ///
-/// This is the self-join of the (user, item) window collection on user, computed where a
-/// user's values meet: a user has one interest value at a time, so its pairs are a function of
-/// that one record, and the interest operator emits a changed user's retraction and insertion
-/// together. The updates of one user and time in an input batch are combined before anything
-/// is emitted: for a retraction and an insertion, only the pairs that touch an item that left
-/// or entered the window, 2·d·(W − 1) for a slide of d items. Any other grouping (a user's
-/// updates split over batches, say) emits more updates that consolidate to the same
-/// collection. Measured against `join_core` on an arrangement by user, which needed that
-/// arrangement (every window, 10 records a user) and emitted ~540 pair updates a replaced
-/// window, 180 of them net (docs/performance.md).
-fn window_pairs<'scope>(
+/// Computed where a user's values meet: a user has one interest value at a time, and the
+/// interest operator emits a changed user's retraction and insertion together, so the updates
+/// of one user and time in an input batch are read as one change from the old window to the
+/// new; any other grouping (a user's updates split over batches, say) is sent as whole windows
+/// removed and inserted, which count to the same. A change is one record of its ~20 ids for
+/// each worker it concerns, where the pairs it implies, 2·d·(W − 1) for a slide of d items,
+/// are counted. Sending those pairs themselves (~160 a message at full scale, 64 bytes each)
+/// and numbering both ids of each on arrival cost more than the counting (docs/performance.md,
+/// "window changes instead of pairs").
+fn window_changes<'scope>(
     interests: &VecCollection<'scope, u64, UserInterest, isize>,
     window: usize,
     cost: CostBoard,
-) -> VecCollection<'scope, u64, (SmolStr, SmolStr), isize> {
+) -> ChangeStream<'scope> {
+    let peers = interests.inner.scope().peers();
     interests
         .inner
         .clone()
-        .unary(Pipeline, "WindowPairs", move |_, _| {
-            let mut changes: Vec<((SmolStr, SmolStr), isize)> = Vec::new();
+        .unary(Pipeline, "WindowChanges", move |_, _| {
+            let mut changes: Vec<(WindowChange, isize)> = Vec::new();
+            let mut targets: Vec<bool> = vec![false; peers];
             move |input, output| {
                 input.for_each(|capability, records| {
                     let started = Instant::now();
@@ -164,9 +186,17 @@ fn window_pairs<'scope>(
                         .chunk_by(|(x, tx, _), (y, ty, _)| tx == ty && x.user_id == y.user_id)
                     {
                         let time = group[0].1;
-                        pair_changes(group, window, &mut changes);
-                        for (pair, diff) in changes.drain(..) {
-                            session.give((pair, time, diff));
+                        user_changes(group, window, &mut changes);
+                        for (change, diff) in changes.drain(..) {
+                            targets.fill(false);
+                            for item in &change.items {
+                                targets[owner(item, peers)] = true;
+                            }
+                            let last = targets.iter().rposition(|t| *t).unwrap_or(0);
+                            for target in (0..last).filter(|t| targets[*t]) {
+                                session.give(((target, change.clone()), time, diff));
+                            }
+                            session.give(((last, change), time, diff));
                         }
                     }
                     // Counted at the batch's first time, where the updates of a user usually
@@ -175,54 +205,199 @@ fn window_pairs<'scope>(
                 });
             }
         })
-        .as_collection()
 }
 
-/// The pair changes of one user's updates at one time, consolidated, into `changes`.
-fn pair_changes(
+/// The window changes of one user's updates at one time, into `changes`.
+fn user_changes(
     group: &[(UserInterest, u64, isize)],
     window: usize,
-    changes: &mut Vec<((SmolStr, SmolStr), isize)>,
+    changes: &mut Vec<(WindowChange, isize)>,
 ) {
-    let items = |interest: &UserInterest| -> Vec<SmolStr> {
+    fn items(interest: &UserInterest, window: usize) -> Vec<&str> {
         window_items(interest.history_items.iter(), window)
             .into_keys()
-            .map(SmolStr::new)
             .collect()
-    };
+    }
     match group {
         // The usual case: the old value retracted and the new one inserted.
         [(first, _, d1), (second, _, d2)] if d1 + d2 == 0 && d1.abs() == 1 => {
             let (old, new) = if *d1 < 0 {
-                (items(first), items(second))
+                (first, second)
             } else {
-                (items(second), items(first))
+                (second, first)
             };
-            let left: Vec<&SmolStr> = old.iter().filter(|x| !new.contains(x)).collect();
-            let entered: Vec<&SmolStr> = new.iter().filter(|x| !old.contains(x)).collect();
-            for (changed, within, diff) in [(&left, &old, -1), (&entered, &new, 1)] {
-                // Each pair of `within` that touches a changed item, once.
-                for &a in changed.iter() {
-                    for b in within.iter().filter(|b| *b != a) {
-                        changes.push(((a.clone(), b.clone()), diff));
-                        if !changed.contains(&b) {
-                            changes.push(((b.clone(), a.clone()), diff));
-                        }
-                    }
-                }
+            let change = WindowChange::between(&items(old, window), &items(new, window));
+            if !change.is_empty() {
+                changes.push((change, 1));
             }
         }
         _ => {
             for (interest, _, diff) in group {
-                let items = items(interest);
-                for a in &items {
-                    for b in items.iter().filter(|b| *b != a) {
-                        changes.push(((a.clone(), b.clone()), *diff));
+                changes.push((WindowChange::between(&[], &items(interest, window)), *diff));
+            }
+        }
+    }
+}
+
+/// A window change with its items as the worker's numbers, as it waits for its epoch.
+#[derive(Debug)]
+struct NumberedChange {
+    items: Box<[u32]>,
+    left: u32,
+    stayed: u32,
+    diff: isize,
+}
+
+/// What the counts operator keeps of an item besides its pairs.
+#[derive(Debug, Default, Clone, Copy)]
+struct ItemCounts {
+    /// Whether this worker keeps the item's counts ([`owner`]).
+    owned: bool,
+    /// n(x), for an item this worker owns.
+    users: i64,
+    /// Whether the epoch being applied has changed `users`.
+    users_touched: bool,
+}
+
+/// What the counts operator emits: a change of the neighbours or of n(x).
+type CountsOutput = Result<(SmolStr, Neighbour), (SmolStr, isize)>;
+
+/// The counts of the co-visits, from the window changes: each worker keeps n(a) and c(a, b)
+/// for the items a it owns, and each such item's first K partners ([`TopByCount`]), and emits
+/// both as collections: (a, neighbour) and (a, n(a)), as `count` would give n.
+///
+/// The changes are numbered as they arrive (every item of a change, once, in the worker's
+/// table, [`Interner`]) and wait for their epoch as numbers; an epoch is applied once the
+/// input has passed it, in arrival order, then the touched items' first K are compared.
+fn covisit_counts<'scope>(
+    changes: ChangeStream<'scope>,
+    params: CovisitParams,
+    cost: CostBoard,
+) -> Covisitation<'scope> {
+    let k = params.neighbours;
+    let route = |((target, _), _, _): &((usize, WindowChange), u64, isize)| *target as u64;
+    let (index, peers) = (changes.scope().index(), changes.scope().peers());
+    let counts: Stream<'scope, u64, Vec<(CountsOutput, u64, isize)>> =
+        changes.unary_frontier(Exchange::new(route), "CovisitCounts", move |_, _| {
+            let mut pending: PendingEpochs<NumberedChange> = PendingEpochs::default();
+            let mut items: Interner<SmolStr> = Interner::default();
+            // By number.
+            let mut item_counts: Vec<ItemCounts> = Vec::new();
+            let mut top = TopByCount::new(k);
+            // The items whose n(x) the epoch being applied changed, with n(x) before it.
+            let mut users_before: Vec<(u32, i64)> = Vec::new();
+            // Time spent numbering changes as they arrived, reported with the next epoch.
+            let mut numbering = Duration::ZERO;
+            move |(input, frontier), output| {
+                input.for_each(|capability, records| {
+                    let started = Instant::now();
+                    pending.hold_each(&capability, records, |((_, change), time, diff)| {
+                        let numbers: Box<[u32]> = change
+                            .items
+                            .iter()
+                            .map(|item| {
+                                let number = items.number(item);
+                                if number as usize == item_counts.len() {
+                                    item_counts.push(ItemCounts {
+                                        owned: owner(item, peers) == index,
+                                        ..ItemCounts::default()
+                                    });
+                                }
+                                number
+                            })
+                            .collect();
+                        let numbered = NumberedChange {
+                            items: numbers,
+                            left: change.left,
+                            stayed: change.stayed,
+                            diff,
+                        };
+                        (time, numbered)
+                    });
+                    numbering += started.elapsed();
+                });
+                while let Some((capability, changes)) = pending.take_complete(frontier.frontier()) {
+                    let time = *capability.time();
+                    let started = Instant::now();
+                    let mut updates = 0;
+                    for change in &changes {
+                        let (left, stayed) = (change.left as usize, change.stayed as usize);
+                        let (old, new) = (&change.items[..left + stayed], &change.items[left..]);
+                        let d = change.diff;
+                        for (i, &a) in change.items.iter().enumerate() {
+                            if !item_counts[a as usize].owned {
+                                continue;
+                            }
+                            // (partners, count change): an item that left loses its pairs of the
+                            // old window, one that entered gains those of the new, one that stayed
+                            // loses its pairs with what left and gains those with what entered.
+                            let mut counts = |partners: &[u32], diff: isize| {
+                                for &b in partners.iter().filter(|b| **b != a) {
+                                    top.add(a, b, diff, &items);
+                                    updates += 1;
+                                }
+                            };
+                            if i < left {
+                                counts(old, -d);
+                            } else if i < left + stayed {
+                                counts(&change.items[..left], -d);
+                                counts(&change.items[left + stayed..], d);
+                            } else {
+                                counts(new, d);
+                            }
+                            if i < left || i >= left + stayed {
+                                let counts = &mut item_counts[a as usize];
+                                if !counts.users_touched {
+                                    counts.users_touched = true;
+                                    users_before.push((a, counts.users));
+                                }
+                                counts.users += if i < left { -d } else { d } as i64;
+                            }
+                        }
                     }
+                    let mut session = output.session(&capability);
+                    let mut neighbour_changes = 0;
+                    top.end_epoch(&items, |a, (covisits, b), diff| {
+                        let neighbour = Neighbour {
+                            covisits: Reverse(u64::from(covisits)),
+                            item_id: items.value(b).clone(),
+                        };
+                        session.give((Ok((items.value(a).clone(), neighbour)), time, diff));
+                        neighbour_changes += 1;
+                    });
+                    for (a, before) in users_before.drain(..) {
+                        let counts = &mut item_counts[a as usize];
+                        counts.users_touched = false;
+                        let now = counts.users;
+                        if now == before {
+                            continue;
+                        }
+                        let item = items.value(a);
+                        if before > 0 {
+                            session.give((Err((item.clone(), before as isize)), time, -1));
+                        }
+                        if now > 0 {
+                            session.give((Err((item.clone(), now as isize)), time, 1));
+                        }
+                    }
+                    let took = started.elapsed() + std::mem::take(&mut numbering);
+                    add_cost(&cost, time, Stage::Neighbours, took, |cost| {
+                        cost.pair_updates += updates;
+                        cost.neighbour_changes += neighbour_changes;
+                    });
                 }
             }
-            differential_dataflow::consolidation::consolidate(changes);
-        }
+        });
+    let (neighbours, item_users) = counts.ok_err(
+        |(update, time, diff): (CountsOutput, u64, isize)| match update {
+            Ok(neighbour) => Ok((neighbour, time, diff)),
+            Err(users) => Err((users, time, diff)),
+        },
+    );
+    Covisitation {
+        window: params.window,
+        item_users: item_users.as_collection(),
+        neighbours: neighbours.as_collection(),
     }
 }
 
@@ -253,11 +428,7 @@ mod tests {
         state
     }
 
-    type Captured = (
-        Updates<(SmolStr, isize)>,
-        Updates<(SmolStr, SmolStr)>,
-        Updates<(SmolStr, Neighbour)>,
-    );
+    type Captured = (Updates<(SmolStr, isize)>, Updates<(SmolStr, Neighbour)>);
 
     /// Runs `covisitation` on `workers` workers over the epochs' histories, fed as the interest
     /// collection would be (the old value retracted, the new inserted, by the user's worker).
@@ -270,16 +441,13 @@ mod tests {
         let epochs = epochs.to_vec();
         let shared = captured.clone();
         timely::execute(timely::Config::process(workers), move |worker| {
-            let (item_users, pairs, neighbours) = shared.clone();
+            let (item_users, neighbours) = shared.clone();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
                 let built = covisitation(&interests, params, &CostBoard::default());
                 built
                     .item_users
                     .inspect(move |(d, t, r)| item_users.lock().unwrap().push((d.clone(), *t, *r)));
-                built
-                    .pairs
-                    .inspect(move |(d, t, r)| pairs.lock().unwrap().push((d.clone(), *t, *r)));
                 let probe = built
                     .neighbours
                     .inspect(move |(d, t, r)| neighbours.lock().unwrap().push((d.clone(), *t, *r)))
@@ -291,6 +459,22 @@ mod tests {
         })
         .unwrap();
         captured
+    }
+
+    /// Each item's neighbours as of `epoch`: (partner, c(a, b)), strongest first.
+    fn neighbour_lists(
+        neighbours: &Updates<(SmolStr, Neighbour)>,
+        epoch: u64,
+    ) -> BTreeMap<SmolStr, Vec<(String, u64)>> {
+        let mut lists: BTreeMap<SmolStr, Vec<(String, u64)>> = BTreeMap::new();
+        for ((item, neighbour), one) in as_of(neighbours, epoch) {
+            assert_eq!(one, 1);
+            lists
+                .entry(item)
+                .or_default()
+                .push((neighbour.item_id.to_string(), neighbour.covisits.0));
+        }
+        lists
     }
 
     #[test]
@@ -307,7 +491,7 @@ mod tests {
         let epochs = epochs(7);
         let mut outputs = Vec::new();
         for workers in [1, 2, 4] {
-            let (item_users, pairs, neighbours) = run(workers, &epochs, params);
+            let (item_users, neighbours) = run(workers, &epochs, params);
             let mut per_epoch = Vec::new();
             for (epoch, histories) in epochs.iter().enumerate() {
                 let reference = RecommendReference::new(histories.values(), settings);
@@ -317,21 +501,13 @@ mod tests {
                     assert_eq!(*one, 1);
                     assert_eq!(reference.users_holding(item) as isize, *count, "n({item})");
                 }
-                // The multiplicity of (a, b) is c(a, b).
-                let c = as_of(&pairs, epoch);
-                let expected: BTreeMap<(SmolStr, SmolStr), isize> = reference
-                    .all_covisits()
-                    .map(|(a, b, c)| ((a.into(), b.into()), c as isize))
-                    .collect();
-                assert_eq!(c, expected, "c(a, b) at epoch {epoch}, {workers} workers");
-                let mut lists: BTreeMap<SmolStr, Vec<(String, u64)>> = BTreeMap::new();
-                for ((item, neighbour), one) in as_of(&neighbours, epoch) {
-                    assert_eq!(one, 1);
-                    lists
-                        .entry(item)
-                        .or_default()
-                        .push((neighbour.item_id.to_string(), neighbour.covisits.0));
-                }
+                let held = histories
+                    .values()
+                    .flat_map(|history| window_items(history.iter().map(String::as_str), 5))
+                    .map(|(item, _)| item)
+                    .collect::<std::collections::BTreeSet<_>>();
+                assert_eq!(n.len(), held.len(), "n(x) for every item in a window");
+                let lists = neighbour_lists(&neighbours, epoch);
                 for (item, list) in &lists {
                     let expected: Vec<(String, u64)> = reference
                         .neighbours(item)
@@ -347,11 +523,53 @@ mod tests {
                         .count(),
                     "every item with a partner has neighbours"
                 );
-                per_epoch.push((n, c));
+                per_epoch.push((n, lists));
             }
             outputs.push(per_epoch);
         }
         assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn every_pairs_count_matches_the_reference_over_epochs_and_workers() {
+        // With more neighbours kept than any item has partners, the neighbours are every pair
+        // with its count: c(a, b) itself.
+        let params = CovisitParams {
+            window: 5,
+            neighbours: 1000,
+        };
+        let settings = RecommendSettings {
+            covisit_window: params.window,
+            neighbours: params.neighbours,
+            ..RecommendSettings::default()
+        };
+        let epochs = epochs(19);
+        for workers in [1, 2, 4] {
+            let (_, neighbours) = run(workers, &epochs, params);
+            for (epoch, histories) in epochs.iter().enumerate() {
+                let reference = RecommendReference::new(histories.values(), settings);
+                let c: BTreeMap<(String, String), u64> = neighbour_lists(&neighbours, epoch as u64)
+                    .into_iter()
+                    .flat_map(|(a, list)| {
+                        list.into_iter().map(move |(b, c)| ((a.to_string(), b), c))
+                    })
+                    .collect();
+                let expected: BTreeMap<(String, String), u64> = reference
+                    .all_covisits()
+                    .map(|(a, b, c)| ((a.to_string(), b.to_string()), c))
+                    .collect();
+                assert_eq!(c, expected, "c(a, b) at epoch {epoch}, {workers} workers");
+            }
+        }
+    }
+
+    #[test]
+    fn a_change_lists_what_left_stayed_and_entered() {
+        let change = WindowChange::between(&["a", "b", "c"], &["b", "c", "d", "e"]);
+        assert_eq!(change.items, ["a", "b", "c", "d", "e"]);
+        assert_eq!((change.left, change.stayed), (1, 2));
+        assert!(!change.is_empty());
+        assert!(WindowChange::between(&["a", "b"], &["b", "a"]).is_empty());
     }
 
     #[test]

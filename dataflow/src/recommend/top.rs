@@ -10,17 +10,16 @@
 //!
 //! - [`top_k`] takes a collection of (key, value) and keeps each key's values ordered, with
 //!   their counts (the popularity order: one key, the items ranked by n(x)).
-//! - [`top_k_by_count`] takes a multiset of (key, value) records and ranks each key's values by
-//!   their multiplicity, counting them itself (the neighbours: c(a, b) is the multiplicity of
-//!   the pair (a, b)). Keys and values are numbered by the worker, and a key keeps in order
-//!   only its strongest values, not all of them: this is the recommendations' largest state.
+//! - [`TopByCount`] ranks each key's values by a count that it keeps itself (the neighbours:
+//!   c(a, b), counted from the window changes by [`super::covisit`]). Keys and values are
+//!   numbered by the worker, and a key keeps in order only its strongest values, not all of
+//!   them: this is the recommendations' largest state.
 //!
-//! The output is a collection like `reduce`'s: at each epoch, for each changed key, the values
-//! that left its first `k` retracted and those that entered it inserted. Epochs are applied in
-//! order, each once the input frontier has passed it.
+//! Their output is like `reduce`'s: at each epoch, for each changed key, the values that left
+//! its first `k` retracted and those that entered it inserted. Epochs are applied in order,
+//! each once the input frontier has passed it.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
 
@@ -106,122 +105,89 @@ where
         .as_collection()
 }
 
-/// What [`top_k_by_count`] did in one epoch on one worker.
-#[derive(Debug, Clone, Copy)]
-pub struct EpochWork {
-    /// Count changes applied (as they arrived: changes of one record from different users
-    /// are not combined first).
-    pub updates: usize,
-    /// Output updates: ranks that entered or left a key's first `k`.
-    pub changes: usize,
-    /// The time it took.
-    pub took: Duration,
+/// Each key's first `k` values ranked by count (descending, ties by value ascending), kept as
+/// the counts change: the co-visits' state, c(a, b) for every pair and each item's neighbours.
+///
+/// Keys and values are of one kind (items) and held under one worker-local numbering
+/// ([`Interner`], whose ids break ties). Each (key, value) count is kept once, and each key
+/// keeps in order only its strongest values ([`Counted`]): the recommendations' largest state.
+/// Replaces `count` followed by a top-K `reduce`, which kept every pair three times and read a
+/// popular item's whole group on every change (docs/performance.md, "co-visitation without the
+/// self-join"). Changes are applied as they come, in any order within an epoch;
+/// [`TopByCount::end_epoch`] then compares the touched keys' first `k` before and after.
+#[derive(Debug)]
+pub struct TopByCount {
+    k: usize,
+    /// How many of a key's strongest values it keeps in order: `k` and as many again, so that
+    /// a key whose first `k` lose values to decrements rarely has to scan all its counts again.
+    kept: usize,
+    /// By the key's number.
+    keys: Vec<Counted>,
+    /// The keys the epoch being applied touched, each with where its first `k` as before the
+    /// epoch are in `before`.
+    touched: Vec<(u32, std::ops::Range<usize>)>,
+    before: Vec<(u32, u32)>,
 }
 
-/// The first `k` values of each key of a multiset, ranked by their multiplicity: the count of
-/// each (key, value) record of `input` (as `count` would give), then each key's first `k` by
-/// count descending, ties by value ascending, in one operator. Keys and values are of one kind
-/// (items, for the neighbours). `output(count, value)` is what the output holds for a ranked
-/// value.
-///
-/// Fused because the co-visits are the largest state of the recommendations: `count` followed by
-/// [`top_k`] kept every pair three times (`count`'s input and output arrangements, and the
-/// ranked values), and moved each changed pair's count through two exchanges as a retraction
-/// and an insertion (docs/performance.md, "co-visitation without the self-join"). Here each
-/// record's count is kept once, under the worker's local numbers of its key and value
-/// ([`Interner`]), and each key keeps only its strongest values in order ([`Counted`]). The
-/// records are numbered as they arrive, so an epoch waits as 16-byte numbers, not as strings,
-/// and is applied in arrival order without sorting: a change is a hash update and a short
-/// search. The keys an epoch touched have their first `k` compared before and after it.
-///
-/// The output is a collection of (key, `output(count, value)`) as [`top_k`]'s is. `on_epoch`
-/// is told what each epoch cost on this worker.
-pub fn top_k_by_count<'scope, V, R>(
-    input: &VecCollection<'scope, u64, (V, V), isize>,
-    k: usize,
-    output: impl Fn(u64, &V) -> R + 'static,
-    mut on_epoch: impl FnMut(u64, EpochWork) + 'static,
-    name: &str,
-) -> VecCollection<'scope, u64, (V, R), isize>
-where
-    V: ExchangeData + Clone + Ord + std::hash::Hash + Hashable<Output = u64>,
-    R: ExchangeData + Clone + Ord,
-{
-    let route = |((key, _), _, _): &((V, V), u64, isize)| key.hashed();
-    // How many of a key's strongest values it keeps in order: `k` and as many again, so that a
-    // key whose first `k` lose values to decrements rarely has to scan all its counts again.
-    let kept = 2 * k.max(1);
-    input
-        .inner
-        .clone()
-        .unary_frontier(Exchange::new(route), name, move |_, _| {
-            // (key, value, change of its count), by epoch.
-            let mut pending: PendingEpochs<(u32, u32, isize)> = PendingEpochs::default();
-            let mut items: Interner<V> = Interner::default();
-            // By the key's number.
-            let mut keys: Vec<Counted> = Vec::new();
-            // The keys the epoch being applied touched, each with where its first `k` as
-            // before the epoch are in `before`.
-            let mut touched: Vec<(u32, std::ops::Range<usize>)> = Vec::new();
-            let mut before: Vec<(u32, u32)> = Vec::new();
-            // Time spent numbering records as they arrived, reported with the next epoch.
-            let mut numbering = Duration::ZERO;
-            move |(input, frontier), handle| {
-                input.for_each(|capability, updates| {
-                    let started = Instant::now();
-                    pending.hold_each(&capability, updates, |((key, value), time, diff)| {
-                        (time, (items.number(&key), items.number(&value), diff))
-                    });
-                    numbering += started.elapsed();
-                });
-                while let Some((capability, updates)) = pending.take_complete(frontier.frontier()) {
-                    let time = *capability.time();
-                    let started = Instant::now();
-                    for &(key, value, diff) in &updates {
-                        if keys.len() <= key as usize {
-                            keys.resize_with(key as usize + 1, Counted::default);
-                        }
-                        let counted = &mut keys[key as usize];
-                        if !counted.touched {
-                            counted.touched = true;
-                            let start = before.len();
-                            before.extend_from_slice(counted.first(k));
-                            touched.push((key, start..before.len()));
-                        }
-                        counted.apply(value, diff, kept, &items);
-                    }
-                    let mut changes = 0;
-                    let mut session = handle.session(&capability);
-                    for (key, range) in touched.drain(..) {
-                        let counted = &mut keys[key as usize];
-                        counted.touched = false;
-                        counted.refill_below(k, kept, &items);
-                        let (was, now) = (&before[range], counted.first(k));
-                        if was == now {
-                            continue;
-                        }
-                        let key = items.value(key);
-                        let left = was.iter().filter(|x| !now.contains(x)).map(|x| (x, -1));
-                        let entered = now.iter().filter(|x| !was.contains(x)).map(|x| (x, 1));
-                        for ((count, number), diff) in left.chain(entered) {
-                            let ranked = output(u64::from(*count), items.value(*number));
-                            session.give(((key.clone(), ranked), time, diff));
-                            changes += 1;
-                        }
-                    }
-                    before.clear();
-                    on_epoch(
-                        time,
-                        EpochWork {
-                            updates: updates.len(),
-                            changes,
-                            took: started.elapsed() + std::mem::take(&mut numbering),
-                        },
-                    );
-                }
+impl TopByCount {
+    /// Keeps the first `k` values of each key.
+    pub fn new(k: usize) -> Self {
+        TopByCount {
+            k,
+            kept: 2 * k.max(1),
+            keys: Vec::new(),
+            touched: Vec::new(),
+            before: Vec::new(),
+        }
+    }
+
+    /// Adds `diff` to the count of (`key`, `value`); `values` names the numbers.
+    pub fn add<V: Ord>(&mut self, key: u32, value: u32, diff: isize, values: &Interner<V>) {
+        if self.keys.len() <= key as usize {
+            self.keys.resize_with(key as usize + 1, Counted::default);
+        }
+        let counted = &mut self.keys[key as usize];
+        if !counted.touched {
+            counted.touched = true;
+            let start = self.before.len();
+            self.before.extend_from_slice(counted.first(self.k));
+            self.touched.push((key, start..self.before.len()));
+        }
+        counted.apply(value, diff, self.kept, values);
+    }
+
+    /// Ends the epoch: for each key whose first `k` it changed, `emit(key, (count, value),
+    /// diff)` for every value that left them (-1) and then every one that entered (+1).
+    pub fn end_epoch<V: Ord>(
+        &mut self,
+        values: &Interner<V>,
+        mut emit: impl FnMut(u32, (u32, u32), isize),
+    ) {
+        for (key, range) in self.touched.drain(..) {
+            let counted = &mut self.keys[key as usize];
+            counted.touched = false;
+            counted.refill_below(self.k, self.kept, values);
+            let (was, now) = (&self.before[range], counted.first(self.k));
+            if was == now {
+                continue;
             }
-        })
-        .as_collection()
+            for x in was.iter().filter(|x| !now.contains(x)) {
+                emit(key, *x, -1);
+            }
+            for x in now.iter().filter(|x| !was.contains(x)) {
+                emit(key, *x, 1);
+            }
+        }
+        self.before.clear();
+    }
+
+    /// The first `k` values of `key`, strongest first, as (count, value).
+    #[cfg(test)]
+    fn first(&self, key: u32) -> &[(u32, u32)] {
+        self.keys
+            .get(key as usize)
+            .map_or(&[], |counted| counted.first(self.k))
+    }
 }
 
 /// One key's values (by local number) with their counts, and its strongest values in order.
@@ -414,12 +380,11 @@ mod tests {
     type Updates<D> = Vec<(D, u64, isize)>;
 
     /// Runs `build` over `epochs` on `workers` workers and returns its output as of each
-    /// epoch. With `spread`, the updates are spread over the workers, so that a record's
-    /// updates arrive from several; otherwise worker 0 sends them all.
+    /// epoch. The updates are spread over the workers, so that a record's updates arrive from
+    /// several.
     fn run<R: ExchangeData + Ord + Clone>(
         workers: usize,
         epochs: &Epochs,
-        spread: bool,
         build: Build<R>,
     ) -> Vec<BTreeMap<(u32, R), isize>> {
         let seen: Arc<Mutex<Updates<(u32, R)>>> = Arc::default();
@@ -438,12 +403,7 @@ mod tests {
             });
             for (epoch, updates) in epochs_in.iter().enumerate() {
                 for (i, &(record, diff)) in updates.iter().enumerate() {
-                    let mine = if spread {
-                        i % peers == index
-                    } else {
-                        index == 0
-                    };
-                    if mine {
+                    if i % peers == index {
                         input.update(record, diff);
                     }
                 }
@@ -473,9 +433,7 @@ mod tests {
         // Insertions and retractions of values that are present.
         let (epochs, states) = random_epochs(7, 40, (5, 20), 0.5);
         for workers in [1, 2, 4] {
-            let outputs = run::<u32>(workers, &epochs, false, |collection| {
-                top_k(collection, 3, "Top")
-            });
+            let outputs = run::<u32>(workers, &epochs, |collection| top_k(collection, 3, "Top"));
             for (epoch, (actual, state)) in outputs.iter().zip(&states).enumerate() {
                 // The values themselves are the order.
                 let expected = expected(state, 3, |_, value| value);
@@ -524,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_each_keys_first_values_by_count_over_random_epochs_and_workers() {
+    fn keeps_each_keys_first_values_by_count_over_random_epochs() {
         // From a small pool, so that counts grow, tie and fall back to zero; and from a pool
         // larger than the values a key keeps in order (2·k), so that keys lose their first
         // values to decrements and read all their counts again.
@@ -535,20 +493,45 @@ mod tests {
 
     fn by_count_matches_brute_force(seed: u64, per_epoch: usize, pool: (u32, u32), retract: f64) {
         let (epochs, states) = random_epochs(seed, per_epoch, pool, retract);
-        let rank = |count: u64, value: u32| (Reverse(count), value);
-        for workers in [1, 2, 4] {
-            let outputs = run::<(Reverse<u64>, u32)>(workers, &epochs, true, |collection| {
-                top_k_by_count(
-                    collection,
-                    3,
-                    |count, value: &u32| (Reverse(count), *value),
-                    |_, _| {},
-                    "TopByCount",
-                )
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        // Numbers in the reverse of the values' order, so that a tie broken by number fails.
+        let mut values: Interner<u32> = Interner::default();
+        for value in (0..pool.0.max(pool.1)).rev() {
+            values.number(&value);
+        }
+        let mut top = TopByCount::new(3);
+        let mut output: BTreeMap<(u32, (Reverse<u64>, u32)), isize> = BTreeMap::new();
+        for (epoch, (updates, state)) in epochs.iter().zip(&states).enumerate() {
+            // In an arrival order of their own: a retraction may come before its insertion.
+            let mut updates = updates.clone();
+            for i in (1..updates.len()).rev() {
+                updates.swap(i, rng.random_range(0..=i));
+            }
+            for ((key, value), diff) in updates {
+                top.add(values.number(&key), values.number(&value), diff, &values);
+            }
+            top.end_epoch(&values, |key, (count, value), diff| {
+                let ranked = (
+                    *values.value(key),
+                    (Reverse(u64::from(count)), *values.value(value)),
+                );
+                *output.entry(ranked).or_insert(0) += diff;
             });
-            for (epoch, (actual, state)) in outputs.iter().zip(&states).enumerate() {
-                let expected = expected(state, 3, rank);
-                assert_eq!(actual, &expected, "epoch {epoch}, {workers} workers");
+            output.retain(|_, count| *count != 0);
+            let expected = expected(state, 3, |count, value| (Reverse(count), value));
+            assert_eq!(output, expected, "epoch {epoch}");
+            for key in 0..pool.0 {
+                let first: Vec<(Reverse<u64>, u32)> = top
+                    .first(values.number(&key))
+                    .iter()
+                    .map(|(count, value)| (Reverse(u64::from(*count)), *values.value(*value)))
+                    .collect();
+                let listed: Vec<(Reverse<u64>, u32)> = output
+                    .keys()
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, ranked)| *ranked)
+                    .collect();
+                assert_eq!(first, listed, "key {key} at epoch {epoch}");
             }
         }
     }
