@@ -26,7 +26,6 @@
 //! (docs/performance.md has the measurements that replaced the self-join, `count` and
 //! `reduce`, the string-keyed ordered sets, then the pairs sent between workers).
 
-use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -52,23 +51,27 @@ pub struct CovisitParams {
     pub neighbours: usize,
 }
 
-/// One of an item's neighbours: the partner and c(a, b), ordered strongest first (c descending,
-/// then id ascending), as the contract ranks them.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct Neighbour {
-    /// c(a, b), descending.
-    pub covisits: Reverse<u64>,
-    pub item_id: SmolStr,
+/// How an item's neighbours (its K strongest partners by c desc, then id asc) changed in an
+/// epoch: each partner whose place among them changed, with c(item, partner) now, or 0 for a
+/// partner that left them. One record per changed item and epoch, so that a worker applying
+/// it looks the item up once, and a changed count is one entry, not a retraction and an
+/// insertion (docs/performance.md, "window changes instead of pairs").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NeighbourChanges {
+    pub item: SmolStr,
+    /// (partner, c(item, partner) now, 0 if it is no longer a neighbour).
+    pub partners: Vec<(SmolStr, u32)>,
 }
 
-/// The collections of co-visitation.
+/// The co-visitation: n(x) as a collection, and the changes of each item's neighbours.
 pub struct Covisitation<'scope> {
     /// W, the window they were built with (the scores read the same windows).
     pub window: usize,
     /// (x, n(x)) for every item in some window.
     pub item_users: VecCollection<'scope, u64, (SmolStr, isize), isize>,
-    /// (a, b with c(a, b)): the K strongest partners of each item.
-    pub neighbours: VecCollection<'scope, u64, (SmolStr, Neighbour), isize>,
+    /// The neighbours' changes, each with its epoch: applied in epoch order from nothing, they
+    /// give every item's K strongest partners as of an epoch.
+    pub neighbours: Stream<'scope, u64, Vec<(NeighbourChanges, u64)>>,
 }
 
 impl std::fmt::Debug for Covisitation<'_> {
@@ -260,7 +263,7 @@ struct ItemCounts {
 }
 
 /// What the counts operator emits: a change of the neighbours or of n(x).
-type CountsOutput = Result<(SmolStr, Neighbour), (SmolStr, isize)>;
+type CountsOutput = Result<NeighbourChanges, (SmolStr, isize)>;
 
 /// The counts of the co-visits, from the window changes: each worker keeps n(a) and c(a, b)
 /// for the items a it owns, and each such item's first K partners ([`TopByCount`]), and emits
@@ -357,13 +360,16 @@ fn covisit_counts<'scope>(
                     }
                     let mut session = output.session(&capability);
                     let mut neighbour_changes = 0;
-                    top.end_epoch(&items, |a, (covisits, b), diff| {
-                        let neighbour = Neighbour {
-                            covisits: Reverse(u64::from(covisits)),
-                            item_id: items.value(b).clone(),
+                    top.end_epoch(&items, |a, changed| {
+                        let changes = NeighbourChanges {
+                            item: items.value(a).clone(),
+                            partners: changed
+                                .iter()
+                                .map(|(b, covisits)| (items.value(*b).clone(), *covisits))
+                                .collect(),
                         };
-                        session.give((Ok((items.value(a).clone(), neighbour)), time, diff));
-                        neighbour_changes += 1;
+                        session.give((Ok(changes), time, 1));
+                        neighbour_changes += changed.len() as u64;
                     });
                     for (a, before) in users_before.drain(..) {
                         let counts = &mut item_counts[a as usize];
@@ -390,14 +396,14 @@ fn covisit_counts<'scope>(
         });
     let (neighbours, item_users) = counts.ok_err(
         |(update, time, diff): (CountsOutput, u64, isize)| match update {
-            Ok(neighbour) => Ok((neighbour, time, diff)),
+            Ok(changes) => Ok((changes, time)),
             Err(users) => Err((users, time, diff)),
         },
     );
     Covisitation {
         window: params.window,
         item_users: item_users.as_collection(),
-        neighbours: neighbours.as_collection(),
+        neighbours,
     }
 }
 
@@ -409,6 +415,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use differential_dataflow::input::Input;
+    use timely::dataflow::operators::{Inspect, Probe};
 
     use super::*;
     use crate::recommend::reference::{RecommendReference, RecommendSettings};
@@ -428,7 +435,8 @@ mod tests {
         state
     }
 
-    type Captured = (Updates<(SmolStr, isize)>, Updates<(SmolStr, Neighbour)>);
+    type Changes = Arc<Mutex<Vec<(NeighbourChanges, u64)>>>;
+    type Captured = (Updates<(SmolStr, isize)>, Changes);
 
     /// Runs `covisitation` on `workers` workers over the epochs' histories, fed as the interest
     /// collection would be (the old value retracted, the new inserted, by the user's worker).
@@ -450,7 +458,7 @@ mod tests {
                     .inspect(move |(d, t, r)| item_users.lock().unwrap().push((d.clone(), *t, *r)));
                 let probe = built
                     .neighbours
-                    .inspect(move |(d, t, r)| neighbours.lock().unwrap().push((d.clone(), *t, *r)))
+                    .inspect(move |change| neighbours.lock().unwrap().push(change.clone()))
                     .probe()
                     .0;
                 (input, probe)
@@ -461,20 +469,37 @@ mod tests {
         captured
     }
 
-    /// Each item's neighbours as of `epoch`: (partner, c(a, b)), strongest first.
-    fn neighbour_lists(
-        neighbours: &Updates<(SmolStr, Neighbour)>,
-        epoch: u64,
-    ) -> BTreeMap<SmolStr, Vec<(String, u64)>> {
-        let mut lists: BTreeMap<SmolStr, Vec<(String, u64)>> = BTreeMap::new();
-        for ((item, neighbour), one) in as_of(neighbours, epoch) {
-            assert_eq!(one, 1);
-            lists
-                .entry(item)
-                .or_default()
-                .push((neighbour.item_id.to_string(), neighbour.covisits.0));
+    /// Each item's neighbours as of `epoch`: (partner, c(a, b)), strongest first, from the
+    /// changes of the epochs up to it, applied in order.
+    fn neighbour_lists(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, Vec<(String, u64)>> {
+        let mut changes = changes.lock().unwrap().clone();
+        changes.sort_by_key(|(_, time)| *time);
+        let mut neighbours: BTreeMap<SmolStr, BTreeMap<SmolStr, u64>> = BTreeMap::new();
+        for (change, _) in changes.iter().filter(|(_, time)| *time <= epoch) {
+            let partners = neighbours.entry(change.item.clone()).or_default();
+            for (partner, covisits) in &change.partners {
+                let before = partners.get(partner).copied();
+                assert_ne!(before, Some(u64::from(*covisits)), "a change changes");
+                if *covisits == 0 {
+                    assert!(before.is_some(), "{partner} left {} unlisted", change.item);
+                    partners.remove(partner);
+                } else {
+                    partners.insert(partner.clone(), u64::from(*covisits));
+                }
+            }
         }
-        lists
+        neighbours
+            .into_iter()
+            .filter(|(_, partners)| !partners.is_empty())
+            .map(|(item, partners)| {
+                let mut list: Vec<(String, u64)> = partners
+                    .into_iter()
+                    .map(|(partner, covisits)| (partner.to_string(), covisits))
+                    .collect();
+                list.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+                (item, list)
+            })
+            .collect()
     }
 
     #[test]

@@ -33,7 +33,7 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, Covisitation, Neighbour};
+use super::covisit::{window_items, Covisitation, NeighbourChanges};
 use super::intern::Interner;
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
@@ -86,7 +86,7 @@ pub type PopularOrder<'scope> = VecCollection<'scope, u64, ((), Popular), isize>
 /// order, as updates (with their time and count) of those collections.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Shared {
-    Neighbour(SmolStr, Neighbour),
+    Neighbours(NeighbourChanges),
     Users(SmolStr, isize),
     Popular(Popular),
 }
@@ -112,11 +112,11 @@ pub fn recommendations<'scope>(
         .flat_map(move |(interest, epoch, diff)| {
             (diff > 0 && epoch >= first).then_some((interest, epoch))
         });
+    // A neighbours' change is not an update of a collection: it sets the counts it lists.
     let neighbours = covisitation
         .neighbours
-        .inner
         .clone()
-        .map(|((a, neighbour), time, diff)| (Shared::Neighbour(a, neighbour), time, diff));
+        .map(|(changes, time)| (Shared::Neighbours(changes), time, 1));
     let users = covisitation
         .item_users
         .inner
@@ -207,7 +207,7 @@ pub fn popular_items<'scope>(
 
 /// Each worker's copy of what the lists are computed from, as of the last epoch it applied.
 ///
-/// Items are held under the worker's local numbers ([`Interner`]): a neighbour is 12 bytes, not
+/// Items are held under the worker's local numbers ([`Interner`]): a neighbour is 8 bytes, not
 /// a 40-byte (count, string, count), and a term's n(x) is an index, not a string lookup. Every
 /// worker holds the neighbours of every item, so this is the state that grows with the workers.
 #[derive(Default)]
@@ -228,11 +228,10 @@ struct ItemCopy {
     /// collection holds one value with count 1 (or none), so the sum is n(x) (or 0), whatever
     /// order an insertion and the retraction it replaces came in.
     users: i64,
-    /// (partner's number, c(a, b), count of the record). At most K live once an epoch is
-    /// applied, but within an epoch an insertion may come before the retraction it replaces.
-    /// A small vector, not an ordered map: it is read whole, and a list's sums do not depend
-    /// on the order of a window item's neighbours (each neighbour is a different candidate).
-    neighbours: Vec<(u32, u32, i32)>,
+    /// (partner's number, c(a, b)), at most K. A small vector, not an ordered map: it is read
+    /// whole, and a list's sums do not depend on the order of a window item's neighbours (each
+    /// neighbour is a different candidate).
+    neighbours: Vec<(u32, u32)>,
 }
 
 /// Adds `diff` to `key`'s count, dropping the key when it reaches zero.
@@ -250,14 +249,13 @@ fn add_count<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
     }
 }
 
-/// A shared update with its items as the copy's numbers, as it waits for its epoch: 16 bytes
-/// where the update with its ids is 56.
+/// A shared update with its items as the copy's numbers, as it waits for its epoch.
 #[derive(Debug)]
 enum Numbered {
-    Neighbour {
+    /// (partner, c(item, partner) now or 0): the entries of `item`'s neighbours to set.
+    Neighbours {
         item: u32,
-        partner: u32,
-        covisits: u32,
+        partners: Box<[(u32, u32)]>,
     },
     Users {
         item: u32,
@@ -273,11 +271,13 @@ impl SharedState {
     fn numbered(&mut self, update: Shared) -> Numbered {
         match update {
             Shared::Popular(popular) => Numbered::Popular(Box::new(popular)),
-            Shared::Neighbour(a, neighbour) => Numbered::Neighbour {
-                item: self.number(&a),
-                partner: self.number(&neighbour.item_id),
-                // c(a, b) fits in u32 as the counts it comes from do (top::Counted).
-                covisits: u32::try_from(neighbour.covisits.0).unwrap_or(u32::MAX),
+            Shared::Neighbours(changes) => Numbered::Neighbours {
+                item: self.number(&changes.item),
+                partners: changes
+                    .partners
+                    .iter()
+                    .map(|(partner, covisits)| (self.number(partner), *covisits))
+                    .collect(),
             },
             Shared::Users(item, users) => Numbered::Users {
                 item: self.number(&item),
@@ -289,24 +289,19 @@ impl SharedState {
     fn apply(&mut self, update: Numbered, diff: isize) {
         match update {
             Numbered::Popular(popular) => add_count(&mut self.order, *popular, diff),
-            Numbered::Neighbour {
-                item,
-                partner,
-                covisits,
-            } => {
-                let diff = diff.clamp(i32::MIN as isize, i32::MAX as isize) as i32;
+            // Sent once per item and epoch, by the item's owner, with count 1.
+            Numbered::Neighbours { item, partners } => {
                 let neighbours = &mut self.items[item as usize].neighbours;
-                match neighbours
-                    .iter()
-                    .position(|(n, c, _)| (*n, *c) == (partner, covisits))
-                {
-                    Some(at) => {
-                        neighbours[at].2 += diff;
-                        if neighbours[at].2 == 0 {
+                for &(partner, covisits) in partners.iter() {
+                    let at = neighbours.iter().position(|(n, _)| *n == partner);
+                    match (at, covisits) {
+                        (Some(at), 0) => {
                             neighbours.swap_remove(at);
                         }
+                        (Some(at), _) => neighbours[at].1 = covisits,
+                        (None, 0) => {}
+                        (None, _) => neighbours.push((partner, covisits)),
                     }
-                    None => neighbours.push((partner, covisits, diff)),
                 }
             }
             Numbered::Users { item, users } => {
@@ -418,8 +413,8 @@ fn user_list(
         let copy = &state.items[via as usize];
         let weight = params.decay.powi(*k as i32);
         let n_via = copy.users as f64;
-        for &(item, covisits, count) in &copy.neighbours {
-            if count <= 0 || in_history.binary_search(&item).is_ok() {
+        for &(item, covisits) in &copy.neighbours {
+            if in_history.binary_search(&item).is_ok() {
                 continue;
             }
             let n_item = state.items[item as usize].users as f64;

@@ -21,6 +21,8 @@
 
 use std::collections::BTreeMap;
 
+use std::collections::hash_map::Entry;
+
 use foldhash::HashMap;
 
 use differential_dataflow::consolidation::consolidate_updates;
@@ -156,13 +158,15 @@ impl TopByCount {
         counted.apply(value, diff, self.kept, values);
     }
 
-    /// Ends the epoch: for each key whose first `k` it changed, `emit(key, (count, value),
-    /// diff)` for every value that left them (-1) and then every one that entered (+1).
+    /// Ends the epoch: for each key whose first `k` it changed, `emit(key, changed)`, where
+    /// `changed` holds (value, count) for each value whose place in them changed: its count
+    /// now, or 0 for a value that left them.
     pub fn end_epoch<V: Ord>(
         &mut self,
         values: &Interner<V>,
-        mut emit: impl FnMut(u32, (u32, u32), isize),
+        mut emit: impl FnMut(u32, &[(u32, u32)]),
     ) {
+        let mut changed: Vec<(u32, u32)> = Vec::new();
         for (key, range) in self.touched.drain(..) {
             let counted = &mut self.keys[key as usize];
             counted.touched = false;
@@ -171,12 +175,14 @@ impl TopByCount {
             if was == now {
                 continue;
             }
-            for x in was.iter().filter(|x| !now.contains(x)) {
-                emit(key, *x, -1);
+            changed.clear();
+            for &(count, value) in now.iter().filter(|x| !was.contains(x)) {
+                changed.push((value, count));
             }
-            for x in now.iter().filter(|x| !was.contains(x)) {
-                emit(key, *x, 1);
+            for &(_, value) in was.iter().filter(|(_, v)| !now.iter().any(|(_, x)| x == v)) {
+                changed.push((value, 0));
             }
+            emit(key, &changed);
         }
         self.before.clear();
     }
@@ -231,18 +237,28 @@ impl Counted {
             // A new key (or one that had lost every value) holds all of its no values.
             self.complete = true;
         }
-        let old = self.counts.get(&number).copied().unwrap_or(0);
         // A count beyond i32 would need two billion users holding one pair.
         let diff = diff.clamp(i32::MIN as isize, i32::MAX as isize) as i32;
-        let new = old.saturating_add(diff);
-        if new == old {
+        if diff == 0 {
             return;
         }
-        if new == 0 {
-            self.counts.remove(&number);
-        } else {
-            self.counts.insert(number, new);
-        }
+        // One search of the map for both the read and the write.
+        let (old, new) = match self.counts.entry(number) {
+            Entry::Occupied(mut count) => {
+                let old = *count.get();
+                let new = old.saturating_add(diff);
+                if new == 0 {
+                    count.remove();
+                } else {
+                    *count.get_mut() = new;
+                }
+                (old, new)
+            }
+            Entry::Vacant(count) => {
+                count.insert(diff);
+                (0, diff)
+            }
+        };
         if old > 0 {
             if let Some(at) = self.top.iter().position(|(_, n)| *n == number) {
                 self.top.remove(at);
@@ -252,6 +268,16 @@ impl Counted {
             return;
         }
         let entry = (new as u32, number);
+        // Most changes are of values far down a long list: one comparison with the last of
+        // `top` settles them, before any search.
+        if !self.complete
+            && self
+                .top
+                .last()
+                .is_none_or(|last| ranks_before(*last, entry, values))
+        {
+            return;
+        }
         let at = self
             .top
             .partition_point(|x| ranks_before(*x, entry, values));
@@ -500,7 +526,8 @@ mod tests {
             values.number(&value);
         }
         let mut top = TopByCount::new(3);
-        let mut output: BTreeMap<(u32, (Reverse<u64>, u32)), isize> = BTreeMap::new();
+        // What the emitted changes say each key's first values are: value → count.
+        let mut output: BTreeMap<u32, BTreeMap<u32, u64>> = BTreeMap::new();
         for (epoch, (updates, state)) in epochs.iter().zip(&states).enumerate() {
             // In an arrival order of their own: a retraction may come before its insertion.
             let mut updates = updates.clone();
@@ -510,23 +537,38 @@ mod tests {
             for ((key, value), diff) in updates {
                 top.add(values.number(&key), values.number(&value), diff, &values);
             }
-            top.end_epoch(&values, |key, (count, value), diff| {
-                let ranked = (
-                    *values.value(key),
-                    (Reverse(u64::from(count)), *values.value(value)),
-                );
-                *output.entry(ranked).or_insert(0) += diff;
+            top.end_epoch(&values, |key, changed| {
+                let first = output.entry(*values.value(key)).or_default();
+                assert!(!changed.is_empty(), "a key is emitted only when it changed");
+                for &(value, count) in changed {
+                    let value = *values.value(value);
+                    let before = first.get(&value).copied();
+                    assert_ne!(before, Some(u64::from(count)), "{value} did not change");
+                    if count == 0 {
+                        assert!(before.is_some(), "{value} left without being there");
+                        first.remove(&value);
+                    } else {
+                        first.insert(value, u64::from(count));
+                    }
+                }
             });
-            output.retain(|_, count| *count != 0);
+            let actual: BTreeMap<(u32, (Reverse<u64>, u32)), isize> = output
+                .iter()
+                .flat_map(|(key, first)| {
+                    first
+                        .iter()
+                        .map(move |(value, count)| ((*key, (Reverse(*count), *value)), 1))
+                })
+                .collect();
             let expected = expected(state, 3, |count, value| (Reverse(count), value));
-            assert_eq!(output, expected, "epoch {epoch}");
+            assert_eq!(actual, expected, "epoch {epoch}");
             for key in 0..pool.0 {
                 let first: Vec<(Reverse<u64>, u32)> = top
                     .first(values.number(&key))
                     .iter()
                     .map(|(count, value)| (Reverse(u64::from(*count)), *values.value(*value)))
                     .collect();
-                let listed: Vec<(Reverse<u64>, u32)> = output
+                let listed: Vec<(Reverse<u64>, u32)> = actual
                     .keys()
                     .filter(|(k, _)| *k == key)
                     .map(|(_, ranked)| *ranked)
