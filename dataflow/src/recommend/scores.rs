@@ -23,7 +23,7 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashSet;
 
 use differential_dataflow::VecCollection;
 use smol_str::SmolStr;
@@ -331,7 +331,7 @@ fn score<'scope>(
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
         let mut state = SharedState::default();
-        let mut scores: HashMap<u32, f64> = HashMap::default();
+        let mut scores = Candidates::default();
         let mut updates: Vec<(Numbered, u64, isize)> = Vec::new();
         // Time spent numbering shared updates as they arrived, reported with the next epoch.
         let mut numbering = Duration::ZERO;
@@ -384,6 +384,40 @@ fn score<'scope>(
     })
 }
 
+/// Scratch space for one list's candidates: their scores by number, dense, so that adding a
+/// term is an index, not a hash; zero and unlisted between lists.
+#[derive(Default)]
+struct Candidates {
+    scores: Vec<f64>,
+    listed: Vec<bool>,
+    numbers: Vec<u32>,
+}
+
+impl Candidates {
+    /// Adds `term` to `item`'s score.
+    fn add(&mut self, item: u32, term: f64) {
+        let at = item as usize;
+        if self.scores.len() <= at {
+            self.scores.resize(at + 1, 0.0);
+            self.listed.resize(at + 1, false);
+        }
+        if !self.listed[at] {
+            self.listed[at] = true;
+            self.numbers.push(item);
+        }
+        self.scores[at] += term;
+    }
+
+    /// Every candidate with its score, leaving the scratch space empty.
+    fn drain(&mut self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        self.numbers.drain(..).map(|item| {
+            let at = item as usize;
+            self.listed[at] = false;
+            (item, std::mem::take(&mut self.scores[at]))
+        })
+    }
+}
+
 /// One user's list from the state as of its epoch. `scores` is scratch space, empty on entry
 /// and on return.
 fn user_list(
@@ -391,7 +425,7 @@ fn user_list(
     state: &SharedState,
     window: usize,
     params: &ScoreParams,
-    scores: &mut HashMap<u32, f64>,
+    scores: &mut Candidates,
 ) -> Vec<(SmolStr, f64)> {
     // The history's items the copy knows (only those can be candidates), as sorted numbers.
     let mut in_history: Vec<u32> = history
@@ -405,7 +439,7 @@ fn user_list(
         .map(|(item, k)| (k, item))
         .collect();
     window.sort_unstable();
-    // Each candidate's terms are added in the window's order, whatever the map's order.
+    // Each candidate's terms are added in the window's order.
     for (k, via) in &window {
         let Some(via) = state.numbers.get(*via) else {
             continue;
@@ -418,21 +452,26 @@ fn user_list(
                 continue;
             }
             let n_item = state.items[item as usize].users as f64;
-            *scores.entry(item).or_default() +=
-                weight * f64::from(covisits) / (n_via * n_item).sqrt();
+            scores.add(item, weight * f64::from(covisits) / (n_via * n_item).sqrt());
         }
     }
-    let mut ranked: Vec<(u32, f64)> = scores.drain().collect();
-    ranked.sort_by(|x, y| {
+    // Strongest first, ties by id; only the first N are ordered.
+    let order = |x: &(u32, f64), y: &(u32, f64)| {
         y.1.total_cmp(&x.1)
             .then_with(|| state.numbers.value(x.0).cmp(state.numbers.value(y.0)))
-    });
+    };
+    let n = params.recommendations_n;
+    let mut ranked: Vec<(u32, f64)> = scores.drain().collect();
+    if ranked.len() > n {
+        ranked.select_nth_unstable_by(n, order);
+        ranked.truncate(n);
+    }
+    ranked.sort_unstable_by(order);
     let mut list: Vec<(SmolStr, f64)> = ranked
         .into_iter()
-        .take(params.recommendations_n)
         .map(|(item, score)| (state.numbers.value(item).clone(), score))
         .collect();
-    if list.len() >= params.recommendations_n {
+    if list.len() >= n {
         return list;
     }
     let in_history: HashSet<&str> = history.iter().collect();
