@@ -65,8 +65,8 @@ pub struct NeighbourChanges {
 
 /// The co-visitation: n(x) as a collection, and the changes of each item's neighbours.
 pub struct Covisitation<'scope> {
-    /// W, the window they were built with (the scores read the same windows).
-    pub window: usize,
+    /// The sizes they were built with (the scores read the same windows).
+    pub params: CovisitParams,
     /// (x, n(x)) for every item in some window.
     pub item_users: VecCollection<'scope, u64, (SmolStr, isize), isize>,
     /// The neighbours' changes, each with its epoch: applied in epoch order from nothing, they
@@ -401,7 +401,7 @@ fn covisit_counts<'scope>(
         },
     );
     Covisitation {
-        window: params.window,
+        params,
         item_users: item_users.as_collection(),
         neighbours,
     }

@@ -33,7 +33,7 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, Covisitation, NeighbourChanges};
+use super::covisit::{window_items, CovisitParams, Covisitation, NeighbourChanges};
 use super::intern::Interner;
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
@@ -127,7 +127,7 @@ pub fn recommendations<'scope>(
         .clone()
         .map(|(((), popular), time, diff)| (Shared::Popular(popular), time, diff));
     let shared = neighbours.concat(users).concat(popular).broadcast();
-    score(changed, shared, covisitation.window, params, cost.clone())
+    score(changed, shared, covisitation.params, params, cost.clone())
 }
 
 /// The first `len` items by n(x) descending, ties by id, kept by [`super::top::top_k`] on one
@@ -219,6 +219,8 @@ struct SharedState {
     items: Vec<ItemCopy>,
     /// The popularity order.
     order: BTreeMap<Popular, isize>,
+    /// K: an item's neighbours are never more, so their vectors are not given room for more.
+    neighbours_per_item: usize,
 }
 
 /// One item's n(x) and neighbours.
@@ -290,17 +292,27 @@ impl SharedState {
         match update {
             Numbered::Popular(popular) => add_count(&mut self.order, *popular, diff),
             // Sent once per item and epoch, by the item's owner, with count 1.
+            // The partners that left first, so that the vector never holds more than K.
             Numbered::Neighbours { item, partners } => {
                 let neighbours = &mut self.items[item as usize].neighbours;
-                for &(partner, covisits) in partners.iter() {
-                    let at = neighbours.iter().position(|(n, _)| *n == partner);
-                    match (at, covisits) {
-                        (Some(at), 0) => {
-                            neighbours.swap_remove(at);
+                for (partner, _) in partners.iter().filter(|(_, c)| *c == 0) {
+                    if let Some(at) = neighbours.iter().position(|(n, _)| n == partner) {
+                        neighbours.swap_remove(at);
+                    }
+                }
+                for &(partner, covisits) in partners.iter().filter(|(_, c)| *c != 0) {
+                    match neighbours.iter().position(|(n, _)| *n == partner) {
+                        Some(at) => neighbours[at].1 = covisits,
+                        None => {
+                            if neighbours.len() == neighbours.capacity() {
+                                // Doubling up to K, not past it: K = 20 would get room for 32.
+                                let room = neighbours.len().max(4);
+                                let room = room
+                                    .min(self.neighbours_per_item.saturating_sub(neighbours.len()));
+                                neighbours.reserve_exact(room.max(1));
+                            }
+                            neighbours.push((partner, covisits));
                         }
-                        (Some(at), _) => neighbours[at].1 = covisits,
-                        (None, 0) => {}
-                        (None, _) => neighbours.push((partner, covisits)),
                     }
                 }
             }
@@ -325,12 +337,15 @@ impl SharedState {
 fn score<'scope>(
     changed: Stream<'scope, u64, Vec<(UserInterest, u64)>>,
     shared: Stream<'scope, u64, Vec<(Shared, u64, isize)>>,
-    window: usize,
+    covisit: CovisitParams,
     params: ScoreParams,
     cost: CostBoard,
 ) -> Stream<'scope, u64, Vec<UserRecommendations>> {
     changed.binary_frontier(shared, Pipeline, Pipeline, "Recommend", move |_, _| {
-        let mut state = SharedState::default();
+        let mut state = SharedState {
+            neighbours_per_item: covisit.neighbours,
+            ..SharedState::default()
+        };
         let mut scores = Candidates::default();
         let mut updates: Vec<(Numbered, u64, isize)> = Vec::new();
         // Time spent numbering shared updates as they arrived, reported with the next epoch.
@@ -364,7 +379,7 @@ fn score<'scope>(
                         items: user_list(
                             &interest.history_items,
                             &state,
-                            window,
+                            covisit.window,
                             &params,
                             &mut scores,
                         ),

@@ -21,9 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use std::collections::hash_map::Entry;
-
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::{AsCollection, Hashable, VecCollection};
@@ -198,9 +196,11 @@ impl TopByCount {
 
 /// One key's values (by local number) with their counts, and its strongest values in order.
 ///
-/// `counts` holds every value whose count is not zero; within an epoch, applied in arrival
-/// order, a retraction may come before the insertion it cancels, so a count may be negative
-/// for a while. Only positive counts rank.
+/// `ones` holds the values whose count is 1 and `counts` every other value whose count is not
+/// zero: most pairs are held by one user (95% at full scale), and a set keeps such a value in
+/// 4 bytes where a map of counts takes 8. Within an epoch, applied in arrival order, a
+/// retraction may come before the insertion it cancels, so a count may be negative for a
+/// while. Only positive counts rank.
 ///
 /// `top` holds (count, number) of the key's strongest values, strongest first (count
 /// descending, then the value ascending). The invariant: every value with a positive count not
@@ -212,6 +212,7 @@ impl TopByCount {
 /// rest, so that is rare where it is costly.
 #[derive(Debug, Default)]
 struct Counted {
+    ones: HashSet<u32>,
     counts: HashMap<u32, i32>,
     top: Vec<(u32, u32)>,
     complete: bool,
@@ -233,7 +234,7 @@ impl Counted {
     /// Adds `diff` to the count of the value numbered `number`, keeping `top` (at most `kept`
     /// long) as its invariant says.
     fn apply<V: Ord>(&mut self, number: u32, diff: isize, kept: usize, values: &Interner<V>) {
-        if self.counts.is_empty() {
+        if self.ones.is_empty() && self.counts.is_empty() {
             // A new key (or one that had lost every value) holds all of its no values.
             self.complete = true;
         }
@@ -242,23 +243,23 @@ impl Counted {
         if diff == 0 {
             return;
         }
-        // One search of the map for both the read and the write.
-        let (old, new) = match self.counts.entry(number) {
-            Entry::Occupied(mut count) => {
-                let old = *count.get();
-                let new = old.saturating_add(diff);
-                if new == 0 {
-                    count.remove();
-                } else {
-                    *count.get_mut() = new;
-                }
-                (old, new)
-            }
-            Entry::Vacant(count) => {
-                count.insert(diff);
-                (0, diff)
-            }
+        let old = if self.ones.remove(&number) {
+            1
+        } else if self.counts.is_empty() {
+            0
+        } else {
+            self.counts.remove(&number).unwrap_or(0)
         };
+        let new = old.saturating_add(diff);
+        match new {
+            0 => {}
+            1 => {
+                self.ones.insert(number);
+            }
+            _ => {
+                self.counts.insert(number, new);
+            }
+        }
         if old > 0 {
             if let Some(at) = self.top.iter().position(|(_, n)| *n == number) {
                 self.top.remove(at);
@@ -303,6 +304,7 @@ impl Counted {
             return;
         }
         self.top.clear();
+        self.top.extend(self.ones.iter().map(|number| (1, *number)));
         self.top.extend(
             self.counts
                 .iter()
