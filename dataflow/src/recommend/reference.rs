@@ -101,7 +101,10 @@ pub fn window_distances<S: AsRef<str>>(
 
 /// Whether `actual` equals `expected` to [`SCORE_TOLERANCE`], relative to the larger of the two.
 pub fn scores_agree(actual: f64, expected: f64) -> bool {
-    (actual - expected).abs() <= SCORE_TOLERANCE * actual.abs().max(expected.abs())
+    // Finite both: an infinite score would agree with anything by the relative bound.
+    actual.is_finite()
+        && expected.is_finite()
+        && (actual - expected).abs() <= SCORE_TOLERANCE * actual.abs().max(expected.abs())
 }
 
 /// n(x), c(a, b), the neighbours and the popularity order of one snapshot of the profiles.
@@ -576,6 +579,12 @@ mod tests {
         let mut off = list.clone();
         off[2].score *= 1.0 + 1e-6;
         assert!(r.check_recommendations(&history, &off).is_err());
+        // So does an infinite or NaN score, which the relative bound alone would let through.
+        for bad in [f64::INFINITY, f64::NAN] {
+            let mut broken = list.clone();
+            broken[0].score = bad;
+            assert!(r.check_recommendations(&history, &broken).is_err(), "{bad}");
+        }
         // A missing or duplicated entry fails.
         assert!(r.check_recommendations(&history, &list[..2]).is_err());
         let twice = vec![list[0].clone(), list[0].clone(), list[2].clone()];
