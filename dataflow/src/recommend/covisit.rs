@@ -51,27 +51,29 @@ pub struct CovisitParams {
     pub neighbours: usize,
 }
 
-/// How an item's neighbours (its K strongest partners by c desc, then id asc) changed in an
-/// epoch: each partner whose place among them changed, with c(item, partner) now, or 0 for a
-/// partner that left them. One record per changed item and epoch, so that a worker applying
-/// it looks the item up once, and a changed count is one entry, not a retraction and an
-/// insertion (docs/performance.md, "window changes instead of pairs").
+/// How an item changed in an epoch: n(item), and its neighbours (its K strongest partners by
+/// c desc, then id asc): each partner whose place among them changed, with c(item, partner)
+/// now, or 0 for a partner that left them. One record per changed item and epoch, so that a
+/// worker applying it looks the item up once, and a changed count is one entry, not a
+/// retraction and an insertion (docs/performance.md, "window changes instead of pairs").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NeighbourChanges {
+pub struct ItemChanges {
     pub item: SmolStr,
+    /// n(item) now, if the epoch changed it (0: no window holds it any more).
+    pub users: Option<u64>,
     /// (partner, c(item, partner) now, 0 if it is no longer a neighbour).
     pub partners: Vec<(SmolStr, u32)>,
 }
 
-/// The co-visitation: n(x) as a collection, and the changes of each item's neighbours.
+/// The co-visitation: n(x) as a collection, and the changes of each item's n and neighbours.
 pub struct Covisitation<'scope> {
     /// The sizes they were built with (the scores read the same windows).
     pub params: CovisitParams,
     /// (x, n(x)) for every item in some window.
     pub item_users: VecCollection<'scope, u64, (SmolStr, isize), isize>,
-    /// The neighbours' changes, each with its epoch: applied in epoch order from nothing, they
-    /// give every item's K strongest partners as of an epoch.
-    pub neighbours: Stream<'scope, u64, Vec<(NeighbourChanges, u64)>>,
+    /// The items' changes, each with its epoch: applied in epoch order from nothing, they give
+    /// every item's n and K strongest partners as of an epoch.
+    pub item_changes: Stream<'scope, u64, Vec<(ItemChanges, u64)>>,
 }
 
 impl std::fmt::Debug for Covisitation<'_> {
@@ -256,18 +258,21 @@ struct NumberedChange {
 struct ItemCounts {
     /// Whether this worker keeps the item's counts ([`owner`]).
     owned: bool,
-    /// n(x), for an item this worker owns.
+    /// n(x), for an item this worker owns, and as it was before the epoch being applied.
     users: i64,
-    /// Whether the epoch being applied has changed `users`.
+    users_before: i64,
+    /// Whether the epoch being applied has changed `users` (and `users_before` holds).
     users_touched: bool,
+    /// Whether n(x) changed and no record of the epoch has said so yet.
+    users_unsent: bool,
 }
 
 /// What the counts operator emits: a change of the neighbours or of n(x).
-type CountsOutput = Result<NeighbourChanges, (SmolStr, isize)>;
+type CountsOutput = Result<ItemChanges, (SmolStr, isize)>;
 
 /// The counts of the co-visits, from the window changes: each worker keeps n(a) and c(a, b)
 /// for the items a it owns, and each such item's first K partners ([`TopByCount`]), and emits
-/// both as collections: (a, neighbour) and (a, n(a)), as `count` would give n.
+/// n(a) as a collection, as `count` would give it, and each changed item's [`ItemChanges`].
 ///
 /// The changes are numbered as they arrive (every item of a change, once, in the worker's
 /// table, [`Interner`]) and wait for their epoch as numbers; an epoch is applied once the
@@ -287,8 +292,8 @@ fn covisit_counts<'scope>(
             // By number.
             let mut item_counts: Vec<ItemCounts> = Vec::new();
             let mut top = TopByCount::new(k);
-            // The items whose n(x) the epoch being applied changed, with n(x) before it.
-            let mut users_before: Vec<(u32, i64)> = Vec::new();
+            // The items whose n(x) the epoch being applied touched.
+            let mut users_touched: Vec<u32> = Vec::new();
             // Time spent numbering changes as they arrived, reported with the next epoch.
             let mut numbering = Duration::ZERO;
             move |(input, frontier), output| {
@@ -352,17 +357,43 @@ fn covisit_counts<'scope>(
                                 let counts = &mut item_counts[a as usize];
                                 if !counts.users_touched {
                                     counts.users_touched = true;
-                                    users_before.push((a, counts.users));
+                                    counts.users_before = counts.users;
+                                    users_touched.push(a);
                                 }
                                 counts.users += if i < left { -d } else { d } as i64;
                             }
                         }
                     }
                     let mut session = output.session(&capability);
+                    // n(x)'s changes, as the collection's updates.
+                    users_touched.retain(|a| {
+                        let counts = &mut item_counts[*a as usize];
+                        counts.users_touched = false;
+                        let (before, now) = (counts.users_before, counts.users);
+                        if now == before {
+                            return false;
+                        }
+                        counts.users_unsent = true;
+                        let item = items.value(*a);
+                        if before > 0 {
+                            session.give((Err((item.clone(), before as isize)), time, -1));
+                        }
+                        if now > 0 {
+                            session.give((Err((item.clone(), now as isize)), time, 1));
+                        }
+                        true
+                    });
+                    // One record per changed item: its neighbours' changes and n(x)'s, if any.
                     let mut neighbour_changes = 0;
+                    let mut users_now = |a: u32| {
+                        let counts = &mut item_counts[a as usize];
+                        let unsent = std::mem::take(&mut counts.users_unsent);
+                        unsent.then_some(counts.users.max(0) as u64)
+                    };
                     top.end_epoch(&items, |a, changed| {
-                        let changes = NeighbourChanges {
+                        let changes = ItemChanges {
                             item: items.value(a).clone(),
+                            users: users_now(a),
                             partners: changed
                                 .iter()
                                 .map(|(b, covisits)| (items.value(*b).clone(), *covisits))
@@ -371,19 +402,14 @@ fn covisit_counts<'scope>(
                         session.give((Ok(changes), time, 1));
                         neighbour_changes += changed.len() as u64;
                     });
-                    for (a, before) in users_before.drain(..) {
-                        let counts = &mut item_counts[a as usize];
-                        counts.users_touched = false;
-                        let now = counts.users;
-                        if now == before {
-                            continue;
-                        }
-                        let item = items.value(a);
-                        if before > 0 {
-                            session.give((Err((item.clone(), before as isize)), time, -1));
-                        }
-                        if now > 0 {
-                            session.give((Err((item.clone(), now as isize)), time, 1));
+                    for a in users_touched.drain(..) {
+                        if let Some(users) = users_now(a) {
+                            let changes = ItemChanges {
+                                item: items.value(a).clone(),
+                                users: Some(users),
+                                partners: Vec::new(),
+                            };
+                            session.give((Ok(changes), time, 1));
                         }
                     }
                     let took = started.elapsed() + std::mem::take(&mut numbering);
@@ -394,7 +420,7 @@ fn covisit_counts<'scope>(
                 }
             }
         });
-    let (neighbours, item_users) = counts.ok_err(
+    let (item_changes, item_users) = counts.ok_err(
         |(update, time, diff): (CountsOutput, u64, isize)| match update {
             Ok(changes) => Ok((changes, time)),
             Err(users) => Err((users, time, diff)),
@@ -403,7 +429,7 @@ fn covisit_counts<'scope>(
     Covisitation {
         params,
         item_users: item_users.as_collection(),
-        neighbours,
+        item_changes,
     }
 }
 
@@ -435,7 +461,7 @@ mod tests {
         state
     }
 
-    type Changes = Arc<Mutex<Vec<(NeighbourChanges, u64)>>>;
+    type Changes = Arc<Mutex<Vec<(ItemChanges, u64)>>>;
     type Captured = (Updates<(SmolStr, isize)>, Changes);
 
     /// Runs `covisitation` on `workers` workers over the epochs' histories, fed as the interest
@@ -457,7 +483,7 @@ mod tests {
                     .item_users
                     .inspect(move |(d, t, r)| item_users.lock().unwrap().push((d.clone(), *t, *r)));
                 let probe = built
-                    .neighbours
+                    .item_changes
                     .inspect(move |change| neighbours.lock().unwrap().push(change.clone()))
                     .probe()
                     .0;
@@ -502,6 +528,25 @@ mod tests {
             .collect()
     }
 
+    /// Each item's n as of `epoch`, from the changes of the epochs up to it (0s dropped).
+    fn users_from_changes(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, isize> {
+        let mut changes = changes.lock().unwrap().clone();
+        changes.sort_by_key(|(_, time)| *time);
+        let mut users = BTreeMap::new();
+        for (change, _) in changes.iter().filter(|(_, time)| *time <= epoch) {
+            if let Some(n) = change.users {
+                assert_ne!(
+                    users.get(&change.item),
+                    Some(&(n as isize)),
+                    "a change changes"
+                );
+                users.insert(change.item.clone(), n as isize);
+            }
+        }
+        users.retain(|_, n| *n != 0);
+        users
+    }
+
     #[test]
     fn counts_and_neighbours_match_the_reference_over_epochs_and_workers() {
         let params = CovisitParams {
@@ -532,6 +577,12 @@ mod tests {
                     .map(|(item, _)| item)
                     .collect::<std::collections::BTreeSet<_>>();
                 assert_eq!(n.len(), held.len(), "n(x) for every item in a window");
+                let sent: BTreeMap<SmolStr, isize> = n.keys().cloned().collect();
+                assert_eq!(
+                    users_from_changes(&neighbours, epoch),
+                    sent,
+                    "n(x) in the changes"
+                );
                 let lists = neighbour_lists(&neighbours, epoch);
                 for (item, list) in &lists {
                     let expected: Vec<(String, u64)> = reference

@@ -33,7 +33,7 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, CovisitParams, Covisitation, NeighbourChanges};
+use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges};
 use super::intern::Interner;
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
@@ -82,12 +82,11 @@ pub struct Popular {
 /// The popularity order as a collection (one key, `()`), as [`popular_order`] keeps it.
 pub type PopularOrder<'scope> = VecCollection<'scope, u64, ((), Popular), isize>;
 
-/// What the scoring operator shares with every worker: the neighbours, n and the popularity
-/// order, as updates (with their time and count) of those collections.
+/// What the scoring operator shares with every worker: the items' changes (n and
+/// neighbours), and the popularity order's updates, each with its time and count.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Shared {
-    Neighbours(NeighbourChanges),
-    Users(SmolStr, isize),
+    Item(ItemChanges),
     Popular(Popular),
 }
 
@@ -112,21 +111,16 @@ pub fn recommendations<'scope>(
         .flat_map(move |(interest, epoch, diff)| {
             (diff > 0 && epoch >= first).then_some((interest, epoch))
         });
-    // A neighbours' change is not an update of a collection: it sets the counts it lists.
-    let neighbours = covisitation
-        .neighbours
+    // An item's changes are not an update of a collection: they set what they list.
+    let items = covisitation
+        .item_changes
         .clone()
-        .map(|(changes, time)| (Shared::Neighbours(changes), time, 1));
-    let users = covisitation
-        .item_users
-        .inner
-        .clone()
-        .map(|((item, users), time, diff)| (Shared::Users(item, users), time, diff));
+        .map(|(changes, time)| (Shared::Item(changes), time, 1));
     let popular = order
         .inner
         .clone()
         .map(|(((), popular), time, diff)| (Shared::Popular(popular), time, diff));
-    let shared = neighbours.concat(users).concat(popular).broadcast();
+    let shared = items.concat(popular).broadcast();
     score(changed, shared, covisitation.params, params, cost.clone())
 }
 
@@ -226,10 +220,8 @@ struct SharedState {
 /// One item's n(x) and neighbours.
 #[derive(Default, Clone)]
 struct ItemCopy {
-    /// n(x) as the sum of value × count over its updates: once an epoch is applied, the
-    /// collection holds one value with count 1 (or none), so the sum is n(x) (or 0), whatever
-    /// order an insertion and the retraction it replaces came in.
-    users: i64,
+    /// n(x), as the item's last change set it.
+    users: u64,
     /// (partner's number, c(a, b)), at most K. A small vector, not an ordered map: it is read
     /// whole, and a list's sums do not depend on the order of a window item's neighbours (each
     /// neighbour is a different candidate).
@@ -254,14 +246,12 @@ fn add_count<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
 /// A shared update with its items as the copy's numbers, as it waits for its epoch.
 #[derive(Debug)]
 enum Numbered {
-    /// (partner, c(item, partner) now or 0): the entries of `item`'s neighbours to set.
-    Neighbours {
+    /// n(item) if it changed, and (partner, c(item, partner) now or 0): the entries of
+    /// `item`'s neighbours to set.
+    Item {
         item: u32,
+        users: Option<u64>,
         partners: Box<[(u32, u32)]>,
-    },
-    Users {
-        item: u32,
-        users: i64,
     },
     // Boxed to keep the common variants small: the order changes far less often.
     Popular(Box<Popular>),
@@ -273,17 +263,14 @@ impl SharedState {
     fn numbered(&mut self, update: Shared) -> Numbered {
         match update {
             Shared::Popular(popular) => Numbered::Popular(Box::new(popular)),
-            Shared::Neighbours(changes) => Numbered::Neighbours {
+            Shared::Item(changes) => Numbered::Item {
                 item: self.number(&changes.item),
+                users: changes.users,
                 partners: changes
                     .partners
                     .iter()
                     .map(|(partner, covisits)| (self.number(partner), *covisits))
                     .collect(),
-            },
-            Shared::Users(item, users) => Numbered::Users {
-                item: self.number(&item),
-                users: users as i64,
             },
         }
     }
@@ -291,10 +278,18 @@ impl SharedState {
     fn apply(&mut self, update: Numbered, diff: isize) {
         match update {
             Numbered::Popular(popular) => add_count(&mut self.order, *popular, diff),
-            // Sent once per item and epoch, by the item's owner, with count 1.
-            // The partners that left first, so that the vector never holds more than K.
-            Numbered::Neighbours { item, partners } => {
-                let neighbours = &mut self.items[item as usize].neighbours;
+            // Sent once per item and epoch, by the item's owner, with count 1. The partners
+            // that left first, so that the vector never holds more than K.
+            Numbered::Item {
+                item,
+                users,
+                partners,
+            } => {
+                let copy = &mut self.items[item as usize];
+                if let Some(users) = users {
+                    copy.users = users;
+                }
+                let neighbours = &mut copy.neighbours;
                 for (partner, _) in partners.iter().filter(|(_, c)| *c == 0) {
                     if let Some(at) = neighbours.iter().position(|(n, _)| n == partner) {
                         neighbours.swap_remove(at);
@@ -315,9 +310,6 @@ impl SharedState {
                         }
                     }
                 }
-            }
-            Numbered::Users { item, users } => {
-                self.items[item as usize].users += users * diff as i64;
             }
         }
     }
