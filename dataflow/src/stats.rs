@@ -45,25 +45,26 @@ pub struct EpochCounters {
 /// co-visitation's changes and the lists computed, and the worker time their operators took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RecommendCost {
-    /// Changes of c(a, b) applied, as they arrive from the users' windows (both directions
+    /// Changes of c(a, b) applied, as the users' window changes imply them (both directions
     /// count; changes of one pair from different users are not combined first).
     #[serde(default)]
     pub pair_updates: u64,
-    /// Entries that entered or left some item's top K neighbours.
+    /// Entries of some item's top K neighbours that changed: entered, left, or changed count.
     #[serde(default)]
     pub neighbour_changes: u64,
     /// Users' lists computed.
     #[serde(default)]
     pub lists: u64,
-    /// Microseconds of worker time, summed over workers, in computing the pairs from the
-    /// windows ...
+    /// Microseconds of worker time, summed over workers, in reducing each changed user's
+    /// windows to what left, stayed and entered ...
     #[serde(default)]
     pub pairs_us: u64,
-    /// ... in keeping the counts and the neighbours ...
+    /// ... in keeping the counts (the pairs each window change implies, and n(x)) and the
+    /// neighbours ...
     #[serde(default)]
     pub neighbours_us: u64,
-    /// ... and in the scoring (applying the neighbour and n(x) updates to each worker's copy,
-    /// and the lists). Differential's count of n(x) and the popularity order are not timed.
+    /// ... and in the scoring (applying the items' changes to each worker's copy, and the
+    /// lists). The popularity order is not timed.
     #[serde(default)]
     pub scoring_us: u64,
 }

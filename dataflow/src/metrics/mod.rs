@@ -259,12 +259,13 @@ impl Metrics {
         registry.register(
             "recommend_pair_updates",
             "With recommendations: changes of co-visitation counts c(a, b) applied (each ordered \
-             pair, as the pairs arrive from the users' windows)",
+             pair, as the users' window changes imply them)",
             recommend.pair_updates.clone(),
         );
         registry.register(
             "recommend_neighbour_changes",
-            "With recommendations: entries that entered or left an item's top K neighbours",
+            "With recommendations: entries of an item's top K neighbours that changed (entered, \
+             left, or changed count)",
             recommend.neighbour_changes.clone(),
         );
         registry.register(
