@@ -1,5 +1,5 @@
-//! The first `k` values of each key, kept up to date as the input changes: hand-made operators
-//! where differential's `reduce` (and `count` before it) measured too slow.
+//! Each key's first `k` values ranked by a count, kept up to date as the counts change: a
+//! hand-made structure where differential's `reduce` (and `count` before it) measured too slow.
 //!
 //! A `reduce` reads a key's whole group whenever one of its values changes. The neighbours of a
 //! popular item come from tens of thousands of partners, and the popularity order from every
@@ -8,102 +8,15 @@
 //! reduces read ~100,000 values (docs/performance.md). Here a change costs a short update of
 //! the key's own state, and only the keys changed in an epoch have their first `k` read again.
 //!
-//! - [`top_k`] takes a collection of (key, value) and keeps each key's values ordered, with
-//!   their counts (the popularity order: one key, the items ranked by n(x)).
-//! - [`TopByCount`] ranks each key's values by a count that it keeps itself (the neighbours:
-//!   c(a, b), counted from the window changes by [`super::covisit`]). Keys and values are
-//!   numbered by the worker, and a key keeps in order only its strongest values, not all of
-//!   them: this is the recommendations' largest state.
-//!
-//! Their output is like `reduce`'s: at each epoch, for each changed key, the values that left
-//! its first `k` retracted and those that entered it inserted. Epochs are applied in order,
-//! each once the input frontier has passed it.
-
-use std::collections::BTreeMap;
+//! [`TopByCount`] serves both: the neighbours (c(a, b), counted from the window changes by
+//! [`super::covisit`]) and each worker's part of the popularity order (one key, the items
+//! ranked by n(x), in [`super::scores::popular_order`]). Keys and values are numbered by the
+//! worker, and a key keeps in order only its strongest values, not all of them: this is the
+//! recommendations' largest state.
 
 use foldhash::{HashMap, HashSet};
 
-use differential_dataflow::consolidation::consolidate_updates;
-use differential_dataflow::{AsCollection, Hashable, VecCollection};
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::Operator;
-use timely::ExchangeData;
-
 use super::intern::Interner;
-use crate::pending::PendingEpochs;
-
-/// Each key's values, ordered, with their counts (only positive counts are kept).
-type Ranked<V> = BTreeMap<V, isize>;
-
-/// The first `k` values (in `V`'s order) of each key of `input`, as a collection.
-pub fn top_k<'scope, K, V>(
-    input: &VecCollection<'scope, u64, (K, V), isize>,
-    k: usize,
-    name: &str,
-) -> VecCollection<'scope, u64, (K, V), isize>
-where
-    K: ExchangeData + Clone + Ord + std::hash::Hash + Hashable<Output = u64>,
-    V: ExchangeData + Clone + Ord,
-{
-    // Keys are routed as differential routes a reduce's: the same worker on every worker and
-    // process, and as even a spread.
-    let route = |((key, _), _, _): &((K, V), u64, isize)| key.hashed();
-    input
-        .inner
-        .clone()
-        .unary_frontier(Exchange::new(route), name, move |_, _| {
-            let mut pending = PendingEpochs::default();
-            let mut ranked: HashMap<K, Ranked<V>> = HashMap::default();
-            // What the output holds for each key: its first `k` as last emitted.
-            let mut emitted: HashMap<K, Vec<V>> = HashMap::default();
-            move |(input, frontier), output| {
-                input.for_each(|capability, updates| {
-                    pending.hold_each(&capability, updates, |update| (update.1, update))
-                });
-                while let Some((capability, mut updates)) =
-                    pending.take_complete(frontier.frontier())
-                {
-                    let time = *capability.time();
-                    consolidate_updates(&mut updates);
-                    let mut changed: Vec<K> = Vec::new();
-                    for ((key, value), _, diff) in updates {
-                        let values = ranked.entry(key.clone()).or_default();
-                        let count = values.entry(value.clone()).or_insert(0);
-                        *count += diff;
-                        if *count <= 0 {
-                            // A retraction beyond what was inserted would be a bug upstream;
-                            // the value simply leaves.
-                            values.remove(&value);
-                        }
-                        if values.is_empty() {
-                            ranked.remove(&key);
-                        }
-                        changed.push(key);
-                    }
-                    changed.sort_unstable();
-                    changed.dedup();
-                    let mut session = output.session(&capability);
-                    for key in changed {
-                        let first: Vec<V> = ranked
-                            .get(&key)
-                            .map(|values| values.keys().take(k).cloned().collect())
-                            .unwrap_or_default();
-                        let before = emitted.remove(&key).unwrap_or_default();
-                        for value in before.iter().filter(|value| !first.contains(value)) {
-                            session.give(((key.clone(), value.clone()), time, -1));
-                        }
-                        for value in first.iter().filter(|value| !before.contains(value)) {
-                            session.give(((key.clone(), value.clone()), time, 1));
-                        }
-                        if !first.is_empty() {
-                            emitted.insert(key, first);
-                        }
-                    }
-                }
-            }
-        })
-        .as_collection()
-}
 
 /// Each key's first `k` values ranked by count (descending, ties by value ascending), kept as
 /// the counts change: the co-visits' state, c(a, b) for every pair and each item's neighbours.
@@ -332,9 +245,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::cmp::Reverse;
-    use std::sync::{Arc, Mutex};
+    use std::collections::BTreeMap;
 
-    use differential_dataflow::input::Input;
     use rand::{Rng, SeedableRng};
 
     use super::*;
@@ -397,77 +309,6 @@ mod tests {
                 ranks.into_iter().take(k).map(move |r| ((key, r), 1))
             })
             .collect()
-    }
-
-    /// The operator under test, built on the input collection.
-    type Build<R> = for<'s> fn(
-        &VecCollection<'s, u64, Record, isize>,
-    ) -> VecCollection<'s, u64, (u32, R), isize>;
-
-    /// Updates of a collection: (data, time, diff).
-    type Updates<D> = Vec<(D, u64, isize)>;
-
-    /// Runs `build` over `epochs` on `workers` workers and returns its output as of each
-    /// epoch. The updates are spread over the workers, so that a record's updates arrive from
-    /// several.
-    fn run<R: ExchangeData + Ord + Clone>(
-        workers: usize,
-        epochs: &Epochs,
-        build: Build<R>,
-    ) -> Vec<BTreeMap<(u32, R), isize>> {
-        let seen: Arc<Mutex<Updates<(u32, R)>>> = Arc::default();
-        let epochs_in = epochs.clone();
-        let sink = seen.clone();
-        timely::execute(timely::Config::process(workers), move |worker| {
-            let sink = sink.clone();
-            let (index, peers) = (worker.index(), worker.peers());
-            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                let (input, collection) = scope.new_collection::<Record, isize>();
-                let probe = build(&collection)
-                    .inspect(move |update| sink.lock().unwrap().push(update.clone()))
-                    .probe()
-                    .0;
-                (input, probe)
-            });
-            for (epoch, updates) in epochs_in.iter().enumerate() {
-                for (i, &(record, diff)) in updates.iter().enumerate() {
-                    if i % peers == index {
-                        input.update(record, diff);
-                    }
-                }
-                input.advance_to(epoch as u64 + 1);
-                input.flush();
-                worker.step_while(|| probe.less_than(input.time()));
-            }
-        })
-        .unwrap();
-        let seen = seen.lock().unwrap();
-        (0..epochs.len() as u64)
-            .map(|epoch| {
-                let mut actual = BTreeMap::new();
-                for (record, time, diff) in seen.iter() {
-                    if *time <= epoch {
-                        *actual.entry(record.clone()).or_insert(0) += diff;
-                    }
-                }
-                actual.retain(|_, count| *count != 0);
-                actual
-            })
-            .collect()
-    }
-
-    #[test]
-    fn keeps_each_keys_first_values_over_random_epochs_and_workers() {
-        // Insertions and retractions of values that are present.
-        let (epochs, states) = random_epochs(7, 40, (5, 20), 0.5);
-        for workers in [1, 2, 4] {
-            let outputs = run::<u32>(workers, &epochs, |collection| top_k(collection, 3, "Top"));
-            for (epoch, (actual, state)) in outputs.iter().zip(&states).enumerate() {
-                // The values themselves are the order.
-                let expected = expected(state, 3, |_, value| value);
-                assert_eq!(actual, &expected, "epoch {epoch}, {workers} workers");
-            }
-        }
     }
 
     #[test]
