@@ -444,8 +444,8 @@ mod tests {
     use timely::dataflow::operators::{Inspect, Probe};
 
     use super::*;
-    use crate::recommend::reference::{RecommendReference, RecommendSettings};
-    use crate::recommend::test_histories::{epochs, feed};
+    use crate::recommend::reference::RecommendReference;
+    use crate::recommend::test_histories::{epochs, feed, settings};
 
     type Updates<D> = Arc<Mutex<Vec<(D, u64, isize)>>>;
 
@@ -553,11 +553,7 @@ mod tests {
             window: 5,
             neighbours: 3,
         };
-        let settings = RecommendSettings {
-            covisit_window: params.window,
-            neighbours: params.neighbours,
-            ..RecommendSettings::default()
-        };
+        let settings = settings(params);
         let epochs = epochs(7);
         let mut outputs = Vec::new();
         for workers in [1, 2, 4] {
@@ -614,11 +610,7 @@ mod tests {
             window: 5,
             neighbours: 1000,
         };
-        let settings = RecommendSettings {
-            covisit_window: params.window,
-            neighbours: params.neighbours,
-            ..RecommendSettings::default()
-        };
+        let settings = settings(params);
         let epochs = epochs(19);
         for workers in [1, 2, 4] {
             let (_, neighbours) = run(workers, &epochs, params);

@@ -121,6 +121,8 @@ pub(crate) mod test_histories {
     use timely::dataflow::ProbeHandle;
 
     use crate::model::{id_key, IdList, UserInterest};
+    use crate::recommend::covisit::CovisitParams;
+    use crate::recommend::reference::RecommendSettings;
 
     /// Feeds `epochs` to `input` as the interest collection would change: each worker its own
     /// users (by the profile exchange's route), a changed user's old value retracted and the
@@ -149,6 +151,15 @@ pub(crate) mod test_histories {
             input.advance_to(epoch as u64 + 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
+        }
+    }
+
+    /// The reference's settings for the co-visitation of `params`, the rest as by default.
+    pub(crate) fn settings(params: CovisitParams) -> RecommendSettings {
+        RecommendSettings {
+            covisit_window: params.window,
+            neighbours: params.neighbours,
+            ..RecommendSettings::default()
         }
     }
 

@@ -2,12 +2,13 @@
 //! the co-visitation collections:
 //!
 //! ```text
-//! neighbours(a), n(x), top P popular ─updates, broadcast─▶ every worker's copy ─┐
-//! interests ─▶ the changed users of epoch e (on their own worker) ──────────────┴─▶ score as of e ─▶ lists
+//! item changes (n(x), neighbours(a)), top P popular ─broadcast─▶ every worker's copy ─┐
+//! interests ─▶ the changed users of epoch e (on their own worker) ────────────────────┴─▶ score as of e ─▶ lists
 //! ```
 //!
 //! Every worker keeps a copy of the neighbours, n and the popularity order, applied from the
-//! collections' broadcast updates up to the epoch it scores; a changed user's list is then
+//! items' change records and the order's updates, broadcast, up to the epoch it scores; a
+//! changed user's list is then
 //! computed where the user is, with W·K lookups and no exchange. (A first version joined
 //! one-epoch queries with the arrangements of n and of the neighbours: three joins of
 //! string-keyed terms, 556 µs of CPU a message on the bench, see docs/performance.md.) The copy
@@ -583,7 +584,7 @@ mod tests {
     use super::*;
     use crate::recommend::covisit::{covisitation, CovisitParams};
     use crate::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
-    use crate::recommend::test_histories::{epochs, feed};
+    use crate::recommend::test_histories::{epochs, feed, settings};
 
     type Lists = Arc<Mutex<Vec<(u64, UserRecommendations)>>>;
 
@@ -621,10 +622,7 @@ mod tests {
             window: 5,
             neighbours: 3,
         };
-        let settings = RecommendSettings {
-            covisit_window: 5,
-            ..RecommendSettings::default()
-        };
+        let settings = settings(covisit);
         let epochs = epochs(23);
         // A cut-off among tied counts, and one beyond every item.
         for len in [4, 100] {
