@@ -36,7 +36,7 @@ use timely::dataflow::Stream;
 
 use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges};
 use super::intern::Interner;
-use super::top::TopByCount;
+use super::top::{make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
 use crate::pending::{passed_by_both, PendingEpochs};
@@ -374,13 +374,7 @@ impl SharedState {
                     match neighbours.iter().position(|(n, _)| *n == partner) {
                         Some(at) => neighbours[at].1 = covisits,
                         None => {
-                            if neighbours.len() == neighbours.capacity() {
-                                // Doubling up to K, not past it: K = 20 would get room for 32.
-                                let room = neighbours.len().max(4);
-                                let room = room
-                                    .min(self.neighbours_per_item.saturating_sub(neighbours.len()));
-                                neighbours.reserve_exact(room.max(1));
-                            }
+                            make_room(neighbours, self.neighbours_per_item);
                             neighbours.push((partner, covisits));
                         }
                     }

@@ -133,6 +133,17 @@ struct Counted {
     touched: bool,
 }
 
+/// Room for one more entry in `vec`, which never holds more than `most`: grown by doubling
+/// (from 4), but not past `most`, where doubling would give the next power of two. Many small
+/// vectors of this kind (a key's `top`, a copy's neighbours of an item) are much of the
+/// recommendations' memory.
+pub(super) fn make_room<T>(vec: &mut Vec<T>, most: usize) {
+    if vec.len() == vec.capacity() {
+        let room = vec.len().max(4).min(most.saturating_sub(vec.len()));
+        vec.reserve_exact(room.max(1));
+    }
+}
+
 /// Whether `x` ranks before `y`: count descending, then value ascending.
 fn ranks_before<V: Ord>(x: (u32, u32), y: (u32, u32), values: &Interner<V>) -> bool {
     x.0 > y.0 || (x.0 == y.0 && values.value(x.1) < values.value(y.1))
@@ -197,12 +208,8 @@ impl Counted {
             .partition_point(|x| ranks_before(*x, entry, values));
         // Outside `top`, a value that ranks after its last may rank after values outside too.
         if at < self.top.len() || self.complete {
-            if self.top.len() == self.top.capacity() {
-                // Doubling, but never past what `top` can hold: a full `top` of K = 20 holds
-                // 41 entries for a moment, which doubling would give 64.
-                let room = self.top.len().max(4).min(kept + 1 - self.top.len());
-                self.top.reserve_exact(room);
-            }
+            // A full `top` of K = 20 holds 41 entries for a moment.
+            make_room(&mut self.top, kept + 1);
             self.top.insert(at, entry);
             if self.top.len() > kept {
                 self.top.pop();
