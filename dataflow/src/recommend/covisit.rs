@@ -445,7 +445,7 @@ mod tests {
 
     use super::*;
     use crate::recommend::reference::RecommendReference;
-    use crate::recommend::test_histories::{epochs, feed, settings};
+    use crate::recommend::test_histories::{epochs, feed, set_count, settings};
 
     type Updates<D> = Arc<Mutex<Vec<(D, u64, isize)>>>;
 
@@ -495,23 +495,22 @@ mod tests {
         captured
     }
 
+    /// The item changes of the epochs up to `epoch`, in epoch order.
+    fn changes_up_to(changes: &Changes, epoch: u64) -> Vec<ItemChanges> {
+        let mut changes = changes.lock().unwrap().clone();
+        changes.retain(|(_, time)| *time <= epoch);
+        changes.sort_by_key(|(_, time)| *time);
+        changes.into_iter().map(|(change, _)| change).collect()
+    }
+
     /// Each item's neighbours as of `epoch`: (partner, c(a, b)), strongest first, from the
     /// changes of the epochs up to it, applied in order.
     fn neighbour_lists(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, Vec<(String, u64)>> {
-        let mut changes = changes.lock().unwrap().clone();
-        changes.sort_by_key(|(_, time)| *time);
         let mut neighbours: BTreeMap<SmolStr, BTreeMap<SmolStr, u64>> = BTreeMap::new();
-        for (change, _) in changes.iter().filter(|(_, time)| *time <= epoch) {
-            let partners = neighbours.entry(change.item.clone()).or_default();
+        for change in changes_up_to(changes, epoch) {
+            let partners = neighbours.entry(change.item).or_default();
             for (partner, covisits) in &change.partners {
-                let before = partners.get(partner).copied();
-                assert_ne!(before, Some(u64::from(*covisits)), "a change changes");
-                if *covisits == 0 {
-                    assert!(before.is_some(), "{partner} left {} unlisted", change.item);
-                    partners.remove(partner);
-                } else {
-                    partners.insert(partner.clone(), u64::from(*covisits));
-                }
+                set_count(partners, partner, u64::from(*covisits));
             }
         }
         neighbours
@@ -529,21 +528,13 @@ mod tests {
     }
 
     /// Each item's n as of `epoch`, from the changes of the epochs up to it (0s dropped).
-    fn users_from_changes(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, isize> {
-        let mut changes = changes.lock().unwrap().clone();
-        changes.sort_by_key(|(_, time)| *time);
+    fn users_from_changes(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, u64> {
         let mut users = BTreeMap::new();
-        for (change, _) in changes.iter().filter(|(_, time)| *time <= epoch) {
+        for change in changes_up_to(changes, epoch) {
             if let Some(n) = change.users {
-                assert_ne!(
-                    users.get(&change.item),
-                    Some(&(n as isize)),
-                    "a change changes"
-                );
-                users.insert(change.item.clone(), n as isize);
+                set_count(&mut users, &change.item, n);
             }
         }
-        users.retain(|_, n| *n != 0);
         users
     }
 
@@ -569,11 +560,16 @@ mod tests {
                 }
                 let held = histories
                     .values()
-                    .flat_map(|history| window_items(history.iter().map(String::as_str), 5))
+                    .flat_map(|history| {
+                        window_items(history.iter().map(String::as_str), params.window)
+                    })
                     .map(|(item, _)| item)
                     .collect::<std::collections::BTreeSet<_>>();
                 assert_eq!(n.len(), held.len(), "n(x) for every item in a window");
-                let sent: BTreeMap<SmolStr, isize> = n.keys().cloned().collect();
+                let sent: BTreeMap<SmolStr, u64> = n
+                    .keys()
+                    .map(|(item, users)| (item.clone(), *users as u64))
+                    .collect();
                 assert_eq!(
                     users_from_changes(&neighbours, epoch),
                     sent,

@@ -154,6 +154,25 @@ pub(crate) mod test_histories {
         }
     }
 
+    /// Sets `key`'s entry of `map` to `count`, as a change record that sets counts says, 0
+    /// removing it; checks that the record changes something, and that a 0 removes an entry
+    /// that is there.
+    pub(crate) fn set_count<K: Ord + Clone + std::fmt::Debug>(
+        map: &mut BTreeMap<K, u64>,
+        key: &K,
+        count: u64,
+    ) {
+        let before = match count {
+            0 => map.remove(key),
+            _ => map.insert(key.clone(), count),
+        };
+        assert_ne!(before, Some(count), "{key:?}: a change changes");
+        assert!(
+            count != 0 || before.is_some(),
+            "{key:?} left without being there"
+        );
+    }
+
     /// The reference's settings for the co-visitation of `params`, the rest as by default.
     pub(crate) fn settings(params: CovisitParams) -> RecommendSettings {
         RecommendSettings {

@@ -257,6 +257,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::recommend::test_histories::set_count;
 
     type Record = (u32, u32);
     type Epochs = Vec<Vec<(Record, isize)>>;
@@ -391,15 +392,7 @@ mod tests {
                 let first = output.entry(*values.value(key)).or_default();
                 assert!(!changed.is_empty(), "a key is emitted only when it changed");
                 for &(value, count) in changed {
-                    let value = *values.value(value);
-                    let before = first.get(&value).copied();
-                    assert_ne!(before, Some(u64::from(count)), "{value} did not change");
-                    if count == 0 {
-                        assert!(before.is_some(), "{value} left without being there");
-                        first.remove(&value);
-                    } else {
-                        first.insert(value, u64::from(count));
-                    }
+                    set_count(first, values.value(value), u64::from(count));
                 }
             });
             let actual: BTreeMap<(u32, (Reverse<u64>, u32)), isize> = output
