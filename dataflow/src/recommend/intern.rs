@@ -4,21 +4,60 @@
 //! The co-visits are the largest state of the recommendations (tens of millions of pairs at
 //! full scale): with each pair's partner as a 24-byte [`smol_str::SmolStr`] in a hash map and
 //! again in an ordered set, a pair cost about 90 bytes, and ranking it meant comparing strings.
-//! With local ids a pair is two `u32`s. The numbers are local to the worker and never leave it
-//! (the exchanges and broadcasts between workers carry the ids themselves), so no two workers
-//! or processes need to agree on them. They are not in the ids' order: where the contract breaks
-//! a tie by id, the comparison reads the id back ([`Interner::value`]).
+//! With local ids a pair is two `u32`s. The numbers are local to the worker: they are not in
+//! the ids' order, so where the contract breaks a tie by id, [`Interner::cmp`] compares the ids
+//! of two numbers, first by an 8-byte prefix kept beside them ([`OrderPrefix`]), which settles
+//! almost every comparison without reading the ids themselves.
 //!
 //! An id keeps its number for the worker's lifetime, also once no state refers to it: the
-//! table grows with the distinct items ever seen (about 60 bytes each), not with their pairs.
+//! table grows with the distinct items ever seen (about 70 bytes each), not with their pairs.
+
+use std::cmp::Ordering;
 
 use foldhash::HashMap;
+use smol_str::SmolStr;
+
+/// A prefix of a value in the value's order: `x < y` implies `x.order_prefix() <=
+/// y.order_prefix()`, so unequal prefixes order their values, and only equal ones need the
+/// values compared.
+pub trait OrderPrefix: Ord {
+    fn order_prefix(&self) -> u64;
+}
+
+/// The first 8 bytes, big-endian, padded with zeros: in byte order a shorter string sorts
+/// before its extensions, and padding only makes prefixes equal, never reversed.
+pub fn bytes_prefix(bytes: &[u8]) -> u64 {
+    let mut prefix = [0u8; 8];
+    let len = bytes.len().min(8);
+    prefix[..len].copy_from_slice(&bytes[..len]);
+    u64::from_be_bytes(prefix)
+}
+
+impl OrderPrefix for SmolStr {
+    fn order_prefix(&self) -> u64 {
+        bytes_prefix(self.as_bytes())
+    }
+}
+
+impl OrderPrefix for String {
+    fn order_prefix(&self) -> u64 {
+        bytes_prefix(self.as_bytes())
+    }
+}
+
+impl OrderPrefix for u32 {
+    fn order_prefix(&self) -> u64 {
+        u64::from(*self)
+    }
+}
 
 /// The local numbers of the values seen so far, and the value of each number.
 #[derive(Debug)]
 pub struct Interner<V> {
     numbers: HashMap<V, u32>,
     values: Vec<V>,
+    /// Each number's [`OrderPrefix`]: 8 bytes a number, read where ranks tie.
+    prefixes: Vec<u64>,
 }
 
 impl<V> Default for Interner<V> {
@@ -26,11 +65,12 @@ impl<V> Default for Interner<V> {
         Interner {
             numbers: HashMap::default(),
             values: Vec::new(),
+            prefixes: Vec::new(),
         }
     }
 }
 
-impl<V: Clone + Eq + std::hash::Hash> Interner<V> {
+impl<V: Clone + Eq + std::hash::Hash + OrderPrefix> Interner<V> {
     /// The number of `value`, given the next free one if it has none yet.
     pub fn number(&mut self, value: &V) -> u32 {
         if let Some(&number) = self.numbers.get(value) {
@@ -40,6 +80,7 @@ impl<V: Clone + Eq + std::hash::Hash> Interner<V> {
         // checked conversion turns it into a clear stop rather than a silent mix-up.
         let number = u32::try_from(self.values.len()).expect("more than 2^32 distinct items");
         self.values.push(value.clone());
+        self.prefixes.push(value.order_prefix());
         self.numbers.insert(value.clone(), number);
         number
     }
@@ -54,7 +95,28 @@ impl<V: Clone + Eq + std::hash::Hash> Interner<V> {
     }
 }
 
+impl<V: Ord> Interner<V> {
+    /// The values numbered `x` and `y` compared (see [`OrderPrefix`]).
+    ///
+    /// # Panics
+    /// If a number was not given by this table (a bug, not an input error).
+    pub fn cmp(&self, x: u32, y: u32) -> Ordering {
+        let (x, y) = (x as usize, y as usize);
+        self.prefixes[x]
+            .cmp(&self.prefixes[y])
+            .then_with(|| self.values[x].cmp(&self.values[y]))
+    }
+}
+
 impl<V> Interner<V> {
+    /// The [`OrderPrefix`] of the value numbered `number`.
+    ///
+    /// # Panics
+    /// If `number` was not given by this table (a bug, not an input error).
+    pub fn prefix(&self, number: u32) -> u64 {
+        self.prefixes[number as usize]
+    }
+
     /// The value numbered `number`.
     ///
     /// # Panics
@@ -66,6 +128,8 @@ impl<V> Interner<V> {
 
 #[cfg(test)]
 mod tests {
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     #[test]
@@ -79,5 +143,32 @@ mod tests {
         assert_eq!(table.get("c"), None);
         assert_eq!(table.value(b), "b");
         assert_eq!(table.value(a), "a");
+    }
+
+    #[test]
+    fn numbers_compare_as_their_values() {
+        // Short ids, long ids with shared prefixes, NUL bytes (where padding makes prefixes
+        // equal), and multi-byte characters.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let alphabet = ["", "a", "b", "\0", "é", "B000", "B0001"];
+        let mut values: Vec<SmolStr> =
+            ["", "a", "a\0", "a\0\0\0\0\0\0\0\0", "abcdefgh", "abcdefghi"]
+                .into_iter()
+                .map(SmolStr::new)
+                .collect();
+        for _ in 0..300 {
+            let parts = rng.random_range(0..6);
+            let id: String = (0..parts)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            values.push(SmolStr::new(id));
+        }
+        let mut table: Interner<SmolStr> = Interner::default();
+        let numbers: Vec<u32> = values.iter().map(|v| table.number(v)).collect();
+        for (x, vx) in numbers.iter().zip(&values) {
+            for (y, vy) in numbers.iter().zip(&values) {
+                assert_eq!(table.cmp(*x, *y), vx.cmp(vy), "{vx:?} against {vy:?}");
+            }
+        }
     }
 }

@@ -35,7 +35,7 @@ use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
 use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges};
-use super::intern::Interner;
+use super::intern::{bytes_prefix, Interner};
 use super::top::{make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
@@ -503,12 +503,6 @@ fn user_list(
     params: &ScoreParams,
     scores: &mut Candidates,
 ) -> Vec<(SmolStr, f64)> {
-    // The history's items the copy knows (only those can be candidates), as sorted numbers.
-    let mut in_history: Vec<u32> = history
-        .iter()
-        .filter_map(|item| state.numbers.get(item))
-        .collect();
-    in_history.sort_unstable();
     // The window newest first (each item at its own k): the reference's order of summation.
     let mut window: Vec<(u32, &str)> = window_items(history.iter(), window)
         .into_iter()
@@ -524,9 +518,6 @@ fn user_list(
         let weight = params.decay.powi(*k as i32);
         let n_via = copy.users as f64;
         for &(item, covisits) in &copy.neighbours {
-            if in_history.binary_search(&item).is_ok() {
-                continue;
-            }
             let n_item = state.items[item as usize].users as f64;
             scores.add(item, weight * f64::from(covisits) / (n_via * n_item).sqrt());
         }
@@ -534,10 +525,30 @@ fn user_list(
     // Strongest first, ties by id; only the first N are ordered.
     let order = |x: &(u32, f64), y: &(u32, f64)| {
         y.1.total_cmp(&x.1)
-            .then_with(|| state.numbers.value(x.0).cmp(state.numbers.value(y.0)))
+            .then_with(|| state.numbers.cmp(x.0, y.0))
     };
     let n = params.recommendations_n;
-    let mut ranked: Vec<(u32, f64)> = scores.drain().collect();
+    // The history's items are no candidates. Found by the ids' prefixes, which the copy keeps
+    // in a dense column, and compared as ids only where a prefix matches: numbering the
+    // history's ~50 items instead was a lookup each in a table of every item.
+    let mut history_prefixes: Vec<u64> = history
+        .iter()
+        .map(|item| item.as_bytes())
+        .map(bytes_prefix)
+        .collect();
+    history_prefixes.sort_unstable();
+    let is_history = |item: u32| {
+        history_prefixes
+            .binary_search(&state.numbers.prefix(item))
+            .is_ok()
+            && history
+                .iter()
+                .any(|id| id == state.numbers.value(item).as_str())
+    };
+    let mut ranked: Vec<(u32, f64)> = scores
+        .drain()
+        .filter(|(item, _)| !is_history(*item))
+        .collect();
     if ranked.len() > n {
         ranked.select_nth_unstable_by(n, order);
         ranked.truncate(n);

@@ -146,7 +146,7 @@ pub(super) fn make_room<T>(vec: &mut Vec<T>, most: usize) {
 
 /// Whether `x` ranks before `y`: count descending, then value ascending.
 fn ranks_before<V: Ord>(x: (u32, u32), y: (u32, u32), values: &Interner<V>) -> bool {
-    x.0 > y.0 || (x.0 == y.0 && values.value(x.1) < values.value(y.1))
+    x.0 > y.0 || (x.0 == y.0 && values.cmp(x.1, y.1).is_lt())
 }
 
 impl Counted {
@@ -184,7 +184,14 @@ impl Counted {
                 self.counts.insert(number, new);
             }
         }
-        if old > 0 {
+        // A value in `top` ranks no later than its last (the invariant): one comparison spares
+        // the search for most values of a popular item.
+        let was_in_top = old > 0
+            && self
+                .top
+                .last()
+                .is_some_and(|last| !ranks_before(*last, (old as u32, number), values));
+        if was_in_top {
             if let Some(at) = self.top.iter().position(|(_, n)| *n == number) {
                 self.top.remove(at);
             }
@@ -231,10 +238,8 @@ impl Counted {
                 .filter(|(_, count)| **count > 0)
                 .map(|(number, count)| (*count as u32, *number)),
         );
-        let order = |x: &(u32, u32), y: &(u32, u32)| {
-            y.0.cmp(&x.0)
-                .then_with(|| values.value(x.1).cmp(values.value(y.1)))
-        };
+        let order =
+            |x: &(u32, u32), y: &(u32, u32)| y.0.cmp(&x.0).then_with(|| values.cmp(x.1, y.1));
         if self.top.len() > kept {
             self.top.select_nth_unstable_by(kept - 1, order);
             self.top.truncate(kept);
