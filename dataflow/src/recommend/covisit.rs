@@ -56,13 +56,82 @@ pub struct CovisitParams {
 /// now, or 0 for a partner that left them. One record per changed item and epoch, so that a
 /// worker applying it looks the item up once, and a changed count is one entry, not a
 /// retraction and an insertion (docs/performance.md, "window changes instead of pairs").
+///
+/// Items are named by the numbers of the worker that sent the record (`source`): each record
+/// carries the ids of the numbers it is the first of its source's records to name. A source
+/// sends its epochs in order, so a number's name comes with a record of the epoch of its first
+/// use or an earlier one; a receiver learns the names of every record up to an epoch before it
+/// reads them ([`SourceNumbers`]). (Not in arrival order: timely sorts the containers waiting at
+/// an exchange by time, and does not keep the order of those of one time.) So an id crosses to
+/// each worker once, and a receiver maps a number with an index, not by hashing and comparing
+/// the id (docs/performance.md, "item changes in the sender's numbers").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ItemChanges {
-    pub item: SmolStr,
+    /// The worker whose counts operator sent it, whose numbers it uses.
+    pub source: u32,
+    /// (number, id) of each number first named by this record.
+    pub names: Vec<(u32, SmolStr)>,
+    pub item: u32,
     /// n(item) now, if the epoch changed it (0: no window holds it any more).
     pub users: Option<u64>,
     /// (partner, c(item, partner) now, 0 if it is no longer a neighbour).
-    pub partners: Vec<(SmolStr, u32)>,
+    pub partners: Vec<(u32, u32)>,
+}
+
+/// What the numbers of each source's [`ItemChanges`] stand for on a receiver: `T` is the
+/// receiver's own name of the item (its number, or the id), learned from the records' names:
+/// those of every record up to an epoch before any of that epoch's is read.
+#[derive(Debug)]
+pub struct SourceNumbers<T> {
+    by_source: Vec<Vec<Option<T>>>,
+}
+
+impl<T> Default for SourceNumbers<T> {
+    fn default() -> Self {
+        SourceNumbers {
+            by_source: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> SourceNumbers<T> {
+    /// Learns the names `changes` gives, each as `name` turns the id into the receiver's.
+    pub fn learn(&mut self, changes: &ItemChanges, mut name: impl FnMut(&SmolStr) -> T) {
+        let source = changes.source as usize;
+        if self.by_source.len() <= source {
+            self.by_source.resize_with(source + 1, Vec::new);
+        }
+        let numbers = &mut self.by_source[source];
+        for (number, id) in &changes.names {
+            let at = *number as usize;
+            if numbers.len() <= at {
+                numbers.resize(at + 1, None);
+            }
+            numbers[at] = Some(name(id));
+        }
+    }
+
+    /// `changes`' item and partners (with their counts) under the receiver's names, once the
+    /// names of every record of its source up to its epoch have been learned.
+    ///
+    /// # Panics
+    /// If a number has not been named: a bug in the order of learning, not an input error.
+    pub fn read(&self, changes: &ItemChanges) -> (T, Vec<(T, u32)>) {
+        let numbers = self.by_source.get(changes.source as usize);
+        let get = |number: u32| -> T {
+            numbers
+                .and_then(|numbers| numbers.get(number as usize))
+                .cloned()
+                .flatten()
+                .expect("an item number that its source has not named")
+        };
+        let partners = changes
+            .partners
+            .iter()
+            .map(|(partner, covisits)| (get(*partner), *covisits))
+            .collect();
+        (get(changes.item), partners)
+    }
 }
 
 /// The co-visitation: n(x) as a collection, and the changes of each item's n and neighbours.
@@ -265,6 +334,8 @@ struct ItemCounts {
     users_touched: bool,
     /// Whether n(x) changed and no record of the epoch has said so yet.
     users_unsent: bool,
+    /// Whether a record sent from here has named the item ([`ItemChanges::names`]).
+    named: bool,
 }
 
 /// What the counts operator emits: a change of the neighbours or of n(x).
@@ -385,30 +456,39 @@ fn covisit_counts<'scope>(
                     });
                     // One record per changed item: its neighbours' changes and n(x)'s, if any.
                     let mut neighbour_changes = 0;
-                    let mut users_now = |a: u32| {
+                    // The record of item `a` with `partners`, if there is anything to say.
+                    let mut record = |a: u32, partners: &[(u32, u32)]| {
                         let counts = &mut item_counts[a as usize];
-                        let unsent = std::mem::take(&mut counts.users_unsent);
-                        unsent.then_some(counts.users.max(0) as u64)
+                        let users = std::mem::take(&mut counts.users_unsent)
+                            .then_some(counts.users.max(0) as u64);
+                        if users.is_none() && partners.is_empty() {
+                            return None;
+                        }
+                        let mut names = Vec::new();
+                        for n in std::iter::once(a).chain(partners.iter().map(|(b, _)| *b)) {
+                            let counts = &mut item_counts[n as usize];
+                            if !counts.named {
+                                counts.named = true;
+                                names.push((n, items.value(n).clone()));
+                            }
+                        }
+                        Some(ItemChanges {
+                            source: index as u32,
+                            names,
+                            item: a,
+                            users,
+                            partners: partners.to_vec(),
+                        })
                     };
                     top.end_epoch(&items, |a, changed| {
-                        let changes = ItemChanges {
-                            item: items.value(a).clone(),
-                            users: users_now(a),
-                            partners: changed
-                                .iter()
-                                .map(|(b, covisits)| (items.value(*b).clone(), *covisits))
-                                .collect(),
-                        };
-                        session.give((Ok(changes), time, 1));
+                        if let Some(changes) = record(a, changed) {
+                            session.give((Ok(changes), time, 1));
+                        }
                         neighbour_changes += changed.len() as u64;
                     });
+                    // n(x) of the items without neighbour changes.
                     for a in users_touched.drain(..) {
-                        if let Some(users) = users_now(a) {
-                            let changes = ItemChanges {
-                                item: items.value(a).clone(),
-                                users: Some(users),
-                                partners: Vec::new(),
-                            };
+                        if let Some(changes) = record(a, &[]) {
                             session.give((Ok(changes), time, 1));
                         }
                     }
@@ -462,6 +542,7 @@ mod tests {
     }
 
     type Changes = Arc<Mutex<Vec<(ItemChanges, u64)>>>;
+    type NamedChanges = (SmolStr, Option<u64>, Vec<(SmolStr, u32)>);
     type Captured = (Updates<(SmolStr, isize)>, Changes);
 
     /// Runs `covisitation` on `workers` workers over the epochs' histories, fed as the interest
@@ -495,21 +576,32 @@ mod tests {
         captured
     }
 
-    /// The item changes of the epochs up to `epoch`, in epoch order.
-    fn changes_up_to(changes: &Changes, epoch: u64) -> Vec<ItemChanges> {
+    /// The item changes of the epochs up to `epoch`, in epoch order, under their ids: (item,
+    /// n(item) if it changed, (partner, count)).
+    fn changes_up_to(changes: &Changes, epoch: u64) -> Vec<NamedChanges> {
         let mut changes = changes.lock().unwrap().clone();
         changes.retain(|(_, time)| *time <= epoch);
         changes.sort_by_key(|(_, time)| *time);
-        changes.into_iter().map(|(change, _)| change).collect()
+        let mut names: SourceNumbers<SmolStr> = SourceNumbers::default();
+        for (change, _) in &changes {
+            names.learn(change, SmolStr::clone);
+        }
+        changes
+            .into_iter()
+            .map(|(change, _)| {
+                let (item, partners) = names.read(&change);
+                (item, change.users, partners)
+            })
+            .collect()
     }
 
     /// Each item's neighbours as of `epoch`: (partner, c(a, b)), strongest first, from the
     /// changes of the epochs up to it, applied in order.
     fn neighbour_lists(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, Vec<(String, u64)>> {
         let mut neighbours: BTreeMap<SmolStr, BTreeMap<SmolStr, u64>> = BTreeMap::new();
-        for change in changes_up_to(changes, epoch) {
-            let partners = neighbours.entry(change.item).or_default();
-            for (partner, covisits) in &change.partners {
+        for (item, _, changed) in changes_up_to(changes, epoch) {
+            let partners = neighbours.entry(item).or_default();
+            for (partner, covisits) in &changed {
                 set_count(partners, partner, u64::from(*covisits));
             }
         }
@@ -530,9 +622,9 @@ mod tests {
     /// Each item's n as of `epoch`, from the changes of the epochs up to it (0s dropped).
     fn users_from_changes(changes: &Changes, epoch: u64) -> BTreeMap<SmolStr, u64> {
         let mut users = BTreeMap::new();
-        for change in changes_up_to(changes, epoch) {
-            if let Some(n) = change.users {
-                set_count(&mut users, &change.item, n);
+        for (item, n, _) in changes_up_to(changes, epoch) {
+            if let Some(n) = n {
+                set_count(&mut users, &item, n);
             }
         }
         users

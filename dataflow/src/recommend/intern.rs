@@ -26,7 +26,7 @@ pub trait OrderPrefix: Ord {
 
 /// The first 8 bytes, big-endian, padded with zeros: in byte order a shorter string sorts
 /// before its extensions, and padding only makes prefixes equal, never reversed.
-pub fn bytes_prefix(bytes: &[u8]) -> u64 {
+fn bytes_prefix(bytes: &[u8]) -> u64 {
     let mut prefix = [0u8; 8];
     let len = bytes.len().min(8);
     prefix[..len].copy_from_slice(&bytes[..len]);
@@ -109,14 +109,6 @@ impl<V: Ord> Interner<V> {
 }
 
 impl<V> Interner<V> {
-    /// The [`OrderPrefix`] of the value numbered `number`.
-    ///
-    /// # Panics
-    /// If `number` was not given by this table (a bug, not an input error).
-    pub fn prefix(&self, number: u32) -> u64 {
-        self.prefixes[number as usize]
-    }
-
     /// The value numbered `number`.
     ///
     /// # Panics

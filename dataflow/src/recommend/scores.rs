@@ -22,7 +22,7 @@
 use std::cmp::Reverse;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use foldhash::{HashMap, HashSet};
 
@@ -34,8 +34,8 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges};
-use super::intern::{bytes_prefix, Interner};
+use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges, SourceNumbers};
+use super::intern::Interner;
 use super::top::{make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
@@ -283,6 +283,8 @@ pub fn popular_items<'scope>(
 struct SharedState {
     /// The local numbers of the items the copy has seen.
     numbers: Interner<SmolStr>,
+    /// The local numbers of the numbers of the item changes' sources.
+    sources: SourceNumbers<u32>,
     /// What the copy holds of each item, by number: one lookup finds both n(x) and
     /// neighbours(x).
     items: Vec<ItemCopy>,
@@ -318,48 +320,31 @@ fn add_count<K: Ord>(map: &mut BTreeMap<K, isize>, key: K, diff: isize) {
     }
 }
 
-/// A shared update with its items as the copy's numbers, as it waits for its epoch.
-#[derive(Debug)]
-enum Numbered {
-    /// n(item) if it changed, and (partner, c(item, partner) now or 0): the entries of
-    /// `item`'s neighbours to set.
-    Item {
-        item: u32,
-        users: Option<u64>,
-        partners: Box<[(u32, u32)]>,
-    },
-    // Boxed to keep the common variants small: the order changes far less often.
-    Popular(Box<Popular>),
-}
-
 impl SharedState {
-    /// `update` with its items numbered (numbers are only names: giving them before the update
-    /// is applied changes nothing the lists read).
-    fn numbered(&mut self, update: Shared) -> Numbered {
-        match update {
-            Shared::Popular(popular) => Numbered::Popular(Box::new(popular)),
-            Shared::Item(changes) => Numbered::Item {
-                item: self.number(&changes.item),
-                users: changes.users,
-                partners: changes
-                    .partners
-                    .iter()
-                    .map(|(partner, covisits)| (self.number(partner), *covisits))
-                    .collect(),
-            },
+    /// Learns the item names `update` gives (see [`ItemChanges`]).
+    fn learn(&mut self, update: &Shared) {
+        if let Shared::Item(changes) = update {
+            let (numbers, items) = (&mut self.numbers, &mut self.items);
+            self.sources.learn(changes, |id| {
+                let number = numbers.number(id);
+                // Room for the item's copy.
+                if items.len() <= number as usize {
+                    items.resize_with(number as usize + 1, ItemCopy::default);
+                }
+                number
+            });
         }
     }
 
-    fn apply(&mut self, update: Numbered, diff: isize) {
+    /// Applies `update`, whose names and those of every update before it have been learned.
+    fn apply(&mut self, update: Shared, diff: isize) {
         match update {
-            Numbered::Popular(popular) => add_count(&mut self.order, *popular, diff),
+            Shared::Popular(popular) => add_count(&mut self.order, popular, diff),
             // Sent once per item and epoch, by the item's owner, with count 1. The partners
             // that left first, so that the vector never holds more than K.
-            Numbered::Item {
-                item,
-                users,
-                partners,
-            } => {
+            Shared::Item(changes) => {
+                let (item, partners) = self.sources.read(&changes);
+                let users = changes.users;
                 let copy = &mut self.items[item as usize];
                 if let Some(users) = users {
                     copy.users = users;
@@ -382,16 +367,6 @@ impl SharedState {
             }
         }
     }
-
-    /// `item`'s number, with room for its copy.
-    fn number(&mut self, item: &SmolStr) -> u32 {
-        let number = self.numbers.number(item);
-        if self.items.len() <= number as usize {
-            self.items
-                .resize_with(number as usize + 1, ItemCopy::default);
-        }
-        number
-    }
 }
 
 /// The scoring operator: once both inputs have passed an epoch, each changed user's list.
@@ -408,22 +383,14 @@ fn score<'scope>(
             ..SharedState::default()
         };
         let mut scores = Candidates::default();
-        let mut updates: Vec<(Numbered, u64, isize)> = Vec::new();
-        // Time spent numbering shared updates as they arrived, reported with the next epoch.
-        let mut numbering = Duration::ZERO;
+        let mut updates: Vec<(Shared, u64, isize)> = Vec::new();
         // The changed users, by the epoch of their change.
         let mut pending = PendingEpochs::default();
         move |(input, frontier), (shared, shared_frontier), output| {
             input.for_each(|capability, records| {
                 pending.hold_each(&capability, records, |(interest, epoch)| (epoch, interest))
             });
-            shared.for_each(|_, records| {
-                let started = Instant::now();
-                for (update, time, diff) in records.drain(..) {
-                    updates.push((state.numbered(update), time, diff));
-                }
-                numbering += started.elapsed();
-            });
+            shared.for_each(|_, records| updates.append(records));
             // Apply what both inputs have passed, and score the epochs complete on both.
             let passed = passed_by_both(frontier.frontier(), shared_frontier.frontier());
             while let Some((capability, users)) = pending.take_complete(passed.borrow()) {
@@ -431,6 +398,10 @@ fn score<'scope>(
                 let started = Instant::now();
                 updates.sort_by_key(|(_, time, _)| *time);
                 let applied = updates.partition_point(|(_, time, _)| *time <= epoch);
+                // Every name first, then the updates (see [`ItemChanges`]).
+                for (update, _, _) in &updates[..applied] {
+                    state.learn(update);
+                }
                 for (update, _, diff) in updates.drain(..applied) {
                     state.apply(update, diff);
                 }
@@ -451,7 +422,7 @@ fn score<'scope>(
                     .collect();
                 let computed = lists.len() as u64;
                 output.session(&capability).give_container(&mut lists);
-                let took = started.elapsed() + std::mem::take(&mut numbering);
+                let took = started.elapsed();
                 add_cost(&cost, epoch, Stage::Scoring, took, |cost| {
                     cost.lists += computed
                 });
@@ -503,6 +474,12 @@ fn user_list(
     params: &ScoreParams,
     scores: &mut Candidates,
 ) -> Vec<(SmolStr, f64)> {
+    // The history's items the copy knows (only those can be candidates), as sorted numbers.
+    let mut in_history: Vec<u32> = history
+        .iter()
+        .filter_map(|item| state.numbers.get(item))
+        .collect();
+    in_history.sort_unstable();
     // The window newest first (each item at its own k): the reference's order of summation.
     let mut window: Vec<(u32, &str)> = window_items(history.iter(), window)
         .into_iter()
@@ -518,6 +495,9 @@ fn user_list(
         let weight = params.decay.powi(*k as i32);
         let n_via = copy.users as f64;
         for &(item, covisits) in &copy.neighbours {
+            if in_history.binary_search(&item).is_ok() {
+                continue;
+            }
             let n_item = state.items[item as usize].users as f64;
             scores.add(item, weight * f64::from(covisits) / (n_via * n_item).sqrt());
         }
@@ -528,27 +508,7 @@ fn user_list(
             .then_with(|| state.numbers.cmp(x.0, y.0))
     };
     let n = params.recommendations_n;
-    // The history's items are no candidates. Found by the ids' prefixes, which the copy keeps
-    // in a dense column, and compared as ids only where a prefix matches: numbering the
-    // history's ~50 items instead was a lookup each in a table of every item.
-    let mut history_prefixes: Vec<u64> = history
-        .iter()
-        .map(|item| item.as_bytes())
-        .map(bytes_prefix)
-        .collect();
-    history_prefixes.sort_unstable();
-    let is_history = |item: u32| {
-        history_prefixes
-            .binary_search(&state.numbers.prefix(item))
-            .is_ok()
-            && history
-                .iter()
-                .any(|id| id == state.numbers.value(item).as_str())
-    };
-    let mut ranked: Vec<(u32, f64)> = scores
-        .drain()
-        .filter(|(item, _)| !is_history(*item))
-        .collect();
+    let mut ranked: Vec<(u32, f64)> = scores.drain().collect();
     if ranked.len() > n {
         ranked.select_nth_unstable_by(n, order);
         ranked.truncate(n);
