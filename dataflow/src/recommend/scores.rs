@@ -582,6 +582,58 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_reads_an_epochs_records_in_any_order() {
+        // Timely does not keep the order of the records of one time at an exchange: a record
+        // may arrive before the one that names its numbers. Source 1 names a and b with its
+        // first record and c with its second, which also uses a's number.
+        let names = |pairs: &[(u32, &str)]| -> Vec<(u32, SmolStr)> {
+            pairs.iter().map(|(n, id)| (*n, SmolStr::new(id))).collect()
+        };
+        let first = ItemChanges {
+            source: 1,
+            names: names(&[(7, "a"), (3, "b")]),
+            item: 7,
+            users: Some(2),
+            partners: vec![(3, 2)],
+        };
+        let second = ItemChanges {
+            source: 1,
+            names: names(&[(5, "c")]),
+            item: 5,
+            users: Some(1),
+            partners: vec![(7, 1)],
+        };
+        for records in [[&first, &second], [&second, &first]] {
+            let mut state = SharedState {
+                neighbours_per_item: 3,
+                ..SharedState::default()
+            };
+            let updates: Vec<Shared> = records
+                .iter()
+                .map(|changes| Shared::Item((*changes).clone()))
+                .collect();
+            for update in &updates {
+                state.learn(update);
+            }
+            for update in updates {
+                state.apply(update, 1);
+            }
+            let copy = |id: &str| {
+                let item = &state.items[state.numbers.get(id).unwrap() as usize];
+                let neighbours: Vec<(&str, u32)> = item
+                    .neighbours
+                    .iter()
+                    .map(|(n, c)| (state.numbers.value(*n).as_str(), *c))
+                    .collect();
+                (item.users, neighbours)
+            };
+            assert_eq!(copy("a"), (2, vec![("b", 2)]));
+            assert_eq!(copy("c"), (1, vec![("a", 1)]));
+            assert_eq!(copy("b"), (0, vec![]));
+        }
+    }
+
+    #[test]
     fn the_popularity_order_matches_the_reference_over_epochs_and_workers() {
         let covisit = CovisitParams {
             window: 5,
