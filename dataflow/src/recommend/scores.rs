@@ -285,24 +285,18 @@ struct SharedState {
     numbers: Interner<SmolStr>,
     /// The local numbers of the numbers of the item changes' sources.
     sources: SourceNumbers<u32>,
-    /// What the copy holds of each item, by number: one lookup finds both n(x) and
-    /// neighbours(x).
-    items: Vec<ItemCopy>,
+    /// n(x) by number: a column of its own, read for each of a list's ~200 terms, 8 bytes an
+    /// item where an item's whole copy is 32 (docs/performance.md, "item changes in the
+    /// sender's numbers").
+    users: Vec<u64>,
+    /// neighbours(x) by number: (partner's number, c(a, b)), at most K. A small vector, not an
+    /// ordered map: it is read whole, and a list's sums do not depend on the order of a window
+    /// item's neighbours (each neighbour is a different candidate).
+    neighbours: Vec<Vec<(u32, u32)>>,
     /// The popularity order.
     order: BTreeMap<Popular, isize>,
     /// K: an item's neighbours are never more, so their vectors are not given room for more.
     neighbours_per_item: usize,
-}
-
-/// One item's n(x) and neighbours.
-#[derive(Default, Clone)]
-struct ItemCopy {
-    /// n(x), as the item's last change set it.
-    users: u64,
-    /// (partner's number, c(a, b)), at most K. A small vector, not an ordered map: it is read
-    /// whole, and a list's sums do not depend on the order of a window item's neighbours (each
-    /// neighbour is a different candidate).
-    neighbours: Vec<(u32, u32)>,
 }
 
 /// Adds `diff` to `key`'s count, dropping the key when it reaches zero.
@@ -324,12 +318,14 @@ impl SharedState {
     /// Learns the item names `update` gives (see [`ItemChanges`]).
     fn learn(&mut self, update: &Shared) {
         if let Shared::Item(changes) = update {
-            let (numbers, items) = (&mut self.numbers, &mut self.items);
+            let (numbers, users, neighbours) =
+                (&mut self.numbers, &mut self.users, &mut self.neighbours);
             self.sources.learn(changes, |id| {
                 let number = numbers.number(id);
                 // Room for the item's copy.
-                if items.len() <= number as usize {
-                    items.resize_with(number as usize + 1, ItemCopy::default);
+                if users.len() <= number as usize {
+                    users.resize(number as usize + 1, 0);
+                    neighbours.resize_with(number as usize + 1, Vec::new);
                 }
                 number
             });
@@ -345,11 +341,10 @@ impl SharedState {
             Shared::Item(changes) => {
                 let (item, partners) = self.sources.read(&changes);
                 let users = changes.users;
-                let copy = &mut self.items[item as usize];
                 if let Some(users) = users {
-                    copy.users = users;
+                    self.users[item as usize] = users;
                 }
-                let neighbours = &mut copy.neighbours;
+                let neighbours = &mut self.neighbours[item as usize];
                 for (partner, _) in partners.iter().filter(|(_, c)| *c == 0) {
                     if let Some(at) = neighbours.iter().position(|(n, _)| n == partner) {
                         neighbours.swap_remove(at);
@@ -491,14 +486,13 @@ fn user_list(
         let Some(via) = state.numbers.get(*via) else {
             continue;
         };
-        let copy = &state.items[via as usize];
         let weight = params.decay.powi(*k as i32);
-        let n_via = copy.users as f64;
-        for &(item, covisits) in &copy.neighbours {
+        let n_via = state.users[via as usize] as f64;
+        for &(item, covisits) in &state.neighbours[via as usize] {
             if in_history.binary_search(&item).is_ok() {
                 continue;
             }
-            let n_item = state.items[item as usize].users as f64;
+            let n_item = state.users[item as usize] as f64;
             scores.add(item, weight * f64::from(covisits) / (n_via * n_item).sqrt());
         }
     }
@@ -619,13 +613,12 @@ mod tests {
                 state.apply(update, 1);
             }
             let copy = |id: &str| {
-                let item = &state.items[state.numbers.get(id).unwrap() as usize];
-                let neighbours: Vec<(&str, u32)> = item
-                    .neighbours
+                let item = state.numbers.get(id).unwrap() as usize;
+                let neighbours: Vec<(&str, u32)> = state.neighbours[item]
                     .iter()
                     .map(|(n, c)| (state.numbers.value(*n).as_str(), *c))
                     .collect();
-                (item.users, neighbours)
+                (state.users[item], neighbours)
             };
             assert_eq!(copy("a"), (2, vec![("b", 2)]));
             assert_eq!(copy("c"), (1, vec![("a", 1)]));
