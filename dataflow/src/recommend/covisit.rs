@@ -367,6 +367,8 @@ fn covisit_counts<'scope>(
             let mut users_touched: Vec<u32> = Vec::new();
             // Time spent numbering changes as they arrived, reported with the next epoch.
             let mut numbering = Duration::ZERO;
+            // The epoch's pair changes (a, b, change of c(a, b)), kept for its allocation.
+            let mut pair_changes: Vec<(u32, u32, isize)> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, records| {
                     let started = Instant::now();
@@ -398,7 +400,6 @@ fn covisit_counts<'scope>(
                 while let Some((capability, changes)) = pending.take_complete(frontier.frontier()) {
                     let time = *capability.time();
                     let started = Instant::now();
-                    let mut updates = 0;
                     for change in &changes {
                         let (left, stayed) = (change.left as usize, change.stayed as usize);
                         let (old, new) = (&change.items[..left + stayed], &change.items[left..]);
@@ -412,8 +413,7 @@ fn covisit_counts<'scope>(
                             // loses its pairs with what left and gains those with what entered.
                             let mut counts = |partners: &[u32], diff: isize| {
                                 for &b in partners.iter().filter(|b| **b != a) {
-                                    top.add(a, b, diff, &items);
-                                    updates += 1;
+                                    pair_changes.push((a, b, diff));
                                 }
                             };
                             if i < left {
@@ -434,6 +434,14 @@ fn covisit_counts<'scope>(
                                 counts.users += if i < left { -d } else { d } as i64;
                             }
                         }
+                    }
+                    // Applied by item: an item's state and its smaller tables are then read
+                    // from memory once for all of its changes in the epoch, not once for each
+                    // (docs/performance.md, "item changes in the sender's numbers").
+                    radsort::sort_by_key(&mut pair_changes, |(a, _, _)| *a);
+                    let updates = pair_changes.len() as u64;
+                    for (a, b, diff) in pair_changes.drain(..) {
+                        top.add(a, b, diff, &items);
                     }
                     let mut session = output.session(&capability);
                     // n(x)'s changes, as the collection's updates.
