@@ -338,6 +338,14 @@ struct ItemCounts {
     named: bool,
 }
 
+/// The most pair changes the counts operator sorts by item at once (16 bytes each). The
+/// tests' epochs imply a few hundred: there it is small, so that they go through several
+/// batches.
+#[cfg(not(test))]
+const PAIR_BATCH: usize = 1 << 20;
+#[cfg(test)]
+const PAIR_BATCH: usize = 7;
+
 /// What the counts operator emits: a change of the neighbours or of n(x).
 type CountsOutput = Result<ItemChanges, (SmolStr, isize)>;
 
@@ -346,8 +354,10 @@ type CountsOutput = Result<ItemChanges, (SmolStr, isize)>;
 /// n(a) as a collection, as `count` would give it, and each changed item's [`ItemChanges`].
 ///
 /// The changes are numbered as they arrive (every item of a change, once, in the worker's
-/// table, [`Interner`]) and wait for their epoch as numbers; an epoch is applied once the
-/// input has passed it, in arrival order, then the touched items' first K are compared.
+/// table, [`Interner`]) and wait for their epoch as numbers. Once the input has passed an
+/// epoch, the pair changes its window changes imply are applied item by item (counts may go
+/// below zero on the way: within an epoch the order does not matter), then the touched items'
+/// first K are compared.
 fn covisit_counts<'scope>(
     changes: ChangeStream<'scope>,
     params: CovisitParams,
@@ -367,7 +377,7 @@ fn covisit_counts<'scope>(
             let mut users_touched: Vec<u32> = Vec::new();
             // Time spent numbering changes as they arrived, reported with the next epoch.
             let mut numbering = Duration::ZERO;
-            // The epoch's pair changes (a, b, change of c(a, b)), kept for its allocation.
+            // Pair changes (a, b, change of c(a, b)) to apply, kept for its allocation.
             let mut pair_changes: Vec<(u32, u32, isize)> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, records| {
@@ -400,7 +410,22 @@ fn covisit_counts<'scope>(
                 while let Some((capability, changes)) = pending.take_complete(frontier.frontier()) {
                     let time = *capability.time();
                     let started = Instant::now();
+                    let mut updates = 0;
+                    // Applied by item: an item's state and its smaller tables are then read
+                    // from memory once for all of its changes in a batch, not once for each
+                    // (docs/performance.md, "item changes in the sender's numbers"). In batches
+                    // of at most `PAIR_BATCH`: an epoch at full scale implies ~10 million.
+                    let mut apply = |pair_changes: &mut Vec<(u32, u32, isize)>| {
+                        radsort::sort_by_key(pair_changes, |(a, _, _)| *a);
+                        updates += pair_changes.len() as u64;
+                        for (a, b, diff) in pair_changes.drain(..) {
+                            top.add(a, b, diff, &items);
+                        }
+                    };
                     for change in &changes {
+                        if pair_changes.len() >= PAIR_BATCH {
+                            apply(&mut pair_changes);
+                        }
                         let (left, stayed) = (change.left as usize, change.stayed as usize);
                         let (old, new) = (&change.items[..left + stayed], &change.items[left..]);
                         let d = change.diff;
@@ -435,14 +460,7 @@ fn covisit_counts<'scope>(
                             }
                         }
                     }
-                    // Applied by item: an item's state and its smaller tables are then read
-                    // from memory once for all of its changes in the epoch, not once for each
-                    // (docs/performance.md, "item changes in the sender's numbers").
-                    radsort::sort_by_key(&mut pair_changes, |(a, _, _)| *a);
-                    let updates = pair_changes.len() as u64;
-                    for (a, b, diff) in pair_changes.drain(..) {
-                        top.add(a, b, diff, &items);
-                    }
+                    apply(&mut pair_changes);
                     let mut session = output.session(&capability);
                     // n(x)'s changes, as the collection's updates.
                     users_touched.retain(|a| {
