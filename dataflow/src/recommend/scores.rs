@@ -8,11 +8,11 @@
 //!
 //! Every worker keeps a copy of the neighbours, n and the popularity order, applied from the
 //! items' change records and the order's updates, broadcast, up to the epoch it scores; a
-//! changed user's list is then
-//! computed where the user is, with W·K lookups and no exchange. (A first version joined
-//! one-epoch queries with the arrangements of n and of the neighbours: three joins of
-//! string-keyed terms, 556 µs of CPU a message on the bench, see docs/performance.md.) The copy
-//! costs each worker the neighbours of every item, K entries an item.
+//! changed user's list is then computed where the user is, with W·K lookups and no exchange.
+//! (A first version joined one-epoch queries with the arrangements of n and of the neighbours:
+//! three joins of string-keyed terms, 556 µs of CPU a message on the bench, see
+//! docs/performance.md.) The copy costs each worker the neighbours of every item, K entries an
+//! item.
 //!
 //! A user's terms are added per candidate in order of k, then item, as the reference adds them,
 //! so that equal scores are equal in bits. Floats appear only here, after the collections: their
@@ -340,8 +340,7 @@ impl SharedState {
             // that left first, so that the vector never holds more than K.
             Shared::Item(changes) => {
                 let (item, partners) = self.sources.read(&changes);
-                let users = changes.users;
-                if let Some(users) = users {
+                if let Some(users) = changes.users {
                     self.users[item as usize] = users;
                 }
                 let neighbours = &mut self.neighbours[item as usize];
