@@ -411,16 +411,11 @@ fn covisit_counts<'scope>(
                     let time = *capability.time();
                     let started = Instant::now();
                     let mut updates = 0;
-                    // Applied by item: an item's state and its smaller tables are then read
-                    // from memory once for all of its changes in a batch, not once for each
-                    // (docs/performance.md, "item changes in the sender's numbers"). In batches
-                    // of at most `PAIR_BATCH`: an epoch at full scale implies ~10 million.
+                    // In batches of at most `PAIR_BATCH`: an epoch at full scale implies ~10
+                    // million.
                     let mut apply = |pair_changes: &mut Vec<(u32, u32, isize)>| {
-                        radsort::sort_by_key(pair_changes, |(a, _, _)| *a);
                         updates += pair_changes.len() as u64;
-                        for (a, b, diff) in pair_changes.drain(..) {
-                            top.add(a, b, diff, &items);
-                        }
+                        top.apply(pair_changes, &items);
                     };
                     for change in &changes {
                         if pair_changes.len() >= PAIR_BATCH {

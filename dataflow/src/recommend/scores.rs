@@ -151,11 +151,11 @@ pub fn popular_order<'scope>(
                         (time, (items.number(&item), users * diff))
                     })
                 });
+                let mut batch = Vec::new();
                 while let Some((capability, changes)) = pending.take_complete(frontier.frontier()) {
                     let time = *capability.time();
-                    for (item, change) in changes {
-                        top.add(0, item, change, &items);
-                    }
+                    batch.extend(changes.into_iter().map(|(item, change)| (0, item, change)));
+                    top.apply(&mut batch, &items);
                     let mut session = output.session(&capability);
                     top.end_epoch(&items, |_, changed| {
                         for &(item, users) in changed {

@@ -14,20 +14,19 @@
 //! worker, and a key keeps in order only its strongest values, not all of them: this is the
 //! recommendations' largest state.
 
-use foldhash::{HashMap, HashSet};
-
 use super::intern::Interner;
 
 /// Each key's first `k` values ranked by count (descending, ties by value ascending), kept as
 /// the counts change: the co-visits' state, c(a, b) for every pair and each item's neighbours.
 ///
 /// Keys and values are of one kind (items) and held under one worker-local numbering
-/// ([`Interner`], whose ids break ties). Each (key, value) count is kept once, and each key
-/// keeps in order only its strongest values ([`Counted`]): the recommendations' largest state.
-/// Replaces `count` followed by a top-K `reduce`, which kept every pair three times and read a
-/// popular item's whole group on every change (docs/performance.md, "co-visitation without the
-/// self-join"). Changes are applied as they come, in any order within an epoch;
-/// [`TopByCount::end_epoch`] then compares the touched keys' first `k` before and after.
+/// ([`Interner`], whose ids break ties). Each (key, value) count is kept once, in sorted
+/// arrays by key, and each key keeps in order only its strongest values ([`Counted`]): the
+/// recommendations' largest state. Replaces `count` followed by a top-K `reduce`, which kept
+/// every pair three times and read a popular item's whole group on every change
+/// (docs/performance.md, "co-visitation without the self-join"). Changes come in batches, in
+/// any order within an epoch ([`TopByCount::apply`]); [`TopByCount::end_epoch`] then compares
+/// the touched keys' first `k` before and after.
 #[derive(Debug)]
 pub struct TopByCount {
     k: usize,
@@ -40,6 +39,10 @@ pub struct TopByCount {
     /// epoch are in `before`.
     touched: Vec<(u32, std::ops::Range<usize>)>,
     before: Vec<(u32, u32)>,
+    /// One key's changes of a batch, by value, consolidated.
+    merging: Vec<(u32, i32)>,
+    /// Where a key's merged counts are built before they are copied back.
+    scratch: Scratch,
 }
 
 impl TopByCount {
@@ -51,22 +54,55 @@ impl TopByCount {
             keys: Vec::new(),
             touched: Vec::new(),
             before: Vec::new(),
+            merging: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 
-    /// Adds `diff` to the count of (`key`, `value`); `values` names the numbers.
-    pub fn add<V: Ord>(&mut self, key: u32, value: u32, diff: isize, values: &Interner<V>) {
-        if self.keys.len() <= key as usize {
-            self.keys.resize_with(key as usize + 1, Counted::default);
+    /// Applies a batch of changes (key, value, change of the count), in any order, and leaves
+    /// `changes` empty; `values` names the numbers.
+    ///
+    /// The batch is sorted by key, and each key's changes by value, so that a key's counts are
+    /// merged with its changes in one pass over its sorted arrays, read and written in order.
+    /// A count of 1 then takes 4 bytes and a quarter more of room, where a hash set per key
+    /// took ~8 and a cache miss or two per change (docs/performance.md, "counts merged by
+    /// key").
+    pub fn apply<V: Ord>(&mut self, changes: &mut Vec<(u32, u32, isize)>, values: &Interner<V>) {
+        radsort::sort_by_key(changes, |(key, _, _)| *key);
+        for group in changes.chunk_by_mut(|x, y| x.0 == y.0) {
+            group.sort_unstable_by_key(|(_, value, _)| *value);
+            let merging = &mut self.merging;
+            merging.clear();
+            for &(_, value, diff) in group.iter() {
+                // A count beyond i32 would need two billion users holding one pair.
+                let diff = diff.clamp(i32::MIN as isize, i32::MAX as isize) as i32;
+                match merging.last_mut() {
+                    Some((last, sum)) if *last == value => *sum = sum.saturating_add(diff),
+                    _ => merging.push((value, diff)),
+                }
+            }
+            merging.retain(|(_, diff)| *diff != 0);
+            if merging.is_empty() {
+                continue;
+            }
+            let key = group[0].0 as usize;
+            if self.keys.len() <= key {
+                // Grown by a quarter, not doubled: a slot is 80 bytes, and there is one for
+                // every item.
+                let more = key + 1 + (key + 1) / 4 - self.keys.len();
+                self.keys.reserve_exact(more);
+                self.keys.resize_with(key + 1, Counted::default);
+            }
+            let counted = &mut self.keys[key];
+            if !counted.touched {
+                counted.touched = true;
+                let start = self.before.len();
+                self.before.extend_from_slice(counted.first(self.k));
+                self.touched.push((key as u32, start..self.before.len()));
+            }
+            counted.merge(merging, self.kept, values, &mut self.scratch);
         }
-        let counted = &mut self.keys[key as usize];
-        if !counted.touched {
-            counted.touched = true;
-            let start = self.before.len();
-            self.before.extend_from_slice(counted.first(self.k));
-            self.touched.push((key, start..self.before.len()));
-        }
-        counted.apply(value, diff, self.kept, values);
+        changes.clear();
     }
 
     /// Ends the epoch: for each key whose first `k` it changed, `emit(key, changed)`, where
@@ -107,13 +143,20 @@ impl TopByCount {
     }
 }
 
+/// Where [`Counted::merge`] builds a key's arrays.
+#[derive(Debug, Default)]
+struct Scratch {
+    ones: Vec<u32>,
+    counts: Vec<(u32, i32)>,
+}
+
 /// One key's values (by local number) with their counts, and its strongest values in order.
 ///
-/// `ones` holds the values whose count is 1 and `counts` every other value whose count is not
-/// zero: most pairs are held by one user (95% at full scale), and a set keeps such a value in
-/// 4 bytes where a map of counts takes 8. Within an epoch, applied in arrival order, a
-/// retraction may come before the insertion it cancels, so a count may be negative for a
-/// while. Only positive counts rank.
+/// `ones` holds the values whose count is 1, sorted, and `counts` every other value whose
+/// count is not zero, sorted by value: most pairs are held by one user (95% at full scale),
+/// and such a value takes 4 bytes. Within an epoch, applied in batches, a retraction may come
+/// in a batch before the insertion it cancels, so a count may be negative for a while. Only
+/// positive counts rank.
 ///
 /// `top` holds (count, number) of the key's strongest values, strongest first (count
 /// descending, then the value ascending). The invariant: every value with a positive count not
@@ -125,8 +168,8 @@ impl TopByCount {
 /// rest, so that is rare where it is costly.
 #[derive(Debug, Default)]
 struct Counted {
-    ones: HashSet<u32>,
-    counts: HashMap<u32, i32>,
+    ones: Vec<u32>,
+    counts: Vec<(u32, i32)>,
     top: Vec<(u32, u32)>,
     complete: bool,
     /// Whether the epoch being applied has changed it.
@@ -144,6 +187,18 @@ pub(super) fn make_room<T>(vec: &mut Vec<T>, most: usize) {
     }
 }
 
+/// Sets `vec` to `from`, with room for a quarter more (a count array grows a little most
+/// epochs), given back when it holds less than half of its room.
+fn copy_with_room<T: Copy>(vec: &mut Vec<T>, from: &[T]) {
+    vec.clear();
+    let room = from.len() + from.len() / 4;
+    if from.len() > vec.capacity() || room < vec.capacity() / 2 {
+        vec.shrink_to(0);
+        vec.reserve_exact(room);
+    }
+    vec.extend_from_slice(from);
+}
+
 /// Whether `x` ranks before `y`: count descending, then value ascending.
 fn ranks_before<V: Ord>(x: (u32, u32), y: (u32, u32), values: &Interner<V>) -> bool {
     x.0 > y.0 || (x.0 == y.0 && values.cmp(x.1, y.1).is_lt())
@@ -155,35 +210,66 @@ impl Counted {
         &self.top[..k.min(self.top.len())]
     }
 
-    /// Adds `diff` to the count of the value numbered `number`, keeping `top` (at most `kept`
-    /// long) as its invariant says.
-    fn apply<V: Ord>(&mut self, number: u32, diff: isize, kept: usize, values: &Interner<V>) {
-        if self.ones.is_empty() && self.counts.is_empty() {
-            // A new key (or one that had lost every value) holds all of its no values.
-            self.complete = true;
-        }
-        // A count beyond i32 would need two billion users holding one pair.
-        let diff = diff.clamp(i32::MIN as isize, i32::MAX as isize) as i32;
-        if diff == 0 {
-            return;
-        }
-        let old = if self.ones.remove(&number) {
-            1
-        } else if self.counts.is_empty() {
-            0
-        } else {
-            self.counts.remove(&number).unwrap_or(0)
-        };
-        let new = old.saturating_add(diff);
-        match new {
-            0 => {}
-            1 => {
-                self.ones.insert(number);
+    /// Adds each change, (value's number, change of its count), sorted by number and each
+    /// number once, to the counts, and keeps `top` (at most `kept` long) as its invariant says.
+    fn merge<V: Ord>(
+        &mut self,
+        changes: &[(u32, i32)],
+        kept: usize,
+        values: &Interner<V>,
+        scratch: &mut Scratch,
+    ) {
+        scratch.ones.clear();
+        scratch.counts.clear();
+        // The counts before `number` are in `scratch`, the rest from `ones[i..]`, `counts[j..]`.
+        let (mut i, mut j) = (0, 0);
+        for &(number, diff) in changes {
+            if scratch.ones.is_empty()
+                && scratch.counts.is_empty()
+                && i == self.ones.len()
+                && j == self.counts.len()
+            {
+                // A new key (or one that had lost every value) holds all of its no values.
+                self.complete = true;
             }
-            _ => {
-                self.counts.insert(number, new);
+            let run = self.ones[i..].partition_point(|x| *x < number);
+            scratch.ones.extend_from_slice(&self.ones[i..i + run]);
+            i += run;
+            let run = self.counts[j..].partition_point(|(x, _)| *x < number);
+            scratch.counts.extend_from_slice(&self.counts[j..j + run]);
+            j += run;
+            let old = if self.ones.get(i) == Some(&number) {
+                i += 1;
+                1
+            } else if let Some(&(_, count)) = self.counts.get(j).filter(|(x, _)| *x == number) {
+                j += 1;
+                count
+            } else {
+                0
+            };
+            let new = old.saturating_add(diff);
+            match new {
+                0 => {}
+                1 => scratch.ones.push(number),
+                _ => scratch.counts.push((number, new)),
             }
+            self.rerank(number, old, new, kept, values);
         }
+        scratch.ones.extend_from_slice(&self.ones[i..]);
+        scratch.counts.extend_from_slice(&self.counts[j..]);
+        copy_with_room(&mut self.ones, &scratch.ones);
+        copy_with_room(&mut self.counts, &scratch.counts);
+    }
+
+    /// Moves the value numbered `number`, whose count went from `old` to `new`, in `top`.
+    fn rerank<V: Ord>(
+        &mut self,
+        number: u32,
+        old: i32,
+        new: i32,
+        kept: usize,
+        values: &Interner<V>,
+    ) {
         // A value in `top` ranks no later than its last (the invariant): one comparison spares
         // the search for most values of a popular item.
         let was_in_top = old > 0
@@ -235,7 +321,7 @@ impl Counted {
         self.top.extend(
             self.counts
                 .iter()
-                .filter(|(_, count)| **count > 0)
+                .filter(|(_, count)| *count > 0)
                 .map(|(number, count)| (*count as u32, *number)),
         );
         let order =
@@ -326,8 +412,8 @@ mod tests {
 
     #[test]
     fn a_keys_first_values_stay_exact_through_every_change() {
-        // One key, values 0..30, counts walking up and down one change at a time: after each
-        // change (and the refill an epoch ends with) the first k of the positive counts are
+        // One key, values 0..30, counts walking up and down a few changes at a time: after each
+        // merge (and the refill an epoch ends with) the first k of the positive counts are
         // those of brute force.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let mut values: Interner<u32> = Interner::default();
@@ -336,17 +422,25 @@ mod tests {
         }
         let (k, kept) = (2, 4);
         let mut counted = Counted::default();
+        let mut scratch = Scratch::default();
         let mut counts: BTreeMap<u32, isize> = BTreeMap::new();
         for step in 0..20_000 {
-            let value = rng.random_range(0..30u32);
-            let present = counts.get(&value).copied().unwrap_or(0);
-            // Sometimes a retraction of an absent value: within an epoch, applied in arrival
-            // order, a count may go below zero before its insertion comes.
-            let retract = if present > 0 { 0.5 } else { 0.1 };
-            let diff = if rng.random_bool(retract) { -1 } else { 1 };
-            *counts.entry(value).or_insert(0) += diff;
-            counted.apply(values.number(&value), diff, kept, &values);
+            // Up to four changes, merged as one key's part of a batch: by number, each once.
+            let mut changes: BTreeMap<u32, i32> = BTreeMap::new();
+            for _ in 0..rng.random_range(1..=4) {
+                let value = rng.random_range(0..30u32);
+                let present = counts.get(&value).copied().unwrap_or(0);
+                // Sometimes a retraction of an absent value: within an epoch, applied in
+                // batches, a count may go below zero before its insertion comes.
+                let retract = if present > 0 { 0.5 } else { 0.1 };
+                let diff = if rng.random_bool(retract) { -1 } else { 1 };
+                *counts.entry(value).or_insert(0) += diff as isize;
+                *changes.entry(values.number(&value)).or_insert(0) += diff;
+            }
+            let changes: Vec<(u32, i32)> = changes.into_iter().filter(|(_, d)| *d != 0).collect();
+            counted.merge(&changes, kept, &values, &mut scratch);
             counted.refill_below(k, kept, &values);
+            assert!(counted.ones.is_sorted() && counted.counts.is_sorted());
             let mut expected: Vec<(Reverse<isize>, u32)> = counts
                 .iter()
                 .filter(|(_, count)| **count > 0)
@@ -390,9 +484,15 @@ mod tests {
             for i in (1..updates.len()).rev() {
                 updates.swap(i, rng.random_range(0..=i));
             }
+            // In batches of random sizes, as the counts operator bounds them.
+            let mut batch = Vec::new();
             for ((key, value), diff) in updates {
-                top.add(values.number(&key), values.number(&value), diff, &values);
+                batch.push((values.number(&key), values.number(&value), diff));
+                if rng.random_bool(0.05) {
+                    top.apply(&mut batch, &values);
+                }
             }
+            top.apply(&mut batch, &values);
             top.end_epoch(&values, |key, changed| {
                 let first = output.entry(*values.value(key)).or_default();
                 assert!(!changed.is_empty(), "a key is emitted only when it changed");
