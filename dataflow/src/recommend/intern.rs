@@ -109,6 +109,15 @@ impl<V: Ord> Interner<V> {
 }
 
 impl<V> Interner<V> {
+    /// The order prefix of the value numbered `number` ([`OrderPrefix`]): where many values
+    /// are ranked at once, each read once.
+    ///
+    /// # Panics
+    /// If `number` was not given by this table (a bug, not an input error).
+    pub fn prefix(&self, number: u32) -> u64 {
+        self.prefixes[number as usize]
+    }
+
     /// The value numbered `number`.
     ///
     /// # Panics

@@ -117,7 +117,7 @@ impl TopByCount {
         for (key, range) in self.touched.drain(..) {
             let counted = &mut self.keys[key as usize];
             counted.touched = false;
-            counted.refill_below(self.k, self.kept, values);
+            counted.refill_below(self.k, self.kept, values, &mut self.scratch.ranked);
             let (was, now) = (&self.before[range], counted.first(self.k));
             if was == now {
                 continue;
@@ -143,12 +143,16 @@ impl TopByCount {
     }
 }
 
-/// Where [`Counted::merge`] builds a key's arrays.
+/// Where [`Counted::merge`] builds a key's arrays, and [`Counted::rebuild_top`] ranks them.
 #[derive(Debug, Default)]
 struct Scratch {
     ones: Vec<u32>,
     counts: Vec<(u32, i32)>,
+    ranked: Vec<Ranked>,
 }
+
+/// A value as ranked in a rebuild: (count descending, order prefix, number).
+type Ranked = (std::cmp::Reverse<u32>, u64, u32);
 
 /// One key's values (by local number) with their counts, and its strongest values in order.
 ///
@@ -221,6 +225,11 @@ impl Counted {
     ) {
         scratch.ones.clear();
         scratch.counts.clear();
+        // A key that holds all its values in `top` and gets changes for a good part of them
+        // ranks them all again at the end: each value's prefix is then read once, where moving
+        // each change in `top` compared it with several others, a cache miss each (at the
+        // bench's scale most keys are complete and their counts tie at 1).
+        let rebuild = self.complete && changes.len() * 4 >= self.ones.len() + self.counts.len();
         // The counts before `number` are in `scratch`, the rest from `ones[i..]`, `counts[j..]`.
         let (mut i, mut j) = (0, 0);
         for &(number, diff) in changes {
@@ -253,12 +262,17 @@ impl Counted {
                 1 => scratch.ones.push(number),
                 _ => scratch.counts.push((number, new)),
             }
-            self.rerank(number, old, new, kept, values);
+            if !rebuild {
+                self.rerank(number, old, new, kept, values);
+            }
         }
         scratch.ones.extend_from_slice(&self.ones[i..]);
         scratch.counts.extend_from_slice(&self.counts[j..]);
         copy_with_room(&mut self.ones, &scratch.ones);
         copy_with_room(&mut self.counts, &scratch.counts);
+        if rebuild {
+            self.rebuild_top(kept, values, &mut scratch.ranked);
+        }
     }
 
     /// Moves the value numbered `number`, whose count went from `old` to `new`, in `top`.
@@ -312,29 +326,57 @@ impl Counted {
     }
 
     /// Rebuilds `top` from every count when fewer than `k` of its first values are known.
-    fn refill_below<V: Ord>(&mut self, k: usize, kept: usize, values: &Interner<V>) {
-        if self.complete || self.top.len() >= k {
-            return;
+    fn refill_below<V: Ord>(
+        &mut self,
+        k: usize,
+        kept: usize,
+        values: &Interner<V>,
+        ranked: &mut Vec<Ranked>,
+    ) {
+        if !self.complete && self.top.len() < k {
+            self.rebuild_top(kept, values, ranked);
         }
-        self.top.clear();
-        self.top.extend(self.ones.iter().map(|number| (1, *number)));
-        self.top.extend(
+    }
+
+    /// Ranks every positive count: `top` becomes the first `kept`, complete if there are no
+    /// more. Each value's order prefix is read once, into `ranked`, and the ids are compared
+    /// only where prefixes are equal.
+    fn rebuild_top<V: Ord>(&mut self, kept: usize, values: &Interner<V>, ranked: &mut Vec<Ranked>) {
+        use std::cmp::Reverse;
+        ranked.clear();
+        ranked.extend(
+            self.ones
+                .iter()
+                .map(|&number| (Reverse(1), values.prefix(number), number)),
+        );
+        ranked.extend(
             self.counts
                 .iter()
                 .filter(|(_, count)| *count > 0)
-                .map(|(number, count)| (*count as u32, *number)),
+                .map(|&(number, count)| (Reverse(count as u32), values.prefix(number), number)),
         );
-        let order =
-            |x: &(u32, u32), y: &(u32, u32)| y.0.cmp(&x.0).then_with(|| values.cmp(x.1, y.1));
-        if self.top.len() > kept {
-            self.top.select_nth_unstable_by(kept - 1, order);
-            self.top.truncate(kept);
-            // The scan held every count; a popular item's would stay allocated.
-            self.top.shrink_to(kept + 1);
-        } else {
-            self.complete = true;
+        let order = |x: &Ranked, y: &Ranked| {
+            (x.0, x.1)
+                .cmp(&(y.0, y.1))
+                .then_with(|| values.cmp(x.2, y.2))
+        };
+        self.complete = ranked.len() <= kept;
+        if !self.complete {
+            ranked.select_nth_unstable_by(kept - 1, order);
+            ranked.truncate(kept);
         }
-        self.top.sort_unstable_by(order);
+        ranked.sort_unstable_by(order);
+        self.top.clear();
+        // Room for what it holds, and not more: a rebuild of a popular item reads every count.
+        if self.top.capacity() > kept + 1 {
+            self.top.shrink_to(kept + 1);
+        }
+        self.top.reserve_exact(ranked.len());
+        self.top.extend(
+            ranked
+                .iter()
+                .map(|&(Reverse(count), _, number)| (count, number)),
+        );
     }
 }
 
@@ -439,7 +481,7 @@ mod tests {
             }
             let changes: Vec<(u32, i32)> = changes.into_iter().filter(|(_, d)| *d != 0).collect();
             counted.merge(&changes, kept, &values, &mut scratch);
-            counted.refill_below(k, kept, &values);
+            counted.refill_below(k, kept, &values, &mut scratch.ranked);
             assert!(counted.ones.is_sorted() && counted.counts.is_sorted());
             let mut expected: Vec<(Reverse<isize>, u32)> = counts
                 .iter()
