@@ -5,8 +5,10 @@
 //! popular item come from tens of thousands of partners, and the popularity order from every
 //! item; even split into 64 buckets first (a top per bucket, then of the buckets' winners), a
 //! message of the bench workload, which replaces a user's window of 10 items, made the two
-//! reduces read ~100,000 values (docs/performance.md). Here a change costs a short update of
-//! the key's own state, and only the keys changed in an epoch have their first `k` read again.
+//! reduces read ~100,000 values (docs/performance.md). Here a batch's changes of a key are
+//! merged with the key's sorted counts (a value of count 1 is 4 bytes, copied in order, not
+//! a tuple with its times to consolidate), the key's strongest values stay ordered as the
+//! changes come, and only the keys changed in an epoch have their first `k` compared.
 //!
 //! [`TopByCount`] serves both: the neighbours (c(a, b), counted from the window changes by
 //! [`super::covisit`]) and each worker's part of the popularity order (one key, the items
