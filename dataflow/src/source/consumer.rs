@@ -34,6 +34,11 @@ pub(super) struct SourceContext {
     /// librdkafka's errors and log lines while a broker is unreachable come a few a second per
     /// connection: rate-limited, they say the same.
     warnings: RateLimit,
+    /// Whether an offset commit failed since the source last looked (commits are asynchronous:
+    /// `commit` only queues one, and the broker's answer comes to [`commit_callback`]).
+    ///
+    /// [`commit_callback`]: ConsumerContext::commit_callback
+    pub(super) commit_failed: std::sync::atomic::AtomicBool,
 }
 
 /// Whether the consumer hears from the brokers. It always has a fetch waiting at a broker (one
@@ -175,7 +180,19 @@ impl ClientContext for SourceContext {
     }
 }
 
-impl ConsumerContext for SourceContext {}
+impl ConsumerContext for SourceContext {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(error) = result {
+            // The next commit carries every partition's position, and the source sends one
+            // again if none comes (`KafkaSource::commit_before`).
+            self.commit_failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.warn(|suppressed| {
+                tracing::warn!(suppressed, worker = self.worker, %error, "offset commit failed; it is sent again")
+            });
+        }
+    }
+}
 
 /// The consumer of worker `worker`'s profile and item-feature partitions.
 pub(super) fn consumer(
@@ -227,6 +244,7 @@ pub(super) fn consumer(
             warnings: RateLimit::per_second(),
         }),
         warnings: RateLimit::per_second(),
+        commit_failed: std::sync::atomic::AtomicBool::new(false),
     })
 }
 

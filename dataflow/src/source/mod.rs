@@ -131,6 +131,10 @@ pub struct KafkaSource {
     /// Each assigned partition's offset committed last (or where reading started), for its
     /// lag and for checkpoints.
     committed: BTreeMap<SourcePartition, i64>,
+    /// Every position this source has committed, by partition: each commit carries them all,
+    /// so that one the broker failed (it was down, or its coordinator moved) is made good by
+    /// the next, also for a partition that gets no new message.
+    commit_positions: BTreeMap<SourcePartition, i64>,
     /// Where live reading starts for partitions a restored checkpoint covers (the others start
     /// at their committed offsets).
     live_from: BTreeMap<SourcePartition, i64>,
@@ -219,6 +223,7 @@ impl KafkaSource {
             warnings: RateLimit::per_second(),
             read_counts: PartitionTally::default(),
             committed,
+            commit_positions: BTreeMap::new(),
             live_from,
         })
     }
@@ -366,7 +371,11 @@ impl KafkaSource {
     /// Commits the offsets of every epoch before `frontier` (all durable in Redis) whose
     /// dead-letter copies the broker has all acknowledged: an epoch with a copy still
     /// unacknowledged, and every later one, waits for a later call. Never waits for the broker.
-    /// Returns the positions committed.
+    /// Each commit carries every partition's position, and one the broker failed is sent again
+    /// at the next call even with nothing new: a partition whose last messages were committed
+    /// while the broker was away would otherwise keep its old committed offset until it gets
+    /// another message (replayed after a restart, and a lag in the group's offsets).
+    /// Returns the positions that are new in this commit.
     pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
         self.dlq.maintain();
         if self.ledger.is_empty() {
@@ -384,11 +393,18 @@ impl KafkaSource {
             _ => frontier,
         };
         let positions = self.ledger.complete_before(frontier);
-        if positions.is_empty() {
+        // A commit the broker failed is sent again, with the next epoch's or on its own.
+        let failed = self
+            .consumer
+            .context()
+            .commit_failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if positions.is_empty() && !failed {
             return positions;
         }
+        self.commit_positions.extend(&positions);
         let mut list = TopicPartitionList::new();
-        for (&(topic, partition), &offset) in &positions {
+        for (&(topic, partition), &offset) in &self.commit_positions {
             if let Err(error) =
                 list.add_partition_offset(&self.topics[topic], partition, Offset::Offset(offset))
             {
@@ -400,8 +416,12 @@ impl KafkaSource {
         match self.consumer.commit(&list, CommitMode::Async) {
             Ok(()) => self.committed.extend(&positions),
             Err(error) => {
+                self.consumer
+                    .context()
+                    .commit_failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Some(suppressed) = self.warnings.allow() {
-                    tracing::warn!(%error, suppressed, "offset commit failed; the next one covers it");
+                    tracing::warn!(%error, suppressed, "offset commit failed; it is sent again");
                 }
             }
         }
