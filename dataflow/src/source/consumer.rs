@@ -39,6 +39,9 @@ pub(super) struct SourceContext {
     ///
     /// [`commit_callback`]: ConsumerContext::commit_callback
     pub(super) commit_failed: std::sync::atomic::AtomicBool,
+    /// The failed commits' warnings, at most one a second: their own limit, so that
+    /// librdkafka's lines about the same outage do not hide them.
+    commit_warnings: RateLimit,
 }
 
 /// Whether the consumer hears from the brokers. It always has a fetch waiting at a broker (one
@@ -187,9 +190,14 @@ impl ConsumerContext for SourceContext {
             // again if none comes (`KafkaSource::commit_before`).
             self.commit_failed
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            self.warn(|suppressed| {
-                tracing::warn!(suppressed, worker = self.worker, %error, "offset commit failed; it is sent again")
-            });
+            if let Some(suppressed) = self.commit_warnings.allow() {
+                tracing::warn!(
+                    suppressed,
+                    worker = self.worker,
+                    %error,
+                    "offset commit failed; it is sent again"
+                );
+            }
         }
     }
 }
@@ -245,6 +253,7 @@ pub(super) fn consumer(
         }),
         warnings: RateLimit::per_second(),
         commit_failed: std::sync::atomic::AtomicBool::new(false),
+        commit_warnings: RateLimit::per_second(),
     })
 }
 

@@ -378,7 +378,13 @@ impl KafkaSource {
     /// Returns the positions that are new in this commit.
     pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
         self.dlq.maintain();
-        if self.ledger.is_empty() {
+        // A commit the broker failed is sent again, with the next epoch's or on its own.
+        let failed = self
+            .consumer
+            .context()
+            .commit_failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if self.ledger.is_empty() && !failed {
             return BTreeMap::new();
         }
         let frontier = match self.dlq.unacknowledged_before() {
@@ -393,12 +399,6 @@ impl KafkaSource {
             _ => frontier,
         };
         let positions = self.ledger.complete_before(frontier);
-        // A commit the broker failed is sent again, with the next epoch's or on its own.
-        let failed = self
-            .consumer
-            .context()
-            .commit_failed
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
         if positions.is_empty() && !failed {
             return positions;
         }
