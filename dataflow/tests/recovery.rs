@@ -214,6 +214,65 @@ fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
         .collect()
 }
 
+/// A run's topics (the profile topic with `PARTITIONS` partitions, the item and dead-letter
+/// topics with one), group and features file.
+struct Topics {
+    topic: String,
+    item_topic: String,
+    dlq_topic: String,
+    group: String,
+    features: tempfile::NamedTempFile,
+}
+
+impl Topics {
+    async fn create(brokers: &str, name: &str) -> Topics {
+        let topic = unique_topic(name);
+        let topics = Topics {
+            item_topic: format!("{topic}.items"),
+            dlq_topic: format!("{topic}.dlq"),
+            group: format!("{topic}.group"),
+            features: tempfile::NamedTempFile::new().unwrap(),
+            topic,
+        };
+        create_topic_at(brokers, &topics.topic, PARTITIONS).await;
+        create_topic_at(brokers, &topics.item_topic, 1).await;
+        create_topic_at(brokers, &topics.dlq_topic, 1).await;
+        std::fs::write(topics.features.path(), FEATURES).unwrap();
+        topics
+    }
+
+    /// The dataflow's arguments: two workers, epochs of `epoch_ms`, and librdkafka's requests
+    /// given up after `socket_timeout_ms`.
+    fn args(&self, brokers: &str, epoch_ms: u64, socket_timeout_ms: u64) -> Vec<String> {
+        [
+            "--brokers",
+            brokers,
+            "--topic",
+            &self.topic,
+            "--item-topic",
+            &self.item_topic,
+            "--dlq-topic",
+            &self.dlq_topic,
+            "--group",
+            &self.group,
+            "--redis",
+            &testkit::redis_url(),
+            "--item-features",
+            self.features.path().to_str().unwrap(),
+            "--epoch-ms",
+            &epoch_ms.to_string(),
+            "--stats-json",
+            "-w",
+            "2",
+            "-X",
+            &format!("socket.timeout.ms={socket_timeout_ms}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
 /// What the test does to the broker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
@@ -245,45 +304,11 @@ async fn a_commit_the_broker_missed_is_sent_again() {
     let mut broker = Broker::start_sqlite();
     broker.wait_until_listening().await;
     let brokers = broker.brokers();
-    let topic = unique_topic("recommit");
-    let (item_topic, dlq_topic, group) = (
-        format!("{topic}.items"),
-        format!("{topic}.dlq"),
-        format!("{topic}.group"),
-    );
-    create_topic_at(&brokers, &topic, PARTITIONS).await;
-    create_topic_at(&brokers, &item_topic, 1).await;
-    create_topic_at(&brokers, &dlq_topic, 1).await;
-    let features = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(features.path(), FEATURES).unwrap();
+    let run = Topics::create(&brokers, "recommit").await;
+    let topic = run.topic.clone();
     let user = format!("{}_u", topic.replace('-', "_"));
-    let args: Vec<String> = [
-        "--brokers",
-        &brokers,
-        "--topic",
-        &topic,
-        "--item-topic",
-        &item_topic,
-        "--dlq-topic",
-        &dlq_topic,
-        "--group",
-        &group,
-        "--redis",
-        &testkit::redis_url(),
-        "--item-features",
-        features.path().to_str().unwrap(),
-        "--epoch-ms",
-        "3000",
-        "--stats-json",
-        "-w",
-        "2",
-        // A commit to the stopped broker fails after 3 s, not 60.
-        "-X",
-        "socket.timeout.ms=3000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // A commit to the stopped broker fails after 3 s, not 60.
+    let args = run.args(&brokers, 3000, 3000);
     let dataflow = Dataflow::spawn(&args);
     let producer = producer(&brokers);
     // One user, so one partition.
@@ -327,7 +352,7 @@ async fn a_commit_the_broker_missed_is_sent_again() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = tokio::task::spawn_blocking({
-            let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
+            let (brokers, group, topic) = (brokers.clone(), run.group.clone(), topic.clone());
             move || committed(&brokers, &group, &topic)
         })
         .await
@@ -354,50 +379,15 @@ async fn scenario(fault: Fault) {
     };
     broker.wait_until_listening().await;
     let brokers = broker.brokers();
-    let topic = unique_topic("recovery");
-    let (item_topic, dlq_topic, group) = (
-        format!("{topic}.items"),
-        format!("{topic}.dlq"),
-        format!("{topic}.group"),
-    );
-    create_topic_at(&brokers, &topic, PARTITIONS).await;
-    create_topic_at(&brokers, &item_topic, 1).await;
-    create_topic_at(&brokers, &dlq_topic, 1).await;
-    let features = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(features.path(), FEATURES).unwrap();
+    let run = Topics::create(&brokers, "recovery").await;
+    let (topic, dlq_topic, group) = (run.topic.clone(), run.dlq_topic.clone(), run.group.clone());
     // Users of this run only, so that the shared Redis' other contents do not matter.
     let prefix = topic.replace('-', "_");
     let user = move |n: u64| format!("{prefix}_u{n}");
-
-    let args: Vec<String> = [
-        "--brokers",
-        &brokers,
-        "--topic",
-        &topic,
-        "--item-topic",
-        &item_topic,
-        "--dlq-topic",
-        &dlq_topic,
-        "--group",
-        &group,
-        "--redis",
-        &testkit::redis_url(),
-        "--item-features",
-        features.path().to_str().unwrap(),
-        "--epoch-ms",
-        "50",
-        "--stats-json",
-        "-w",
-        "2",
-        // The clients give up on a request after 4 s instead of 60: the 12 s stall then
-        // outlasts their timeouts, so connections are torn down and rebuilt (the harder case, as
-        // a stall of minutes would be with the defaults).
-        "-X",
-        "socket.timeout.ms=4000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // The clients give up on a request after 4 s instead of 60: the 12 s stall then outlasts
+    // their timeouts, so connections are torn down and rebuilt (the harder case, as a stall of
+    // minutes would be with the defaults).
+    let args = run.args(&brokers, 50, 4000);
     let mut dataflow = Dataflow::spawn(&args);
     let producer = producer(&brokers);
 
