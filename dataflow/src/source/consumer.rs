@@ -34,14 +34,6 @@ pub(super) struct SourceContext {
     /// librdkafka's errors and log lines while a broker is unreachable come a few a second per
     /// connection: rate-limited, they say the same.
     warnings: RateLimit,
-    /// Whether an offset commit failed since the source last looked (commits are asynchronous:
-    /// `commit` only queues one, and the broker's answer comes to [`commit_callback`]).
-    ///
-    /// [`commit_callback`]: ConsumerContext::commit_callback
-    pub(super) commit_failed: std::sync::atomic::AtomicBool,
-    /// The failed commits' warnings, at most one a second: their own limit, so that
-    /// librdkafka's lines about the same outage do not hide them.
-    commit_warnings: RateLimit,
 }
 
 /// Whether the consumer hears from the brokers. It always has a fetch waiting at a broker (one
@@ -183,24 +175,7 @@ impl ClientContext for SourceContext {
     }
 }
 
-impl ConsumerContext for SourceContext {
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
-        if let Err(error) = result {
-            // The next commit carries every partition's position, and the source sends one
-            // again if none comes (`KafkaSource::commit_before`).
-            self.commit_failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(suppressed) = self.commit_warnings.allow() {
-                tracing::warn!(
-                    suppressed,
-                    worker = self.worker,
-                    %error,
-                    "offset commit failed; it is sent again"
-                );
-            }
-        }
-    }
-}
+impl ConsumerContext for SourceContext {}
 
 /// The consumer of worker `worker`'s profile and item-feature partitions.
 pub(super) fn consumer(
@@ -252,8 +227,6 @@ pub(super) fn consumer(
             warnings: RateLimit::per_second(),
         }),
         warnings: RateLimit::per_second(),
-        commit_failed: std::sync::atomic::AtomicBool::new(false),
-        commit_warnings: RateLimit::per_second(),
     })
 }
 

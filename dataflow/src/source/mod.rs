@@ -132,9 +132,11 @@ pub struct KafkaSource {
     /// lag and for checkpoints.
     committed: BTreeMap<SourcePartition, i64>,
     /// Every position this source has committed, by partition: each commit carries them all,
-    /// so that one the broker failed (it was down, or its coordinator moved) is made good by
-    /// the next, also for a partition that gets no new message.
+    /// so that one lost on the way (the broker was down, or its coordinator moved) is made good
+    /// by the next, also for a partition that gets no new message.
     commit_positions: BTreeMap<SourcePartition, i64>,
+    /// Whether librdkafka refused the last commit (it is sent again at the next call).
+    commit_refused: bool,
     /// Where live reading starts for partitions a restored checkpoint covers (the others start
     /// at their committed offsets).
     live_from: BTreeMap<SourcePartition, i64>,
@@ -224,6 +226,7 @@ impl KafkaSource {
             read_counts: PartitionTally::default(),
             committed,
             commit_positions: BTreeMap::new(),
+            commit_refused: false,
             live_from,
         })
     }
@@ -371,19 +374,15 @@ impl KafkaSource {
     /// Commits the offsets of every epoch before `frontier` (all durable in Redis) whose
     /// dead-letter copies the broker has all acknowledged: an epoch with a copy still
     /// unacknowledged, and every later one, waits for a later call. Never waits for the broker.
-    /// Each commit carries every partition's position, and one the broker failed is sent again
-    /// at the next call even with nothing new: a partition whose last messages were committed
-    /// while the broker was away would otherwise keep its old committed offset until it gets
-    /// another message (replayed after a restart, and a lag in the group's offsets).
+    /// Each commit carries every partition's position, so that a later commit makes good one
+    /// lost while the broker was away, also for a partition with no new message (which would
+    /// otherwise keep its old committed offset: replayed after a restart, and a lag in the
+    /// group's offsets); one librdkafka refuses is sent again at the next call.
     /// Returns the positions that are new in this commit.
     pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
         self.dlq.maintain();
-        // A commit the broker failed is sent again, with the next epoch's or on its own.
-        let failed = self
-            .consumer
-            .context()
-            .commit_failed
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        // A commit librdkafka refused is sent again, with the next epoch's or on its own.
+        let failed = std::mem::take(&mut self.commit_refused);
         if self.ledger.is_empty() && !failed {
             return BTreeMap::new();
         }
@@ -416,10 +415,7 @@ impl KafkaSource {
         match self.consumer.commit(&list, CommitMode::Async) {
             Ok(()) => self.committed.extend(&positions),
             Err(error) => {
-                self.consumer
-                    .context()
-                    .commit_failed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.commit_refused = true;
                 if let Some(suppressed) = self.warnings.allow() {
                     tracing::warn!(%error, suppressed, "offset commit failed; it is sent again");
                 }
