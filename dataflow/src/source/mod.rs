@@ -413,7 +413,8 @@ impl KafkaSource {
         // Asynchronous: a commit lost to a crash only means re-reading messages whose outputs
         // Redis already holds, which the no-regression script makes harmless.
         match self.consumer.commit(&list, CommitMode::Async) {
-            Ok(()) => self.committed.extend(&positions),
+            // Also the positions of a refused commit this one sends again.
+            Ok(()) => self.committed.extend(&self.commit_positions),
             Err(error) => {
                 self.commit_refused = true;
                 if let Some(suppressed) = self.warnings.allow() {
