@@ -145,13 +145,14 @@ pub fn popular_order<'scope>(
             let mut pending = PendingEpochs::default();
             let mut items: Interner<SmolStr> = Interner::default();
             let mut top = TopByCount::new(len);
+            // An epoch's changes as (key, item, change), kept for its allocation.
+            let mut batch = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, updates| {
                     pending.hold_each(&capability, updates, |((item, users), time, diff)| {
                         (time, (items.number(&item), users * diff))
                     })
                 });
-                let mut batch = Vec::new();
                 while let Some((capability, changes)) = pending.take_complete(frontier.frontier()) {
                     let time = *capability.time();
                     batch.extend(changes.into_iter().map(|(item, change)| (0, item, change)));
