@@ -61,8 +61,10 @@ pub struct CovisitParams {
 /// carries the ids of the numbers it is the first of its source's records to name. A source
 /// sends its epochs in order, so a number's name comes with a record of the epoch of its first
 /// use or an earlier one; a receiver learns the names of every record up to an epoch before it
-/// reads them ([`SourceNumbers`]). (Not in arrival order: timely sorts the containers waiting at
-/// an exchange by time, and does not keep the order of those of one time.) So an id crosses to
+/// reads any of that epoch's ([`SourceNumbers`]): it learns each record's names as it arrives
+/// (a number never changes its name), and reads an epoch's records once its input has passed
+/// the epoch. (Not in arrival order: timely sorts the containers waiting at an exchange by
+/// time, and does not keep the order of those of one time.) So an id crosses to
 /// each worker once, and a receiver maps a number with an index, not by hashing and comparing
 /// the id (docs/performance.md, "item changes in the sender's numbers").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -117,20 +119,26 @@ impl<T: Clone> SourceNumbers<T> {
     /// # Panics
     /// If a number has not been named: a bug in the order of learning, not an input error.
     pub fn read(&self, changes: &ItemChanges) -> (T, Vec<(T, u32)>) {
-        let numbers = self.by_source.get(changes.source as usize);
-        let get = |number: u32| -> T {
-            numbers
-                .and_then(|numbers| numbers.get(number as usize))
-                .cloned()
-                .flatten()
-                .expect("an item number that its source has not named")
-        };
+        let get = |number: u32| self.get(changes.source, number);
         let partners = changes
             .partners
             .iter()
             .map(|(partner, covisits)| (get(*partner), *covisits))
             .collect();
         (get(changes.item), partners)
+    }
+
+    /// What `source`'s `number` stands for, once a record has named it.
+    ///
+    /// # Panics
+    /// If the number has not been named: a bug in the order of learning, not an input error.
+    pub fn get(&self, source: u32, number: u32) -> T {
+        self.by_source
+            .get(source as usize)
+            .and_then(|numbers| numbers.get(number as usize))
+            .cloned()
+            .flatten()
+            .expect("an item number that its source has not named")
     }
 }
 

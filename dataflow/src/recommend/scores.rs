@@ -333,32 +333,113 @@ impl SharedState {
         }
     }
 
-    /// Applies `update`, whose names and those of every update before it have been learned.
-    fn apply(&mut self, update: Shared, diff: isize) {
+    /// Applies an item's change as [`Waiting`] keeps it: `source`'s numbers, named already.
+    /// Sent once per item and epoch, by the item's owner, with count 1. The partners that left
+    /// first, so that the vector never holds more than K.
+    fn apply_item(&mut self, change: &WaitingItem, partners: &[(u32, u32)]) {
+        let item = self.sources.get(change.source, change.item);
+        if let Some(users) = change.users {
+            self.users[item as usize] = users;
+        }
+        let neighbours = &mut self.neighbours[item as usize];
+        for (partner, _) in partners.iter().filter(|(_, c)| *c == 0) {
+            let partner = self.sources.get(change.source, *partner);
+            if let Some(at) = neighbours.iter().position(|(n, _)| *n == partner) {
+                neighbours.swap_remove(at);
+            }
+        }
+        for &(partner, covisits) in partners.iter().filter(|(_, c)| *c != 0) {
+            let partner = self.sources.get(change.source, partner);
+            match neighbours.iter().position(|(n, _)| *n == partner) {
+                Some(at) => neighbours[at].1 = covisits,
+                None => {
+                    make_room(neighbours, self.neighbours_per_item);
+                    neighbours.push((partner, covisits));
+                }
+            }
+        }
+    }
+}
+
+/// The shared updates a copy has received and not applied yet, by epoch, in a compact form: an
+/// item's change is 32 bytes here and its partners 8 bytes each in one vector of the epoch,
+/// where a record as it arrives is ~100 bytes and a vector of its own. At full scale an epoch
+/// in flight is hundreds of thousands of item changes on every worker (the records as they
+/// came were 67 MB of the peak heap, docs/performance.md).
+///
+/// Names are learned as records arrive ([`SharedState::learn`]): a number keeps its name for
+/// good, so learning it early changes nothing, and once the inputs have passed an epoch every
+/// record up to it, and every name they use, has arrived (see [`ItemChanges`]).
+#[derive(Default)]
+struct Waiting {
+    epochs: BTreeMap<u64, WaitingEpoch>,
+    /// Emptied epochs, kept for their allocations.
+    spare: Vec<WaitingEpoch>,
+}
+
+/// The updates of one epoch that wait in [`Waiting`].
+#[derive(Default)]
+struct WaitingEpoch {
+    items: Vec<WaitingItem>,
+    /// The partners of `items`, one after the other.
+    partners: Vec<(u32, u32)>,
+    popular: Vec<(Popular, isize)>,
+}
+
+/// An [`ItemChanges`] without its names (learned on arrival) and its partners (in
+/// [`WaitingEpoch::partners`], up to `partners_end`).
+struct WaitingItem {
+    source: u32,
+    item: u32,
+    users: Option<u64>,
+    partners_end: u32,
+}
+
+impl Waiting {
+    /// Keeps `update` of `time` until its epoch is applied; learns its names into `state`.
+    fn hold(&mut self, state: &mut SharedState, update: Shared, time: u64, diff: isize) {
+        state.learn(&update);
+        let spare = &mut self.spare;
+        let epoch = self
+            .epochs
+            .entry(time)
+            .or_insert_with(|| spare.pop().unwrap_or_default());
         match update {
-            Shared::Popular(popular) => add_count(&mut self.order, popular, diff),
-            // Sent once per item and epoch, by the item's owner, with count 1. The partners
-            // that left first, so that the vector never holds more than K.
+            Shared::Popular(popular) => epoch.popular.push((popular, diff)),
             Shared::Item(changes) => {
-                let (item, partners) = self.sources.read(&changes);
-                if let Some(users) = changes.users {
-                    self.users[item as usize] = users;
-                }
-                let neighbours = &mut self.neighbours[item as usize];
-                for (partner, _) in partners.iter().filter(|(_, c)| *c == 0) {
-                    if let Some(at) = neighbours.iter().position(|(n, _)| n == partner) {
-                        neighbours.swap_remove(at);
-                    }
-                }
-                for &(partner, covisits) in partners.iter().filter(|(_, c)| *c != 0) {
-                    match neighbours.iter().position(|(n, _)| *n == partner) {
-                        Some(at) => neighbours[at].1 = covisits,
-                        None => {
-                            make_room(neighbours, self.neighbours_per_item);
-                            neighbours.push((partner, covisits));
-                        }
-                    }
-                }
+                epoch.partners.extend_from_slice(&changes.partners);
+                epoch.items.push(WaitingItem {
+                    source: changes.source,
+                    item: changes.item,
+                    users: changes.users,
+                    partners_end: epoch.partners.len() as u32,
+                });
+            }
+        }
+    }
+
+    /// Applies to `state` every update of the epochs up to `epoch`, in epoch order.
+    fn apply_through(&mut self, epoch: u64, state: &mut SharedState) {
+        while let Some(entry) = self.epochs.first_entry() {
+            if *entry.key() > epoch {
+                break;
+            }
+            let mut waiting = entry.remove();
+            let mut start = 0;
+            for item in &waiting.items {
+                let end = item.partners_end as usize;
+                state.apply_item(item, &waiting.partners[start..end]);
+                start = end;
+            }
+            for (popular, diff) in waiting.popular.drain(..) {
+                add_count(&mut state.order, popular, diff);
+            }
+            // Two spares cover the usual one or two epochs in flight; more would keep the
+            // room of a burst for good.
+            if self.spare.len() < 2 {
+                waiting.items.clear();
+                waiting.partners.clear();
+                self.spare.push(waiting);
             }
         }
     }
@@ -378,28 +459,24 @@ fn score<'scope>(
             ..SharedState::default()
         };
         let mut scores = Candidates::default();
-        let mut updates: Vec<(Shared, u64, isize)> = Vec::new();
+        let mut waiting = Waiting::default();
         // The changed users, by the epoch of their change.
         let mut pending = PendingEpochs::default();
         move |(input, frontier), (shared, shared_frontier), output| {
             input.for_each(|capability, records| {
                 pending.hold_each(&capability, records, |(interest, epoch)| (epoch, interest))
             });
-            shared.for_each(|_, records| updates.append(records));
+            shared.for_each(|_, records| {
+                for (update, time, diff) in records.drain(..) {
+                    waiting.hold(&mut state, update, time, diff);
+                }
+            });
             // Apply what both inputs have passed, and score the epochs complete on both.
             let passed = passed_by_both(frontier.frontier(), shared_frontier.frontier());
             while let Some((capability, users)) = pending.take_complete(passed.borrow()) {
                 let epoch = *capability.time();
                 let started = Instant::now();
-                updates.sort_by_key(|(_, time, _)| *time);
-                let applied = updates.partition_point(|(_, time, _)| *time <= epoch);
-                // Every name first, then the updates (see [`ItemChanges`]).
-                for (update, _, _) in &updates[..applied] {
-                    state.learn(update);
-                }
-                for (update, _, diff) in updates.drain(..applied) {
-                    state.apply(update, diff);
-                }
+                waiting.apply_through(epoch, &mut state);
                 let mut lists: Vec<UserRecommendations> = users
                     .into_iter()
                     .map(|interest| UserRecommendations {
@@ -469,10 +546,11 @@ fn user_list(
     params: &ScoreParams,
     scores: &mut Candidates,
 ) -> Vec<(SmolStr, f64)> {
+    let numbers = &state.numbers;
     // The history's items the copy knows (only those can be candidates), as sorted numbers.
     let mut in_history: Vec<u32> = history
         .iter()
-        .filter_map(|item| state.numbers.get(item))
+        .filter_map(|item| numbers.get(item))
         .collect();
     in_history.sort_unstable();
     // The window newest first (each item at its own k): the reference's order of summation.
@@ -483,7 +561,7 @@ fn user_list(
     window.sort_unstable();
     // Each candidate's terms are added in the window's order.
     for (k, via) in &window {
-        let Some(via) = state.numbers.get(*via) else {
+        let Some(via) = numbers.get(*via) else {
             continue;
         };
         let weight = params.decay.powi(*k as i32);
@@ -497,10 +575,8 @@ fn user_list(
         }
     }
     // Strongest first, ties by id; only the first N are ordered.
-    let order = |x: &(u32, f64), y: &(u32, f64)| {
-        y.1.total_cmp(&x.1)
-            .then_with(|| state.numbers.cmp(x.0, y.0))
-    };
+    let order =
+        |x: &(u32, f64), y: &(u32, f64)| y.1.total_cmp(&x.1).then_with(|| numbers.cmp(x.0, y.0));
     let n = params.recommendations_n;
     let mut ranked: Vec<(u32, f64)> = scores.drain().collect();
     if ranked.len() > n {
@@ -510,7 +586,7 @@ fn user_list(
     ranked.sort_unstable_by(order);
     let mut list: Vec<(SmolStr, f64)> = ranked
         .into_iter()
-        .map(|(item, score)| (state.numbers.value(item).clone(), score))
+        .map(|(item, score)| (numbers.value(item).clone(), score))
         .collect();
     if list.len() >= n {
         return list;
@@ -579,7 +655,8 @@ mod tests {
     fn a_copy_reads_an_epochs_records_in_any_order() {
         // Timely does not keep the order of the records of one time at an exchange: a record
         // may arrive before the one that names its numbers. Source 1 names a and b with its
-        // first record and c with its second, which also uses a's number.
+        // first record and c with its second, which also uses a's number; a record of the
+        // next epoch changes b.
         let names = |pairs: &[(u32, &str)]| -> Vec<(u32, SmolStr)> {
             pairs.iter().map(|(n, id)| (*n, SmolStr::new(id))).collect()
         };
@@ -602,27 +679,36 @@ mod tests {
                 neighbours_per_item: 3,
                 ..SharedState::default()
             };
-            let updates: Vec<Shared> = records
-                .iter()
-                .map(|changes| Shared::Item((*changes).clone()))
-                .collect();
-            for update in &updates {
-                state.learn(update);
+            let mut waiting = Waiting::default();
+            for changes in records {
+                waiting.hold(&mut state, Shared::Item(changes.clone()), 4, 1);
             }
-            for update in updates {
-                state.apply(update, 1);
-            }
+            // A record of a later epoch waits.
+            let later = ItemChanges {
+                source: 1,
+                names: Vec::new(),
+                item: 3,
+                users: Some(9),
+                partners: vec![(7, 1)],
+            };
+            waiting.hold(&mut state, Shared::Item(later), 5, 1);
+            waiting.apply_through(4, &mut state);
+            let numbers = &state.numbers;
             let copy = |id: &str| {
-                let item = state.numbers.get(id).unwrap() as usize;
+                let item = numbers.get(id).unwrap() as usize;
                 let neighbours: Vec<(&str, u32)> = state.neighbours[item]
                     .iter()
-                    .map(|(n, c)| (state.numbers.value(*n).as_str(), *c))
+                    .map(|(n, c)| (numbers.value(*n).as_str(), *c))
                     .collect();
                 (state.users[item], neighbours)
             };
             assert_eq!(copy("a"), (2, vec![("b", 2)]));
             assert_eq!(copy("c"), (1, vec![("a", 1)]));
-            assert_eq!(copy("b"), (0, vec![]));
+            assert_eq!(copy("b"), (0, vec![]), "epoch 5 not applied yet");
+            let item = numbers.get("b").unwrap() as usize;
+            waiting.apply_through(5, &mut state);
+            assert_eq!(state.users[item], 9);
+            assert_eq!(state.neighbours[item].len(), 1);
         }
     }
 
