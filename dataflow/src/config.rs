@@ -237,6 +237,7 @@ impl Config {
             ),
             interval_ms: self.checkpoint_interval.as_millis() as u64,
             compatibility,
+            gate: crate::checkpoint::take::BodyGate::default(),
         }))
     }
 

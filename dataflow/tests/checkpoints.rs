@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -164,6 +165,25 @@ impl Dataflow {
             .iter()
             .filter(|line| line.contains(text))
             .count()
+    }
+
+    /// The checkpoints written so far: each time, with the workers that wrote it.
+    fn checkpoints_written(&self) -> BTreeMap<u64, BTreeSet<u32>> {
+        let mut written: BTreeMap<u64, BTreeSet<u32>> = BTreeMap::new();
+        for line in self.log.lock().unwrap().iter() {
+            if !line.contains("checkpoint written") {
+                continue;
+            }
+            let field = |name: &str| -> u64 {
+                let value = line.split(&format!(" {name}=")).nth(1).unwrap();
+                value.split_whitespace().next().unwrap().parse().unwrap()
+            };
+            written
+                .entry(field("time"))
+                .or_default()
+                .insert(field("worker") as u32);
+        }
+        written
     }
 
     /// Waits until the log has a line containing `text`.
@@ -551,6 +571,38 @@ async fn a_checkpoint_restores_into_other_worker_and_process_counts() {
     second.terminate();
     first.wait();
     second.wait();
+}
+
+/// The workers of a process reach each checkpoint's time together and take turns to read and
+/// write their state (one body in memory at a time): a worker whose turn has not come writes
+/// the same checkpoint later, so every periodic checkpoint still has every worker's file.
+/// (One second apart: with much shorter intervals a worker whose durable frontier moved past
+/// two multiples at once skips to the later, with or without turns.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_of_a_process_writes_every_periodic_checkpoint() {
+    let setup = Setup::new("ckpt-turns").await;
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let mut sent = Sent::new(&setup);
+    let run = Dataflow::spawn(&setup, "1s", &["-w", "3"]);
+    send_random(&setup, &mut sent, &mut rng, 200, 60).await;
+    wait_until_redis_matches(&setup, &sent, &[&run]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.checkpoints_written().len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 5 checkpoints in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written = run.checkpoints_written();
+    run.stop();
+    // A worker whose turn comes late may not have written the newest one yet.
+    let newest = *written.keys().next_back().unwrap();
+    let settled: Vec<_> = written.range(..newest).collect();
+    assert!(settled.len() >= 4, "{written:?}");
+    for (time, workers) in settled {
+        assert_eq!(workers.len(), 3, "checkpoint {time}: {written:?}");
+    }
 }
 
 /// Damages every file of the newest checkpoint with `damage`.

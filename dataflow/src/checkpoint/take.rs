@@ -13,10 +13,18 @@
 //! profiles: ~50 ms per 100,000 users); encoding, the checksum, the write, its fsyncs and
 //! pruning are on a thread of their own. A worker waits for its previous write only when the
 //! next checkpoint is due before it ended.
+//!
+//! The columns of a worker are ~60 MB at full scale, held until written. All workers reach a
+//! checkpoint's time together, so a process's peak memory rose by that much for each of its
+//! workers; the workers of a process now take turns ([`BodyGate`]): a worker whose turn has
+//! not come keeps the time and the offsets the checkpoint was due with, and reads its state as
+//! of that time once the body before it is written (the traces stay held there until then).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -137,6 +145,48 @@ pub struct Settings {
     pub dir: CheckpointDir,
     pub interval_ms: u64,
     pub compatibility: Compatibility,
+    /// Shared by the clones of the settings that the process's workers get.
+    pub gate: BodyGate,
+}
+
+/// Lets one worker of a process at a time hold a checkpoint's body (read, not yet written).
+#[derive(Debug, Clone, Default)]
+pub struct BodyGate {
+    taken: Arc<AtomicBool>,
+}
+
+impl BodyGate {
+    /// The turn, if no other worker holds it.
+    fn try_enter(&self) -> Option<Turn> {
+        self.taken
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then(|| Turn {
+                taken: Arc::clone(&self.taken),
+            })
+    }
+
+    /// The turn, once the worker that holds it, if any, has written its body.
+    fn enter(&self) -> Turn {
+        loop {
+            if let Some(turn) = self.try_enter() {
+                return turn;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// A worker's turn to hold a body: given back when dropped, after the body.
+#[derive(Debug)]
+struct Turn {
+    taken: Arc<AtomicBool>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.taken.store(false, Ordering::Release);
+    }
 }
 
 /// One worker's checkpoints.
@@ -153,6 +203,8 @@ pub struct Checkpointer {
     metrics: Option<CheckpointMetrics>,
     /// The last body's sizes.
     last: Sizes,
+    /// A checkpoint that was due while another worker held the turn: its time and offsets.
+    deferred: Option<(u64, BTreeMap<SourcePartition, i64>)>,
 }
 
 impl Checkpointer {
@@ -176,6 +228,7 @@ impl Checkpointer {
             writing: None,
             metrics,
             last: Sizes::default(),
+            deferred: None,
         };
         checkpointer
             .state
@@ -186,18 +239,33 @@ impl Checkpointer {
     /// With every epoch before `durable` stored in Redis, and its offsets ready to commit: takes
     /// the checkpoint that is due, if any, with `positions_before(time)` its offsets. Returns
     /// the time of the checkpoint taken.
+    ///
+    /// A checkpoint due while another worker of the process holds the turn ([`BodyGate`]) is
+    /// taken by a later call, with the offsets of the call it was due at.
     pub fn on_durable(
         &mut self,
         durable: u64,
         positions_before: impl FnOnce(u64) -> BTreeMap<SourcePartition, i64>,
     ) -> Option<u64> {
-        let time = self.schedule.due(durable)?;
-        // The arrangements are upstream of the durable frontier, so they are complete before
-        // it; should a trace lag all the same, the checkpoint waits for the next call.
-        if !self.state.complete_before(time) {
+        let (time, positions) = match self.deferred.take() {
+            Some(deferred) => deferred,
+            None => {
+                let time = self.schedule.due(durable)?;
+                // The arrangements are upstream of the durable frontier, so they are complete
+                // before it; should a trace lag all the same, the checkpoint waits for the next
+                // call.
+                if !self.state.complete_before(time) {
+                    return None;
+                }
+                // Now: the source forgets the offsets of epochs once they are committed.
+                (time, positions_before(time))
+            }
+        };
+        let Some(turn) = self.settings.gate.try_enter() else {
+            self.deferred = Some((time, positions));
             return None;
-        }
-        self.take(time, time - 1, positions_before(time));
+        };
+        self.take(time, time - 1, positions, turn);
         self.schedule.taken(time);
         self.state.hold_from(self.schedule.next() - 1);
         Some(time)
@@ -206,8 +274,13 @@ impl Checkpointer {
     /// Takes the checkpoint of the whole state once the dataflow has ended, as of `time`, the
     /// end of the last epoch of any worker, and waits for it to be written.
     pub fn finish(mut self, time: u64, positions: BTreeMap<SourcePartition, i64>) {
+        // This one covers a deferred one.
+        self.deferred = None;
+        // Waited for first: this worker may hold the turn itself.
+        self.wait();
+        let turn = self.settings.gate.enter();
         // Every update counts: the traces may have compacted them past `time`, to the hold.
-        self.take(time, u64::MAX, positions);
+        self.take(time, u64::MAX, positions, turn);
         self.wait();
     }
 
@@ -223,7 +296,15 @@ impl Checkpointer {
     /// Reads the state once every update at or before `as_of` is counted and writes it in the
     /// background as the checkpoint of `time`. The traces hold updates distinct only from the
     /// hold on, so `as_of` is at or past it.
-    fn take(&mut self, time: u64, as_of: u64, positions: BTreeMap<SourcePartition, i64>) {
+    ///
+    /// `turn` is given back once the body is written (or at once if none is read).
+    fn take(
+        &mut self,
+        time: u64,
+        as_of: u64,
+        positions: BTreeMap<SourcePartition, i64>,
+        turn: Turn,
+    ) {
         debug_assert!(as_of >= self.schedule.next() - 1);
         let started = Instant::now();
         let Some(body) = self.state.read_as_of(as_of, self.last) else {
@@ -253,6 +334,9 @@ impl Checkpointer {
             .name(format!("checkpoint-{worker}"))
             .spawn(move || {
                 let written = write(&dir, time, worker, peers, &head, &body, read_ms);
+                // The body's memory goes before the next worker reads its own.
+                drop(body);
+                drop(turn);
                 if let Some(metrics) = metrics {
                     match written {
                         true => metrics.written(time, started.elapsed()),
@@ -312,4 +396,25 @@ fn write(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_worker_at_a_time_holds_a_body() {
+        let gate = BodyGate::default();
+        let other = gate.clone();
+        let turn = gate.try_enter().expect("a free gate lets in");
+        assert!(other.try_enter().is_none(), "the turn is held");
+        let waiting = std::thread::spawn(move || other.enter());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiting.is_finished(), "enter waits for the turn");
+        drop(turn);
+        let turn = waiting.join().unwrap();
+        assert!(gate.try_enter().is_none());
+        drop(turn);
+        assert!(gate.try_enter().is_some(), "given back when dropped");
+    }
 }
