@@ -161,6 +161,18 @@ fn launch(dir: &Path, url: &str, storage: &str, log: &Path) -> Child {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        // A failed test shows what the broker logged (warnings and errors): a broker that
+        // misbehaved after a restart is then told from a fault of the code under test.
+        if std::thread::panicking() {
+            for name in ["tansu.log", "tansu.err"] {
+                let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- the broker's {name}, last {} lines:", tail.len());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         // A stopped process dies of SIGKILL too, but thaw it first in case kill is refused.
         let _ = Command::new("kill")
             .arg("-CONT")
