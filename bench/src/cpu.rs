@@ -4,7 +4,9 @@
 //! acknowledgement. On a machine whose cores the dataflow, Redis and the broker share, this
 //! says which of them a faster run would have to make cheaper. A [`CpuSampler`] reads them all
 //! every few ms during the run, so that the window leaves out the dataflow's start-up (loading
-//! the features file), which it reports apart.
+//! the features file), which it reports apart. It reads the dataflow's resident size with its
+//! CPU time ([`ResidentOverWindow`]): the peak (`VmHWM`) is one instant, and what an epoch
+//! holds for a moment cannot be told from what stays without the samples around it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,12 +66,14 @@ fn redis_pid(url: &str) -> anyhow::Result<u32> {
         .context("INFO server has no process_id")
 }
 
-/// CPU seconds used so far, read at one moment.
+/// CPU seconds used so far, and the dataflow's resident size, read at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CpuSample {
     /// When, in Unix milliseconds (the clock of the dataflow's epochs).
     pub at_ms: u64,
     pub dataflow: Option<f64>,
+    /// The dataflow's resident memory, in kB.
+    pub dataflow_rss_kb: Option<u64>,
     /// `None` also when Redis runs on another machine, whose /proc this one cannot read.
     pub redis: Option<f64>,
     pub machine: Option<f64>,
@@ -77,9 +81,15 @@ pub struct CpuSample {
 
 impl CpuSample {
     fn now(dataflow_pid: u32, redis_pid: Option<u32>) -> Self {
+        let stat = i32::try_from(dataflow_pid)
+            .ok()
+            .and_then(|pid| Process::new(pid).ok()?.stat().ok());
         CpuSample {
             at_ms: dataflow::output::unix_millis(),
-            dataflow: process_seconds(dataflow_pid),
+            dataflow: stat
+                .as_ref()
+                .map(|stat| process_busy_ticks(stat) as f64 / procfs::ticks_per_second() as f64),
+            dataflow_rss_kb: stat.map(|stat| stat.rss * procfs::page_size() / 1024),
             redis: redis_pid.and_then(process_seconds),
             machine: machine_busy_seconds(),
         }
@@ -116,6 +126,50 @@ impl CpuSampler {
     pub fn finish(self) -> Vec<CpuSample> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
+    }
+}
+
+/// The dataflow's resident size over the end-to-end window, from the samples in it: how much
+/// of the peak stays and how much is a moment's.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct ResidentOverWindow {
+    pub samples: usize,
+    pub median_kb: u64,
+    /// Exceeded by 1% of the samples.
+    pub p99_kb: u64,
+    pub highest_kb: u64,
+}
+
+impl ResidentOverWindow {
+    /// From the samples (oldest first) taken from `start_ms` to `end_ms`; `None` without any.
+    pub fn over_window(samples: &[CpuSample], start_ms: u64, end_ms: u64) -> Option<Self> {
+        let mut sizes: Vec<u64> = samples
+            .iter()
+            .filter(|s| (start_ms..=end_ms).contains(&s.at_ms))
+            .filter_map(|s| s.dataflow_rss_kb)
+            .collect();
+        sizes.sort_unstable();
+        let at = |fraction: f64| sizes[((sizes.len() - 1) as f64 * fraction).round() as usize];
+        (!sizes.is_empty()).then(|| ResidentOverWindow {
+            samples: sizes.len(),
+            median_kb: at(0.5),
+            p99_kb: at(0.99),
+            highest_kb: at(1.0),
+        })
+    }
+
+    /// One line for the summary.
+    pub fn render(&self) -> String {
+        let gb = |kb: u64| kb as f64 / 1_000_000.0;
+        format!(
+            "  dataflow resident over the end-to-end window ({} samples, {} ms apart): median \
+             {:.2} GB, 99th percentile {:.2} GB, highest {:.2} GB",
+            self.samples,
+            SAMPLE_EVERY.as_millis(),
+            gb(self.median_kb),
+            gb(self.p99_kb),
+            gb(self.highest_kb)
+        )
     }
 }
 
@@ -248,6 +302,7 @@ mod tests {
         let sample = |at_ms, dataflow, redis, machine| CpuSample {
             at_ms,
             dataflow: Some(dataflow),
+            dataflow_rss_kb: None,
             redis: Some(redis),
             machine: Some(machine),
         };
@@ -284,6 +339,33 @@ mod tests {
     }
 
     #[test]
+    fn the_resident_size_over_the_window_is_read_from_its_samples() {
+        let sample = |at_ms, rss_kb| CpuSample {
+            at_ms,
+            dataflow: None,
+            dataflow_rss_kb: rss_kb,
+            redis: None,
+            machine: None,
+        };
+        // Before the window (the start-up's 2 GB), 100 samples in it, one unreadable.
+        let mut samples = vec![sample(0, Some(2_000_000))];
+        samples.extend((1..=100).map(|n| sample(1_000 + n, Some(n * 1_000))));
+        samples.push(sample(1_050, None));
+        let resident = ResidentOverWindow::over_window(&samples, 1_000, 2_000).unwrap();
+        assert_eq!(resident.samples, 100);
+        assert_eq!(resident.highest_kb, 100_000);
+        assert_eq!(resident.median_kb, 51_000);
+        assert_eq!(resident.p99_kb, 99_000);
+        assert!(resident
+            .render()
+            .contains("median 0.05 GB, 99th percentile 0.10 GB"));
+        assert_eq!(
+            ResidentOverWindow::over_window(&samples, 3_000, 4_000),
+            None
+        );
+    }
+
+    #[test]
     fn samples_this_process() {
         let sampler = CpuSampler::start(std::process::id(), None);
         std::thread::sleep(SAMPLE_EVERY * 3);
@@ -292,6 +374,9 @@ mod tests {
         assert!(samples
             .iter()
             .all(|s| s.dataflow.is_some() && s.redis.is_none()));
+        assert!(samples
+            .iter()
+            .all(|s| s.dataflow_rss_kb.is_some_and(|kb| kb > 0)));
         assert!(samples.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
     }
 }

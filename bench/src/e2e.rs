@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dataflow::stats::{EpochCounters, RecommendCost};
 
-use crate::cpu::{CpuPerMessage, CpuSampler};
+use crate::cpu::{CpuPerMessage, CpuSampler, ResidentOverWindow};
 use serde::{Deserialize, Serialize};
 
 /// One epoch as the dataflow's `--stats-json` reports it: the epoch and the dataflow's own
@@ -35,6 +35,9 @@ pub struct EndToEnd {
     /// The dataflow's peak resident memory (`VmHWM`), in kB, read just before it was stopped;
     /// `None` where /proc cannot tell.
     pub peak_rss_kb: Option<u64>,
+    /// The dataflow's resident size over the run's window, sampled with its CPU.
+    #[serde(default)]
+    pub resident: Option<ResidentOverWindow>,
     /// CPU per message over the run's window, of the dataflow, Redis and the rest.
     pub cpu: CpuPerMessage,
 }
@@ -226,6 +229,7 @@ pub fn run_dataflow(
     Ok(EndToEnd {
         launch_seconds,
         peak_rss_kb,
+        resident: ResidentOverWindow::over_window(&samples, first.epoch, end),
         cpu: CpuPerMessage::over_window(messages, &samples, first.epoch, end),
         messages,
         seconds,
@@ -301,6 +305,7 @@ pub(crate) mod tests {
             seconds: 1.0,
             launch_seconds: 1.2,
             peak_rss_kb: None,
+            resident: None,
             cpu: CpuPerMessage::default(),
         };
         let summary = run.recommend_cost().unwrap();

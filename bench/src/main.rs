@@ -466,6 +466,9 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
             kb as f64 / 1_000_000.0
         );
     }
+    if let Some(resident) = &e2e.resident {
+        println!("{}", resident.render());
+    }
     println!("{}", e2e.cpu.render());
     let recommend_cost = e2e.recommend_cost();
     if let Some(cost) = &recommend_cost {

@@ -154,6 +154,7 @@ mod tests {
     fn e2e(messages: u64, changed: &[u64], seconds: f64) -> EndToEnd {
         EndToEnd {
             peak_rss_kb: None,
+            resident: None,
             cpu: crate::cpu::CpuPerMessage::over_window(messages, &[], 0, 0),
             epochs: changed
                 .iter()
