@@ -113,21 +113,6 @@ impl<T: Clone> SourceNumbers<T> {
         }
     }
 
-    /// `changes`' item and partners (with their counts) under the receiver's names, once the
-    /// names of every record of its source up to its epoch have been learned.
-    ///
-    /// # Panics
-    /// If a number has not been named: a bug in the order of learning, not an input error.
-    pub fn read(&self, changes: &ItemChanges) -> (T, Vec<(T, u32)>) {
-        let get = |number: u32| self.get(changes.source, number);
-        let partners = changes
-            .partners
-            .iter()
-            .map(|(partner, covisits)| (get(*partner), *covisits))
-            .collect();
-        (get(changes.item), partners)
-    }
-
     /// What `source`'s `number` stands for, once a record has named it.
     ///
     /// # Panics
@@ -618,8 +603,13 @@ mod tests {
         changes
             .into_iter()
             .map(|(change, _)| {
-                let (item, partners) = names.read(&change);
-                (item, change.users, partners)
+                let name = |number: u32| names.get(change.source, number);
+                let partners = change
+                    .partners
+                    .iter()
+                    .map(|&(partner, covisits)| (name(partner), covisits))
+                    .collect();
+                (name(change.item), change.users, partners)
             })
             .collect()
     }
