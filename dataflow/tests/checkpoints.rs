@@ -77,32 +77,24 @@ impl Setup {
     }
 
     fn args(&self, interval: &str) -> Vec<String> {
-        [
-            "--brokers",
-            &testkit::brokers(),
-            "--topic",
-            &self.topic,
-            "--item-topic",
-            &self.item_topic,
-            "--dlq-topic",
-            &self.dlq_topic,
-            "--group",
-            &self.group,
-            "--redis",
-            &self.redis,
-            "--item-features",
-            self.features().to_str().unwrap(),
-            "--checkpoint-dir",
-            self.checkpoints().to_str().unwrap(),
-            "--checkpoint-interval",
-            interval,
-            "--epoch-ms",
-            "50",
-            "--stats-json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let (brokers, features) = (testkit::brokers(), self.features());
+        let run = testkit::process::DataflowRun {
+            brokers: &brokers,
+            topic: &self.topic,
+            item_topic: &self.item_topic,
+            dlq_topic: &self.dlq_topic,
+            group: &self.group,
+            redis: &self.redis,
+            item_features: &features,
+        };
+        let mut args = run.args(50);
+        args.extend([
+            "--checkpoint-dir".to_owned(),
+            self.checkpoints().display().to_string(),
+            "--checkpoint-interval".to_owned(),
+            interval.to_owned(),
+        ]);
+        args
     }
 
     /// The files of every checkpoint in the directory, as paths relative to it, sorted.

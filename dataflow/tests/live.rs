@@ -62,28 +62,17 @@ impl Setup {
     }
 
     fn args(&self) -> Vec<String> {
-        [
-            "--brokers",
-            &testkit::brokers(),
-            "--topic",
-            &self.topic,
-            "--item-topic",
-            &self.item_topic,
-            "--dlq-topic",
-            &self.dlq_topic,
-            "--group",
-            &self.group,
-            "--redis",
-            &self.redis,
-            "--item-features",
-            self.features.to_str().unwrap(),
-            "--epoch-ms",
-            "50",
-            "--stats-json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let brokers = testkit::brokers();
+        testkit::process::DataflowRun {
+            brokers: &brokers,
+            topic: &self.topic,
+            item_topic: &self.item_topic,
+            dlq_topic: &self.dlq_topic,
+            group: &self.group,
+            redis: &self.redis,
+            item_features: &self.features,
+        }
+        .args(50)
     }
 }
 

@@ -244,32 +244,24 @@ impl Topics {
     /// The dataflow's arguments: two workers, epochs of `epoch_ms`, and librdkafka's requests
     /// given up after `socket_timeout_ms`.
     fn args(&self, brokers: &str, epoch_ms: u64, socket_timeout_ms: u64) -> Vec<String> {
-        [
-            "--brokers",
+        let redis = testkit::redis_url();
+        let run = testkit::process::DataflowRun {
             brokers,
-            "--topic",
-            &self.topic,
-            "--item-topic",
-            &self.item_topic,
-            "--dlq-topic",
-            &self.dlq_topic,
-            "--group",
-            &self.group,
-            "--redis",
-            &testkit::redis_url(),
-            "--item-features",
-            self.features.path().to_str().unwrap(),
-            "--epoch-ms",
-            &epoch_ms.to_string(),
-            "--stats-json",
-            "-w",
-            "2",
-            "-X",
-            &format!("socket.timeout.ms={socket_timeout_ms}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+            topic: &self.topic,
+            item_topic: &self.item_topic,
+            dlq_topic: &self.dlq_topic,
+            group: &self.group,
+            redis: &redis,
+            item_features: self.features.path(),
+        };
+        let mut args = run.args(epoch_ms);
+        args.extend([
+            "-w".to_owned(),
+            "2".to_owned(),
+            "-X".to_owned(),
+            format!("socket.timeout.ms={socket_timeout_ms}"),
+        ]);
+        args
     }
 }
 

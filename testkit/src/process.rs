@@ -109,3 +109,45 @@ impl JsonLines {
         self.values().iter().filter_map(|v| v[field].as_u64()).sum()
     }
 }
+
+/// What one dataflow run of a test reads and writes: its broker, topics, consumer group, Redis
+/// and features file.
+#[derive(Debug, Clone, Copy)]
+pub struct DataflowRun<'a> {
+    pub brokers: &'a str,
+    pub topic: &'a str,
+    pub item_topic: &'a str,
+    pub dlq_topic: &'a str,
+    pub group: &'a str,
+    pub redis: &'a str,
+    pub item_features: &'a Path,
+}
+
+impl DataflowRun<'_> {
+    /// The dataflow's flags that name them, with epochs of `epoch_ms` and the per-epoch
+    /// statistics as JSON lines on stdout; a test adds its own flags after these.
+    pub fn args(&self, epoch_ms: u64) -> Vec<String> {
+        [
+            "--brokers",
+            self.brokers,
+            "--topic",
+            self.topic,
+            "--item-topic",
+            self.item_topic,
+            "--dlq-topic",
+            self.dlq_topic,
+            "--group",
+            self.group,
+            "--redis",
+            self.redis,
+            "--item-features",
+            &self.item_features.display().to_string(),
+            "--epoch-ms",
+            &epoch_ms.to_string(),
+            "--stats-json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
