@@ -120,12 +120,14 @@ impl ItemTable {
 
     /// Makes room for `additional` more items, so that interning them copies no column and
     /// rehashes no index on the way (the features file brings every item at once).
+    /// Exactly that room: `Vec::reserve` may double a column that is larger than the items
+    /// to come.
     pub fn reserve(&mut self, additional: usize) {
-        self.keys.reserve(additional);
-        self.ids.reserve(additional);
-        self.features.reserve(additional * self.dim);
-        self.known.reserve(additional);
-        self.holding.reserve(additional);
+        self.keys.reserve_exact(additional);
+        self.ids.reserve_exact(additional);
+        self.features.reserve_exact(additional * self.dim);
+        self.known.reserve_exact(additional);
+        self.holding.reserve_exact(additional);
         self.index.reserve(additional);
     }
 
