@@ -37,7 +37,7 @@ use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
 use super::intern::Interner;
-use super::top::TopByCount;
+use super::top::{count_change, TopByCount};
 use super::{add_cost, CostBoard, Stage};
 use crate::model::UserInterest;
 use crate::pending::PendingEpochs;
@@ -331,7 +331,7 @@ struct ItemCounts {
     named: bool,
 }
 
-/// The most pair changes the counts operator sorts by item at once (16 bytes each). The
+/// The most pair changes the counts operator sorts by item at once (12 bytes each). The
 /// tests' epochs imply a few hundred: there it is small, so that they go through several
 /// batches.
 #[cfg(not(test))]
@@ -370,8 +370,9 @@ fn covisit_counts<'scope>(
             let mut users_touched: Vec<u32> = Vec::new();
             // Time spent numbering changes as they arrived, reported with the next epoch.
             let mut numbering = Duration::ZERO;
-            // Pair changes (a, b, change of c(a, b)) to apply, kept for its allocation.
-            let mut pair_changes: Vec<(u32, u32, isize)> = Vec::new();
+            // Pair changes (a, b, change of c(a, b)) to apply, kept for its allocation: at
+            // most `PAIR_BATCH` (one change's pairs past it doubled the vector).
+            let mut pair_changes: Vec<(u32, u32, i32)> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, records| {
                     let started = Instant::now();
@@ -406,17 +407,19 @@ fn covisit_counts<'scope>(
                     let mut updates = 0;
                     // In batches of at most `PAIR_BATCH`: an epoch at full scale implies ~10
                     // million.
-                    let mut apply = |pair_changes: &mut Vec<(u32, u32, isize)>| {
+                    let mut apply = |pair_changes: &mut Vec<(u32, u32, i32)>| {
                         updates += pair_changes.len() as u64;
                         top.apply(pair_changes, &items);
                     };
                     for change in &changes {
-                        if pair_changes.len() >= PAIR_BATCH {
+                        // A change implies fewer pairs than the square of its items.
+                        let most = change.items.len() * change.items.len();
+                        if pair_changes.len() + most > PAIR_BATCH {
                             apply(&mut pair_changes);
                         }
                         let (left, stayed) = (change.left as usize, change.stayed as usize);
                         let (old, new) = (&change.items[..left + stayed], &change.items[left..]);
-                        let d = change.diff;
+                        let d = count_change(change.diff);
                         for (i, &a) in change.items.iter().enumerate() {
                             if !item_counts[a as usize].owned {
                                 continue;
@@ -424,7 +427,7 @@ fn covisit_counts<'scope>(
                             // (partners, count change): an item that left loses its pairs of the
                             // old window, one that entered gains those of the new, one that stayed
                             // loses its pairs with what left and gains those with what entered.
-                            let mut counts = |partners: &[u32], diff: isize| {
+                            let mut counts = |partners: &[u32], diff: i32| {
                                 for &b in partners.iter().filter(|b| **b != a) {
                                     pair_changes.push((a, b, diff));
                                 }

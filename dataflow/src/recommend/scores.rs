@@ -36,7 +36,7 @@ use timely::dataflow::Stream;
 
 use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges, SourceNumbers};
 use super::intern::Interner;
-use super::top::{make_room, TopByCount};
+use super::top::{count_change, make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
 use crate::model::{EncodedProfile, IdList, UserInterest};
 use crate::pending::{passed_by_both, PendingEpochs};
@@ -155,7 +155,11 @@ pub fn popular_order<'scope>(
                 });
                 while let Some((capability, changes)) = pending.take_complete(frontier.frontier()) {
                     let time = *capability.time();
-                    batch.extend(changes.into_iter().map(|(item, change)| (0, item, change)));
+                    batch.extend(
+                        changes
+                            .into_iter()
+                            .map(|(item, change)| (0, item, count_change(change))),
+                    );
                     top.apply(&mut batch, &items);
                     let mut session = output.session(&capability);
                     top.end_epoch(&items, |_, changed| {
