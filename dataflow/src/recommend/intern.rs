@@ -10,11 +10,12 @@
 //! almost every comparison without reading the ids themselves.
 //!
 //! An id keeps its number for the worker's lifetime, also once no state refers to it: the
-//! table grows with the distinct items ever seen (about 70 bytes each), not with their pairs.
+//! table grows with the distinct items ever seen (about 40 bytes each), not with their pairs.
 
 use std::cmp::Ordering;
+use std::hash::BuildHasher;
 
-use foldhash::HashMap;
+use hashbrown::HashTable;
 use smol_str::SmolStr;
 
 /// A prefix of a value in the value's order: `x < y` implies `x.order_prefix() <=
@@ -52,9 +53,15 @@ impl OrderPrefix for u32 {
 }
 
 /// The local numbers of the values seen so far, and the value of each number.
+///
+/// Each value is kept once, in `values`: the hash table holds only numbers (4 bytes a slot and
+/// a control byte, where a map from value to number held a 24-byte id again in 32-byte slots)
+/// and compares a candidate through `values`. A worker keeps three such tables, each of
+/// nearly every item.
 #[derive(Debug)]
 pub struct Interner<V> {
-    numbers: HashMap<V, u32>,
+    numbers: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
     values: Vec<V>,
     /// Each number's [`OrderPrefix`]: 8 bytes a number, read where ranks tie.
     prefixes: Vec<u64>,
@@ -63,7 +70,8 @@ pub struct Interner<V> {
 impl<V> Default for Interner<V> {
     fn default() -> Self {
         Interner {
-            numbers: HashMap::default(),
+            numbers: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
             values: Vec::new(),
             prefixes: Vec::new(),
         }
@@ -73,25 +81,37 @@ impl<V> Default for Interner<V> {
 impl<V: Clone + Eq + std::hash::Hash + OrderPrefix> Interner<V> {
     /// The number of `value`, given the next free one if it has none yet.
     pub fn number(&mut self, value: &V) -> u32 {
-        if let Some(&number) = self.numbers.get(value) {
+        let Interner {
+            numbers,
+            hasher,
+            values,
+            prefixes,
+        } = self;
+        let hash = hasher.hash_one(value);
+        if let Some(&number) = numbers.find(hash, |&n| values[n as usize] == *value) {
             return number;
         }
         // Four billion distinct items per worker is beyond any catalogue this serves; the
         // checked conversion turns it into a clear stop rather than a silent mix-up.
-        let number = u32::try_from(self.values.len()).expect("more than 2^32 distinct items");
-        self.values.push(value.clone());
-        self.prefixes.push(value.order_prefix());
-        self.numbers.insert(value.clone(), number);
+        let number = u32::try_from(values.len()).expect("more than 2^32 distinct items");
+        values.push(value.clone());
+        prefixes.push(value.order_prefix());
+        numbers.insert_unique(hash, number, |&n| hasher.hash_one(&values[n as usize]));
         number
     }
 
-    /// The number of `value`, if it has one.
+    /// The number of `value`, if it has one. (`V`'s hash must be its borrowed form's, as for
+    /// a map's keys.)
     pub fn get<Q>(&self, value: &Q) -> Option<u32>
     where
         V: std::borrow::Borrow<Q>,
         Q: std::hash::Hash + Eq + ?Sized,
     {
-        self.numbers.get(value).copied()
+        let hash = self.hasher.hash_one(value);
+        let values = &self.values;
+        self.numbers
+            .find(hash, |&n| values[n as usize].borrow() == value)
+            .copied()
     }
 }
 
@@ -144,6 +164,25 @@ mod tests {
         assert_eq!(table.get("c"), None);
         assert_eq!(table.value(b), "b");
         assert_eq!(table.value(a), "a");
+    }
+
+    #[test]
+    fn every_value_is_found_through_the_tables_growth() {
+        // Enough values for the table of numbers to grow many times, each rehash finding the
+        // values through `values`: every value keeps its first number, found by `get` with the
+        // borrowed form too, and a value never interned is not found.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let ids: Vec<SmolStr> = (0..20_000)
+            .map(|i| SmolStr::new(format!("B{:08}{i}", rng.random_range(0..100_000_000u32))))
+            .collect();
+        let mut table: Interner<SmolStr> = Interner::default();
+        let numbers: Vec<u32> = ids.iter().map(|id| table.number(id)).collect();
+        for (id, &number) in ids.iter().zip(&numbers) {
+            assert_eq!(table.number(id), number, "{id}");
+            assert_eq!(table.get(id.as_str()), Some(number), "{id}");
+            assert_eq!(table.value(number), id);
+        }
+        assert_eq!(table.get("not interned"), None);
     }
 
     #[test]
