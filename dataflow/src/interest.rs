@@ -213,16 +213,19 @@ impl InterestState {
         // and index would otherwise be copied at every doubling (docs/performance.md,
         // 2026-12-06, start-up). The usual epoch changes a few items, mostly known ones, and
         // reserving for them would only grow the index early.
-        let with_features = |arrived: &&Arrived| matches!(arrived, Arrived::Features((_, Some(_))));
-        if arrived.iter().filter(with_features).count() > items.len() {
+        let with_features = arrived
+            .iter()
+            .filter(|arrived| matches!(arrived, Arrived::Features((_, Some(_)))))
+            .count();
+        if with_features > items.len() {
             // Room for those the table lacks: the histories read before the file's last share
             // have interned many of its items already, and room for all of them again took the
             // index to twice the slots it needs (33 MB a worker at the bench's 200,000 items).
             let new = arrived
                 .iter()
-                .filter(with_features)
-                .filter(|arrived| {
-                    matches!(arrived, Arrived::Features((key, _)) if items.find(*key).is_none())
+                .filter(|arrived| match arrived {
+                    Arrived::Features((key, Some(_))) => items.find(*key).is_none(),
+                    _ => false,
                 })
                 .count();
             items.reserve(new);
