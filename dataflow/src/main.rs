@@ -26,14 +26,15 @@ fn main() -> anyhow::Result<ExitCode> {
     settings::logging::init(config.shared.log_format);
     // No transparent huge pages: mimalloc asks for them (madvise) on its arenas, and each epoch
     // frees and reallocates buffers of tens of MB (the recommendations' pair and neighbour
-    // updates above all), which mimalloc gives back to the kernel after 10 ms. Each first touch
-    // after that had the kernel zero a whole 2 MB page: `clear_page_erms` took 13-23% of the
-    // samples of a profile with recommendations on. With 4 KB pages the dataflow measured
-    // 1.5-1.6x faster with recommendations off and 1.1-1.3x with them on (200,000 messages;
-    // 1.07x off at full scale), with lower peak RSS (docs/performance.md, "transparent huge
-    // pages"). This is what mimalloc's own
-    // MIMALLOC_ALLOW_THP=0 does, which must be set before the process starts. A kernel without
-    // the call refuses it: huge pages then stay as the system has them.
+    // updates above all), which mimalloc gives back to the kernel once they have been free for
+    // its purge delay (1 s in the mimalloc 3 linked here; its header still says 10 ms). Each
+    // first touch after that had the kernel zero a whole 2 MB page: `clear_page_erms` took
+    // 13-23% of the samples of a profile with recommendations on. With 4 KB pages the dataflow
+    // measured 1.5-1.6x faster with recommendations off and 1.1-1.3x with them on (200,000
+    // messages; 1.07x off at full scale), with lower peak RSS (docs/performance.md,
+    // "transparent huge pages"). This is what mimalloc's own MIMALLOC_ALLOW_THP=0 does, which
+    // must be set before the process starts. A kernel without the call refuses it: huge pages
+    // then stay as the system has them.
     if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(%error, "transparent huge pages left on");
     }
