@@ -34,7 +34,7 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges, SourceNumbers};
+use super::covisit::{CovisitParams, Covisitation, ItemChanges, SourceNumbers};
 use super::intern::Interner;
 use super::top::{count_change, make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
@@ -508,11 +508,12 @@ fn score<'scope>(
 }
 
 /// Scratch space for one list's candidates: their scores by number, dense, so that adding a
-/// term is an index, not a hash; zero and unlisted between lists.
+/// term is an index, not a hash; zero and unlisted between lists. A number's score and mark
+/// share a slot: one cache line to reach, not two.
 #[derive(Default)]
 struct Candidates {
-    scores: Vec<f64>,
-    listed: Vec<bool>,
+    /// (score, listed) by number.
+    slots: Vec<(f64, bool)>,
     numbers: Vec<u32>,
 }
 
@@ -520,23 +521,23 @@ impl Candidates {
     /// Adds `term` to `item`'s score.
     fn add(&mut self, item: u32, term: f64) {
         let at = item as usize;
-        if self.scores.len() <= at {
-            self.scores.resize(at + 1, 0.0);
-            self.listed.resize(at + 1, false);
+        if self.slots.len() <= at {
+            self.slots.resize(at + 1, (0.0, false));
         }
-        if !self.listed[at] {
-            self.listed[at] = true;
+        let (score, listed) = &mut self.slots[at];
+        if !*listed {
+            *listed = true;
             self.numbers.push(item);
         }
-        self.scores[at] += term;
+        *score += term;
     }
 
     /// Every candidate with its score, leaving the scratch space empty.
     fn drain(&mut self) -> impl Iterator<Item = (u32, f64)> + '_ {
         self.numbers.drain(..).map(|item| {
-            let at = item as usize;
-            self.listed[at] = false;
-            (item, std::mem::take(&mut self.scores[at]))
+            let (score, listed) = std::mem::take(&mut self.slots[item as usize]);
+            debug_assert!(listed);
+            (item, score)
         })
     }
 }
@@ -551,24 +552,25 @@ fn user_list(
     scores: &mut Candidates,
 ) -> Vec<(SmolStr, f64)> {
     let numbers = &state.numbers;
+    // Each history position's number, if the copy knows its item: one lookup an id, which the
+    // window's items (the last positions) reuse.
+    let numbered: Vec<Option<u32>> = history.iter().map(|item| numbers.get(item)).collect();
+    // The window newest first, each item once at its smallest k (as `covisit::window_items`):
+    // the reference's order of summation. An item the copy does not know has no neighbours.
+    let mut via_window: Vec<(u32, u32)> = Vec::with_capacity(window.min(numbered.len()));
+    for (k, number) in numbered.iter().rev().take(window).enumerate() {
+        if let Some(number) = *number {
+            if !via_window.iter().any(|(_, seen)| *seen == number) {
+                via_window.push((k as u32, number));
+            }
+        }
+    }
     // The history's items the copy knows (only those can be candidates), as sorted numbers.
-    let mut in_history: Vec<u32> = history
-        .iter()
-        .filter_map(|item| numbers.get(item))
-        .collect();
+    let mut in_history: Vec<u32> = numbered.into_iter().flatten().collect();
     in_history.sort_unstable();
-    // The window newest first (each item at its own k): the reference's order of summation.
-    let mut window: Vec<(u32, &str)> = window_items(history.iter(), window)
-        .into_iter()
-        .map(|(item, k)| (k, item))
-        .collect();
-    window.sort_unstable();
     // Each candidate's terms are added in the window's order.
-    for (k, via) in &window {
-        let Some(via) = numbers.get(*via) else {
-            continue;
-        };
-        let weight = params.decay.powi(*k as i32);
+    for &(k, via) in &via_window {
+        let weight = params.decay.powi(k as i32);
         let n_via = state.users[via as usize] as f64;
         for &(item, covisits) in &state.neighbours[via as usize] {
             if in_history.binary_search(&item).is_ok() {
