@@ -146,10 +146,10 @@ impl std::fmt::Debug for Covisitation<'_> {
 
 /// A user's window: the distinct items of `history`'s last `window` positions, each with the
 /// distance k of its newest occurrence from the newest item (0 for the newest).
-pub fn window_items<'a>(
-    history: impl DoubleEndedIterator<Item = &'a str>,
+pub fn window_items<T: Ord>(
+    history: impl DoubleEndedIterator<Item = T>,
     window: usize,
-) -> BTreeMap<&'a str, u32> {
+) -> BTreeMap<T, u32> {
     let mut items = BTreeMap::new();
     // From the newest position back, so that the first k recorded for an item is its smallest.
     for (k, item) in history.rev().take(window).enumerate() {

@@ -34,7 +34,7 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{CovisitParams, Covisitation, ItemChanges, SourceNumbers};
+use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges, SourceNumbers};
 use super::intern::Interner;
 use super::top::{count_change, make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
@@ -555,16 +555,13 @@ fn user_list(
     // Each history position's number, if the copy knows its item: one lookup an id, which the
     // window's items (the last positions) reuse.
     let numbered: Vec<Option<u32>> = history.iter().map(|item| numbers.get(item)).collect();
-    // The window newest first, each item once at its smallest k (as `covisit::window_items`):
-    // the reference's order of summation. An item the copy does not know has no neighbours.
-    let mut via_window: Vec<(u32, u32)> = Vec::with_capacity(window.min(numbered.len()));
-    for (k, number) in numbered.iter().rev().take(window).enumerate() {
-        if let Some(number) = *number {
-            if !via_window.iter().any(|(_, seen)| *seen == number) {
-                via_window.push((k as u32, number));
-            }
-        }
-    }
+    // The window by those numbers, newest first (each item at its own k): the reference's
+    // order of summation. An item the copy does not know has no neighbours.
+    let mut via_window: Vec<(u32, u32)> = window_items(numbered.iter().copied(), window)
+        .into_iter()
+        .filter_map(|(number, k)| Some((k, number?)))
+        .collect();
+    via_window.sort_unstable();
     // The history's items the copy knows (only those can be candidates), as sorted numbers.
     let mut in_history: Vec<u32> = numbered.into_iter().flatten().collect();
     in_history.sort_unstable();

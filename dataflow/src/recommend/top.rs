@@ -217,7 +217,7 @@ fn copy_with_room<T: Copy>(vec: &mut Vec<T>, from: &[T]) {
 /// where a binary search over the whole rest of a large key started with a miss at each halving:
 /// that search was ~37% of `TopByCount::apply`'s samples (docs/performance.md).
 fn gallop<T>(sorted: &[T], before: impl Fn(&T) -> bool) -> usize {
-    // The last index known to hold, plus one; and the next to look at.
+    // Every element before `known` holds; `step` is how far past it the next look goes.
     let (mut known, mut step) = (0, 1);
     while known < sorted.len() && before(&sorted[known]) {
         known += 1;
