@@ -100,6 +100,14 @@ impl<V: Clone + Eq + std::hash::Hash + OrderPrefix> Interner<V> {
         number
     }
 
+    /// The hash under which the table keeps `value` (that of its borrowed form, as [`get`]
+    /// looks it up): a value's hash is the same for the table's lifetime.
+    ///
+    /// [`get`]: Self::get
+    pub fn hash_of<Q: std::hash::Hash + ?Sized>(&self, value: &Q) -> u64 {
+        self.hasher.hash_one(value)
+    }
+
     /// The number of `value`, if it has one. (`V`'s hash must be its borrowed form's, as for
     /// a map's keys.)
     pub fn get<Q>(&self, value: &Q) -> Option<u32>

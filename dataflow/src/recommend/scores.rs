@@ -290,10 +290,10 @@ struct SharedState {
     numbers: Interner<SmolStr>,
     /// The local numbers of the numbers of the item changes' sources.
     sources: SourceNumbers<u32>,
-    /// n(x) by number: a column of its own, read for each of a list's ~200 terms, 8 bytes an
-    /// item where an item's whole copy is 32 (docs/performance.md, "item changes in the
-    /// sender's numbers").
-    users: Vec<u64>,
+    /// n(x) and a hash of the id by number: a column of its own, read for each of a list's
+    /// ~200 terms, 16 bytes an item where an item's whole copy is 32 (docs/performance.md,
+    /// "item changes in the sender's numbers").
+    items: Vec<CopiedItem>,
     /// neighbours(x) by number: (partner's number, c(a, b)), at most K. A small vector, not an
     /// ordered map: it is read whole, and a list's sums do not depend on the order of a window
     /// item's neighbours (each neighbour is a different candidate).
@@ -302,6 +302,27 @@ struct SharedState {
     order: BTreeMap<Popular, isize>,
     /// K: an item's neighbours are never more, so their vectors are not given room for more.
     neighbours_per_item: usize,
+}
+
+/// What a copy reads of an item for each term of a list: n(x), and the low bits of its id's
+/// hash, with which a list finds the candidates that are in the history without looking the
+/// history's ids up (only a candidate whose hash is a history id's has its id compared).
+#[derive(Debug, Default, Clone, Copy)]
+struct CopiedItem {
+    users: u64,
+    id_hash: u32,
+}
+
+/// The bits of an id's hash that a copy keeps ([`CopiedItem::id_hash`]): in the tests only
+/// two, so that most candidates share their hash with a history id and the ids are compared.
+#[cfg(not(test))]
+const ID_HASH_MASK: u32 = u32::MAX;
+#[cfg(test)]
+const ID_HASH_MASK: u32 = 0b11;
+
+/// The low bits of `id`'s hash in `numbers` (its table's hasher, [`CopiedItem::id_hash`]).
+fn id_hash(numbers: &Interner<SmolStr>, id: &str) -> u32 {
+    numbers.hash_of(id) as u32 & ID_HASH_MASK
 }
 
 /// Adds `diff` to `key`'s count, dropping the key when it reaches zero.
@@ -323,37 +344,76 @@ impl SharedState {
     /// Learns the item names `update` gives (see [`ItemChanges`]).
     fn learn(&mut self, update: &Shared) {
         if let Shared::Item(changes) = update {
-            let (numbers, users, neighbours) =
-                (&mut self.numbers, &mut self.users, &mut self.neighbours);
+            let (numbers, items, neighbours) =
+                (&mut self.numbers, &mut self.items, &mut self.neighbours);
             self.sources.learn(changes, |id| {
                 let number = numbers.number(id);
                 // Room for the item's copy.
-                if users.len() <= number as usize {
-                    users.resize(number as usize + 1, 0);
+                if items.len() <= number as usize {
+                    items.resize(number as usize + 1, CopiedItem::default());
                     neighbours.resize_with(number as usize + 1, Vec::new);
                 }
+                items[number as usize].id_hash = id_hash(numbers, id);
                 number
             });
         }
     }
 
-    /// Applies an item's change as [`Waiting`] keeps it: `source`'s numbers, named already.
-    /// Sent once per item and epoch, by the item's owner, with count 1. The partners that left
-    /// first, so that the vector never holds more than K.
-    fn apply_item(&mut self, change: &WaitingItem, partners: &[(u32, u32)]) {
-        let item = self.sources.get(change.source, change.item);
-        if let Some(users) = change.users {
-            self.users[item as usize] = users;
+    /// Applies an epoch's item changes, waiting as [`Waiting`] keeps them: a slice of items at
+    /// a time, each slice's numbers first turned into the copy's (in place), then each
+    /// item's n and neighbours read, then the changes applied. The first two are loads from
+    /// tables larger than the caches, done in loops that do nothing with what they load, so
+    /// that their misses overlap; applied change by change, each waited for its own (`perf
+    /// annotate`: three quarters of the copies' samples on those loads). A slice is small
+    /// enough that what it reads is still in cache when it is applied.
+    fn apply_epoch(&mut self, epoch: &mut WaitingEpoch) {
+        const SLICE: usize = 64;
+        let WaitingEpoch {
+            items, partners, ..
+        } = epoch;
+        let mut start = 0;
+        for slice in items.chunks_mut(SLICE) {
+            let slice_start = start;
+            for item in slice.iter_mut() {
+                let end = item.partners_end as usize;
+                for partner in &mut partners[start..end] {
+                    partner.0 = self.sources.get(item.source, partner.0);
+                }
+                item.item = self.sources.get(item.source, item.item);
+                start = end;
+            }
+            let mut touched = 0u64;
+            for item in slice.iter() {
+                let at = item.item as usize;
+                touched = touched.wrapping_add(self.items[at].users);
+                if let Some((partner, _)) = self.neighbours[at].first() {
+                    touched = touched.wrapping_add(u64::from(*partner));
+                }
+            }
+            std::hint::black_box(touched);
+            start = slice_start;
+            for item in slice.iter() {
+                let end = item.partners_end as usize;
+                self.apply_item(item.item, item.users, &partners[start..end]);
+                start = end;
+            }
+        }
+    }
+
+    /// Applies an item's change, in the copy's numbers: sent once per item and epoch, by the
+    /// item's owner, with count 1. The partners that left first, so that the vector never
+    /// holds more than K.
+    fn apply_item(&mut self, item: u32, users: Option<u64>, partners: &[(u32, u32)]) {
+        if let Some(users) = users {
+            self.items[item as usize].users = users;
         }
         let neighbours = &mut self.neighbours[item as usize];
         for (partner, _) in partners.iter().filter(|(_, c)| *c == 0) {
-            let partner = self.sources.get(change.source, *partner);
-            if let Some(at) = neighbours.iter().position(|(n, _)| *n == partner) {
+            if let Some(at) = neighbours.iter().position(|(n, _)| n == partner) {
                 neighbours.swap_remove(at);
             }
         }
         for &(partner, covisits) in partners.iter().filter(|(_, c)| *c != 0) {
-            let partner = self.sources.get(change.source, partner);
             match neighbours.iter().position(|(n, _)| *n == partner) {
                 Some(at) => neighbours[at].1 = covisits,
                 None => {
@@ -391,7 +451,8 @@ struct WaitingEpoch {
 }
 
 /// An [`ItemChanges`] without its names (learned on arrival) and its partners (in
-/// [`WaitingEpoch::partners`], up to `partners_end`).
+/// [`WaitingEpoch::partners`], up to `partners_end`). Its numbers are `source`'s until
+/// [`SharedState::apply_epoch`] turns them into the copy's.
 struct WaitingItem {
     source: u32,
     item: u32,
@@ -429,12 +490,7 @@ impl Waiting {
                 break;
             }
             let mut waiting = entry.remove();
-            let mut start = 0;
-            for item in &waiting.items {
-                let end = item.partners_end as usize;
-                state.apply_item(item, &waiting.partners[start..end]);
-                start = end;
-            }
+            state.apply_epoch(&mut waiting);
             for (popular, diff) in waiting.popular.drain(..) {
                 add_count(&mut state.order, popular, diff);
             }
@@ -507,39 +563,82 @@ fn score<'scope>(
     })
 }
 
-/// Scratch space for one list's candidates: their scores by number, dense, so that adding a
-/// term is an index, not a hash; zero and unlisted between lists. A number's score and mark
-/// share a slot: one cache line to reach, not two.
+/// Scratch space for one list's candidates: their scores in a small open-addressing table by
+/// number, empty between lists. A list has at most W·K candidates (200 by default): the table
+/// stays in L1, where a dense array by number (16 bytes for every item the copy knows) took a
+/// cache miss for nearly every term (`perf annotate`: a fifth of `user_list`'s samples on that
+/// one load, docs/performance.md).
 #[derive(Default)]
 struct Candidates {
-    /// (score, listed) by number.
-    slots: Vec<(f64, bool)>,
-    numbers: Vec<u32>,
+    /// (number, score), [`Candidates::FREE`] where unused: a power of two long (or empty), at
+    /// most half full.
+    slots: Vec<(u32, f64)>,
+    /// The slots in use, in the order their numbers came.
+    used: Vec<u32>,
+    /// What the copy holds of each of the window's neighbours in turn, gathered before the
+    /// terms are added.
+    neighbour_items: Vec<CopiedItem>,
 }
 
 impl Candidates {
+    /// An unused slot's number: no copy numbers 2^32 − 1 items.
+    const FREE: u32 = u32::MAX;
+
+    /// Where `item`'s search starts in a table of `2^bits` slots: multiplicative hashing, as
+    /// numbers are small dense integers.
+    fn home(item: u32, bits: u32) -> usize {
+        (item.wrapping_mul(0x9E37_79B9) >> (32 - bits)) as usize
+    }
+
     /// Adds `term` to `item`'s score.
     fn add(&mut self, item: u32, term: f64) {
-        let at = item as usize;
-        if self.slots.len() <= at {
-            self.slots.resize(at + 1, (0.0, false));
+        debug_assert_ne!(item, Self::FREE);
+        if 2 * (self.used.len() + 1) > self.slots.len() {
+            self.grow();
         }
-        let (score, listed) = &mut self.slots[at];
-        if !*listed {
-            *listed = true;
-            self.numbers.push(item);
+        let (mask, bits) = (self.slots.len() - 1, self.slots.len().trailing_zeros());
+        let mut at = Self::home(item, bits);
+        loop {
+            let slot = &mut self.slots[at];
+            if slot.0 == item {
+                slot.1 += term;
+                return;
+            }
+            if slot.0 == Self::FREE {
+                *slot = (item, 0.0);
+                slot.1 += term;
+                self.used.push(at as u32);
+                return;
+            }
+            at = (at + 1) & mask;
         }
-        *score += term;
+    }
+
+    /// Doubles the table (512 slots at first), its candidates placed again.
+    fn grow(&mut self) {
+        let len = (2 * self.slots.len()).max(512);
+        let old = std::mem::replace(&mut self.slots, vec![(Self::FREE, 0.0); len]);
+        let used = std::mem::take(&mut self.used);
+        for at in used {
+            let (item, score) = old[at as usize];
+            self.add(item, score);
+        }
     }
 
     /// Every candidate with its score, leaving the scratch space empty.
     fn drain(&mut self) -> impl Iterator<Item = (u32, f64)> + '_ {
-        self.numbers.drain(..).map(|item| {
-            let (score, listed) = std::mem::take(&mut self.slots[item as usize]);
-            debug_assert!(listed);
-            (item, score)
-        })
+        let slots = &mut self.slots;
+        self.used
+            .drain(..)
+            .map(|at| std::mem::replace(&mut slots[at as usize], (Self::FREE, 0.0)))
     }
+}
+
+/// A window item as a list reads it: its distance k from the newest item, n and neighbours.
+struct WindowItem<'a> {
+    k: u32,
+    users: f64,
+    neighbours: &'a [(u32, u32)],
 }
 
 /// One user's list from the state as of its epoch. `scores` is scratch space, empty on entry
@@ -552,31 +651,68 @@ fn user_list(
     scores: &mut Candidates,
 ) -> Vec<(SmolStr, f64)> {
     let numbers = &state.numbers;
-    // Each history position's number, if the copy knows its item: one lookup an id, which the
-    // window's items (the last positions) reuse.
-    let numbered: Vec<Option<u32>> = history.iter().map(|item| numbers.get(item)).collect();
-    // The window by those numbers, newest first (each item at its own k): the reference's
-    // order of summation. An item the copy does not know has no neighbours.
-    let mut via_window: Vec<(u32, u32)> = window_items(numbered.iter().copied(), window)
+    // The window, newest first (each item at its own k): the reference's order of summation.
+    // Only its items are looked up; an item the copy does not know has no neighbours.
+    let mut via_window: Vec<(u32, u32)> = window_items(history.iter(), window)
         .into_iter()
-        .filter_map(|(number, k)| Some((k, number?)))
+        .filter_map(|(id, k)| Some((k, numbers.get(id)?)))
         .collect();
     via_window.sort_unstable();
-    // The history's items the copy knows (only those can be candidates), as sorted numbers.
-    let mut in_history: Vec<u32> = numbered.into_iter().flatten().collect();
-    in_history.sort_unstable();
+    // The history's (id hash, position), sorted: a candidate is in the history if its id is
+    // that of a position with its hash. Hashing the ids here costs a few ns each, where
+    // looking each up in the number table took two cache misses.
+    let mut history_hashes: Vec<(u32, u32)> = history
+        .iter()
+        .enumerate()
+        .map(|(at, id)| (id_hash(numbers, id), at as u32))
+        .collect();
+    history_hashes.sort_unstable();
+    let in_history = |item: u32, hash: u32| {
+        let from = history_hashes.partition_point(|(h, _)| *h < hash);
+        history_hashes[from..]
+            .iter()
+            .take_while(|(h, _)| *h == hash)
+            .any(|&(_, at)| history.get(at as usize) == numbers.value(item).as_str())
+    };
+    // The window's neighbours, and what the copy holds of each, gathered before any term is
+    // added: each is a load from a table larger than the caches, and in loops that do
+    // nothing with what they load their misses overlap, where adding term by term waited for
+    // each in turn (`perf annotate`: over half of this function's samples on those loads).
+    let lists: Vec<WindowItem<'_>> = via_window
+        .iter()
+        .map(|&(k, via)| {
+            let via = via as usize;
+            WindowItem {
+                k,
+                users: state.items[via].users as f64,
+                neighbours: state.neighbours[via].as_slice(),
+            }
+        })
+        .collect();
+    let mut neighbour_items = std::mem::take(&mut scores.neighbour_items);
+    neighbour_items.clear();
+    neighbour_items.extend(
+        lists
+            .iter()
+            .flat_map(|via| via.neighbours.iter())
+            .map(|&(item, _)| state.items[item as usize]),
+    );
     // Each candidate's terms are added in the window's order.
-    for &(k, via) in &via_window {
-        let weight = params.decay.powi(k as i32);
-        let n_via = state.users[via as usize] as f64;
-        for &(item, covisits) in &state.neighbours[via as usize] {
-            if in_history.binary_search(&item).is_ok() {
+    let mut copied = neighbour_items.iter();
+    for via in lists {
+        let weight = params.decay.powi(via.k as i32);
+        for (&(item, covisits), copied) in via.neighbours.iter().zip(copied.by_ref()) {
+            if in_history(item, copied.id_hash) {
                 continue;
             }
-            let n_item = state.users[item as usize] as f64;
-            scores.add(item, weight * f64::from(covisits) / (n_via * n_item).sqrt());
+            let n_item = copied.users as f64;
+            scores.add(
+                item,
+                weight * f64::from(covisits) / (via.users * n_item).sqrt(),
+            );
         }
     }
+    scores.neighbour_items = neighbour_items;
     // Strongest first, ties by id; only the first N are ordered.
     let order =
         |x: &(u32, f64), y: &(u32, f64)| y.1.total_cmp(&x.1).then_with(|| numbers.cmp(x.0, y.0));
@@ -703,14 +839,14 @@ mod tests {
                     .iter()
                     .map(|(n, c)| (numbers.value(*n).as_str(), *c))
                     .collect();
-                (state.users[item], neighbours)
+                (state.items[item].users, neighbours)
             };
             assert_eq!(copy("a"), (2, vec![("b", 2)]));
             assert_eq!(copy("c"), (1, vec![("a", 1)]));
             assert_eq!(copy("b"), (0, vec![]), "epoch 5 not applied yet");
             let item = numbers.get("b").unwrap() as usize;
             waiting.apply_through(5, &mut state);
-            assert_eq!(state.users[item], 9);
+            assert_eq!(state.items[item].users, 9);
             assert_eq!(state.neighbours[item].len(), 1);
         }
     }
