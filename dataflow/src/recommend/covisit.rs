@@ -51,11 +51,14 @@ pub struct CovisitParams {
     pub neighbours: usize,
 }
 
-/// How an item changed in an epoch: n(item), and its neighbours (its K strongest partners by
-/// c desc, then id asc): each partner whose place among them changed, with c(item, partner)
-/// now, or 0 for a partner that left them. One record per changed item and epoch, so that a
-/// worker applying it looks the item up once, and a changed count is one entry, not a
-/// retraction and an insertion (docs/performance.md, "window changes instead of pairs").
+/// How items changed in an epoch, as one worker's counts operator sends them: for each changed
+/// item, n(item), and its neighbours (its K strongest partners by c desc, then id asc): each
+/// partner whose place among them changed, with c(item, partner) now, or 0 for a partner that
+/// left them. One entry per changed item and epoch, so that a worker applying it looks the
+/// item up once, and a changed count is one entry, not a retraction and an insertion
+/// (docs/performance.md, "window changes instead of pairs"). Up to [`ITEMS_PER_RECORD`] items
+/// share a record, their partners in one vector: the records are cloned to every worker, and
+/// one record an item took three allocations each time.
 ///
 /// Items are named by the numbers of the worker that sent the record (`source`): each record
 /// carries the ids of the numbers it is the first of its source's records to name. A source
@@ -73,11 +76,51 @@ pub struct ItemChanges {
     pub source: u32,
     /// (number, id) of each number first named by this record.
     pub names: Vec<(u32, SmolStr)>,
+    pub items: Vec<ItemChange>,
+    /// The items' partners, one item's after the other: (partner, c(item, partner) now, 0 if
+    /// it is no longer a neighbour).
+    pub partners: Vec<(u32, u32)>,
+}
+
+/// One item's entry in [`ItemChanges`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ItemChange {
     pub item: u32,
     /// n(item) now, if the epoch changed it (0: no window holds it any more).
     pub users: Option<u64>,
-    /// (partner, c(item, partner) now, 0 if it is no longer a neighbour).
-    pub partners: Vec<(u32, u32)>,
+    /// Where its partners end in [`ItemChanges::partners`] (they begin where the previous
+    /// item's end).
+    pub partners_end: u32,
+}
+
+/// The most items in one [`ItemChanges`]: a record is cloned whole to every worker. Small in
+/// the tests, so that an epoch's changes span several records.
+#[cfg(not(test))]
+pub const ITEMS_PER_RECORD: usize = 1024;
+#[cfg(test)]
+pub const ITEMS_PER_RECORD: usize = 3;
+
+impl ItemChanges {
+    /// An empty record of `source`.
+    fn new(source: u32) -> Self {
+        ItemChanges {
+            source,
+            names: Vec::new(),
+            items: Vec::new(),
+            partners: Vec::new(),
+        }
+    }
+
+    /// Each item's change with its partners.
+    pub fn each(&self) -> impl Iterator<Item = (&ItemChange, &[(u32, u32)])> {
+        let mut start = 0;
+        self.items.iter().map(move |change| {
+            let end = change.partners_end as usize;
+            let partners = &self.partners[start..end];
+            start = end;
+            (change, partners)
+        })
+    }
 }
 
 /// What the numbers of each source's [`ItemChanges`] stand for on a receiver: `T` is the
@@ -471,43 +514,47 @@ fn covisit_counts<'scope>(
                         }
                         true
                     });
-                    // One record per changed item: its neighbours' changes and n(x)'s, if any.
+                    // One entry per changed item: its neighbours' changes and n(x)'s, if any.
                     let mut neighbour_changes = 0;
-                    // The record of item `a` with `partners`, if there is anything to say.
-                    let mut record = |a: u32, partners: &[(u32, u32)]| {
+                    let mut record = ItemChanges::new(index as u32);
+                    // Adds item `a` with `partners` to `record`, if there is anything to say,
+                    // and sends the record when it is full.
+                    let mut add = |a: u32, partners: &[(u32, u32)]| {
                         let counts = &mut item_counts[a as usize];
                         let users = std::mem::take(&mut counts.users_unsent)
                             .then_some(counts.users.max(0) as u64);
                         if users.is_none() && partners.is_empty() {
-                            return None;
+                            return;
                         }
-                        let mut names = Vec::new();
                         for n in std::iter::once(a).chain(partners.iter().map(|(b, _)| *b)) {
                             let counts = &mut item_counts[n as usize];
                             if !counts.named {
                                 counts.named = true;
-                                names.push((n, items.value(n).clone()));
+                                record.names.push((n, items.value(n).clone()));
                             }
                         }
-                        Some(ItemChanges {
-                            source: index as u32,
-                            names,
+                        record.partners.extend_from_slice(partners);
+                        record.items.push(ItemChange {
                             item: a,
                             users,
-                            partners: partners.to_vec(),
-                        })
+                            partners_end: record.partners.len() as u32,
+                        });
+                        if record.items.len() == ITEMS_PER_RECORD {
+                            let full =
+                                std::mem::replace(&mut record, ItemChanges::new(index as u32));
+                            session.give((Ok(full), time, 1));
+                        }
                     };
                     top.end_epoch(&items, |a, changed| {
-                        if let Some(changes) = record(a, changed) {
-                            session.give((Ok(changes), time, 1));
-                        }
+                        add(a, changed);
                         neighbour_changes += changed.len() as u64;
                     });
                     // n(x) of the items without neighbour changes.
                     for a in users_touched.drain(..) {
-                        if let Some(changes) = record(a, &[]) {
-                            session.give((Ok(changes), time, 1));
-                        }
+                        add(a, &[]);
+                    }
+                    if !record.items.is_empty() {
+                        session.give((Ok(record), time, 1));
                     }
                     let took = started.elapsed() + std::mem::take(&mut numbering);
                     add_cost(&cost, time, Stage::Neighbours, took, |cost| {
@@ -605,14 +652,18 @@ mod tests {
         }
         changes
             .into_iter()
-            .map(|(change, _)| {
-                let name = |number: u32| names.get(change.source, number);
-                let partners = change
-                    .partners
-                    .iter()
-                    .map(|&(partner, covisits)| (name(partner), covisits))
-                    .collect();
-                (name(change.item), change.users, partners)
+            .flat_map(|(record, _)| {
+                let name = |number: u32| names.get(record.source, number);
+                record
+                    .each()
+                    .map(|(change, partners)| {
+                        let partners = partners
+                            .iter()
+                            .map(|&(partner, covisits)| (name(partner), covisits))
+                            .collect();
+                        (name(change.item), change.users, partners)
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect()
     }

@@ -472,13 +472,16 @@ impl Waiting {
         match update {
             Shared::Popular(popular) => epoch.popular.push((popular, diff)),
             Shared::Item(changes) => {
+                let offset = epoch.partners.len() as u32;
                 epoch.partners.extend_from_slice(&changes.partners);
-                epoch.items.push(WaitingItem {
-                    source: changes.source,
-                    item: changes.item,
-                    users: changes.users,
-                    partners_end: epoch.partners.len() as u32,
-                });
+                epoch
+                    .items
+                    .extend(changes.items.iter().map(|change| WaitingItem {
+                        source: changes.source,
+                        item: change.item,
+                        users: change.users,
+                        partners_end: offset + change.partners_end,
+                    }));
             }
         }
     }
@@ -756,7 +759,7 @@ mod tests {
     use timely::dataflow::operators::{Inspect, Probe};
 
     use super::*;
-    use crate::recommend::covisit::{covisitation, CovisitParams};
+    use crate::recommend::covisit::{covisitation, CovisitParams, ItemChange};
     use crate::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
     use crate::recommend::test_histories::{epochs, feed, settings};
 
@@ -794,25 +797,29 @@ mod tests {
     fn a_copy_reads_an_epochs_records_in_any_order() {
         // Timely does not keep the order of the records of one time at an exchange: a record
         // may arrive before the one that names its numbers. Source 1 names a and b with its
-        // first record and c with its second, which also uses a's number; a record of the
-        // next epoch changes b.
-        let names = |pairs: &[(u32, &str)]| -> Vec<(u32, SmolStr)> {
-            pairs.iter().map(|(n, id)| (*n, SmolStr::new(id))).collect()
+        // first record and c with its second, which also uses a's number and changes two
+        // items; a record of the next epoch changes b.
+        // (item, n, partners)
+        type Change<'a> = (u32, u64, &'a [(u32, u32)]);
+        let record = |names: &[(u32, &str)], items: &[Change<'_>]| {
+            let mut changes = ItemChanges {
+                source: 1,
+                names: names.iter().map(|(n, id)| (*n, SmolStr::new(id))).collect(),
+                items: Vec::new(),
+                partners: Vec::new(),
+            };
+            for &(item, users, partners) in items {
+                changes.partners.extend_from_slice(partners);
+                changes.items.push(ItemChange {
+                    item,
+                    users: Some(users),
+                    partners_end: changes.partners.len() as u32,
+                });
+            }
+            changes
         };
-        let first = ItemChanges {
-            source: 1,
-            names: names(&[(7, "a"), (3, "b")]),
-            item: 7,
-            users: Some(2),
-            partners: vec![(3, 2)],
-        };
-        let second = ItemChanges {
-            source: 1,
-            names: names(&[(5, "c")]),
-            item: 5,
-            users: Some(1),
-            partners: vec![(7, 1)],
-        };
+        let first = record(&[(7, "a"), (3, "b")], &[(7, 2, &[(3, 2)])]);
+        let second = record(&[(5, "c")], &[(5, 1, &[(7, 1)]), (3, 4, &[(5, 2)])]);
         for records in [[&first, &second], [&second, &first]] {
             let mut state = SharedState {
                 neighbours_per_item: 3,
@@ -823,13 +830,7 @@ mod tests {
                 waiting.hold(&mut state, Shared::Item(changes.clone()), 4, 1);
             }
             // A record of a later epoch waits.
-            let later = ItemChanges {
-                source: 1,
-                names: Vec::new(),
-                item: 3,
-                users: Some(9),
-                partners: vec![(7, 1)],
-            };
+            let later = record(&[], &[(3, 9, &[(7, 1)])]);
             waiting.hold(&mut state, Shared::Item(later), 5, 1);
             waiting.apply_through(4, &mut state);
             let numbers = &state.numbers;
@@ -843,11 +844,11 @@ mod tests {
             };
             assert_eq!(copy("a"), (2, vec![("b", 2)]));
             assert_eq!(copy("c"), (1, vec![("a", 1)]));
-            assert_eq!(copy("b"), (0, vec![]), "epoch 5 not applied yet");
+            assert_eq!(copy("b"), (4, vec![("c", 2)]), "epoch 5 not applied yet");
             let item = numbers.get("b").unwrap() as usize;
             waiting.apply_through(5, &mut state);
             assert_eq!(state.items[item].users, 9);
-            assert_eq!(state.neighbours[item].len(), 1);
+            assert_eq!(state.neighbours[item].len(), 2);
         }
     }
 
