@@ -202,9 +202,7 @@ pub fn window_items<T: Ord>(
         .enumerate()
         .map(|(k, item)| (item, k as u32))
         .collect();
-    // By item, then k: the first of each item's run is its newest position. (Stable, and a
-    // run of equal items keeps its k order, so an unstable sort by item alone would do; the
-    // pair says what is meant.)
+    // By item, then k: the first of each item's run is its newest position, the one kept.
     items.sort_unstable_by(|(x, kx), (y, ky)| x.cmp(y).then(kx.cmp(ky)));
     items.dedup_by(|(later, _), (first, _)| later == first);
     items

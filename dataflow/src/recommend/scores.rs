@@ -24,7 +24,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use smol_str::SmolStr;
@@ -661,21 +661,22 @@ fn user_list(
         .filter_map(|(id, k)| Some((k, numbers.get(id)?)))
         .collect();
     via_window.sort_unstable();
-    // The history's (id hash, position), sorted: a candidate is in the history if its id is
-    // that of a position with its hash. Hashing the ids here costs a few ns each, where
-    // looking each up in the number table took two cache misses.
+    // The history's (id hash, position), sorted: an item is in the history if its id is that
+    // of a position with its hash. Hashing the ids here costs a few ns each, where looking
+    // each up in the number table took two cache misses. The candidates' hashes are in the
+    // copy; the fill-up's popular items are hashed as they come.
     let mut history_hashes: Vec<(u32, u32)> = history
         .iter()
         .enumerate()
         .map(|(at, id)| (id_hash(numbers, id), at as u32))
         .collect();
     history_hashes.sort_unstable();
-    let in_history = |item: u32, hash: u32| {
+    let in_history = |id: &str, hash: u32| {
         let from = history_hashes.partition_point(|(h, _)| *h < hash);
         history_hashes[from..]
             .iter()
             .take_while(|(h, _)| *h == hash)
-            .any(|&(_, at)| history.get(at as usize) == numbers.value(item).as_str())
+            .any(|&(_, at)| history.get(at as usize) == id)
     };
     // The window's neighbours, and what the copy holds of each, gathered before any term is
     // added: each is a load from a table larger than the caches, and in loops that do
@@ -705,7 +706,7 @@ fn user_list(
     for via in lists {
         let weight = params.decay.powi(via.k as i32);
         for (&(item, covisits), copied) in via.neighbours.iter().zip(copied.by_ref()) {
-            if in_history(item, copied.id_hash) {
+            if in_history(numbers.value(item), copied.id_hash) {
                 continue;
             }
             let n_item = copied.users as f64;
@@ -733,13 +734,12 @@ fn user_list(
     if list.len() >= n {
         return list;
     }
-    let in_history: HashSet<&str> = history.iter().collect();
     for (popular, count) in &state.order {
         if list.len() >= params.recommendations_n {
             break;
         }
         if *count > 0
-            && !in_history.contains(popular.item.as_str())
+            && !in_history(&popular.item, id_hash(numbers, &popular.item))
             && !list.iter().any(|(item, _)| *item == popular.item)
         {
             list.push((popular.item.clone(), 0.0));
