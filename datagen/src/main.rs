@@ -1,7 +1,8 @@
 //! `datagen`: writes the deterministic behaviour CSV and item-features CSV of the `datagen`
-//! library to disk. With no flags it regenerates the committed sample in `data/`; `--full`
-//! produces the original data's scale in `data/full/` (gitignored, see scripts/gen-full-data.sh);
-//! `--taste` adds the taste structure (topics, preferences, sessions) recommendations can learn.
+//! library to disk. With no flags it regenerates the committed sample in `data/`, which has the
+//! taste structure (topics, preferences, sessions) recommendations can learn; `--full` produces
+//! the original data's scale in `data/full/` (gitignored, see scripts/gen-full-data.sh), by
+//! popularity alone unless `--taste on`.
 
 use std::fs::{self, File};
 use std::path::PathBuf;
@@ -12,6 +13,13 @@ use clap::Parser;
 use datagen::{
     generate, write_behavior_csv, write_item_features_csv, GeneratorConfig, TasteConfig,
 };
+
+/// A feature on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
 
 /// Generate Amazon-Books-shaped behaviour data and item features, deterministically from a seed.
 ///
@@ -59,31 +67,31 @@ struct Args {
     #[arg(long, default_value_t = 0.3)]
     same_day_prob: f64,
 
-    /// Give the data a taste structure: items in topics, users with a few preferred topics,
-    /// sessions on one topic (the knobs below). Off, items follow global popularity alone, as
-    /// in the committed sample.
+    /// The taste structure: items in topics, users with a few preferred topics, sessions on one
+    /// topic (the knobs below). Off, items follow global popularity alone, as in the full-scale
+    /// set [default: on; with --full: off].
+    #[arg(long, value_enum)]
+    taste: Option<Switch>,
+
+    /// Number of topics [default: 50].
     #[arg(long)]
-    taste: bool,
+    topics: Option<usize>,
 
-    /// With --taste: number of topics.
-    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().topics)]
-    topics: usize,
+    /// Topics each user prefers (weights 1, 1/2, 1/4, ...) [default: 3].
+    #[arg(long)]
+    preferred_topics: Option<usize>,
 
-    /// With --taste: topics each user prefers (weights 1, 1/2, 1/4, ...).
-    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().preferred_topics)]
-    preferred_topics: usize,
+    /// Zipf exponent of topic popularity [default: 0.5].
+    #[arg(long)]
+    topic_zipf_s: Option<f64>,
 
-    /// With --taste: Zipf exponent of topic popularity.
-    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().topic_zipf_s)]
-    topic_zipf_s: f64,
+    /// Mean items per session (geometric) [default: 4].
+    #[arg(long)]
+    mean_session_length: Option<f64>,
 
-    /// With --taste: mean items per session (geometric).
-    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().mean_session_length)]
-    mean_session_length: f64,
-
-    /// With --taste: probability that a session strays to a topic outside the preferences.
-    #[arg(long, requires = "taste", default_value_t = TasteConfig::default().stray_session_prob)]
-    stray_session_prob: f64,
+    /// Probability that a session strays to a topic outside the preferences [default: 0.1].
+    #[arg(long)]
+    stray_session_prob: Option<f64>,
 
     /// Output directory, created if missing [default: data; with --full: data/full].
     #[arg(long)]
@@ -103,29 +111,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
 
-    let preset = if args.full {
-        GeneratorConfig::full()
-    } else {
-        GeneratorConfig::default()
-    };
-    let config = GeneratorConfig {
-        users: args.users.unwrap_or(preset.users),
-        items: args.items.unwrap_or(preset.items),
-        seed: args.seed,
-        zipf_s: args.zipf_s,
-        dim: args.dim,
-        mean_rows_per_user: args.mean_rows_per_user.unwrap_or(preset.mean_rows_per_user),
-        max_rows_per_user: args.max_rows_per_user,
-        same_day_prob: args.same_day_prob,
-        taste: args.taste.then_some(TasteConfig {
-            topics: args.topics,
-            preferred_topics: args.preferred_topics,
-            topic_zipf_s: args.topic_zipf_s,
-            mean_session_length: args.mean_session_length,
-            stray_session_prob: args.stray_session_prob,
-        }),
-        ..preset
-    };
+    let config = config(&args)?;
     let (default_dir, default_behavior) = if args.full {
         ("data/full", "behavior.csv")
     } else {
@@ -164,4 +150,96 @@ fn main() -> anyhow::Result<()> {
         features_path.display(),
     );
     Ok(())
+}
+
+/// What to generate: the preset (`--full` or the committed sample) with the flags given.
+fn config(args: &Args) -> anyhow::Result<GeneratorConfig> {
+    let preset = if args.full {
+        GeneratorConfig::full()
+    } else {
+        GeneratorConfig::default()
+    };
+    Ok(GeneratorConfig {
+        users: args.users.unwrap_or(preset.users),
+        items: args.items.unwrap_or(preset.items),
+        seed: args.seed,
+        zipf_s: args.zipf_s,
+        dim: args.dim,
+        mean_rows_per_user: args.mean_rows_per_user.unwrap_or(preset.mean_rows_per_user),
+        max_rows_per_user: args.max_rows_per_user,
+        same_day_prob: args.same_day_prob,
+        taste: taste(args, preset.taste.is_some())?,
+        ..preset
+    })
+}
+
+/// The taste structure asked for: `--taste`, else the preset's, with the knobs given. A knob
+/// given without the structure is an error, not silently ignored.
+fn taste(args: &Args, preset: bool) -> anyhow::Result<Option<TasteConfig>> {
+    let on = args.taste.map_or(preset, |taste| taste == Switch::On);
+    let knobs = args.topics.is_some()
+        || args.preferred_topics.is_some()
+        || args.topic_zipf_s.is_some()
+        || args.mean_session_length.is_some()
+        || args.stray_session_prob.is_some();
+    if !on {
+        anyhow::ensure!(
+            !knobs,
+            "--topics, --preferred-topics, --topic-zipf-s, --mean-session-length and \
+             --stray-session-prob shape the taste structure, which is off: add --taste on"
+        );
+        return Ok(None);
+    }
+    let default = TasteConfig::default();
+    Ok(Some(TasteConfig {
+        topics: args.topics.unwrap_or(default.topics),
+        preferred_topics: args.preferred_topics.unwrap_or(default.preferred_topics),
+        topic_zipf_s: args.topic_zipf_s.unwrap_or(default.topic_zipf_s),
+        mean_session_length: args
+            .mean_session_length
+            .unwrap_or(default.mean_session_length),
+        stray_session_prob: args
+            .stray_session_prob
+            .unwrap_or(default.stray_session_prob),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn help_states_the_taste_defaults_the_library_uses() {
+        let help = Args::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let default = TasteConfig::default();
+        for stated in [
+            format!("[default: {}]", default.topics),
+            format!("[default: {}]", default.preferred_topics),
+            format!("[default: {}]", default.topic_zipf_s),
+            format!("[default: {}]", default.mean_session_length),
+            format!("[default: {}]", default.stray_session_prob),
+        ] {
+            assert!(help.contains(&stated), "{stated} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn the_sample_has_taste_and_the_full_set_not_unless_asked() {
+        let parse = |flags: &[&str]| {
+            let args = Args::try_parse_from([&["datagen"], flags].concat()).unwrap();
+            config(&args).map(|config| config.taste.map(|t| t.topics))
+        };
+        // Without flags, exactly the committed sample's configuration.
+        let args = Args::try_parse_from(["datagen"]).unwrap();
+        assert_eq!(config(&args).unwrap(), GeneratorConfig::default());
+        assert_eq!(parse(&[]).unwrap(), Some(50));
+        assert_eq!(parse(&["--topics", "7"]).unwrap(), Some(7));
+        assert_eq!(parse(&["--full"]).unwrap(), None);
+        assert_eq!(parse(&["--full", "--taste", "on"]).unwrap(), Some(50));
+        assert_eq!(parse(&["--taste", "off"]).unwrap(), None);
+        assert!(parse(&["--taste", "off", "--topics", "7"]).is_err());
+    }
 }

@@ -10,10 +10,12 @@ use datagen::{
     USER_ID_LEN,
 };
 
+/// Items by popularity alone; [`taste`] adds the taste structure.
 fn small() -> GeneratorConfig {
     GeneratorConfig {
         users: 500,
         items: 1_500,
+        taste: None,
         ..GeneratorConfig::default()
     }
 }
@@ -247,6 +249,7 @@ fn popularity_is_skewed_and_not_tied_to_id_order() {
         users: 2_000,
         items: 2_000,
         zipf_s: 1.0,
+        taste: None,
         ..GeneratorConfig::default()
     });
     let mut counts = vec![0usize; d.items.len()];
