@@ -69,8 +69,8 @@ struct Args {
 
     /// The taste structure: items in topics, users with a few preferred topics, sessions on one
     /// topic (the knobs below). Off, items follow global popularity alone, as in the full-scale
-    /// set [default: on; with --full: off].
-    #[arg(long, value_enum)]
+    /// set [default: on; with --full: off]. `--taste` alone is `--taste on`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "on")]
     taste: Option<Switch>,
 
     /// Number of topics [default: 50].
@@ -239,6 +239,8 @@ mod tests {
         assert_eq!(parse(&["--topics", "7"]).unwrap(), Some(7));
         assert_eq!(parse(&["--full"]).unwrap(), None);
         assert_eq!(parse(&["--full", "--taste", "on"]).unwrap(), Some(50));
+        assert_eq!(parse(&["--full", "--taste"]).unwrap(), Some(50));
+        assert_eq!(parse(&["--taste", "--topics", "7"]).unwrap(), Some(7));
         assert_eq!(parse(&["--taste", "off"]).unwrap(), None);
         assert!(parse(&["--taste", "off", "--topics", "7"]).is_err());
     }
