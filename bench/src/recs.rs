@@ -404,15 +404,20 @@ mod tests {
         assert_eq!(narrow.recommend(&profiles)["u1"], list(&["c", "d"]));
     }
 
-    #[test]
-    fn the_dataflow_engine_gives_the_references_lists() {
-        // A committed-sample-like snapshot: the sample's users, leave-last-out.
+    /// The committed sample, leave-last-out with histories of 50.
+    fn committed_sample_split() -> Split {
         let (entries, _) = read_behavior_file(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../data/behavior_sample.csv"
         )))
         .unwrap();
-        let split = leave_last_out(&entries, 50);
+        leave_last_out(&entries, 50)
+    }
+
+    #[test]
+    fn the_dataflow_engine_gives_the_references_lists() {
+        // A committed-sample-like snapshot: the sample's users, leave-last-out.
+        let split = committed_sample_split();
         let settings = RecommendSettings::default();
         let reference = ReferenceRecommender { settings }.recommend(&split.profiles);
         for workers in [1, 3] {
@@ -431,12 +436,7 @@ mod tests {
     fn the_committed_sample_has_signal_that_popularity_misses() {
         // The goal on real data, HR@10 at least 1.5 times the popularity baseline's,
         // holds on the sample `bench-recs` reads by default (generated with taste structure).
-        let (entries, _) = read_behavior_file(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../data/behavior_sample.csv"
-        )))
-        .unwrap();
-        let split = leave_last_out(&entries, 50);
+        let split = committed_sample_split();
         let settings = RecommendSettings::default();
         let streamrec = evaluate(&ReferenceRecommender { settings }, &split);
         let popularity = evaluate(
