@@ -152,19 +152,71 @@ pub struct ReadStats {
 /// Every user's `(timestamp, item_id)` entries, in file order.
 pub type UserEntries = BTreeMap<String, Vec<(u64, String)>>;
 
-/// Reads a behaviour CSV: columns `user_id`, `item_id` and `timestamp` found by name, others
-/// ignored.
-pub fn read_behavior(reader: impl Read) -> anyhow::Result<(UserEntries, ReadStats)> {
-    let mut csv = csv::ReaderBuilder::new().flexible(true).from_reader(reader);
-    let header = csv.byte_headers()?.clone();
-    let column = |name: &str| {
-        header
+/// A column of the behaviour file: by its header name, or by its 0-based position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Column {
+    Name(String),
+    Index(usize),
+}
+
+/// How a behaviour file is laid out. The default is semantics §1's CSV (a header naming
+/// `user_id`, `item_id` and `timestamp`, others ignored); public data sets name their columns
+/// otherwise (MovieLens: `userId`, `movieId`), separate them with tabs, or have no header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BehaviorLayout {
+    /// The field separator, one byte.
+    pub delimiter: u8,
+    /// Whether the first line names the columns (then it is not a row).
+    pub header: bool,
+    pub user: Column,
+    pub item: Column,
+    /// An unsigned integer, in any unit: only its order counts here.
+    pub timestamp: Column,
+}
+
+impl Default for BehaviorLayout {
+    fn default() -> Self {
+        BehaviorLayout {
+            delimiter: b',',
+            header: true,
+            user: Column::Name("user_id".into()),
+            item: Column::Name("item_id".into()),
+            timestamp: Column::Name("timestamp".into()),
+        }
+    }
+}
+
+/// Reads a behaviour file laid out as `layout` says; a row without a usable user, item or
+/// timestamp is counted in [`ReadStats::bad_rows`] and skipped.
+pub fn read_behavior(
+    reader: impl Read,
+    layout: &BehaviorLayout,
+) -> anyhow::Result<(UserEntries, ReadStats)> {
+    let mut csv = csv::ReaderBuilder::new()
+        .flexible(true)
+        .delimiter(layout.delimiter)
+        .has_headers(layout.header)
+        .from_reader(reader);
+    let header = if layout.header {
+        Some(csv.byte_headers()?.clone())
+    } else {
+        None
+    };
+    let position = |column: &Column| match (column, &header) {
+        (Column::Index(index), _) => Ok(*index),
+        (Column::Name(name), Some(header)) => header
             .iter()
             .position(|field| field == name.as_bytes())
-            .with_context(|| format!("the CSV header has no `{name}` column"))
+            .with_context(|| format!("the header has no `{name}` column")),
+        (Column::Name(name), None) => {
+            anyhow::bail!("the file has no header, so column `{name}` must be given as a position")
+        }
     };
-    let (user_column, item_column, time_column) =
-        (column("user_id")?, column("item_id")?, column("timestamp")?);
+    let (user_column, item_column, time_column) = (
+        position(&layout.user)?,
+        position(&layout.item)?,
+        position(&layout.timestamp)?,
+    );
     let mut entries = UserEntries::new();
     let mut stats = ReadStats::default();
     let mut record = csv::ByteRecord::new();
@@ -194,10 +246,13 @@ pub fn read_behavior(reader: impl Read) -> anyhow::Result<(UserEntries, ReadStat
     Ok((entries, stats))
 }
 
-/// Reads the behaviour CSV at `path` (see [`read_behavior`]).
-pub fn read_behavior_file(path: &Path) -> anyhow::Result<(UserEntries, ReadStats)> {
+/// Reads the behaviour file at `path` (see [`read_behavior`]).
+pub fn read_behavior_file(
+    path: &Path,
+    layout: &BehaviorLayout,
+) -> anyhow::Result<(UserEntries, ReadStats)> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    read_behavior(std::io::BufReader::new(file))
+    read_behavior(std::io::BufReader::new(file), layout)
         .with_context(|| format!("reading {}", path.display()))
 }
 
@@ -325,7 +380,7 @@ mod tests {
                    3,x,i3,u1\n\
                    -1,x,i4,u2\n\
                    9,x,i5,u2\n";
-        let (entries, stats) = read_behavior(csv.as_bytes()).unwrap();
+        let (entries, stats) = read_behavior(csv.as_bytes(), &BehaviorLayout::default()).unwrap();
         assert_eq!(
             stats,
             ReadStats {
@@ -335,7 +390,50 @@ mod tests {
         );
         assert_eq!(entries["u1"], [(5, "i1".to_owned()), (3, "i3".to_owned())]);
         assert_eq!(entries["u2"], [(9, "i5".to_owned())]);
-        assert!(read_behavior("user_id,item_id\nu,i\n".as_bytes()).is_err());
+        assert!(read_behavior(
+            "user_id,item_id\nu,i\n".as_bytes(),
+            &BehaviorLayout::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn reads_other_layouts_by_name_or_position() {
+        // MovieLens' ratings.csv names its columns its own way.
+        let movielens =
+            "userId,movieId,rating,timestamp\n1,307,3.5,1256677221\n1,481,3.5,1256677456\n";
+        let layout = BehaviorLayout {
+            user: Column::Name("userId".into()),
+            item: Column::Name("movieId".into()),
+            ..BehaviorLayout::default()
+        };
+        let (entries, stats) = read_behavior(movielens.as_bytes(), &layout).unwrap();
+        assert_eq!(stats.rows, 2);
+        assert_eq!(
+            entries["1"],
+            [
+                (1256677221, "307".to_owned()),
+                (1256677456, "481".to_owned())
+            ]
+        );
+        // Tab-separated without a header: the first line is a row.
+        let tsv = "u1\t5\ti1\nu1\t6\ti2\n";
+        let layout = BehaviorLayout {
+            delimiter: b'\t',
+            header: false,
+            user: Column::Index(0),
+            item: Column::Index(2),
+            timestamp: Column::Index(1),
+        };
+        let (entries, _) = read_behavior(tsv.as_bytes(), &layout).unwrap();
+        assert_eq!(entries["u1"], [(5, "i1".to_owned()), (6, "i2".to_owned())]);
+        // A name needs a header.
+        let named = BehaviorLayout {
+            header: false,
+            ..BehaviorLayout::default()
+        };
+        let error = read_behavior(tsv.as_bytes(), &named).unwrap_err();
+        assert!(error.to_string().contains("position"), "{error}");
     }
 
     #[test]
@@ -345,6 +443,7 @@ mod tests {
              u,d,20\nu,b,10\nu,a,10\nu,c,15\nu,z,20\nu,y,5\n\
              only,x,3\nonly,w,3\n"
                 .as_bytes(),
+            &BehaviorLayout::default(),
         )
         .unwrap();
         let split = leave_last_out(&entries, 3);
@@ -406,10 +505,13 @@ mod tests {
 
     /// The committed sample, leave-last-out with histories of 50.
     fn committed_sample_split() -> Split {
-        let (entries, _) = read_behavior_file(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../data/behavior_sample.csv"
-        )))
+        let (entries, _) = read_behavior_file(
+            std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../data/behavior_sample.csv"
+            )),
+            &BehaviorLayout::default(),
+        )
         .unwrap();
         leave_last_out(&entries, 50)
     }
@@ -473,7 +575,7 @@ mod tests {
         for u in 0..5 {
             csv.push_str(&format!("ty{u},y1,1\nty{u},y2,1\nty{u},z,2\n"));
         }
-        let (entries, _) = read_behavior(csv.as_bytes()).unwrap();
+        let (entries, _) = read_behavior(csv.as_bytes(), &BehaviorLayout::default()).unwrap();
         let split = leave_last_out(&entries, 50);
         let streamrec = evaluate(
             &ReferenceRecommender {

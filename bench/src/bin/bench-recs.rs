@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bench::chart::{write_bar_chart, BarSeries};
 use bench::recs::{
-    evaluate, leave_last_out, read_behavior_file, DataflowRecommender, PopularityBaseline,
-    Recommender, ReferenceRecommender, CUTOFF,
+    evaluate, leave_last_out, read_behavior_file, BehaviorLayout, Column, DataflowRecommender,
+    PopularityBaseline, Recommender, ReferenceRecommender, CUTOFF,
 };
 use clap::Parser;
 use dataflow::recommend::reference::{
@@ -22,9 +22,42 @@ use dataflow::recommend::reference::{
 #[derive(Debug, Parser)]
 #[command(name = "bench-recs", version)]
 struct Args {
-    /// Behaviour CSV with the columns `user_id`, `item_id`, `timestamp` (others ignored).
+    /// Behaviour CSV with the columns `user_id`, `item_id`, `timestamp` (others ignored), or
+    /// as the layout flags below say.
     #[arg(long, default_value = "data/behavior_sample.csv")]
     behavior_csv: PathBuf,
+    /// The user column: its header name, or with --no-header its 0-based position.
+    #[arg(
+        long,
+        default_value = "user_id",
+        help_heading = "Layout of the behaviour file"
+    )]
+    user_column: String,
+    /// The item column: its header name, or with --no-header its 0-based position.
+    #[arg(
+        long,
+        default_value = "item_id",
+        help_heading = "Layout of the behaviour file"
+    )]
+    item_column: String,
+    /// The timestamp column (unsigned integers in any unit; only their order counts): its
+    /// header name, or with --no-header its 0-based position.
+    #[arg(
+        long,
+        default_value = "timestamp",
+        help_heading = "Layout of the behaviour file"
+    )]
+    timestamp_column: String,
+    /// The field separator: one ASCII character, or `tab`.
+    #[arg(
+        long,
+        default_value = ",",
+        help_heading = "Layout of the behaviour file"
+    )]
+    delimiter: String,
+    /// The first line is a row, not column names; columns are then given by position.
+    #[arg(long, help_heading = "Layout of the behaviour file")]
+    no_header: bool,
     /// Items of a profile kept (the newest).
     #[arg(long, default_value_t = profile::DEFAULT_MAX_HISTORY)]
     max_history: usize,
@@ -75,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         recommendations_n: args.recommendations_n,
         decay: args.decay,
     };
-    let (entries, read) = read_behavior_file(&args.behavior_csv)?;
+    let (entries, read) = read_behavior_file(&args.behavior_csv, &layout(&args)?)?;
     let split = leave_last_out(&entries, args.max_history);
     let dataflow_engine = DataflowRecommender {
         settings,
@@ -184,4 +217,35 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!("wrote {} and {}", args.json.display(), args.chart.display());
     Ok(())
+}
+
+/// The behaviour file's layout from the flags.
+fn layout(args: &Args) -> anyhow::Result<BehaviorLayout> {
+    let delimiter = match args.delimiter.as_str() {
+        "tab" | "\\t" => b'\t',
+        other => match other.as_bytes() {
+            [byte] if byte.is_ascii() => *byte,
+            _ => anyhow::bail!(
+                "--delimiter must be one ASCII character or `tab`, got {:?}",
+                args.delimiter
+            ),
+        },
+    };
+    let column = |flag: &str, value: &str| -> anyhow::Result<Column> {
+        if args.no_header {
+            let index = value.parse().with_context(|| {
+                format!("with --no-header, --{flag} must be a 0-based position, got {value:?}")
+            })?;
+            Ok(Column::Index(index))
+        } else {
+            Ok(Column::Name(value.to_owned()))
+        }
+    };
+    Ok(BehaviorLayout {
+        delimiter,
+        header: !args.no_header,
+        user: column("user-column", &args.user_column)?,
+        item: column("item-column", &args.item_column)?,
+        timestamp: column("timestamp-column", &args.timestamp_column)?,
+    })
 }
