@@ -4,9 +4,10 @@
 //! and HR@10 and NDCG@10 say how often and how high the held-out items come back. streamrec's
 //! engine and the popularity baseline are scored on the same users, so their figures compare.
 //!
-//! An engine is anything that implements [`Recommender`]; today streamrec's is the sequential
-//! reference of semantics §8 ([`ReferenceRecommender`]), and the dataflow core can stand in for
-//! it behind the same trait.
+//! An engine is anything that implements [`Recommender`]: streamrec's are the dataflow's own
+//! operators ([`DataflowRecommender`], what `bench-recs` runs by default) and the sequential
+//! reference of semantics §8 ([`ReferenceRecommender`]), which give the same lists. The file is
+//! semantics §1's CSV, or a public data set in its own layout ([`BehaviorLayout`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
