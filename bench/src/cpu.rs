@@ -99,7 +99,7 @@ impl CpuSample {
 /// How often a [`CpuSampler`] reads: a window's ends are off by at most this much.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 
-/// Reads a [`CpuSample`] every [`SAMPLE_EVERY`] on a thread of its own.
+/// Reads a [`CpuSample`] every `SAMPLE_EVERY` (10 ms) on a thread of its own.
 #[derive(Debug)]
 pub struct CpuSampler {
     stop: Arc<AtomicBool>,

@@ -10,8 +10,8 @@
 //! [`super::reference`] for the rules). The pairs are the self-join of the windows on user;
 //! when a window slides by d items, only the 2·d·(W − 1) pairs that touch an item that left or
 //! entered it change, so an update costs O(d·W), not O(W²). Where a user's old and new values
-//! meet, [`window_changes`] reduces them to what left, stayed and entered, and sends that one
-//! record to each worker that owns one of its items; there [`covisit_counts`] applies the
+//! meet, `window_changes` reduces them to what left, stayed and entered, and sends that one
+//! record to each worker that owns one of its items; there `covisit_counts` applies the
 //! pairs it implies to the counts of the items it owns.
 //!
 //! Item ids travel between workers as they are, [`SmolStr`] (inline up to 23 bytes): the

@@ -3,7 +3,7 @@
 //! most popular items. [`covisit`] and [`scores`] are the dataflow's incremental operators
 //! (built by `graph::build` with `--recommendations on`), with [`top`] keeping the neighbours and
 //! the popularity order; they add what each epoch cost them to the worker's stats board
-//! ([`CostBoard`]). [`reference`] is the plain sequential definition they are tested against;
+//! ([`CostBoard`]). [`reference`](mod@reference) is the plain sequential definition they are tested against;
 //! [`recommend_snapshot`] runs the operators on a snapshot, for the evaluation command
 //! (`bench-recs`).
 

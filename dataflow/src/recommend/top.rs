@@ -23,7 +23,7 @@ use super::intern::Interner;
 ///
 /// Keys and values are of one kind (items) and held under one worker-local numbering
 /// ([`Interner`], whose ids break ties). Each (key, value) count is kept once, in sorted
-/// arrays by key, and each key keeps in order only its strongest values ([`Counted`]): the
+/// arrays by key, and each key keeps in order only its strongest values (`Counted`): the
 /// recommendations' largest state. Replaces `count` followed by a top-K `reduce`, which kept
 /// every pair three times and read a popular item's whole group on every change
 /// (docs/performance.md, "co-visitation without the self-join"). Changes come in batches, in

@@ -7,7 +7,7 @@
 //! scattered over a table larger than the caches. Measured against keeping the vectors, see
 //! docs/performance.md.
 //!
-//! The vectors live in chunks of [`USERS_PER_CHUNK`] users rather than in one growing array: a
+//! The vectors live in chunks of `USERS_PER_CHUNK` users rather than in one growing array: a
 //! grown array is copied, and for a moment both copies are resident, which at full scale would
 //! show in the peak memory.
 
