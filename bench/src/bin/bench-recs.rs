@@ -26,38 +26,6 @@ struct Args {
     /// as the layout flags below say.
     #[arg(long, default_value = "data/behavior_sample.csv")]
     behavior_csv: PathBuf,
-    /// The user column: its header name, or with --no-header its 0-based position.
-    #[arg(
-        long,
-        default_value = "user_id",
-        help_heading = "Layout of the behaviour file"
-    )]
-    user_column: String,
-    /// The item column: its header name, or with --no-header its 0-based position.
-    #[arg(
-        long,
-        default_value = "item_id",
-        help_heading = "Layout of the behaviour file"
-    )]
-    item_column: String,
-    /// The timestamp column (unsigned integers in any unit; only their order counts): its
-    /// header name, or with --no-header its 0-based position.
-    #[arg(
-        long,
-        default_value = "timestamp",
-        help_heading = "Layout of the behaviour file"
-    )]
-    timestamp_column: String,
-    /// The field separator: one ASCII character, or `tab`.
-    #[arg(
-        long,
-        default_value = ",",
-        help_heading = "Layout of the behaviour file"
-    )]
-    delimiter: String,
-    /// The first line is a row, not column names; columns are then given by position.
-    #[arg(long, help_heading = "Layout of the behaviour file")]
-    no_header: bool,
     /// Items of a profile kept (the newest).
     #[arg(long, default_value_t = profile::DEFAULT_MAX_HISTORY)]
     max_history: usize,
@@ -86,6 +54,31 @@ struct Args {
     /// Where to write the SVG bar chart.
     #[arg(long, default_value = "target/bench/recs.svg")]
     chart: PathBuf,
+    // Last: its help heading applies to the arguments after it.
+    #[command(flatten)]
+    layout: LayoutArgs,
+}
+
+/// How the behaviour file is laid out, when not as semantics §1's CSV.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Layout of the behaviour file")]
+struct LayoutArgs {
+    /// The user column: its header name, or with --no-header its 0-based position.
+    #[arg(long, default_value = "user_id")]
+    user_column: String,
+    /// The item column: its header name, or with --no-header its 0-based position.
+    #[arg(long, default_value = "item_id")]
+    item_column: String,
+    /// The timestamp column (unsigned integers in any unit; only their order counts): its
+    /// header name, or with --no-header its 0-based position.
+    #[arg(long, default_value = "timestamp")]
+    timestamp_column: String,
+    /// The field separator: one ASCII character, or `tab`.
+    #[arg(long, default_value = ",")]
+    delimiter: String,
+    /// The first line is a row, not column names; columns are then given by position.
+    #[arg(long)]
+    no_header: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         recommendations_n: args.recommendations_n,
         decay: args.decay,
     };
-    let (entries, read) = read_behavior_file(&args.behavior_csv, &layout(&args)?)?;
+    let (entries, read) = read_behavior_file(&args.behavior_csv, &layout(&args.layout)?)?;
     let split = leave_last_out(&entries, args.max_history);
     let dataflow_engine = DataflowRecommender {
         settings,
@@ -220,7 +213,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The behaviour file's layout from the flags.
-fn layout(args: &Args) -> anyhow::Result<BehaviorLayout> {
+fn layout(args: &LayoutArgs) -> anyhow::Result<BehaviorLayout> {
     let delimiter = match args.delimiter.as_str() {
         "tab" | "\\t" => b'\t',
         other => match other.as_bytes() {
@@ -248,4 +241,49 @@ fn layout(args: &Args) -> anyhow::Result<BehaviorLayout> {
         item: column("item-column", &args.item_column)?,
         timestamp: column("timestamp-column", &args.timestamp_column)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout_of(flags: &[&str]) -> anyhow::Result<BehaviorLayout> {
+        let args = Args::try_parse_from([&["bench-recs"], flags].concat())?;
+        layout(&args.layout)
+    }
+
+    #[test]
+    fn the_layout_flags_name_columns_or_give_positions() {
+        assert_eq!(layout_of(&[]).unwrap(), BehaviorLayout::default());
+        let tsv = layout_of(&[
+            "--no-header",
+            "--delimiter",
+            "tab",
+            "--user-column",
+            "1",
+            "--item-column",
+            "2",
+            "--timestamp-column",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            (tsv.delimiter, tsv.header, tsv.user, tsv.item, tsv.timestamp),
+            (
+                b'\t',
+                false,
+                Column::Index(1),
+                Column::Index(2),
+                Column::Index(0)
+            )
+        );
+        let named = layout_of(&["--user-column", "userId", "--delimiter", ";"]).unwrap();
+        assert_eq!(
+            (named.delimiter, named.user),
+            (b';', Column::Name("userId".into()))
+        );
+        // A name without a header, and a separator of two characters, are refused.
+        assert!(layout_of(&["--no-header"]).is_err());
+        assert!(layout_of(&["--delimiter", "::"]).is_err());
+    }
 }
