@@ -2,12 +2,13 @@
 //! partitions the worker reads.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use profile::RateLimit;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
@@ -31,6 +32,13 @@ pub(super) struct SourceContext {
     pub(super) ends: std::sync::Mutex<BTreeMap<SourcePartition, i64>>,
     /// How long the brokers have not answered, as of the last statistics.
     pub(super) silence: std::sync::Mutex<BrokerSilence>,
+    /// Whether an offset commit failed at the broker since the source last looked. Commits
+    /// are asynchronous: `commit` returns once librdkafka has queued one, and a commit that
+    /// then times out or meets a coordinator that is not ready is only reported here. The
+    /// source sends its positions again (see `KafkaSource::commit_before`); without that, the
+    /// last commit before a quiet spell could be lost and its partitions' committed offsets
+    /// stay behind until the next message.
+    pub(super) commit_failed: AtomicBool,
     /// librdkafka's errors and log lines while a broker is unreachable come a few a second per
     /// connection: rate-limited, they say the same.
     warnings: RateLimit,
@@ -69,6 +77,22 @@ impl BrokerSilence {
 const STALL_WARNING: Duration = Duration::from_secs(3);
 
 impl SourceContext {
+    fn new(worker: usize, topics: [String; 2]) -> Self {
+        SourceContext {
+            worker,
+            topics,
+            ends: std::sync::Mutex::default(),
+            silence: std::sync::Mutex::new(BrokerSilence {
+                responses: 0,
+                last_answer: std::time::Instant::now(),
+                reported: false,
+                warnings: RateLimit::per_second(),
+            }),
+            commit_failed: AtomicBool::new(false),
+            warnings: RateLimit::per_second(),
+        }
+    }
+
     /// Logs with `log`, handed the count of lines held back, unless one was logged less than
     /// a second ago.
     fn warn(&self, log: impl FnOnce(u64)) {
@@ -175,7 +199,32 @@ impl ClientContext for SourceContext {
     }
 }
 
-impl ConsumerContext for SourceContext {}
+impl ConsumerContext for SourceContext {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let partitions = offsets.elements();
+        if let Some(error) = commit_error(result, partitions.iter().map(|p| p.error())) {
+            self.commit_failed.store(true, Ordering::Relaxed);
+            self.warn(|suppressed| {
+                tracing::warn!(
+                    suppressed,
+                    worker = self.worker,
+                    %error,
+                    "offset commit failed at the broker; it is sent again"
+                )
+            });
+        }
+    }
+}
+
+/// Why a commit failed, if it did: as a whole, or for one of its partitions.
+fn commit_error(
+    result: KafkaResult<()>,
+    mut partitions: impl Iterator<Item = KafkaResult<()>>,
+) -> Option<KafkaError> {
+    result
+        .err()
+        .or_else(|| partitions.find_map(|partition| partition.err()))
+}
 
 /// The consumer of worker `worker`'s profile and item-feature partitions.
 pub(super) fn consumer(
@@ -216,18 +265,10 @@ pub(super) fn consumer(
     // The user's -X / KAFKA_CONFIG_FILE properties (security, client id, tuning), last so that
     // they win over the tuning above; the ones set above for correctness are refused earlier.
     config.kafka.apply(&mut client);
-    client.create_with_context(SourceContext {
+    client.create_with_context(SourceContext::new(
         worker,
-        topics: [config.profile_topic.clone(), config.item_topic.clone()],
-        ends: std::sync::Mutex::default(),
-        silence: std::sync::Mutex::new(BrokerSilence {
-            responses: 0,
-            last_answer: std::time::Instant::now(),
-            reported: false,
-            warnings: RateLimit::per_second(),
-        }),
-        warnings: RateLimit::per_second(),
-    })
+        [config.profile_topic.clone(), config.item_topic.clone()],
+    ))
 }
 
 /// The producer of a worker's dead-letter copies (see [`super::dead_letter`]).
@@ -403,5 +444,28 @@ mod tests {
             }
         }
         assert_eq!(assigned_partitions(4, 1, 2), vec![1, 3]);
+    }
+
+    #[test]
+    fn a_commit_that_fails_at_the_broker_is_flagged_for_sending_again() {
+        let context = SourceContext::new(0, ["profiles".into(), "items".into()]);
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset("profiles", 0, Offset::Offset(7))
+            .unwrap();
+        context.commit_callback(Ok(()), &offsets);
+        assert!(!context.commit_failed.load(Ordering::Relaxed));
+        // Failed as a whole (a timeout, no coordinator).
+        context.commit_callback(
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RequestTimedOut,
+            )),
+            &offsets,
+        );
+        assert!(context.commit_failed.swap(false, Ordering::Relaxed));
+        // Failed for one partition only.
+        let not_coordinator = Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NotCoordinator));
+        assert!(commit_error(Ok(()), [Ok(()), not_coordinator].into_iter()).is_some());
+        assert!(commit_error(Ok(()), [Ok(()), Ok(())].into_iter()).is_none());
     }
 }

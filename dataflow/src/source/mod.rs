@@ -377,12 +377,19 @@ impl KafkaSource {
     /// Each commit carries every partition's position, so that a later commit makes good one
     /// lost while the broker was away, also for a partition with no new message (which would
     /// otherwise keep its old committed offset: replayed after a restart, and a lag in the
-    /// group's offsets); one librdkafka refuses is sent again at the next call.
+    /// group's offsets); one librdkafka refuses, or reports failed later, is sent again at the
+    /// next call.
     /// Returns the positions that are new in this commit.
     pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
         self.dlq.maintain();
-        // A commit librdkafka refused is sent again, with the next epoch's or on its own.
-        let failed = std::mem::take(&mut self.commit_refused);
+        // A commit librdkafka refused, or that failed at the broker, is sent again, with the
+        // next epoch's or on its own.
+        let failed_at_broker = self
+            .consumer
+            .context()
+            .commit_failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let failed = std::mem::take(&mut self.commit_refused) || failed_at_broker;
         if self.ledger.is_empty() && !failed {
             return BTreeMap::new();
         }
@@ -402,6 +409,10 @@ impl KafkaSource {
             return positions;
         }
         self.commit_positions.extend(&positions);
+        if self.commit_positions.is_empty() {
+            // Nothing read yet: nothing to send again either.
+            return positions;
+        }
         let mut list = TopicPartitionList::new();
         for (&(topic, partition), &offset) in &self.commit_positions {
             if let Err(error) =
