@@ -2,7 +2,7 @@
 //! partitions the worker reads.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use profile::RateLimit;
@@ -39,6 +39,8 @@ pub(super) struct SourceContext {
     /// last commit before a quiet spell could be lost and its partitions' committed offsets
     /// stay behind until the next message.
     pub(super) commit_failed: AtomicBool,
+    /// How many commits the callback has answered, failed or not (see [`super::commits`]).
+    pub(super) commits_answered: AtomicU64,
     /// librdkafka's errors and log lines while a broker is unreachable come a few a second per
     /// connection: rate-limited, they say the same.
     warnings: RateLimit,
@@ -89,6 +91,7 @@ impl SourceContext {
                 warnings: RateLimit::per_second(),
             }),
             commit_failed: AtomicBool::new(false),
+            commits_answered: AtomicU64::new(0),
             warnings: RateLimit::per_second(),
         }
     }
@@ -201,6 +204,7 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.commits_answered.fetch_add(1, Ordering::Relaxed);
         let partitions = offsets.elements();
         if let Some(error) = commit_error(result, partitions.iter().map(|p| p.error())) {
             self.commit_failed.store(true, Ordering::Relaxed);
@@ -455,6 +459,7 @@ mod tests {
             .unwrap();
         context.commit_callback(Ok(()), &offsets);
         assert!(!context.commit_failed.load(Ordering::Relaxed));
+        assert_eq!(context.commits_answered.load(Ordering::Relaxed), 1);
         // Failed as a whole (a timeout, no coordinator).
         context.commit_callback(
             Err(KafkaError::ConsumerCommit(

@@ -15,6 +15,7 @@
 //!
 //! This module holds [`KafkaSource`] itself: its state, `poll` and `commit_before`. The rest is
 //! in its submodules:
+//! - `commits`: how long the offset commits have waited for librdkafka's answer;
 //! - `consumer`: the librdkafka consumer and dead-letter producer with their options, and which
 //!   partitions a worker reads ([`assigned_partitions`]);
 //! - `dead_letter`: the dead-letter producer, which holds each copy until the broker
@@ -23,6 +24,7 @@
 //! - `start`: each partition's offsets at start, and the replay and catch-up plans made from
 //!   them.
 
+mod commits;
 mod consumer;
 mod dead_letter;
 mod decode;
@@ -137,6 +139,8 @@ pub struct KafkaSource {
     commit_positions: BTreeMap<SourcePartition, i64>,
     /// Whether librdkafka refused the last commit (it is sent again at the next call).
     commit_refused: bool,
+    /// When each commit librdkafka has not answered yet was sent.
+    unanswered_commits: commits::UnansweredCommits,
     /// Where live reading starts for partitions a restored checkpoint covers (the others start
     /// at their committed offsets).
     live_from: BTreeMap<SourcePartition, i64>,
@@ -227,6 +231,7 @@ impl KafkaSource {
             committed,
             commit_positions: BTreeMap::new(),
             commit_refused: false,
+            unanswered_commits: commits::UnansweredCommits::default(),
             live_from,
         })
     }
@@ -382,6 +387,7 @@ impl KafkaSource {
     /// Returns the positions that are new in this commit.
     pub fn commit_before(&mut self, frontier: u64) -> BTreeMap<SourcePartition, i64> {
         self.dlq.maintain();
+        self.warn_of_unanswered_commits();
         // A commit librdkafka refused, or that failed at the broker, is sent again, with the
         // next epoch's or on its own.
         let failed_at_broker = self
@@ -425,7 +431,10 @@ impl KafkaSource {
         // Redis already holds, which the no-regression script makes harmless.
         match self.consumer.commit(&list, CommitMode::Async) {
             // Also the positions of a refused commit this one sends again.
-            Ok(()) => self.committed.extend(&self.commit_positions),
+            Ok(()) => {
+                self.committed.extend(&self.commit_positions);
+                self.unanswered_commits.sent(std::time::Instant::now());
+            }
             Err(error) => {
                 self.commit_refused = true;
                 if let Some(suppressed) = self.warnings.allow() {
@@ -434,6 +443,34 @@ impl KafkaSource {
             }
         }
         positions
+    }
+
+    /// Warns (at most once a second) while a commit has waited for librdkafka's answer for
+    /// [`commits::UNANSWERED_WARNING`] or more.
+    fn warn_of_unanswered_commits(&mut self) {
+        let answered = self
+            .consumer
+            .context()
+            .commits_answered
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.unanswered_commits.answered(answered);
+        let Some(waited) = self
+            .unanswered_commits
+            .oldest_wait(std::time::Instant::now())
+        else {
+            return;
+        };
+        if waited >= commits::UNANSWERED_WARNING {
+            if let Some(suppressed) = self.warnings.allow() {
+                tracing::warn!(
+                    worker = self.worker,
+                    suppressed,
+                    waited_seconds = waited.as_secs_f64(),
+                    "an offset commit has not been answered: the group coordinator may be \
+                     unreachable; reading goes on, the group's committed offsets wait"
+                );
+            }
+        }
     }
 
     /// Where reading would resume for each assigned partition had every epoch before `frontier`
