@@ -10,16 +10,32 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use profile::RateLimit;
+
 /// A commit unanswered this long is worth a warning: far longer than a commit takes, and
 /// longer than librdkafka's own request timeout in the tests (4 s) and a reconnect's backoff.
 pub(super) const UNANSWERED_WARNING: Duration = Duration::from_secs(20);
 
 /// When each commit not yet answered was sent, oldest first.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct UnansweredCommits {
     sent: VecDeque<Instant>,
     /// The answers counted so far (the callback's running count).
     answered: u64,
+    /// The warning's own limit (once a second), apart from the source's other warnings
+    /// (invalid messages, refused commits), which it would otherwise crowd out: it is looked
+    /// at every epoch.
+    warnings: RateLimit,
+}
+
+impl Default for UnansweredCommits {
+    fn default() -> Self {
+        UnansweredCommits {
+            sent: VecDeque::new(),
+            answered: 0,
+            warnings: RateLimit::per_second(),
+        }
+    }
 }
 
 impl UnansweredCommits {
@@ -44,6 +60,22 @@ impl UnansweredCommits {
         self.sent
             .front()
             .map(|sent| now.saturating_duration_since(*sent))
+    }
+
+    /// Warns (at most once a second) while the oldest commit not yet answered has waited
+    /// [`UNANSWERED_WARNING`] or more.
+    pub(super) fn warn_if_waiting(&self, worker: usize, now: Instant) {
+        let Some(waited) = self.oldest_wait(now) else {
+            return;
+        };
+        if waited >= UNANSWERED_WARNING && self.warnings.allow().is_some() {
+            tracing::warn!(
+                worker,
+                waited_seconds = waited.as_secs_f64(),
+                "an offset commit has not been answered: the group coordinator may be \
+                 unreachable; reading goes on, the group's committed offsets wait"
+            );
+        }
     }
 }
 

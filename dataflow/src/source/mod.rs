@@ -445,8 +445,8 @@ impl KafkaSource {
         positions
     }
 
-    /// Warns (at most once a second) while a commit has waited for librdkafka's answer for
-    /// [`commits::UNANSWERED_WARNING`] or more.
+    /// Counts the commits librdkafka has answered, and warns while one has waited too long
+    /// (see [`commits::UnansweredCommits`]).
     fn warn_of_unanswered_commits(&mut self) {
         let answered = self
             .consumer
@@ -454,23 +454,8 @@ impl KafkaSource {
             .commits_answered
             .load(std::sync::atomic::Ordering::Relaxed);
         self.unanswered_commits.answered(answered);
-        let Some(waited) = self
-            .unanswered_commits
-            .oldest_wait(std::time::Instant::now())
-        else {
-            return;
-        };
-        if waited >= commits::UNANSWERED_WARNING {
-            if let Some(suppressed) = self.warnings.allow() {
-                tracing::warn!(
-                    worker = self.worker,
-                    suppressed,
-                    waited_seconds = waited.as_secs_f64(),
-                    "an offset commit has not been answered: the group coordinator may be \
-                     unreachable; reading goes on, the group's committed offsets wait"
-                );
-            }
-        }
+        self.unanswered_commits
+            .warn_if_waiting(self.worker, std::time::Instant::now());
     }
 
     /// Where reading would resume for each assigned partition had every epoch before `frontier`
