@@ -101,13 +101,23 @@ pub const ITEMS_PER_RECORD: usize = 3;
 
 impl ItemChanges {
     /// An empty record of `source`.
-    fn new(source: u32) -> Self {
+    pub(crate) fn new(source: u32) -> Self {
         ItemChanges {
             source,
             names: Vec::new(),
             items: Vec::new(),
             partners: Vec::new(),
         }
+    }
+
+    /// Adds `item`'s change, n(item) if it changed and its partners' (see [`ItemChange`]).
+    pub(crate) fn push(&mut self, item: u32, users: Option<u64>, partners: &[(u32, u32)]) {
+        self.partners.extend_from_slice(partners);
+        self.items.push(ItemChange {
+            item,
+            users,
+            partners_end: self.partners.len() as u32,
+        });
     }
 
     /// Each item's change with its partners.
@@ -561,12 +571,7 @@ fn covisit_counts<'scope>(
                                 record.names.push((n, items.value(n).clone()));
                             }
                         }
-                        record.partners.extend_from_slice(partners);
-                        record.items.push(ItemChange {
-                            item: a,
-                            users,
-                            partners_end: record.partners.len() as u32,
-                        });
+                        record.push(a, users, partners);
                         if record.items.len() == ITEMS_PER_RECORD {
                             let full =
                                 std::mem::replace(&mut record, ItemChanges::new(index as u32));

@@ -759,7 +759,7 @@ mod tests {
     use timely::dataflow::operators::{Inspect, Probe};
 
     use super::*;
-    use crate::recommend::covisit::{covisitation, CovisitParams, ItemChange};
+    use crate::recommend::covisit::{covisitation, CovisitParams};
     use crate::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
     use crate::recommend::test_histories::{epochs, feed, settings};
 
@@ -802,19 +802,10 @@ mod tests {
         // (item, n, partners)
         type Change<'a> = (u32, u64, &'a [(u32, u32)]);
         let record = |names: &[(u32, &str)], items: &[Change<'_>]| {
-            let mut changes = ItemChanges {
-                source: 1,
-                names: names.iter().map(|(n, id)| (*n, SmolStr::new(id))).collect(),
-                items: Vec::new(),
-                partners: Vec::new(),
-            };
+            let mut changes = ItemChanges::new(1);
+            changes.names = names.iter().map(|(n, id)| (*n, SmolStr::new(id))).collect();
             for &(item, users, partners) in items {
-                changes.partners.extend_from_slice(partners);
-                changes.items.push(ItemChange {
-                    item,
-                    users: Some(users),
-                    partners_end: changes.partners.len() as u32,
-                });
+                changes.push(item, Some(users), partners);
             }
             changes
         };
