@@ -31,6 +31,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The seeds a property test runs: `STREAMREC_TEST_SEEDS` (`START..END`) if set, else the
+/// test's own `default`. The tests that check the dataflow against a sequential reference on
+/// seeded random input run a few fixed seeds in CI; a longer sweep runs others without an edit,
+/// e.g. `STREAMREC_TEST_SEEDS=0..300 cargo test --release -p streamrec-dataflow recommend::`.
+/// Each seed is printed to stderr as its run starts, so that a failure's output (which
+/// `cargo test` shows) names the seed to run again. Panics on a malformed value: a sweep that
+/// silently ran the defaults would prove nothing.
+pub fn seeds(default: std::ops::Range<u64>) -> impl Iterator<Item = u64> {
+    let seeds = match std::env::var("STREAMREC_TEST_SEEDS") {
+        Ok(value) => parse_seeds(&value).unwrap_or_else(|error| panic!("{error}")),
+        Err(_) => default,
+    };
+    seeds.inspect(|seed| eprintln!("seed {seed}"))
+}
+
+/// `START..END`, not empty.
+fn parse_seeds(value: &str) -> Result<std::ops::Range<u64>, String> {
+    let bad = || format!("STREAMREC_TEST_SEEDS={value:?}: want START..END, e.g. 0..300");
+    let (start, end) = value.trim().split_once("..").ok_or_else(bad)?;
+    let start: u64 = start.parse().map_err(|_| bad())?;
+    let end: u64 = end.parse().map_err(|_| bad())?;
+    if start >= end {
+        return Err(bad());
+    }
+    Ok(start..end)
+}
+
 /// The test broker: `STREAMREC_TEST_BROKERS`, by default the test port of scripts/test.sh.
 pub fn brokers() -> String {
     std::env::var("STREAMREC_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
@@ -102,4 +129,18 @@ pub fn unique_topic(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_seeds;
+
+    #[test]
+    fn seeds_are_a_non_empty_range() {
+        assert_eq!(parse_seeds("0..300"), Ok(0..300));
+        assert_eq!(parse_seeds(" 7..8 "), Ok(7..8));
+        for bad in ["", "300", "5..5", "9..3", "a..b", "0..=3", "-1..2"] {
+            assert!(parse_seeds(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

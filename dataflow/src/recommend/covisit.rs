@@ -738,12 +738,18 @@ mod tests {
 
     #[test]
     fn counts_and_neighbours_match_the_reference_over_epochs_and_workers() {
+        for seed in testkit::seeds(7..8) {
+            counts_and_neighbours_match(seed);
+        }
+    }
+
+    fn counts_and_neighbours_match(seed: u64) {
         let params = CovisitParams {
             window: 5,
             neighbours: 3,
         };
         let settings = settings(params);
-        let epochs = epochs(7);
+        let epochs = epochs(seed);
         let mut outputs = Vec::new();
         for workers in [1, 2, 4] {
             let (item_users, neighbours) = run(workers, &epochs, params);
@@ -798,6 +804,12 @@ mod tests {
 
     #[test]
     fn every_pairs_count_matches_the_reference_over_epochs_and_workers() {
+        for seed in testkit::seeds(19..20) {
+            every_pairs_count_matches(seed);
+        }
+    }
+
+    fn every_pairs_count_matches(seed: u64) {
         // With more neighbours kept than any item has partners, the neighbours are every pair
         // with its count: c(a, b) itself.
         let params = CovisitParams {
@@ -805,7 +817,7 @@ mod tests {
             neighbours: 1000,
         };
         let settings = settings(params);
-        let epochs = epochs(19);
+        let epochs = epochs(seed);
         for workers in [1, 2, 4] {
             let (_, neighbours) = run(workers, &epochs, params);
             for (epoch, histories) in epochs.iter().enumerate() {

@@ -845,12 +845,18 @@ mod tests {
 
     #[test]
     fn the_popularity_order_matches_the_reference_over_epochs_and_workers() {
+        for seed in testkit::seeds(23..24) {
+            popularity_order_matches(seed);
+        }
+    }
+
+    fn popularity_order_matches(seed: u64) {
         let covisit = CovisitParams {
             window: 5,
             neighbours: 3,
         };
         let settings = settings(covisit);
-        let epochs = epochs(23);
+        let epochs = epochs(seed);
         // A cut-off among tied counts, and one beyond every item.
         for len in [4, 100] {
             for workers in [1, 2, 4] {
@@ -906,6 +912,12 @@ mod tests {
 
     #[test]
     fn lists_match_the_reference_for_every_changed_user_over_epochs_and_workers() {
+        for seed in testkit::seeds(11..12) {
+            lists_match(seed);
+        }
+    }
+
+    fn lists_match(seed: u64) {
         let covisit = CovisitParams {
             window: 5,
             neighbours: 3,
@@ -922,7 +934,7 @@ mod tests {
             recommendations_n: 4,
             decay: 0.9,
         };
-        let epochs = epochs(11);
+        let epochs = epochs(seed);
         for workers in [1, 2, 4] {
             let lists = run(workers, &epochs, covisit, params);
             let lists = lists.lock().unwrap();
