@@ -5,8 +5,9 @@
 //! pipelined `SET`s and through the sink's no-regression script; then the highest rate the
 //! dataflow sustains fed live by a paced producer, and its epoch latency at half of that rate.
 //! It prints a per-epoch table and a summary with the ratios between those rates, and writes
-//! them as JSON and as an SVG chart. `bench-recs` evaluates recommendations offline ([`recs`]); `bench-restart` measures
-//! restarts with and without checkpoints ([`restart`]).
+//! them as JSON and as an SVG chart; `--recommendations-pairs` instead compares end-to-end runs
+//! with recommendations on and off ([`pairs`]). `bench-recs` evaluates recommendations offline
+//! ([`recs`]); `bench-restart` measures restarts with and without checkpoints ([`restart`]).
 
 pub mod broker;
 pub mod chart;
@@ -14,6 +15,7 @@ pub mod cpu;
 pub mod dataflow_core;
 pub mod e2e;
 pub mod paced;
+pub mod pairs;
 pub mod recs;
 pub mod redis_write;
 pub mod restart;

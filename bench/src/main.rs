@@ -8,6 +8,7 @@ use bench::chart::write_chart;
 use bench::cpu;
 use bench::e2e::{dataflow_binary, run_dataflow, EndToEnd};
 use bench::paced::WARMUP_MS;
+use bench::pairs::{PairFigures, PairsReport};
 use bench::redis_write::{
     flush_db, ping, set_phase, sink_phase, Profiles, RedisPhase, RedisTarget,
 };
@@ -120,6 +121,13 @@ struct Args {
     /// 60 s while messages are still expected (a broker gone) is given up on before that.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Instead of the phases above: preload once, then run the dataflow end to end 2·N times
+    /// on that topic, `--recommendations off` then `on`, N pairs back to back, each run from an
+    /// empty database with a consumer group of its own; print each pair's rates and their
+    /// ratio, and the median ratio (the target: at least 0.5). Pairs, because on a shared
+    /// machine a run's rate moves more from one minute to the next than a change does.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+    recommendations_pairs: Option<u64>,
     /// Leave the run's topics on the broker. By default they are deleted at the end: a broker
     /// that keeps topics in memory would otherwise hold every run's messages.
     #[arg(long)]
@@ -176,6 +184,11 @@ fn main() -> anyhow::Result<()> {
     let mut topics = bench::broker::RunTopics::new(&args.brokers, args.keep_topics);
 
     let preload_rate = preload(&runs, &mut topics)?;
+    if let Some(pairs) = args.recommendations_pairs {
+        let report = recommendation_pairs(&runs, pairs)?;
+        std::fs::remove_dir_all(&dir).ok();
+        return report_pairs(&runs, &report);
+    }
     let raw_rate = raw_consume(&runs)?;
     let e2e = end_to_end(&runs)?;
     let (set, lua) = redis_phases(&runs, e2e.profile_writes())?;
@@ -249,6 +262,60 @@ fn end_to_end(runs: &Runs<'_>) -> anyhow::Result<EndToEnd> {
         e2e.first_read_seconds()
     );
     Ok(e2e)
+}
+
+/// The --recommendations-pairs mode: `pairs` pairs of end-to-end runs on the preloaded topic,
+/// recommendations off then on.
+fn recommendation_pairs(runs: &Runs<'_>, pairs: u64) -> anyhow::Result<PairsReport> {
+    let args = runs.args;
+    let mut figures = Vec::new();
+    for pair in 1..=pairs {
+        let run = |switch: &str| {
+            flush_db(&runs.redis)?;
+            // A group of its own, so that the run reads the topic from its start (and neither
+            // finds another run's committed offsets nor its checkpoints).
+            let group = format!("{}-pair{pair}-{switch}", runs.run_id);
+            let mut dataflow_args = runs.dataflow_args_in_group(runs.run_id, &group);
+            dataflow_args.extend(["--recommendations".to_owned(), switch.to_owned()]);
+            let e2e = run_dataflow(
+                runs.binary,
+                &dataflow_args,
+                args.epoch_ms,
+                runs.workload.messages.len() as u64,
+                Duration::from_secs(args.timeout_secs),
+                runs.redis_pid,
+            )
+            .with_context(|| format!("pair {pair}, recommendations {switch}"))?;
+            eprintln!(
+                "pair {pair}, recommendations {switch}: {:.0} msg/s",
+                e2e.rate()
+            );
+            anyhow::Ok(e2e)
+        };
+        let off = run("off")?;
+        let on = run("on")?;
+        figures.push(PairFigures::new(&off, &on));
+    }
+    Ok(PairsReport::new(figures))
+}
+
+/// Prints the pairs' table and writes it as JSON.
+fn report_pairs(runs: &Runs<'_>, report: &PairsReport) -> anyhow::Result<()> {
+    let (args, workload) = (runs.args, runs.workload);
+    println!("{}", report.render());
+    if let Some(parent) = args.json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let json = serde_json::json!({
+        "workload": {"messages": workload.messages.len(), "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history, "slide": workload.slide},
+        "workers": args.workers,
+        "epoch_ms": args.epoch_ms,
+        "recommendation_pairs": report,
+    });
+    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    eprintln!("wrote {}", args.json.display());
+    Ok(())
 }
 
 /// Redis alone: `writes` profile writes as plain pipelined SETs, then through the sink's
@@ -571,13 +638,18 @@ struct Runs<'a> {
 }
 
 impl Runs<'_> {
-    /// The dataflow's flags for a run on `topic`.
     /// Where the dataflow runs write their checkpoints: beside the features file.
     fn checkpoint_dir(&self) -> std::path::PathBuf {
         self.features.with_file_name("checkpoints")
     }
 
+    /// The dataflow's flags for a run on `topic`.
     fn dataflow_args(&self, topic: &str) -> Vec<String> {
+        self.dataflow_args_in_group(topic, &format!("{topic}-group"))
+    }
+
+    /// The dataflow's flags for a run on `topic` as consumer group `group`.
+    fn dataflow_args_in_group(&self, topic: &str, group: &str) -> Vec<String> {
         let args = self.args;
         [
             "--brokers",
@@ -585,7 +657,7 @@ impl Runs<'_> {
             "--topic",
             topic,
             "--group",
-            &format!("{topic}-group"),
+            group,
             "--redis",
             &args.redis,
             "--item-features",
