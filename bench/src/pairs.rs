@@ -26,6 +26,10 @@ pub struct PairFigures {
     pub on_peak_rss_kb: Option<u64>,
     /// What the recommendations' stages did and took in the run with them on.
     pub on_recommend: Option<RecommendSummary>,
+    /// The same of the run with them off: none, or the switch did not reach the dataflow.
+    pub off_recommend: Option<RecommendSummary>,
+    /// Messages each run read and stored.
+    pub messages: u64,
 }
 
 impl PairFigures {
@@ -40,6 +44,8 @@ impl PairFigures {
             off_peak_rss_kb: off.peak_rss_kb,
             on_peak_rss_kb: on.peak_rss_kb,
             on_recommend: on.recommend_cost(),
+            off_recommend: off.recommend_cost(),
+            messages: on.messages.min(off.messages),
         }
     }
 }
@@ -140,6 +146,8 @@ mod tests {
             off_peak_rss_kb: Some(480_000),
             on_peak_rss_kb: None,
             on_recommend: None,
+            off_recommend: None,
+            messages: 200_000,
         };
         let report = PairsReport::new(vec![
             pair(100_000.0, 40_000.0),

@@ -1,6 +1,7 @@
 //! The `bench` binary end to end, on a tiny workload against the test broker and Redis: every
 //! phase runs, the sustained-rate search bisects as its runs say, the latency phase runs at
-//! half the rate it found, and the run's topics are gone afterwards.
+//! half the rate it found, and the run's topics are gone afterwards; and its
+//! `--recommendations-pairs` mode, whose runs alternate the switch whatever the environment says.
 
 #![allow(clippy::unwrap_used)] // a panic in a test is a test failure
 
@@ -111,4 +112,67 @@ fn bench_searches_the_sustained_rate_and_measures_latency_at_half_of_it() {
         .filter(|name| name.starts_with(run_topics[0]))
         .collect();
     assert!(left.is_empty(), "topics left on the broker: {left:?}");
+}
+
+#[test]
+fn recommendation_pairs_run_off_then_on_and_report_the_median_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("pairs.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--messages", "2000", "--users", "400", "--items", "300"])
+        .args([
+            "--dim",
+            "4",
+            "--history",
+            "10",
+            "-w",
+            "2",
+            "--partitions",
+            "2",
+        ])
+        .args(["--brokers", &testkit::brokers()])
+        .args(["--redis", &testkit::redis_url_db(REDIS_DB + 1)])
+        .args(["--recommendations-pairs", "2", "--timeout-secs", "120"])
+        // The mode's own switch must win over the environment's, for the off runs too.
+        .env("RECOMMENDATIONS", "on")
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let pairs = &report["recommendation_pairs"];
+    let figures = pairs["pairs"].as_array().unwrap();
+    assert_eq!(figures.len(), 2, "{pairs}");
+    let mut ratios = Vec::new();
+    for pair in figures {
+        assert_eq!(pair["messages"], 2000, "{pair}");
+        let (off, on) = (
+            pair["off_msgs_per_s"].as_f64().unwrap(),
+            pair["on_msgs_per_s"].as_f64().unwrap(),
+        );
+        assert!(off > 0.0 && on > 0.0, "{pair}");
+        // To the last bits or so: serde_json reads floats back within an ulp.
+        assert!(
+            (pair["ratio"].as_f64().unwrap() - on / off).abs() < 1e-12,
+            "{pair}"
+        );
+        ratios.push(on / off);
+        // Off computed no recommendations; on counted pairs and wrote lists.
+        assert!(pair["off_recommend"].is_null(), "{pair}");
+        let cost = &pair["on_recommend"]["total"];
+        assert!(cost["pair_updates"].as_u64().unwrap() > 0, "{pair}");
+        assert!(cost["lists"].as_u64().unwrap() > 0, "{pair}");
+    }
+    let median = (ratios[0] + ratios[1]) / 2.0;
+    assert!((pairs["median_ratio"].as_f64().unwrap() - median).abs() < 1e-12);
+    assert!(
+        stdout.contains(&format!("median of 2 pairs: {median:.2}x")),
+        "{stdout}"
+    );
+    // One preload, and its topic deleted at the end.
+    assert_eq!(stderr.matches("preload: ").count(), 1, "{stderr}");
+    assert!(stderr.contains("deleted the run's topics: "), "{stderr}");
 }
