@@ -12,16 +12,16 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 
-/// The test's own database: `bench` empties it with FLUSHDB.
+/// The tests' own databases (this and the next): `bench` empties its database with FLUSHDB.
 const REDIS_DB: u32 = 12;
 
-#[test]
-fn bench_searches_the_sustained_rate_and_measures_latency_at_half_of_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("e2e.json");
-    let upper = 1_600.0;
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--messages", "3000", "--users", "800", "--items", "500"])
+/// `bench` on a tiny workload of `messages` messages (over a fifth as many users, and 500
+/// items), 2 workers and partitions, against the test broker and Redis database `db`.
+fn bench(messages: u32, db: u32) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bench"));
+    command
+        .args(["--messages", &messages.to_string()])
+        .args(["--users", &(messages / 5).to_string(), "--items", "500"])
         .args([
             "--dim",
             "4",
@@ -33,7 +33,16 @@ fn bench_searches_the_sustained_rate_and_measures_latency_at_half_of_it() {
             "2",
         ])
         .args(["--brokers", &testkit::brokers()])
-        .args(["--redis", &testkit::redis_url_db(REDIS_DB)])
+        .args(["--redis", &testkit::redis_url_db(db)]);
+    command
+}
+
+#[test]
+fn bench_searches_the_sustained_rate_and_measures_latency_at_half_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("e2e.json");
+    let upper = 1_600.0;
+    let output = bench(3000, REDIS_DB)
         // Two live runs of 3 s, bisecting (0, 1,600] msg/s: a rate this machine keeps up with
         // even in a debug build, so both runs should keep up.
         .args(["--sustained-secs", "3", "--sustained-steps", "2"])
@@ -118,20 +127,7 @@ fn bench_searches_the_sustained_rate_and_measures_latency_at_half_of_it() {
 fn recommendation_pairs_run_off_then_on_and_report_the_median_ratio() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("pairs.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--messages", "2000", "--users", "400", "--items", "300"])
-        .args([
-            "--dim",
-            "4",
-            "--history",
-            "10",
-            "-w",
-            "2",
-            "--partitions",
-            "2",
-        ])
-        .args(["--brokers", &testkit::brokers()])
-        .args(["--redis", &testkit::redis_url_db(REDIS_DB + 1)])
+    let output = bench(2000, REDIS_DB + 1)
         .args(["--recommendations-pairs", "2", "--timeout-secs", "120"])
         // The mode's own switch must win over the environment's, for the off runs too.
         .env("RECOMMENDATIONS", "on")
