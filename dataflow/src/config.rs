@@ -59,7 +59,7 @@ pub struct Config {
 
     /// Recommendations (semantics §8): on, each user whose profile changes gets a fresh list in
     /// user_recs:{user_id}, and popular_items is kept up to date; off, nothing of it is built.
-    /// Off by default: it cuts the rate to 0.24-0.41x on the bench workload, where every
+    /// Off by default: it cuts the rate to 0.21-0.41x on the bench workload, where every
     /// message replaces a user's whole window, and to 0.38-0.54x (median 0.44x) when
     /// histories slide by one item a message (README, Recommendations).
     #[arg(long, env = "RECOMMENDATIONS", value_enum, default_value_t = Switch::Off)]
