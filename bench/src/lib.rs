@@ -22,3 +22,14 @@ pub mod restart;
 pub mod summary;
 pub mod sustained;
 pub mod workload;
+
+/// Writes `report` as pretty JSON to `path`, creating its directory: the tools' `--json`.
+pub fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -240,18 +240,7 @@ fn raw_consume(runs: &Runs<'_>) -> anyhow::Result<f64> {
 
 /// The dataflow binary on the preloaded topic, from an empty database.
 fn end_to_end(runs: &Runs<'_>) -> anyhow::Result<EndToEnd> {
-    let args = runs.args;
-    // Every phase that writes to Redis starts from an empty database, so that runs (and the
-    // script's reads of existing keys) are comparable.
-    flush_db(&runs.redis)?;
-    let e2e = run_dataflow(
-        runs.binary,
-        &runs.dataflow_args(runs.run_id),
-        args.epoch_ms,
-        runs.workload.messages.len() as u64,
-        Duration::from_secs(args.timeout_secs),
-        runs.redis_pid,
-    )?;
+    let e2e = runs.run_preloaded(&runs.dataflow_args(runs.run_id))?;
     eprintln!(
         "end to end: {:.0} msg/s from the first read, {:.0} msg/s from launch ({:.2} s), \
          {} profile writes; first read {:.2} s after launch",
@@ -267,25 +256,17 @@ fn end_to_end(runs: &Runs<'_>) -> anyhow::Result<EndToEnd> {
 /// The --recommendations-pairs mode: `pairs` pairs of end-to-end runs on the preloaded topic,
 /// recommendations off then on.
 fn recommendation_pairs(runs: &Runs<'_>, pairs: u64) -> anyhow::Result<PairsReport> {
-    let args = runs.args;
     let mut figures = Vec::new();
     for pair in 1..=pairs {
         let run = |switch: &str| {
-            flush_db(&runs.redis)?;
             // A group of its own, so that the run reads the topic from its start (and neither
             // finds another run's committed offsets nor its checkpoints).
             let group = format!("{}-pair{pair}-{switch}", runs.run_id);
             let mut dataflow_args = runs.dataflow_args_in_group(runs.run_id, &group);
             dataflow_args.extend(["--recommendations".to_owned(), switch.to_owned()]);
-            let e2e = run_dataflow(
-                runs.binary,
-                &dataflow_args,
-                args.epoch_ms,
-                runs.workload.messages.len() as u64,
-                Duration::from_secs(args.timeout_secs),
-                runs.redis_pid,
-            )
-            .with_context(|| format!("pair {pair}, recommendations {switch}"))?;
+            let e2e = runs
+                .run_preloaded(&dataflow_args)
+                .with_context(|| format!("pair {pair}, recommendations {switch}"))?;
             eprintln!(
                 "pair {pair}, recommendations {switch}: {:.0} msg/s",
                 e2e.rate()
@@ -301,19 +282,15 @@ fn recommendation_pairs(runs: &Runs<'_>, pairs: u64) -> anyhow::Result<PairsRepo
 
 /// Prints the pairs' table and writes it as JSON.
 fn report_pairs(runs: &Runs<'_>, report: &PairsReport) -> anyhow::Result<()> {
-    let (args, workload) = (runs.args, runs.workload);
+    let args = runs.args;
     println!("{}", report.render());
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     let json = serde_json::json!({
-        "workload": {"messages": workload.messages.len(), "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history, "slide": workload.slide},
+        "workload": workload_json(runs.workload),
         "workers": args.workers,
         "epoch_ms": args.epoch_ms,
         "recommendation_pairs": report,
     });
-    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
+    bench::write_json(&args.json, &json)?;
     eprintln!("wrote {}", args.json.display());
     Ok(())
 }
@@ -561,15 +538,13 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
         args.workers,
         args.epoch_ms
     );
-    for path in [&args.json, &args.chart] {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
+    if let Some(parent) = args.chart.parent() {
+        std::fs::create_dir_all(parent)?;
     }
     write_chart(&args.chart, &title, &e2e.epochs, args.epoch_ms, e2e.rate())
         .with_context(|| format!("writing {}", args.chart.display()))?;
     let report = serde_json::json!({
-        "workload": {"messages": total, "distinct_users": workload.distinct_users, "items": workload.items.len(), "dim": workload.dim, "history": workload.history, "slide": workload.slide},
+        "workload": workload_json(workload),
         "workers": args.workers,
         "epoch_ms": args.epoch_ms,
         "raw_consume_msgs_per_s": raw_rate,
@@ -586,8 +561,7 @@ fn report(runs: &Runs<'_>, figures: &Figures) -> anyhow::Result<()> {
         "latency": latency.as_ref().map(|latency| &latency.json),
         "e2e": e2e,
     });
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
+    bench::write_json(&args.json, &report)?;
     eprintln!("wrote {} and {}", args.json.display(), args.chart.display());
     Ok(())
 }
@@ -598,6 +572,15 @@ fn workload(args: &Args) -> anyhow::Result<Workload> {
         (Some(messages), Some(features)) => Ok(Workload::load(messages, features)?),
         _ => Ok(Workload::generate(&args.workload)),
     }
+}
+
+/// The workload as the JSON reports describe it.
+fn workload_json(workload: &Workload) -> serde_json::Value {
+    serde_json::json!({
+        "messages": workload.messages.len(), "distinct_users": workload.distinct_users,
+        "items": workload.items.len(), "dim": workload.dim, "history": workload.history,
+        "slide": workload.slide,
+    })
 }
 
 /// The --in-memory mode: the scaling measurement of `bench-core`, on this run's workload.
@@ -616,12 +599,8 @@ fn in_memory(args: &Args) -> anyhow::Result<()> {
     };
     let scaling = bench::dataflow_core::scaling(&workload, &config).context("in-memory scaling")?;
     println!("{}", scaling.table());
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     let report = serde_json::json!({"in_memory": {"scaling": scaling}});
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
+    bench::write_json(&args.json, &report)?;
     eprintln!("wrote {}", args.json.display());
     Ok(())
 }
@@ -641,6 +620,21 @@ impl Runs<'_> {
     /// Where the dataflow runs write their checkpoints: beside the features file.
     fn checkpoint_dir(&self) -> std::path::PathBuf {
         self.features.with_file_name("checkpoints")
+    }
+
+    /// The dataflow binary with `dataflow_args` on the preloaded topic until it has stored
+    /// every message, from an empty database: every phase that writes to Redis starts from
+    /// one, so that runs (and the script's reads of existing keys) are comparable.
+    fn run_preloaded(&self, dataflow_args: &[String]) -> anyhow::Result<EndToEnd> {
+        flush_db(&self.redis)?;
+        run_dataflow(
+            self.binary,
+            dataflow_args,
+            self.args.epoch_ms,
+            self.workload.messages.len() as u64,
+            Duration::from_secs(self.args.timeout_secs),
+            self.redis_pid,
+        )
     }
 
     /// The dataflow's flags for a run on `topic`.

@@ -141,10 +141,6 @@ fn main() -> anyhow::Result<()> {
             "history": args.workload.history, "seed": args.workload.seed,
         }),
     );
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
+    bench::write_json(&args.json, &report)?;
     Ok(())
 }

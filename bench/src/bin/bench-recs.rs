@@ -178,14 +178,11 @@ fn main() -> anyhow::Result<()> {
         "hr_at_10_ratio": hr_ratio,
         "ndcg_at_10_ratio": ndcg_ratio,
     });
-    for path in [&args.json, &args.chart] {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
+    bench::write_json(&args.json, &report)?;
+    if let Some(parent) = args.chart.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", args.json.display()))?;
     let series: Vec<BarSeries> = scores
         .iter()
         .map(|s| BarSeries {

@@ -140,10 +140,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(parent) = args.json.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
+    bench::write_json(&args.json, &results)?;
     eprintln!("wrote {}", args.json.display());
     Ok(())
 }
