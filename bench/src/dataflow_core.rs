@@ -60,13 +60,20 @@ pub fn split_epochs<T>(items: Vec<T>, per_epoch: usize) -> Vec<Vec<T>> {
 
 /// The median of `samples` (the mean of the middle two for an even count); zero if empty.
 pub fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort_unstable();
-    match sorted.len() {
-        0 => Duration::ZERO,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2,
-    }
+    // `low + (high - low) / 2`: the same as their mean, and it cannot overflow.
+    middle(samples, Duration::cmp).map_or(Duration::ZERO, |(low, high)| low + (high - low) / 2)
+}
+
+/// The middle two of `values` in `order`, the same value twice for an odd count; `None` if
+/// empty: what a median takes the mean of, whatever the values' kind.
+pub fn middle<T: Copy>(
+    values: &[T],
+    order: impl FnMut(&T, &T) -> std::cmp::Ordering,
+) -> Option<(T, T)> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable_by(order);
+    let n = sorted.len();
+    (n > 0).then(|| (sorted[(n - 1) / 2], sorted[n / 2]))
 }
 
 /// `numerator / denominator`, or `None` when the denominator is not positive (a run too short

@@ -8,6 +8,7 @@
 
 use serde::Serialize;
 
+use crate::dataflow_core::middle;
 use crate::e2e::{EndToEnd, RecommendSummary};
 use crate::summary::ratio;
 
@@ -114,13 +115,7 @@ impl PairsReport {
 /// The median of `values` (the mean of the middle two for an even count); NaN for none. NaNs
 /// (a run that measured nothing) sort last.
 pub fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
+    middle(values, f64::total_cmp).map_or(f64::NAN, |(low, high)| (low + high) / 2.0)
 }
 
 #[cfg(test)]
