@@ -351,13 +351,15 @@ impl<'a> HistoryIds<'a> {
     /// candidate's id was a cache miss each, 4.6% of the dataflow's samples (`perf`, by line).
     fn contains<'id>(&self, hash: u32, id: impl FnOnce() -> &'id str) -> bool {
         let from = self.hashes.partition_point(|(h, _)| *h < hash);
-        let mut same = self.hashes[from..].iter().take_while(|(h, _)| *h == hash);
-        let Some(&(_, first)) = same.next() else {
+        let mut same = self.hashes[from..]
+            .iter()
+            .take_while(|(h, _)| *h == hash)
+            .peekable();
+        if same.peek().is_none() {
             return false;
-        };
+        }
         let id = id();
-        self.history.get(first as usize) == id
-            || same.any(|&(_, at)| self.history.get(at as usize) == id)
+        same.any(|&(_, at)| self.history.get(at as usize) == id)
     }
 }
 
