@@ -1,6 +1,7 @@
 //! A private Redis Cluster for one test: three `redis-server` children in cluster mode on free
-//! ports, joined by `redis-cli --cluster create` (three masters, no replicas), killed on drop. A
-//! test that reshards or counts every key needs a cluster of its own; starting one takes about a
+//! ports below the ephemeral range (so that no client connection takes a node's bus port),
+//! joined by `redis-cli --cluster create` (three masters, no replicas), killed on drop. A test
+//! that reshards or counts every key needs a cluster of its own; starting one takes about a
 //! second.
 
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,7 @@ pub struct PrivateCluster {
     /// Every node's port, in the order of `children`.
     all_ports: Vec<u16>,
     children: Vec<Child>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl std::fmt::Debug for PrivateCluster {
@@ -33,44 +34,7 @@ impl PrivateCluster {
     /// Three masters with `replicas` replicas each, and a node timeout of one second, so that
     /// a replica takes over from a failed master within a few seconds.
     pub fn start_with_replicas(replicas: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ports = Vec::new();
-        while ports.len() < 3 * (1 + replicas) {
-            let port = crate::free_port();
-            // Redis Cluster's bus listens on port + 10000.
-            if port < 55000 && !ports.contains(&port) {
-                ports.push(port);
-            }
-        }
-        let children = ports
-            .iter()
-            .map(|port| {
-                Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--save", "", "--appendonly", "no"])
-                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                    .args(["--dir", dir.path().to_str().unwrap()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"))
-            })
-            .collect();
-        let mut cluster = Self {
-            ports: ports.clone(),
-            all_ports: ports,
-            children,
-            _dir: dir,
-        };
-        for &port in &cluster.all_ports {
-            cluster.wait_until(Duration::from_secs(10), || {
-                redis::cmd("PING")
-                    .query::<String>(&mut cluster.try_node(port)?)
-                    .is_ok()
-                    .then_some(())
-            });
-        }
+        let mut cluster = Self::spawn_nodes(3 * (1 + replicas));
         let nodes: Vec<String> = cluster
             .all_ports
             .iter()
@@ -105,6 +69,92 @@ impl PrivateCluster {
             });
         }
         cluster
+    }
+
+    /// Starts `count` cluster-mode nodes and waits until each answers on its port. A node that
+    /// exits or stays silent (another process took its port or its bus port between our check
+    /// and its bind) makes a new start on other ports, up to three; the panic after the third
+    /// quotes each attempt's node log.
+    fn spawn_nodes(count: usize) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let ports: Vec<u16> = (0..count).map(|_| cluster_port()).collect();
+            let children = ports
+                .iter()
+                .map(|port| {
+                    Command::new("redis-server")
+                        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                        .args(["--save", "", "--appendonly", "no"])
+                        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                        .args(["--logfile", &format!("node-{port}.log")])
+                        .args(["--dir", dir.path().to_str().unwrap()])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap_or_else(|e| {
+                            panic!("cannot start redis-server (is it installed?): {e}")
+                        })
+                })
+                .collect();
+            let mut cluster = Self {
+                ports: ports.clone(),
+                all_ports: ports,
+                children,
+                dir,
+            };
+            match cluster.wait_until_nodes_answer(Duration::from_secs(10)) {
+                Ok(()) => return cluster,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "Redis Cluster nodes did not start in three attempts:\n{}",
+            failures.join("\n")
+        )
+    }
+
+    /// Ok once every node answers on its port; otherwise the first node that exited or did not
+    /// answer within `limit`, with the tail of its log.
+    fn wait_until_nodes_answer(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        for index in 0..self.all_ports.len() {
+            let port = self.all_ports[index];
+            loop {
+                // Our child, not whatever else may listen on the port: its process id.
+                let pid = format!("process_id:{}", self.children[index].id());
+                let answered = self.try_node(port).is_some_and(|mut conn| {
+                    conn.set_read_timeout(Some(Duration::from_millis(500)))
+                        .is_ok()
+                        && redis::cmd("INFO")
+                            .arg("server")
+                            .query::<String>(&mut conn)
+                            .is_ok_and(|info| info.lines().any(|line| line.trim_end() == pid))
+                });
+                if answered {
+                    break;
+                }
+                let exited = self.children[index].try_wait().ok().flatten();
+                if exited.is_some() || Instant::now() >= deadline {
+                    let why = match exited {
+                        Some(status) => format!("exited ({status})"),
+                        None => format!("did not answer within {limit:?}"),
+                    };
+                    let log =
+                        std::fs::read_to_string(self.dir.path().join(format!("node-{port}.log")))
+                            .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    return Err(format!(
+                        "node on port {port} {why}; its log ends: {}",
+                        tail.join(" | ")
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 
     /// The ports of the nodes that are masters now, in port order.
@@ -345,4 +395,32 @@ impl Drop for PrivateCluster {
             let _ = child.wait();
         }
     }
+}
+
+/// A port for a cluster node: free now, and with its cluster bus port (port + 10000) free too.
+/// Both lie below Linux's ephemeral range (32768 and up by default), so no outgoing connection of
+/// this machine takes either between this check and the node's bind; the ports that `free_port`
+/// hands out come from that range, and a bus port 10000 above one could be any client's. A
+/// process-wide cursor, started at an offset from the process id, keeps parallel tests (threads
+/// of one test binary) from choosing the same port.
+fn cluster_port() -> u16 {
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 2_700; // up to 22,699, bus ports up to 32,699
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + CURSOR.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair (port, port + 10000) in 20000..22700 for a Redis Cluster node")
 }
