@@ -261,11 +261,7 @@ async fn tokens_never_reach_the_log() {
     let csv = dir.path().join("behavior.csv");
     std::fs::write(&csv, BEHAVIOR).unwrap();
     let tokens = tokens_file(&dir, &format!("{TOKEN}\n"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_ingest-api"), dir.path())
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args([

@@ -1,6 +1,5 @@
 //! A private Redis Cluster for one test: three `redis-server` children in cluster mode on free
-//! ports below the ephemeral range (so that no client connection takes a node's bus port),
-//! joined by `redis-cli --cluster create` (three masters, no replicas), killed on drop. A test
+//! ports (whose bus ports, 10000 above, are free too: [`crate::free_port`]), joined by `redis-cli --cluster create` (three masters, no replicas), killed on drop. A test
 //! that reshards or counts every key needs a cluster of its own; starting one takes about a
 //! second.
 
@@ -79,7 +78,7 @@ impl PrivateCluster {
         let mut failures = Vec::new();
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            let ports: Vec<u16> = (0..count).map(|_| cluster_port()).collect();
+            let ports: Vec<u16> = (0..count).map(|_| crate::free_port()).collect();
             let children = ports
                 .iter()
                 .map(|port| {
@@ -395,32 +394,4 @@ impl Drop for PrivateCluster {
             let _ = child.wait();
         }
     }
-}
-
-/// A port for a cluster node: free now, and with its cluster bus port (port + 10000) free too.
-/// Both lie below Linux's ephemeral range (32768 and up by default), so no outgoing connection of
-/// this machine takes either between this check and the node's bind; the ports that `free_port`
-/// hands out come from that range, and a bus port 10000 above one could be any client's. A
-/// process-wide cursor, started at an offset from the process id, keeps parallel tests (threads
-/// of one test binary) from choosing the same port.
-fn cluster_port() -> u16 {
-    use std::net::TcpListener;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const COUNT: u32 = 2_700; // up to 22,699, bus ports up to 32,699
-    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = CURSOR.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % COUNT,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..COUNT {
-        let port = (FIRST + CURSOR.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
-        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
-        if free(port) && free(port + 10_000) {
-            return port;
-        }
-    }
-    panic!("no free port pair (port, port + 10000) in 20000..22700 for a Redis Cluster node")
 }

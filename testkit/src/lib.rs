@@ -21,14 +21,35 @@ pub mod tansu;
 #[cfg(feature = "broker")]
 pub use broker::*;
 
-/// A loopback port nothing listens on right now (another process may take it before the
-/// caller binds it: that shows as a failed start, not as a wrong result).
+/// A loopback port nothing listens on right now, for a server that a test starts (and may
+/// restart on the same port), with the port 10000 above it free too (a Redis Cluster node's
+/// bus port). The ports lie in 20000..22700, below Linux's ephemeral range (32768 and up by
+/// default), and that is the point: a port the OS hands out for `bind(0)` is one it also gives
+/// to outgoing connections, so while a test's server was down for a restart a client's
+/// reconnect could take its port (or connect to itself on it), and a cluster node's bus port
+/// could be any connection's. A process-wide cursor, started at an offset from the process id,
+/// keeps the threads of one test binary from choosing the same port; another process may still
+/// take one before the caller binds it, which shows as a failed start, not as a wrong result.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 2_700;
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    for _ in 0..COUNT {
+        let port = (FIRST + CURSOR.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free loopback port (with port + 10000 free too) in 20000..22700")
 }
 
 /// The seeds a property test runs: `STREAMREC_TEST_SEEDS` (`START..END`) if set, else the

@@ -1,7 +1,6 @@
 //! Redis security fixtures: ACL users made from `docs/redis-acl.txt` (the lines the README
 //! quotes), and a private redis-server speaking TLS with a CA made for the test.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -207,11 +206,7 @@ impl TlsRedis {
             .unwrap();
         let path = dir.path();
         make_certificates(path);
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         let child = Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])

@@ -3,7 +3,6 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,13 +71,9 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start(extra_args: &[&str]) -> Self {
-        // Ask the OS for a free port; the tiny race with another process taking it before
-        // redis-server binds would show as a failed start, not as a wrong result.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Below the ephemeral range, so that no client's reconnect takes it while the server
+        // is down for a restart.
+        let port = testkit::free_port();
         let mut server = Self {
             port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
