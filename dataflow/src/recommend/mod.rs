@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use differential_dataflow::input::Input;
 use smol_str::SmolStr;
-use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::Probe;
 
 use crate::model::{IdList, UserInterest};
 use crate::stats::{RecommendCost, StatsBoard};
@@ -71,32 +73,50 @@ pub fn recommend_snapshot(
 ) -> Result<Lists, String> {
     let lists: Arc<Mutex<Lists>> = Arc::default();
     let shared = Arc::clone(&lists);
-    let histories = Arc::new(histories.clone());
-    timely::execute(timely::Config::process(workers.max(1)), move |worker| {
+    // Each worker's users as interest values, made here rather than from a copy of
+    // `histories` that every worker would share: the copy was the size of the input.
+    let workers = workers.max(1);
+    let mut parts: Vec<Vec<UserInterest>> = (0..workers).map(|_| Vec::new()).collect();
+    for (index, (user, history)) in histories.iter().enumerate() {
+        parts[index % workers].push(UserInterest {
+            user_id: SmolStr::new(user),
+            timestamp: 0,
+            history_items: IdList::new(history),
+            interest_vector: Vec::new(),
+            known_items: 0,
+        });
+    }
+    let parts: Arc<Vec<Mutex<Vec<UserInterest>>>> =
+        Arc::new(parts.into_iter().map(Mutex::new).collect());
+    timely::execute(timely::Config::process(workers), move |worker| {
         let lists = Arc::clone(&shared);
-        let (index, peers) = (worker.index(), worker.peers());
         let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (input, interests) = scope.new_collection::<UserInterest, isize>();
             let cost = CostBoard::default();
             let covisitation = covisit::covisitation(&interests, covisit, &cost);
             let order = scores::popular_order(&covisitation.item_users, params.popularity_len());
-            let probe = scores::recommendations(&interests, &covisitation, &order, params, &cost)
-                .inspect(move |list| {
+            let (probe, recommendations) =
+                scores::recommendations(&interests, &covisitation, &order, params, &cost).probe();
+            // The lists moved into the map, not cloned: at full scale they are a tenth of the
+            // run's peak. (What the sink has not taken when the probe passes, it takes before
+            // `execute` returns, which runs the dataflow to its end.)
+            recommendations.sink(Pipeline, "Lists", move |(input, _)| {
+                input.for_each(|_, recommendations| {
                     let mut lists = lists.lock().unwrap_or_else(|e| e.into_inner());
-                    lists.insert(list.user_id.to_string(), list.items.clone());
-                })
-                .probe()
-                .0;
+                    for list in recommendations.drain(..) {
+                        lists.insert(list.user_id.to_string(), list.items);
+                    }
+                });
+            });
             (input, probe)
         });
-        for (user, history) in histories.iter().skip(index).step_by(peers) {
-            input.insert(UserInterest {
-                user_id: SmolStr::new(user),
-                timestamp: 0,
-                history_items: IdList::new(history),
-                interest_vector: Vec::new(),
-                known_items: 0,
-            });
+        let mine = std::mem::take(
+            &mut *parts[worker.index()]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for interest in mine {
+            input.insert(interest);
         }
         input.advance_to(1);
         input.flush();
