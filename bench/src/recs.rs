@@ -16,12 +16,13 @@ use std::path::Path;
 use anyhow::Context;
 use dataflow::recommend::reference::{window_distances, RecommendReference, RecommendSettings};
 use serde::Serialize;
+use smol_str::SmolStr;
 
 /// The metrics' cut-off: HR@10 and NDCG@10.
 pub const CUTOFF: usize = 10;
 
 /// Every user's kept history (oldest first), by user id.
-pub type Profiles = BTreeMap<String, Vec<String>>;
+pub type Profiles = BTreeMap<String, Vec<SmolStr>>;
 
 /// A recommendation engine under evaluation.
 pub trait Recommender {
@@ -127,7 +128,7 @@ impl Recommender for PopularityBaseline {
         profiles
             .iter()
             .map(|(user, history)| {
-                let in_history: BTreeSet<&str> = history.iter().map(String::as_str).collect();
+                let in_history: BTreeSet<&str> = history.iter().map(SmolStr::as_str).collect();
                 let list = order
                     .iter()
                     .filter(|(item, _)| !in_history.contains(item))
@@ -291,7 +292,7 @@ pub fn leave_last_out(entries: &UserEntries, max_history: usize) -> Split {
         let history = profile::keep_last(&sorted[..cut], max_history);
         split.profiles.insert(
             user.clone(),
-            history.iter().map(|(_, item)| (*item).to_owned()).collect(),
+            history.iter().map(|(_, item)| SmolStr::new(item)).collect(),
         );
         split.held_out.insert(
             user.clone(),
@@ -372,6 +373,10 @@ mod tests {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
+    fn history(items: &[&str]) -> Vec<SmolStr> {
+        items.iter().copied().map(SmolStr::new).collect()
+    }
+
     #[test]
     fn reads_columns_by_name_and_counts_bad_rows() {
         let csv = "timestamp,extra,item_id,user_id\n\
@@ -449,7 +454,7 @@ mod tests {
         .unwrap();
         let split = leave_last_out(&entries, 3);
         // History order: y(5), a(10), b(10), c(15) | d(20), z(20) held out; the last 3 kept.
-        assert_eq!(split.profiles["u"], list(&["a", "b", "c"]));
+        assert_eq!(split.profiles["u"], history(&["a", "b", "c"]));
         assert_eq!(split.held_out["u"], set(&["d", "z"]));
         // All of `only`'s entries share the last timestamp.
         assert_eq!(split.skipped_users, 1);
@@ -481,9 +486,9 @@ mod tests {
     #[test]
     fn the_baseline_lists_popular_items_outside_the_history() {
         let profiles: Profiles = [
-            ("u1", list(&["a", "b"])),
-            ("u2", list(&["a", "c"])),
-            ("u3", list(&["a", "b", "d"])),
+            ("u1", history(&["a", "b"])),
+            ("u2", history(&["a", "c"])),
+            ("u3", history(&["a", "b", "d"])),
         ]
         .into_iter()
         .map(|(u, h)| (u.to_owned(), h))

@@ -65,8 +65,8 @@ pub type Lists = BTreeMap<String, Vec<(SmolStr, f64)>>;
 /// The lists of every user of `histories` (user → kept history, oldest first), computed by the
 /// dataflow's recommendation operators ([`covisit`], [`scores`]) on `workers` worker threads in
 /// one epoch, as if every profile had just changed: the evaluation command's engine.
-pub fn recommend_snapshot(
-    histories: &BTreeMap<String, Vec<String>>,
+pub fn recommend_snapshot<S: AsRef<str>>(
+    histories: &BTreeMap<String, Vec<S>>,
     covisit: covisit::CovisitParams,
     params: scores::ScoreParams,
     workers: usize,
