@@ -154,7 +154,33 @@ pub fn unique_topic(prefix: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_seeds;
+    use super::{free_port, parse_seeds};
+
+    #[test]
+    fn free_ports_differ_across_threads_and_lie_below_the_ephemeral_range() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..25).map(|_| free_port()).collect::<Vec<_>>()))
+            .collect();
+        let mut ports: Vec<u16> = threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap())
+            .collect();
+        // The machine's ephemeral range, where the OS picks a connection's local port.
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        for &port in &ports {
+            assert!(
+                (20_000..22_700).contains(&port) && port + 10_000 < ephemeral_low,
+                "port {port} (bus port {}) reaches the ephemeral range from {ephemeral_low}",
+                port + 10_000
+            );
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 100, "a port was handed out twice");
+    }
 
     #[test]
     fn seeds_are_a_non_empty_range() {
