@@ -65,12 +65,16 @@ impl UnansweredCommits {
     /// Warns (at most once a second) while the oldest commit not yet answered has waited
     /// [`UNANSWERED_WARNING`] or more.
     pub(super) fn warn_if_waiting(&self, worker: usize, now: Instant) {
-        let Some(waited) = self.oldest_wait(now) else {
+        let Some(waited) = self
+            .oldest_wait(now)
+            .filter(|waited| *waited >= UNANSWERED_WARNING)
+        else {
             return;
         };
-        if waited >= UNANSWERED_WARNING && self.warnings.allow().is_some() {
+        if let Some(suppressed) = self.warnings.allow() {
             tracing::warn!(
                 worker,
+                suppressed,
                 waited_seconds = waited.as_secs_f64(),
                 "an offset commit has not been answered: the group coordinator may be \
                  unreachable; reading goes on, the group's committed offsets wait"
