@@ -120,9 +120,9 @@ impl PrivateCluster {
         let deadline = Instant::now() + limit;
         for index in 0..self.all_ports.len() {
             let port = self.all_ports[index];
+            // Our child, not whatever else may listen on the port: its process id.
+            let pid = format!("process_id:{}", self.children[index].id());
             loop {
-                // Our child, not whatever else may listen on the port: its process id.
-                let pid = format!("process_id:{}", self.children[index].id());
                 let answered = self.try_node(port).is_some_and(|mut conn| {
                     conn.set_read_timeout(Some(Duration::from_millis(500)))
                         .is_ok()
@@ -143,8 +143,8 @@ impl PrivateCluster {
                     let log =
                         std::fs::read_to_string(self.dir.path().join(format!("node-{port}.log")))
                             .unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(5)..];
                     return Err(format!(
                         "node on port {port} {why}; its log ends: {}",
                         tail.join(" | ")

@@ -49,7 +49,10 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free loopback port (with port + 10000 free too) in 20000..22700")
+    panic!(
+        "no free loopback port (with port + 10000 free too) in {FIRST}..{}",
+        FIRST + COUNT
+    )
 }
 
 /// The seeds a property test runs: `STREAMREC_TEST_SEEDS` (`START..END`) if set, else the
