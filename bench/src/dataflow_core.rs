@@ -21,6 +21,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::ratio;
 use crate::workload::{Workload, WorkloadConfig};
 
 /// Partitions of the imagined profile topic, as many as the end-to-end benchmark's default: a
@@ -74,12 +75,6 @@ pub fn middle<T: Copy>(
     sorted.sort_unstable_by(order);
     let n = sorted.len();
     (n > 0).then(|| (sorted[(n - 1) / 2], sorted[n / 2]))
-}
-
-/// `numerator / denominator`, or `None` when the denominator is not positive (a run too short
-/// to time, or missing).
-pub fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
-    (denominator > 0.0).then(|| numerator / denominator)
 }
 
 fn millis(duration: Duration) -> f64 {
@@ -733,12 +728,6 @@ mod tests {
         assert_eq!(median(&[ms(5), ms(1), ms(3)]), ms(3));
         assert_eq!(median(&[ms(4), ms(1), ms(2), ms(10)]), ms(3));
         assert_eq!(median(&[]), Duration::ZERO);
-    }
-
-    #[test]
-    fn ratio_needs_a_positive_denominator() {
-        assert_eq!(ratio(3.0, 2.0), Some(1.5));
-        assert_eq!(ratio(3.0, 0.0), None);
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub mod summary;
 pub mod sustained;
 pub mod workload;
 
+/// `numerator / denominator`, or `None` when the denominator is not positive (a run too short
+/// to time, or missing). The one ratio of the tools; a report that writes a missing ratio as
+/// JSON `null` in an `f64` field takes [`summary::ratio_or_nan`].
+pub fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
+    (denominator > 0.0).then(|| numerator / denominator)
+}
+
 /// Writes `report` as pretty JSON to `path`, creating its directory: the tools' `--json`.
 pub fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -32,4 +39,14 @@ pub fn write_json(path: &std::path::Path, report: &impl serde::Serialize) -> any
     }
     std::fs::write(path, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ratio_needs_a_positive_denominator() {
+        assert_eq!(super::ratio(3.0, 2.0), Some(1.5));
+        assert_eq!(super::ratio(3.0, 0.0), None);
+        assert_eq!(super::ratio(3.0, -1.0), None);
+    }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::dataflow_core::middle;
 use crate::e2e::{EndToEnd, RecommendSummary};
-use crate::summary::ratio;
+use crate::summary::ratio_or_nan;
 
 /// One pair's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -39,7 +39,7 @@ impl PairFigures {
         PairFigures {
             off_msgs_per_s: off.rate(),
             on_msgs_per_s: on.rate(),
-            ratio: ratio(on.rate(), off.rate()),
+            ratio: ratio_or_nan(on.rate(), off.rate()),
             off_dataflow_us: off.cpu.dataflow_us,
             on_dataflow_us: on.cpu.dataflow_us,
             off_peak_rss_kb: off.peak_rss_kb,
@@ -135,7 +135,7 @@ mod tests {
         let pair = |off: f64, on: f64| PairFigures {
             off_msgs_per_s: off,
             on_msgs_per_s: on,
-            ratio: ratio(on, off),
+            ratio: ratio_or_nan(on, off),
             off_dataflow_us: Some(12.0),
             on_dataflow_us: Some(40.0),
             off_peak_rss_kb: Some(480_000),

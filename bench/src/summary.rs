@@ -44,13 +44,10 @@ pub struct Summary {
     pub sink_lua_extra_us_per_write: f64,
 }
 
-/// `a / b`, or NaN when `b` is not positive.
-pub fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        f64::NAN
-    }
+/// [`crate::ratio`] as an `f64`: NaN when `b` is not positive, which the JSON report writes as
+/// `null`.
+pub fn ratio_or_nan(a: f64, b: f64) -> f64 {
+    crate::ratio(a, b).unwrap_or(f64::NAN)
 }
 
 impl Summary {
@@ -63,11 +60,11 @@ impl Summary {
         lua: &RedisPhase,
     ) -> Self {
         let e2e_writes = e2e.profile_writes();
-        let msgs_per_write = ratio(e2e.messages as f64, e2e_writes as f64);
-        let e2e_msgs_per_s = ratio(e2e.messages as f64, e2e.seconds);
-        let e2e_writes_per_s = ratio(e2e_writes as f64, e2e.seconds);
-        let set_writes = ratio(set.writes as f64, set.seconds);
-        let lua_writes = ratio(lua.writes as f64, lua.seconds);
+        let msgs_per_write = ratio_or_nan(e2e.messages as f64, e2e_writes as f64);
+        let e2e_msgs_per_s = ratio_or_nan(e2e.messages as f64, e2e.seconds);
+        let e2e_writes_per_s = ratio_or_nan(e2e_writes as f64, e2e.seconds);
+        let set_writes = ratio_or_nan(set.writes as f64, set.seconds);
+        let lua_writes = ratio_or_nan(lua.writes as f64, lua.seconds);
         let set_msgs = set_writes * msgs_per_write;
         let lua_msgs = lua_writes * msgs_per_write;
         Summary {
@@ -80,18 +77,19 @@ impl Summary {
             redis_set_msgs_per_s: set_msgs,
             sink_lua_profile_writes_per_s: lua_writes,
             sink_lua_msgs_per_s: lua_msgs,
-            e2e_over_raw_consume: ratio(e2e_msgs_per_s, raw_consume_msgs_per_s),
-            e2e_over_redis_set_writes: ratio(e2e_writes_per_s, set_writes),
-            e2e_over_redis_set_msgs: ratio(e2e_msgs_per_s, set_msgs),
-            e2e_over_sink_lua_writes: ratio(e2e_writes_per_s, lua_writes),
-            sink_lua_over_redis_set: ratio(lua_writes, set_writes),
-            sink_lua_extra_us_per_write: ratio(1e6, lua_writes) - ratio(1e6, set_writes),
+            e2e_over_raw_consume: ratio_or_nan(e2e_msgs_per_s, raw_consume_msgs_per_s),
+            e2e_over_redis_set_writes: ratio_or_nan(e2e_writes_per_s, set_writes),
+            e2e_over_redis_set_msgs: ratio_or_nan(e2e_msgs_per_s, set_msgs),
+            e2e_over_sink_lua_writes: ratio_or_nan(e2e_writes_per_s, lua_writes),
+            sink_lua_over_redis_set: ratio_or_nan(lua_writes, set_writes),
+            sink_lua_extra_us_per_write: ratio_or_nan(1e6, lua_writes)
+                - ratio_or_nan(1e6, set_writes),
         }
     }
 
     /// The summary as printed under the per-epoch table.
     pub fn render(&self, workers: usize, e2e_seconds: f64, set: &RedisPhase) -> String {
-        let per_message = ratio(self.e2e_profile_writes as f64, self.messages as f64);
+        let per_message = ratio_or_nan(self.e2e_profile_writes as f64, self.messages as f64);
         [
             format!(
                 "summary: {} messages, {} profile writes ({per_message:.2} per message), -w {workers}",
@@ -221,8 +219,8 @@ mod tests {
         assert!(s.redis_set_msgs_per_s.is_nan());
         let json = serde_json::to_value(s).unwrap();
         assert!(json["e2e_over_raw_consume"].is_null());
-        assert!(ratio(1.0, 0.0).is_nan());
-        assert_eq!(ratio(3.0, 2.0), 1.5);
+        assert!(ratio_or_nan(1.0, 0.0).is_nan());
+        assert_eq!(ratio_or_nan(3.0, 2.0), 1.5);
     }
 
     #[test]

@@ -158,10 +158,17 @@ fn main() -> anyhow::Result<()> {
             s.engine, s.hr_at_10, s.ndcg_at_10, s.hits, s.mean_list_length, s.seconds
         );
     }
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    let hr_ratio = ratio(scores[0].hr_at_10, scores[1].hr_at_10);
-    let ndcg_ratio = ratio(scores[0].ndcg_at_10, scores[1].ndcg_at_10);
-    println!("streamrec / popularity: HR@10 {hr_ratio:.2}x, NDCG@10 {ndcg_ratio:.2}x");
+    // The baseline scores zero when no held-out item is popular: no ratio then, `null` in the
+    // JSON.
+    let hr_ratio = bench::ratio(scores[0].hr_at_10, scores[1].hr_at_10);
+    let ndcg_ratio = bench::ratio(scores[0].ndcg_at_10, scores[1].ndcg_at_10);
+    let shown =
+        |ratio: Option<f64>| ratio.map_or("n/a (baseline 0)".to_owned(), |r| format!("{r:.2}x"));
+    println!(
+        "streamrec / popularity: HR@10 {}, NDCG@10 {}",
+        shown(hr_ratio),
+        shown(ndcg_ratio)
+    );
 
     let report = serde_json::json!({
         "behavior_csv": args.behavior_csv,
