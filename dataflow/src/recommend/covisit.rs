@@ -122,13 +122,26 @@ impl ItemChanges {
 
     /// Each item's change with its partners.
     pub fn each(&self) -> impl Iterator<Item = (&ItemChange, &[(u32, u32)])> {
-        let mut start = 0;
-        self.items.iter().map(move |change| {
-            let end = change.partners_end as usize;
-            let partners = &self.partners[start..end];
-            start = end;
-            (change, partners)
-        })
+        let mut ranges = PartnerRanges::default();
+        self.items
+            .iter()
+            .map(move |change| (change, &self.partners[ranges.next(change.partners_end)]))
+    }
+}
+
+/// Where each item's partners are in a vector of partners laid one item's after the other,
+/// given each item's end in turn: [`ItemChanges`] and the copies' waiting epochs store them so.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PartnerRanges {
+    start: usize,
+}
+
+impl PartnerRanges {
+    /// The range of the next item, whose partners end at `end`.
+    pub(crate) fn next(&mut self, end: u32) -> std::ops::Range<usize> {
+        let range = self.start..end as usize;
+        self.start = range.end;
+        range
     }
 }
 

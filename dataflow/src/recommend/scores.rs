@@ -34,7 +34,9 @@ use timely::dataflow::operators::Concat;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::covisit::{window_items, CovisitParams, Covisitation, ItemChanges, SourceNumbers};
+use super::covisit::{
+    window_items, CovisitParams, Covisitation, ItemChanges, PartnerRanges, SourceNumbers,
+};
 use super::intern::Interner;
 use super::top::{count_change, make_room, TopByCount};
 use super::{add_cost, CostBoard, Stage};
@@ -405,20 +407,19 @@ impl SharedState {
     /// annotate`: three quarters of the copies' samples on those loads). A slice is small
     /// enough that what it reads is still in cache when it is applied.
     fn apply_epoch(&mut self, epoch: &mut WaitingEpoch) {
-        const SLICE: usize = 64;
+        // Small in the tests, so that an epoch's items span several slices.
+        const SLICE: usize = if cfg!(test) { 3 } else { 64 };
         let WaitingEpoch {
             items, partners, ..
         } = epoch;
-        let mut start = 0;
+        let mut ranges = PartnerRanges::default();
         for slice in items.chunks_mut(SLICE) {
-            let slice_start = start;
+            let slice_ranges = ranges;
             for item in slice.iter_mut() {
-                let end = item.partners_end as usize;
-                for partner in &mut partners[start..end] {
+                for partner in &mut partners[ranges.next(item.partners_end)] {
                     partner.0 = self.sources.get(item.source, partner.0);
                 }
                 item.item = self.sources.get(item.source, item.item);
-                start = end;
             }
             let mut touched = 0u64;
             for item in slice.iter() {
@@ -429,11 +430,10 @@ impl SharedState {
                 }
             }
             std::hint::black_box(touched);
-            start = slice_start;
+            let mut applying = slice_ranges;
             for item in slice.iter() {
-                let end = item.partners_end as usize;
-                self.apply_item(item.item, item.users, &partners[start..end]);
-                start = end;
+                let range = applying.next(item.partners_end);
+                self.apply_item(item.item, item.users, &partners[range]);
             }
         }
     }
