@@ -816,6 +816,37 @@ mod tests {
     }
 
     #[test]
+    fn candidates_sum_every_items_terms_through_growth() {
+        // The lists of the other tests have fewer candidates than the first table's half
+        // (256), so only here does the table grow with candidates in it (W·K over 256 in
+        // production). Whole-number terms, so that the sums are exact in any order.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut candidates = Candidates::default();
+        for round in 0..3 {
+            // Each item's sum, in the order the items first came: the order `drain` keeps.
+            let mut wanted: Vec<(u32, f64)> = Vec::new();
+            let mut place: BTreeMap<u32, usize> = BTreeMap::new();
+            for _ in 0..5_000 {
+                let item = rng.random_range(0..3_000u32);
+                let term = f64::from(rng.random_range(1..100u32));
+                candidates.add(item, term);
+                let at = *place.entry(item).or_insert_with(|| {
+                    wanted.push((item, 0.0));
+                    wanted.len() - 1
+                });
+                wanted[at].1 += term;
+            }
+            let drained: Vec<(u32, f64)> = candidates.drain().collect();
+            assert_eq!(drained, wanted, "round {round}");
+            assert!(candidates
+                .slots
+                .iter()
+                .all(|(item, _)| *item == Candidates::FREE));
+        }
+    }
+
+    #[test]
     fn a_copy_reads_an_epochs_records_in_any_order() {
         // Timely does not keep the order of the records of one time at an exchange: a record
         // may arrive before the one that names its numbers. Source 1 names a and b with its
