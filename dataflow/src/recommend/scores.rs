@@ -999,14 +999,20 @@ mod tests {
                     .filter(|(user, history)| previous.get(*user) != Some(history))
                     .map(|(user, _)| user)
                     .collect();
-                let at: BTreeMap<&str, &UserRecommendations> = lists
+                let of_epoch: Vec<&UserRecommendations> = lists
                     .iter()
                     .filter(|(time, _)| *time == epoch as u64)
-                    .map(|(_, list)| (list.user_id.as_str(), list))
+                    .map(|(_, list)| list)
                     .collect();
+                let at: BTreeMap<&str, &UserRecommendations> = of_epoch
+                    .iter()
+                    .map(|list| (list.user_id.as_str(), *list))
+                    .collect();
+                // Counted before and after keying by user: a second list for a user (e.g. one
+                // from the history the epoch retracted) would hide in the map.
                 assert_eq!(
-                    at.len(),
-                    changed.len(),
+                    (of_epoch.len(), at.len()),
+                    (changed.len(), changed.len()),
                     "one list per changed user at {epoch}"
                 );
                 for user in changed {
