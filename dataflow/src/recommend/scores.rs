@@ -782,25 +782,31 @@ mod tests {
 
     use super::*;
     use crate::recommend::covisit::{covisitation, CovisitParams};
-    use crate::recommend::reference::{RecommendReference, RecommendSettings, ScoredItem};
+    use crate::recommend::reference::{
+        window_distances, RecommendReference, RecommendSettings, ScoredItem,
+    };
     use crate::recommend::test_histories::{epochs, feed, settings};
+    use crate::stats::RecommendCost;
 
     type Lists = Arc<Mutex<Vec<(u64, UserRecommendations)>>>;
+    /// What the stages reported, by epoch, summed over the workers.
+    type Costs = Arc<Mutex<BTreeMap<u64, RecommendCost>>>;
 
     fn run(
         workers: usize,
         epochs: &[BTreeMap<String, Vec<String>>],
         covisit: CovisitParams,
         params: ScoreParams,
-    ) -> Lists {
+    ) -> (Lists, Costs) {
         let lists: Lists = Default::default();
+        let costs: Costs = Default::default();
         let epochs = epochs.to_vec();
-        let shared = lists.clone();
+        let (shared, shared_costs) = (lists.clone(), costs.clone());
         timely::execute(timely::Config::process(workers), move |worker| {
             let lists = shared.clone();
+            let cost = CostBoard::default();
             let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, interests) = scope.new_collection::<UserInterest, isize>();
-                let cost = CostBoard::default();
                 let covisit = covisitation(&interests, covisit, &cost);
                 let order = popular_order(&covisit.item_users, params.popularity_len());
                 let probe = recommendations(&interests, &covisit, &order, params, &cost)
@@ -810,9 +816,66 @@ mod tests {
                 (input, probe)
             });
             feed(worker, &mut input, &probe, &epochs);
+            // Every epoch has passed the probe, so every stage has added its cost.
+            let mut costs = shared_costs.lock().unwrap();
+            for (epoch, counters) in cost.borrow_mut().drain_before(u64::MAX) {
+                costs.entry(epoch).or_default().add(&counters.recommend);
+            }
         })
         .unwrap();
-        lists
+        (lists, costs)
+    }
+
+    /// The pair updates and neighbour changes of the epoch from `before` to `now`, as the
+    /// stats define them: each window change's ordered pairs (an item that left loses its
+    /// pairs of the old window, one that entered gains those of the new, one that stayed
+    /// changes its pairs with what left or entered), and each entry of an item's neighbours
+    /// that entered, left or changed count.
+    fn expected_cost(
+        before: &BTreeMap<String, Vec<String>>,
+        now: &BTreeMap<String, Vec<String>>,
+        settings: RecommendSettings,
+    ) -> (u64, u64) {
+        let window = |history: Option<&Vec<String>>| -> BTreeSet<String> {
+            history.map_or_else(BTreeSet::new, |history| {
+                window_distances(history, settings.covisit_window)
+                    .into_keys()
+                    .map(str::to_owned)
+                    .collect()
+            })
+        };
+        let mut pair_updates = 0;
+        for user in before.keys().chain(now.keys()).collect::<BTreeSet<_>>() {
+            let (old, new) = (window(before.get(user)), window(now.get(user)));
+            let left = old.difference(&new).count() as u64;
+            let entered = new.difference(&old).count() as u64;
+            let stayed = old.intersection(&new).count() as u64;
+            if left + entered > 0 {
+                pair_updates += left * (old.len() as u64 - 1)
+                    + entered * (new.len() as u64 - 1)
+                    + stayed * (left + entered);
+            }
+        }
+        let (was, is) = (
+            RecommendReference::new(before.values(), settings),
+            RecommendReference::new(now.values(), settings),
+        );
+        let items: BTreeSet<String> = before
+            .values()
+            .chain(now.values())
+            .flatten()
+            .cloned()
+            .collect();
+        let mut neighbour_changes = 0;
+        for item in &items {
+            let (was, is) = (was.neighbours(item), is.neighbours(item));
+            neighbour_changes += is.iter().filter(|n| !was.contains(n)).count() as u64;
+            neighbour_changes += was
+                .iter()
+                .filter(|w| !is.iter().any(|n| n.item_id == w.item_id))
+                .count() as u64;
+        }
+        (pair_updates, neighbour_changes)
     }
 
     #[test]
@@ -989,8 +1052,8 @@ mod tests {
         };
         let epochs = epochs(seed);
         for workers in [1, 2, 4] {
-            let lists = run(workers, &epochs, covisit, params);
-            let lists = lists.lock().unwrap();
+            let (lists, costs) = run(workers, &epochs, covisit, params);
+            let (lists, costs) = (lists.lock().unwrap(), costs.lock().unwrap());
             let mut previous: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for (epoch, histories) in epochs.iter().enumerate() {
                 let reference = RecommendReference::new(histories.values(), settings);
@@ -1014,6 +1077,15 @@ mod tests {
                     (of_epoch.len(), at.len()),
                     (changed.len(), changed.len()),
                     "one list per changed user at {epoch}"
+                );
+                let cost = costs.get(&(epoch as u64)).copied().unwrap_or_default();
+                let (pair_updates, neighbour_changes) =
+                    expected_cost(&previous, histories, settings);
+                assert_eq!(
+                    (cost.lists, cost.pair_updates, cost.neighbour_changes),
+                    (changed.len() as u64, pair_updates, neighbour_changes),
+                    "lists, pair updates and neighbour changes reported at {epoch}, {workers} \
+                     workers"
                 );
                 for user in changed {
                     let list = at[user.as_str()];
