@@ -882,16 +882,21 @@ mod tests {
     fn candidates_sum_every_items_terms_through_growth() {
         // The lists of the other tests have fewer candidates than the first table's half
         // (256), so only here does the table grow with candidates in it (W·K over 256 in
-        // production). Whole-number terms, so that the sums are exact in any order.
+        // production). Whole-number terms, so that the sums are exact in any order. Numbers
+        // from all of `u32`, not a dense range: multiplicative hashing spreads a dense range
+        // without a collision, and the probing would go untested.
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let pool: Vec<u32> = (0..3_000)
+            .map(|_| rng.random_range(0..Candidates::FREE))
+            .collect();
         let mut candidates = Candidates::default();
         for round in 0..3 {
             // Each item's sum, in the order the items first came: the order `drain` keeps.
             let mut wanted: Vec<(u32, f64)> = Vec::new();
             let mut place: BTreeMap<u32, usize> = BTreeMap::new();
             for _ in 0..5_000 {
-                let item = rng.random_range(0..3_000u32);
+                let item = pool[rng.random_range(0..pool.len())];
                 let term = f64::from(rng.random_range(1..100u32));
                 candidates.add(item, term);
                 let at = *place.entry(item).or_insert_with(|| {
