@@ -851,9 +851,10 @@ mod tests {
             let entered = new.difference(&old).count() as u64;
             let stayed = old.intersection(&new).count() as u64;
             if left + entered > 0 {
-                pair_updates += left * (old.len() as u64 - 1)
-                    + entered * (new.len() as u64 - 1)
-                    + stayed * (left + entered);
+                // (A window that is empty has nothing that left or entered it.)
+                let partners = |window: &BTreeSet<String>| window.len().saturating_sub(1) as u64;
+                pair_updates +=
+                    left * partners(&old) + entered * partners(&new) + stayed * (left + entered);
             }
         }
         let (was, is) = (
