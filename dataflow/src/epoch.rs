@@ -231,6 +231,10 @@ mod tests {
         // A clock set before 2004 still names an epoch after the replay.
         assert!(Epoch::Live(5).time() > replay.time());
         assert!(!Epoch::at(Epoch::Live(5).time()).is_replay());
+        // A replay number past the live times (2^40 replay epochs: not reachable, but the type
+        // allows it) still names a time before them.
+        assert_eq!(Epoch::Replay(u64::MAX).time(), FIRST_LIVE_TIME - 1);
+        assert!(Epoch::at(Epoch::Replay(FIRST_LIVE_TIME).time()).is_replay());
     }
 
     #[test]
