@@ -1,7 +1,7 @@
 //! A private Redis Cluster for one test: three `redis-server` children in cluster mode on free
-//! ports (whose bus ports, 10000 above, are free too: [`crate::free_port`]), joined by `redis-cli --cluster create` (three masters, no replicas), killed on drop. A test
-//! that reshards or counts every key needs a cluster of its own; starting one takes about a
-//! second.
+//! ports (whose bus ports, 10000 above, are free too: [`crate::free_port`]), joined by
+//! `redis-cli --cluster create` (three masters, no replicas), killed on drop. A test that
+//! reshards or counts every key needs a cluster of its own; starting one takes about a second.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
