@@ -844,18 +844,17 @@ mod tests {
                     .collect()
             })
         };
+        // An item's partners in a window; none in an empty one.
+        let partners = |window: &BTreeSet<String>| window.len().saturating_sub(1) as u64;
         let mut pair_updates = 0;
         for user in before.keys().chain(now.keys()).collect::<BTreeSet<_>>() {
             let (old, new) = (window(before.get(user)), window(now.get(user)));
             let left = old.difference(&new).count() as u64;
             let entered = new.difference(&old).count() as u64;
             let stayed = old.intersection(&new).count() as u64;
-            if left + entered > 0 {
-                // (A window that is empty has nothing that left or entered it.)
-                let partners = |window: &BTreeSet<String>| window.len().saturating_sub(1) as u64;
-                pair_updates +=
-                    left * partners(&old) + entered * partners(&new) + stayed * (left + entered);
-            }
+            // A window that did not change adds nothing: left and entered are then 0.
+            pair_updates +=
+                left * partners(&old) + entered * partners(&new) + stayed * (left + entered);
         }
         let (was, is) = (
             RecommendReference::new(before.values(), settings),
