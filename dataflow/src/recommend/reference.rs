@@ -186,11 +186,6 @@ impl RecommendReference {
         }
     }
 
-    /// The settings it was built with.
-    pub fn settings(&self) -> &RecommendSettings {
-        &self.settings
-    }
-
     /// n(x): the number of users whose window holds `item`.
     pub fn users_holding(&self, item: &str) -> u64 {
         self.users_holding.get(item).copied().unwrap_or(0)
@@ -700,6 +695,40 @@ mod tests {
                     });
             }
         }
+    }
+
+    #[test]
+    fn a_candidate_stands_for_another_only_if_they_tie() {
+        // p shares two windows with x, q and r one each: p scores above the tied q and r.
+        let r = reference(
+            &[&["p", "x"], &["p", "x"], &["q", "x"], &["r", "x"]],
+            settings(10, 20, 3),
+        );
+        let history = ["x"];
+        let list = r.recommend(&history);
+        assert_eq!(ids(&list), ["p", "q", "r"]);
+        assert!(list[0].score > list[1].score * 1.1, "{list:?}");
+        // p and q trade places, each carrying the other's score: every score agrees with the
+        // reference's at its position, but neither item has that score.
+        let mut traded = list.clone();
+        traded[0].item_id = "q".into();
+        traded[1].item_id = "p".into();
+        assert!(r.check_recommendations(&history, &traded).is_err());
+    }
+
+    #[test]
+    fn scores_agree_within_the_tolerance_relative_to_their_size() {
+        for scale in [1e-3, 1.0, 1e3] {
+            let close = scale * (1.0 + 0.5 * SCORE_TOLERANCE);
+            let apart = scale * (1.0 + 2.0 * SCORE_TOLERANCE);
+            assert!(scores_agree(close, scale), "{scale}");
+            assert!(scores_agree(scale, close), "{scale}");
+            assert!(!scores_agree(apart, scale), "{scale}");
+            assert!(!scores_agree(scale, apart), "{scale}");
+        }
+        assert!(scores_agree(0.0, 0.0));
+        assert!(!scores_agree(f64::NAN, f64::NAN));
+        assert!(!scores_agree(f64::INFINITY, f64::INFINITY));
     }
 
     #[test]
