@@ -1,53 +1,33 @@
 //! The binary's start-up checks, against the test broker and Redis (scripts/test.sh): every
 //! setting that cannot work ends the run with an error naming it, non-zero, before anything is
 //! written to Redis; and no secret (a secret `-X` property, the Redis URL's password) reaches
-//! stderr, in either log format. A Redis Cluster with a master down is refused the same way. Each test uses topics and Redis users of its own, so the tests
-//! run in parallel.
+//! stderr, in either log format. A Redis Cluster with a master down is refused the same way.
+//! Each test uses topics and Redis users of its own, so the tests run in parallel.
 
 #![allow(clippy::unwrap_used)] // a panic in a test helper is a test failure
 
-use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
-
-/// What a run left.
-struct Outcome {
-    success: bool,
-    stderr: String,
-}
 
 /// Runs the binary with `args` and `envs` from an empty directory holding a two-item features
 /// file, until it exits (within 60 s).
-fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
+fn run(args: &[&str], envs: &[(&str, &str)]) -> testkit::process::Exited {
     let dir = tempfile::tempdir().unwrap();
     let features = dir.path().join("item_features.csv");
     std::fs::write(&features, "item_id,f0,f1\na,1,2\nb,3,4\n").unwrap();
-    let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_dataflow"), dir.path())
+    let mut command = testkit::process::isolated(env!("CARGO_BIN_EXE_dataflow"), dir.path());
+    command
         .arg("--item-features")
         .arg(&features)
         .args(args)
-        .envs(envs.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stderr.take().unwrap();
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        pipe.read_to_string(&mut text).unwrap();
-        let _ = sender.send(text);
-    });
-    let stderr = receiver.recv_timeout(Duration::from_secs(60));
-    if stderr.is_err() {
-        let _ = child.kill();
-    }
-    let status = child.wait().unwrap();
-    let stderr = stderr.unwrap_or_else(|e| panic!("the dataflow did not exit within 60 s ({e})"));
-    Outcome {
-        success: status.success(),
-        stderr,
-    }
+        .envs(envs.iter().copied());
+    let exited = testkit::process::run_to_exit(command, Duration::from_secs(60));
+    assert!(
+        !exited.timed_out,
+        "the dataflow did not exit within 60 s: {}",
+        exited.stderr
+    );
+    exited
 }
 
 /// Whether any run touched `topic`'s profiles in Redis (the take-over writes its read marks).

@@ -8,44 +8,20 @@
 
 use std::time::Duration;
 
-/// What a run left.
-struct Outcome {
-    success: bool,
-    stderr: String,
-}
-
 /// Runs the binary with `args` from an empty directory holding a one-row behaviour file, until
 /// it exits (killed after 30 s: a run that got past the checks listens forever).
-fn run(args: &[&str], envs: &[(&str, &str)]) -> Outcome {
+fn run(args: &[&str], envs: &[(&str, &str)]) -> testkit::process::Exited {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("behavior.csv");
     std::fs::write(&csv, "user_id,item_id,timestamp\nalice,a,1\n").unwrap();
-    let stderr_path = dir.path().join("stderr");
-    let mut child = testkit::process::isolated(env!("CARGO_BIN_EXE_ingest-api"), dir.path())
+    let mut command = testkit::process::isolated(env!("CARGO_BIN_EXE_ingest-api"), dir.path());
+    command
         .args(["--bind", "127.0.0.1:0"])
         .arg("--behavior-csv")
         .arg(&csv)
         .args(args)
-        .envs(envs.iter().copied())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Outcome {
-        success: status.is_some_and(|s| s.success()),
-        stderr: std::fs::read_to_string(&stderr_path).unwrap(),
-    }
+        .envs(envs.iter().copied());
+    testkit::process::run_to_exit(command, Duration::from_secs(30))
 }
 
 #[tokio::test]

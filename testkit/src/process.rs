@@ -34,6 +34,48 @@ pub fn isolated(binary: &str, dir: &Path) -> Command {
     command
 }
 
+/// How a run of a binary ended ([`run_to_exit`]).
+#[derive(Debug)]
+pub struct Exited {
+    /// Whether it exited with status 0 (a run killed at the deadline did not).
+    pub success: bool,
+    /// Whether it was killed at the deadline instead of exiting.
+    pub timed_out: bool,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+/// Runs `command` until it exits, or kills it after `timeout`: for a start-up check, whose
+/// run ends at once with an error, while a run that got past the checks would go on
+/// forever. Stderr is piped here and read on a thread, so that a chatty child never blocks.
+pub fn run_to_exit(mut command: Command, timeout: std::time::Duration) -> Exited {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut pipe = child.stderr.take().expect("stderr is piped");
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+        let _ = sender.send(text);
+    });
+    // Stderr closes when the child exits.
+    let (stderr, timed_out) = match receiver.recv_timeout(timeout) {
+        Ok(text) => (text, false),
+        Err(_) => {
+            let _ = child.kill();
+            (receiver.recv().unwrap_or_default(), true)
+        }
+    };
+    let status = child.wait().expect("the binary is waited for");
+    Exited {
+        success: status.success() && !timed_out,
+        timed_out,
+        stderr,
+    }
+}
+
 /// Writes a timely hostfile at `path` for `processes` processes on this machine, each on a
 /// port free when asked, for a multi-process dataflow (`-n`, `-p`, `-h`).
 pub fn local_hostfile(path: &Path, processes: usize) {
