@@ -404,3 +404,81 @@ fn user_interest(
         known_items,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic in a test is a test failure
+
+    use std::cell::Cell;
+
+    use timely::container::CapacityContainerBuilder;
+    use timely::dataflow::operators::Inspect;
+    use timely::dataflow::InputHandle;
+
+    use super::*;
+    use crate::model::{FeatureEvent, ProfileEvent};
+    use crate::state::features::{arrange_features, feature_changes};
+    use crate::state::profiles::arrange_profiles;
+
+    /// An epoch of more profiles than a slice reaches the output a slice a step: the operator
+    /// yields between slices (so that the writer and the Kafka reads get their turn), and
+    /// applies every profile in the end.
+    #[test]
+    fn an_epoch_is_applied_a_slice_per_activation() {
+        let users = 3 * PROFILES_PER_ACTIVATION + 5;
+        timely::execute_directly(move |worker| {
+            let inserted = Rc::new(Cell::new(0usize));
+            let seen = inserted.clone();
+            let mut profiles = InputHandle::new();
+            let mut features: InputHandle<u64, CapacityContainerBuilder<Vec<FeatureEvent>>> =
+                InputHandle::new();
+            worker.dataflow::<u64, _, _>(|scope| {
+                let items = Rc::new(RefCell::new(ItemTable::new(2)));
+                let table = Rc::new(RefCell::new(UserTable::default()));
+                let stats = Rc::default();
+                let arranged = arrange_profiles(
+                    profiles.to_stream(scope),
+                    items.clone(),
+                    table.clone(),
+                    stats,
+                );
+                let changes = feature_changes(&arrange_features(features.to_stream(scope)));
+                let params = InterestParams { dim: 2, decay: 0.9 };
+                interest_profiles(&arranged, changes, items, table, params)
+                    .inner
+                    .inspect(move |(_, _, diff)| {
+                        if *diff > 0 {
+                            seen.set(seen.get() + 1);
+                        }
+                    });
+            });
+            for user in 0..users {
+                let message = profile::ProfileMessage {
+                    user_id: format!("user-{user}"),
+                    history_items: vec![format!("item-{}", user % 7)],
+                    timestamp: 1,
+                };
+                profiles.send(ProfileEvent::from_message(message, (0, user as i64), 50));
+            }
+            profiles.advance_to(1);
+            features.advance_to(1);
+            let mut per_step = Vec::new();
+            while inserted.get() < users && per_step.len() < 1000 {
+                let before = inserted.get();
+                worker.step();
+                per_step.push(inserted.get() - before);
+            }
+            assert_eq!(inserted.get(), users, "every profile applied");
+            let slices: Vec<usize> = per_step.into_iter().filter(|&n| n > 0).collect();
+            assert_eq!(
+                slices,
+                [
+                    PROFILES_PER_ACTIVATION,
+                    PROFILES_PER_ACTIVATION,
+                    PROFILES_PER_ACTIVATION,
+                    5
+                ]
+            );
+        });
+    }
+}
