@@ -375,6 +375,48 @@ mod tests {
         ProfileEvent::from_message(message, ((offset % 3) as i32, offset), 50)
     }
 
+    /// A feature change that leaves a holder's vector the same to the bit (a tiny change of an
+    /// item whose weight is swamped by another's) writes nothing for that holder.
+    #[test]
+    fn a_feature_change_that_leaves_a_vector_as_it_was_writes_nothing() {
+        let params = InterestParams { dim: 2, decay: 0.9 };
+        let feature = |item: &str, values: &[f32], offset: i64| FeatureEvent {
+            item_id: item.to_owned(),
+            features: FeatureVector::new(values),
+            position: (100, offset),
+        };
+        let features = vec![
+            feature("big", &[1e5, 0.0], 0),
+            feature("small", &[1.0, 0.0], 1),
+        ];
+        let tiny = f32::from_bits(1.0f32.to_bits() + 1);
+        let epochs = vec![
+            EpochInput {
+                profiles: vec![
+                    profile("a", 1, &["big", "small"], 0),
+                    profile("b", 1, &["small"], 1),
+                ],
+                features: vec![],
+            },
+            EpochInput {
+                profiles: vec![],
+                features: vec![feature("small", &[tiny, 0.0], 2)],
+            },
+        ];
+        let run = run_in_memory(1, params, features, epochs).unwrap();
+        let users = |epoch: u64| -> Vec<String> {
+            run.outputs
+                .get(&epoch)
+                .into_iter()
+                .flatten()
+                .map(|value| value.user_id().to_string())
+                .collect()
+        };
+        assert_eq!(users(1), ["a", "b"]);
+        // b's vector is small's features: it changed. a's is swamped by big's.
+        assert_eq!(users(2), ["b"]);
+    }
+
     #[test]
     fn lockstep_times_every_epoch_and_counting_matches_keeping() {
         let params = InterestParams { dim: 2, decay: 0.9 };
