@@ -231,3 +231,53 @@ where
     let trace = reader.expect("the operator's constructor ran");
     Arranged { stream, trace }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a panic in a test is a test failure
+
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::Input;
+
+    use super::*;
+
+    /// The trace's frontier follows the input's through epochs without any event: readers
+    /// that wait for an epoch to be complete in the trace (a checkpoint) do not wait for the
+    /// next event.
+    #[test]
+    fn the_trace_follows_the_frontier_through_epochs_without_events() {
+        timely::execute_directly(|worker| {
+            let (mut input, mut trace) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, events) = scope.new_input::<Vec<(u32, u32)>>();
+                let arranged = arrange_upserts(
+                    events,
+                    Pipeline,
+                    "Test",
+                    |epoch, events: Vec<(u32, u32)>, _: &mut Prior<u32, u32>, updates| {
+                        updates.extend(events.into_iter().map(|(k, v)| ((k, v), epoch, 1)));
+                    },
+                );
+                (input, arranged.trace)
+            });
+            let mut trace_upper = |input_time: u64, worker: &mut timely::worker::Worker| {
+                let mut upper = Antichain::new();
+                for _ in 0..100 {
+                    worker.step();
+                    trace.read_upper(&mut upper);
+                    if upper.elements() == [input_time] {
+                        break;
+                    }
+                }
+                upper.elements().to_vec()
+            };
+            input.send((1, 10));
+            input.advance_to(1);
+            assert_eq!(trace_upper(1, worker), [1], "the epoch with an event");
+            input.advance_to(5);
+            assert_eq!(trace_upper(5, worker), [5], "four epochs without one");
+            input.send((1, 11));
+            input.advance_to(6);
+            assert_eq!(trace_upper(6, worker), [6]);
+        });
+    }
+}
